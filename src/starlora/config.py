@@ -70,6 +70,7 @@ class TaskConfig(_Section):
     dedupe: bool = False  # drop records repeating an earlier question and answer
     pool_size: int | None = Field(None, gt=0)  # seeded random subset of the train file
     test_size: int | None = Field(None, gt=0)  # seeded random subset of the test file
+    subset_seed: int = 0  # seed of those subsets (and of generated data), shared by all runs
 
 
 class ScoringConfig(_Section):
@@ -105,6 +106,7 @@ class EvaluationConfig(_Section):
 class OutputConfig(_Section):
     run_dir: str | None = None
     report_to: list[str] = Field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    keep_adapters: Literal["all", "last"] = "all"  # last: delete older rounds' adapters
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -202,6 +204,17 @@ def load_config(
             msg = "unknown key"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise ConfigError(f"{at}: {key}: {msg}{more}") from None
+
+
+def flatten_config(config: ExperimentConfig) -> dict[str, Any]:
+    """``{"section.key": value}`` for every field (``seed`` stays top-level)."""
+    out: dict[str, Any] = {}
+    for section, value in config.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
+    return out
 
 
 def dump_config(config: ExperimentConfig) -> str:

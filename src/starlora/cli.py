@@ -1,0 +1,171 @@
+"""The ``starlora`` command line.
+
+    starlora demo                       # a whole small experiment on the embedded model
+    starlora run CONFIG.yaml [--set k=v ...] [--run-dir DIR]
+    starlora status RUN_DIR
+    starlora score --model M --task T --data FILE --out scores.jsonl
+    starlora report RUN_DIR... --out DIR
+
+Errors caused by input (bad data, bad config, unknown model...) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from starlora import __version__
+from starlora.errors import StarloraError
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    import peft
+    import torch
+    import transformers
+
+    print(f"starlora {__version__} (torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, peft {peft.__version__})")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from starlora.models import load_model
+    from starlora.scoring import score_base, score_examples
+    from starlora.store import write_jsonl
+    from starlora.tasks import get_task, load_examples
+
+    task = get_task(args.task, prompt_style=args.prompt_style)
+    examples = load_examples(args.data, task, limit=args.limit)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = loaded.model
+    if args.adapter:
+        from starlora.training import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    unknown = set(measures) - {"pe", "me"}
+    if unknown:
+        raise StarloraError(f"--measures: unknown measure(s) {sorted(unknown)}; use pe and/or me")
+    kwargs = dict(measures=measures, batch_size=args.batch_size)
+    if args.base:
+        scores = score_base(model, loaded.tokenizer, task, examples, **kwargs)
+    else:
+        scores = score_examples(
+            model, loaded.tokenizer, task, examples, mc_passes=args.mc_passes, **kwargs
+        )
+    write_jsonl(args.out, scores.to_records())
+    print(f"wrote {len(examples)} scores to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from starlora.config import load_config
+    from starlora.loop import run_experiment
+
+    config = load_config(args.config, args.set)
+    run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
+    run_experiment(config, run_dir)
+    print(f"run finished: {run_dir} (starlora status {run_dir}; starlora report {run_dir})")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from starlora.store import RunStore
+
+    status = RunStore.open(args.run_dir).status()
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"run:        {args.run_dir}")
+    print(f"strategy:   {status['strategy']}  seed {status['seed']}  task {status['task']}")
+    print(f"round:      {status['round']} of {status['rounds']}  phase: {status['phase']}")
+    print(f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})")
+    last = status.get("last_metrics")
+    if last:
+        print(f"last round: accuracy {last['accuracy']:.4f}  ece {last['ece']:.4f}  "
+              f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from starlora.report import build_report
+
+    written = build_report(args.run_dirs, args.out)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from starlora.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="starlora",
+        description="Data-efficient LLM fine-tuning: STAR active learning with constraint LoRA.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("version", help="print versions")
+    p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("demo", help="run a small complete experiment on the embedded model")
+    p.add_argument("--out", default="starlora-demo", help="output folder (default: %(default)s)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run (or resume) an active-learning experiment")
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.lr=1e-4 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<config>)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="show where a run stands")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("score", help="uncertainty scores (PE, ME) of a data file")
+    p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
+    p.add_argument("--adapter", help="LoRA adapter folder (peft format)")
+    p.add_argument("--base", action="store_true", help="score with the adapter disabled")
+    p.add_argument("--task", required=True, help="gsm8k, boolq, obqa, jsonl, arith")
+    p.add_argument("--data", required=True, help="JSONL file with question and answer fields")
+    p.add_argument("--prompt-style", choices=["plain", "chat"], default="plain")
+    p.add_argument("--measures", default="pe,me", help="comma-separated: pe, me")
+    p.add_argument("--mc-passes", type=int, default=1, help="Monte-Carlo dropout passes")
+    p.add_argument("--batch-size", default="auto", type=lambda s: s if s == "auto" else int(s))
+    p.add_argument("--limit", type=int, help="score only the first N records")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", required=True, help="output JSONL, one object per record")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("report", help="learning curves, calibration and tables from runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output folder for PNGs, Markdown and CSV")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StarloraError as e:
+        print(f"starlora: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("starlora: interrupted (a run resumes where it stopped: run the same command)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

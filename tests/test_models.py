@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from starlora.errors import ModelNotFoundError
+from starlora.models import attach_lora, lora_targets, pick_dtype, resolve_model
+
+
+def test_smollm2_loads_offline_with_low_loss(smol) -> None:
+    assert smol.model.config.model_type == "llama"
+    assert sum(p.numel() for p in smol.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    text = "The capital of France is Paris. It is a beautiful city with many museums."
+    ids = smol.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        loss = smol.model(**ids, labels=ids["input_ids"]).loss.item()
+    assert math.isfinite(loss) and loss < 6.0
+
+
+def test_unknown_model_names_all_three_tries(tmp_path) -> None:
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model(str(tmp_path / "missing"))
+    message = str(err.value)
+    assert "not a built-in" in message and "not an existing folder" in message
+    assert "Hugging Face Hub" in message
+
+
+def test_lora_targets_all_projections(tiny) -> None:
+    peft_model = attach_lora(tiny.model, r=4, alpha=8, dropout=0.1)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    expected = lora_targets(tiny.model)
+    assert wrapped == set(expected)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # B starts at zero, so the adapted model equals the base model
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(adapted, base)
+
+
+def test_cpu_defaults_to_float32() -> None:
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bf16") == torch.bfloat16

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from starlora.errors import ConfigError, DataError
+from starlora.tasks import Example, get_task, load_examples, parse_number
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "boolq", "obqa"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_gold_extraction_gives_back_every_label(data_dir: Path, name: str, split: str) -> None:
+    task = get_task(name)
+    path = data_dir / name / f"{split}.jsonl"
+    examples = load_examples(path, task)
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(examples) == len(raw)
+    for ex, rec in zip(examples, raw):
+        if name == "gsm8k":
+            labelled = rec["answer"].split("####")[-1].strip().replace(",", "")
+        elif name == "boolq":
+            labelled = rec["answer"].rsplit(" ", 1)[-1]
+        else:
+            labelled = rec["answer"]
+        assert task.gold(ex.answer) == labelled
+        # a model that reproduces the gold text verbatim is graded correct
+        assert task.is_correct(task.extract(ex.answer), task.gold(ex.answer))
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so she pays $1,000 in total.\n#### 1,000", "1000"),
+        ("The final answer is -3.50", "-3.5"),
+        ("it is 12 then 7. The final answer is $18.", "18"),
+        ("first 3 apples, then 41 pears", "41"),
+        ("#### .5", "0.5"),
+        ("no number here", None),
+    ],
+)
+def test_gsm8k_extract(text: str, expected: str | None) -> None:
+    assert get_task("gsm8k").extract(text) == expected
+
+
+def test_parse_number() -> None:
+    assert parse_number("$1,234.50") == "1234.5"
+    assert parse_number("-0.0") == "0"
+    assert parse_number("abc") is None
+
+
+def test_boolq_and_obqa_extract() -> None:
+    assert get_task("boolq").extract(" the correct answer is false, because") == "false"
+    assert get_task("boolq").extract("Yes.") == "true"
+    obqa = get_task("obqa")
+    assert obqa.extract("B") == "B"
+    assert obqa.extract("AnswerC: the plains") == "C"
+    assert obqa.extract("none of them") is None
+
+
+def test_obqa_train_options_normalised_to_test_form(data_dir: Path) -> None:
+    task = get_task("obqa")
+    train = load_examples(data_dir / "obqa" / "train.jsonl", task, limit=50)
+    test = load_examples(data_dir / "obqa" / "test.jsonl", task, limit=50)
+    for ex in train + test:
+        lines = ex.question.splitlines()
+        options = [line for line in lines if line.startswith("Answer")]
+        assert [o[:8] for o in options] == ["AnswerA:", "AnswerB:", "AnswerC:", "AnswerD:"], ex.question
+
+
+def test_obqa_dedupe_drops_the_five_repeats(data_dir: Path) -> None:
+    task = get_task("obqa")
+    path = data_dir / "obqa" / "train.jsonl"
+    assert len(load_examples(path, task)) - len(load_examples(path, task, dedupe=True)) == 5
+
+
+def test_ids_are_stable_and_unique(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": "q", "answer": "a"}, {"question": "q", "answer": "a"}, {"id": 7, "question": "x", "answer": "y"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task("jsonl")
+    first = [e.id for e in load_examples(path, task)]
+    assert first == [e.id for e in load_examples(path, task)]
+    assert len(set(first)) == 3 and first[2] == "7"
+    # editing one record changes only its id
+    rows[0]["question"] = "q2"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    second = [e.id for e in load_examples(path, task)]
+    assert second[0] != first[0] and second[1:] == first[1:]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b'{"question": "q", "answer": "a"}\n{"question": "q"\n', "d.jsonl:2: not valid JSON"),
+        (b'{"question": "q", "answer": "a"}\n{"question": "q"}\n', "d.jsonl:2: answer: missing"),
+        (b'{"question": "q", "answer": "  "}\n', "d.jsonl:1: answer: empty"),
+        (b'{"question": 3, "answer": "a"}\n', "d.jsonl:1: question: must be a string, got int"),
+        (b'{"question": "q\xff", "answer": "a"}\n', "d.jsonl:1: not valid UTF-8"),
+        (b'["question"]\n', "d.jsonl:1: not a JSON object"),
+        (b'{"id": "x", "question": "q", "answer": "a"}\n{"id": "x", "question": "r", "answer": "b"}\n',
+         "d.jsonl:2: id: duplicate id 'x' (first on line 1)"),
+    ],
+)
+def test_bad_data_names_file_line_and_field(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_examples(path, get_task("jsonl"))
+    assert message in str(err.value)
+
+
+def test_task_specific_answer_check(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "two"}) + "\n")
+    with pytest.raises(DataError, match="g.jsonl:1: answer: cannot extract a final answer"):
+        load_examples(path, get_task("gsm8k"))
+
+
+def test_plain_prompt_and_target_tokenise_separately(smol) -> None:
+    task = get_task("obqa")
+    ex = Example("1", "Which?\nAnswerA: x\nAnswerB: y\nAnswerC: z\nAnswerD: w\nThe correct answer is ", "B")
+    assert task.prompt(ex).endswith("The correct answer is")
+    prompt_ids, answer_ids = task.encode(smol.tokenizer, ex)
+    assert smol.tokenizer.decode(answer_ids) == " B<|im_end|>"
+    assert prompt_ids == smol.tokenizer(task.prompt(ex))["input_ids"]
+    assert task.encode(smol.tokenizer, ex, add_eos=False)[1] == answer_ids[:-1]
+
+
+def test_chat_prompt_uses_the_chat_template(smol) -> None:
+    task = get_task("gsm8k", prompt_style="chat")
+    ex = Example("1", "What is 2+2?", "2+2=4\n#### 4")
+    text = task.prompt(ex, smol.tokenizer)
+    assert "<|im_start|>user\nQuestion: What is 2+2?\nAnswer:<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    _, answer_ids = task.encode(smol.tokenizer, ex)
+    assert smol.tokenizer.decode(answer_ids) == "2+2=4\n#### 4<|im_end|>"
+
+
+def test_template_and_unknown_task_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ConfigError, match=r"\{question\}"):
+        get_task("gsm8k", template="no field")
+    assert get_task("jsonl", template="Q: {question}\nA:").prompt(Example("1", "hi", "x")) == "Q: hi\nA:"
