@@ -1,0 +1,5 @@
+import sys
+
+from starlora.cli import main
+
+sys.exit(main())

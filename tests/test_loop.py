@@ -1,0 +1,150 @@
+"""The loop end to end on a tiny random model, including SIGKILL and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from starlora.cli import main
+from starlora.config import load_config
+from starlora.errors import ConfigError
+from starlora.loop import run_experiment
+from starlora.store import RunStore, read_jsonl
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def outputs(run_dir: Path) -> dict:
+    """Everything a resumed run must reproduce exactly."""
+    rounds = sorted(p.name for p in (run_dir / "rounds").iterdir())
+    return {
+        "metrics": [{k: r[k] for k in ("round", "n_labelled", "accuracy", "ece")}
+                    for r in read_jsonl(run_dir / "metrics.jsonl")],
+        "labelled": read_jsonl(run_dir / "labelled.jsonl"),
+        "scores": {k: read_jsonl(run_dir / "rounds" / k / "scores.jsonl") for k in rounds},
+        "selected": {k: read_jsonl(run_dir / "rounds" / k / "selected.jsonl") for k in rounds},
+        "loss": {k: json.loads((run_dir / "rounds" / k / "train.json").read_text())["final_loss"]
+                 for k in rounds},
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of configs/tiny.yaml."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    run_experiment(load_config(TINY), run_dir, progress=False)
+    return run_dir
+
+
+def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = read_jsonl(reference / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1]
+    assert [m["n_labelled"] for m in metrics] == [8, 16]
+    for m in metrics:
+        assert set(m) >= {"round", "n_labelled", "accuracy", "ece", "strategy", "seed", "seconds"}
+        assert m["strategy"] == "pe-dynamic" and 0 <= m["accuracy"] <= 1 and m["seconds"] > 0
+    labelled = read_jsonl(reference / "labelled.jsonl")
+    assert len({r["id"] for r in labelled}) == 16
+    assert [r["round"] for r in labelled] == [0] * 8 + [1] * 8
+    selected = [r["id"] for r in read_jsonl(reference / "rounds/0/selected.jsonl")]
+    assert selected == [r["id"] for r in labelled[8:]]
+    scores = read_jsonl(reference / "rounds/0/scores.jsonl")
+    assert len(scores) == 40 and set(scores[0]) == {"id", "pe", "pe_base"}
+    # the strategy picked the top of its own ranking of the pool
+    assert not (reference / "rounds/0/adapter").exists()  # keep_adapters: last
+    assert (reference / "rounds/1/adapter/adapter_model.safetensors").is_file()
+    assert main(["status", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "phase: finished" in out and "labelled:   16" in out
+    # running a finished run again does nothing and changes nothing
+    before = outputs(reference)
+    run_experiment(load_config(TINY), reference, progress=False)
+    assert outputs(reference) == before
+
+
+def _wait_for(run_dir: Path, proc: subprocess.Popen, predicate, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = run_dir / "state.json"
+        if state.is_file():
+            try:
+                if predicate(json.loads(state.read_text())):
+                    return
+            except json.JSONDecodeError:
+                pass
+        assert proc.poll() is None, "the run ended before the kill point"
+        time.sleep(0.05)
+    raise AssertionError("kill point not reached")
+
+
+def test_sigkill_and_resume_gives_identical_results(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "starlora", "run", str(TINY), "--run-dir", str(run_dir)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    kill_points = [
+        lambda s: s["phase"] == "train",                     # during evaluation of round 0
+        lambda s: s["phase"] in ("evaluate", "score"),       # during scoring or selection
+        lambda s: s["round"] == 1,                           # during training of round 1
+    ]
+    for point in kill_points:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(run_dir, proc, point)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert outputs(run_dir) == outputs(reference)
+
+
+def test_resume_refuses_a_changed_config(reference: Path) -> None:
+    with pytest.raises(ConfigError, match=r"different config \(training\.lr\)"):
+        RunStore.create_or_resume(reference, load_config(TINY, ["training.lr=0.5"]))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("active_learning.strategy=entropy", "unknown strategy 'entropy'"),
+        ("active_learning.query_size=50", "the protocol labels 58 examples but the pool has 48"),
+        ("task.name=obqa", "task.train: required for task 'obqa'"),
+        ("task.train=/no/such.jsonl", "no such file"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path: Path, capsys, override: str, message: str) -> None:
+    run_dir = tmp_path / "run"
+    extra = ["--set", "task.name=jsonl", "--set", f"task.test={tmp_path / 't.jsonl'}"] \
+        if override.startswith("task.train") else []
+    code = main(["run", str(TINY), "--run-dir", str(run_dir), "--set", override, *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_duplicate_ids_in_the_pool_are_refused(tmp_path: Path, capsys) -> None:
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": i % 3, "question": f"q{i}", "answer": "a"}) + "\n"
+                            for i in range(5)))
+    code = main(["run", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", "task.name=jsonl",
+                 "--set", f"task.train={pool}", "--set", f"task.test={pool}"])
+    assert code == 2
+    assert f"{pool}:4: id: duplicate id '0' (first on line 1)" in capsys.readouterr().err
+
+
+def test_take_rest_and_budget(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["active_learning.query_size=45", "active_learning.on_exhausted=take_rest",
+                             "active_learning.strategy=random"])
+    store = run_experiment(cfg, tmp_path / "a", progress=False)
+    assert len(store.labelled()) == 48  # 8 initial + the 40 that were left
+    cfg = load_config(TINY, ["active_learning.rounds=5", "active_learning.budget=20",
+                             "active_learning.strategy=random"])
+    store = run_experiment(cfg, tmp_path / "b", progress=False)
+    assert [m["n_labelled"] for m in store.metrics()] == [8, 16, 20]
