@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from starlora.config import load_config
+from starlora.errors import ConfigError, StarloraError
+from starlora.store import RunStore, atomic_write, read_jsonl
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    atomic_write(tmp_path / "a" / "f.txt", "one")
+    atomic_write(tmp_path / "a" / "f.txt", "two")
+    assert (tmp_path / "a" / "f.txt").read_text() == "two"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
+
+
+def test_phases_labels_and_metrics(tmp_path: Path) -> None:
+    store = RunStore.create_or_resume(tmp_path / "run", load_config())
+    assert not store.done(0, "train")
+    store.set_state(0, "evaluate")
+    assert store.done(0, "train") and store.done(0, "evaluate") and not store.done(0, "score")
+    assert not store.done(1, "train")
+    store.set_state(1, None)
+    assert store.done(0, "label") and not store.done(1, "train")
+
+    store.add_labels([{"id": "a", "round": 0, "answer": "x"}])
+    with pytest.raises(StarloraError, match="labelled twice"):
+        store.add_labels([{"id": "a", "round": 1, "answer": "x"}])
+    assert [r["id"] for r in store.labelled()] == ["a"]
+
+    store.record_metrics({"round": 1, "accuracy": 0.5})
+    store.record_metrics({"round": 0, "accuracy": 0.1})
+    store.record_metrics({"round": 1, "accuracy": 0.6})  # a redone round replaces its line
+    assert read_jsonl(store.root / "metrics.jsonl") == [{"round": 0, "accuracy": 0.1},
+                                                        {"round": 1, "accuracy": 0.6}]
+
+
+def test_resume_accepts_harmless_changes_only(tmp_path: Path) -> None:
+    RunStore.create_or_resume(tmp_path / "run", load_config())
+    store = RunStore.create_or_resume(tmp_path / "run", load_config(None, ["active_learning.rounds=12",
+                                                                           "evaluation.batch_size=4"]))
+    assert RunStore.open(tmp_path / "run").config.active_learning.rounds == 12
+    assert store.config.evaluation.batch_size == 4
+    with pytest.raises(ConfigError, match=r"seed, lora\.r"):
+        RunStore.create_or_resume(tmp_path / "run", load_config(None, ["seed=3", "lora.r=8"]))
+
+
+def test_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "precious.txt").write_text("keep")
+    with pytest.raises(StarloraError, match="not a run directory"):
+        RunStore.create_or_resume(tmp_path / "x", load_config())
+    assert (tmp_path / "x" / "precious.txt").read_text() == "keep"
