@@ -1,0 +1,385 @@
+"""Reports: learning curves, calibration and a summary table from finished runs.
+
+`build_report` reads each run directory's ``metrics.jsonl`` (one line per finished round),
+groups rounds by (task, protocol) and then by strategy, aggregates seeds per round and writes,
+for each group:
+
+* ``accuracy.png`` and ``ece.png``: mean over seeds against the labelled count, one line per
+  strategy with a band of mean ± std (``random`` always grey);
+* ``reliability.png``: one panel per strategy for its last round, bins pooled over seeds from
+  ``rounds/<k>/metrics.json``;
+* ``summary.md`` and ``summary.csv``: accuracy per round, final accuracy and the normalised
+  area under the learning curve (`aulc`).
+
+Runs of different tasks or protocols are never averaged together; with more than one group,
+file names are prefixed by the group. Seed spread is the sample standard deviation (ddof=1;
+0 for a single seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot
+
+from starlora.errors import DataError
+
+RANDOM_COLOR = "#8c8c8c"
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+_NUMBER = (int, float)
+_FIELDS: dict[str, tuple[type, ...]] = {  # required fields of a metrics.jsonl line
+    "round": (int,), "n_labelled": _NUMBER, "accuracy": _NUMBER, "ece": (*_NUMBER, type(None)),
+    "strategy": (str,), "seed": (int,), "task": (str,), "protocol": (str,),
+}  # fmt: skip
+
+
+@dataclass
+class RoundStats:
+    """One strategy's round aggregated over seeds; accuracy and ECE are fractions in [0, 1]."""
+
+    round: int
+    n_labelled: float
+    n: int  # seeds
+    accuracy_mean: float
+    accuracy_std: float
+    ece_mean: float
+    ece_std: float
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """Every round record of every run, each with its ``run_dir`` added.
+
+    A round logged twice (a resumed run) keeps its last line. Raises DataError naming the file
+    and line for a missing file, malformed JSON, or a missing or mistyped field, and when two
+    run directories hold the same (task, protocol, strategy, seed).
+    """
+    records: list[dict[str, Any]] = []
+    owner: dict[tuple, Path] = {}
+    for run_dir in dict.fromkeys(Path(d).resolve() for d in run_dirs):
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            raise DataError(str(path), None, None, "no such file (is this a run directory?)")
+        rounds: dict[tuple, dict[str, Any]] = {}
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), lineno, None, f"not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(str(path), lineno, None, "not a JSON object")
+            for name, types in _FIELDS.items():
+                if name not in rec:
+                    raise DataError(str(path), lineno, name, "missing")
+                if not isinstance(rec[name], types) or isinstance(rec[name], bool):
+                    raise DataError(str(path), lineno, name, f"wrong type: {rec[name]!r}")
+            key = (rec["task"], rec["protocol"], rec["strategy"], rec["seed"])
+            if owner.setdefault(key, run_dir) != run_dir:
+                raise DataError(
+                    str(path),
+                    lineno,
+                    None,
+                    f"same task/protocol/strategy/seed as {owner[key]}; pass only one of them",
+                )
+            ece = math.nan if rec["ece"] is None else rec["ece"]
+            rounds[(*key, rec["round"])] = {**rec, "ece": ece, "run_dir": run_dir}
+        if not rounds:
+            raise DataError(str(path), None, None, "no rounds")
+        records.extend(rounds.values())
+    return records
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[RoundStats]]]:
+    """``{(task, protocol): {strategy: [RoundStats per round, by round]}}``."""
+    by: dict[tuple, dict[str, dict[int, list]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for rec in records:
+        by[(rec["task"], rec["protocol"])][rec["strategy"]][rec["round"]].append(rec)
+    out: dict[tuple[str, str], dict[str, list[RoundStats]]] = {}
+    for group, strategies in sorted(by.items()):
+        out[group] = {}
+        for strategy, rounds in sorted(strategies.items()):
+            stats = []
+            for k, recs in sorted(rounds.items()):
+                acc, ece = [r["accuracy"] for r in recs], [r["ece"] for r in recs]
+                n_lab = float(np.mean([r["n_labelled"] for r in recs]))
+                stats.append(RoundStats(k, n_lab, len(recs), *_mean_std(acc), *_mean_std(ece)))
+            out[group][strategy] = stats
+    return out
+
+
+def aulc(n_labelled: list[float], accuracy: list[float]) -> float:
+    """Area under the learning curve (trapezoid rule) divided by the labelled range, in [0, 1]
+    for accuracies in [0, 1]; a single point gives its own accuracy."""
+    pts = sorted(zip(n_labelled, accuracy))
+    span = pts[-1][0] - pts[0][0]
+    if span == 0:
+        return float(np.mean([a for _, a in pts]))
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts))
+    return area / span
+
+
+def pooled_bins(run_dirs: list[Path], round_: int) -> list[dict[str, float]]:
+    """Calibration bins of `round_` pooled over runs: counts summed, confidence and accuracy
+    count-weighted. Runs without ``rounds/<round_>/metrics.json`` are skipped."""
+    pooled: dict[tuple[float, float], list[float]] = {}
+    for run_dir in run_dirs:
+        path = run_dir / "rounds" / str(round_) / "metrics.json"
+        if not path.is_file():
+            continue
+        try:
+            bins = json.loads(path.read_text(encoding="utf-8"))["bins"]
+            for b in bins:
+                acc = pooled.setdefault((b["lower"], b["upper"]), [0.0, 0.0, 0.0])
+                acc[0] += b["count"]
+                acc[1] += b["count"] * b["confidence"]
+                acc[2] += b["count"] * b["accuracy"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(str(path), None, "bins", f"malformed ({e!r})") from None
+    return [
+        {
+            "lower": lo,
+            "upper": hi,
+            "count": c,
+            "confidence": sc / c if c else math.nan,
+            "accuracy": sa / c if c else math.nan,
+        }
+        for (lo, hi), (c, sc, sa) in sorted(pooled.items())
+    ]
+
+
+def _colors(strategies: list[str]) -> dict[str, str]:
+    others = [s for s in strategies if s != "random"]
+    return {
+        "random": RANDOM_COLOR,
+        **{s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(others)},
+    }
+
+
+def _order(strategies: list[str]) -> list[str]:
+    return sorted(strategies, key=lambda s: (s != "random", s))
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def _curve_plot(
+    task: str, protocol: str, strategies: dict[str, list[RoundStats]], metric: str, label: str
+) -> Figure:
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    colors = _colors(list(strategies))
+    for strategy in _order(list(strategies)):
+        stats = strategies[strategy]
+        x = [s.n_labelled for s in stats]
+        mean = np.array([getattr(s, f"{metric}_mean") for s in stats])
+        std = np.array([getattr(s, f"{metric}_std") for s in stats])
+        seeds = max(s.n for s in stats)
+        color = colors[strategy]
+        ax.plot(
+            x, mean, marker="o", color=color, label=f"{strategy} ({seeds} seed{'s' * (seeds > 1)})"
+        )
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel("labelled examples")
+    ax.set_ylabel(label)
+    ax.set_title(f"{task}: {label} vs labelled examples\nprotocol {protocol}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _reliability_plot(task: str, panels: dict[str, tuple[int, list[dict[str, float]]]]) -> Figure:
+    fig = Figure(figsize=(4 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = _colors(list(panels))
+    for ax, strategy in zip(axes, _order(list(panels))):
+        round_, bins = panels[strategy]
+        ax.plot([0, 1], [0, 1], "--", color="black", linewidth=1, label="perfect calibration")
+        total = sum(b["count"] for b in bins)
+        for b in bins:
+            if not b["count"]:
+                continue
+            mid, width = (b["lower"] + b["upper"]) / 2, b["upper"] - b["lower"]
+            ax.bar(
+                mid,
+                b["accuracy"],
+                width=width,
+                color=colors[strategy],
+                alpha=0.8,
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            ax.text(
+                mid, b["accuracy"] + 0.01, f"{b['count']:g}", ha="center", va="bottom", fontsize=7
+            )
+        ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
+        note = f"ECE {ece / total:.3f}, n={total:g}" if total else "no bins recorded"
+        ax.set_title(f"{strategy}, round {round_}\n{note}", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.08)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+    fig.suptitle(f"{task}: reliability, last round (bins pooled over seeds)", fontsize=11)
+    return fig
+
+
+def summary_rows(strategies: dict[str, list[RoundStats]]) -> list[dict[str, Any]]:
+    """Per strategy: seeds, per-round stats, final accuracy/ECE (last round) and AULC."""
+    rows = []
+    for strategy in _order(list(strategies)):
+        stats = strategies[strategy]
+        last = stats[-1]
+        rows.append(
+            {
+                "strategy": strategy,
+                "seeds": max(s.n for s in stats),
+                "rounds": stats,
+                "final_accuracy": last.accuracy_mean,
+                "final_accuracy_std": last.accuracy_std,
+                "final_ece": last.ece_mean,
+                "aulc": aulc([s.n_labelled for s in stats], [s.accuracy_mean for s in stats]),
+            }
+        )
+    return rows
+
+
+def _markdown(task: str, protocol: str, rows: list[dict[str, Any]]) -> str:
+    n_of = {s.round: s.n_labelled for r in rows for s in r["rounds"]}
+    head = [
+        "strategy",
+        "seeds",
+        *(f"r{k} (n={n_of[k]:g})" for k in sorted(n_of)),
+        "final accuracy",
+        "final ECE",
+        "AULC",
+    ]
+    lines = [
+        f"# {task} (protocol {protocol})",
+        "",
+        (
+            "Accuracy is mean ± std over seeds; AULC is the area under the mean learning curve "
+            "divided by the labelled range."
+        ),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        by_round = {s.round: f"{s.accuracy_mean:.3f} ± {s.accuracy_std:.3f}" for s in r["rounds"]}
+        cells = [
+            r["strategy"],
+            str(r["seeds"]),
+            *(by_round.get(k, "") for k in sorted(n_of)),
+            f"{r['final_accuracy']:.3f} ± {r['final_accuracy_std']:.3f}",
+            f"{r['final_ece']:.3f}",
+            f"{r['aulc']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(task: str, protocol: str, rows: list[dict[str, Any]]) -> str:
+    rounds = sorted({s.round for r in rows for s in r["rounds"]})
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(
+        [
+            "task",
+            "protocol",
+            "strategy",
+            "seeds",
+            *(f"r{k}_{c}" for k in rounds for c in ("n_labelled", "accuracy", "accuracy_std")),
+            "final_accuracy",
+            "final_accuracy_std",
+            "final_ece",
+            "aulc",
+        ]
+    )
+    for r in rows:
+        by_round = {s.round: s for s in r["rounds"]}
+        cells: list[Any] = [task, protocol, r["strategy"], r["seeds"]]
+        for k in rounds:
+            s = by_round.get(k)
+            cells += [f"{s.n_labelled:g}", s.accuracy_mean, s.accuracy_std] if s else [""] * 3
+        w.writerow(
+            cells + [r["final_accuracy"], r["final_accuracy_std"], r["final_ece"], r["aulc"]]
+        )
+    return out.getvalue()
+
+
+def _prefix(task: str, protocol: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{task}-{protocol}").strip("-")
+    if len(slug) > 48:
+        slug = f"{task[:32]}-{hashlib.sha1(protocol.encode()).hexdigest()[:8]}"
+    return slug + "_"
+
+
+def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Write curves, reliability diagrams and summary tables for `run_dirs` into `out_dir`.
+
+    Returns the written paths by file name (``"accuracy.png"``, ``"summary.md"``...; with
+    several (task, protocol) groups the names carry the group prefix).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = load_runs(run_dirs)
+    groups = aggregate(records)
+    written: dict[str, Path] = {}
+    for (task, protocol), strategies in groups.items():
+        prefix = _prefix(task, protocol) if len(groups) > 1 else ""
+        panels = {}
+        for strategy, stats in strategies.items():
+            last = stats[-1].round
+            key = (task, protocol, strategy, last)
+            dirs = [
+                r["run_dir"]
+                for r in records
+                if (r["task"], r["protocol"], r["strategy"], r["round"]) == key
+            ]
+            panels[strategy] = (last, pooled_bins(dirs, last))
+        rows = summary_rows(strategies)
+        files = {
+            "accuracy.png": _png(_curve_plot(task, protocol, strategies, "accuracy", "accuracy")),
+            "ece.png": _png(_curve_plot(task, protocol, strategies, "ece", "ECE")),
+            "reliability.png": _png(_reliability_plot(task, panels)),
+            "summary.md": _markdown(task, protocol, rows).encode(),
+            "summary.csv": _csv(task, protocol, rows).encode(),
+        }
+        for name, data in files.items():
+            written[prefix + name] = _write_atomic(out_dir / f"{prefix}{name}", data)
+    return written
