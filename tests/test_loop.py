@@ -145,6 +145,14 @@ def test_take_rest_and_budget(tmp_path: Path) -> None:
     store = run_experiment(cfg, tmp_path / "a", progress=False)
     assert len(store.labelled()) == 48  # 8 initial + the 40 that were left
     cfg = load_config(TINY, ["active_learning.rounds=5", "active_learning.budget=20",
-                             "active_learning.strategy=random"])
+                             "active_learning.strategy=random", "output.report_to=tensorboard"])
     store = run_experiment(cfg, tmp_path / "b", progress=False)
     assert [m["n_labelled"] for m in store.metrics()] == [8, 16, 20]
+    # per-round metrics went to the tracker too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "b").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("n_labelled")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("accuracy")] == pytest.approx(
+        [m["accuracy"] for m in store.metrics()])
