@@ -1,0 +1,239 @@
+"""Evaluation of a model on a task's test split: accuracy, calibration (ECE) and predictions.
+
+Two modes:
+
+* ``choice`` (tasks with a fixed answer set, e.g. boolq, obqa): every choice's answer text is
+  scored by its log-likelihood after the prompt, the sum of ``log p`` over its answer tokens
+  (a sum, not a mean, so choices of different lengths compete fairly). By default the closing
+  EOS is included (``choice_eos=True``): that is exactly the sequence training supervises and
+  scoring measures (see `Task.encode`), so "answer A and stop" competes with "answer B and
+  stop". The prediction is the argmax; its confidence is its probability under a softmax
+  over the choices' total log-likelihoods.
+* ``generate`` (open answers, e.g. gsm8k): greedy batched generation with left padding that
+  stops at EOS or ``max_new_tokens``; the answer is extracted with ``task.extract``. The
+  confidence is the probability of the generated sequence, ``exp(sum log p)`` over the
+  generated tokens up to and including EOS.
+
+Batches are formed after sorting by length (less padding); results do not depend on the
+batch size beyond floating-point noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from starlora.config import EvaluationConfig
+from starlora.errors import ConfigError, StarloraError
+from starlora.tasks import Example, Task
+from starlora.training import IGNORE, collate, encode_example
+
+
+@dataclass
+class EvalResult:
+    """Accuracy and expected calibration error (both in [0, 1]) over `n` examples.
+
+    `bins` are the reliability bins of `expected_calibration_error`; `predictions` holds one
+    dict per example in input order: ``id``, ``prediction``, ``gold``, ``correct``,
+    ``confidence``, plus ``choice_logprobs`` (choice mode; nats, one per choice) or
+    ``generated`` and ``logprob`` (generate mode; the text and its log-probability in nats).
+    """
+
+    accuracy: float
+    ece: float
+    n: int
+    bins: list[dict] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)
+    mode: str = "choice"
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
+) -> tuple[float, list[dict]]:
+    """ECE over `n_bins` equal-width bins of [0, 1]: ``sum_b |B_b| / N * |acc_b - conf_b|``.
+
+    Bin b holds confidences in ``(b / n_bins, (b + 1) / n_bins]`` (a confidence of exactly 0
+    goes to the first bin). Returns the ECE and, per bin, ``lower``, ``upper``, ``count``
+    and the mean ``confidence`` and ``accuracy`` of its members (None when it is empty).
+    """
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence {confidence.shape} and correct {correct.shape} differ")
+    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece, bins = 0.0, []
+    for b in range(n_bins):
+        members = index == b
+        count = int(members.sum())
+        conf = float(confidence[members].mean()) if count else None
+        acc = float(correct[members].mean()) if count else None
+        if count:
+            ece += count / len(confidence) * abs(acc - conf)
+        bins.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": count,
+                     "confidence": conf, "accuracy": acc})
+    return ece, bins
+
+
+def resolve_mode(task: Task, examples: list[Example], mode: str) -> str:
+    """``auto`` is ``choice`` when the task has a fixed answer set, else ``generate``."""
+    has_choices = bool(task.choices) and task.choice_answers(examples[0]) is not None
+    if mode == "auto":
+        return "choice" if has_choices else "generate"
+    if mode == "choice" and not has_choices:
+        raise ConfigError(
+            f"evaluation.mode: 'choice' needs a task with choices; {task.name} has none"
+        )
+    return mode
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    model: Any, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """Sum of ``log p(answer token | everything before)`` over each pair's answer tokens.
+
+    `pairs` are ``(prompt_ids, answer_ids)``; returns a float64 array of shape (len(pairs),),
+    in nats. The model is used as is (call ``.eval()`` first for deterministic scores).
+    """
+    from tqdm.auto import tqdm
+
+    device = _device(model)
+    out = np.zeros(len(pairs))
+    for idx in tqdm(_batches([len(p) + len(a) for p, a in pairs], batch_size),
+                    desc="score", unit="batch", disable=not progress):
+        batch = collate([pairs[i] for i in idx], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits
+        labels = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+        keep = labels != IGNORE  # (batch, longest - 1)
+        logp = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)  # (answer tokens, vocab)
+        token = logp.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+        sums.index_add_(0, rows, token.double())
+        out[idx] = sums.cpu().numpy()
+    return out
+
+
+def _choice(model, tokenizer, task, examples, cfg, max_length, progress, eos) -> list[dict]:
+    answers = [task.choice_answers(ex) for ex in examples]
+    pairs = []
+    for ex, texts in zip(examples, answers):
+        for text in texts:
+            pairs.append(encode_example(task, tokenizer, ex, max_length, answer=text, add_eos=eos))
+    scores = sequence_logprobs(model, pairs, tokenizer.pad_token_id, cfg.batch_size, progress)
+    predictions, start = [], 0
+    for ex, texts in zip(examples, answers):
+        ll = scores[start : start + len(texts)]
+        start += len(texts)
+        probs = np.exp(ll - ll.max())
+        probs /= probs.sum()
+        best = int(np.argmax(ll))
+        # canonicalise the choice label the way gold answers are (e.g. case for jsonl tasks)
+        pred = task.gold(task.choices[best]) or task.choices[best]
+        gold = task.gold(ex.answer)
+        predictions.append({
+            "id": ex.id, "prediction": pred, "gold": gold, "correct": task.is_correct(pred, gold),
+            "confidence": float(probs[best]), "choice_logprobs": [float(x) for x in ll],
+        })
+    return predictions
+
+
+@torch.inference_mode()
+def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    device = _device(model)
+    pad = tokenizer.pad_token_id
+    # stop at the tokenizer's EOS and at any end-of-turn token the model's own config names
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = {tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
+    stop.discard(None)
+    gen_config = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=pad, eos_token_id=sorted(stop) or None, bos_token_id=tokenizer.bos_token_id,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    prompts = []
+    for ex in examples:
+        ids = task.encode(tokenizer, ex)[0]
+        prompts.append(ids[-max_length:] if max_length else ids)
+    predictions: list[dict | None] = [None] * len(examples)
+    for idx in tqdm(_batches([len(p) for p in prompts], cfg.batch_size),
+                    desc="generate", unit="batch", disable=not progress):
+        longest = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, longest - len(prompts[i]) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+        )
+        new = out.sequences[:, longest:]  # (batch, generated)
+        logp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        for row, i in enumerate(idx):
+            tokens = new[row].tolist()
+            n = next((k + 1 for k, t in enumerate(tokens) if t in stop), len(tokens))
+            text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            pred = task.extract(text)
+            gold = task.gold(examples[i].answer)
+            logprob = float(logp[row, :n].double().sum())
+            predictions[i] = {
+                "id": examples[i].id, "prediction": pred, "gold": gold,
+                "correct": task.is_correct(pred, gold), "confidence": float(np.exp(logprob)),
+                "logprob": logprob, "generated": text,
+            }
+    return predictions  # type: ignore[return-value]
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    examples: list[Example],
+    evaluation: EvaluationConfig,
+    *,
+    progress: bool = True,
+    max_length: int | None = None,
+    choice_eos: bool = True,
+) -> EvalResult:
+    """Accuracy, ECE and per-example predictions of `model` on `examples` (see module doc).
+
+    The model is put in eval mode. `max_length` (optional) cuts prompts from the left as in
+    training; `choice_eos` says whether a choice's log-likelihood includes its closing EOS.
+    """
+    if not examples:
+        raise StarloraError("evaluation: no test examples")
+    mode = resolve_mode(task, examples, evaluation.mode)
+    model.eval()
+    if mode == "choice":
+        predictions = _choice(
+            model, tokenizer, task, examples, evaluation, max_length, progress, choice_eos
+        )
+    else:
+        predictions = _generate(model, tokenizer, task, examples, evaluation, max_length, progress)
+    correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
+    confidence = np.array([p["confidence"] for p in predictions])
+    ece, bins = expected_calibration_error(confidence, correct, evaluation.ece_bins)
+    return EvalResult(
+        accuracy=float(correct.mean()), ece=ece, n=len(examples), bins=bins,
+        predictions=predictions, mode=mode,
+    )
