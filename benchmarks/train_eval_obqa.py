@@ -48,7 +48,6 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout of the constraint run")
     ap.add_argument("--b-decay", type=float, default=0.5, help="B decay of the constraint run")
     ap.add_argument("--prompt-style", choices=["plain", "chat"], default="plain")
-    ap.add_argument("--no-choice-eos", action="store_true", help="score choices without their EOS")
     ap.add_argument("--runs", default="zero-shot,no-constraint,constraint")
     ap.add_argument("--mixed-precision", default="no", choices=["auto", "no", "bf16"])
     ap.add_argument("--eval-batch-size", type=int, default=16)
@@ -73,8 +72,7 @@ def main() -> None:
 
     def run_eval(model) -> dict:
         start = time.perf_counter()
-        result = evaluate(model, loaded.tokenizer, task, test, evaluation,
-                          choice_eos=not args.no_choice_eos)
+        result = evaluate(model, loaded.tokenizer, task, test, evaluation)
         return {"accuracy": result.accuracy, "ece": result.ece, "n": result.n,
                 "eval_seconds": time.perf_counter() - start}
 

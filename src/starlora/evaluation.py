@@ -4,10 +4,10 @@ Two modes:
 
 * ``choice`` (tasks with a fixed answer set, e.g. boolq, obqa): every choice's answer text is
   scored by its log-likelihood after the prompt, the sum of ``log p`` over its answer tokens
-  (a sum, not a mean, so choices of different lengths compete fairly). By default the closing
-  EOS is included (``choice_eos=True``): that is exactly the sequence training supervises and
-  scoring measures (see `Task.encode`), so "answer A and stop" competes with "answer B and
-  stop". The prediction is the argmax; its confidence is its probability under a softmax
+  (a sum, not a mean, so choices of different lengths compete fairly), computed by the
+  scoring engine. The closing EOS is included: that is exactly the sequence training
+  supervises and scoring measures (see `Task.encode`), so "answer A and stop" competes with
+  "answer B and stop" (on OBQA zero-shot, leaving EOS out cost 9.5 points of accuracy). The prediction is the argmax; its confidence is its probability under a softmax
   over the choices' total log-likelihoods.
 * ``generate`` (open answers, e.g. gsm8k): greedy batched generation with left padding that
   stops at EOS or ``max_new_tokens``; the answer is extracted with ``task.extract``. The
@@ -29,7 +29,6 @@ import torch
 from starlora.config import EvaluationConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.tasks import Example, Task
-from starlora.training import IGNORE, collate, encode_example
 
 
 @dataclass
@@ -99,45 +98,17 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
-def sequence_logprobs(
-    model: Any, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
-    progress: bool = False,
-) -> np.ndarray:
-    """Sum of ``log p(answer token | everything before)`` over each pair's answer tokens.
+def _choice(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
+    from starlora.scoring import score_examples
 
-    `pairs` are ``(prompt_ids, answer_ids)``; returns a float64 array of shape (len(pairs),),
-    in nats. The model is used as is (call ``.eval()`` first for deterministic scores).
-    """
-    from tqdm.auto import tqdm
-
-    device = _device(model)
-    out = np.zeros(len(pairs))
-    for idx in tqdm(_batches([len(p) + len(a) for p, a in pairs], batch_size),
-                    desc="score", unit="batch", disable=not progress):
-        batch = collate([pairs[i] for i in idx], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits
-        labels = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
-        keep = labels != IGNORE  # (batch, longest - 1)
-        logp = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)  # (answer tokens, vocab)
-        token = logp.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
-        rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
-        sums.index_add_(0, rows, token.double())
-        out[idx] = sums.cpu().numpy()
-    return out
-
-
-def _choice(model, tokenizer, task, examples, cfg, max_length, progress, eos) -> list[dict]:
     answers = [task.choice_answers(ex) for ex in examples]
-    pairs = []
-    for ex, texts in zip(examples, answers):
-        for text in texts:
-            pairs.append(encode_example(task, tokenizer, ex, max_length, answer=text, add_eos=eos))
-    scores = sequence_logprobs(model, pairs, tokenizer.pad_token_id, cfg.batch_size, progress)
+    # one (prompt, choice) pair per choice; its log-likelihood is minus its PE, computed by the
+    # scoring engine (LM head only at answer positions, deterministic with mc_passes=1)
+    variants = [Example(f"{ex.id}\x1f{j}", ex.question, text)
+                for ex, texts in zip(examples, answers) for j, text in enumerate(texts)]
+    scores = -score_examples(model, tokenizer, task, variants, measures=("pe",),
+                             batch_size=cfg.batch_size, max_length=max_length,
+                             progress=progress, desc="choices").pe
     predictions, start = [], 0
     for ex, texts in zip(examples, answers):
         ll = scores[start : start + len(texts)]
@@ -213,21 +184,18 @@ def evaluate(
     *,
     progress: bool = True,
     max_length: int | None = None,
-    choice_eos: bool = True,
 ) -> EvalResult:
     """Accuracy, ECE and per-example predictions of `model` on `examples` (see module doc).
 
     The model is put in eval mode. `max_length` (optional) cuts prompts from the left as in
-    training; `choice_eos` says whether a choice's log-likelihood includes its closing EOS.
+    training.
     """
     if not examples:
         raise StarloraError("evaluation: no test examples")
     mode = resolve_mode(task, examples, evaluation.mode)
     model.eval()
     if mode == "choice":
-        predictions = _choice(
-            model, tokenizer, task, examples, evaluation, max_length, progress, choice_eos
-        )
+        predictions = _choice(model, tokenizer, task, examples, evaluation, max_length, progress)
     else:
         predictions = _generate(model, tokenizer, task, examples, evaluation, max_length, progress)
     correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
