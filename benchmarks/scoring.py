@@ -1,0 +1,227 @@
+"""Scoring throughput: the STAR authors' style of scorer against `starlora.scoring`, in one run.
+
+Both sides score the same items with the same model (with a LoRA adapter attached, as in an
+active-learning round), compute PE and ME, and run K passes:
+
+* reference: one example at a time, logits for the whole sequence, then a Python loop over the
+  answer tokens that copies each position's full softmax to NumPy (the authors' code); its K
+  passes run in eval mode, as theirs do, so they are identical;
+* ours: `score_examples` with ``mc_passes=K`` (LoRA dropout really sampling).
+
+For each it prints examples/s, useful tokens/s (prompt + answer tokens, no padding, times K)
+and the roofline fraction = useful tokens x 2 x parameters / seconds / matmul FLOP/s, where the
+matmul rate is measured here (fp32 on CPU, bf16 on GPU; best of a few runs before and after).
+The last line reads ``ours_vs_reference=<ratio> roofline_fraction=<fraction>``.
+
+    python benchmarks/scoring.py --model smollm2-135m-instruct --limit 24 --mc-passes 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from starlora.models import attach_lora, load_model  # noqa: E402
+from starlora.scoring import score_examples  # noqa: E402
+from starlora.tasks import get_task, load_examples  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: torch.device, seconds: float = 1.5) -> float:
+    """Best FLOP/s of a large square matmul (fp32 on CPU, bf16 on GPU)."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def reference_scores(model, tokenizer, task, examples, device, passes: int):
+    """The authors' style: per example a full forward, then per answer token a full softmax
+    copied to NumPy; PE and ME summed in Python. Returns ([N, passes] pe, [N, passes] me)."""
+    pe = np.zeros((len(examples), passes))
+    me = np.zeros((len(examples), passes))
+    model.eval()
+    with torch.no_grad():
+        for k in range(passes):
+            for i, ex in enumerate(examples):
+                p, a = task.encode(tokenizer, ex)
+                ids = torch.tensor([p + a], device=device)
+                logits = model(input_ids=ids).logits[0]
+                for j, tok in enumerate(a):
+                    probs = torch.softmax(logits[len(p) - 1 + j].float(), -1).cpu().numpy()
+                    pe[i, k] -= np.log(probs[tok])
+                    me[i, k] -= np.sum(probs * np.log(probs + 1e-30))
+    return pe, me
+
+
+def lm_eval_check(model, tokenizer, task, examples) -> str:
+    """Log-likelihood of the gold answers from lm-evaluation-harness vs ours (without EOS,
+    which lm_eval does not append)."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return "lm_eval: not installed, comparison skipped"
+
+    class NoEOS(type(task)):
+        def encode(self, tok, ex, answer=None, add_eos=True):
+            return super().encode(tok, ex, answer, add_eos=False)
+
+    plain = NoEOS(task.prompt_style, task.template, task.answer_prefix)
+    ours = score_examples(model, tokenizer, plain, examples, measures=("pe",), progress=False)
+    lm = HFLM(
+        pretrained=getattr(model, "get_base_model", lambda: model)(),
+        tokenizer=tokenizer,
+        batch_size=1,
+        device=str(model.device),
+    )
+    requests = [
+        Instance("loglikelihood", {}, (plain.prompt(ex, tokenizer), plain.target(ex.answer)), i)
+        for i, ex in enumerate(examples)
+    ]
+    theirs = np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
+    diff = np.abs(-ours.pe - theirs) / np.abs(theirs)
+    return (
+        f"lm_eval {__import__('lm_eval').__version__} loglikelihood on {len(examples)} items: "
+        f"max relative difference to ours {diff.max():.2e} "
+        f"(ours {-ours.pe[:3].round(4)}, lm_eval {theirs[:3].round(4)} ...)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--limit", type=int, default=24)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", default="gsm8k")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
+    ap.add_argument("--mc-passes", type=int, default=3)
+    ap.add_argument("--measures", default="pe,me")
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--lora-dropout", type=float, default=0.1)
+    ap.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    ap.add_argument("--lm-eval", type=int, default=0, help="also compare N items with lm_eval")
+    args = ap.parse_args()
+    measures = tuple(m for m in args.measures.split(",") if m)
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model, device=args.device)
+    device = next(loaded.model.parameters()).device
+    model = attach_lora(loaded.model, r=args.lora_r, dropout=args.lora_dropout)
+    # a trained adapter is not zero: give B some weight so the adapter is really applied
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 1e-3)
+    tok = loaded.tokenizer
+    task = get_task(args.task)
+    examples = load_examples(args.data, task, limit=args.limit)
+    K = args.mc_passes
+    params = sum(p.numel() for p in model.parameters())
+    enc = [task.encode(tok, ex) for ex in examples]
+    tokens = sum(len(p) + len(a) for p, a in enc)
+    answer_tokens = sum(len(a) for _, a in enc)
+    print(
+        f"device={device} threads={torch.get_num_threads()} model={args.model} "
+        f"dtype={next(model.parameters()).dtype} params={params / 1e6:.1f}M "
+        f"(incl. LoRA r={args.lora_r}, dropout={args.lora_dropout}) task={args.task} "
+        f"items={len(examples)} tokens/pass={tokens} answer_tokens/pass={answer_tokens} passes={K}"
+    )
+    rate = matmul_rate(device)
+
+    # warm-up both paths on one short item
+    reference_scores(model, tok, task, examples[:1], device, 1)
+    score_examples(model, tok, task, examples[:1], progress=False)
+
+    sync(device)
+    t = time.perf_counter()
+    ref_pe, ref_me = reference_scores(model, tok, task, examples, device, K)
+    sync(device)
+    t_ref = time.perf_counter() - t
+
+    sync(device)
+    t = time.perf_counter()
+    ours = score_examples(
+        model,
+        tok,
+        task,
+        examples,
+        measures=measures,
+        mc_passes=K,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        progress=False,
+    )
+    sync(device)
+    t_ours = time.perf_counter() - t
+
+    rate = max(rate, matmul_rate(device))
+    kind = "fp32" if device.type == "cpu" else "bf16"
+    print(f"matmul rate ({kind}, best before/after): {rate / 1e9:.1f} GFLOP/s")
+
+    def line(name: str, seconds: float, what: str) -> float:
+        useful = tokens * K
+        fraction = useful * 2 * params / seconds / rate
+        print(
+            f"{name}: {what}\n  {name}: {seconds:.2f}s examples/s={len(examples) * K / seconds:.2f} "
+            f"(x{K} passes) useful_tokens/s={useful / seconds:.1f} roofline_fraction={fraction:.3f}"
+        )
+        return useful / seconds
+
+    ref_tps = line(
+        "reference",
+        t_ref,
+        f"PE+ME, one example at a time, full-sequence logits, per-token softmax -> NumPy, "
+        f"{K} passes in eval mode (identical)",
+    )
+    ours_tps = line(
+        "ours",
+        t_ours,
+        f"{'+'.join(m.upper() for m in measures)}, length-sorted batches of <= "
+        f"{args.max_tokens_per_batch} tokens, LM head at answer positions only, "
+        + (
+            f"{K} MC-dropout passes (LoRA dropout {args.lora_dropout} sampling)"
+            if K > 1
+            else "1 deterministic pass (eval mode)"
+        ),
+    )
+    if K > 1:
+        spread = np.abs(ours.pe_passes - ours.pe[:, None]).max()
+        print(f"  ours: passes differ (max |PE pass - mean| = {spread:.3g} nats)")
+    # correctness: our deterministic scores against the reference's (eval mode) values
+    check = score_examples(model, tok, task, examples, measures=("pe", "me"), progress=False)
+    print(
+        "agreement (ours K=1 vs reference): max rel diff "
+        f"PE {np.max(np.abs(check.pe / ref_pe[:, 0] - 1)):.2e} "
+        f"ME {np.max(np.abs(check.me / ref_me[:, 0] - 1)):.2e}"
+    )
+    if args.lm_eval:
+        print(lm_eval_check(model, tok, task, examples[: args.lm_eval]))
+    print(
+        f"ours_vs_reference={ours_tps / ref_tps:.2f} roofline_fraction="
+        f"{tokens * K * 2 * params / t_ours / rate:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Scoring: PE/ME against a naive float64 reference, batching invariance, MC dropout, modes,
+base scores with the adapter disabled, and the on-disk base-score cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from starlora.errors import ConfigError
+from starlora.models import attach_lora, load_model
+from starlora.scoring import BaseScoreCache, Scores, base_cache_key, score_base, score_examples
+from starlora.tasks import Example, get_task, load_examples
+
+TASK = get_task("jsonl")
+
+
+@pytest.fixture(scope="module")
+def examples(data_dir) -> list[Example]:
+    """Very short to ~60-token examples: obqa items (2-token answers) plus hand-made ones."""
+    obqa = load_examples(data_dir / "obqa" / "train.jsonl", get_task("obqa"), limit=4)
+    return obqa + [
+        Example("short", "Hi", "yes"),
+        Example("long", "Tell me a story about a robot. " * 3, "Once upon a time a robot " * 8),
+        Example("mid", "What is 2 + 3?", "It is 5, because 2 + 3 = 5."),
+    ]
+
+
+def with_lora(model, dropout: float = 0.0, seed: int = 0):
+    """A peft model whose adapter really changes the outputs (lora_B is zero at init)."""
+    torch.manual_seed(seed)  # lora_A's init draws from the global generator
+    peft = attach_lora(model, r=4, dropout=dropout)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return peft
+
+
+def reference(model, tokenizer, examples) -> tuple[np.ndarray, np.ndarray]:
+    """Naive float64 PE and ME: one full forward pass per example, full softmax everywhere."""
+    ref = copy.deepcopy(model).double().eval()
+    pe, me = [], []
+    with torch.no_grad():
+        for ex in examples:
+            p, a = TASK.encode(tokenizer, ex)
+            logp = torch.log_softmax(ref(input_ids=torch.tensor([p + a])).logits[0].double(), -1)
+            at = logp[len(p) - 1 : len(p) + len(a) - 1]  # predictions of the answer tokens
+            pe.append(-at[torch.arange(len(a)), torch.tensor(a)].sum().item())
+            me.append(-(at.exp() * at).sum().item())
+    return np.array(pe), np.array(me)
+
+
+def score(model, tokenizer, examples, **kw) -> Scores:
+    return score_examples(model, tokenizer, TASK, examples, progress=False, **kw)
+
+
+def test_matches_float64_reference_and_batching(tiny, examples):
+    model = with_lora(tiny.model)
+    pe, me = reference(model, tiny.tokenizer, examples)
+    # batches of 3 mixing 2-token and 50-token answers: lots of padding
+    s = score(model, tiny.tokenizer, examples, batch_size=3, max_padding=1.0)
+    np.testing.assert_allclose(s.pe, pe, rtol=1e-4)
+    np.testing.assert_allclose(s.me, me, rtol=1e-4)
+    n = np.array([len(TASK.encode(tiny.tokenizer, ex)[1]) for ex in examples])
+    np.testing.assert_array_equal(s.n_answer_tokens, n)
+    np.testing.assert_allclose(s.pe_mean, pe / n, rtol=1e-4)
+    np.testing.assert_allclose(s.me_mean, me / n, rtol=1e-4)
+    assert s.ids == [ex.id for ex in examples]
+
+    # batch size, token budget and input order do not change anything
+    for kw in (dict(batch_size=1), dict(max_tokens_per_batch=64), dict(max_tokens_per_batch=10**6)):
+        other = score(model, tiny.tokenizer, examples, max_padding=1.0, **kw)
+        np.testing.assert_allclose(other.pe, s.pe, rtol=1e-5)
+        np.testing.assert_allclose(other.me, s.me, rtol=1e-5)
+    flipped = score(model, tiny.tokenizer, examples[::-1])  # default: little padding
+    assert flipped.ids == [ex.id for ex in examples[::-1]]
+    np.testing.assert_allclose(flipped.select(s.ids).pe, s.pe, rtol=1e-5)
+    np.testing.assert_allclose(flipped.select(s.ids).me, s.me, rtol=1e-5)
+
+
+@pytest.fixture
+def llama():
+    return load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+
+
+def test_mc_passes_sample_and_are_reproducible(llama, examples):
+    # random tiny models predict near-uniformly, where entropy barely moves: sharpen the logits
+    llama.model.model.norm.weight.data *= 30
+    model = with_lora(llama.model, dropout=0.3)
+    torch.manual_seed(123)
+    s = score(model, llama.tokenizer, examples, mc_passes=3, max_tokens_per_batch=128)
+    assert s.pe_passes.shape == s.me_passes.shape == (len(examples), 3)
+    # every pass of every example differs from the others
+    for passes in (s.pe_passes, s.me_passes):
+        assert np.all(np.abs(np.diff(passes, axis=1)) > 1e-3)
+    np.testing.assert_allclose(s.pe, s.pe_passes.mean(axis=1))
+    torch.manual_seed(123)
+    again = score(model, llama.tokenizer, examples, mc_passes=3, max_tokens_per_batch=128)
+    np.testing.assert_array_equal(again.pe_passes, s.pe_passes)
+    np.testing.assert_array_equal(again.me_passes, s.me_passes)
+    # K = 1 is deterministic: the adapter is applied without dropout
+    one = score(model, llama.tokenizer, examples)
+    assert one.pe_passes is None
+    pe, me = reference(model, llama.tokenizer, examples)
+    np.testing.assert_allclose(one.pe, pe, rtol=1e-4)
+    np.testing.assert_allclose(one.me, me, rtol=1e-4)
+
+
+def test_mc_passes_identical_without_dropout(llama, examples):
+    model = with_lora(llama.model, dropout=0.0)
+    s = score(model, llama.tokenizer, examples, mc_passes=3)
+    one = score(model, llama.tokenizer, examples)
+    for k in range(3):
+        np.testing.assert_array_equal(s.pe_passes[:, k], one.pe)
+        np.testing.assert_array_equal(s.me_passes[:, k], one.me)
+
+
+def test_only_dropout_trains_and_modes_are_restored(llama, examples):
+    model = with_lora(llama.model, dropout=0.3)
+    model.train()
+    model.get_base_model().model.layers[1].eval()  # a mixed state must come back exactly
+    before = {name: m.training for name, m in model.named_modules()}
+    seen: dict[str, bool] = {}
+
+    def spy(module, args):
+        seen.update({name: m.training for name, m in model.named_modules()})
+
+    handle = model.get_base_model().model.layers[0].register_forward_pre_hook(spy)
+    score(model, llama.tokenizer, examples[:2], mc_passes=2)
+    training = {name for name, on in seen.items() if on}
+    assert training and all(".lora_dropout" in name for name in training)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+    handle.remove()
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    model.get_base_model().model.layers[0].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        score(model, llama.tokenizer, examples[:2], mc_passes=2)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_halves_batch_on_out_of_memory(llama, examples):
+    expected = score(llama.model, llama.tokenizer, examples)
+    calls = []
+
+    def limited(module, args, kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("pretend")
+
+    llama.model.model.register_forward_pre_hook(limited, with_kwargs=True)
+    s = score(llama.model, llama.tokenizer, examples, batch_size=8, max_padding=1.0)
+    assert (
+        calls[:2] == [len(examples), 4] and sum(calls[2:]) == len(examples) and max(calls[2:]) <= 2
+    )  # 8 -> 4 -> 2
+    np.testing.assert_allclose(s.pe, expected.pe, rtol=1e-5)
+
+
+def test_base_scores_equal_plain_model(llama, examples):
+    plain = score(llama.model, llama.tokenizer, examples)
+    # a plain model has no adapter to disable
+    np.testing.assert_array_equal(
+        score_base(llama.model, llama.tokenizer, TASK, examples, progress=False).pe, plain.pe
+    )
+    model = with_lora(llama.model, dropout=0.3)
+    adapted = score(model, llama.tokenizer, examples)
+    base = score_base(model, llama.tokenizer, TASK, examples, progress=False, mc_passes=4)
+    np.testing.assert_allclose(base.pe, plain.pe, rtol=1e-6)
+    np.testing.assert_allclose(base.me, plain.me, rtol=1e-6)
+    assert base.pe_passes is None  # always deterministic
+    assert np.all(np.abs(adapted.pe - plain.pe) > 1e-4)
+    # the adapter is back on afterwards
+    np.testing.assert_array_equal(score(model, llama.tokenizer, examples).pe, adapted.pe)
+
+
+def test_measures_subset_and_records(llama, examples):
+    s = score(llama.model, llama.tokenizer, examples, measures=("pe",))
+    assert np.all(np.isnan(s.me)) and np.all(np.isfinite(s.pe))
+    records = s.to_records()
+    assert records[0]["me"] is None and set(records[0]) == {
+        "id",
+        "pe",
+        "pe_mean",
+        "me",
+        "me_mean",
+        "n_answer_tokens",
+    }
+    json.dumps(records, allow_nan=False)
+    back = Scores.from_records(records)
+    np.testing.assert_array_equal(back.pe, s.pe)
+    assert np.all(np.isnan(back.me))
+    sub = s.select([examples[2].id, examples[0].id])
+    assert sub.ids == [examples[2].id, examples[0].id] and sub.pe[1] == s.pe[0]
+    with pytest.raises(ConfigError, match="measures"):
+        score(llama.model, llama.tokenizer, examples, measures=("bogus",))
+
+
+def test_cache_hits_and_resumes(llama, examples, tmp_path):
+    model = llama.model
+    key = base_cache_key("tiny-llama", TASK, dtype=torch.float32)
+    calls: list[list[str]] = []
+
+    def compute(chunk):
+        calls.append([ex.id for ex in chunk])
+        return score(model, llama.tokenizer, chunk)
+
+    cache = BaseScoreCache(tmp_path, key, chunk_size=3)
+    first = cache.get_or_compute(examples, compute)
+    assert sorted(sum(calls, [])) == sorted(ex.id for ex in examples) and len(calls) == 3
+    assert json.loads(cache.key_path.read_text()) == json.loads(json.dumps(key))
+
+    calls.clear()
+    again = BaseScoreCache(tmp_path, key).get_or_compute(examples[::-1], compute)
+    assert calls == [] and again.ids == [ex.id for ex in examples[::-1]]
+    np.testing.assert_array_equal(again.select(first.ids).pe, first.pe)
+    np.testing.assert_array_equal(again.select(first.ids).me, first.me)
+
+    # a crash after 4 records, mid-way through the 5th line: resume computes only the rest
+    lines = cache.path.read_text().splitlines(keepends=True)
+    cache.path.write_text("".join(lines[:4]) + lines[4][:20])
+    resumed = BaseScoreCache(tmp_path, key).get_or_compute(examples, compute)
+    assert sorted(sum(calls, [])) == sorted(json.loads(x)["id"] for x in lines[4:])
+    np.testing.assert_allclose(resumed.pe, first.pe, rtol=1e-6)
+    assert len(cache.path.read_text().splitlines()) == len(examples)
+
+    # another key (other measures) is another file
+    other = BaseScoreCache(tmp_path, base_cache_key("tiny-llama", TASK, measures=("pe",)))
+    assert other.path != cache.path
+
+    # score_base goes through the cache
+    calls.clear()
+    via = score_base(
+        model, llama.tokenizer, TASK, examples, cache=BaseScoreCache(tmp_path, key), progress=False
+    )
+    np.testing.assert_array_equal(via.pe, first.pe)
+
+
+def test_fast_dropout_rate_and_scale():
+    from starlora.scoring import _FastDropout
+
+    torch.manual_seed(0)
+    drop = _FastDropout(0.1)
+    y = drop(torch.ones(1000, 1000))
+    assert abs((y == 0).float().mean().item() - 0.1) < 2e-3
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    assert not torch.equal(y, drop(torch.ones(1000, 1000)))
+    x = torch.randn(7, 5)
+    assert drop.eval()(x) is x
