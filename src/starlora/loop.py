@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, TaskConfig, flatten_config
@@ -126,37 +125,37 @@ def _say(message: str) -> None:
 
 def _score_rows(
     model, tokenizer, task: Task, candidates: list[Example], strategy: QueryStrategy,
-    config: ExperimentConfig, seed: int,
+    config: ExperimentConfig, seed: int, progress: bool,
 ) -> list[dict]:
     """One row per candidate with the score columns the strategy needs."""
-    from starlora.scoring import BaseScoreCache, default_score_cache_dir, score_base, score_examples
+    from starlora.scoring import (
+        BaseScoreCache,
+        base_cache_key,
+        default_score_cache_dir,
+        score_base,
+        score_examples,
+    )
 
     rows = [{"id": ex.id} for ex in candidates]
     needs = set(strategy.needs)
     sc = config.scoring
     kwargs = dict(batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
-                  max_length=config.training.max_length)
+                  max_length=config.training.max_length, progress=progress)
     full_measures = tuple(m for m in ("pe", "me") if m in needs)
     if full_measures:
-        torch.manual_seed(seed)
         full = score_examples(model, tokenizer, task, candidates, measures=full_measures,
-                              mc_passes=sc.mc_passes, model_dropout=sc.model_dropout,
+                              mc_passes=sc.mc_passes, model_dropout=sc.model_dropout, seed=seed,
                               desc="scoring pool (adapter, MC dropout)", **kwargs)
         for i, row in enumerate(rows):
             row.update({m: float(getattr(full, m)[i]) for m in full_measures})
     base_measures = tuple(m for m in ("pe", "me") if f"{m}_base" in needs)
     if base_measures:
-        t = config.task
-        key = dict(model=config.model.name, dtype=config.model.dtype, task=t.name,
-                   prompt_style=t.prompt_style, template=t.template,
-                   answer_prefix=t.answer_prefix, measures=list(base_measures),
-                   max_length=config.training.max_length)
-        cache = BaseScoreCache(default_score_cache_dir(), key)
-        base = cache.get_or_compute(
-            candidates,
-            lambda exs: score_base(model, tokenizer, task, exs, measures=base_measures,
-                                   desc="scoring pool (base model, cached)", **kwargs),
-        ).select([ex.id for ex in candidates])
+        key = base_cache_key(config.model.name, task, measures=base_measures,
+                             dtype=config.model.dtype, max_length=config.training.max_length)
+        base = score_base(model, tokenizer, task, candidates, measures=base_measures,
+                          cache=BaseScoreCache(default_score_cache_dir(), key),
+                          desc="scoring pool (base model, cached)", **kwargs)
+        base = base.select([ex.id for ex in candidates])
         for i, row in enumerate(rows):
             row.update({f"{m}_base": float(getattr(base, m)[i]) for m in base_measures})
     return rows
@@ -268,7 +267,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
             if strategy.needs:
                 _say(f"round {k}: scoring {len(candidates)} unlabelled examples")
             rows = _score_rows(model, tokenizer, task, candidates, strategy, config,
-                               seed=seed * 1000 + k)
+                               seed=seed * 1000 + k, progress=progress)
             store.write_round(k, "scores.jsonl", rows)
             store.set_state(k, "score")
         if not store.done(k, "select"):
