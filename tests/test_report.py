@@ -197,3 +197,18 @@ def test_missing_or_malformed_metrics_raise_data_error(tmp_path, runs):
     twin = write_run(tmp_path / "again", "random", 0, [0.1, 0.2, 0.3])
     with pytest.raises(DataError, match="same task/protocol/strategy/seed"):
         load_runs([runs[0], twin])
+
+
+def test_empty_bins_as_evaluation_writes_them(tmp_path):
+    """Bins straight from `expected_calibration_error`: empty ones carry None."""
+    import numpy as np
+
+    from starlora.evaluation import expected_calibration_error
+
+    _, bins = expected_calibration_error(np.array([0.95, 0.9, 0.35]), np.array([1, 0, 1]), 15)
+    assert any(b["confidence"] is None for b in bins)
+    runs = [write_run(tmp_path, "random", seed, [0.4, 0.5, 0.6], bins=bins) for seed in (0, 1)]
+    pooled = pooled_bins(runs, 2)
+    assert [b["count"] for b in pooled if b["count"]] == [2, 2, 2]
+    assert pooled[-1]["confidence"] == pytest.approx(0.95)
+    assert "reliability.png" in build_report(runs, tmp_path / "report")

@@ -151,9 +151,10 @@ def pooled_bins(run_dirs: list[Path], round_: int) -> list[dict[str, float]]:
             bins = json.loads(path.read_text(encoding="utf-8"))["bins"]
             for b in bins:
                 acc = pooled.setdefault((b["lower"], b["upper"]), [0.0, 0.0, 0.0])
-                acc[0] += b["count"]
-                acc[1] += b["count"] * b["confidence"]
-                acc[2] += b["count"] * b["accuracy"]
+                if b["count"]:  # an empty bin has no confidence or accuracy (None)
+                    acc[0] += b["count"]
+                    acc[1] += b["count"] * b["confidence"]
+                    acc[2] += b["count"] * b["accuracy"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(str(path), None, "bins", f"malformed ({e!r})") from None
     return [
