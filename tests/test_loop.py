@@ -62,7 +62,7 @@ def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
     assert (reference / "rounds/1/adapter/adapter_model.safetensors").is_file()
     assert main(["status", str(reference)]) == 0
     out = capsys.readouterr().out
-    assert "phase: finished" in out and "labelled:   16" in out
+    assert "phase: finished" in out and "labelled:   16  (pool left: 32)" in out
     # running a finished run again does nothing and changes nothing
     before = outputs(reference)
     run_experiment(load_config(TINY), reference, progress=False)

@@ -80,7 +80,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"run:        {args.run_dir}")
     print(f"strategy:   {status['strategy']}  seed {status['seed']}  task {status['task']}")
-    print(f"round:      {status['round']} of {status['rounds']}  phase: {status['phase']}")
+    print(f"round:      {status['round']} (rounds 0-{status['rounds'] - 1})  "
+          f"phase: {status['phase']}")
     print(f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})")
     last = status.get("last_metrics")
     if last:

@@ -187,7 +187,8 @@ class RunStore:
     def status(self) -> dict:
         state, al = self.state(), self.config.active_learning
         labelled, metrics = self.labelled(), self.metrics()
-        pool_size = state.get("pool_size")
+        pool_file = self.root / "pool.json"
+        pool_size = json.loads(pool_file.read_text())["size"] if pool_file.is_file() else None
         return {
             "round": state["round"],
             "rounds": al.rounds,
