@@ -53,3 +53,10 @@ def test_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(StarloraError, match="not a run directory"):
         RunStore.create_or_resume(tmp_path / "x", load_config())
     assert (tmp_path / "x" / "precious.txt").read_text() == "keep"
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    path = atomic_write(tmp_path / "f.json", "{}")
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -24,9 +24,7 @@ import io
 import itertools
 import json
 import math
-import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot
 
 from starlora.errors import DataError
+from starlora.store import atomic_write
 
 RANDOM_COLOR = "#8c8c8c"
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -179,18 +178,6 @@ def _colors(strategies: list[str]) -> dict[str, str]:
 
 def _order(strategies: list[str]) -> list[str]:
     return sorted(strategies, key=lambda s: (s != "random", s))
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def _png(fig: Figure) -> bytes:
@@ -382,5 +369,5 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
             "summary.csv": _csv(task, protocol, rows).encode(),
         }
         for name, data in files.items():
-            written[prefix + name] = _write_atomic(out_dir / f"{prefix}{name}", data)
+            written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", data)
     return written

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch import nn
 
 from starlora.errors import ConfigError
 from starlora.models import cache_dir
+from starlora.store import atomic_write
 from starlora.tasks import Example, Task
 
 MEASURES = ("pe", "me")
@@ -591,7 +591,7 @@ class BaseScoreCache:
             records[str(rec["id"])] = rec
             good += len(line)
         if good != len(raw):  # crash mid-write: keep the intact prefix
-            _write_atomic(self.path, raw[:good])
+            atomic_write(self.path, raw[:good])
         return records
 
     def get_or_compute(
@@ -604,7 +604,7 @@ class BaseScoreCache:
         if missing:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not self.key_path.is_file():
-                _write_atomic(self.key_path, json.dumps(self.key, indent=2, default=str).encode())
+                atomic_write(self.key_path, json.dumps(self.key, indent=2, default=str).encode())
             for s in range(0, len(missing), self.chunk_size):
                 records = compute(missing[s : s + self.chunk_size]).to_records()
                 blob = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -614,15 +614,3 @@ class BaseScoreCache:
                     os.fsync(f.fileno())
                 have.update((r["id"], r) for r in records)
         return Scores.from_records([have[ex.id] for ex in examples])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

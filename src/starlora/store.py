@@ -43,8 +43,15 @@ RESUMABLE_CHANGES = {
 }
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` via a temporary file and rename (atomic on POSIX)."""
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` via a temporary file and rename (atomic on POSIX); the file gets
+    the permissions a plain ``open(path, "w")`` would give it. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -53,7 +60,9 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
+        return path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -31,6 +31,7 @@ import torch
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.models import attach_lora
+from starlora.store import current_umask
 from starlora.tasks import Example, Task
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
@@ -131,6 +132,7 @@ def save_adapter(peft_model: Any, directory: str | Path) -> None:
     old = None
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
         if directory.exists():  # a folder cannot be renamed onto a non-empty one: swap it out
             old = directory.with_name(f".{directory.name}-old-{os.getpid()}")
             os.replace(directory, old)
