@@ -200,3 +200,17 @@ def test_user_errors(tmp_path, obqa):
         train_adapter(loaded.model, loaded.tokenizer, task, [], TrainingConfig(), LORA, seed=0)
     with pytest.raises(ConfigError, match="not a saved adapter"):
         load_adapter(loaded.model, tmp_path)
+
+
+def test_one_process_can_train_with_different_precisions(obqa):
+    """accelerate keeps a process-wide state; a bf16 run followed by an fp32 one (the demo,
+    then anything else in the same process) must both work."""
+    task, examples = obqa
+    loaded = load_model("tiny-llama", device="cpu")
+    model = loaded.model
+    for precision in ("bf16", "no", "bf16"):
+        training = TrainingConfig(lr=1e-3, epochs=1, batch_size=4, mixed_precision=precision)
+        result = train_adapter(model, loaded.tokenizer, task, examples[:4], training, LORA, seed=0,
+                               progress=False)
+        assert result.steps == 1 and torch.isfinite(torch.tensor(result.final_loss))
+        model = remove_adapter(result.model)

@@ -216,10 +216,18 @@ def train_adapter(
         raise StarloraError("training: no labelled examples to train on")
     device = next(model.parameters()).device
     if accelerator is None:
-        accelerator = Accelerator(
-            mixed_precision=_mixed_precision(training.mixed_precision, device),
-            cpu=device.type == "cpu",
-        )
+        settings = dict(mixed_precision=_mixed_precision(training.mixed_precision, device),
+                        cpu=device.type == "cpu")
+        try:
+            accelerator = Accelerator(**settings)
+        except ValueError:
+            # accelerate keeps one process-wide state and refuses a new precision; a run (or a
+            # test) that trains with another one in this process starts it afresh. The
+            # distributed PartialState is kept.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
+            accelerator = Accelerator(**settings)
     accelerator.gradient_accumulation_steps = training.grad_accum
 
     set_seed(seed)  # before attaching: the Gaussian init of A draws from the global RNG
