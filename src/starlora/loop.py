@@ -182,7 +182,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     pool_file = store.root / "pool.json"
     if pool_file.is_file():
         if json.loads(pool_file.read_text())["sha1"] != pool_hash:
-            raise DataError(str(config.task.train), None, None,
+            raise DataError(str(config.task.train or f"task {config.task.name}"), None, None,
                             f"the pool differs from the one {run_dir} started with")
     else:
         write_json(pool_file, {"size": len(pool), "sha1": pool_hash})
@@ -203,8 +203,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         from accelerate import Accelerator
 
         tracker = Accelerator(log_with=config.output.report_to, project_dir=str(store.root))
-        tracker.init_trackers(Path(run_dir).name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                     for k, v in flatten_config(config).items()})
+        scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in flatten_config(config).items()}
+        tracker.init_trackers(Path(run_dir).name, config=scalars)
 
     if not store.labelled():
         rng = np.random.default_rng([seed, 0xA11])
