@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from starlora.acquisition import make_strategy
 from starlora.cli import main
 from starlora.config import load_config
 from starlora.errors import ConfigError
@@ -57,7 +60,12 @@ def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
     assert selected == [r["id"] for r in labelled[8:]]
     scores = read_jsonl(reference / "rounds/0/scores.jsonl")
     assert len(scores) == 40 and set(scores[0]) == {"id", "pe", "pe_base"}
-    # the strategy picked the top of its own ranking of the pool
+    # the selection is the strategy's own ranking of the stored scores (query 0, rng [seed, 1])
+    cfg = load_config(TINY)
+    strategy = make_strategy("pe-dynamic", n_queries=1)
+    columns = {c: np.array([r[c] for r in scores]) for c in ("pe", "pe_base")}
+    assert selected == strategy.select([r["id"] for r in scores], columns, 8, query_index=0,
+                                       rng=np.random.default_rng([cfg.seed, 1]))
     assert not (reference / "rounds/0/adapter").exists()  # keep_adapters: last
     assert (reference / "rounds/1/adapter/adapter_model.safetensors").is_file()
     assert main(["status", str(reference)]) == 0
@@ -102,6 +110,15 @@ def test_sigkill_and_resume_gives_identical_results(reference: Path, tmp_path: P
             proc.wait()
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     assert outputs(run_dir) == outputs(reference)
+
+
+def test_a_finished_run_can_be_given_more_rounds(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    store = run_experiment(load_config(TINY, ["active_learning.rounds=3"]), run_dir, progress=False)
+    assert [m["n_labelled"] for m in store.metrics()] == [8, 16, 24]
+    assert outputs(run_dir)["metrics"][:2] == outputs(reference)["metrics"]
+    assert len({r["id"] for r in store.labelled()}) == 24
 
 
 def test_resume_refuses_a_changed_config(reference: Path) -> None:

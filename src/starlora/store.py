@@ -144,9 +144,7 @@ class RunStore:
 
     def done(self, round_: int, phase: str) -> bool:
         """Whether `phase` of `round_` finished in an earlier (or this) process."""
-        state = self.state()
-        if state.get("finished"):
-            return True
+        state = self.state()  # "finished" does not count: a finished run may get more rounds
         if state["round"] != round_:
             return state["round"] > round_
         return state["phase"] is not None and PHASES.index(state["phase"]) >= PHASES.index(phase)
