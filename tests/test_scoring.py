@@ -61,8 +61,8 @@ def score(model, tokenizer, examples, **kw) -> Scores:
 def test_matches_float64_reference_and_batching(tiny, examples):
     model = with_lora(tiny.model)
     pe, me = reference(model, tiny.tokenizer, examples)
-    # batches of 3 mixing 2-token and 50-token answers: lots of padding
-    s = score(model, tiny.tokenizer, examples, batch_size=3, max_padding=1.0)
+    # padded batches of 3 mixing 2-token and 50-token answers: lots of padding
+    s = score(model, tiny.tokenizer, examples, batch_size=3, max_padding=1.0, packed=False)
     np.testing.assert_allclose(s.pe, pe, rtol=1e-4)
     np.testing.assert_allclose(s.me, me, rtol=1e-4)
     n = np.array([len(TASK.encode(tiny.tokenizer, ex)[1]) for ex in examples])
@@ -71,8 +71,16 @@ def test_matches_float64_reference_and_batching(tiny, examples):
     np.testing.assert_allclose(s.me_mean, me / n, rtol=1e-4)
     assert s.ids == [ex.id for ex in examples]
 
-    # batch size, token budget and input order do not change anything
-    for kw in (dict(batch_size=1), dict(max_tokens_per_batch=64), dict(max_tokens_per_batch=10**6)):
+    # layout (one row of packed sequences or padded rows), batch size, token budget and input
+    # order do not change anything
+    assert score_examples.__kwdefaults__["packed"] is None  # default: packed on CPU
+    for kw in (
+        dict(batch_size=1),
+        dict(max_tokens_per_batch=64),
+        dict(max_tokens_per_batch=10**6),
+        dict(packed=False, max_tokens_per_batch=64),
+        dict(packed=False, max_tokens_per_batch=10**6),
+    ):
         other = score(model, tiny.tokenizer, examples, max_padding=1.0, **kw)
         np.testing.assert_allclose(other.pe, s.pe, rtol=1e-5)
         np.testing.assert_allclose(other.me, s.me, rtol=1e-5)
@@ -125,15 +133,22 @@ def test_only_dropout_trains_and_modes_are_restored(llama, examples):
     model.get_base_model().model.layers[1].eval()  # a mixed state must come back exactly
     before = {name: m.training for name, m in model.named_modules()}
     seen: dict[str, bool] = {}
+    patched: set[str] = set()
 
     def spy(module, args):
         seen.update({name: m.training for name, m in model.named_modules()})
+        patched.update(name for name, m in model.named_modules() if "forward" in vars(m))
+
+    def unpatched() -> bool:
+        return not any("forward" in vars(m) for m in model.modules())
 
     handle = model.get_base_model().model.layers[0].register_forward_pre_hook(spy)
     score(model, llama.tokenizer, examples[:2], mc_passes=2)
     training = {name for name, on in seen.items() if on}
     assert training and all(".lora_dropout" in name for name in training)
     assert {name: m.training for name, m in model.named_modules()} == before
+    # every LoRA layer ran the scoring forward, and peft's own forward is back
+    assert len(patched) == 2 * 7 and unpatched()
 
     handle.remove()
 
@@ -144,19 +159,22 @@ def test_only_dropout_trains_and_modes_are_restored(llama, examples):
     with pytest.raises(RuntimeError, match="boom"):
         score(model, llama.tokenizer, examples[:2], mc_passes=2)
     assert {name: m.training for name, m in model.named_modules()} == before
+    assert unpatched()
 
 
-def test_halves_batch_on_out_of_memory(llama, examples):
+@pytest.mark.parametrize("packed", [False, True])
+def test_halves_batch_on_out_of_memory(llama, examples, packed):
     expected = score(llama.model, llama.tokenizer, examples)
     calls = []
 
     def limited(module, args, kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 2:
+        n = int((kwargs["position_ids"] == 0).sum())  # sequences in this batch, either layout
+        calls.append(n)
+        if n > 2:
             raise torch.OutOfMemoryError("pretend")
 
     llama.model.model.register_forward_pre_hook(limited, with_kwargs=True)
-    s = score(llama.model, llama.tokenizer, examples, batch_size=8, max_padding=1.0)
+    s = score(llama.model, llama.tokenizer, examples, batch_size=8, max_padding=1.0, packed=packed)
     assert (
         calls[:2] == [len(examples), 4] and sum(calls[2:]) == len(examples) and max(calls[2:]) <= 2
     )  # 8 -> 4 -> 2
@@ -242,14 +260,88 @@ def test_cache_hits_and_resumes(llama, examples, tmp_path):
     np.testing.assert_array_equal(via.pe, first.pe)
 
 
-def test_fast_dropout_rate_and_scale():
-    from starlora.scoring import _FastDropout
+def test_mask_sampler_rate_gain_and_seed():
+    from starlora.scoring import _MaskSampler
 
-    torch.manual_seed(0)
-    drop = _FastDropout(0.1)
-    y = drop(torch.ones(1000, 1000))
+    def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+        # project onto the identity: h is the masked input itself
+        return sampler.project(x, torch.eye(x.shape[1], dtype=x.dtype), p)
+
+    sampler = _MaskSampler(torch.device("cpu"))
+    sampler.block_elements = 4096  # many blocks: they must not repeat masks
+    sampler.reseed(7)
+    x = torch.ones(1000, 500)
+    y, gain = drop(x, 0.1)
     assert abs((y == 0).float().mean().item() - 0.1) < 2e-3
-    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
-    assert not torch.equal(y, drop(torch.ones(1000, 1000)))
-    x = torch.randn(7, 5)
-    assert drop.eval()(x) is x
+    assert set(y.unique().tolist()) == {0.0, 1.0} and abs(gain - 1 / 0.9) < 1e-4
+    blocks = y.view(-1, 8, 500)  # 4096 // 500 = 8 rows a block
+    assert not torch.equal(blocks[0], blocks[1])
+    assert not torch.equal(y, drop(x, 0.1)[0])  # the stream moves on
+    sampler.reseed(7)
+    torch.testing.assert_close(drop(x, 0.1)[0], y, rtol=0, atol=0)
+    # any dtype, any p in (0, 1): kept elements are x itself, the gain undoes the drop rate
+    for dtype, p in ((torch.bfloat16, 0.3), (torch.float64, 0.999), (torch.float32, 1e-6)):
+        z = torch.randn(300, 70, dtype=torch.float64).to(dtype)
+        out, gain = drop(z, p)
+        kept = out != 0
+        torch.testing.assert_close(out[kept], z[kept], rtol=0, atol=0)
+        assert out.dtype == dtype and abs(kept.double().mean().item() * gain - 1) < 0.05 + 3 * p
+
+
+def _layer_outputs(layer, x, sampler=None):
+    """(peft's forward, `_LoraScoringForward`) of one LoRA layer on x."""
+    from starlora.scoring import _LoraScoringForward
+
+    with torch.inference_mode():
+        return layer(x), _LoraScoringForward(layer, sampler)(x)
+
+
+@pytest.mark.parametrize("rows", [3, 400])  # below / above the merge threshold
+def test_fused_lora_forward_equals_peft(tiny, rows):
+    from starlora.scoring import _lora_linears
+
+    model = with_lora(tiny.model).eval()
+    layers = _lora_linears(model)
+    assert layers, "every tiny architecture gets peft LoRA Linear layers"
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        x = torch.randn(1, rows, layer.in_features, generator=gen)
+        ours, peft = _layer_outputs(layer, x)
+        torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-5)
+        with model.disable_adapter():  # falls back to peft: the base layer alone
+            torch.testing.assert_close(*_layer_outputs(layer, x), rtol=0, atol=0)
+
+
+def test_fused_lora_mc_masks_are_unbiased(llama):
+    from starlora.scoring import _lora_linears, _MaskSampler
+
+    model = with_lora(llama.model, dropout=0.3).eval()
+    layer = _lora_linears(model)[0]
+    sampler = _MaskSampler(torch.device("cpu"))
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(1))
+    det, _ = _layer_outputs(layer, x)
+    samples = torch.stack([_layer_outputs(layer, x, sampler)[1] for _ in range(4000)])
+    assert samples.std(0).min() > 1e-3  # every output element moves between passes
+    lora = det - layer.base_layer(x)  # the adapter's deterministic contribution
+    # the MC mean converges on the deterministic output (dropout is rescaled, not biased)
+    err = (samples.mean(0) - det).abs() / (samples.std(0) / 4000**0.5)
+    assert err.max() < 5 and lora.abs().mean() > 10 * samples.std(0).mean() / 4000**0.5
+
+
+def test_dora_falls_back_to_peft_and_still_samples(llama, examples):
+    from peft import LoraConfig, get_peft_model
+
+    llama.model.model.norm.weight.data *= 30
+    torch.manual_seed(0)
+    model = get_peft_model(
+        llama.model, LoraConfig(r=4, lora_dropout=0.3, use_dora=True, target_modules=["q_proj", "v_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    pe, me = reference(model, llama.tokenizer, examples)
+    one = score(model, llama.tokenizer, examples)
+    np.testing.assert_allclose(one.pe, pe, rtol=1e-4)
+    np.testing.assert_allclose(one.me, me, rtol=1e-4)
+    mc = score(model, llama.tokenizer, examples, mc_passes=2)
+    assert np.all(np.abs(np.diff(mc.pe_passes, axis=1)) > 1e-4)

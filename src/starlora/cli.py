@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from starlora.models import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         return args.func(args)
     except StarloraError as e:

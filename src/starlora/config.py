@@ -77,7 +77,8 @@ class ScoringConfig(_Section):
     mc_passes: int = Field(5, gt=0)  # Monte-Carlo dropout passes averaged per score
     model_dropout: bool = False  # also sample the base model's own dropout layers
     batch_size: int | Literal["auto"] = "auto"  # auto: start large, halve on out-of-memory
-    max_tokens_per_batch: int = Field(16384, gt=0)  # padded tokens per batch when auto
+    # tokens per batch when auto; default: 2048 on CPU (packed rows), 16384 on GPUs (padded)
+    max_tokens_per_batch: int | None = Field(None, gt=0)
 
 
 class ActiveLearningConfig(_Section):

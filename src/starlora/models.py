@@ -116,6 +116,31 @@ def resolve_model(name: str) -> str:
         ) from None
 
 
+def tune_cpu_allocator() -> bool:
+    """Let glibc's malloc keep large freed blocks in the process instead of unmapping them.
+
+    PyTorch's CPU tensors come from malloc, and glibc serves blocks over its mmap threshold
+    with fresh mappings that are returned to the kernel on free, so every large temporary of a
+    forward pass page-faults anew. Pinning the threshold at its maximum (32 MiB) and trimming
+    only above 1 GiB of free heap removes that: on the 2-core CI machine a 4-op elementwise
+    chain over 1600 x 576 floats took 3.2 ms before and 0.3 ms after, and scoring's system
+    time fell from 12 s to 2 s. Process-wide, so the CLI calls it, not the library. Returns
+    whether it applied (False off glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` is the first CUDA GPU when there is one, else the CPU."""
     if device == "auto":

@@ -8,17 +8,22 @@ For one example with answer tokens ``a_1..a_n`` teacher-forced after its prompt:
 plus their per-token means and ``n``. The sequence is exactly ``prompt_ids + answer_ids`` from
 `Task.encode`, the one training supervises.
 
-How it is fast: examples are sorted by length and packed into right-padded batches of about
-`max_tokens_per_batch` tokens; the decoder body runs once per batch; the LM head is applied only
-to the hidden states of answer positions, in chunks of positions, so that at most one chunk of
-``positions x vocab`` logits is alive at a time and memory does not grow with sequence x vocab.
+How it is fast: examples are sorted by length and grouped into batches of about
+`max_tokens_per_batch` tokens. On CPU a batch is one row of sequences packed back to back (no
+padding; attention stays inside each sequence, `_packed_attention`); elsewhere it is right-padded
+rows. The decoder body runs once per batch and pass; the LM head is applied only to the hidden
+states of answer positions, in chunks, so that at most one chunk of ``positions x vocab``
+logits is alive at a time and memory does not grow with sequence x vocab. While scoring, each
+peft LoRA layer runs `_LoraScoringForward`: the adapter's update is added into the base output
+by one fused matmul, and deterministic passes merge the adapter into a temporary weight when
+that costs fewer FLOPs.
 
-Monte-Carlo dropout (`mc_passes` K > 1): only the LoRA dropout modules (and, with
-`model_dropout`, the model's own ``nn.Dropout`` modules) are put in train mode; everything else
-stays in eval mode and every module's mode is restored afterwards. Each (batch, pass) draws its
-dropout masks from a seed derived from one base seed, so results are reproducible given the torch
-seed. When no dropout is active (p = 0 everywhere) the K passes would be identical, so the model
-runs once and the pass is repeated.
+Monte-Carlo dropout (`mc_passes` K > 1): the LoRA dropout on A's input (and, with
+`model_dropout`, the model's own ``nn.Dropout`` modules) really samples in every pass; everything
+else stays in eval mode and every module's mode is restored afterwards. Each (batch, pass) draws
+its dropout masks from a seed derived from one base seed, so results are reproducible given the
+torch seed. When no dropout is active (p = 0 everywhere) the K passes would be identical, so the
+model runs once and the pass is repeated.
 
 Base-model scores (`score_base`) use peft's ``disable_adapter()``, so no second model is loaded;
 `BaseScoreCache` keeps them on disk keyed by example id, model and task.
@@ -27,6 +32,7 @@ Base-model scores (`score_base`) use peft's ``disable_adapter()``, so no second 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -48,6 +54,8 @@ from starlora.tasks import Example, Task
 MEASURES = ("pe", "me")
 #: logits elements per chunk of answer positions (4M fp32 = 16 MiB; a few such buffers alive)
 CHUNK_ELEMENTS = 1 << 22
+#: default tokens per batch on CPU: measured fastest on SmolLM2-135M (1024-8192 tried)
+CPU_TOKENS_PER_BATCH = 2048
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,43 +185,139 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-class _FastDropout(nn.Module):
-    """Dropout whose mask costs one 64-bit random draw per 4 elements.
+class _MaskSampler:
+    """Dropout on the input of LoRA A for the MC passes of `_LoraScoringForward`.
 
-    On CPU, ``nn.Dropout`` draws one Mersenne-Twister number per element (~9 ns), which costs
-    about as much as the forward pass of a LoRA model itself. Here each 16-bit lane of a random
-    int64 decides one element: dropped with probability round(p * 2^16) / 2^16 (within 1e-5 of
-    p), kept ones scaled by 1 / (1 - p) as usual. Uses torch's default generator, so
-    ``torch.manual_seed`` still makes it reproducible.
+    ``project(x, A, p)`` returns ``(h, gain)`` with ``h = (x * keep) @ A.T`` and ``keep`` a fresh
+    0/1 mask of x's shape that keeps each element with probability 1 - p; ``gain`` =
+    1 / (1 - p) is folded into the LoRA scaling by the caller (one elementwise pass fewer than
+    ``nn.Dropout``).
+
+    On CPU, torch's Mersenne Twister costs ~9 ns an element, more than the LoRA matmuls it feeds,
+    and each elementwise pass over a large activation is bound by memory bandwidth. Here a NumPy
+    SFC64 stream gives four 16-bit lanes per 64-bit draw (an element is dropped when its lane is
+    below ``round(p * 2^16)``, so the drop rate is p rounded to 1/65536 and the gain is exact for
+    it), and the rows are masked and projected a block at a time so that the mask and the masked
+    copy stay in cache. On other devices torch's own dropout (Philox on CUDA) is used.
+    `reseed` is called once per (batch, pass), which makes scores reproducible.
     """
 
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.threshold = round(p * 65536) - 32768  # keep where lane >= threshold
+    block_elements = 1 << 17  # elements of x masked at a time (~0.75 MiB of lanes + mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-        lanes = words.random_(-(2**63), None).view(torch.int16)[: x.numel()].view(x.shape)
-        return torch.where(lanes >= self.threshold, x * (1 / (1 - self.p)), 0.0)
+    def __init__(self, device: torch.device):
+        self.cpu = device.type == "cpu"
+        self._gen = np.random.SFC64(0)
+
+    def reseed(self, seed: int) -> None:
+        self._gen = np.random.SFC64(seed)
+
+    def project(
+        self, x: torch.Tensor, weight: torch.Tensor, p: float
+    ) -> tuple[torch.Tensor, float]:
+        """x [rows, d_in], weight [r, d_in] -> (h [rows, r], gain)."""
+        if not self.cpu:
+            return nn.functional.linear(nn.functional.dropout(x, p, training=True), weight), 1.0
+        dropped = min(round(p * 65536), 65535)  # of 65536 lane values
+        if dropped == 0:
+            return nn.functional.linear(x, weight), 1.0
+        cut = dropped - 32768  # keep where lane >= cut
+        h = x.new_empty(x.shape[0], weight.shape[0])
+        step = max(1, self.block_elements // x.shape[1])
+        for s in range(0, x.shape[0], step):
+            xs = x[s : s + step]
+            n = xs.numel()
+            lanes = torch.from_numpy(self._gen.random_raw((n + 3) // 4).view(np.int16)[:n])
+            # clamp first, then shift: {cut - 1, cut} -> {0, 1} without int16 overflow
+            keep = lanes.view(xs.shape).clamp_(cut - 1, cut).sub_(cut - 1).to(x.dtype)
+            torch.mm(keep.mul_(xs), weight.t(), out=h[s : s + step])
+        return h, 65536 / (65536 - dropped)
 
 
-def _sampled_dropouts(
-    model: nn.Module, model_dropout: bool
-) -> list[tuple[nn.Module, str, nn.Dropout]]:
-    """(parent, attribute, module) of each dropout with p > 0 that MC dropout samples: those in
-    peft's ``lora_dropout`` ModuleDicts and, with `model_dropout`, the model's own."""
+class _LoraScoringForward:
+    """The ``forward`` of one peft LoRA ``Linear`` while it scores (installed by `scoring_mode`).
+
+    Computes what peft computes, ``base(x) + scaling * B(A(dropout(x)))``, with less traffic:
+
+    * the scaled LoRA update is accumulated into the base output by one in-place ``addmm_``
+      (peft: a matmul, then a scaled copy, then an added copy);
+    * MC passes (`sampler` given) mask A's input with `_MaskSampler` and fold 1 / (1 - p) into
+      the addmm's alpha;
+    * deterministic passes with fp32/fp64 weights and more than ``d_in*d_out/(d_in+d_out)``
+      rows merge the adapter into a temporary weight (``W + scaling * B @ A``, one matmul),
+      which costs fewer FLOPs than the two LoRA matmuls over the rows.
+
+    Anything else (an adapter disabled or merged, a LoRA variant such as DoRA, a LoRA bias,
+    mixed dtypes, per-call adapter names) goes through peft's own forward.
+    """
+
+    def __init__(self, layer: nn.Module, sampler: _MaskSampler | None):
+        self.layer = layer
+        self.original = layer.forward  # bound method of the class
+        self.sampler = sampler
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        layer = self.layer
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        if (
+            kwargs
+            or layer.disable_adapters
+            or layer.merged
+            or any(a in layer.lora_variant or layer.lora_B[a].bias is not None for a in adapters)
+            or any(layer.lora_A[a].weight.dtype != x.dtype for a in adapters)
+        ):
+            return self.original(x, *args, **kwargs)
+        base = layer.base_layer
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        if self.sampler is None and type(base) is nn.Linear and base.weight.dtype in _MERGE_DTYPES:
+            d_out = base.weight.shape[0]
+            if x2.shape[0] * (d_in + d_out) > d_in * d_out:
+                weight = base.weight
+                for a in adapters:
+                    weight = torch.addmm(
+                        weight, layer.lora_B[a].weight, layer.lora_A[a].weight, alpha=layer.scaling[a]
+                    )
+                return nn.functional.linear(x, weight, base.bias)
+        y = base(x, *args)
+        if y.dtype != x.dtype or not y.is_contiguous():
+            return self.original(x, *args, **kwargs)
+        y2 = y.view(-1, y.shape[-1])
+        for a in adapters:
+            A, B, alpha = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
+            p = getattr(layer.lora_dropout[a], "p", 0.0)
+            if self.sampler is not None and p > 0:
+                h, gain = self.sampler.project(x2, A, p)
+                alpha *= gain
+            else:
+                h = nn.functional.linear(x2, A)
+            y2.addmm_(h, B.t(), alpha=alpha)
+        return y
+
+
+_MERGE_DTYPES = (torch.float32, torch.float64)  # bf16/fp16 would round the low-rank update away
+
+
+def _lora_linears(model: nn.Module) -> list[nn.Module]:
+    """peft LoRA ``Linear`` layers (the ones `_LoraScoringForward` knows how to run)."""
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [m for m in model.modules() if type(m) is Linear]
+
+
+def _sampled_dropouts(model: nn.Module, model_dropout: bool) -> list[nn.Dropout]:
+    """Dropout modules with p > 0 that MC dropout samples: those in peft's ``lora_dropout``
+    ModuleDicts and, with `model_dropout`, the model's own."""
     lora = {
         id(d)
         for m in model.modules()
         if isinstance(d := getattr(m, "lora_dropout", None), nn.ModuleDict)
     }
     return [
-        (parent, name, child)
+        child
         for parent in model.modules()
-        for name, child in parent.named_children()
+        for child in parent.children()
         if isinstance(child, nn.Dropout) and child.p > 0 and (model_dropout or id(parent) in lora)
     ]
 
@@ -223,27 +327,34 @@ def scoring_mode(
     model: nn.Module,
     mc_dropout: bool = False,
     model_dropout: bool = False,
-    fast_dropout: bool = False,
+    sampler: _MaskSampler | None = None,
 ) -> Iterator[bool]:
     """Eval mode for the whole model, except the dropout modules MC dropout samples (when
-    `mc_dropout`), which are put in train mode, or with `fast_dropout` temporarily replaced
-    by a `_FastDropout` of the same p. Restores the modules and every module's previous
-    ``training`` flag on exit, also on an exception. Yields whether any dropout is active."""
+    `mc_dropout`), which are put in train mode. Every peft LoRA ``Linear`` runs a
+    `_LoraScoringForward` meanwhile (its masks come from `sampler` when `mc_dropout`).
+    Restores every module's forward and previous ``training`` flag on exit, also on an
+    exception. Yields whether any dropout is active."""
     saved = [(m, m.training) for m in model.modules()]
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    patched: list[nn.Module] = []
     try:
         model.eval()
         sampled = _sampled_dropouts(model, model_dropout) if mc_dropout else []
-        for parent, name, d in sampled:
-            if fast_dropout:
-                setattr(parent, name, _FastDropout(d.p))
-                swapped.append((parent, name, d))
-            else:
-                d.train()
+        for d in sampled:
+            d.train()
+        if sampled:
+            # peft's LoRA variants (DoRA) apply the dropout only while the layer itself trains
+            for layer in model.modules():
+                if getattr(layer, "lora_variant", None):
+                    layer.training = True  # this flag only, not its base layer's
+        if mc_dropout and sampler is None:
+            sampler = _MaskSampler(next(model.parameters()).device)
+        for layer in _lora_linears(model):
+            layer.forward = _LoraScoringForward(layer, sampler if sampled else None)
+            patched.append(layer)
         yield bool(sampled)
     finally:
-        for parent, name, d in swapped:
-            setattr(parent, name, d)
+        for layer in patched:
+            del layer.forward  # the class's forward shows through again
         for m, flag in saved:
             m.training = flag
 
@@ -278,22 +389,136 @@ def _batch_end(
     limit: int,
     by_tokens: bool,
     max_padding: float,
+    packed: bool = False,
 ) -> int:
     """End (exclusive, into `order`) of the batch that starts at `start`: at most `limit`
-    padded tokens (`by_tokens`) or examples, and at most a `max_padding` fraction of padding.
-    `order` sorts examples by decreasing length, so the first one sets the padded length."""
+    tokens (`by_tokens`; padded tokens, or real ones when `packed`) or examples, and, padded,
+    at most a `max_padding` fraction of padding. `order` sorts examples by decreasing length,
+    so the first one sets the padded length."""
     longest = int(lengths[order[start]])
-    n_max = max(1, limit // longest) if by_tokens else max(1, limit)
     end, useful = start + 1, longest
-    while end < len(order) and end - start < n_max:
-        useful += int(lengths[order[end]])
-        if 1 - useful / ((end + 1 - start) * longest) > max_padding:
+    while end < len(order):
+        n = int(lengths[order[end]])
+        if not by_tokens:
+            fits = end - start < limit
+        elif packed:
+            fits = useful + n <= limit
+        else:
+            fits = (end + 1 - start) * longest <= limit
+        if not fits or (not packed and 1 - (useful + n) / ((end + 1 - start) * longest) > max_padding):
             break
+        useful += n
         end += 1
     return end
 
 
+#: name under which `_packed_attention` is registered with transformers' AttentionInterface
+PACKED_ATTENTION = "starlora_packed_sdpa"
+#: lengths of the sequences packed into the current one-row batch, read by `_packed_attention`
+_PACKED_LENGTHS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "starlora_packed_lengths", default=None
+)
+
+
+def _packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA inside each sequence of a packed row: query/key/value ``[1, heads, sum(L),
+    head_dim]`` are cut at the lengths in `_PACKED_LENGTHS`; returns ``[1, sum(L), heads,
+    head_dim]`` as transformers' ``sdpa_attention_forward`` does. No padding is computed and no
+    mask is built: each piece runs SDPA's causal kernel."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = _PACKED_LENGTHS.get()
+    if lengths is None or query.shape[0] != 1 or sum(lengths) != query.shape[2]:
+        raise RuntimeError(f"{PACKED_ATTENTION}: called outside a packed scoring batch")
+    out, start = [], 0
+    for n in lengths:
+        piece = slice(start, start + n)
+        o, _ = sdpa_attention_forward(
+            module, query[:, :, piece], key[:, :, piece], value[:, :, piece], None, **kwargs
+        )
+        out.append(o)
+        start += n
+    return torch.cat(out, dim=1), None
+
+
+def _can_pack(model: nn.Module, longest: int) -> bool:
+    """Whether `model` runs packed batches exactly: its attention is transformers' SDPA (which
+    `_packed_attention` calls per sequence) and no sequence is longer than a sliding window."""
+    config = _unwrap(model).config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and longest > window:
+        return False
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - transformers < 4.48
+        return False
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    return True
+
+
+@contextlib.contextmanager
+def _packed(model: nn.Module, lengths: list[int]) -> Iterator[None]:
+    """Run `model` with `_packed_attention` on a row that packs sequences of `lengths`."""
+    config = _unwrap(model).config
+    previous = config._attn_implementation
+    token = _PACKED_LENGTHS.set(lengths)
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _PACKED_LENGTHS.reset(token)
+
+
+def _batch_inputs(
+    seqs: list[tuple[list[int], list[int]]], pad_id: int, packed: bool
+) -> tuple[dict[str, np.ndarray | None], np.ndarray, np.ndarray, np.ndarray]:
+    """Model inputs of one batch and where its answers are.
+
+    Packed: one row ``[1, sum(L)]`` holding the sequences back to back, positions restarting at
+    0 for each, no attention mask. Padded: ``[B, max(L)]`` right-padded with a mask; real tokens
+    sit at positions 0..len-1 in every architecture either way.
+
+    Returns (inputs: input_ids, position_ids, attention_mask (None when packed);
+    flat [P]: index of each answer position's hidden state in the flattened ``[rows * T]``
+    output; targets [P]: the answer token it predicts; owner [P]: its sequence's index in seqs).
+    """
+    lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if packed else None
+    width = int(lengths.sum()) if packed else int(lengths.max())
+    rows = 1 if packed else len(seqs)
+    ids = np.full((rows, width), pad_id, np.int64)
+    positions = np.zeros((rows, width), np.int64) if packed else np.tile(np.arange(width), (rows, 1))
+    flat, targets, owner = [], [], []
+    for j, (p, a) in enumerate(seqs):
+        row, offset = (0, int(starts[j])) if packed else (j, 0)
+        n = len(p) + len(a)
+        ids[row, offset : offset + n] = p + a
+        if packed:
+            positions[row, offset : offset + n] = np.arange(n)
+        # the hidden state at position t predicts token t + 1
+        flat.append(row * width + offset + np.arange(len(p) - 1, n - 1))
+        targets.append(np.asarray(a, np.int64))
+        owner.append(np.full(len(a), j))
+    mask = None
+    if not packed:
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+    return inputs, np.concatenate(flat), np.concatenate(targets), np.concatenate(owner)
+
+
 def _score_batch(
+    model: nn.Module,
     body: nn.Module,
     head: nn.Module,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -303,49 +528,33 @@ def _score_batch(
     want_pe: bool,
     want_me: bool,
     seeds: list[int] | None,
+    sampler: _MaskSampler,
+    packed: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-position NLL and entropy of one batch, for each pass.
+    """Per-position NLL and entropy of one batch, for each pass (pass k reseeds torch and
+    `sampler` with ``seeds[k]``).
 
     Returns (owner [P] int: index of the example in `seqs` of each answer position,
     nll [K, P] float64, entropy [K, P] float64), P = total answer tokens of the batch,
     K = len(seeds) or 1 (deterministic).
     """
-    lengths = [len(p) + len(a) for p, a in seqs]
-    B, T = len(seqs), max(lengths)
-    ids = np.full((B, T), pad_id, np.int64)
-    mask = np.zeros((B, T), np.int64)
-    rows, cols, targets = [], [], []
-    for j, (p, a) in enumerate(seqs):
-        ids[j, : len(p)] = p
-        ids[j, len(p) : len(p) + len(a)] = a
-        mask[j, : lengths[j]] = 1
-        # the logits at position t predict token t + 1
-        rows.append(np.full(len(a), j))
-        cols.append(np.arange(len(p) - 1, len(p) + len(a) - 1))
-        targets.append(np.asarray(a, np.int64))
-    owner = np.concatenate(rows)
+    arrays, flat, targets, owner = _batch_inputs(seqs, pad_id, packed)
+    inputs = {k: None if v is None else torch.from_numpy(v).to(device) for k, v in arrays.items()}
+    flat_t = torch.from_numpy(flat).to(device)
+    tgt_t = torch.from_numpy(targets).to(device)
     P = len(owner)
-    input_ids = torch.from_numpy(ids).to(device)
-    attention_mask = torch.from_numpy(mask).to(device)
-    # right padding: real tokens sit at positions 0..len-1 in every architecture
-    position_ids = torch.arange(T, device=device).expand(B, T)
-    row_t = torch.from_numpy(owner).to(device)
-    col_t = torch.from_numpy(np.concatenate(cols)).to(device)
-    tgt_t = torch.from_numpy(np.concatenate(targets)).to(device)
+    lengths = [len(p) + len(a) for p, a in seqs]
 
     passes = seeds if seeds is not None else [None]
     nll = np.full((len(passes), P), np.nan)
     ent = np.full((len(passes), P), np.nan)
     for k, seed in enumerate(passes):
         if seed is not None:
-            torch.manual_seed(seed)
-        out = body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
-        hidden = out[0][row_t, col_t]  # [P, H], only answer positions
+            torch.manual_seed(seed)  # dropouts peft runs itself (fallback layers, the model's own)
+            sampler.reseed(seed)
+        with _packed(model, lengths) if packed else contextlib.nullcontext():
+            out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
+        hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
         del out
         chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
         nll_k = torch.empty(P, device=device)
@@ -354,15 +563,20 @@ def _score_batch(
             z = head(hidden[s : s + chunk]).float()  # [C, V]
             if transform is not None:
                 z = transform(z)
-            logp = torch.log_softmax(z, dim=-1)  # [C, V]; lse - E[z] would cancel badly
-            del z
-            if want_pe:
-                nll_k[s : s + chunk] = -logp.gather(1, tgt_t[s : s + chunk, None])[:, 0]
+            z -= z.amax(dim=-1, keepdim=True)  # y = z - max <= 0, in place
+            target = z.gather(1, tgt_t[s : s + chunk, None])[:, 0]  # [C] y of the answer token
             if want_me:
-                # H = -sum_v p_v log p_v, the row-wise dot as a batched matmul
-                dot = logp.exp().unsqueeze(1) @ logp.unsqueeze(2)
-                ent_k[s : s + chunk] = -dot[:, 0, 0]
-            del logp
+                e = z.exp()  # [C, V]
+                total = e.sum(dim=-1)  # [C] >= 1
+                # H = log(total) + sum_v e_v (-y_v) / total: two terms >= 0, nothing cancels
+                dot = (e.unsqueeze(1) @ z.unsqueeze(2))[:, 0, 0]
+                del e
+                log_total = total.log()
+                ent_k[s : s + chunk] = log_total - dot / total
+            else:
+                log_total = z.exp_().sum(dim=-1).log_()
+            del z
+            nll_k[s : s + chunk] = log_total - target  # -log p(answer token)
         if want_pe:
             nll[k] = nll_k.double().cpu().numpy()
         if want_me:
@@ -382,12 +596,13 @@ def score_examples(
     mc_passes: int = 1,
     model_dropout: bool = False,
     batch_size: int | str = "auto",
-    max_tokens_per_batch: int = 16384,
+    max_tokens_per_batch: int | None = None,
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "scoring",
     seed: int | None = None,
     max_padding: float | None = None,
+    packed: bool | None = None,
 ) -> Scores:
     """PE and ME of every example's gold answer under `model` (plain or peft), teacher-forced.
 
@@ -397,11 +612,18 @@ def score_examples(
             `model_dropout`) samples a fresh mask per pass; scores are the mean over passes and
             ``pe_passes``/``me_passes`` hold the ``[N, K]`` per-pass values.
         batch_size: examples per batch, or ``"auto"``: as many as fit `max_tokens_per_batch`
-            padded tokens. Either way the limit halves on out-of-memory.
+            tokens (padded tokens in padded batches). Either way the limit halves on
+            out-of-memory.
+        max_tokens_per_batch: default 2048 on CPU, where larger batches only fall out of the
+            cache, and 16384 on GPUs.
         max_length: prompt + answer tokens; longer prompts are cut on the left. Default: the
             model's maximum position count.
-        max_padding: largest fraction of padding tokens a batch may hold. Default 0.1 on CPU,
-            where batching barely speeds up the matmuls and padding is pure waste, 0.5 on GPUs.
+        packed: put each batch's sequences back to back in one row (no padding; attention
+            stays within each sequence, see `_packed_attention`). Default: on CPU, where padding
+            is pure waste, for models whose attention is transformers' SDPA without a sliding
+            window; padded batches otherwise.
+        max_padding: padded batches only: the largest fraction of padding tokens a batch may
+            hold. Default 0.1 on CPU, 0.5 on GPUs.
         seed: base seed of the dropout masks; default: drawn from torch's global generator
             (so ``torch.manual_seed`` makes scoring reproducible).
     """
@@ -416,11 +638,12 @@ def score_examples(
         raise ConfigError(
             f"scoring.batch_size: must be 'auto' or a positive int, got {batch_size!r}"
         )
-    limit = max_tokens_per_batch if by_tokens else int(batch_size)
-
     body, head = _body_and_head(model)
     transform = _logit_transform(model)
     device = next(model.parameters()).device
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = CPU_TOKENS_PER_BATCH if device.type == "cpu" else 16384
+    limit = max_tokens_per_batch if by_tokens else int(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_length = max_length or _max_positions(model)
     if max_padding is None:
@@ -429,6 +652,14 @@ def score_examples(
     lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
     order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
+    longest = int(lengths.max(initial=0))
+    if packed is None:
+        packed = device.type == "cpu" and _can_pack(model, longest)
+    elif packed and not _can_pack(model, longest):
+        raise ConfigError(
+            "scoring: packed batches need a model with SDPA attention and sequences no longer "
+            "than its sliding window"
+        )
 
     N, K = len(examples), mc_passes
     pe = np.full((N, K), np.nan)
@@ -439,22 +670,22 @@ def score_examples(
 
     bar = tqdm(total=N, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     fork_devices = [device] if device.type == "cuda" else []
+    sampler = _MaskSampler(device)
     with contextlib.ExitStack() as stack:
-        stochastic = stack.enter_context(
-            scoring_mode(model, K > 1, model_dropout, fast_dropout=device.type == "cpu")
-        )
+        stochastic = stack.enter_context(scoring_mode(model, K > 1, model_dropout, sampler))
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
         stack.enter_context(torch.inference_mode())
         start = 0
         while start < N:
-            end = _batch_end(lengths, order, start, limit, by_tokens, max_padding)
+            end = _batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
             idx = order[start:end]
             # one seed per (batch start, pass): reproducible given the base seed
             seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
             try:
                 owner, nll, ent = _score_batch(
+                    model,
                     body,
                     head,
                     transform,
@@ -464,6 +695,8 @@ def score_examples(
                     want_pe,
                     want_me,
                     seeds,
+                    sampler,
+                    packed,
                 )
             except torch.OutOfMemoryError:
                 if end - start == 1:
