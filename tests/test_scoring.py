@@ -345,3 +345,23 @@ def test_dora_falls_back_to_peft_and_still_samples(llama, examples):
     np.testing.assert_allclose(one.me, me, rtol=1e-4)
     mc = score(model, llama.tokenizer, examples, mc_passes=2)
     assert np.all(np.abs(np.diff(mc.pe_passes, axis=1)) > 1e-4)
+
+
+def test_wrapped_lora_forward_is_left_alone(llama, examples):
+    from starlora.scoring import _lora_linears
+
+    model = with_lora(llama.model, dropout=0.3)
+    layer = _lora_linears(model)[0]
+    calls = []
+    original = layer.forward
+
+    def hooked(x, *args, **kwargs):  # what accelerate's hooks install
+        calls.append(x.shape)
+        return original(x, *args, **kwargs)
+
+    layer.forward = hooked
+    expected = score(model, llama.tokenizer, examples)
+    assert calls and vars(layer)["forward"] is hooked  # used while scoring, still in place
+    assert layer not in _lora_linears(model)
+    del layer.forward
+    np.testing.assert_allclose(score(model, llama.tokenizer, examples).pe, expected.pe, rtol=1e-5)

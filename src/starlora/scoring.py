@@ -298,12 +298,17 @@ _MERGE_DTYPES = (torch.float32, torch.float64)  # bf16/fp16 would round the low-
 
 
 def _lora_linears(model: nn.Module) -> list[nn.Module]:
-    """peft LoRA ``Linear`` layers (the ones `_LoraScoringForward` knows how to run)."""
+    """peft LoRA ``Linear`` layers that `_LoraScoringForward` may run: not those whose forward
+    is already wrapped (accelerate's offloading hooks, for one), which keep theirs."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:  # pragma: no cover - peft is a dependency
         return []
-    return [m for m in model.modules() if type(m) is Linear]
+    return [
+        m
+        for m in model.modules()
+        if type(m) is Linear and "forward" not in vars(m) and not hasattr(m, "_hf_hook")
+    ]
 
 
 def _sampled_dropouts(model: nn.Module, model_dropout: bool) -> list[nn.Dropout]:
