@@ -23,6 +23,7 @@ across all probes; the fraction is given against both, and the last line, which 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from pathlib import Path
@@ -80,6 +81,22 @@ def reference_scores(model, tokenizer, task, examples, device, passes: int):
     return pe, me
 
 
+def float64_scores(model, tokenizer, task, examples):
+    """PE and ME from a float64 copy of the model, full log-softmax in float64 ([N] each)."""
+    ref = copy.deepcopy(model).double().eval()
+    pe, me = [], []
+    with torch.no_grad():
+        for ex in examples:
+            p, a = task.encode(tokenizer, ex)
+            ids = torch.tensor([p + a], device=next(ref.parameters()).device)
+            logp = torch.log_softmax(ref(input_ids=ids).logits[0].double(), -1)
+            at = logp[len(p) - 1 : len(p) + len(a) - 1]
+            pe.append(-at[torch.arange(len(a)), torch.tensor(a)].sum().item())
+            me.append(-(at.exp() * at).sum().item())
+    del ref
+    return np.array(pe), np.array(me)
+
+
 def lm_eval_check(model, tokenizer, task, examples) -> str:
     """Log-likelihood of the gold answers from lm-evaluation-harness vs ours (without EOS,
     which lm_eval does not append)."""
@@ -130,6 +147,8 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="skip tune_cpu_allocator() (the CLI applies it)")
     ap.add_argument("--lm-eval", type=int, default=0, help="also compare N items with lm_eval")
+    ap.add_argument("--float64-check", type=int, default=3,
+                    help="compare both sides with a float64 copy of the model on N items")
     args = ap.parse_args()
     allocator = "default"
     if args.device == "cpu" and not args.default_allocator and tune_cpu_allocator():
@@ -232,13 +251,22 @@ def main() -> None:
     if K > 1:
         spread = np.abs(ours.pe_passes - ours.pe[:, None]).max()
         print(f"  ours: passes differ (max |PE pass - mean| = {spread:.3g} nats)")
-    # correctness: our deterministic scores against the reference's (eval mode) values
+    # correctness: our deterministic scores against the reference's (eval mode) values, and both
+    # against float64 (the reference's float32 softmax sums 49k terms one after another)
     check = score_examples(model, tok, task, examples, measures=("pe", "me"), progress=False)
     print(
         "agreement (ours K=1 vs reference): max rel diff "
         f"PE {np.max(np.abs(check.pe / ref_pe[:, 0] - 1)):.2e} "
         f"ME {np.max(np.abs(check.me / ref_me[:, 0] - 1)):.2e}"
     )
+    if args.float64_check:
+        n = args.float64_check
+        pe64, me64 = float64_scores(model, tok, task, examples[:n])
+        print(
+            f"against float64 on {n} items: max rel diff ours PE {np.max(np.abs(check.pe[:n] / pe64 - 1)):.2e} "
+            f"ME {np.max(np.abs(check.me[:n] / me64 - 1)):.2e}, reference PE "
+            f"{np.max(np.abs(ref_pe[:n, 0] / pe64 - 1)):.2e} ME {np.max(np.abs(ref_me[:n, 0] / me64 - 1)):.2e}"
+        )
     if args.lm_eval:
         print(lm_eval_check(model, tok, task, examples[: args.lm_eval]))
     speedup = float(np.median(np.array(t_ref) / np.array(t_ours)))

@@ -63,8 +63,8 @@ def test_matches_float64_reference_and_batching(tiny, examples):
     pe, me = reference(model, tiny.tokenizer, examples)
     # padded batches of 3 mixing 2-token and 50-token answers: lots of padding
     s = score(model, tiny.tokenizer, examples, batch_size=3, max_padding=1.0, packed=False)
-    np.testing.assert_allclose(s.pe, pe, rtol=1e-4)
-    np.testing.assert_allclose(s.me, me, rtol=1e-4)
+    np.testing.assert_allclose(s.pe, pe, rtol=1e-5)  # the issue asks for 1e-4
+    np.testing.assert_allclose(s.me, me, rtol=1e-5)
     n = np.array([len(TASK.encode(tiny.tokenizer, ex)[1]) for ex in examples])
     np.testing.assert_array_equal(s.n_answer_tokens, n)
     np.testing.assert_allclose(s.pe_mean, pe / n, rtol=1e-4)
@@ -365,3 +365,28 @@ def test_wrapped_lora_forward_is_left_alone(llama, examples):
     assert layer not in _lora_linears(model)
     del layer.forward
     np.testing.assert_allclose(score(model, llama.tokenizer, examples).pe, expected.pe, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_scores_match_float64(smol, data_dir):
+    """The real model (large activations, a 49k vocabulary, answers longer than one LM-head
+    chunk): packed batches, the merged adapter (K = 1) and the shifted-logit PE/ME stay within
+    1e-5 of float64."""
+    gsm8k = get_task("gsm8k")
+    examples = load_examples(data_dir / "gsm8k" / "test.jsonl", gsm8k, limit=10)
+    examples = sorted(examples, key=lambda ex: -len(gsm8k.encode(smol.tokenizer, ex)[1]))[:2]
+    torch.manual_seed(0)
+    model = attach_lora(copy.deepcopy(smol.model), r=16)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 1e-3)
+    s = score_examples(model, smol.tokenizer, gsm8k, examples, progress=False)
+    ref = copy.deepcopy(model).double().eval()
+    for i, ex in enumerate(examples):
+        p, a = gsm8k.encode(smol.tokenizer, ex)
+        assert len(a) > 85  # more answer positions than one chunk of logits
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(input_ids=torch.tensor([p + a])).logits[0], -1)
+        at = logp[len(p) - 1 : len(p) + len(a) - 1]
+        assert s.pe[i] == pytest.approx(-at[torch.arange(len(a)), torch.tensor(a)].sum().item(), rel=1e-5)
+        assert s.me[i] == pytest.approx(-(at.exp() * at).sum().item(), rel=1e-5)
