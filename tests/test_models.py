@@ -46,3 +46,14 @@ def test_lora_targets_all_projections(tiny) -> None:
 def test_cpu_defaults_to_float32() -> None:
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("bf16") == torch.bfloat16
+
+
+def test_tune_cpu_allocator_is_accepted_by_glibc() -> None:
+    import platform
+    import sys
+
+    from starlora.models import tune_cpu_allocator
+
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    # mallopt refuses values out of range (an mmap threshold over 32 MiB, say) with 0
+    assert tune_cpu_allocator() is on_glibc
