@@ -288,6 +288,23 @@ def test_mask_sampler_rate_gain_and_seed():
         assert out.dtype == dtype and abs(kept.double().mean().item() * gain - 1) < 0.05 + 3 * p
 
 
+def test_mask_sampler_off_cpu_uses_torch_dropout():
+    """The path GPUs take (torch's dropout, seeded by ``torch.manual_seed`` per pass), run here
+    on CPU tensors: the drop rate is p, the kept elements are already rescaled (gain 1) and
+    the masks repeat under the same torch seed."""
+    from starlora.scoring import _MaskSampler
+
+    sampler = _MaskSampler(torch.device("cpu"))
+    sampler.cpu = False
+    x = torch.ones(1000, 500)
+    torch.manual_seed(3)
+    y, gain = sampler.project(x, torch.eye(500), 0.2)
+    assert gain == 1.0 and abs((y == 0).float().mean().item() - 0.2) < 3e-3
+    assert set(y.unique().tolist()) == {0.0, 1 / 0.8}
+    torch.manual_seed(3)
+    torch.testing.assert_close(sampler.project(x, torch.eye(500), 0.2)[0], y, rtol=0, atol=0)
+
+
 def _layer_outputs(layer, x, sampler=None):
     """(peft's forward, `_LoraScoringForward`) of one LoRA layer on x."""
     from starlora.scoring import _LoraScoringForward
