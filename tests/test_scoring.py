@@ -305,6 +305,39 @@ def test_mask_sampler_off_cpu_uses_torch_dropout():
     torch.testing.assert_close(sampler.project(x, torch.eye(500), 0.2)[0], y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("vocab_tile", [None, 1000, 777])  # one tile; 5 tiles; a ragged last one
+def test_answer_measures_in_vocabulary_tiles(vocab_tile):
+    """The tiled LM head with its float64 merge equals log-softmax over the whole vocabulary,
+    for a head with a bias and a soft-capping transform, targets in every tile (the first and
+    last token included)."""
+    from starlora.scoring import _answer_measures
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(32, 5000)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(5000, 32, generator=gen))
+        head.bias.copy_(torch.randn(5000, generator=gen))
+    hidden = torch.randn(300, 32, generator=gen)
+    targets = torch.randint(0, 5000, (300,), generator=gen)
+    targets[:3] = torch.tensor([0, 4999, 777])
+
+    def cap(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z / 30) * 30
+
+    with torch.no_grad():
+        logp = torch.log_softmax(cap(copy.deepcopy(head).double()(hidden.double())), -1)
+        nll, ent = _answer_measures(hidden, head, targets, cap, True, vocab_tile)
+        pe_only, no_ent = _answer_measures(hidden, head, targets, cap, False, vocab_tile)
+    torch.testing.assert_close(nll, -logp.gather(1, targets[:, None])[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(pe_only, nll, rtol=1e-6, atol=1e-7)
+    whole = _answer_measures(hidden, head, targets, cap, True, None)  # the merge adds ~nothing
+    torch.testing.assert_close((nll, ent), whole, rtol=1e-6, atol=1e-6)
+    assert no_ent.isnan().all()
+    with pytest.raises(ConfigError, match="token id 5000"):
+        _answer_measures(hidden, head, targets.clamp(min=5000), cap, True, vocab_tile)
+
+
 def _layer_outputs(layer, x, sampler=None):
     """(peft's forward, `_LoraScoringForward`) of one LoRA layer on x."""
     from starlora.scoring import _LoraScoringForward
