@@ -333,6 +333,9 @@ def test_answer_measures_in_vocabulary_tiles(vocab_tile):
     torch.testing.assert_close(pe_only, nll, rtol=1e-6, atol=1e-7)
     whole = _answer_measures(hidden, head, targets, cap, True, None)  # the merge adds ~nothing
     torch.testing.assert_close((nll, ent), whole, rtol=1e-6, atol=1e-6)
+    # tiles of 9 to 64 rows (a ragged last one) give the same numbers
+    few_rows = _answer_measures(hidden, head, targets, cap, True, vocab_tile, max_elements=49728)
+    torch.testing.assert_close(few_rows, (nll, ent), rtol=1e-6, atol=1e-6)
     assert no_ent.isnan().all()
     with pytest.raises(ConfigError, match="token id 5000"):
         _answer_measures(hidden, head, targets.clamp(min=5000), cap, True, vocab_tile)

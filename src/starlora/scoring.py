@@ -14,10 +14,10 @@ padding; attention stays inside each sequence, `_packed_attention`); elsewhere i
 rows. The decoder body runs once per batch and pass; the LM head is applied only to the hidden
 states of answer positions, one tile of ``positions x vocab`` logits at a time (on CPU the
 vocabulary is cut into 2048-column slices too, which run the head's matmul 2-3x faster), so
-memory does not grow with sequence x vocab; `_answer_measures` merges the tiles. While scoring, each
-peft LoRA layer runs `_LoraScoringForward`: the adapter's update is added into the base output
-by one fused matmul, and deterministic passes merge the adapter into a temporary weight when
-that costs fewer FLOPs.
+memory does not grow with sequence x vocab; `_answer_measures` merges the tiles. While
+scoring, each peft LoRA layer runs `_LoraScoringForward`: the adapter's update is added into
+the base output by one fused matmul, and deterministic passes merge the adapter into a
+temporary weight when that costs fewer FLOPs.
 
 Monte-Carlo dropout (`mc_passes` K > 1): the LoRA dropout on A's input (and, with
 `model_dropout`, the model's own ``nn.Dropout`` modules) really samples in every pass; everything
@@ -53,8 +53,10 @@ from starlora.store import atomic_write
 from starlora.tasks import Example, Task
 
 MEASURES = ("pe", "me")
-#: logits elements per chunk of answer positions (4M fp32 = 16 MiB; a few such buffers alive)
+#: logits elements per tile of answer positions x vocabulary on CPU (4M fp32 = 16 MiB; two
+#: alive) and on GPUs (64M = 256 MiB: a 128k vocabulary still gets 512 rows per head matmul)
 CHUNK_ELEMENTS = 1 << 22
+GPU_CHUNK_ELEMENTS = 1 << 26
 #: LM-head columns per logits tile on CPU (`_answer_measures`): measured fastest on SmolLM2's
 #: 49k vocabulary (1024-4096 tried), 2.6x faster than whole-vocabulary rows
 CPU_VOCAB_TILE = 2048
@@ -533,22 +535,23 @@ def _answer_measures(
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
     want_me: bool,
     vocab_tile: int | None,
+    max_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-log p(target) and the entropy of the next-token distribution at P answer positions.
 
     hidden [P, H] final hidden states, targets [P] token ids -> (nll [P], entropy [P]) float64
-    nats on the CPU (entropy NaN unless `want_me`). The logits are made a tile of ``rows x vocab_tile`` at
-    a time (`vocab_tile` None: the whole vocabulary, and any head module), so at most
-    `CHUNK_ELEMENTS` of them are alive. Each tile keeps, per row, its max ``m``, ``S = sum
+    nats on the CPU (entropy NaN unless `want_me`). The logits are made one tile of ``rows x
+    vocab_tile`` at a time (`vocab_tile` None: the whole vocabulary, and any head module), so
+    at most `max_elements` of them are alive. Each tile keeps, per row, its max ``m``, ``S = sum
     e^(z - m)`` and ``D = sum e^(z - m) (m - z)``; the tiles are merged in float64 at the end:
     with ``M = max m`` and ``f = e^(m - M)``, ``log Z = M + log sum f S`` and
     ``H = log sum f S + sum f (D + S (M - m)) / sum f S``. Every term is >= 0, so nothing
     cancels; `torch.sum` is a cascade sum (a matmul dot over a 49k vocabulary drifts ~1e-4 in
     fp32, this ~1e-7).
 
-    Why tiles of the vocabulary: on CPU one ``[P, H] x [H, 49k]`` product runs at a third of
-    the rate of the same FLOPs in ``2048``-column slices of the head, whose weights and
-    outputs stay in cache.
+    Why tiles of the vocabulary: on CPU a ``[P, H] x [H, 49k]`` product ran at 40-50% of the
+    rate of the same FLOPs in 2048-column slices of the head, whose weights and outputs stay
+    in cache (SmolLM2, 2 cores).
     """
     P = hidden.shape[0]
     weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
@@ -566,7 +569,7 @@ def _answer_measures(
     else:
         tiles = [(v0, min(V, v0 + vocab_tile)) for v0 in range(0, V, vocab_tile)]
         width = vocab_tile
-    rows = max(1, CHUNK_ELEMENTS // width)
+    rows = max(1, max_elements // width)
     n, dev = len(tiles), hidden.device
     m = torch.empty(P, n, device=dev)
     S = torch.empty(P, n, device=dev)
@@ -588,7 +591,8 @@ def _answer_measures(
             z -= mc  # y = z - m <= 0, in place
             local = (targets[s : s + rows] - v0).clamp_(0, z.shape[1] - 1)
             mine = tile_t[s : s + rows] == c
-            y_t[s : s + rows] = torch.where(mine, z.gather(1, local[:, None])[:, 0], y_t[s : s + rows])
+            picked = z.gather(1, local[:, None])[:, 0]
+            y_t[s : s + rows] = torch.where(mine, picked, y_t[s : s + rows])
             m[s : s + rows, c] = mc[:, 0]
             if want_me:
                 e = z.exp()
@@ -637,7 +641,8 @@ def _score_batch(
     tgt_t = torch.from_numpy(targets).to(device)
     P = len(owner)
     lengths = [len(p) + len(a) for p, a in seqs]
-    vocab_tile = CPU_VOCAB_TILE if device.type == "cpu" else None
+    cpu = device.type == "cpu"
+    vocab_tile, max_elements = (CPU_VOCAB_TILE, CHUNK_ELEMENTS) if cpu else (None, GPU_CHUNK_ELEMENTS)
 
     passes = seeds if seeds is not None else [None]
     nll = np.full((len(passes), P), np.nan)
@@ -650,7 +655,9 @@ def _score_batch(
             out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
         hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
         del out
-        nll_k, ent_k = _answer_measures(hidden, head, tgt_t, transform, want_me, vocab_tile)
+        nll_k, ent_k = _answer_measures(
+            hidden, head, tgt_t, transform, want_me, vocab_tile, max_elements
+        )
         if want_pe:
             nll[k] = nll_k.numpy()
         if want_me:
