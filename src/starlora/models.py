@@ -122,11 +122,11 @@ def tune_cpu_allocator() -> bool:
     PyTorch's CPU tensors come from malloc, and glibc serves blocks over its mmap threshold
     with fresh mappings that are returned to the kernel on free, so every large temporary of a
     forward pass page-faults anew. Pinning the threshold at its maximum (32 MiB) and trimming
-    only above 1 GiB of free heap removes that: on a 2-core machine a 4-op elementwise chain
-    over 1600 x 576 floats took 3.2 ms before and 0.3 ms after, and `benchmarks/scoring.py`
-    (SmolLM2-135M, 24 GSM8K items, 3 MC passes) took 62 s before and 50-53 s after. It changes
-    the whole process, so the CLI calls it and the library functions do not. Returns whether
-    it applied (False off glibc).
+    only above 1 GiB of free heap removes that: on a 2-core machine four elementwise ops
+    (``*``, ``+``, SiLU, ``*``) over 1600 x 576 floats took 5.3-5.6 ms before and 1.3 ms after,
+    and `benchmarks/scoring.py` (SmolLM2-135M, 24 GSM8K items, 3 MC passes) took 62 s before
+    and 50-53 s after (before the vocabulary tiles). It changes the whole process, so the CLI
+    calls it and the library functions do not. Returns whether it applied (False off glibc).
     """
     import ctypes
     import sys

@@ -62,6 +62,8 @@ GPU_CHUNK_ELEMENTS = 1 << 26
 CPU_VOCAB_TILE = 2048
 #: default tokens per batch on CPU: measured fastest on SmolLM2-135M (1024-8192 tried)
 CPU_TOKENS_PER_BATCH = 2048
+#: default padded tokens per batch on GPUs (halved on out-of-memory)
+GPU_TOKENS_PER_BATCH = 16384
 
 
 # ------------------------------------------------------------------------------------------------
@@ -723,7 +725,9 @@ def score_examples(
     transform = _logit_transform(model)
     device = next(model.parameters()).device
     if max_tokens_per_batch is None:
-        max_tokens_per_batch = CPU_TOKENS_PER_BATCH if device.type == "cpu" else 16384
+        max_tokens_per_batch = (
+            CPU_TOKENS_PER_BATCH if device.type == "cpu" else GPU_TOKENS_PER_BATCH
+        )
     limit = max_tokens_per_batch if by_tokens else int(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_length = max_length or _max_positions(model)
