@@ -474,8 +474,7 @@ def _can_pack(model: nn.Module, longest: int) -> bool:
         from transformers import AttentionInterface
     except ImportError:  # pragma: no cover - transformers < 4.48
         return False
-    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)  # idempotent
     return True
 
 
