@@ -74,13 +74,15 @@ def test_dynamic_mixing_equals_hand_computation() -> None:
         "pe_base": np.array([4.0, 0.0, 2.0, 1.0]),    # minmax -> 1, 0, 0.5, 0.25
     }
     strategy = make_strategy("pe-dynamic", n_queries=5)  # lambda(1) = 0.9 - 0.8/4 = 0.7
-    u = strategy.utility(scores, query_index=1)
+    rng = np.random.default_rng()
+    u = strategy.utility(scores, n=4, query_index=1, rng=rng)
     expected = 0.7 * np.array([1, 0, 0.5, 0.25]) + 0.3 * np.array([0, 2 / 3, 1 / 3, 1])
     np.testing.assert_allclose(u, expected)  # 0.7, 0.2, 0.45, 0.475
     assert strategy.rank(ids, scores, query_index=1, rng=np.random.default_rng()) == ["a", "d", "c", "b"]
     # the authors' code leaves u_full raw: the raw term (tens of nats) drowns the base term
     raw = Dynamic("pe", LambdaSchedule("linear", 0.9, 0.1, 5), normalize="raw_full")
-    np.testing.assert_allclose(raw.utility(scores, 1), 0.7 * np.array([1, 0, 0.5, 0.25])
+    np.testing.assert_allclose(raw.utility(scores, n=4, query_index=1, rng=rng),
+                               0.7 * np.array([1, 0, 0.5, 0.25])
                                + 0.3 * scores["pe"])
     assert raw.rank(ids, scores, query_index=1, rng=np.random.default_rng()) == ["d", "b", "c", "a"]
 
@@ -94,3 +96,53 @@ def test_unknown_strategy_is_a_config_error() -> None:
         make_strategy("entropy")
     with pytest.raises(ConfigError, match="unknown strategy"):
         make_strategy("pe-dynamicc")
+
+
+def test_subtract_with_the_authors_normalisation() -> None:
+    """Ours subtracts raw from raw; the authors' code subtracts min-max(u_base) from raw
+    u_full, a [0, 1] term that cannot reorder items whose u_full differ by more than 1."""
+    ids = ["a", "b", "c"]
+    scores = {"pe": np.array([10.0, 12.0, 30.0]), "pe_base": np.array([1.0, 9.0, 28.0])}
+    rng = np.random.default_rng(0)
+    ours = make_strategy("pe-subtract")
+    assert ours.rank(ids, scores, query_index=0, rng=rng) == ["a", "b", "c"]  # 9, 3, 2
+    theirs = make_strategy("pe-subtract", normalize="raw_full")
+    u = theirs.utility(scores, n=3, query_index=0, rng=rng)
+    np.testing.assert_allclose(u, scores["pe"] - (scores["pe_base"] - 1) / 27)
+    assert theirs.rank(ids, scores, query_index=0, rng=rng) == make_strategy("pe").rank(
+        ids, scores, query_index=0, rng=rng)
+
+
+def test_random_is_an_ordinary_strategy_and_nothing_else_is_silently_random() -> None:
+    """`random` ranks by its own utility (uniform draws of the query's stream); a strategy
+    that declares no score column still has its utility used, not a random order."""
+    from starlora.acquisition import QueryStrategy
+
+    ids = [f"x{i}" for i in range(30)]
+    rows = make_strategy("random").select_rows(ids, {}, 5, query_index=0,
+                                               rng=np.random.default_rng(7))
+    draws = np.random.default_rng(7).random(30)
+    assert [r["id"] for r in rows] == [ids[i] for i in np.argsort(-draws)[:5]]
+    assert [r["utility"] for r in rows] == sorted(draws, reverse=True)[:5]
+
+    class ByLength(QueryStrategy):  # needs no score column
+        name = "by-length"
+
+        def utility(self, scores, *, n, query_index, rng):
+            return np.arange(n, dtype=float)
+
+    for seed in range(3):
+        assert ByLength().rank(ids, {}, query_index=0, rng=np.random.default_rng(seed)) == ids[::-1]
+
+
+def test_selected_rows_carry_utility_and_terms() -> None:
+    ids = ["a", "b", "c", "d"]
+    scores = {"pe": np.array([10.0, 30.0, 20.0, 40.0]), "pe_base": np.array([4.0, 0.0, 2.0, 1.0])}
+    strategy = make_strategy("pe-dynamic", n_queries=5)
+    rows = strategy.select_rows(ids, scores, 2, query_index=1, rng=np.random.default_rng())
+    assert [r["id"] for r in rows] == ["a", "d"] and [r["rank"] for r in rows] == [0, 1]
+    assert rows[0] == pytest.approx({"id": "a", "rank": 0, "utility": 0.7, "pe": 10.0,
+                                     "pe_base": 4.0, "u_base": 1.0, "u_full": 0.0,
+                                     "lambda": 0.7})
+    assert strategy.mixing_weight(1) == pytest.approx(0.7)
+    assert make_strategy("pe").mixing_weight(1) is None

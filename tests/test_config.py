@@ -4,8 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from starlora.acquisition import STRATEGIES
 from starlora.config import dump_config, load_config
+from starlora.demo import DEMO_CONFIG
 from starlora.errors import ConfigError
+from starlora.loop import check_plan, load_data, make_task
+from starlora.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -62,6 +66,33 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert again == cfg
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path: Path) -> None:
-    load_config(path)
+SHIPPED = [*sorted(CONFIGS.glob("*.yaml")), DEMO_CONFIG]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_validate_and_can_start(path: Path, data_dir: Path) -> None:
+    """Each shipped config loads with its strategy and task names checked, and its pool can
+    serve its protocol (read from ../shared/data as the configs say)."""
+    config = load_config(path)
+    assert config.active_learning.strategy in STRATEGIES and config.task.name in TASKS
+    for split in ("train", "test"):
+        value = getattr(config.task, split)
+        if value is not None:  # paths are relative to the repository root
+            setattr(config.task, split, str(data_dir / Path(value).relative_to("../shared/data")))
+    task = make_task(config.task)
+    check_plan(config, load_data(config.task, task).pool)
+
+
+@pytest.mark.parametrize("key,value,names", [
+    ("active_learning.strategy", "pe-dynamc", STRATEGIES),
+    ("task.name", "gsm8", TASKS),
+])
+def test_strategy_and_task_names_are_checked_when_the_config_loads(
+    tmp_path: Path, key: str, value: str, names
+) -> None:
+    section, field = key.split(".")
+    path = write(tmp_path, f"seed: 0\n{section}:\n  {field}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"c.yaml:3: {key}: unknown" in str(e.value) and repr(value) in str(e.value)
+    assert all(name in str(e.value) for name in names)  # the valid names are listed

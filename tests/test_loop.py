@@ -19,6 +19,8 @@ from starlora.cli import main
 from starlora.config import load_config
 from starlora.errors import ConfigError
 from starlora.loop import run_experiment
+from starlora.protocol import stream
+from starlora.report import build_report, load_runs
 from starlora.store import RunStore, read_jsonl
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -59,13 +61,23 @@ def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
     selected = [r["id"] for r in read_jsonl(reference / "rounds/0/selected.jsonl")]
     assert selected == [r["id"] for r in labelled[8:]]
     scores = read_jsonl(reference / "rounds/0/scores.jsonl")
-    assert len(scores) == 40 and set(scores[0]) == {"id", "pe", "pe_base"}
-    # the selection is the strategy's own ranking of the stored scores (query 0, rng [seed, 1])
+    assert len(scores) == 40 and set(scores[0]) == {"id", "pe", "pe_passes", "pe_base"}
+    for row in scores:  # per-pass values (mc_passes: 2), whose mean is the score
+        assert len(row["pe_passes"]) == 2 and np.mean(row["pe_passes"]) == pytest.approx(row["pe"])
+    # the selection is the strategy's own ranking of the stored scores (query 0, its stream)
     cfg = load_config(TINY)
     strategy = make_strategy("pe-dynamic", n_queries=1)
     columns = {c: np.array([r[c] for r in scores]) for c in ("pe", "pe_base")}
     assert selected == strategy.select([r["id"] for r in scores], columns, 8, query_index=0,
-                                       rng=np.random.default_rng([cfg.seed, 1]))
+                                       rng=stream(cfg.seed, 0, "select"))
+    # each selected example carries its utility and the terms it was mixed from
+    rows = read_jsonl(reference / "rounds/0/selected.jsonl")
+    by_id = {r["id"]: r for r in scores}
+    for row in rows:
+        assert set(row) == {"id", "rank", "utility", "pe", "pe_base", "u_base", "u_full", "lambda"}
+        assert row["pe"] == by_id[row["id"]]["pe"] and row["lambda"] == 0.9
+        assert row["utility"] == pytest.approx(0.9 * row["u_base"] + 0.1 * row["u_full"])
+    assert [m["lambda"] for m in metrics] == [None, 0.9]  # λ of the query behind each round
     assert not (reference / "rounds/0/adapter").exists()  # keep_adapters: last
     assert (reference / "rounds/1/adapter/adapter_model.safetensors").is_file()
     assert main(["status", str(reference)]) == 0
@@ -112,13 +124,65 @@ def test_sigkill_and_resume_gives_identical_results(reference: Path, tmp_path: P
     assert outputs(run_dir) == outputs(reference)
 
 
-def test_a_finished_run_can_be_given_more_rounds(reference: Path, tmp_path: Path) -> None:
+#: a protocol whose subsample and selection both draw random numbers in every round
+SUBSAMPLE = ["active_learning.strategy=random", "active_learning.pool_subsample=20"]
+#: a child process that dies by SIGKILL the moment a strategy starts selecting: after the
+#: round's scores are stored and the score phase is marked done, before anything is selected
+KILL_AT_SELECT = (
+    "import os, signal, sys\n"
+    "from starlora import acquisition\n"
+    "def die(*args, **kwargs): os.kill(os.getpid(), signal.SIGKILL)\n"
+    "acquisition.QueryStrategy.select_rows = die\n"
+    "from starlora.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_sigkill_between_scoring_and_selection_with_a_pool_subsample(tmp_path: Path) -> None:
+    """The subsample and the selection draw from streams of their own: a selection redone
+    after a kill is the one an uninterrupted run makes (one shared stream made `random` pick
+    another batch on resume)."""
+    reference = tmp_path / "reference"
+    run_experiment(load_config(TINY, SUBSAMPLE), reference, progress=False)
+    run_dir = tmp_path / "run"
+    args = ["run", str(TINY), "--run-dir", str(run_dir)] + [f"--set={o}" for o in SUBSAMPLE]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_SELECT, *args], env=env,
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    # where it landed: scores stored and marked done, no selection yet
+    assert json.loads((run_dir / "state.json").read_text())["phase"] == "score"
+    assert (run_dir / "rounds/0/scores.jsonl").is_file()
+    assert not (run_dir / "rounds/0/selected.jsonl").exists()
+    proc = subprocess.run([sys.executable, "-m", "starlora", *args], env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert outputs(run_dir) == outputs(reference)
+    assert len(read_jsonl(run_dir / "rounds/0/scores.jsonl")) == 20
+
+
+def test_a_finished_run_extended_keeps_its_rounds_and_its_protocol(
+    reference: Path, tmp_path: Path
+) -> None:
+    """2 -> 3 rounds: every file of rounds 0-1 stays byte-identical, metrics.jsonl and
+    labelled.jsonl only grow, and the report sees one run."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    store = run_experiment(load_config(TINY, ["active_learning.rounds=3"]), run_dir, progress=False)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    store = run_experiment(load_config(TINY, ["active_learning.rounds=3"]), run_dir,
+                           progress=False)
     assert [m["n_labelled"] for m in store.metrics()] == [8, 16, 24]
-    assert outputs(run_dir)["metrics"][:2] == outputs(reference)["metrics"]
     assert len({r["id"] for r in store.labelled()}) == 24
+    for path, data in before.items():
+        now = run_dir / path
+        if path.name in ("state.json", "config.yaml") or "adapter" in path.parts:
+            continue  # the run's progress, the new round count, pruned adapters
+        if path.name in ("metrics.jsonl", "labelled.jsonl"):
+            assert now.read_bytes().startswith(data), path
+        else:
+            assert now.read_bytes() == data, path
+    assert len({r["protocol"] for r in load_runs([run_dir])}) == 1
+    written = build_report([run_dir], tmp_path / "report")
+    assert "summary.md" in written  # one group: file names carry no group prefix
 
 
 def test_resume_refuses_a_changed_config(reference: Path) -> None:
@@ -131,7 +195,7 @@ def test_resume_refuses_a_changed_config(reference: Path) -> None:
     [
         ("active_learning.strategy=entropy", "unknown strategy 'entropy'"),
         ("active_learning.query_size=50", "the protocol labels 58 examples but the pool has 48"),
-        ("task.name=obqa", "task.train: required for task 'obqa'"),
+        ("task.name=obqa", "task.test: required for task 'obqa'"),
         ("task.train=/no/such.jsonl", "no such file"),
     ],
 )
@@ -173,3 +237,14 @@ def test_take_rest_and_budget(tmp_path: Path) -> None:
     assert [e.step for e in events.Scalars("n_labelled")] == [0, 1, 2]
     assert [e.value for e in events.Scalars("accuracy")] == pytest.approx(
         [m["accuracy"] for m in store.metrics()])
+
+
+def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
+    """The authors' baselines score with one deterministic pass; ours with MC dropout."""
+    single = ["active_learning.strategy=pe", "scoring.single_pass_baselines=true"]
+    store = run_experiment(load_config(TINY, single), tmp_path / "single", progress=False)
+    rows = store.read_round(0, "scores.jsonl")
+    assert set(rows[0]) == {"id", "pe"}  # no per-pass values: one pass
+    store = run_experiment(load_config(TINY, single[:1]), tmp_path / "mc", progress=False)
+    mc = store.read_round(0, "scores.jsonl")
+    assert len(mc[0]["pe_passes"]) == 2 and mc[0]["pe_passes"][0] != mc[0]["pe_passes"][1]

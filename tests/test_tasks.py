@@ -144,3 +144,31 @@ def test_template_and_unknown_task_errors() -> None:
     with pytest.raises(ConfigError, match=r"\{question\}"):
         get_task("gsm8k", template="no field")
     assert get_task("jsonl", template="Q: {question}\nA:").prompt(Example("1", "hi", "x")) == "Q: hi\nA:"
+
+
+def test_pool_records_that_repeat_a_test_record_are_dropped(data_dir) -> None:
+    """OBQA: 14 test items are a train item with the options shuffled (and the train form
+    of the options); they leave the pool, and nothing else does."""
+    from starlora.config import TaskConfig
+    from starlora.loop import load_data, make_task
+
+    cfg = TaskConfig(name="obqa", train=str(data_dir / "obqa/train.jsonl"),
+                     test=str(data_dir / "obqa/test.jsonl"))
+    data = load_data(cfg, make_task(cfg))
+    assert data.dropped == 14 and len(data.pool) == 4957 - 14
+    task = make_task(cfg)
+    test_keys = {task.content_key(ex) for ex in data.test}
+    assert not any(task.content_key(ex) in test_keys for ex in data.pool)
+    kept = load_data(cfg.model_copy(update={"drop_test_overlap": False}), task)
+    assert kept.dropped == 0 and len(kept.pool) == 4957
+
+
+def test_obqa_content_key_ignores_option_order_and_form() -> None:
+    task = get_task("obqa")
+    a = Example("1", "Predators eat\nAnswerA: lions\nAnswerB: humans\nAnswerC: bunnies\n"
+                     "AnswerD: grass\nThe correct answer is ", "C")
+    b = Example("2", "Predators  eat\nAnswerA grass\nAnswerB bunnies\nAnswerC lions\n"
+                     "AnswerD humans\nThe correct answer is ", "B")
+    c = Example("3", "Predators eat\nAnswerA: lions\nAnswerB: humans\nAnswerC: bunnies\n"
+                     "AnswerD: trees\nThe correct answer is ", "C")
+    assert task.content_key(a) == task.content_key(b) != task.content_key(c)

@@ -84,3 +84,11 @@ def test_encode_supervises_the_worked_answer(task, smol):
 def test_bad_split_is_a_config_error(task):
     with pytest.raises(ConfigError, match="split"):
         task.generate("validation", 3, seed=0)
+
+
+def test_train_and_test_share_no_expression() -> None:
+    """The split is by expression: a test problem is never a pool problem reworded."""
+    task = get_task("arith")
+    pool = task.generate("train", 1000, 0)
+    test = task.generate("test", 300, 0)
+    assert not {ex.meta["expression"] for ex in pool} & {ex.meta["expression"] for ex in test}

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from starlora.acquisition import STRATEGIES
 from starlora.errors import ConfigError
+from starlora.tasks import TASKS
 
 
 class _Section(BaseModel):
@@ -55,6 +57,14 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
+def _known(value: str, names: Any, what: str) -> str:
+    """`value` if it is one of `names` (read at validation time, so that tasks registered
+    later count), else a ValueError listing them."""
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(sorted(names))}")
+    return value
+
+
 class TaskConfig(_Section):
     name: str = "obqa"
     train: str | None = None  # JSONL file of the unlabelled pool (its answers are the oracle)
@@ -71,6 +81,15 @@ class TaskConfig(_Section):
     pool_size: int | None = Field(None, gt=0)  # seeded random subset of the train file
     test_size: int | None = Field(None, gt=0)  # seeded random subset of the test file
     subset_seed: int = 0  # seed of those subsets (and of generated data), shared by all runs
+    # drop pool records that repeat a test record (same normalised question; for choice tasks
+    # the same option set in any order): they would inflate accuracy
+    drop_test_overlap: bool = True
+
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        return _known(v, TASKS, "task")
 
 
 class ScoringConfig(_Section):
@@ -79,6 +98,9 @@ class ScoringConfig(_Section):
     batch_size: int | Literal["auto"] = "auto"  # auto: start large, halve on out-of-memory
     # tokens per batch when auto; default: 2048 on CPU (packed rows), 16384 on GPUs (padded)
     max_tokens_per_batch: int | None = Field(None, gt=0)
+    # the baselines (pe, me, *-subtract) score with one deterministic pass, as the authors'
+    # code does; the dynamic strategies keep mc_passes
+    single_pass_baselines: bool = False
 
 
 class ActiveLearningConfig(_Section):
@@ -90,11 +112,17 @@ class ActiveLearningConfig(_Section):
     lambda_schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
     lambda_start: float = Field(0.9, ge=0, le=1)
     lambda_end: float = Field(0.1, ge=0, le=1)
-    # minmax: both uncertainty terms are min-max normalised over the pool before mixing (paper);
-    # raw_full: u_full is left raw, as the authors' released code does
+    # minmax: dynamic mixes both terms min-max normalised over the pool (paper), subtract takes
+    # the raw difference; raw_full: u_base is min-max normalised and u_full left raw in both,
+    # as the authors' released code does
     normalize: Literal["minmax", "raw_full"] = "minmax"
     pool_subsample: int | None = Field(None, gt=0)  # score a seeded random subset each round
     on_exhausted: Literal["error", "take_rest"] = "error"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        return _known(v, STRATEGIES, "strategy")
 
 
 class EvaluationConfig(_Section):
@@ -116,7 +144,7 @@ class OutputConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -200,7 +228,7 @@ def load_config(
         override = next((origin[p] for p in prefixes if p in origin), None)
         line = next((lines[p] for p in prefixes if p in lines), None)
         at = override or (f"{where}:{line}" if line else where)
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""

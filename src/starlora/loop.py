@@ -8,27 +8,29 @@
         select    query_size ids with the acquisition strategy
         label     them (here: a simulated oracle that returns the gold answer)
 
-Data walks one way: pool -> scores -> selection -> labels -> adapter -> metrics. Each phase
-writes its outputs through `RunStore` before it is marked done, and each is deterministic given
-the seed, so a run killed at any point and restarted ends exactly as an uninterrupted one.
+Data walks one way: pool -> scores -> selection -> labels -> adapter -> metrics. Each phase is
+one function below; it writes its outputs through `RunStore` before the phase is marked done,
+and draws only from its own random stream (`starlora.protocol`), so a run killed at any point
+and restarted ends exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from starlora.acquisition import QueryStrategy, make_strategy
+from starlora.acquisition import Dynamic, QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, TaskConfig, flatten_config
-from starlora.errors import ConfigError, DataError
-from starlora.store import RunStore, write_json
+from starlora.errors import ConfigError
+from starlora.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
+from starlora.store import RunStore
 from starlora.tasks import Example, Task, get_task, load_examples
 
 
@@ -43,6 +45,15 @@ def make_task(cfg: TaskConfig) -> Task:
     return get_task(cfg.name, **options)
 
 
+@dataclass
+class Data:
+    """The pool and test examples of a run; `dropped` pool records repeated a test record."""
+
+    pool: list[Example]
+    test: list[Example]
+    dropped: int = 0
+
+
 def _subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
     if size is None or size >= len(examples):
         return examples
@@ -50,47 +61,34 @@ def _subset(examples: list[Example], size: int | None, seed: int) -> list[Exampl
     return [examples[i] for i in keep]
 
 
-def load_data(cfg: TaskConfig, task: Task) -> tuple[list[Example], list[Example]]:
-    """(pool, test) for the configured task: generated, or read from the JSONL files, then
-    cut to pool_size / test_size by a seeded random subset shared by every run."""
-    splits = []
-    for split, path, size, default in (("train", cfg.train, cfg.pool_size, 1000),
-                                       ("test", cfg.test, cfg.test_size, 200)):
-        generated = task.generate(split, size or default, cfg.subset_seed)
-        if generated is not None:
-            splits.append(generated)
-            continue
-        if path is None:
-            raise ConfigError(
-                f"task.{split}: required for task {cfg.name!r} "
-                f"(a JSONL file, e.g. ../shared/data/{cfg.name}/{split}.jsonl)"
-            )
-        examples = load_examples(path, task, question_field=cfg.question_field,
-                                 answer_field=cfg.answer_field, id_field=cfg.id_field,
-                                 dedupe=cfg.dedupe)
-        splits.append(_subset(examples, size, cfg.subset_seed + (split == "test")))
-    return splits[0], splits[1]
+def _read(cfg: TaskConfig, task: Task, split: str, path: str | None, size: int | None,
+          default: int) -> list[Example]:
+    generated = task.generate(split, size or default, cfg.subset_seed)
+    if generated is not None:
+        return generated
+    if path is None:
+        raise ConfigError(
+            f"task.{split}: required for task {cfg.name!r} "
+            f"(a JSONL file, e.g. ../shared/data/{cfg.name}/{split}.jsonl)"
+        )
+    return load_examples(path, task, question_field=cfg.question_field,
+                         answer_field=cfg.answer_field, id_field=cfg.id_field, dedupe=cfg.dedupe)
 
 
-def planned_rounds(config: ExperimentConfig) -> int:
-    """Training rounds to run: `rounds`, fewer if `budget` is reached earlier."""
-    al = config.active_learning
-    if al.budget is None:
-        return al.rounds
-    return min(al.rounds, 1 + max(0, math.ceil((al.budget - al.initial_size) / al.query_size)))
-
-
-def protocol_id(config: ExperimentConfig) -> str:
-    """Names what makes runs comparable: everything but strategy, seed and run-time knobs."""
-    d = config.model_dump(mode="json")
-    d.pop("seed"), d.pop("output")
-    d["active_learning"].pop("strategy")
-    for section, key in (("scoring", "batch_size"), ("scoring", "max_tokens_per_batch"),
-                         ("evaluation", "batch_size"), ("model", "device")):
-        d[section].pop(key)
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
-    al = config.active_learning
-    return f"{config.task.name}-{al.initial_size}+{al.query_size}x{planned_rounds(config)}-{digest}"
+def load_data(cfg: TaskConfig, task: Task) -> Data:
+    """Pool and test examples: generated, or read from the files. The test set is cut to
+    `test_size` first; pool records that repeat a test record (`Task.content_key`) are then
+    dropped (`drop_test_overlap`), and the pool is cut to `pool_size`. Subsets are seeded by
+    `subset_seed` and shared by every run."""
+    test = _read(cfg, task, "test", cfg.test, cfg.test_size, 200)
+    test = _subset(test, cfg.test_size, cfg.subset_seed + 1)
+    pool = _read(cfg, task, "train", cfg.train, cfg.pool_size, 1000)
+    dropped = 0
+    if cfg.drop_test_overlap:
+        seen = {task.content_key(ex) for ex in test}
+        kept = [ex for ex in pool if task.content_key(ex) not in seen]
+        pool, dropped = kept, len(pool) - len(kept)
+    return Data(_subset(pool, cfg.pool_size, cfg.subset_seed), test, dropped)
 
 
 def check_plan(config: ExperimentConfig, pool: Sequence[Example]) -> None:
@@ -123,11 +121,115 @@ def _say(message: str) -> None:
     print(f"[starlora] {message}", file=sys.stderr, flush=True)
 
 
-def _score_rows(
-    model, tokenizer, task: Task, candidates: list[Example], strategy: QueryStrategy,
-    config: ExperimentConfig, seed: int, progress: bool,
-) -> list[dict]:
-    """One row per candidate with the score columns the strategy needs."""
+@dataclass
+class Run:
+    """Everything the phases of a run share. `model` is the current round's peft model (base
+    + adapter) while it is in memory, None otherwise."""
+
+    config: ExperimentConfig
+    store: RunStore
+    task: Task
+    strategy: QueryStrategy
+    data: Data
+    n_rounds: int
+    progress: bool
+    base_model: Any = None
+    tokenizer: Any = None
+    fingerprint: str | None = None
+    model: Any = None
+    tracker: Any = None
+    by_id: dict[str, Example] = field(default_factory=dict)
+
+    def adapted(self, k: int) -> Any:
+        """The model with round `k`'s adapter, loaded from the run directory if need be."""
+        if self.model is None:
+            from starlora.training import load_adapter
+
+            self.model = load_adapter(self.base_model, self.store.adapter_dir(k))
+        return self.model
+
+    def labelled_examples(self) -> list[Example]:
+        return [Example(r["id"], self.by_id[r["id"]].question, r["answer"])
+                for r in self.store.labelled()]
+
+    def say(self, k: int, message: str) -> None:
+        _say(f"round {k}/{self.n_rounds - 1}: {message}")
+
+
+# -- phases: each reads what earlier phases stored and writes its own outputs ----------------
+def _train(run: Run, k: int) -> None:
+    from starlora.training import save_adapter, train_adapter
+
+    train_set = run.labelled_examples()
+    run.say(k, f"training on {len(train_set)} labelled examples")
+    cfg = run.config
+    warm = run.store.adapter_dir(k - 1) if cfg.training.warm_start and k > 0 else None
+    result = train_adapter(run.base_model, run.tokenizer, run.task, train_set, cfg.training,
+                           cfg.lora, seed=phase_seed(cfg.seed, k, "train"), init_adapter=warm,
+                           progress=run.progress)
+    run.model = result.model
+    save_adapter(run.model, run.store.adapter_dir(k))
+    run.store.write_round(k, "train.json", {
+        "n_examples": len(train_set), "steps": result.steps, "seconds": result.seconds,
+        "train_tokens": result.train_tokens, "final_loss": result.final_loss})
+
+
+def _query_lambda(run: Run, k: int) -> float | None:
+    """λ of the query that chose round `k`'s newest labels, as stored with its selection."""
+    if k == 0:
+        return None
+    rows = run.store.read_round(k - 1, "selected.jsonl")
+    return rows[0].get("lambda") if rows else None
+
+
+def _evaluate(run: Run, k: int) -> None:
+    from starlora.evaluation import evaluate
+
+    test, cfg = run.data.test, run.config
+    run.say(k, f"evaluating on {len(test)} test examples")
+    t0 = time.perf_counter()
+    ev = evaluate(run.adapted(k), run.tokenizer, run.task, test, cfg.evaluation,
+                  progress=run.progress)
+    seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
+    run.store.write_round(k, "predictions.jsonl", ev.predictions)
+    run.store.write_round(k, "metrics.json", {"accuracy": ev.accuracy, "ece": ev.ece,
+                                              "n": ev.n, "mode": ev.mode, "bins": ev.bins})
+    n_labelled = len(run.store.labelled())
+    run.store.record_metrics({
+        "round": k, "n_labelled": n_labelled, "accuracy": ev.accuracy, "ece": ev.ece,
+        "lambda": _query_lambda(run, k), "strategy": cfg.active_learning.strategy,
+        "seed": cfg.seed, "seconds": round(seconds, 3), "task": run.task.name,
+        "protocol": protocol_id(cfg)})
+    if run.tracker is not None:
+        run.tracker.log({"accuracy": ev.accuracy, "ece": ev.ece, "n_labelled": n_labelled},
+                        step=k)
+    _say(f"round {k}: accuracy {ev.accuracy:.4f}, ece {ev.ece:.4f}, {n_labelled} labelled")
+
+
+def _candidates(run: Run, k: int) -> list[Example]:
+    """The unlabelled pool, or its seeded subsample of `pool_subsample` examples."""
+    labelled = {r["id"] for r in run.store.labelled()}
+    candidates = [ex for ex in run.data.pool if ex.id not in labelled]
+    size = run.config.active_learning.pool_subsample
+    if size and size < len(candidates):
+        keep = np.sort(stream(run.config.seed, k, "subsample").choice(len(candidates), size,
+                                                                      replace=False))
+        candidates = [candidates[i] for i in keep]
+    return candidates
+
+
+def _score(run: Run, k: int) -> None:
+    candidates = _candidates(run, k)
+    if run.strategy.needs:
+        run.say(k, f"scoring {len(candidates)} unlabelled examples")
+    rows = score_rows(run, candidates, seed=phase_seed(run.config.seed, k, "score"),
+                      model=run.adapted(k) if run.strategy.needs else None)
+    run.store.write_round(k, "scores.jsonl", rows)
+
+
+def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict]:
+    """One row per candidate: its id and the score columns the strategy needs (``pe``,
+    ``pe_base``...), plus the per-pass values (``pe_passes``) when several MC passes ran."""
     from starlora.scoring import (
         BaseScoreCache,
         base_cache_key,
@@ -136,23 +238,28 @@ def _score_rows(
         score_examples,
     )
 
-    rows = [{"id": ex.id} for ex in candidates]
-    needs = set(strategy.needs)
-    sc = config.scoring
+    rows: list[dict[str, Any]] = [{"id": ex.id} for ex in candidates]
+    needs, config, sc = set(run.strategy.needs), run.config, run.config.scoring
     kwargs = dict(batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
-                  max_length=config.training.max_length, progress=progress)
+                  max_length=config.training.max_length, progress=run.progress)
     full_measures = tuple(m for m in ("pe", "me") if m in needs)
     if full_measures:
-        full = score_examples(model, tokenizer, task, candidates, measures=full_measures,
-                              mc_passes=sc.mc_passes, model_dropout=sc.model_dropout, seed=seed,
+        single = sc.single_pass_baselines and not isinstance(run.strategy, Dynamic)
+        full = score_examples(model, run.tokenizer, run.task, candidates,
+                              measures=full_measures, mc_passes=1 if single else sc.mc_passes,
+                              model_dropout=sc.model_dropout, seed=seed,
                               desc="scoring pool (adapter, MC dropout)", **kwargs)
-        for i, row in enumerate(rows):
-            row.update({m: float(getattr(full, m)[i]) for m in full_measures})
+        for m in full_measures:
+            values, passes = getattr(full, m), getattr(full, f"{m}_passes")
+            for i, row in enumerate(rows):
+                row[m] = float(values[i])
+                if passes is not None:
+                    row[f"{m}_passes"] = [float(x) for x in passes[i]]
     base_measures = tuple(m for m in ("pe", "me") if f"{m}_base" in needs)
     if base_measures:
-        key = base_cache_key(config.model.name, task, measures=base_measures,
+        key = base_cache_key(config.model.name, run.task, measures=base_measures,
                              dtype=config.model.dtype, max_length=config.training.max_length)
-        base = score_base(model, tokenizer, task, candidates, measures=base_measures,
+        base = score_base(model, run.tokenizer, run.task, candidates, measures=base_measures,
                           cache=BaseScoreCache(default_score_cache_dir(), key),
                           desc="scoring pool (base model, cached)", **kwargs)
         base = base.select([ex.id for ex in candidates])
@@ -161,136 +268,106 @@ def _score_rows(
     return rows
 
 
+def _select(run: Run, k: int) -> None:
+    rows = run.store.read_round(k, "scores.jsonl")
+    columns = {c: np.array([r[c] for r in rows], dtype=float) for c in run.strategy.needs}
+    al = run.config.active_learning
+    size = al.query_size
+    if al.budget is not None:
+        size = min(size, al.budget - len(run.store.labelled()))
+    selected = run.strategy.select_rows(
+        [r["id"] for r in rows], columns, size, query_index=k,
+        rng=stream(run.config.seed, k, "select"), take_rest=al.on_exhausted == "take_rest")
+    run.store.write_round(k, "selected.jsonl", selected)
+
+
+def _label(run: Run, k: int) -> None:
+    labelled = {r["id"] for r in run.store.labelled()}
+    selected = [r["id"] for r in run.store.read_round(k, "selected.jsonl")]
+    new = [i for i in selected if i not in labelled]  # idempotent on resume
+    answers = SimulatedOracle(run.data.pool).label(new)
+    run.store.add_labels([{"id": i, "round": k + 1, "answer": answers[i]} for i in new])
+
+
+PHASE_FUNCTIONS: dict[str, Callable[[Run, int], None]] = {
+    "train": _train, "evaluate": _evaluate, "score": _score, "select": _select, "label": _label,
+}
+
+
+def _initial_labels(run: Run) -> None:
+    pool, al = run.data.pool, run.config.active_learning
+    first = stream(run.config.seed, 0, "initial").choice(len(pool), al.initial_size,
+                                                         replace=False)
+    ids = [pool[i].id for i in first]
+    run.store.add_labels([{"id": i, "round": 0, "answer": a}
+                          for i, a in SimulatedOracle(pool).label(ids).items()])
+
+
+def _start_tracker(config: ExperimentConfig, store: RunStore) -> Any:
+    from accelerate import Accelerator
+
+    tracker = Accelerator(log_with=config.output.report_to, project_dir=str(store.root))
+    scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+               for k, v in flatten_config(config).items()}
+    tracker.init_trackers(store.root.name, config=scalars)
+    return tracker
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True) -> RunStore:
     """Run, or resume, the experiment `config` in `run_dir`. Returns the store."""
-    from starlora.evaluation import evaluate
     from starlora.models import load_model
-    from starlora.training import load_adapter, remove_adapter, save_adapter, train_adapter
+    from starlora.training import remove_adapter
 
-    al, seed = config.active_learning, config.seed
+    al = config.active_learning
     # everything that can be wrong with the input is checked before any work starts
     task = make_task(config.task)
     n_rounds = planned_rounds(config)
     strategy = make_strategy(al.strategy, n_queries=max(1, n_rounds - 1),
                              lambda_schedule=al.lambda_schedule, lambda_start=al.lambda_start,
                              lambda_end=al.lambda_end, normalize=al.normalize)
-    pool, test = load_data(config.task, task)
-    check_plan(config, pool)
-    pool_hash = hashlib.sha1("\n".join(ex.id for ex in pool).encode()).hexdigest()
+    data = load_data(config.task, task)
+    check_plan(config, data.pool)
+    pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
 
     store = RunStore.create_or_resume(run_dir, config)
-    pool_file = store.root / "pool.json"
-    if pool_file.is_file():
-        if json.loads(pool_file.read_text())["sha1"] != pool_hash:
-            raise DataError(str(config.task.train or f"task {config.task.name}"), None, None,
-                            f"the pool differs from the one {run_dir} started with")
-    else:
-        write_json(pool_file, {"size": len(pool), "sha1": pool_hash})
+    store.check_pool(len(data.pool), pool_hash, str(config.task.train or f"task {task.name}"))
     state = store.state()
     if state.get("finished") and state["round"] >= n_rounds - 1:
         _say(f"{run_dir}: already finished ({n_rounds} rounds)")
         return store
 
-    _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(pool)}, test {len(test)}, "
-         f"{n_rounds} rounds" + (f", resuming at round {state['round']}" if state["phase"] else ""))
+    overlap = f" ({data.dropped} pool records that repeat a test record dropped)" \
+        if data.dropped else ""
+    _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
+         f"test {len(data.test)}, {n_rounds} rounds"
+         + (f", resuming at round {state['round']}" if state["phase"] else ""))
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
                         trust_remote_code=config.model.trust_remote_code)
-    base_model, tokenizer = loaded.model, loaded.tokenizer
-    oracle = SimulatedOracle(pool)
-    by_id = {ex.id: ex for ex in pool}
-    tracker = None
+    run = Run(config, store, task, strategy, data, n_rounds, progress, loaded.model,
+              loaded.tokenizer, getattr(loaded, "fingerprint", None),
+              by_id={ex.id: ex for ex in data.pool})
     if config.output.report_to:
-        from accelerate import Accelerator
-
-        tracker = Accelerator(log_with=config.output.report_to, project_dir=str(store.root))
-        scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                   for k, v in flatten_config(config).items()}
-        tracker.init_trackers(Path(run_dir).name, config=scalars)
-
+        run.tracker = _start_tracker(config, store)
     if not store.labelled():
-        rng = np.random.default_rng([seed, 0xA11])
-        first = rng.choice(len(pool), al.initial_size, replace=False)
-        ids = [pool[i].id for i in first]
-        store.add_labels([{"id": i, "round": 0, "answer": a} for i, a in oracle.label(ids).items()])
+        _initial_labels(run)
 
-    protocol = protocol_id(config)
     for k in range(store.state()["round"], n_rounds):
-        labelled = store.labelled()
-        labelled_ids = {r["id"] for r in labelled}
-        train_set = [Example(r["id"], by_id[r["id"]].question, r["answer"]) for r in labelled]
-        model = None
-        if not store.done(k, "train"):
-            _say(f"round {k}/{n_rounds - 1}: training on {len(train_set)} labelled examples")
-            warm = store.adapter_dir(k - 1) if config.training.warm_start and k > 0 else None
-            result = train_adapter(base_model, tokenizer, task, train_set, config.training,
-                                   config.lora, seed=seed * 1000 + k, init_adapter=warm,
-                                   progress=progress)
-            model = result.model
-            save_adapter(model, store.adapter_dir(k))
-            store.write_round(k, "train.json", {
-                "n_examples": len(train_set), "steps": result.steps, "seconds": result.seconds,
-                "train_tokens": result.train_tokens, "final_loss": result.final_loss})
-            store.set_state(k, "train")
-        if config.output.keep_adapters == "last":
-            store.prune_adapters(k)
-        if model is None and not store.done(k, "label"):
-            model = load_adapter(base_model, store.adapter_dir(k))
+        last = k == n_rounds - 1
+        for phase in PHASES:
+            if last and PHASES.index(phase) > PHASES.index("evaluate"):
+                break  # the last round trains and evaluates; there is nothing left to query
+            if not store.done(k, phase):
+                PHASE_FUNCTIONS[phase](run, k)
+                if phase == "label":
+                    store.set_state(k + 1, None)
+                else:
+                    store.set_state(k, phase, finished=last and phase == "evaluate")
+            if phase == "train" and config.output.keep_adapters == "last":
+                store.prune_adapters(k)
+        if run.model is not None:
+            run.base_model, run.model = remove_adapter(run.model), None
 
-        if not store.done(k, "evaluate"):
-            _say(f"round {k}/{n_rounds - 1}: evaluating on {len(test)} test examples")
-            t0 = time.perf_counter()
-            ev = evaluate(model, tokenizer, task, test, config.evaluation, progress=progress)
-            seconds = store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
-            store.write_round(k, "predictions.jsonl", ev.predictions)
-            store.write_round(k, "metrics.json", {"accuracy": ev.accuracy, "ece": ev.ece,
-                                                  "n": ev.n, "mode": ev.mode, "bins": ev.bins})
-            line = {"round": k, "n_labelled": len(labelled), "accuracy": ev.accuracy,
-                    "ece": ev.ece, "strategy": al.strategy, "seed": seed,
-                    "seconds": round(seconds, 3), "task": task.name, "protocol": protocol}
-            store.record_metrics(line)
-            if tracker is not None:
-                tracker.log({"accuracy": ev.accuracy, "ece": ev.ece,
-                             "n_labelled": len(labelled)}, step=k)
-            _say(f"round {k}: accuracy {ev.accuracy:.4f}, ece {ev.ece:.4f}, "
-                 f"{len(labelled)} labelled")
-            store.set_state(k, "evaluate", finished=k == n_rounds - 1)
-        if k == n_rounds - 1:
-            if model is not None:
-                base_model = remove_adapter(model)
-            break
-
-        rng = np.random.default_rng([seed, k + 1])
-        if not store.done(k, "score"):
-            candidates = [ex for ex in pool if ex.id not in labelled_ids]
-            if al.pool_subsample and al.pool_subsample < len(candidates):
-                keep = np.sort(rng.choice(len(candidates), al.pool_subsample, replace=False))
-                candidates = [candidates[i] for i in keep]
-            if strategy.needs:
-                _say(f"round {k}: scoring {len(candidates)} unlabelled examples")
-            rows = _score_rows(model, tokenizer, task, candidates, strategy, config,
-                               seed=seed * 1000 + k, progress=progress)
-            store.write_round(k, "scores.jsonl", rows)
-            store.set_state(k, "score")
-        if not store.done(k, "select"):
-            rows = store.read_round(k, "scores.jsonl")
-            columns = {c: np.array([r[c] for r in rows], dtype=float) for c in strategy.needs}
-            size = al.query_size
-            if al.budget is not None:
-                size = min(size, al.budget - len(labelled))
-            selected = strategy.select([r["id"] for r in rows], columns, size, query_index=k,
-                                       rng=rng, take_rest=al.on_exhausted == "take_rest")
-            store.write_round(k, "selected.jsonl", [{"id": i, "rank": n} for n, i in enumerate(selected)])
-            store.set_state(k, "select")
-        if not store.done(k, "label"):
-            selected = [r["id"] for r in store.read_round(k, "selected.jsonl")]
-            new = [i for i in selected if i not in labelled_ids]  # idempotent on resume
-            answers = oracle.label(new)
-            store.add_labels([{"id": i, "round": k + 1, "answer": answers[i]} for i in new])
-            store.set_state(k + 1, None)
-        if model is not None:
-            base_model = remove_adapter(model)
-
-    if tracker is not None:
-        tracker.end_training()
+    if run.tracker is not None:
+        run.tracker.end_training()
     _say(f"{run_dir}: finished")
     return store

@@ -2,6 +2,7 @@
 
     RUN_DIR/
       config.yaml             resolved config (every field)
+      pool.json               {"size", "sha1"} of the pool the run started with
       state.json              {"round": k, "phase": last phase finished in round k}
       labelled.jsonl          {"id", "round", "answer"} per labelled example, in labelling order
       metrics.jsonl           one line per finished round (see `RunStore.record_metrics`)
@@ -10,7 +11,9 @@
         metrics.json          accuracy, ece, reliability bins
         predictions.jsonl     one line per test example
         scores.jsonl          uncertainty scores of the pool examples scored after round k
-        selected.jsonl        ids chosen in round k's query, best first, with their utility
+                              (the columns the strategy needs, and per-pass values)
+        selected.jsonl        ids chosen in round k's query, best first: rank, utility and
+                              the terms it was mixed from (raw scores, normalised terms, λ)
 
 Every file is written to a temporary name in the same folder and renamed over the target, so a
 process killed at any moment leaves either the old or the new file, never half of one. A phase
@@ -28,19 +31,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from starlora.config import ExperimentConfig, dump_config, flatten_config, load_config
-from starlora.errors import ConfigError, StarloraError
-
-#: phases of one round, in order
-PHASES = ("train", "evaluate", "score", "select", "label")
-
-#: config fields that may change when a run is resumed: they cannot alter its results
-RESUMABLE_CHANGES = {
-    ("active_learning", "rounds"), ("active_learning", "budget"),
-    ("scoring", "batch_size"), ("scoring", "max_tokens_per_batch"),
-    ("evaluation", "batch_size"), ("model", "device"), ("output", "run_dir"),
-    ("output", "report_to"), ("output", "keep_adapters"),
-}
+from starlora.config import ExperimentConfig, dump_config, load_config
+from starlora.errors import ConfigError, DataError, StarloraError
+from starlora.protocol import PHASES, result_changes
 
 
 def current_umask() -> int:
@@ -83,12 +76,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
-    """Dotted keys (``section.field``, or ``seed``) whose values differ between two configs."""
-    fa, fb = flatten_config(a), flatten_config(b)
-    return [k for k in fa if fa[k] != fb.get(k)]
-
-
 class RunStore:
     """Reads and writes one run directory. Only the loop (through this class) writes it."""
 
@@ -109,14 +96,14 @@ class RunStore:
     def create_or_resume(cls, root: str | Path, config: ExperimentConfig) -> RunStore:
         """Start a run in `root`, or resume it when it holds a run of the same experiment.
 
-        Refuses (ConfigError) when the stored config differs in a field that alters results;
-        fields in `RESUMABLE_CHANGES` (more rounds, batch sizes...) are updated instead.
+        Refuses (ConfigError) when the stored config differs in a field that alters results
+        (`starlora.protocol.result_changes`); result-neutral fields (batch sizes...) and more
+        rounds or budget are updated instead.
         """
         root = Path(root)
         if (root / "config.yaml").is_file():
             store = cls.open(root)
-            changed = [d for d in config_differences(store.config, config)
-                       if tuple(d.split(".")) not in RESUMABLE_CHANGES]
+            changed = result_changes(store.config, config)
             if changed:
                 raise ConfigError(
                     f"{root}: the run directory holds a run with a different config "
@@ -133,6 +120,20 @@ class RunStore:
         atomic_write(root / "config.yaml", dump_config(config))
         store.set_state(0, None)
         return store
+
+    def check_pool(self, size: int, sha1: str, source: str) -> None:
+        """Record the pool a run starts with (``pool.json``: size and a hash of its ids), or
+        refuse (DataError naming `source`) a resumed run whose pool is another one."""
+        path = self.root / "pool.json"
+        if not path.is_file():
+            write_json(path, {"size": size, "sha1": sha1})
+        elif json.loads(path.read_text())["sha1"] != sha1:
+            raise DataError(source, None, None,
+                            f"the pool differs from the one {self.root} started with")
+
+    def pool_size(self) -> int | None:
+        path = self.root / "pool.json"
+        return json.loads(path.read_text())["size"] if path.is_file() else None
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -193,9 +194,7 @@ class RunStore:
 
     def status(self) -> dict:
         state, al = self.state(), self.config.active_learning
-        labelled, metrics = self.labelled(), self.metrics()
-        pool_file = self.root / "pool.json"
-        pool_size = json.loads(pool_file.read_text())["size"] if pool_file.is_file() else None
+        labelled, metrics, pool_size = self.labelled(), self.metrics(), self.pool_size()
         return {
             "round": state["round"],
             "rounds": al.rounds,

@@ -58,6 +58,11 @@ def derive_id(line: int, question: str, answer: str) -> str:
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
 
 
+def _fold(text: str) -> str:
+    """Case and white space folded: ``"  The  Sun\n" -> "the sun"``."""
+    return " ".join(text.split()).casefold()
+
+
 def parse_number(text: str) -> str | None:
     """Canonical form of a number written as ``$1,000``, ``-3``, ``2.50``, ``.5``; None if none.
 
@@ -113,6 +118,12 @@ class Task:
     def normalize_question(self, question: str) -> str:
         """Hook for tasks whose splits write the same thing differently (see obqa)."""
         return question
+
+    def content_key(self, ex: Example) -> str:
+        """What makes two records the same item whatever their ids: the question with case and
+        white space folded. Choice tasks whose options sit in the question override it so that
+        the option order does not count (see OBQA). Used to keep test items out of the pool."""
+        return _fold(ex.question)
 
     def check_answer(self, answer: str) -> str | None:
         """Problem with a gold answer text (used while loading), or None if it is fine."""
@@ -245,8 +256,19 @@ class OBQA(Task):
     _option = re.compile(r"^Answer([A-D])(?!:)\s*", re.MULTILINE)
     _letter = re.compile(r"(?:\bAnswer|\b)([A-D])\b")
 
+    _options = re.compile(r"^Answer[A-D]:\s*(.*)$", re.MULTILINE)
+
     def normalize_question(self, question: str) -> str:
         return self._option.sub(r"Answer\1: ", question)
+
+    def content_key(self, ex: Example) -> str:
+        """The stem plus the set of option texts: the same question with its options shuffled
+        is the same item."""
+        question = self.normalize_question(ex.question)
+        first = re.search(r"^Answer[A-D]:", question, re.MULTILINE)
+        stem = question[: first.start()] if first else question
+        options = sorted(_fold(o) for o in self._options.findall(question))
+        return "\x1f".join([_fold(stem), *options])
 
     def gold(self, answer: str) -> str | None:
         answer = answer.strip()
@@ -414,8 +436,9 @@ class ArithTask(GSM8K):
     is gsm8k's. ``meta["expression"]`` holds the problem as a Python expression and
     ``meta["steps"]`` its number of operations.
 
-    A question belongs to the test split iff a hash of its text falls in the first fifth of
-    the hash range, so train and test never share a question whatever the seeds.
+    A problem belongs to the test split iff a hash of its *expression* falls in the first fifth
+    of the hash range, so train and test never share a calculation (not only a wording)
+    whatever the seeds.
     """
 
     name = "arith"
@@ -464,8 +487,8 @@ class ArithTask(GSM8K):
         return " ".join(sentences), f"{' '.join(steps)}\n#### {value}", expr, n_steps
 
     @staticmethod
-    def _split_of(question: str) -> str:
-        return "test" if hashlib.sha1(question.encode()).digest()[0] < 52 else "train"
+    def _split_of(expression: str) -> str:
+        return "test" if hashlib.sha1(expression.encode()).digest()[0] < 52 else "train"
 
     def generate(self, split: str, n: int, seed: int) -> list[Example]:
         """`n` distinct problems of `split` (``"train"`` or ``"test"``), the same for the same
@@ -479,7 +502,7 @@ class ArithTask(GSM8K):
             if len(examples) == n:
                 return examples
             question, answer, expr, n_steps = self._problem(rng)
-            if question in seen or self._split_of(question) != split:
+            if question in seen or self._split_of(expr) != split:
                 continue
             seen.add(question)
             meta = {"expression": expr, "steps": n_steps}

@@ -1,0 +1,111 @@
+"""A run's identity: what makes two runs comparable, which settings may change on resume, how
+many rounds it plans, and every random stream it draws from. This module is the one owner of
+those facts; the loop, the run store and the report read them from here.
+
+Settings fall in three groups:
+
+* **result-neutral** (`RESULT_NEUTRAL`): how the work is done, not what it computes (batch
+  sizes, device, output options). They may change when a run resumes. They can move results
+  only by floating-point rounding, with one exception stated here so nobody trips on it: with
+  MC-dropout passes, the scorer seeds its masks per batch, so `scoring.batch_size` and
+  `scoring.max_tokens_per_batch` decide which mask each example gets.
+* **extendable** (`EXTENDABLE`): `active_learning.rounds` and `budget`. Raising them on a
+  finished run adds rounds and leaves the rounds already done byte-identical (they are never
+  recomputed). They size the λ schedule of the queries still to come, so each round records
+  the λ it was selected with (``metrics.jsonl``, ``selected.jsonl``).
+* everything else changes results: a run directory refuses a config that differs there.
+
+The protocol id (`protocol_id`) names what makes runs comparable: every setting except the
+strategy, the seed and the two groups above. Runs with one protocol id and different
+strategies or seeds are arms of one comparison; `starlora report` groups by it.
+
+Random streams (`stream`, `phase_seed`): one independent stream per (seed, round, phase), from
+NumPy's `SeedSequence`, so that no phase's draws depend on how much another phase drew, and a
+phase redone after a kill draws exactly what it drew the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+
+from starlora.config import ExperimentConfig, flatten_config
+
+#: phases of one round, in order; state.json records the last one finished
+PHASES = ("train", "evaluate", "score", "select", "label")
+
+#: settings that change how the work is done, not its results (see the module docstring)
+RESULT_NEUTRAL = frozenset({
+    "scoring.batch_size", "scoring.max_tokens_per_batch", "evaluation.batch_size",
+    "model.device", "output.run_dir", "output.report_to", "output.keep_adapters",
+})
+#: settings that may grow on a finished run: they add rounds, never redo one
+EXTENDABLE = frozenset({"active_learning.rounds", "active_learning.budget"})
+#: settings that are not part of the protocol id: they tell arms and replicates apart
+ARM = frozenset({"active_learning.strategy", "seed"})
+
+#: the random streams of a run; the number is part of the stream's entropy (never reuse one)
+STREAMS = {
+    "initial": 1,  # the initial labelled set (round 0)
+    "train": 2,  # torch seed of training: LoRA init, batch order, dropout
+    "score": 3,  # base seed of the MC-dropout masks when scoring the pool
+    "subsample": 4,  # which unlabelled examples are scored (active_learning.pool_subsample)
+    "select": 5,  # the strategy's draws: tie-breaking, and `random`'s utility
+}
+
+
+def planned_rounds(config: ExperimentConfig) -> int:
+    """Training rounds to run: `rounds`, fewer if `budget` is reached earlier."""
+    al = config.active_learning
+    if al.budget is None:
+        return al.rounds
+    return min(al.rounds, 1 + max(0, math.ceil((al.budget - al.initial_size) / al.query_size)))
+
+
+def protocol_id(config: ExperimentConfig) -> str:
+    """``<task>-<initial>+<query>-<hash>``: the same for every arm and seed of a comparison,
+    and for a run extended with more rounds (see the module docstring)."""
+    flat = flatten_config(config)
+    kept = {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL | EXTENDABLE | ARM}
+    digest = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+    al = config.active_learning
+    return f"{config.task.name}-{al.initial_size}+{al.query_size}-{digest}"
+
+
+def result_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """Dotted keys whose change from `stored` to `new` would alter the results of a run.
+
+    Result-neutral settings may change freely; extendable ones may grow, not shrink (a run
+    cannot un-run a round).
+    """
+    a, b = flatten_config(stored), flatten_config(new)
+    changed = []
+    for key in a:
+        if a[key] == b.get(key) or key in RESULT_NEUTRAL:
+            continue
+        if key in EXTENDABLE and (b[key] is None or (a[key] is not None and b[key] >= a[key])):
+            continue  # more rounds, a larger budget, or no budget limit any more
+        changed.append(key)
+    return changed
+
+
+def stream(seed: int, round_: int, phase: str) -> np.random.Generator:
+    """The NumPy generator of `phase` in `round_` of a run with `seed` (phases: `STREAMS`)."""
+    return np.random.default_rng(_entropy(seed, round_, phase))
+
+
+def phase_seed(seed: int, round_: int, phase: str) -> int:
+    """An integer seed in [0, 2^32) for `phase` in `round_` (torch, NumPy's legacy global
+    seed that accelerate's ``set_seed`` also sets, and the MC masks)."""
+    return int(np.random.SeedSequence(_entropy(seed, round_, phase)).generate_state(1)[0])
+
+
+def _entropy(seed: int, round_: int, phase: str) -> list[int]:
+    if phase not in STREAMS:
+        raise KeyError(f"unknown random stream {phase!r}; known: {', '.join(STREAMS)}")
+    if seed < 0 or round_ < 0:
+        raise ValueError(f"seed and round must be >= 0, got {seed}, {round_}")
+    return [seed, round_, STREAMS[phase]]

@@ -1,0 +1,55 @@
+"""A run's identity: protocol id, the settings that may change on resume, random streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from starlora.config import load_config
+from starlora.protocol import (
+    EXTENDABLE,
+    RESULT_NEUTRAL,
+    STREAMS,
+    phase_seed,
+    protocol_id,
+    result_changes,
+    stream,
+)
+
+
+def test_protocol_id_names_the_comparison_not_the_arm_or_its_length() -> None:
+    base = load_config()
+    same = ["active_learning.rounds=12", "active_learning.budget=3000", "seed=4",
+            "active_learning.strategy=random", "scoring.batch_size=4", "model.device=cpu"]
+    for override in same:
+        assert protocol_id(load_config(None, [override])) == protocol_id(base), override
+    for override in ["training.lr=1e-3", "lora.r=8", "active_learning.query_size=100",
+                     "scoring.mc_passes=3", "task.subset_seed=1"]:
+        assert protocol_id(load_config(None, [override])) != protocol_id(base), override
+
+
+def test_one_list_of_settings_that_may_change_on_resume() -> None:
+    stored = load_config(None, ["active_learning.rounds=4", "active_learning.budget=100"])
+    grown = load_config(None, ["active_learning.rounds=6", "active_learning.budget=200",
+                               "evaluation.batch_size=2", "output.keep_adapters=last"])
+    assert result_changes(stored, grown) == []
+    assert result_changes(stored, load_config(None, ["active_learning.rounds=6"])) == []  # no budget
+    shrunk = load_config(None, ["active_learning.rounds=3", "active_learning.budget=100"])
+    assert result_changes(stored, shrunk) == ["active_learning.rounds"]  # cannot un-run a round
+    assert result_changes(stored, load_config(None, ["active_learning.rounds=4", "seed=1",
+                                                     "active_learning.budget=100"])) == ["seed"]
+    assert not RESULT_NEUTRAL & EXTENDABLE
+    flat_keys = set(load_config().model_dump(mode="json")["active_learning"])
+    assert {k.split(".")[1] for k in EXTENDABLE} <= flat_keys
+
+
+def test_streams_are_independent_per_seed_round_and_phase() -> None:
+    draws = {(s, k, p): stream(s, k, p).random(4).tolist()
+             for s in (0, 1) for k in (0, 1, 2) for p in STREAMS}
+    assert len({tuple(v) for v in draws.values()}) == len(draws)
+    assert stream(3, 2, "select").random(4).tolist() == stream(3, 2, "select").random(4).tolist()
+    seeds = {phase_seed(s, k, p) for s in (0, 1) for k in range(3) for p in STREAMS}
+    assert len(seeds) == 2 * 3 * len(STREAMS) and all(0 <= x < 2**32 for x in seeds)
+    np.random.seed(phase_seed(0, 0, "train"))  # accelerate's set_seed seeds NumPy's legacy RNG
+    with pytest.raises(KeyError, match="unknown random stream"):
+        stream(0, 0, "evaluate-typo")
