@@ -18,10 +18,11 @@ from starlora.acquisition import make_strategy
 from starlora.cli import main
 from starlora.config import load_config
 from starlora.errors import ConfigError
+from starlora.io import read_jsonl
 from starlora.loop import run_experiment
 from starlora.protocol import stream
 from starlora.report import build_report, load_runs
-from starlora.store import RunStore, read_jsonl
+from starlora.store import RunStore
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -6,7 +6,8 @@ import pytest
 
 from starlora.config import load_config
 from starlora.errors import ConfigError, StarloraError
-from starlora.store import RunStore, atomic_write, read_jsonl
+from starlora.io import atomic_write, read_jsonl
+from starlora.store import RunStore
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:

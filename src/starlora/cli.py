@@ -31,9 +31,9 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from starlora.io import write_jsonl
     from starlora.models import load_model
     from starlora.scoring import score_base, score_examples
-    from starlora.store import write_jsonl
     from starlora.tasks import get_task, load_examples
 
     task = get_task(args.task, prompt_style=args.prompt_style)

@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot
 
 from starlora.errors import DataError
-from starlora.store import atomic_write
+from starlora.io import atomic_write
 
 RANDOM_COLOR = "#8c8c8c"
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from starlora.errors import ConfigError
+from starlora.io import atomic_write
 from starlora.models import cache_dir
-from starlora.store import atomic_write
 from starlora.tasks import Example, Task
 
 MEASURES = ("pe", "me")

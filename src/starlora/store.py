@@ -24,56 +24,14 @@ the phase that was interrupted, and every phase is deterministic given the seed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from starlora.config import ExperimentConfig, dump_config, load_config
 from starlora.errors import ConfigError, DataError, StarloraError
+from starlora.io import atomic_write, read_jsonl, write_json, write_jsonl
 from starlora.protocol import PHASES, result_changes
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` via a temporary file and rename (atomic on POSIX); the file gets
-    the permissions a plain ``open(path, "w")`` would give it. Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-        return path
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1) + "\n")
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 class RunStore:

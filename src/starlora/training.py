@@ -18,9 +18,6 @@ The loss is the mean cross-entropy over answer tokens only (prompt and padding a
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +27,8 @@ import torch
 
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
+from starlora.io import atomic_folder
 from starlora.models import attach_lora
-from starlora.store import current_umask
 from starlora.tasks import Example, Task
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
@@ -125,22 +122,9 @@ def build_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.o
 # -- adapters ---------------------------------------------------------------------------------
 def save_adapter(peft_model: Any, directory: str | Path) -> None:
     """Save the adapter as peft safetensors (``adapter_model.safetensors`` + config) to
-    `directory`, atomically: written to a temporary sibling folder, then renamed."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    old = None
-    try:
+    `directory`, atomically (`starlora.io.atomic_folder`)."""
+    with atomic_folder(directory) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
-        if directory.exists():  # a folder cannot be renamed onto a non-empty one: swap it out
-            old = directory.with_name(f".{directory.name}-old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter(model: Any, directory: str | Path) -> Any:

@@ -1,0 +1,89 @@
+"""Files, written so that nothing is ever half-written: the bottom layer every module uses.
+
+A file is written to a temporary name in its own folder and renamed over the target
+(`atomic_write`); a folder is built under a temporary name and swapped in (`atomic_folder`).
+A process killed at any moment leaves the old or the new version, never a mix. Written files
+and folders get the permissions a plain ``open(path, "w")`` or ``mkdir`` would give them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it for longer than one call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` (str as UTF-8) to `path` via a temporary file, fsync and rename.
+    Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+        return path
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; when the block ends without an error it
+    replaces `directory` (an existing one is swapped out and removed). On an error the
+    temporary folder is removed and `directory` is left as it was."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    old = None
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
+        if directory.exists():  # a folder cannot be renamed onto a non-empty one: swap it out
+            old = directory.with_name(f".{directory.name}-old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """`obj` as indented JSON, atomically."""
+    return atomic_write(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """One JSON object per line, atomically."""
+    return atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The objects of a JSONL file written by this package ([] when it does not exist).
+    User data files go through `starlora.tasks.load_examples`, which names bad lines."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
