@@ -1,6 +1,8 @@
 """Shared fixtures: real tiny models of three architectures and the real SmolLM2-135M.
 
-Everything runs offline (HF_HUB_OFFLINE=1) on the CPU.
+Everything runs offline (HF_HUB_OFFLINE=1) on the CPU. Two tiers: ``pytest -m "not slow"``
+(every module, tiny models) and the full suite (``make test``), which adds whole runs and the
+real SmolLM2; tests that use the `smol` fixture are marked slow automatically.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if not DATA.is_dir():
-        raise pytest.UsageError(f"benchmark data not found at {DATA} (expected ../shared/data)")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that loads the real SmolLM2 (the `smol` fixture) belongs to the slow tier."""
+    for item in items:
+        if "smol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
+    """The benchmark data beside the repository; tests that need it skip without it."""
+    if not DATA.is_dir():
+        pytest.skip(f"benchmark data not found at {DATA} (expected ../shared/data)")
     return DATA
 
 

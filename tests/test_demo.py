@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from starlora.config import load_config
 from starlora.demo import DEMO_CONFIG, run_demo
 from starlora.store import RunStore
@@ -20,6 +22,7 @@ def test_demo_config_is_the_embedded_model_offline() -> None:
     assert config.task.train is None  # generated data: no download
 
 
+@pytest.mark.slow
 def test_demo_runs_both_strategies_and_writes_the_report(tmp_path: Path, capsys) -> None:
     written = run_demo(tmp_path, overrides=QUICK, progress=False)
     for strategy in ("random", "pe-dynamic"):

@@ -105,6 +105,7 @@ def _wait_for(run_dir: Path, proc: subprocess.Popen, predicate, timeout: float =
     raise AssertionError("kill point not reached")
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_results(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "starlora", "run", str(TINY), "--run-dir", str(run_dir)]
@@ -139,6 +140,7 @@ KILL_AT_SELECT = (
 )
 
 
+@pytest.mark.slow
 def test_sigkill_between_scoring_and_selection_with_a_pool_subsample(tmp_path: Path) -> None:
     """The subsample and the selection draw from streams of their own: a selection redone
     after a kill is the one an uninterrupted run makes (one shared stream made `random` pick
@@ -161,6 +163,7 @@ def test_sigkill_between_scoring_and_selection_with_a_pool_subsample(tmp_path: P
     assert len(read_jsonl(run_dir / "rounds/0/scores.jsonl")) == 20
 
 
+@pytest.mark.slow
 def test_a_finished_run_extended_keeps_its_rounds_and_its_protocol(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -221,6 +224,7 @@ def test_duplicate_ids_in_the_pool_are_refused(tmp_path: Path, capsys) -> None:
     assert f"{pool}:4: id: duplicate id '0' (first on line 1)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_take_rest_and_budget(tmp_path: Path) -> None:
     cfg = load_config(TINY, ["active_learning.query_size=45", "active_learning.on_exhausted=take_rest",
                              "active_learning.strategy=random"])
@@ -240,6 +244,7 @@ def test_take_rest_and_budget(tmp_path: Path) -> None:
         [m["accuracy"] for m in store.metrics()])
 
 
+@pytest.mark.slow
 def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
     """The authors' baselines score with one deterministic pass; ours with MC dropout."""
     single = ["active_learning.strategy=pe", "scoring.single_pass_baselines=true"]
