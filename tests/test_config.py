@@ -8,7 +8,7 @@ from starlora.acquisition import STRATEGIES
 from starlora.config import dump_config, load_config
 from starlora.demo import DEMO_CONFIG
 from starlora.errors import ConfigError
-from starlora.loop import check_plan, load_data, make_task
+from starlora.run.data import check_plan, load_data, make_task
 from starlora.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -9,7 +9,7 @@ import pytest
 
 from starlora.config import load_config
 from starlora.demo import DEMO_CONFIG, run_demo
-from starlora.store import RunStore
+from starlora.run.store import RunStore
 
 QUICK = ["model.name=tiny-llama", "task.pool_size=24", "task.test_size=6", "lora.r=2",
          "active_learning.initial_size=4", "active_learning.query_size=4",

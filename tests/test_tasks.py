@@ -150,7 +150,7 @@ def test_pool_records_that_repeat_a_test_record_are_dropped(data_dir) -> None:
     """OBQA: 14 test items are a train item with the options shuffled (and the train form
     of the options); they leave the pool, and nothing else does."""
     from starlora.config import TaskConfig
-    from starlora.loop import load_data, make_task
+    from starlora.run.data import load_data, make_task
 
     cfg = TaskConfig(name="obqa", train=str(data_dir / "obqa/train.jsonl"),
                      test=str(data_dir / "obqa/test.jsonl"))

@@ -62,7 +62,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from starlora.config import load_config
-    from starlora.loop import run_experiment
+    from starlora.run.loop import run_experiment
 
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from starlora.store import RunStore
+    from starlora.run.store import RunStore
 
     status = RunStore.open(args.run_dir).status()
     if args.json:

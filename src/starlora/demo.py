@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from starlora.config import load_config
-from starlora.loop import run_experiment
 from starlora.report import build_report
-from starlora.store import RunStore
+from starlora.run.loop import run_experiment
+from starlora.run.store import RunStore
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from starlora.config import load_config
-from starlora.protocol import (
+from starlora.run.protocol import (
     EXTENDABLE,
     RESULT_NEUTRAL,
     STREAMS,

@@ -19,10 +19,10 @@ from starlora.cli import main
 from starlora.config import load_config
 from starlora.errors import ConfigError
 from starlora.io import read_jsonl
-from starlora.loop import run_experiment
-from starlora.protocol import stream
 from starlora.report import build_report, load_runs
-from starlora.store import RunStore
+from starlora.run.loop import run_experiment
+from starlora.run.protocol import stream
+from starlora.run.store import RunStore
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -7,7 +7,7 @@ import pytest
 from starlora.config import load_config
 from starlora.errors import ConfigError, StarloraError
 from starlora.io import atomic_write, read_jsonl
-from starlora.store import RunStore
+from starlora.run.store import RunStore
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from starlora.config import ExperimentConfig, dump_config, load_config
 from starlora.errors import ConfigError, DataError, StarloraError
 from starlora.io import atomic_write, read_jsonl, write_json, write_jsonl
-from starlora.protocol import PHASES, result_changes
+from starlora.run.protocol import PHASES, result_changes
 
 
 class RunStore:
@@ -55,7 +55,7 @@ class RunStore:
         """Start a run in `root`, or resume it when it holds a run of the same experiment.
 
         Refuses (ConfigError) when the stored config differs in a field that alters results
-        (`starlora.protocol.result_changes`); result-neutral fields (batch sizes...) and more
+        (`starlora.run.protocol.result_changes`); result-neutral fields (batch sizes...) and more
         rounds or budget are updated instead.
         """
         root = Path(root)

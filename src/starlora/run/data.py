@@ -1,0 +1,88 @@
+"""The examples of a run: the task it names, its pool and test split, and whether the pool
+can serve the protocol. Everything here runs before any model is loaded, so bad input fails
+fast."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from starlora.config import ExperimentConfig, TaskConfig
+from starlora.errors import ConfigError
+from starlora.run.protocol import planned_rounds
+from starlora.tasks import Example, Task, get_task, load_examples
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    """The configured task; jsonl-only options are passed only to the jsonl task."""
+    options = dict(prompt_style=cfg.prompt_style, template=cfg.template,
+                   answer_prefix=cfg.answer_prefix)
+    if cfg.name == "jsonl":
+        options.update(choices=cfg.choices, answer_regex=cfg.answer_regex)
+    elif cfg.choices or cfg.answer_regex:
+        raise ConfigError(f"task.choices/answer_regex: only for the jsonl task, not {cfg.name!r}")
+    return get_task(cfg.name, **options)
+
+
+@dataclass
+class Data:
+    """The pool and test examples of a run; `dropped` pool records repeated a test record."""
+
+    pool: list[Example]
+    test: list[Example]
+    dropped: int = 0
+
+
+def _subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+    if size is None or size >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), size, replace=False))
+    return [examples[i] for i in keep]
+
+
+def _read(cfg: TaskConfig, task: Task, split: str, path: str | None, size: int | None,
+          default: int) -> list[Example]:
+    generated = task.generate(split, size or default, cfg.subset_seed)
+    if generated is not None:
+        return generated
+    if path is None:
+        raise ConfigError(
+            f"task.{split}: required for task {cfg.name!r} "
+            f"(a JSONL file, e.g. ../shared/data/{cfg.name}/{split}.jsonl)"
+        )
+    return load_examples(path, task, question_field=cfg.question_field,
+                         answer_field=cfg.answer_field, id_field=cfg.id_field, dedupe=cfg.dedupe)
+
+
+def load_data(cfg: TaskConfig, task: Task) -> Data:
+    """Pool and test examples: generated, or read from the files. The test set is cut to
+    `test_size` first; pool records that repeat a test record (`Task.content_key`) are then
+    dropped (`drop_test_overlap`), and the pool is cut to `pool_size`. Subsets are seeded by
+    `subset_seed` and shared by every run."""
+    test = _read(cfg, task, "test", cfg.test, cfg.test_size, 200)
+    test = _subset(test, cfg.test_size, cfg.subset_seed + 1)
+    pool = _read(cfg, task, "train", cfg.train, cfg.pool_size, 1000)
+    dropped = 0
+    if cfg.drop_test_overlap:
+        seen = {task.content_key(ex) for ex in test}
+        kept = [ex for ex in pool if task.content_key(ex) not in seen]
+        pool, dropped = kept, len(pool) - len(kept)
+    return Data(_subset(pool, cfg.pool_size, cfg.subset_seed), test, dropped)
+
+
+def check_plan(config: ExperimentConfig, pool: Sequence[Example]) -> None:
+    """Refuse, before any work, a protocol that the pool cannot serve."""
+    al = config.active_learning
+    if al.initial_size > len(pool):
+        raise ConfigError(f"active_learning.initial_size: {al.initial_size} is larger than the "
+                          f"pool ({len(pool)} examples)")
+    need = al.initial_size + al.query_size * (planned_rounds(config) - 1)
+    if al.budget is not None:
+        need = min(need, al.budget)
+    if need > len(pool) and al.on_exhausted == "error":
+        raise ConfigError(
+            f"active_learning.query_size: the protocol labels {need} examples but the pool has "
+            f"{len(pool)}; lower rounds/query_size or set active_learning.on_exhausted: take_rest"
+        )
