@@ -35,6 +35,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 
 from starlora.errors import DataError
 from starlora.io import atomic_write
+from starlora.run.store import RunPaths
 
 RANDOM_COLOR = "#8c8c8c"
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -68,7 +69,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     owner: dict[tuple, Path] = {}
     for run_dir in dict.fromkeys(Path(d).resolve() for d in run_dirs):
-        path = run_dir / "metrics.jsonl"
+        path = RunPaths(run_dir).metrics
         if not path.is_file():
             raise DataError(str(path), None, None, "no such file (is this a run directory?)")
         rounds: dict[tuple, dict[str, Any]] = {}
@@ -143,7 +144,7 @@ def pooled_bins(run_dirs: list[Path], round_: int) -> list[dict[str, float]]:
     count-weighted. Runs without ``rounds/<round_>/metrics.json`` are skipped."""
     pooled: dict[tuple[float, float], list[float]] = {}
     for run_dir in run_dirs:
-        path = run_dir / "rounds" / str(round_) / "metrics.json"
+        path = RunPaths(run_dir).round_file(round_, "metrics.json")
         if not path.is_file():
             continue
         try:

@@ -4,102 +4,160 @@
       config.yaml             resolved config (every field)
       pool.json               {"size", "sha1"} of the pool the run started with
       state.json              {"round": k, "phase": last phase finished in round k}
-      labelled.jsonl          {"id", "round", "answer"} per labelled example, in labelling order
+      labelled.jsonl          {"id", "round", "answer", "source"} per label, in labelling order
       metrics.jsonl           one line per finished round (see `RunStore.record_metrics`)
+      queries/<r>.jsonl       human oracle: the queries whose labels round r trains on first
+      queries/<r>.closed      present once the run went on with those labels
       rounds/<k>/
         adapter/              peft LoRA adapter trained in round k (safetensors)
+        train.json            steps, seconds, tokens and final loss of round k's training
         metrics.json          accuracy, ece, reliability bins
         predictions.jsonl     one line per test example
         scores.jsonl          uncertainty scores of the pool examples scored after round k
                               (the columns the strategy needs, and per-pass values)
         selected.jsonl        ids chosen in round k's query, best first: rank, utility and
                               the terms it was mixed from (raw scores, normalised terms, λ)
+      .lock                   taken by every writer of labels (`RunStore.lock`)
 
+`RunPaths` is the one owner of these names; the loop, the report and the CLI go through it.
 Every file is written to a temporary name in the same folder and renamed over the target, so a
 process killed at any moment leaves either the old or the new file, never half of one. A phase
 is marked done in state.json only after its outputs are in place; a resumed run redoes at most
-the phase that was interrupted, and every phase is deterministic given the seed.
+the phase that was interrupted, and every phase is deterministic given the seed. Labels can
+come from another process (`starlora import`, `starlora annotate`) while a run is paused:
+those writes, and the run's closing of a query, happen under the run's file lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from starlora.config import ExperimentConfig, dump_config, load_config
 from starlora.errors import ConfigError, DataError, StarloraError
-from starlora.io import atomic_write, read_jsonl, write_json, write_jsonl
+from starlora.io import atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from starlora.run.protocol import PHASES, result_changes
 
 
+class RunPaths:
+    """Where each file of a run directory lives (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.pool = self.root / "pool.json"
+        self.state = self.root / "state.json"
+        self.labelled = self.root / "labelled.jsonl"
+        self.metrics = self.root / "metrics.jsonl"
+        self.lock = self.root / ".lock"
+
+    def round_dir(self, round_: int) -> Path:
+        return self.root / "rounds" / str(round_)
+
+    def round_file(self, round_: int, name: str) -> Path:
+        return self.round_dir(round_) / name
+
+    def adapter_dir(self, round_: int) -> Path:
+        return self.round_dir(round_) / "adapter"
+
+    def queries(self, label_round: int) -> Path:
+        return self.root / "queries" / f"{label_round}.jsonl"
+
+    def closed(self, label_round: int) -> Path:
+        return self.root / "queries" / f"{label_round}.closed"
+
+    def query_rounds(self) -> list[int]:
+        """Label rounds that have a queries file, ascending."""
+        folder = self.root / "queries"
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.stem) for p in folder.glob("*.jsonl") if p.stem.isdigit())
+
+
 class RunStore:
-    """Reads and writes one run directory. Only the loop (through this class) writes it."""
+    """Reads and writes one run directory: the loop drives it, and labels may also arrive
+    through `save_labels` from another process while the run waits for them."""
 
     def __init__(self, root: str | Path, config: ExperimentConfig):
-        self.root = Path(root)
+        self.paths = RunPaths(root)
+        self.root = self.paths.root
         self.config = config
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | Path) -> RunStore:
-        """Open an existing run directory (for status, report, resume)."""
-        root = Path(root)
-        if not (root / "config.yaml").is_file():
-            raise StarloraError(f"{root}: not a run directory (no config.yaml)")
-        return cls(root, load_config(root / "config.yaml"))
+        """Open an existing run directory (for status, report, resume, labelling)."""
+        paths = RunPaths(root)
+        if not paths.config.is_file():
+            raise StarloraError(f"{paths.root}: not a run directory (no config.yaml)")
+        return cls(paths.root, load_config(paths.config))
 
     @classmethod
     def create_or_resume(cls, root: str | Path, config: ExperimentConfig) -> RunStore:
         """Start a run in `root`, or resume it when it holds a run of the same experiment.
 
         Refuses (ConfigError) when the stored config differs in a field that alters results
-        (`starlora.run.protocol.result_changes`); result-neutral fields (batch sizes...) and more
-        rounds or budget are updated instead.
+        (`starlora.run.protocol.result_changes`); result-neutral fields (batch sizes...) and
+        more rounds or budget are updated instead.
         """
-        root = Path(root)
-        if (root / "config.yaml").is_file():
+        paths = RunPaths(root)
+        if paths.config.is_file():
             store = cls.open(root)
             changed = result_changes(store.config, config)
             if changed:
                 raise ConfigError(
-                    f"{root}: the run directory holds a run with a different config "
+                    f"{paths.root}: the run directory holds a run with a different config "
                     f"({', '.join(changed)}); use another --run-dir or restore those values"
                 )
             if store.config != config:
                 store.config = config
-                atomic_write(root / "config.yaml", dump_config(config))
+                atomic_write(paths.config, dump_config(config))
             return store
-        if root.exists() and any(root.iterdir()):
-            raise StarloraError(f"{root}: exists and is not a run directory; choose another")
-        root.mkdir(parents=True, exist_ok=True)
-        store = cls(root, config)
-        atomic_write(root / "config.yaml", dump_config(config))
+        if paths.root.exists() and any(paths.root.iterdir()):
+            raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
+        paths.root.mkdir(parents=True, exist_ok=True)
+        store = cls(paths.root, config)
+        atomic_write(paths.config, dump_config(config))
         store.set_state(0, None)
         return store
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 60) -> Iterator[None]:
+        """The run's file lock, for every read-modify-write of labels (a `filelock.FileLock`
+        on ``.lock``; reentrant within a process)."""
+        from filelock import FileLock, Timeout
+
+        try:
+            with FileLock(self.paths.lock, timeout=timeout, is_singleton=True):
+                yield
+        except Timeout:
+            raise StarloraError(f"{self.paths.lock}: another process holds the run's lock "
+                                f"for over {timeout:g} s") from None
 
     def check_pool(self, size: int, sha1: str, source: str) -> None:
         """Record the pool a run starts with (``pool.json``: size and a hash of its ids), or
         refuse (DataError naming `source`) a resumed run whose pool is another one."""
-        path = self.root / "pool.json"
-        if not path.is_file():
-            write_json(path, {"size": size, "sha1": sha1})
-        elif json.loads(path.read_text())["sha1"] != sha1:
+        if not self.paths.pool.is_file():
+            write_json(self.paths.pool, {"size": size, "sha1": sha1})
+        elif read_json(self.paths.pool)["sha1"] != sha1:
             raise DataError(source, None, None,
                             f"the pool differs from the one {self.root} started with")
 
     def pool_size(self) -> int | None:
-        path = self.root / "pool.json"
-        return json.loads(path.read_text())["size"] if path.is_file() else None
+        return read_json(self.paths.pool)["size"] if self.paths.pool.is_file() else None
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict:
-        path = self.root / "state.json"
-        return json.loads(path.read_text()) if path.is_file() else {"round": 0, "phase": None}
+        if not self.paths.state.is_file():
+            return {"round": 0, "phase": None}
+        return read_json(self.paths.state)
 
     def set_state(self, round_: int, phase: str | None, **extra: Any) -> None:
-        write_json(self.root / "state.json", {"round": round_, "phase": phase, **extra})
+        write_json(self.paths.state, {"round": round_, "phase": phase, **extra})
 
     def done(self, round_: int, phase: str) -> bool:
         """Whether `phase` of `round_` finished in an earlier (or this) process."""
@@ -109,41 +167,94 @@ class RunStore:
         return state["phase"] is not None and PHASES.index(state["phase"]) >= PHASES.index(phase)
 
     def round_dir(self, round_: int) -> Path:
-        return self.root / "rounds" / str(round_)
+        return self.paths.round_dir(round_)
 
     def adapter_dir(self, round_: int) -> Path:
-        return self.round_dir(round_) / "adapter"
+        return self.paths.adapter_dir(round_)
 
     # -- labels -------------------------------------------------------------------------------
     def labelled(self) -> list[dict]:
-        return read_jsonl(self.root / "labelled.jsonl")
+        return read_jsonl(self.paths.labelled)
 
     def add_labels(self, rows: list[dict]) -> None:
-        """Append labelled rows ({"id", "round", "answer"}); an id already labelled is an error."""
-        current = self.labelled()
-        have = {r["id"] for r in current}
-        dup = [r["id"] for r in rows if r["id"] in have]
-        if dup or len({r["id"] for r in rows}) != len(rows):
-            raise StarloraError(f"{self.root}: ids labelled twice: {dup[:5]}")
-        write_jsonl(self.root / "labelled.jsonl", current + rows)
+        """Append labelled rows ({"id", "round", "answer", "source"}); an id already labelled
+        is an error."""
+        with self.lock():
+            current = self.labelled()
+            have = {r["id"] for r in current}
+            dup = [r["id"] for r in rows if r["id"] in have]
+            if dup or len({r["id"] for r in rows}) != len(rows):
+                raise StarloraError(f"{self.root}: ids labelled twice: {dup[:5]}")
+            write_jsonl(self.paths.labelled, current + rows)
+
+    # -- queries of a human oracle ------------------------------------------------------------
+    def write_queries(self, label_round: int, rows: list[dict]) -> None:
+        """The queries whose answers round `label_round` trains on, highest utility first."""
+        write_jsonl(self.paths.queries(label_round), rows)
+
+    def queries(self, label_round: int) -> list[dict]:
+        return read_jsonl(self.paths.queries(label_round))
+
+    def open_query(self) -> int | None:
+        """The label round whose queries wait for answers (None when there is none): the
+        latest queries file that the run has not closed."""
+        rounds = self.paths.query_rounds()
+        if not rounds or self.paths.closed(rounds[-1]).exists():
+            return None
+        return rounds[-1]
+
+    def pending(self) -> list[dict]:
+        """The open query's rows that have no label yet, highest utility first."""
+        r = self.open_query()
+        if r is None:
+            return []
+        have = {row["id"] for row in self.labelled()}
+        return [q for q in self.queries(r) if q["id"] not in have]
+
+    def save_labels(self, answers: dict[str, str], source: str) -> int:
+        """Store answers to the open query, replacing earlier answers to it (they may be
+        revised until the run goes on). Ids must be in the open query; the caller checks them
+        first (`starlora.run.labels`), this re-checks under the lock. Returns how many."""
+        with self.lock():
+            r = self.open_query()
+            asked = {q["id"] for q in self.queries(r)} if r is not None else set()
+            outside = sorted(set(answers) - asked)
+            if outside:
+                raise StarloraError(f"{self.root}: not in the open query: {outside[:5]}")
+            kept = [row for row in self.labelled() if row["id"] not in answers]
+            new = [{"id": i, "round": r, "answer": a, "source": source}
+                   for i, a in answers.items()]
+            write_jsonl(self.paths.labelled, kept + new)
+            return len(new)
+
+    def close_query(self, label_round: int) -> bool:
+        """Close `label_round`'s query if every one of its ids is labelled (under the lock, so
+        no label lands after the run took the set). Returns whether it is closed."""
+        with self.lock():
+            if self.paths.closed(label_round).exists():
+                return True
+            if self.pending():
+                return False
+            atomic_write(self.paths.closed(label_round), "")
+            return True
 
     # -- per-round outputs --------------------------------------------------------------------
     def write_round(self, round_: int, name: str, obj: Any) -> None:
         """Write ``rounds/<k>/<name>``: JSON for .json, JSON lines for .jsonl (a list)."""
-        path = self.round_dir(round_) / name
+        path = self.paths.round_file(round_, name)
         write_jsonl(path, obj) if name.endswith(".jsonl") else write_json(path, obj)
 
     def read_round(self, round_: int, name: str) -> Any:
-        path = self.round_dir(round_) / name
+        path = self.paths.round_file(round_, name)
         return read_jsonl(path) if name.endswith(".jsonl") else json.loads(path.read_text())
 
     def record_metrics(self, line: dict) -> None:
         """Put one round's line in metrics.jsonl (replacing any line for that round)."""
-        rows = [r for r in read_jsonl(self.root / "metrics.jsonl") if r["round"] != line["round"]]
-        write_jsonl(self.root / "metrics.jsonl", sorted(rows + [line], key=lambda r: r["round"]))
+        rows = [r for r in self.metrics() if r["round"] != line["round"]]
+        write_jsonl(self.paths.metrics, sorted(rows + [line], key=lambda r: r["round"]))
 
     def metrics(self) -> list[dict]:
-        return read_jsonl(self.root / "metrics.jsonl")
+        return read_jsonl(self.paths.metrics)
 
     def prune_adapters(self, keep_round: int) -> None:
         """Delete the adapters of rounds before `keep_round` (``output.keep_adapters: last``)."""
@@ -153,12 +264,15 @@ class RunStore:
     def status(self) -> dict:
         state, al = self.state(), self.config.active_learning
         labelled, metrics, pool_size = self.labelled(), self.metrics(), self.pool_size()
+        pending = self.pending()
+        phase = "finished" if state.get("finished") else (state["phase"] or "starting")
         return {
             "round": state["round"],
             "rounds": al.rounds,
-            "phase": "finished" if state.get("finished") else (state["phase"] or "starting"),
+            "phase": "waiting for labels" if pending else phase,
             "n_labelled": len(labelled),
             "n_unlabelled": None if pool_size is None else pool_size - len(labelled),
+            "pending": len(pending),
             "strategy": al.strategy,
             "seed": self.config.seed,
             "task": self.config.task.name,
