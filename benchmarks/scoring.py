@@ -34,9 +34,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from starlora.datafiles import load_examples  # noqa: E402
 from starlora.models import attach_lora, load_model, tune_cpu_allocator  # noqa: E402
 from starlora.scoring import score_examples  # noqa: E402
-from starlora.tasks import get_task, load_examples  # noqa: E402
+from starlora.tasks import get_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,11 @@ import torch
 from peft import PeftModel
 
 from starlora.config import EvaluationConfig, LoraConfig, TrainingConfig
+from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
 from starlora.evaluation import evaluate, expected_calibration_error, resolve_mode
 from starlora.models import load_model
-from starlora.tasks import Example, get_task, load_examples
+from starlora.tasks import Example, get_task
 from starlora.training import remove_adapter, save_adapter, train_adapter
 
 

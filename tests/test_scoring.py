@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
 from starlora.models import attach_lora, load_model
 from starlora.scoring import BaseScoreCache, Scores, base_cache_key, score_base, score_examples
-from starlora.tasks import Example, get_task, load_examples
+from starlora.tasks import Example, get_task
 
 TASK = get_task("jsonl")
 

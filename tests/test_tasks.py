@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from starlora.datafiles import load_examples
 from starlora.errors import ConfigError, DataError
-from starlora.tasks import Example, get_task, load_examples, parse_number
+from starlora.tasks import Example, get_task, parse_number
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "boolq", "obqa"])

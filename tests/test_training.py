@@ -7,9 +7,10 @@ import torch
 from peft import PeftModel
 
 from starlora.config import LoraConfig, TrainingConfig
+from starlora.datafiles import load_examples
 from starlora.errors import ConfigError, StarloraError
 from starlora.models import attach_lora, load_model
-from starlora.tasks import get_task, load_examples
+from starlora.tasks import get_task
 from starlora.training import (
     IGNORE,
     build_optimizer,

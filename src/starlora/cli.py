@@ -2,7 +2,9 @@
 
     starlora demo                       # a whole small experiment on the embedded model
     starlora run CONFIG.yaml [--set k=v ...] [--run-dir DIR]
-    starlora status RUN_DIR
+    starlora status RUN_DIR [--json]
+    starlora export RUN_DIR --format jsonl|csv|label-studio --out FILE
+    starlora import RUN_DIR FILE [--format auto|jsonl|csv|label-studio]
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR
 
@@ -31,10 +33,11 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from starlora.datafiles import load_examples
     from starlora.io import write_jsonl
     from starlora.models import load_model
     from starlora.scoring import score_base, score_examples
-    from starlora.tasks import get_task, load_examples
+    from starlora.tasks import get_task
 
     task = get_task(args.task, prompt_style=args.prompt_style)
     examples = load_examples(args.data, task, limit=args.limit)
@@ -83,10 +86,33 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"round:      {status['round']} (rounds 0-{status['rounds'] - 1})  "
           f"phase: {status['phase']}")
     print(f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})")
+    if status["pending"]:
+        print(f"pending:    {status['pending']} queries wait for answers "
+              f"(starlora export {args.run_dir} --format csv --out queries.csv)")
     last = status.get("last_metrics")
     if last:
         print(f"last round: accuracy {last['accuracy']:.4f}  ece {last['ece']:.4f}  "
               f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from starlora.run.labels import export_queries
+    from starlora.run.store import RunStore
+
+    n = export_queries(RunStore.open(args.run_dir), args.out, args.format)
+    print(f"wrote {n} pending queries to {args.out}"
+          + (" (nothing is pending)" if n == 0 else ""), file=sys.stderr)
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from starlora.run.labels import import_labels
+    from starlora.run.store import RunStore
+
+    applied, left = import_labels(RunStore.open(args.run_dir), args.file, args.format)
+    more = f"{left} still pending" if left else "nothing pending: starlora run continues it"
+    print(f"imported {applied} answers into {args.run_dir}; {more}")
     return 0
 
 
@@ -131,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("export", help="write the queries a run waits for, for people to answer")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["jsonl", "csv", "label-studio"], default="jsonl")
+    p.add_argument("--out", required=True, help="output file (label-studio: a tasks JSON)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="read answers to a run's pending queries")
+    p.add_argument("run_dir")
+    p.add_argument("file", help="answers: JSONL {id, answer}, CSV with id and answer columns, "
+                   "or a Label Studio JSON export")
+    p.add_argument("--format", choices=["auto", "jsonl", "csv", "label-studio"], default="auto")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("score", help="uncertainty scores (PE, ME) of a data file")
     p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")

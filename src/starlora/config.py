@@ -67,8 +67,10 @@ def _known(value: str, names: Any, what: str) -> str:
 
 class TaskConfig(_Section):
     name: str = "obqa"
-    train: str | None = None  # JSONL file of the unlabelled pool (its answers are the oracle)
-    test: str | None = None  # JSONL file of the evaluation split
+    # data sources: .jsonl, .csv, .parquet, or hf:<dataset>[@<config>]:<split>
+    train: str | None = None  # the pool; records may lack answers (see active_learning.oracle)
+    test: str | None = None  # the evaluation split (answers required)
+    labelled: str | None = None  # labels the user already has: the initial labelled set
     prompt_style: Literal["plain", "chat"] = "plain"
     template: str | None = None  # str.format template with {question}; None = task default
     answer_prefix: str = " "
@@ -101,6 +103,11 @@ class ScoringConfig(_Section):
     # the baselines (pe, me, *-subtract) score with one deterministic pass, as the authors'
     # code does; the dynamic strategies keep mc_passes
     single_pass_baselines: bool = False
+    # generated: PE/ME of the model's own answer (label-free, the default); gold: of the pool's
+    # gold answer, as the authors' code does (needs answers in the pool)
+    answers: Literal["generated", "gold"] = "generated"
+    samples: int = Field(1, gt=0)  # generated answers per item: 1 greedy, N > 1 at temperature 1
+    max_new_tokens: int | None = Field(None, gt=0)  # of a generated answer; None: evaluation's
 
 
 class ActiveLearningConfig(_Section):
@@ -117,6 +124,9 @@ class ActiveLearningConfig(_Section):
     # as the authors' released code does
     normalize: Literal["minmax", "raw_full"] = "minmax"
     pool_subsample: int | None = Field(None, gt=0)  # score a seeded random subset each round
+    # simulated: the pool's gold answers label the queries; human: the run stops after each
+    # selection until the answers are imported (starlora export / import / annotate)
+    oracle: Literal["simulated", "human"] = "simulated"
     on_exhausted: Literal["error", "take_rest"] = "error"
 
     @field_validator("strategy")

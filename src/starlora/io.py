@@ -82,7 +82,7 @@ def read_json(path: str | Path) -> Any:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The objects of a JSONL file written by this package ([] when it does not exist).
-    User data files go through `starlora.tasks.load_examples`, which names bad lines."""
+    User data files go through `starlora.datafiles.load_examples`, which names bad lines."""
     path = Path(path)
     if not path.is_file():
         return []

@@ -9,23 +9,20 @@ A `Task` is a small object with no model inside. It knows
 * for tasks with a fixed answer set (boolq, obqa), the answer text of every choice, so that
   evaluation can score choices by log-likelihood.
 
-Data comes from local JSONL files, one object per line. Bad lines raise `DataError` with
-``file:line: field: what is wrong``.
+Data files are read by `starlora.datafiles`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from starlora.errors import ConfigError, DataError
+from starlora.errors import ConfigError
 
 PromptStyle = Literal["plain", "chat"]
 
@@ -35,24 +32,15 @@ class Example:
     """One record of a task.
 
     `id` is stable across runs: the record's own ``id`` field when it has one, otherwise
-    derived from its line number and content (see `derive_id`). `answer` is the gold answer
-    text exactly as in the data (for gsm8k the whole worked solution).
+    derived from its line number and content (`starlora.datafiles.derive_id`). `answer` is the
+    gold answer text exactly as in the data (for gsm8k the whole worked solution), or None in
+    an unlabelled pool.
     """
 
     id: str
     question: str
-    answer: str
+    answer: str | None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-
-def derive_id(line: int, question: str, answer: str) -> str:
-    """Id for a record without one: position plus a content hash, e.g. ``L000012-3f9a0c1d``.
-
-    The position keeps genuinely duplicated records apart; the hash makes a changed file
-    show up as changed ids rather than silently relabelling other records.
-    """
-    digest = hashlib.sha1(f"{question}\x1f{answer}".encode()).hexdigest()[:8]
-    return f"L{line:06d}-{digest}"
 
 
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
@@ -157,6 +145,11 @@ class Task:
         """Answer texts for each of `choices`, in the same order (None for open tasks)."""
         return None
 
+    def prompt_ids(self, tokenizer: Any, ex: Example) -> list[int]:
+        """Token ids of `ex`'s prompt, as `encode` makes them (what generation continues)."""
+        special = self.prompt_style == "plain"  # a chat template already holds its specials
+        return list(tokenizer(self.prompt(ex, tokenizer), add_special_tokens=special)["input_ids"])
+
     def encode(
         self, tokenizer: Any, ex: Example, answer: str | None = None, add_eos: bool = True
     ) -> tuple[list[int], list[int]]:
@@ -166,15 +159,16 @@ class Task:
         sequence. The answer ends with EOS (when the tokenizer has one and `add_eos`) so that a
         trained model learns to stop.
         """
-        prompt_text = self.prompt(ex, tokenizer)
-        special = self.prompt_style == "plain"  # a chat template already holds its specials
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
+        answer = ex.answer if answer is None else answer
+        if answer is None:
+            raise ValueError(f"example {ex.id!r} has no answer to encode")
+        prompt_ids = self.prompt_ids(tokenizer, ex)
         answer_ids = tokenizer(
-            self.target(ex.answer if answer is None else answer), add_special_tokens=False
+            self.target(answer), add_special_tokens=False
         )["input_ids"]
         if add_eos and tokenizer.eos_token_id is not None:
             answer_ids = answer_ids + [tokenizer.eos_token_id]
-        return list(prompt_ids), list(answer_ids)
+        return prompt_ids, list(answer_ids)
 
     # -- grading ------------------------------------------------------------------------------
     def gold(self, answer: str) -> str | None:
@@ -343,87 +337,6 @@ def get_task(name: str, **options: Any) -> Task:
     if name not in TASKS:
         raise ConfigError(f"task.name: unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[name](**options)
-
-
-def load_examples(
-    path: str | Path,
-    task: Task,
-    *,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    id_field: str = "id",
-    limit: int | None = None,
-    dedupe: bool = False,
-) -> list[Example]:
-    """Read a JSONL file into validated `Example`s.
-
-    Every line must be a JSON object whose question and answer fields are non-empty strings
-    (an ``id`` may be a string or an integer). Any problem raises `DataError` naming the file,
-    line and field; so do two records with the same id. With `dedupe`, a record whose
-    question and answer repeat an earlier one's is dropped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file")
-    examples: list[Example] = []
-    seen_ids: dict[str, int] = {}
-    seen_content: set[tuple[str, str]] = set()
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    str(path), lineno, None, f"not valid UTF-8 (byte {e.start})"
-                ) from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), lineno, None, f"not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(str(path), lineno, None, "not a JSON object")
-            values = {}
-            for name in (question_field, answer_field):
-                if name not in record:
-                    raise DataError(str(path), lineno, name, "missing")
-                value = record[name]
-                if not isinstance(value, str):
-                    raise DataError(
-                        str(path), lineno, name, f"must be a string, got {type(value).__name__}"
-                    )
-                if not value.strip():
-                    raise DataError(str(path), lineno, name, "empty")
-                values[name] = value
-            question = task.normalize_question(values[question_field])
-            answer = values[answer_field]
-            problem = task.check_answer(answer)
-            if problem:
-                raise DataError(str(path), lineno, answer_field, f"{problem}: {answer[:60]!r}")
-            if id_field in record:
-                rid = record[id_field]
-                if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
-                    raise DataError(str(path), lineno, id_field, "must be a non-empty string or int")
-                rid = str(rid)
-            else:
-                rid = derive_id(lineno, question, answer)
-            if rid in seen_ids:
-                raise DataError(
-                    str(path), lineno, id_field, f"duplicate id {rid!r} (first on line {seen_ids[rid]})"
-                )
-            if dedupe:
-                key = (" ".join(question.split()), answer.strip())
-                if key in seen_content:
-                    continue
-                seen_content.add(key)
-            seen_ids[rid] = lineno
-            examples.append(Example(rid, question, answer, {"source": f"{path}:{lineno}"}))
-            if limit is not None and len(examples) >= limit:
-                break
-    if not examples:
-        raise DataError(str(path), None, None, "no records")
-    return examples
 
 
 @register_task

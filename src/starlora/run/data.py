@@ -5,14 +5,15 @@ fast."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from starlora.config import ExperimentConfig, TaskConfig
-from starlora.errors import ConfigError
+from starlora.datafiles import load_examples
+from starlora.errors import ConfigError, DataError
 from starlora.run.protocol import planned_rounds
-from starlora.tasks import Example, Task, get_task, load_examples
+from starlora.tasks import Example, Task, get_task
 
 
 def make_task(cfg: TaskConfig) -> Task:
@@ -28,11 +29,14 @@ def make_task(cfg: TaskConfig) -> Task:
 
 @dataclass
 class Data:
-    """The pool and test examples of a run; `dropped` pool records repeated a test record."""
+    """The examples of a run: the pool (answers optional), the test split, the user's own
+    labelled examples (`task.labelled`, not in the pool); `dropped` pool records repeated a
+    test record."""
 
     pool: list[Example]
     test: list[Example]
     dropped: int = 0
+    labelled: list[Example] = field(default_factory=list)
 
 
 def _subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
@@ -50,10 +54,11 @@ def _read(cfg: TaskConfig, task: Task, split: str, path: str | None, size: int |
     if path is None:
         raise ConfigError(
             f"task.{split}: required for task {cfg.name!r} "
-            f"(a JSONL file, e.g. ../shared/data/{cfg.name}/{split}.jsonl)"
+            f"(a data file, e.g. ../shared/data/{cfg.name}/{split}.jsonl)"
         )
     return load_examples(path, task, question_field=cfg.question_field,
-                         answer_field=cfg.answer_field, id_field=cfg.id_field, dedupe=cfg.dedupe)
+                         answer_field=cfg.answer_field, id_field=cfg.id_field, dedupe=cfg.dedupe,
+                         require_answer=split != "train")
 
 
 def load_data(cfg: TaskConfig, task: Task) -> Data:
@@ -69,7 +74,24 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
         seen = {task.content_key(ex) for ex in test}
         kept = [ex for ex in pool if task.content_key(ex) not in seen]
         pool, dropped = kept, len(pool) - len(kept)
-    return Data(_subset(pool, cfg.pool_size, cfg.subset_seed), test, dropped)
+    labelled = []
+    if cfg.labelled is not None:
+        labelled = load_examples(cfg.labelled, task, question_field=cfg.question_field,
+                                 answer_field=cfg.answer_field, id_field=cfg.id_field)
+        pool = _without(pool, labelled, cfg.labelled)
+    return Data(_subset(pool, cfg.pool_size, cfg.subset_seed), test, dropped, labelled)
+
+
+def _without(pool: list[Example], labelled: list[Example], source: str) -> list[Example]:
+    """The pool less the records the user labelled already (same id, same question); an id
+    shared by two different questions is an error."""
+    by_id = {ex.id: ex for ex in pool}
+    for ex in labelled:
+        if ex.id in by_id and by_id[ex.id].question != ex.question:
+            raise DataError(source, int(ex.meta["source"].rsplit(":", 1)[1]), "id",
+                            f"{ex.id!r} names another question in the pool")
+    ids = {ex.id for ex in labelled}
+    return [ex for ex in pool if ex.id not in ids]
 
 
 def check_plan(config: ExperimentConfig, pool: Sequence[Example]) -> None:

@@ -19,29 +19,21 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from starlora.acquisition import Dynamic, QueryStrategy, make_strategy
+from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, flatten_config
+from starlora.run import oracle
 from starlora.run.data import Data, check_plan, load_data, make_task
+from starlora.run.pool_scores import score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunStore
 from starlora.tasks import Example, Task
-
-
-class SimulatedOracle:
-    """Labels by looking up the gold answer (the standard active-learning simulation)."""
-
-    def __init__(self, pool: Sequence[Example]):
-        self._answers = {ex.id: ex.answer for ex in pool}
-
-    def label(self, ids: Sequence[str]) -> dict[str, str]:
-        return {i: self._answers[i] for i in ids}
 
 
 def _say(message: str) -> None:
@@ -65,7 +57,17 @@ class Run:
     fingerprint: str | None = None
     model: Any = None
     tracker: Any = None
-    by_id: dict[str, Example] = field(default_factory=dict)
+    by_id: dict[str, Example] = field(default_factory=dict)  # pool and task.labelled examples
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Longest generated answer, for label-free scoring and drafts."""
+        return self.config.scoring.max_new_tokens or self.config.evaluation.max_new_tokens
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        """`ex`'s prompt tokens, cut on the left to ``training.max_length`` as training does."""
+        ids = self.task.prompt_ids(self.tokenizer, ex)
+        return ids[-self.config.training.max_length :]
 
     def adapted(self, k: int) -> Any:
         """The model with round `k`'s adapter, loaded from the run directory if need be."""
@@ -154,47 +156,6 @@ def _score(run: Run, k: int) -> None:
     run.store.write_round(k, "scores.jsonl", rows)
 
 
-def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict]:
-    """One row per candidate: its id and the score columns the strategy needs (``pe``,
-    ``pe_base``...), plus the per-pass values (``pe_passes``) when several MC passes ran."""
-    from starlora.scoring import (
-        BaseScoreCache,
-        base_cache_key,
-        default_score_cache_dir,
-        score_base,
-        score_examples,
-    )
-
-    rows: list[dict[str, Any]] = [{"id": ex.id} for ex in candidates]
-    needs, config, sc = set(run.strategy.needs), run.config, run.config.scoring
-    kwargs = dict(batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
-                  max_length=config.training.max_length, progress=run.progress)
-    full_measures = tuple(m for m in ("pe", "me") if m in needs)
-    if full_measures:
-        single = sc.single_pass_baselines and not isinstance(run.strategy, Dynamic)
-        full = score_examples(model, run.tokenizer, run.task, candidates,
-                              measures=full_measures, mc_passes=1 if single else sc.mc_passes,
-                              model_dropout=sc.model_dropout, seed=seed,
-                              desc="scoring pool (adapter, MC dropout)", **kwargs)
-        for m in full_measures:
-            values, passes = getattr(full, m), getattr(full, f"{m}_passes")
-            for i, row in enumerate(rows):
-                row[m] = float(values[i])
-                if passes is not None:
-                    row[f"{m}_passes"] = [float(x) for x in passes[i]]
-    base_measures = tuple(m for m in ("pe", "me") if f"{m}_base" in needs)
-    if base_measures:
-        key = base_cache_key(config.model.name, run.task, measures=base_measures,
-                             dtype=config.model.dtype, max_length=config.training.max_length)
-        base = score_base(model, run.tokenizer, run.task, candidates, measures=base_measures,
-                          cache=BaseScoreCache(default_score_cache_dir(), key),
-                          desc="scoring pool (base model, cached)", **kwargs)
-        base = base.select([ex.id for ex in candidates])
-        for i, row in enumerate(rows):
-            row.update({f"{m}_base": float(getattr(base, m)[i]) for m in base_measures})
-    return rows
-
-
 def _select(run: Run, k: int) -> None:
     rows = run.store.read_round(k, "scores.jsonl")
     columns = {c: np.array([r[c] for r in rows], dtype=float) for c in run.strategy.needs}
@@ -209,25 +170,12 @@ def _select(run: Run, k: int) -> None:
 
 
 def _label(run: Run, k: int) -> None:
-    labelled = {r["id"] for r in run.store.labelled()}
-    selected = [r["id"] for r in run.store.read_round(k, "selected.jsonl")]
-    new = [i for i in selected if i not in labelled]  # idempotent on resume
-    answers = SimulatedOracle(run.data.pool).label(new)
-    run.store.add_labels([{"id": i, "round": k + 1, "answer": answers[i]} for i in new])
+    oracle.label(run, k + 1, run.store.read_round(k, "selected.jsonl"))
 
 
 PHASE_FUNCTIONS: dict[str, Callable[[Run, int], None]] = {
     "train": _train, "evaluate": _evaluate, "score": _score, "select": _select, "label": _label,
 }
-
-
-def _initial_labels(run: Run) -> None:
-    pool, al = run.data.pool, run.config.active_learning
-    first = stream(run.config.seed, 0, "initial").choice(len(pool), al.initial_size,
-                                                         replace=False)
-    ids = [pool[i].id for i in first]
-    run.store.add_labels([{"id": i, "round": 0, "answer": a}
-                          for i, a in SimulatedOracle(pool).label(ids).items()])
 
 
 def _start_tracker(config: ExperimentConfig, store: RunStore) -> Any:
@@ -241,9 +189,10 @@ def _start_tracker(config: ExperimentConfig, store: RunStore) -> Any:
 
 
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True) -> RunStore:
-    """Run, or resume, the experiment `config` in `run_dir`. Returns the store."""
+    """Run, or resume, the experiment `config` in `run_dir`. Returns the store; with a human
+    oracle the run may stop early, waiting for answers (``store.pending()`` is then not
+    empty)."""
     from starlora.models import load_model
-    from starlora.training import remove_adapter
 
     al = config.active_learning
     # everything that can be wrong with the input is checked before any work starts
@@ -254,6 +203,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                              lambda_end=al.lambda_end, normalize=al.normalize)
     data = load_data(config.task, task)
     check_plan(config, data.pool)
+    oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
 
     store = RunStore.create_or_resume(run_dir, config)
@@ -272,12 +222,28 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                         trust_remote_code=config.model.trust_remote_code)
     run = Run(config, store, task, strategy, data, n_rounds, progress, loaded.model,
               loaded.tokenizer, getattr(loaded, "fingerprint", None),
-              by_id={ex.id: ex for ex in data.pool})
+              by_id={ex.id: ex for ex in [*data.pool, *data.labelled]})
     if config.output.report_to:
         run.tracker = _start_tracker(config, store)
-    if not store.labelled():
-        _initial_labels(run)
+    try:
+        _rounds(run)
+    except oracle.Paused as paused:
+        _say(f"{run_dir}: paused: {paused}")
+        return store
+    finally:
+        if run.tracker is not None:
+            run.tracker.end_training()
+    _say(f"{run_dir}: finished")
+    return store
 
+
+def _rounds(run: Run) -> None:
+    """Every phase of every round that is not done yet (see `starlora.run.protocol.PHASES`)."""
+    from starlora.training import remove_adapter
+
+    store, config, n_rounds = run.store, run.config, run.n_rounds
+    if not store.labelled() or store.open_query() == 0:
+        oracle.initial_labels(run)
     for k in range(store.state()["round"], n_rounds):
         last = k == n_rounds - 1
         for phase in PHASES:
@@ -293,8 +259,3 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                 store.prune_adapters(k)
         if run.model is not None:
             run.base_model, run.model = remove_adapter(run.model), None
-
-    if run.tracker is not None:
-        run.tracker.end_training()
-    _say(f"{run_dir}: finished")
-    return store

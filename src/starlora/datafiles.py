@@ -1,0 +1,183 @@
+"""Data files: records in, validated `Example`s out.
+
+`load_examples` reads
+
+* JSONL (``.jsonl``, ``.json`` with one object per line);
+* CSV (``.csv``, a header row);
+* Parquet (``.parquet``, through `datasets`);
+* a Hugging Face dataset: ``hf:<id or local folder>[@<config>]:<split>``, through
+  ``datasets.load_dataset`` (works offline on a local folder or a warm cache).
+
+Every record needs a non-empty string question; the answer is required unless
+``require_answer=False`` (an unlabelled pool). Any problem raises `DataError` naming the file,
+the line (JSONL/CSV; the row number for Parquet and datasets, counted from 1) and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from starlora.errors import DataError
+from starlora.tasks import Example, Task
+
+FORMATS = ("jsonl", "csv", "parquet", "hf")
+
+
+def derive_id(line: int, question: str, answer: str | None) -> str:
+    """Id for a record without one: position plus a content hash, e.g. ``L000012-3f9a0c1d``.
+
+    The position keeps genuinely duplicated records apart; the hash makes a changed file
+    show up as changed ids rather than silently relabelling other records. A record without
+    an answer hashes its question alone, so adding answers later does not change its id.
+    """
+    content = question if answer is None else f"{question}\x1f{answer}"
+    return f"L{line:06d}-{hashlib.sha1(content.encode()).hexdigest()[:8]}"
+
+
+def file_format(source: str | Path) -> str:
+    """``jsonl``, ``csv``, ``parquet`` or ``hf`` for a data source (by its name)."""
+    text = str(source)
+    if text.startswith("hf:"):
+        return "hf"
+    suffix = Path(text).suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".parquet"):
+        return suffix[1:]
+    raise DataError(text, None, None, f"unknown file type {suffix!r}: use .jsonl, .csv, "
+                                      ".parquet or hf:<dataset>[@<config>]:<split>")
+
+
+def _records(source: str) -> Iterator[tuple[int, Any]]:
+    """(line or row number, record) of every record of `source`."""
+    fmt = file_format(source)
+    if fmt == "hf":
+        yield from _hf_records(source)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(source, None, None, "no such file")
+    if fmt == "parquet":
+        from datasets import Dataset
+
+        try:
+            rows = Dataset.from_parquet(str(path))
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise DataError(source, None, None, f"not a readable Parquet file ({e})") from None
+        yield from enumerate(rows, start=1)
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(source, line, None, f"not valid UTF-8 (byte {e.start})") from None
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(source, reader.line_num, None, "more cells than columns")
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise DataError(source, reader.line_num, None, f"not valid CSV ({e})") from None
+        return
+    for line, part in enumerate(text.splitlines(), start=1):
+        if not part.strip():
+            continue
+        try:
+            yield line, json.loads(part)
+        except json.JSONDecodeError as e:
+            raise DataError(source, line, None, f"not valid JSON ({e.msg})") from None
+
+
+def _hf_records(source: str) -> Iterator[tuple[int, Any]]:
+    spec = source[len("hf:"):]
+    name, sep, split = spec.rpartition(":")
+    if not sep or not name or not split:
+        raise DataError(source, None, None, "expected hf:<dataset>[@<config>]:<split>")
+    name, _, config = name.partition("@")
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(name, config or None, split=split)
+    except Exception as e:  # offline, unknown dataset, unknown split: all "cannot load"
+        raise DataError(source, None, None,
+                        f"cannot load the dataset ({type(e).__name__}: {e})") from None
+    yield from enumerate(rows, start=1)
+
+
+def _text(source: str, line: int, record: dict, name: str, required: bool) -> str | None:
+    value = record.get(name)
+    if value is None or (isinstance(value, str) and not value.strip() and not required):
+        if required:
+            raise DataError(source, line, name, "missing")
+        return None
+    if not isinstance(value, str):
+        raise DataError(source, line, name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(source, line, name, "empty")
+    return value
+
+
+def load_examples(
+    source: str | Path,
+    task: Task,
+    *,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str = "id",
+    limit: int | None = None,
+    dedupe: bool = False,
+    require_answer: bool = True,
+) -> list[Example]:
+    """Read a data file (see the module docstring) into validated `Example`s.
+
+    The question must be a non-empty string; so must the answer when `require_answer`
+    (without it, a missing or empty answer gives ``Example.answer = None``; a present one is
+    still checked). An ``id`` may be a string or an integer; two records with the same id are
+    an error. With `dedupe`, a record whose question and answer repeat an earlier one's is
+    dropped.
+    """
+    source = str(source)
+    examples: list[Example] = []
+    seen_ids: dict[str, int] = {}
+    seen_content: set[tuple[str, str | None]] = set()
+    for line, record in _records(source):
+        if not isinstance(record, dict):
+            raise DataError(source, line, None, "not a JSON object")
+        question = _text(source, line, record, question_field, True)
+        answer = _text(source, line, record, answer_field, require_answer)
+        question = task.normalize_question(question)
+        if answer is not None:
+            problem = task.check_answer(answer)
+            if problem:
+                raise DataError(source, line, answer_field, f"{problem}: {answer[:60]!r}")
+        rid = record.get(id_field)
+        if rid is not None:
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+                raise DataError(source, line, id_field, "must be a non-empty string or int")
+            rid = str(rid)
+        else:
+            rid = derive_id(line, question, answer)
+        if rid in seen_ids:
+            raise DataError(source, line, id_field,
+                            f"duplicate id {rid!r} (first on line {seen_ids[rid]})")
+        if dedupe:
+            key = (" ".join(question.split()), None if answer is None else answer.strip())
+            if key in seen_content:
+                continue
+            seen_content.add(key)
+        seen_ids[rid] = line
+        examples.append(Example(rid, question, answer, {"source": f"{source}:{line}"}))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(source, None, None, "no records")
+    return examples

@@ -1,0 +1,129 @@
+"""The score phase's table: one row per candidate with the columns its strategy needs.
+
+    {"id", "pe", "pe_passes", "pe_base", "answer"}      (the ME columns likewise)
+
+``scoring.answers: generated`` (the default) measures the model's *own* answer, so a pool
+needs no answers: the adapted model generates one answer per item (greedy; with
+``scoring.samples`` N > 1, N answers at temperature 1), and PE/ME are computed on those
+tokens with MC dropout. With samples, PE is the mean sequence NLL over them, the Monte-Carlo
+estimate of the predictive entropy (ME likewise the mean). ``answer`` is the most likely
+generated answer, the draft people see. The base model does the same with its own answers;
+its generations and scores are cached by content (`starlora.scoring.cache`).
+``scoring.answers: gold`` scores the pool's gold answers, as the authors' code does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from starlora.acquisition import Dynamic
+from starlora.tasks import Example
+
+if TYPE_CHECKING:
+    from starlora.run.loop import Run
+
+MEASURES = ("pe", "me")
+
+
+def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict]:
+    """Rows for `candidates` (see the module docstring); `model` is the adapted model (None
+    when the strategy needs no scores), `seed` the round's "score" stream seed."""
+    rows: list[dict[str, Any]] = [{"id": ex.id} for ex in candidates]
+    needs = set(run.strategy.needs)
+    full = tuple(m for m in MEASURES if m in needs)
+    base = tuple(m for m in MEASURES if f"{m}_base" in needs)
+    if full:
+        _adapter_columns(run, model, candidates, full, seed, rows)
+    if base:
+        _base_columns(run, model, candidates, base, rows)
+    return rows
+
+
+def _kwargs(run: Run) -> dict[str, Any]:
+    sc = run.config.scoring
+    return dict(batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
+                max_length=run.config.training.max_length, progress=run.progress)
+
+
+def _samples(run: Run) -> tuple[int, float]:
+    n = run.config.scoring.samples
+    return n, 1.0 if n > 1 else 0.0
+
+
+def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
+                     seed: int, rows: list[dict]) -> None:
+    from starlora.generation import generate
+    from starlora.scoring import score_examples
+
+    sc = run.config.scoring
+    single = sc.single_pass_baselines and not isinstance(run.strategy, Dynamic)
+    passes = 1 if single else sc.mc_passes
+    if sc.answers == "gold":
+        scores = score_examples(model, run.tokenizer, run.task, candidates, measures=measures,
+                                mc_passes=passes, model_dropout=sc.model_dropout, seed=seed,
+                                desc="scoring pool (adapter, gold answers)", **_kwargs(run))
+        _put(rows, scores, measures, "", per_pass=True)
+        return
+    n, temperature = _samples(run)
+    prompts = [run.prompt_ids(ex) for ex in candidates]
+    out = generate(model, run.tokenizer, prompts, max_new_tokens=run.max_new_tokens,
+                   batch_size=run.config.evaluation.batch_size, samples=n,
+                   temperature=temperature, seeds=[seed + i for i in range(len(prompts))],
+                   progress=run.progress, desc="generating pool answers (adapter)")
+    repeated = [ex for ex in candidates for _ in range(n)]
+    scores = score_examples(model, run.tokenizer, run.task, repeated, measures=measures,
+                            mc_passes=passes, model_dropout=sc.model_dropout, seed=seed,
+                            answer_ids=out.tokens, desc="scoring pool (adapter, own answers)",
+                            **_kwargs(run))
+    _put(rows, scores, measures, "", per_pass=True, samples=n)
+    for i, row in enumerate(rows):
+        best = max(out.of(i), key=lambda j: float(out.logprobs[j].sum()))
+        row["answer"] = out.texts[best].strip()
+
+
+def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
+                  rows: list[dict]) -> None:
+    from starlora.scoring import (
+        BaseScoreCache,
+        base_answers,
+        base_cache_key,
+        default_score_cache_dir,
+        score_base,
+    )
+
+    dtype = next(run.base_model.parameters()).dtype
+    cache = BaseScoreCache(default_score_cache_dir(), base_cache_key(
+        run.fingerprint, measures=measures, dtype=dtype,
+        max_length=run.config.training.max_length))
+    answer_ids = None
+    n = 1
+    if run.config.scoring.answers == "generated":
+        n, temperature = _samples(run)
+        prompts = [run.prompt_ids(ex) for ex in candidates]
+        answer_ids = base_answers(model, run.tokenizer, prompts, fingerprint=run.fingerprint,
+                                  dtype=dtype, max_new_tokens=run.max_new_tokens, samples=n,
+                                  temperature=temperature,
+                                  batch_size=run.config.evaluation.batch_size,
+                                  progress=run.progress)
+        candidates = [ex for ex in candidates for _ in range(n)]
+    scores = score_base(model, run.tokenizer, run.task, candidates, measures=measures,
+                        cache=cache, answer_ids=answer_ids,
+                        desc="scoring pool (base model, cached)", **_kwargs(run))
+    _put(rows, scores, measures, "_base", per_pass=False, samples=n)
+
+
+def _put(rows: list[dict], scores: Any, measures: tuple[str, ...], suffix: str, *,
+         per_pass: bool, samples: int = 1) -> None:
+    """Write `measures` of `scores` ([N * samples], grouped by row) into `rows`: the mean over
+    samples, and with `per_pass` the per-pass values (each the mean over samples)."""
+    for m in measures:
+        values = np.asarray(getattr(scores, m)).reshape(len(rows), samples).mean(axis=1)
+        passes = getattr(scores, f"{m}_passes")
+        if passes is not None:
+            passes = np.asarray(passes).reshape(len(rows), samples, -1).mean(axis=1)
+        for i, row in enumerate(rows):
+            row[m + suffix] = float(values[i])
+            if per_pass and passes is not None:
+                row[f"{m}_passes"] = [float(x) for x in passes[i]]

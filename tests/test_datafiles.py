@@ -1,0 +1,75 @@
+"""Data files: JSONL, CSV, Parquet and a datasets folder, with or without answers."""
+
+from __future__ import annotations
+
+import json
+from csv import DictWriter
+from pathlib import Path
+
+import pytest
+
+from starlora.datafiles import load_examples
+from starlora.errors import DataError
+from starlora.tasks import get_task
+
+RECORDS = [{"id": "a", "question": "2 + 2?", "answer": "4\n#### 4"},
+           {"id": "b", "question": "3 + 4?", "answer": "7\n#### 7"}]
+
+
+def write_all(tmp_path: Path, records: list[dict]) -> dict[str, str]:
+    """The same records as JSONL, CSV, Parquet and an `hf:` folder; returns the sources."""
+    from datasets import Dataset
+
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    csv = tmp_path / "d.csv"
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    with open(csv, "w", newline="") as f:
+        writer = DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    parquet = tmp_path / "d.parquet"
+    Dataset.from_list(records).to_parquet(str(parquet))
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    Dataset.from_list(records).to_json(str(folder / "train.jsonl"))
+    return {"jsonl": str(jsonl), "csv": str(csv), "parquet": str(parquet),
+            "hf": f"hf:{folder}:train"}
+
+
+def test_every_format_gives_the_same_examples(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    task = get_task("gsm8k")
+    sources = write_all(tmp_path, RECORDS)
+    loaded = {fmt: [(e.id, e.question, e.answer) for e in load_examples(src, task)]
+              for fmt, src in sources.items()}
+    expected = [(r["id"], r["question"], r["answer"]) for r in RECORDS]
+    assert all(v == expected for v in loaded.values()), loaded
+
+
+def test_a_pool_without_answers_loads_when_answers_are_optional(tmp_path: Path) -> None:
+    task = get_task("gsm8k")
+    records = [{"question": "2 + 2?"}, {"question": "3 + 4?", "answer": ""},
+               {"question": "5 + 5?", "answer": "10\n#### 10"}]
+    sources = write_all(tmp_path, records)
+    for fmt, line in (("jsonl", 1), ("csv", 2)):  # CSV: the header is line 1
+        examples = load_examples(sources[fmt], task, require_answer=False)
+        assert [e.answer for e in examples] == [None, None, "10\n#### 10"], fmt
+        with pytest.raises(DataError, match=rf"d\.{fmt}:{line}: answer: (missing|empty)"):
+            load_examples(sources[fmt], task)
+    # an id derived without an answer does not change when the answer arrives later
+    bare = load_examples(sources["jsonl"], task, require_answer=False)[0].id
+    (tmp_path / "later.jsonl").write_text(json.dumps({"question": "2 + 2?"}) + "\n")
+    assert load_examples(tmp_path / "later.jsonl", task, require_answer=False)[0].id == bare
+
+
+def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
+    task = get_task("gsm8k")
+    csv = tmp_path / "bad.csv"
+    csv.write_text('id,question,answer\na,"2 + 2?","4\n#### 4"\nb,,"#### 1"\n')
+    with pytest.raises(DataError, match=r"bad\.csv:4: question: empty"):  # after a quoted newline
+        load_examples(csv, task)
+    with pytest.raises(DataError, match="unknown file type '.txt'"):
+        load_examples(tmp_path / "x.txt", task)
+    with pytest.raises(DataError, match="cannot load the dataset"):
+        load_examples(f"hf:{tmp_path / 'nothing'}:train", task)

@@ -1,0 +1,127 @@
+"""Labels from people: export of pending queries, import of answers, all-or-nothing checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from starlora.cli import main
+from starlora.config import load_config
+from starlora.errors import DataError
+from starlora.run.labels import export_queries, import_labels
+from starlora.run.store import RunStore
+
+QUERIES = [
+    {"id": f"q{i}", "question": f"What is {i} + {i}?", "prompt": f"Question: What is {i} + {i}?",
+     "draft": f"{i + i}", "uncertainty": 1.0 - i / 10, "round": 1}
+    for i in range(4)
+]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    """A run paused on a human query of 4 examples (one of them answered already)."""
+    store = RunStore.create_or_resume(tmp_path / "run", load_config(
+        None, ["active_learning.oracle=human"]))
+    store.add_labels([{"id": "a", "round": 0, "answer": "x", "source": "simulated"}])
+    store.write_queries(1, QUERIES)
+    store.save_labels({"q3": "6"}, "import:first.jsonl")
+    return store
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_export_formats_carry_the_pending_queries_best_first(store: RunStore, tmp_path: Path) -> None:
+    assert [q["id"] for q in store.pending()] == ["q0", "q1", "q2"]
+    export_queries(store, tmp_path / "q.jsonl", "jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert rows == [{k: q[k] for k in ("id", "question", "prompt", "draft", "uncertainty", "round")}
+                    for q in QUERIES[:3]]
+    export_queries(store, tmp_path / "q.csv", "csv")
+    with open(tmp_path / "q.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["id"] for r in table] == ["q0", "q1", "q2"] and all(r["answer"] == "" for r in table)
+    export_queries(store, tmp_path / "ls.json", "label-studio")
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    assert [t["data"]["id"] for t in tasks] == ["q0", "q1", "q2"]
+    prediction = tasks[0]["predictions"][0]
+    assert prediction["score"] == 1.0 and prediction["result"][0]["value"]["text"] == ["0"]
+    config = (tmp_path / "ls.label_config.xml").read_text()
+    assert '<TextArea name="answer" toName="prompt"' in config and 'value="$prompt"' in config
+
+
+def test_jsonl_csv_and_label_studio_imports_apply_with_their_source(store: RunStore, tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "q0", "answer": " 0 "}) + "\n")
+    assert import_labels(store, tmp_path / "a.jsonl") == (1, 2)
+    (tmp_path / "b.csv").write_text("id,answer,note\nq1,2,ok\n")
+    assert import_labels(store, tmp_path / "b.csv") == (1, 1)
+    export_queries(store, tmp_path / "ls.json", "label-studio")
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    tasks[0]["annotations"] = [
+        {"was_cancelled": False, "result": [{"from_name": "answer", "type": "textarea",
+                                             "value": {"text": ["wrong"]}}]},
+        {"was_cancelled": False, "result": [{"from_name": "answer", "type": "textarea",
+                                             "value": {"text": ["4"]}}]},
+        {"was_cancelled": True, "result": [{"from_name": "answer", "type": "textarea",
+                                            "value": {"text": ["cancelled"]}}]},
+    ]
+    (tmp_path / "export.json").write_text(json.dumps(tasks, indent=2))
+    assert import_labels(store, tmp_path / "export.json") == (1, 0)
+    labels = {r["id"]: (r["answer"], r["source"], r["round"]) for r in store.labelled()}
+    assert labels == {"a": ("x", "simulated", 0), "q0": ("0", "import:a.jsonl", 1),
+                      "q1": ("2", "import:b.csv", 1), "q2": ("4", "import:export.json", 1),
+                      "q3": ("6", "import:first.jsonl", 1)}
+    assert store.close_query(1) and store.pending() == []
+
+
+def test_label_studio_tasks_without_annotations_stay_pending(store: RunStore, tmp_path: Path) -> None:
+    export_queries(store, tmp_path / "ls.json", "label-studio")
+    assert import_labels(store, tmp_path / "ls.json") == (0, 3)
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("unknown.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "zz", "answer": "1"}\n',
+     "unknown.jsonl:2: id: 'zz' unknown id"),
+    ("done.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q3", "answer": "1"}\n',
+     "done.jsonl:2: id: 'q3' is not pending"),
+    ("dup.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q0", "answer": "1"}\n',
+     "dup.jsonl:2: id: duplicate id 'q0' (first on line 1)"),
+    ("empty.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1", "answer": "  "}\n',
+     "empty.jsonl:2: answer: empty answer for id 'q1'"),
+    ("broken.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1", "answer": \n',
+     "broken.jsonl:2: not valid JSON"),
+    ("field.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1"}\n', "field.jsonl:2: answer: missing"),
+    ("nocol.csv", "id,text\nq0,0\n", "nocol.csv:1: answer: missing column"),
+    ("cells.csv", "id,answer\nq0,0\nq1,2,3\n", "cells.csv:3: more cells than header columns"),
+    ("csvdup.csv", "id,answer\nq0,0\nq1,2\nq0,5\n", "csvdup.csv:4: id: duplicate id 'q0'"),
+    ("ls.json", '[\n {"data": {"id": "q0"}, "annotations": []},\n {"nodata": 1}\n]\n',
+     "ls.json:3: data: missing"),
+    ("lsbad.json", '[\n {"data": {"id": "q0"}},\n {"data": \n', "lsbad.json:4: not valid JSON"),
+])
+def test_a_malformed_import_changes_nothing(store: RunStore, tmp_path: Path, capsys,
+                                            name: str, text: str, where: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    before = snapshot(store.root)
+    with pytest.raises(DataError) as e:
+        import_labels(store, path)
+    assert where in str(e.value)
+    assert snapshot(store.root) == before
+    assert main(["import", str(store.root), str(path)]) == 2  # the CLI: one line, exit 2
+    assert where in capsys.readouterr().err
+    assert snapshot(store.root) == before
+
+
+def test_saved_answers_may_be_revised_until_the_query_closes(store: RunStore) -> None:
+    store.save_labels({"q0": "1", "q1": "2", "q2": "4"}, "annotate")
+    store.save_labels({"q0": "0"}, "annotate")
+    assert {r["id"]: r["answer"] for r in store.labelled()}["q0"] == "0"
+    assert len(store.labelled()) == 5 and store.close_query(1)
+    with pytest.raises(Exception, match="not in the open query"):
+        store.save_labels({"q0": "9"}, "annotate")
