@@ -125,7 +125,7 @@ def _say(message: str) -> None:
 
 def _score_rows(
     model, tokenizer, task: Task, candidates: list[Example], strategy: QueryStrategy,
-    config: ExperimentConfig, seed: int, progress: bool,
+    config: ExperimentConfig, seed: int, progress: bool, fingerprint: str = "",
 ) -> list[dict]:
     """One row per candidate with the score columns the strategy needs."""
     from starlora.scoring import (
@@ -150,10 +150,12 @@ def _score_rows(
             row.update({m: float(getattr(full, m)[i]) for m in full_measures})
     base_measures = tuple(m for m in ("pe", "me") if f"{m}_base" in needs)
     if base_measures:
-        key = base_cache_key(config.model.name, task, measures=base_measures,
-                             dtype=config.model.dtype, max_length=config.training.max_length)
-        base = score_base(model, tokenizer, task, candidates, measures=base_measures,
-                          cache=BaseScoreCache(default_score_cache_dir(), key),
+        cache = None  # a model without a fingerprint must not share cached scores
+        if fingerprint:
+            cache = BaseScoreCache(default_score_cache_dir(), base_cache_key(
+                fingerprint, measures=base_measures, dtype=next(model.parameters()).dtype,
+                max_length=config.training.max_length))
+        base = score_base(model, tokenizer, task, candidates, measures=base_measures, cache=cache,
                           desc="scoring pool (base model, cached)", **kwargs)
         base = base.select([ex.id for ex in candidates])
         for i, row in enumerate(rows):
@@ -268,7 +270,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
             if strategy.needs:
                 _say(f"round {k}: scoring {len(candidates)} unlabelled examples")
             rows = _score_rows(model, tokenizer, task, candidates, strategy, config,
-                               seed=seed * 1000 + k, progress=progress)
+                               seed=seed * 1000 + k, progress=progress,
+                               fingerprint=loaded.fingerprint)
             store.write_round(k, "scores.jsonl", rows)
             store.set_state(k, "score")
         if not store.done(k, "select"):

@@ -27,7 +27,8 @@ torch seed. When no dropout is active (p = 0 everywhere) the K passes would be i
 model runs once and the pass is repeated.
 
 Base-model scores (`score_base`) use peft's ``disable_adapter()``, so no second model is loaded;
-`BaseScoreCache` keeps them on disk keyed by example id, model and task.
+`BaseScoreCache` keeps them on disk, one file per model fingerprint, dtype, measures and
+max_length, one record per `sequence_key` (the token ids scored, not the example id).
 """
 
 from __future__ import annotations
@@ -395,6 +396,15 @@ def _fit(
     return prompt, answer[: max_length - len(prompt)]
 
 
+def _encode(
+    model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example],
+    max_length: int | None,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) each example is scored on; max_length default: the model's."""
+    max_length = max_length or _max_positions(model)
+    return [_fit(*task.encode(tokenizer, ex), max_length) for ex in examples]
+
+
 def _batch_end(
     lengths: np.ndarray,
     order: np.ndarray,
@@ -668,6 +678,13 @@ def _score_batch(
 
 # ------------------------------------------------------------------------------------------------
 # public API
+def sequence_key(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> str:
+    """Identity of one scored sequence for `BaseScoreCache`: 32 hex digits of the sha256 of
+    the prompt and answer token ids (after cutting to max_length), the boundary included."""
+    blob = json.dumps([[int(t) for t in prompt_ids], [int(t) for t in answer_ids]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def score_examples(
     model: nn.Module,
     tokenizer: Any,
@@ -729,10 +746,9 @@ def score_examples(
         )
     limit = max_tokens_per_batch if by_tokens else int(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_length = max_length or _max_positions(model)
     if max_padding is None:
         max_padding = 0.1 if device.type == "cpu" else 0.5
-    seqs = [_fit(*task.encode(tokenizer, ex), max_length) for ex in examples]
+    seqs = _encode(model, tokenizer, task, examples, max_length)
     lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
     order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
@@ -829,7 +845,8 @@ def score_base(
 ) -> Scores:
     """`score_examples` with the LoRA adapter disabled (the frozen base model; works for a
     plain model too), always deterministic (K = 1). With `cache`, scores already on disk are
-    reused and only the missing examples are computed."""
+    reused and only the missing sequences are computed: `cache` must have been made for this
+    model's weights and dtype (`base_cache_key`); examples are matched by the tokens scored."""
     kwargs = {**kwargs, "mc_passes": 1}
     kwargs.setdefault("desc", "scoring base")
 
@@ -839,7 +856,8 @@ def score_base(
 
     if cache is None:
         return compute(list(examples))
-    return cache.get_or_compute(examples, compute)
+    seqs = _encode(model, tokenizer, task, examples, kwargs.get("max_length"))
+    return cache.get_or_compute(examples, [sequence_key(p, a) for p, a in seqs], compute)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -850,34 +868,38 @@ def default_score_cache_dir() -> Path:
 
 
 def base_cache_key(
-    model_name: str,
-    task: Task,
+    fingerprint: str,
     *,
     measures: Sequence[str] = MEASURES,
-    dtype: Any = None,
+    dtype: torch.dtype,
     max_length: int | None = None,
 ) -> dict[str, Any]:
-    """The key under which base scores are cached: everything that changes their values."""
+    """The key of one base-score cache file: what, besides the tokens of each example (its
+    `sequence_key`), changes base scores. `fingerprint`: `starlora.models.model_fingerprint` of
+    the weights; `dtype`: the model's parameter dtype (not "auto"). A model without a
+    fingerprint ("") cannot be cached (ConfigError): it would share a key with others."""
+    if not fingerprint:
+        raise ConfigError("base-score cache: the model has no fingerprint of its weights")
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"base-score cache: dtype must be a torch.dtype, got {dtype!r}")
     return {
-        "version": 1,
-        "model": model_name,
-        "dtype": str(dtype) if dtype is not None else None,
-        "task": task.name,
-        "task_class": type(task).__name__,
-        "prompt_style": task.prompt_style,
-        "template": task.template,
-        "answer_prefix": task.answer_prefix,
+        "version": 2,  # 1 keyed records by example id: never read again
+        "model": fingerprint,
+        "dtype": str(dtype),
         "measures": sorted(measures),
         "max_length": max_length,
     }
 
 
 class BaseScoreCache:
-    """Base-model scores on disk, one JSON record per example id.
+    """Base-model scores on disk, one JSON record per scored sequence (its `sequence_key`).
 
-    Lives in `directory` as ``<sha of key>.jsonl`` (appended chunk by chunk while computing, so
-    an interrupted computation resumes; a torn last line from a crash is dropped) next to
-    ``<sha of key>.key.json`` holding the key for humans.
+    Lives in `directory` as ``<sha of key>.jsonl`` next to ``<sha of key>.key.json`` holding
+    the key for humans. Records are appended chunk by chunk while computing (so an interrupted
+    computation resumes), under a `filelock.FileLock` on ``<sha of key>.jsonl.lock``: runs in
+    parallel share the file. Readers take no lock and never write; they skip a last line that
+    is torn (being appended, or left by a crash). A writer, holding the lock, first cuts such
+    a tail (nobody else is writing then, so it is a crashed writer's).
     """
 
     def __init__(self, directory: str | Path, key: dict[str, Any], chunk_size: int = 256):
@@ -888,46 +910,69 @@ class BaseScoreCache:
         ).hexdigest()[:20]
         self.path = self.directory / f"{digest}.jsonl"
         self.key_path = self.directory / f"{digest}.key.json"
+        self.lock_path = self.directory / f"{digest}.jsonl.lock"
         self.chunk_size = chunk_size
-        self.computed = 0  # examples computed (not found) by the last get_or_compute
+        self.computed = 0  # sequences computed (not found) by the last get_or_compute
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """Records on disk by id; repairs the file if its last line is torn."""
+        """Records on disk by sequence key. Reads only: a line without its newline (torn) or
+        that does not parse is skipped."""
         if not self.path.is_file():
             return {}
-        raw = self.path.read_bytes()
         records: dict[str, dict[str, Any]] = {}
-        good = 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
-            records[str(rec["id"])] = rec
-            good += len(line)
-        if good != len(raw):  # crash mid-write: keep the intact prefix
-            atomic_write(self.path, raw[:good])
+        for line in self.path.read_bytes().splitlines(keepends=True):
+            if line.endswith(b"\n"):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    rec = json.loads(line)
+                    records[rec["key"]] = rec
         return records
 
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        blob = "".join(json.dumps(r) + "\n" for r in records).encode()
+        from filelock import FileLock
+
+        with FileLock(self.lock_path), open(self.path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a crashed writer's torn last line: cut it
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
+            f.write(blob)  # O_APPEND: at the end; one write per chunk
+            f.flush()
+            os.fsync(f.fileno())
+
     def get_or_compute(
-        self, examples: Sequence[Example], compute: Callable[[list[Example]], Scores]
+        self,
+        examples: Sequence[Example],
+        keys: Sequence[str],
+        compute: Callable[[list[Example]], Scores],
     ) -> Scores:
-        """Scores of `examples` (in order), computing only those not on disk yet."""
+        """Scores of `examples` (in order; `keys`: their `sequence_key`s), computing only the
+        sequences not on disk yet, each once. Before each chunk the file is read again, so
+        sequences another process wrote meanwhile are not computed twice."""
+        if len(keys) != len(examples):
+            raise ValueError(f"{len(keys)} keys for {len(examples)} examples")
         have = self.load()
-        missing = [ex for ex in examples if ex.id not in have]
-        self.computed = len(missing)
-        if missing:
+        missing: dict[str, Example] = {}  # the first example of each key not on disk
+        for ex, k in zip(examples, keys):
+            if k not in have:
+                missing.setdefault(k, ex)
+        todo = list(missing.items())
+        self.computed = 0
+        if todo:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not self.key_path.is_file():
                 atomic_write(self.key_path, json.dumps(self.key, indent=2, default=str).encode())
-            for s in range(0, len(missing), self.chunk_size):
-                records = compute(missing[s : s + self.chunk_size]).to_records()
-                blob = "".join(json.dumps(r) + "\n" for r in records).encode()
-                with open(self.path, "ab") as f:  # one write per chunk
-                    f.write(blob)
-                    f.flush()
-                    os.fsync(f.fileno())
-                have.update((r["id"], r) for r in records)
-        return Scores.from_records([have[ex.id] for ex in examples])
+        for s in range(0, len(todo), self.chunk_size):
+            if s:
+                have.update(self.load())
+            chunk = [(k, ex) for k, ex in todo[s : s + self.chunk_size] if k not in have]
+            if not chunk:
+                continue
+            scores = compute([ex for _, ex in chunk]).to_records()
+            records = [{"key": k, **r} for (k, _), r in zip(chunk, scores)]
+            self._append(records)
+            self.computed += len(chunk)
+            have.update((r["key"], r) for r in records)
+        return Scores.from_records([{**have[k], "id": ex.id} for ex, k in zip(examples, keys)])
