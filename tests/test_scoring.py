@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from starlora.errors import ConfigError
 from starlora.models import attach_lora, load_model
@@ -41,9 +43,10 @@ def with_lora(model, dropout: float = 0.0, seed: int = 0):
     return peft
 
 
-def reference(model, tokenizer, examples) -> tuple[np.ndarray, np.ndarray]:
-    """Naive float64 PE and ME: one full forward pass per example, full softmax everywhere."""
-    ref = copy.deepcopy(model).double().eval()
+def reference(model, tokenizer, examples, double=True) -> tuple[np.ndarray, np.ndarray]:
+    """Naive float64 PE and ME: one full forward pass per example, full softmax everywhere
+    (`double`: of a float64 copy of the model; else of its own logits, made float64)."""
+    ref = (copy.deepcopy(model).double() if double else model).eval()
     pe, me = [], []
     with torch.no_grad():
         for ex in examples:
@@ -176,6 +179,8 @@ def test_halves_batch_on_out_of_memory(llama, examples, packed):
 
     llama.model.model.register_forward_pre_hook(limited, with_kwargs=True)
     s = score(llama.model, llama.tokenizer, examples, batch_size=8, max_padding=1.0, packed=packed)
+    assert calls[:2] == [1, 1]  # the self-check: one sequence, fast and plain
+    calls = calls[2:]
     assert (
         calls[:2] == [len(examples), 4] and sum(calls[2:]) == len(examples) and max(calls[2:]) <= 2
     )  # 8 -> 4 -> 2
@@ -397,6 +402,77 @@ def test_cache_reader_does_not_cut_another_writers_line(tmp_path):
     other.join(60)
     assert other.exitcode == 0
     assert sorted(r["key"] for r in _records(cache)) == ["k0", "k1", "k2"]
+
+
+def test_granite_logits_scaling(examples):
+    """Granite divides its logits by ``config.logits_scaling``: the fast path does too, so the
+    self-check passes and scores equal those of the model's own forward."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from starlora.errors import ScorerFallbackWarning
+    from starlora.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    config = GraniteConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        logits_scaling=8.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(config).eval()
+    granite.model.norm.weight.data *= 30  # away from near-uniform predictions
+    for model in (granite, with_lora(granite)):
+        pe, me = reference(model, tok, examples)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ScorerFallbackWarning)
+            s = score(model, tok, examples)
+        np.testing.assert_allclose(s.pe, pe, rtol=1e-5)
+        np.testing.assert_allclose(s.me, me, rtol=1e-5)
+
+
+class _PostProcessedLlama(LlamaForCausalLM):
+    """Post-processes its logits in ``forward`` in a way the fast path cannot know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3 + 0.5
+        return out
+
+
+def test_unknown_logit_processing_falls_back_to_plain_forward(llama, examples):
+    from starlora.errors import ScorerFallbackWarning
+
+    llama.model.model.norm.weight.data *= 30
+    odd = _PostProcessedLlama(llama.model.config)
+    odd.load_state_dict(llama.model.state_dict())
+    model = with_lora(odd.eval(), dropout=0.3)
+    pe, me = reference(model, llama.tokenizer, examples, double=False)  # its own logits
+    with pytest.warns(ScorerFallbackWarning, match=r"_PostProcessedLlama: the fast scorer "
+                      r"disagrees with model.forward\(...\).logits \(PE .* vs .*\); scoring "
+                      r"with the plain forward path"):
+        s = score(model, llama.tokenizer, examples, max_tokens_per_batch=128)
+    np.testing.assert_allclose(s.pe, pe, rtol=1e-5)
+    np.testing.assert_allclose(s.me, me, rtol=1e-5)
+    # MC passes on the plain path: torch samples peft's dropout, reproducibly
+    with pytest.warns(ScorerFallbackWarning):
+        torch.manual_seed(1)
+        mc = score(model, llama.tokenizer, examples, mc_passes=2, max_tokens_per_batch=128)
+        torch.manual_seed(1)
+        again = score(model, llama.tokenizer, examples, mc_passes=2, max_tokens_per_batch=128)
+    assert np.all(np.abs(np.diff(mc.pe_passes, axis=1)) > 1e-4)
+    np.testing.assert_array_equal(again.pe_passes, mc.pe_passes)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_self_check_is_silent_on_known_models(tiny, examples):
+    from starlora.errors import ScorerFallbackWarning
+
+    for model in (tiny.model, with_lora(tiny.model, dropout=0.3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ScorerFallbackWarning)
+            score(model, tiny.tokenizer, examples[:3])
+            score(model, tiny.tokenizer, examples[:3], mc_passes=2, model_dropout=True)
 
 
 def test_mask_sampler_rate_gain_and_seed():

@@ -26,6 +26,11 @@ its dropout masks from a seed derived from one base seed, so results are reprodu
 torch seed. When no dropout is active (p = 0 everywhere) the K passes would be identical, so the
 model runs once and the pass is repeated.
 
+Self-check: every `score_examples` call first scores its shortest example both ways, fast and
+with `_plain_batch` (the model's own ``forward(...).logits``, the readable definition of PE and
+ME). If they disagree (an architecture that post-processes logits in a way `_logit_transform`
+does not know), it warns `ScorerFallbackWarning` and scores the whole call the plain way.
+
 Base-model scores (`score_base`) use peft's ``disable_adapter()``, so no second model is loaded;
 `BaseScoreCache` keeps them on disk, one file per model fingerprint, dtype, measures and
 max_length, one record per `sequence_key` (the token ids scored, not the example id).
@@ -39,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from starlora.errors import ConfigError
+from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.models import cache_dir
 from starlora.store import atomic_write
 from starlora.tasks import Example, Task
@@ -168,16 +174,22 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def _logit_transform(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Post-head logit processing some architectures do in their ``forward`` (Gemma 2/3
-    soft-capping, Cohere's scale); None for Llama, Qwen2, GPT-2 and most others."""
+    soft-capping, Cohere's scale, Granite's division by ``logits_scaling``); None for Llama,
+    Qwen2, GPT-2 and most others. Others are caught by the self-check of `score_examples`."""
     config = _unwrap(model).config
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    if not cap and not scale:
+    divide = None  # other model types' logits_scaling means something else (a multiplier)
+    if str(getattr(config, "model_type", "")).startswith("granite"):
+        divide = getattr(config, "logits_scaling", None)
+    if not cap and not scale and divide in (None, 1):
         return None
 
     def transform(z: torch.Tensor) -> torch.Tensor:
         if scale:
             z = z * scale
+        if divide not in (None, 1):
+            z = z / divide
         if cap:
             z = torch.tanh(z / cap) * cap
         return z
@@ -342,9 +354,10 @@ def scoring_mode(
     mc_dropout: bool = False,
     model_dropout: bool = False,
     sampler: _MaskSampler | None = None,
+    fused: bool = True,
 ) -> Iterator[bool]:
     """Eval mode for the whole model, except the dropout modules MC dropout samples (when
-    `mc_dropout`), which are put in train mode. Every peft LoRA ``Linear`` runs a
+    `mc_dropout`), which are put in train mode. With `fused`, every peft LoRA ``Linear`` runs a
     `_LoraScoringForward` meanwhile (its masks come from `sampler` when `mc_dropout`).
     Restores every module's forward and previous ``training`` flag on exit, also on an
     exception. Yields whether any dropout is active."""
@@ -362,7 +375,7 @@ def scoring_mode(
                     layer.training = True  # this flag only, not its base layer's
         if mc_dropout and sampler is None:
             sampler = _MaskSampler(next(model.parameters()).device)
-        for layer in _lora_linears(model):
+        for layer in _lora_linears(model) if fused else []:
             layer.forward = _LoraScoringForward(layer, sampler if sampled else None)
             patched.append(layer)
         yield bool(sampled)
@@ -676,6 +689,72 @@ def _score_batch(
     return owner, nll, ent
 
 
+def _plain_batch(
+    model: nn.Module,
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    device: torch.device,
+    seeds: list[int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The definition of PE and ME, and the path scoring falls back to: right-padded rows
+    through the model's own ``forward(...).logits`` (LoRA layers as peft runs them; pass k
+    seeds torch's dropout with ``seeds[k]``), log-softmax in float64 at the answer positions
+    (`CHUNK_ELEMENTS` at a time). Returns what `_score_batch` returns: owner [P], nll [K, P],
+    entropy [K, P] (nats)."""
+    arrays, flat, targets, owner = _batch_inputs(seqs, pad_id, packed=False)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}  # ids, positions, mask
+    flat_t, tgt_t = (torch.from_numpy(a).to(device) for a in (flat, targets[:, None]))
+    passes = seeds if seeds is not None else [None]
+    nll, ent = np.empty((len(passes), len(owner))), np.empty((len(passes), len(owner)))
+    for k, seed in enumerate(passes):
+        if seed is not None:
+            torch.manual_seed(seed)
+        logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+        z = logits.reshape(-1, logits.shape[-1])[flat_t]  # [P, V]: answer positions
+        if z.device.type == "mps":  # no float64 there
+            z, tgt_t = z.cpu(), tgt_t.cpu()
+        rows = max(1, CHUNK_ELEMENTS // z.shape[1])
+        for s in range(0, z.shape[0], rows):
+            logp = z[s : s + rows].double().log_softmax(-1)
+            nll[k, s : s + rows] = -logp.gather(1, tgt_t[s : s + rows])[:, 0].cpu().numpy()
+            ent[k, s : s + rows] = -(logp.exp() * logp).sum(-1).cpu().numpy()
+    return owner, nll, ent
+
+
+def _fast_path_disagreement(
+    model: nn.Module,
+    body: nn.Module,
+    head: nn.Module,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    seq: tuple[list[int], list[int]],
+    pad_id: int,
+    device: torch.device,
+    packed: bool,
+) -> str | None:
+    """Score `seq` deterministically (no dropout, the adapter as it is) with the fast path and
+    with `_plain_batch`; None when PE and ME agree within ``tol * max(1, |plain|)``, tol =
+    1e-4 for float32/float64 weights and 2e-2 for bf16/fp16 ones (their logits are rounded
+    to ~3 digits), else the warning. Two forward passes of one sequence; draws no random
+    numbers."""
+    with scoring_mode(model), torch.inference_mode():
+        fast = _score_batch(model, body, head, transform, [seq], pad_id, device, True, True,
+                            None, _MaskSampler(device), packed)
+    with scoring_mode(model, fused=False), torch.inference_mode():
+        plain = _plain_batch(model, [seq], pad_id, device, None)
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    bad = [
+        f"{name} {f:.6g} vs {r:.6g}"
+        for name, f, r in zip(("PE", "ME"), (fast[1].sum(), fast[2].sum()),
+                              (plain[1].sum(), plain[2].sum()))
+        if not abs(f - r) <= tol * max(1.0, abs(r))  # NaN disagrees too
+    ]
+    if not bad:
+        return None
+    return (f"{type(_unwrap(model)).__name__}: the fast scorer disagrees with "
+            f"model.forward(...).logits ({', '.join(bad)}); scoring with the plain forward path")
+
+
 # ------------------------------------------------------------------------------------------------
 # public API
 def sequence_key(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> str:
@@ -725,6 +804,14 @@ def score_examples(
             hold. Default 0.1 on CPU, 0.5 on GPUs.
         seed: base seed of the dropout masks; default: drawn from torch's global generator
             (so ``torch.manual_seed`` makes scoring reproducible).
+
+    Self-check: the shortest example (with an answer) is first scored deterministically both
+    by the fast path and by `_plain_batch`, the model's own ``forward(...).logits``. If PE or ME
+    differ by more than ``1e-4 * max(1, |plain|)`` (float32/float64 weights; ``2e-2 *`` for
+    bf16/fp16 weights, whose logits carry ~3 digits), a `ScorerFallbackWarning` names the
+    model class and the whole call runs `_plain_batch` on padded batches (`packed` ignored;
+    MC passes then sample peft's dropout with torch's generator, seeded per batch and pass).
+    The check draws no random numbers and leaves the scores of an agreeing model unchanged.
     """
     measures = tuple(measures)
     unknown = set(measures) - set(MEASURES)
@@ -760,6 +847,13 @@ def score_examples(
             "scoring: packed batches need a model with SDPA attention and sequences no longer "
             "than its sliding window"
         )
+    check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
+    problem = None if check is None else _fast_path_disagreement(
+        model, body, head, transform, seqs[check], pad_id, device, packed
+    )
+    if problem is not None:
+        warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
+        packed = False
 
     N, K = len(examples), mc_passes
     pe = np.full((N, K), np.nan)
@@ -772,7 +866,9 @@ def score_examples(
     fork_devices = [device] if device.type == "cuda" else []
     sampler = _MaskSampler(device)
     with contextlib.ExitStack() as stack:
-        stochastic = stack.enter_context(scoring_mode(model, K > 1, model_dropout, sampler))
+        stochastic = stack.enter_context(
+            scoring_mode(model, K > 1, model_dropout, sampler, fused=problem is None)
+        )
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
@@ -783,21 +879,14 @@ def score_examples(
             idx = order[start:end]
             # one seed per (batch start, pass): reproducible given the base seed
             seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
+            batch = [seqs[i] for i in idx]
             try:
-                owner, nll, ent = _score_batch(
-                    model,
-                    body,
-                    head,
-                    transform,
-                    [seqs[i] for i in idx],
-                    pad_id,
-                    device,
-                    want_pe,
-                    want_me,
-                    seeds,
-                    sampler,
-                    packed,
-                )
+                if problem is not None:
+                    owner, nll, ent = _plain_batch(model, batch, pad_id, device, seeds)
+                else:
+                    owner, nll, ent = _score_batch(model, body, head, transform, batch, pad_id,
+                                                   device, want_pe, want_me, seeds, sampler,
+                                                   packed)
             except torch.OutOfMemoryError:
                 if end - start == 1:
                     raise
