@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from starlora.errors import ModelNotFoundError
-from starlora.models import attach_lora, lora_targets, pick_dtype, resolve_model
+from starlora.models import (
+    attach_lora,
+    load_model,
+    lora_targets,
+    model_fingerprint,
+    pick_dtype,
+    resolve_model,
+)
 
 
 def test_smollm2_loads_offline_with_low_loss(smol) -> None:
@@ -17,6 +25,9 @@ def test_smollm2_loads_offline_with_low_loss(smol) -> None:
     with torch.no_grad():
         loss = smol.model(**ids, labels=ids["input_ids"]).loss.item()
     assert math.isfinite(loss) and loss < 6.0
+    # the fingerprint is the packaged GGUF's sha256, hashed once per process
+    assert smol.fingerprint.startswith("gguf:") and len(smol.fingerprint) == 5 + 64
+    assert model_fingerprint("smollm2-135m-instruct") == smol.fingerprint
 
 
 def test_unknown_model_names_all_three_tries(tmp_path) -> None:
@@ -57,3 +68,32 @@ def test_tune_cpu_allocator_is_accepted_by_glibc() -> None:
     on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     # mallopt refuses values out of range (an mmap threshold over 32 MiB, say) with 0
     assert tune_cpu_allocator() is on_glibc
+
+
+def test_fingerprints_follow_the_weights(tmp_path) -> None:
+    """Tiny models: name, config and seed. Folders: their weight files' names, sizes and
+    mtimes, so retraining in place changes it. A folder without weights has none ("")."""
+    a = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    assert a.fingerprint.startswith("tiny:")
+    assert load_model("tiny-llama", device="cpu", seed=0).fingerprint == a.fingerprint
+    assert load_model("tiny-llama", device="cpu", seed=1).fingerprint != a.fingerprint
+    assert load_model("tiny-qwen2", device="cpu", seed=0).fingerprint != a.fingerprint
+    with pytest.raises(ValueError, match="config"):
+        model_fingerprint("tiny-llama")
+
+    folder = tmp_path / "model"
+    a.model.save_pretrained(folder)
+    a.tokenizer.save_pretrained(folder)
+    first = load_model(str(folder), device="cpu", dtype="float32")
+    assert first.fingerprint.startswith("files:")
+    assert model_fingerprint(str(folder)) == first.fingerprint
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # rewritten in place
+    assert model_fingerprint(str(folder)) != first.fingerprint
+    (folder / "extra.bin").write_bytes(b"x")
+    assert model_fingerprint(str(folder)) not in (first.fingerprint, "")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    assert model_fingerprint(str(bare)) == ""

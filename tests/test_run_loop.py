@@ -62,7 +62,7 @@ def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
     selected = [r["id"] for r in read_jsonl(reference / "rounds/0/selected.jsonl")]
     assert selected == [r["id"] for r in labelled[8:]]
     scores = read_jsonl(reference / "rounds/0/scores.jsonl")
-    assert len(scores) == 40 and set(scores[0]) == {"id", "pe", "pe_passes", "pe_base"}
+    assert len(scores) == 40 and set(scores[0]) == {"id", "pe", "pe_passes", "pe_base", "answer"}
     for row in scores:  # per-pass values (mc_passes: 2), whose mean is the score
         assert len(row["pe_passes"]) == 2 and np.mean(row["pe_passes"]) == pytest.approx(row["pe"])
     # the selection is the strategy's own ranking of the stored scores (query 0, its stream)
@@ -250,7 +250,7 @@ def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
     single = ["active_learning.strategy=pe", "scoring.single_pass_baselines=true"]
     store = run_experiment(load_config(TINY, single), tmp_path / "single", progress=False)
     rows = store.read_round(0, "scores.jsonl")
-    assert set(rows[0]) == {"id", "pe"}  # no per-pass values: one pass
+    assert set(rows[0]) == {"id", "pe", "answer"}  # no per-pass values: one pass
     store = run_experiment(load_config(TINY, single[:1]), tmp_path / "mc", progress=False)
     mc = store.read_round(0, "scores.jsonl")
     assert len(mc[0]["pe_passes"]) == 2 and mc[0]["pe_passes"][0] != mc[0]["pe_passes"][1]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
@@ -41,9 +44,10 @@ def with_lora(model, dropout: float = 0.0, seed: int = 0):
     return peft
 
 
-def reference(model, tokenizer, examples) -> tuple[np.ndarray, np.ndarray]:
-    """Naive float64 PE and ME: one full forward pass per example, full softmax everywhere."""
-    ref = copy.deepcopy(model).double().eval()
+def reference(model, tokenizer, examples, double=True) -> tuple[np.ndarray, np.ndarray]:
+    """Naive float64 PE and ME: one full forward pass per example, full softmax everywhere
+    (`double`: of a float64 copy of the model; else of its own logits, made float64)."""
+    ref = (copy.deepcopy(model).double() if double else model).eval()
     pe, me = [], []
     with torch.no_grad():
         for ex in examples:
@@ -176,6 +180,8 @@ def test_halves_batch_on_out_of_memory(llama, examples, packed):
 
     llama.model.model.register_forward_pre_hook(limited, with_kwargs=True)
     s = score(llama.model, llama.tokenizer, examples, batch_size=8, max_padding=1.0, packed=packed)
+    assert calls[:2] == [1, 1]  # the self-check: one sequence, fast and plain
+    calls = calls[2:]
     assert (
         calls[:2] == [len(examples), 4] and sum(calls[2:]) == len(examples) and max(calls[2:]) <= 2
     )  # 8 -> 4 -> 2
@@ -221,37 +227,52 @@ def test_measures_subset_and_records(llama, examples):
         score(llama.model, llama.tokenizer, examples, measures=("bogus",))
 
 
+def _keys(tokenizer, examples, max_length=None) -> list[str]:
+    from starlora.scoring import _fit, sequence_key
+
+    return [sequence_key(*_fit(*TASK.encode(tokenizer, ex), max_length)) for ex in examples]
+
+
 def test_cache_hits_and_resumes(llama, examples, tmp_path):
     model = llama.model
-    key = base_cache_key("tiny-llama", TASK, dtype=torch.float32)
+    key = base_cache_key(llama.fingerprint, dtype=torch.float32)
+    keys = _keys(llama.tokenizer, examples)
     calls: list[list[str]] = []
 
-    def compute(chunk):
+    def compute(chunk, keys):
         calls.append([ex.id for ex in chunk])
         return score(model, llama.tokenizer, chunk)
 
     cache = BaseScoreCache(tmp_path, key, chunk_size=3)
-    first = cache.get_or_compute(examples, compute)
+    first = cache.get_or_compute(examples, keys, compute)
     assert sorted(sum(calls, [])) == sorted(ex.id for ex in examples) and len(calls) == 3
     assert json.loads(cache.key_path.read_text()) == json.loads(json.dumps(key))
 
     calls.clear()
-    again = BaseScoreCache(tmp_path, key).get_or_compute(examples[::-1], compute)
+    again = BaseScoreCache(tmp_path, key).get_or_compute(examples[::-1], keys[::-1], compute)
     assert calls == [] and again.ids == [ex.id for ex in examples[::-1]]
     np.testing.assert_array_equal(again.select(first.ids).pe, first.pe)
     np.testing.assert_array_equal(again.select(first.ids).me, first.me)
 
-    # a crash after 4 records, mid-way through the 5th line: resume computes only the rest
+    # a crash after 4 records, mid-way through the 5th line: resume computes only the rest,
+    # and the writer cuts the torn tail before appending
     lines = cache.path.read_text().splitlines(keepends=True)
     cache.path.write_text("".join(lines[:4]) + lines[4][:20])
-    resumed = BaseScoreCache(tmp_path, key).get_or_compute(examples, compute)
+    resumed = BaseScoreCache(tmp_path, key).get_or_compute(examples, keys, compute)
     assert sorted(sum(calls, [])) == sorted(json.loads(x)["id"] for x in lines[4:])
     np.testing.assert_allclose(resumed.pe, first.pe, rtol=1e-6)
-    assert len(cache.path.read_text().splitlines()) == len(examples)
+    on_disk = [json.loads(x)["key"] for x in cache.path.read_text().splitlines()]
+    assert sorted(on_disk) == sorted(keys)  # the torn line is gone, nothing is doubled
 
-    # another key (other measures) is another file
-    other = BaseScoreCache(tmp_path, base_cache_key("tiny-llama", TASK, measures=("pe",)))
-    assert other.path != cache.path
+    # another key (other measures, weights or dtype) is another file
+    for other in (
+        base_cache_key(llama.fingerprint, measures=("pe",), dtype=torch.float32),
+        base_cache_key("tiny:other", dtype=torch.float32),
+        base_cache_key(llama.fingerprint, dtype=torch.bfloat16),
+    ):
+        assert BaseScoreCache(tmp_path, other).path != cache.path
+    with pytest.raises(ConfigError, match="fingerprint"):
+        base_cache_key("", dtype=torch.float32)  # an unknown model must not share a key
 
     # score_base goes through the cache
     calls.clear()
@@ -259,6 +280,200 @@ def test_cache_hits_and_resumes(llama, examples, tmp_path):
         model, llama.tokenizer, TASK, examples, cache=BaseScoreCache(tmp_path, key), progress=False
     )
     np.testing.assert_array_equal(via.pe, first.pe)
+
+
+def test_cache_is_keyed_by_the_tokens_scored(llama, examples, tmp_path):
+    """Same id, other question (arith with another subset_seed, two JSONL files numbered 1..N):
+    computed anew. Other id, same tokens: reused. A max_length that cuts the prompt: anew."""
+    from starlora.scoring import sequence_key
+
+    cache = BaseScoreCache(tmp_path, base_cache_key(llama.fingerprint, dtype=torch.float32))
+
+    def base(exs, max_length=None):
+        out = score_base(llama.model, llama.tokenizer, TASK, exs, cache=cache, progress=False,
+                         max_length=max_length)
+        return out, cache.computed
+
+    first, n = base([Example("1", "What is 2 + 3?", "5"), Example("2", "Name a colour.", "Red")])
+    assert n == 2
+    swapped, n = base([Example("1", "Name a colour.", "Red"), Example("2", "What is 2 + 3?", "5")])
+    assert n == 0 and swapped.ids == ["1", "2"]
+    np.testing.assert_array_equal(swapped.pe, first.pe[::-1])
+    other, n = base([Example("1", "What is 2 + 4?", "6"), Example("x", "What is 2 + 3?", "5")])
+    assert n == 1 and other.pe[1] == first.pe[0] and other.pe[0] != first.pe[0]
+    twice, n = base([Example("a", "Hi", "yes"), Example("b", "Hi", "yes")])
+    assert n == 1 and twice.pe[0] == twice.pe[1]  # one sequence is computed once
+    _, n = base([examples[5]], max_length=20)  # the long example, its prompt cut
+    assert n == 1
+    # the prompt/answer boundary is part of the key
+    assert sequence_key([1, 2], [3]) != sequence_key([1], [2, 3])
+    assert sequence_key([1, 2], [3]) == sequence_key((1, 2), np.array([3]))
+
+
+def test_cache_reader_leaves_a_torn_file_alone(tmp_path):
+    """Another process may be mid-append: reading must not rewrite the file (the old cache
+    'repaired' it, cutting the other writer's line)."""
+    cache = BaseScoreCache(tmp_path, {"any": "key"})
+    tmp_path.mkdir(exist_ok=True)
+    good = json.dumps({"key": "k1", "id": "a", "pe": 1.0}) + "\n"
+    raw = (good + json.dumps({"key": "k2", "id": "b", "pe": 2.0})[:17]).encode()
+    cache.path.write_bytes(raw)
+    for _ in range(2):
+        records = cache.load()
+    assert cache.path.read_bytes() == raw
+    assert list(records) == ["k1"]
+
+
+def _fake_scores(chunk: list[Example]) -> Scores:
+    """Scores whose PE is the number at the start of each example's id."""
+    v = np.array([float(ex.id.split("-")[0]) for ex in chunk])
+    return Scores([ex.id for ex in chunk], v, v, v, v, np.ones(len(chunk), np.int64))
+
+
+def _cache_writer(directory: str, start: int, stop: int, go: str | None = None) -> None:
+    """One process writing into a shared cache: examples start..stop-1 (long ids, so that
+    appends take a while), four per `get_or_compute` call as loop rounds do; it waits for the
+    file `go` first when given, and `compute` leaves a ``<go>.computing`` file behind."""
+    import time
+    from pathlib import Path
+
+    while go is not None and not Path(go).exists():
+        time.sleep(0.01)
+
+    def compute(chunk, keys):
+        if go is not None:
+            Path(go + ".computing").touch()
+        return _fake_scores(chunk)
+
+    exs = [Example(f"{i}-" + "x" * 20000, f"q{i}", f"a{i}") for i in range(start, stop)]
+    for a in range(start, stop, 4):
+        part = range(a, min(stop, a + 4))
+        cache = BaseScoreCache(directory, {"shared": 1}, chunk_size=2)
+        got = cache.get_or_compute(exs[a - start : part.stop - start], [f"k{i}" for i in part],
+                                   compute)
+        assert list(got.pe) == list(part)
+
+
+def _records(cache: BaseScoreCache) -> list[dict]:
+    lines = cache.path.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # no torn tail
+    return [json.loads(line) for line in lines[:-1]]  # every line parses
+
+
+def test_cache_concurrent_writers(tmp_path):
+    """Three processes append overlapping ranges to one cache file at once: every line parses
+    and every sequence is there."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the fake compute needs no fresh interpreter
+    ranges = [(0, 40), (20, 60), (30, 70)]
+    procs = [ctx.Process(target=_cache_writer, args=(str(tmp_path), a, b)) for a, b in ranges]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    records = _records(BaseScoreCache(tmp_path, {"shared": 1}))
+    assert {r["key"] for r in records} == {f"k{i}" for i in range(70)}
+    assert all(r["pe"] == float(r["key"][1:]) for r in records)
+
+
+def test_cache_reader_does_not_cut_another_writers_line(tmp_path):
+    """This process is mid-way through appending a record (holding the lock) when another
+    process reads the file, computes and appends: both records end up in the file. (The old
+    cache's reader rewrote the file without the torn line, and the rest of it was lost.)"""
+    import multiprocessing as mp
+
+    from filelock import FileLock
+
+    cache = BaseScoreCache(tmp_path, {"shared": 1})
+    go = str(tmp_path / "go")
+    other = mp.get_context("fork").Process(target=_cache_writer, args=(str(tmp_path), 1, 3, go))
+    other.start()
+    line = json.dumps({"key": "k0", **_fake_scores([Example("0-a", "q", "a")]).to_records()[0]})
+    with FileLock(str(cache.path) + ".lock"), open(cache.path, "ab") as f:
+        f.write(line[:25].encode())
+        f.flush()
+        open(go, "w").close()  # the other process starts reading now
+        for _ in range(3000):  # until it has read the file and computed
+            if other.exitcode is not None or (tmp_path / "go.computing").exists():
+                break
+            time.sleep(0.01)
+        f.write(line[25:].encode() + b"\n")
+    other.join(60)
+    assert other.exitcode == 0
+    assert sorted(r["key"] for r in _records(cache)) == ["k0", "k1", "k2"]
+
+
+def test_granite_logits_scaling(examples):
+    """Granite divides its logits by ``config.logits_scaling``: the fast path does too, so the
+    self-check passes and scores equal those of the model's own forward."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from starlora.errors import ScorerFallbackWarning
+    from starlora.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    config = GraniteConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        logits_scaling=8.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(config).eval()
+    granite.model.norm.weight.data *= 30  # away from near-uniform predictions
+    for model in (granite, with_lora(granite)):
+        pe, me = reference(model, tok, examples)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ScorerFallbackWarning)
+            s = score(model, tok, examples)
+        np.testing.assert_allclose(s.pe, pe, rtol=1e-5)
+        np.testing.assert_allclose(s.me, me, rtol=1e-5)
+
+
+class _PostProcessedLlama(LlamaForCausalLM):
+    """Post-processes its logits in ``forward`` in a way the fast path cannot know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3 + 0.5
+        return out
+
+
+def test_unknown_logit_processing_falls_back_to_plain_forward(llama, examples):
+    from starlora.errors import ScorerFallbackWarning
+
+    llama.model.model.norm.weight.data *= 30
+    odd = _PostProcessedLlama(llama.model.config)
+    odd.load_state_dict(llama.model.state_dict())
+    model = with_lora(odd.eval(), dropout=0.3)
+    pe, me = reference(model, llama.tokenizer, examples, double=False)  # its own logits
+    with pytest.warns(ScorerFallbackWarning, match=r"_PostProcessedLlama: the fast scorer "
+                      r"disagrees with model.forward\(...\).logits \(PE .* vs .*\); scoring "
+                      r"with the plain forward path"):
+        s = score(model, llama.tokenizer, examples, max_tokens_per_batch=128)
+    np.testing.assert_allclose(s.pe, pe, rtol=1e-5)
+    np.testing.assert_allclose(s.me, me, rtol=1e-5)
+    # MC passes on the plain path: torch samples peft's dropout, reproducibly
+    with pytest.warns(ScorerFallbackWarning):
+        torch.manual_seed(1)
+        mc = score(model, llama.tokenizer, examples, mc_passes=2, max_tokens_per_batch=128)
+        torch.manual_seed(1)
+        again = score(model, llama.tokenizer, examples, mc_passes=2, max_tokens_per_batch=128)
+    assert np.all(np.abs(np.diff(mc.pe_passes, axis=1)) > 1e-4)
+    np.testing.assert_array_equal(again.pe_passes, mc.pe_passes)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_self_check_is_silent_on_known_models(tiny, examples):
+    from starlora.errors import ScorerFallbackWarning
+
+    for model in (tiny.model, with_lora(tiny.model, dropout=0.3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ScorerFallbackWarning)
+            score(model, tiny.tokenizer, examples[:3])
+            score(model, tiny.tokenizer, examples[:3], mc_passes=2, model_dropout=True)
 
 
 def test_mask_sampler_rate_gain_and_seed():

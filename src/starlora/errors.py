@@ -33,3 +33,9 @@ class PoolExhaustedError(StarloraError):
 
 class EmptyPoolError(PoolExhaustedError):
     """A strategy was asked to rank an empty pool."""
+
+
+class ScorerFallbackWarning(RuntimeWarning):
+    """The fast scorer disagreed with the model's own ``forward(...).logits`` on a check
+    example, so `starlora.scoring.score_examples` computed the call with the plain forward
+    path (correct, slower). The message names the model class and both values."""

