@@ -125,3 +125,72 @@ def test_saved_answers_may_be_revised_until_the_query_closes(store: RunStore) ->
     assert len(store.labelled()) == 5 and store.close_query(1)
     with pytest.raises(Exception, match="not in the open query"):
         store.save_labels({"q0": "9"}, "annotate")
+
+
+def _answer(question: str) -> str:
+    a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
+    return str(int(a) + int(b))
+
+
+@pytest.mark.slow
+def test_a_human_oracle_run_on_a_pool_without_answers(tmp_path: Path, capsys) -> None:
+    """Three pauses, three ways to answer: a JSONL import; a partial CSV import and the rest;
+    a Label Studio export, edited, imported. The run then finishes, and labelled.jsonl holds
+    exactly the imported answers."""
+    pool, test = tmp_path / "pool.jsonl", tmp_path / "test.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} + {i % 7}?"})
+                            + "\n" for i in range(30)))
+    test.write_text("".join(json.dumps({"question": f"What is {i} + 9?", "answer": str(i + 9)})
+                            + "\n" for i in range(40, 44)))
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    run_dir = tmp_path / "run"
+    run = ["run", str(tiny), "--run-dir", str(run_dir), "--set", "task.name=jsonl",
+           "--set", f"task.train={pool}", "--set", f"task.test={test}",
+           "--set", "active_learning.oracle=human", "--set", "active_learning.rounds=3",
+           "--set", "active_learning.initial_size=4", "--set", "active_learning.query_size=4"]
+    imported: dict[str, str] = {}
+
+    def pause() -> list[dict]:
+        assert main(run) == 0
+        assert "4 queries wait for answers" in capsys.readouterr().out
+        pending = RunStore.open(run_dir).pending()
+        assert len(pending) == 4 and main(["status", str(run_dir), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["pending"] == 4
+        return pending
+
+    # 1: the initial set, answered in JSONL
+    rows = pause()
+    assert all(r["draft"] is not None and r["prompt"].startswith("What is") for r in rows)
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"id": r["id"], "answer": _answer(r["question"])})
+                               + "\n" for r in rows))
+    assert main(["import", str(run_dir), str(answers)]) == 0
+    imported.update({r["id"]: _answer(r["question"]) for r in rows})
+    # 2: after round 0, a CSV with two answers, then the other two
+    rows = pause()
+    assert rows[0]["uncertainty"] >= rows[-1]["uncertainty"]  # highest uncertainty first
+    for part, name in ((rows[:2], "b1.csv"), (rows[2:], "b2.csv")):
+        (tmp_path / name).write_text("id,answer\n" + "".join(
+            f"{r['id']},{_answer(r['question'])}\n" for r in part))
+        assert main(["import", str(run_dir), str(tmp_path / name)]) == 0
+        imported.update({r["id"]: _answer(r["question"]) for r in part})
+    # 3: after round 1, through Label Studio
+    pause()
+    assert main(["export", str(run_dir), "--format", "label-studio",
+                 "--out", str(tmp_path / "ls.json")]) == 0
+    tasks = json.loads((tmp_path / "ls.json").read_text())
+    for t in tasks:
+        t["annotations"] = [{"was_cancelled": False, "result": [
+            {"from_name": "answer", "to_name": "prompt", "type": "textarea",
+             "value": {"text": [_answer(t["data"]["question"])]}}]}]
+        imported[t["data"]["id"]] = _answer(t["data"]["question"])
+    (tmp_path / "ls-export.json").write_text(json.dumps(tasks))
+    assert main(["import", str(run_dir), str(tmp_path / "ls-export.json")]) == 0
+    capsys.readouterr()
+    assert main(run) == 0
+    assert "run finished" in capsys.readouterr().out
+    store = RunStore.open(run_dir)
+    assert {r["id"]: r["answer"] for r in store.labelled()} == imported
+    assert [m["n_labelled"] for m in store.metrics()] == [4, 8, 12]
+    assert {r["source"] for r in store.labelled()} == {
+        "import:a.jsonl", "import:b1.csv", "import:b2.csv", "import:ls-export.json"}

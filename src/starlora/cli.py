@@ -36,29 +36,38 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from starlora.datafiles import load_examples
     from starlora.io import write_jsonl
     from starlora.models import load_model
-    from starlora.scoring import score_base, score_examples
+    from starlora.scoring import MEASURES, score_base, score_examples, score_own_answers
     from starlora.tasks import get_task
 
+    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    unknown = set(measures) - set(MEASURES)
+    if unknown:
+        raise StarloraError(f"--measures: unknown measure(s) {sorted(unknown)}; use pe and/or me")
+    generated = args.answers == "generated"
     task = get_task(args.task, prompt_style=args.prompt_style)
-    examples = load_examples(args.data, task, limit=args.limit)
+    examples = load_examples(args.data, task, limit=args.limit, require_answer=not generated)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model = loaded.model
-    if args.adapter:
+    if args.adapter and not args.base:  # --base: the frozen model, without the adapter
         from starlora.training import load_adapter
 
         model = load_adapter(model, args.adapter)
-    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
-    unknown = set(measures) - {"pe", "me"}
-    if unknown:
-        raise StarloraError(f"--measures: unknown measure(s) {sorted(unknown)}; use pe and/or me")
-    kwargs = dict(measures=measures, batch_size=args.batch_size)
-    if args.base:
-        scores = score_base(model, loaded.tokenizer, task, examples, **kwargs)
+    passes = 1 if args.base else args.mc_passes
+    kwargs = dict(measures=measures, batch_size=args.batch_size, mc_passes=passes,
+                  seed=args.seed)
+    if generated:
+        scores, out = score_own_answers(model, loaded.tokenizer, task, examples,
+                                        max_new_tokens=args.max_new_tokens,
+                                        samples=args.samples, **kwargs)
+        records = scores.to_records()
+        for i, rec in enumerate(records):
+            best = max(out.of(i), key=lambda j: float(out.logprobs[j].sum()))
+            rec["answer"] = out.texts[best].strip()
+    elif args.base:
+        records = score_base(model, loaded.tokenizer, task, examples, **kwargs).to_records()
     else:
-        scores = score_examples(
-            model, loaded.tokenizer, task, examples, mc_passes=args.mc_passes, **kwargs
-        )
-    write_jsonl(args.out, scores.to_records())
+        records = score_examples(model, loaded.tokenizer, task, examples, **kwargs).to_records()
+    write_jsonl(args.out, records)
     print(f"wrote {len(examples)} scores to {args.out}", file=sys.stderr)
     return 0
 
@@ -69,7 +78,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
-    run_experiment(config, run_dir)
+    store = run_experiment(config, run_dir)
+    pending = store.pending()
+    if pending:  # a human oracle: the run waits for answers
+        print(f"{len(pending)} queries wait for answers: starlora export {run_dir} --format csv "
+              f"--out queries.csv (or starlora annotate {run_dir}); then starlora import "
+              f"{run_dir} queries.csv and run this command again")
+        return 0
     print(f"run finished: {run_dir} (starlora status {run_dir}; starlora report {run_dir})")
     return 0
 
@@ -176,7 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter folder (peft format)")
     p.add_argument("--base", action="store_true", help="score with the adapter disabled")
     p.add_argument("--task", required=True, help="gsm8k, boolq, obqa, jsonl, arith")
-    p.add_argument("--data", required=True, help="JSONL file with question and answer fields")
+    p.add_argument("--data", required=True,
+                   help="data file (.jsonl, .csv, .parquet or hf:<dataset>:<split>)")
+    p.add_argument("--answers", choices=["generated", "gold"], default="generated",
+                   help="score the model's own answers (records need no answer; default) or "
+                        "the records' gold answers")
+    p.add_argument("--samples", type=int, default=1,
+                   help="generated answers per record: 1 greedy, N > 1 at temperature 1")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="of a generated answer")
+    p.add_argument("--seed", type=int, default=0, help="of MC-dropout masks and samples")
     p.add_argument("--prompt-style", choices=["plain", "chat"], default="plain")
     p.add_argument("--measures", default="pe,me", help="comma-separated: pe, me")
     p.add_argument("--mc-passes", type=int, default=1, help="Monte-Carlo dropout passes")

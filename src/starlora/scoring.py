@@ -138,6 +138,22 @@ class Scores:
             me_passes=passes("me_passes"),
         )
 
+    def mean_over(self, samples: int) -> Scores:
+        """Scores of N examples from these N * `samples` rows (grouped by example): every
+        measure, its per-token mean and per-pass values averaged over the samples."""
+        if samples == 1:
+            return self
+        n = len(self.ids) // samples
+
+        def avg(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a.reshape(n, samples, *a.shape[1:]).mean(axis=1)
+
+        return Scores(
+            ids=self.ids[::samples], pe=avg(self.pe), pe_mean=avg(self.pe_mean), me=avg(self.me),
+            me_mean=avg(self.me_mean), n_answer_tokens=avg(self.n_answer_tokens),
+            pe_passes=avg(self.pe_passes), me_passes=avg(self.me_passes),
+        )
+
     def select(self, ids: Sequence[str]) -> Scores:
         """Scores of `ids`, in that order (KeyError for an unknown id)."""
         where = {id_: i for i, id_ in enumerate(self.ids)}
@@ -932,6 +948,41 @@ def score_examples(
     )
 
 
+def score_own_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int,
+    samples: int = 1,
+    generation_batch_size: int = 16,
+    seed: int = 0,
+    max_length: int | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> tuple[Scores, Any]:
+    """Label-free PE/ME: `model` answers each example itself (greedy; with `samples` N > 1,
+    N answers at temperature 1, seeded per example from `seed`), and `score_examples` measures
+    those tokens (MC dropout as `kwargs` ask). Returns (scores [N] with each measure the mean
+    over the samples and per-pass values likewise, `starlora.generation.Generated` [N * S]).
+    The examples' own answers are never read."""
+    from starlora.generation import generate
+
+    limit = max_length or _max_positions(model)
+    prompts = [task.prompt_ids(tokenizer, ex)[-limit:] if limit else task.prompt_ids(tokenizer, ex)
+               for ex in examples]
+    out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                   batch_size=generation_batch_size, samples=samples,
+                   temperature=1.0 if samples > 1 else 0.0,
+                   seeds=[seed + i for i in range(len(prompts))], progress=progress,
+                   desc=kwargs.pop("generation_desc", "generating answers"))
+    repeated = [ex for ex in examples for _ in range(samples)]
+    scores = score_examples(model, tokenizer, task, repeated, answer_ids=out.tokens, seed=seed,
+                            max_length=max_length, progress=progress, **kwargs)
+    return scores.mean_over(samples), out
+
+
 def score_base(
     model: nn.Module,
     tokenizer: Any,
@@ -1113,10 +1164,6 @@ def base_answers(
     answers are seeded by the prompt's key, so they do not depend on the run or the batch."""
     from starlora.generation import generate
 
-    key = {**base_cache_key(fingerprint, measures=(), dtype=dtype),
-           "generation": {"max_new_tokens": max_new_tokens, "samples": samples,
-                          "temperature": temperature}}
-    cache = BaseScoreCache(default_score_cache_dir(), key)
     keys = [sequence_key(p, []) for p in prompts]
 
     def make(positions: list[int]) -> list[dict[str, Any]]:
@@ -1128,4 +1175,10 @@ def base_answers(
                            progress=progress, desc="generating pool answers (base, cached)")
         return [{"answers": [out.tokens[j] for j in out.of(n)]} for n in range(len(positions))]
 
+    if not fingerprint:  # weights without a fingerprint: generated every time
+        return [a for r in make(list(range(len(prompts)))) for a in r["answers"]]
+    key = {**base_cache_key(fingerprint, measures=(), dtype=dtype),
+           "generation": {"max_new_tokens": max_new_tokens, "samples": samples,
+                          "temperature": temperature}}
+    cache = BaseScoreCache(default_score_cache_dir(), key)
     return [a for r in cache.records(keys, make) for a in r["answers"]]

@@ -54,7 +54,7 @@ class Run:
     progress: bool
     base_model: Any = None
     tokenizer: Any = None
-    fingerprint: str | None = None
+    fingerprint: str = ""  # of the base model's weights ("" when it has none: no caching)
     model: Any = None
     tracker: Any = None
     by_id: dict[str, Example] = field(default_factory=dict)  # pool and task.labelled examples
@@ -221,7 +221,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
                         trust_remote_code=config.model.trust_remote_code)
     run = Run(config, store, task, strategy, data, n_rounds, progress, loaded.model,
-              loaded.tokenizer, getattr(loaded, "fingerprint", None),
+              loaded.tokenizer, loaded.fingerprint,
               by_id={ex.id: ex for ex in [*data.pool, *data.labelled]})
     if config.output.report_to:
         run.tracker = _start_tracker(config, store)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from starlora.acquisition import Dynamic
 from starlora.tasks import Example
 
@@ -47,37 +45,25 @@ def _kwargs(run: Run) -> dict[str, Any]:
                 max_length=run.config.training.max_length, progress=run.progress)
 
 
-def _samples(run: Run) -> tuple[int, float]:
-    n = run.config.scoring.samples
-    return n, 1.0 if n > 1 else 0.0
-
-
 def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
                      seed: int, rows: list[dict]) -> None:
-    from starlora.generation import generate
-    from starlora.scoring import score_examples
+    from starlora.scoring import score_examples, score_own_answers
 
     sc = run.config.scoring
     single = sc.single_pass_baselines and not isinstance(run.strategy, Dynamic)
-    passes = 1 if single else sc.mc_passes
+    options = dict(measures=measures, mc_passes=1 if single else sc.mc_passes,
+                   model_dropout=sc.model_dropout, seed=seed, **_kwargs(run))
     if sc.answers == "gold":
-        scores = score_examples(model, run.tokenizer, run.task, candidates, measures=measures,
-                                mc_passes=passes, model_dropout=sc.model_dropout, seed=seed,
-                                desc="scoring pool (adapter, gold answers)", **_kwargs(run))
+        scores = score_examples(model, run.tokenizer, run.task, candidates,
+                                desc="scoring pool (adapter, gold answers)", **options)
         _put(rows, scores, measures, "", per_pass=True)
         return
-    n, temperature = _samples(run)
-    prompts = [run.prompt_ids(ex) for ex in candidates]
-    out = generate(model, run.tokenizer, prompts, max_new_tokens=run.max_new_tokens,
-                   batch_size=run.config.evaluation.batch_size, samples=n,
-                   temperature=temperature, seeds=[seed + i for i in range(len(prompts))],
-                   progress=run.progress, desc="generating pool answers (adapter)")
-    repeated = [ex for ex in candidates for _ in range(n)]
-    scores = score_examples(model, run.tokenizer, run.task, repeated, measures=measures,
-                            mc_passes=passes, model_dropout=sc.model_dropout, seed=seed,
-                            answer_ids=out.tokens, desc="scoring pool (adapter, own answers)",
-                            **_kwargs(run))
-    _put(rows, scores, measures, "", per_pass=True, samples=n)
+    scores, out = score_own_answers(
+        model, run.tokenizer, run.task, candidates, max_new_tokens=run.max_new_tokens,
+        samples=sc.samples, generation_batch_size=run.config.evaluation.batch_size,
+        generation_desc="generating pool answers (adapter)",
+        desc="scoring pool (adapter, own answers)", **options)
+    _put(rows, scores, measures, "", per_pass=True)
     for i, row in enumerate(rows):
         best = max(out.of(i), key=lambda j: float(out.logprobs[j].sum()))
         row["answer"] = out.texts[best].strip()
@@ -94,35 +80,34 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
     )
 
     dtype = next(run.base_model.parameters()).dtype
-    cache = BaseScoreCache(default_score_cache_dir(), base_cache_key(
-        run.fingerprint, measures=measures, dtype=dtype,
-        max_length=run.config.training.max_length))
+    cache = None  # a model without a fingerprint of its weights must not share cached scores
+    if run.fingerprint:
+        cache = BaseScoreCache(default_score_cache_dir(), base_cache_key(
+            run.fingerprint, measures=measures, dtype=dtype,
+            max_length=run.config.training.max_length))
     answer_ids = None
     n = 1
     if run.config.scoring.answers == "generated":
-        n, temperature = _samples(run)
+        n = run.config.scoring.samples
         prompts = [run.prompt_ids(ex) for ex in candidates]
         answer_ids = base_answers(model, run.tokenizer, prompts, fingerprint=run.fingerprint,
                                   dtype=dtype, max_new_tokens=run.max_new_tokens, samples=n,
-                                  temperature=temperature,
+                                  temperature=1.0 if n > 1 else 0.0,
                                   batch_size=run.config.evaluation.batch_size,
                                   progress=run.progress)
         candidates = [ex for ex in candidates for _ in range(n)]
     scores = score_base(model, run.tokenizer, run.task, candidates, measures=measures,
                         cache=cache, answer_ids=answer_ids,
                         desc="scoring pool (base model, cached)", **_kwargs(run))
-    _put(rows, scores, measures, "_base", per_pass=False, samples=n)
+    _put(rows, scores.mean_over(n), measures, "_base", per_pass=False)
 
 
 def _put(rows: list[dict], scores: Any, measures: tuple[str, ...], suffix: str, *,
-         per_pass: bool, samples: int = 1) -> None:
-    """Write `measures` of `scores` ([N * samples], grouped by row) into `rows`: the mean over
-    samples, and with `per_pass` the per-pass values (each the mean over samples)."""
+         per_pass: bool) -> None:
+    """Write `measures` of `scores` (aligned with `rows`) into `rows`, with `per_pass` the
+    per-pass values too."""
     for m in measures:
-        values = np.asarray(getattr(scores, m)).reshape(len(rows), samples).mean(axis=1)
-        passes = getattr(scores, f"{m}_passes")
-        if passes is not None:
-            passes = np.asarray(passes).reshape(len(rows), samples, -1).mean(axis=1)
+        values, passes = getattr(scores, m), getattr(scores, f"{m}_passes")
         for i, row in enumerate(rows):
             row[m + suffix] = float(values[i])
             if per_pass and passes is not None:
