@@ -228,9 +228,10 @@ def test_measures_subset_and_records(llama, examples):
 
 
 def _keys(tokenizer, examples, max_length=None) -> list[str]:
-    from starlora.scoring import _fit, sequence_key
+    from starlora.scoring import sequence_key
+    from starlora.scoring.batching import fit
 
-    return [sequence_key(*_fit(*TASK.encode(tokenizer, ex), max_length)) for ex in examples]
+    return [sequence_key(*fit(*TASK.encode(tokenizer, ex), max_length)) for ex in examples]
 
 
 def test_cache_hits_and_resumes(llama, examples, tmp_path):
@@ -477,13 +478,13 @@ def test_self_check_is_silent_on_known_models(tiny, examples):
 
 
 def test_mask_sampler_rate_gain_and_seed():
-    from starlora.scoring import _MaskSampler
+    from starlora.scoring.lora_fastpath import MaskSampler
 
     def drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
         # project onto the identity: h is the masked input itself
         return sampler.project(x, torch.eye(x.shape[1], dtype=x.dtype), p)
 
-    sampler = _MaskSampler(torch.device("cpu"))
+    sampler = MaskSampler(torch.device("cpu"))
     sampler.block_elements = 4096  # many blocks: they must not repeat masks
     sampler.reseed(7)
     x = torch.ones(1000, 500)
@@ -508,9 +509,9 @@ def test_mask_sampler_off_cpu_uses_torch_dropout():
     """The path GPUs take (torch's dropout, seeded by ``torch.manual_seed`` per pass), run here
     on CPU tensors: the drop rate is p, the kept elements are already rescaled (gain 1) and
     the masks repeat under the same torch seed."""
-    from starlora.scoring import _MaskSampler
+    from starlora.scoring.lora_fastpath import MaskSampler
 
-    sampler = _MaskSampler(torch.device("cpu"))
+    sampler = MaskSampler(torch.device("cpu"))
     sampler.cpu = False
     x = torch.ones(1000, 500)
     torch.manual_seed(3)
@@ -526,7 +527,7 @@ def test_answer_measures_in_vocabulary_tiles(vocab_tile):
     """The tiled LM head with its float64 merge equals log-softmax over the whole vocabulary,
     for a head with a bias and a soft-capping transform, targets in every tile (the first and
     last token included)."""
-    from starlora.scoring import _answer_measures
+    from starlora.scoring.measures import answer_measures
 
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(32, 5000)
@@ -542,35 +543,35 @@ def test_answer_measures_in_vocabulary_tiles(vocab_tile):
 
     with torch.no_grad():
         logp = torch.log_softmax(cap(copy.deepcopy(head).double()(hidden.double())), -1)
-        nll, ent = _answer_measures(hidden, head, targets, cap, True, vocab_tile)
-        pe_only, no_ent = _answer_measures(hidden, head, targets, cap, False, vocab_tile)
+        nll, ent = answer_measures(hidden, head, targets, cap, True, vocab_tile)
+        pe_only, no_ent = answer_measures(hidden, head, targets, cap, False, vocab_tile)
     torch.testing.assert_close(nll, -logp.gather(1, targets[:, None])[:, 0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=0)
     torch.testing.assert_close(pe_only, nll, rtol=1e-6, atol=1e-7)
-    whole = _answer_measures(hidden, head, targets, cap, True, None)  # the merge adds ~nothing
+    whole = answer_measures(hidden, head, targets, cap, True, None)  # the merge adds ~nothing
     torch.testing.assert_close((nll, ent), whole, rtol=1e-6, atol=1e-6)
     # tiles of 9 to 64 rows (a ragged last one) give the same numbers
-    few_rows = _answer_measures(hidden, head, targets, cap, True, vocab_tile, max_elements=49728)
+    few_rows = answer_measures(hidden, head, targets, cap, True, vocab_tile, max_elements=49728)
     torch.testing.assert_close(few_rows, (nll, ent), rtol=1e-6, atol=1e-6)
     assert no_ent.isnan().all()
     with pytest.raises(ConfigError, match="token id 5000"):
-        _answer_measures(hidden, head, targets.clamp(min=5000), cap, True, vocab_tile)
+        answer_measures(hidden, head, targets.clamp(min=5000), cap, True, vocab_tile)
 
 
 def _layer_outputs(layer, x, sampler=None):
-    """(peft's forward, `_LoraScoringForward`) of one LoRA layer on x."""
-    from starlora.scoring import _LoraScoringForward
+    """(peft's forward, `LoraScoringForward`) of one LoRA layer on x."""
+    from starlora.scoring.lora_fastpath import LoraScoringForward
 
     with torch.inference_mode():
-        return layer(x), _LoraScoringForward(layer, sampler)(x)
+        return layer(x), LoraScoringForward(layer, sampler)(x)
 
 
 @pytest.mark.parametrize("rows", [3, 400])  # below / above the merge threshold
 def test_fused_lora_forward_equals_peft(tiny, rows):
-    from starlora.scoring import _lora_linears
+    from starlora.scoring.lora_fastpath import lora_linears
 
     model = with_lora(tiny.model).eval()
-    layers = _lora_linears(model)
+    layers = lora_linears(model)
     assert layers, "every tiny architecture gets peft LoRA Linear layers"
     gen = torch.Generator().manual_seed(0)
     for layer in layers:
@@ -582,11 +583,11 @@ def test_fused_lora_forward_equals_peft(tiny, rows):
 
 
 def test_fused_lora_mc_masks_are_unbiased(llama):
-    from starlora.scoring import _lora_linears, _MaskSampler
+    from starlora.scoring.lora_fastpath import MaskSampler, lora_linears
 
     model = with_lora(llama.model, dropout=0.3).eval()
-    layer = _lora_linears(model)[0]
-    sampler = _MaskSampler(torch.device("cpu"))
+    layer = lora_linears(model)[0]
+    sampler = MaskSampler(torch.device("cpu"))
     x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(1))
     det, _ = _layer_outputs(layer, x)
     samples = torch.stack([_layer_outputs(layer, x, sampler)[1] for _ in range(4000)])
@@ -617,10 +618,10 @@ def test_dora_falls_back_to_peft_and_still_samples(llama, examples):
 
 
 def test_wrapped_lora_forward_is_left_alone(llama, examples):
-    from starlora.scoring import _lora_linears
+    from starlora.scoring.lora_fastpath import lora_linears
 
     model = with_lora(llama.model, dropout=0.3)
-    layer = _lora_linears(model)[0]
+    layer = lora_linears(model)[0]
     calls = []
     original = layer.forward
 
@@ -631,7 +632,7 @@ def test_wrapped_lora_forward_is_left_alone(llama, examples):
     layer.forward = hooked
     expected = score(model, llama.tokenizer, examples)
     assert calls and vars(layer)["forward"] is hooked  # used while scoring, still in place
-    assert layer not in _lora_linears(model)
+    assert layer not in lora_linears(model)
     del layer.forward
     np.testing.assert_allclose(score(model, llama.tokenizer, examples).pe, expected.pe, rtol=1e-5)
 

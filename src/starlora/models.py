@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from starlora.errors import ModelNotFoundError
+from starlora.errors import ConfigError, ModelNotFoundError
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -320,3 +321,55 @@ def attach_lora(
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
     )
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+# -- the parts of a causal LM, for code that runs the head itself (scoring, training) --------
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``*ForCausalLM`` inside a peft wrapper (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body returning final hidden states, LM head) of a causal LM; with peft, the
+    LoRA layers live inside these modules, so calling them applies (or skips) the adapter."""
+    lm = unwrap_model(model)
+    body = getattr(lm, "base_model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if body is None or body is lm or head is None:
+        raise ConfigError(f"scoring: {type(lm).__name__} is not a causal LM with an LM head")
+    return body, head
+
+
+def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Post-head logit processing some architectures do in their ``forward`` (Gemma 2/3
+    soft-capping, Cohere's scale, Granite's division by ``logits_scaling``); None for Llama,
+    Qwen2, GPT-2 and most others. Others are caught by the self-check of `score_examples`."""
+    config = unwrap_model(model).config
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = None  # other model types' logits_scaling means something else (a multiplier)
+    if str(getattr(config, "model_type", "")).startswith("granite"):
+        divide = getattr(config, "logits_scaling", None)
+    if not cap and not scale and divide in (None, 1):
+        return None
+
+    def transform(z: torch.Tensor) -> torch.Tensor:
+        if scale:
+            z = z * scale
+        if divide not in (None, 1):
+            z = z / divide
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
+
+    return transform
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The model's maximum position count, if its config states one."""
+    config = unwrap_model(model).config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

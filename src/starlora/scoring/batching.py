@@ -1,0 +1,111 @@
+"""Batches of (prompt, answer) token sequences: cutting to a maximum length, grouping by
+length under a token budget, and the model inputs of one batch (packed or padded)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from starlora.models import max_positions
+from starlora.tasks import Example, Task
+
+
+def fit(
+    prompt: list[int], answer: list[int], max_length: int | None
+) -> tuple[list[int], list[int]]:
+    """Cut a too-long pair to `max_length` tokens: the prompt loses tokens on the left (at
+    least one is kept), then, if still too long, the answer loses tokens on the right."""
+    if max_length is None or len(prompt) + len(answer) <= max_length:
+        return prompt, answer
+    keep = max(1, max_length - len(answer))
+    prompt = prompt[-keep:]
+    return prompt, answer[: max_length - len(prompt)]
+
+
+def encode_pairs(
+    model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example],
+    max_length: int | None, answer_ids: Sequence[Sequence[int]] | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) each example is scored on: its gold answer as `Task.encode`
+    makes it, or the given `answer_ids` (generated tokens, scored exactly as generated).
+    max_length default: the model's."""
+    max_length = max_length or max_positions(model)
+    if answer_ids is None:
+        return [fit(*task.encode(tokenizer, ex), max_length) for ex in examples]
+    if len(answer_ids) != len(examples):
+        raise ValueError(f"{len(answer_ids)} answers for {len(examples)} examples")
+    return [fit(task.prompt_ids(tokenizer, ex), [int(t) for t in a], max_length)
+            for ex, a in zip(examples, answer_ids)]
+
+
+def batch_end(
+    lengths: np.ndarray,
+    order: np.ndarray,
+    start: int,
+    limit: int,
+    by_tokens: bool,
+    max_padding: float,
+    packed: bool = False,
+) -> int:
+    """End (exclusive, into `order`) of the batch that starts at `start`: at most `limit`
+    tokens (`by_tokens`; padded tokens, or real ones when `packed`) or examples, and, padded,
+    at most a `max_padding` fraction of padding. `order` sorts examples by decreasing length,
+    so the first one sets the padded length."""
+    longest = int(lengths[order[start]])
+    end, useful = start + 1, longest
+    while end < len(order):
+        n = int(lengths[order[end]])
+        if not by_tokens:
+            fits = end - start < limit
+        elif packed:
+            fits = useful + n <= limit
+        else:
+            fits = (end + 1 - start) * longest <= limit
+        if not fits or (not packed and 1 - (useful + n) / ((end + 1 - start) * longest) > max_padding):
+            break
+        useful += n
+        end += 1
+    return end
+
+
+#: name under which `packed_attention` is registered with transformers' AttentionInterface
+
+
+def batch_inputs(
+    seqs: list[tuple[list[int], list[int]]], pad_id: int, packed: bool
+) -> tuple[dict[str, np.ndarray | None], np.ndarray, np.ndarray, np.ndarray]:
+    """Model inputs of one batch and where its answers are.
+
+    Packed: one row ``[1, sum(L)]`` holding the sequences back to back, positions restarting at
+    0 for each, no attention mask. Padded: ``[B, max(L)]`` right-padded with a mask; real tokens
+    sit at positions 0..len-1 in every architecture either way.
+
+    Returns (inputs: input_ids, position_ids, attention_mask (None when packed);
+    flat [P]: index of each answer position's hidden state in the flattened ``[rows * T]``
+    output; targets [P]: the answer token it predicts; owner [P]: its sequence's index in seqs).
+    """
+    lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if packed else None
+    width = int(lengths.sum()) if packed else int(lengths.max())
+    rows = 1 if packed else len(seqs)
+    ids = np.full((rows, width), pad_id, np.int64)
+    positions = np.zeros((rows, width), np.int64) if packed else np.tile(np.arange(width), (rows, 1))
+    flat, targets, owner = [], [], []
+    for j, (p, a) in enumerate(seqs):
+        row, offset = (0, int(starts[j])) if packed else (j, 0)
+        n = len(p) + len(a)
+        ids[row, offset : offset + n] = p + a
+        if packed:
+            positions[row, offset : offset + n] = np.arange(n)
+        # the hidden state at position t predicts token t + 1
+        flat.append(row * width + offset + np.arange(len(p) - 1, n - 1))
+        targets.append(np.asarray(a, np.int64))
+        owner.append(np.full(len(a), j))
+    mask = None
+    if not packed:
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+    return inputs, np.concatenate(flat), np.concatenate(targets), np.concatenate(owner)

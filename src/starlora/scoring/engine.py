@@ -1,0 +1,334 @@
+"""The scoring engine: `score_examples` (teacher-forced PE/ME, MC dropout), `score_base`
+(the frozen base model, cached), `score_own_answers` and `base_answers` (label-free: the model
+scores its own generated answers).
+
+How it is fast: examples are sorted by length and grouped into batches of about
+`max_tokens_per_batch` tokens. On CPU a batch is one row of sequences packed back to back
+(`starlora.scoring.packing`); elsewhere right-padded rows. The decoder body runs once per
+batch and pass; the LM head runs only at answer positions, in vocabulary tiles
+(`starlora.scoring.measures`). Each peft LoRA layer runs a fused forward while scoring
+(`starlora.scoring.lora_fastpath`).
+
+Monte-Carlo dropout (`mc_passes` K > 1): the LoRA dropout on A's input (and, with
+`model_dropout`, the model's own ``nn.Dropout`` modules) really samples in every pass; each
+(batch, pass) draws its masks from a seed derived from one base seed, so scores are
+reproducible given it. When no dropout is active the model runs once and the pass is repeated.
+
+Self-check: every call first scores its shortest example both ways, fast and with the plain
+definition (`starlora.scoring.reference`); if they disagree, a `ScorerFallbackWarning` names
+the model class and the whole call runs the plain way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from starlora.errors import ConfigError, ScorerFallbackWarning
+from starlora.models import decoder_and_head, logit_transform, unwrap_model
+from starlora.scoring.batching import batch_end, batch_inputs, encode_pairs
+from starlora.scoring.cache import (
+    BaseScoreCache,
+    sequence_key,
+)
+from starlora.scoring.lora_fastpath import MaskSampler, adapter_disabled, scoring_mode
+from starlora.scoring.measures import (
+    CHUNK_ELEMENTS,
+    CPU_VOCAB_TILE,
+    GPU_CHUNK_ELEMENTS,
+    answer_measures,
+)
+from starlora.scoring.packing import can_pack, packed_attention_for, packed_lengths
+from starlora.scoring.reference import plain_batch
+from starlora.scoring.results import MEASURES, Scores
+from starlora.tasks import Example, Task
+
+#: default tokens per batch on CPU: measured fastest on SmolLM2-135M (1024-8192 tried)
+CPU_TOKENS_PER_BATCH = 2048
+#: default padded tokens per batch on GPUs (halved on out-of-memory)
+GPU_TOKENS_PER_BATCH = 16384
+
+
+def _score_batch(
+    model: nn.Module,
+    body: nn.Module,
+    head: nn.Module,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    device: torch.device,
+    want_pe: bool,
+    want_me: bool,
+    seeds: list[int] | None,
+    sampler: MaskSampler,
+    packed: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-position NLL and entropy of one batch, for each pass (pass k reseeds torch and
+    `sampler` with ``seeds[k]``).
+
+    Returns (owner [P] int: index of the example in `seqs` of each answer position,
+    nll [K, P] float64, entropy [K, P] float64), P = total answer tokens of the batch,
+    K = len(seeds) or 1 (deterministic).
+    """
+    arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed)
+    inputs = {k: None if v is None else torch.from_numpy(v).to(device) for k, v in arrays.items()}
+    flat_t = torch.from_numpy(flat).to(device)
+    tgt_t = torch.from_numpy(targets).to(device)
+    P = len(owner)
+    lengths = [len(p) + len(a) for p, a in seqs]
+    cpu = device.type == "cpu"
+    vocab_tile, max_elements = (CPU_VOCAB_TILE, CHUNK_ELEMENTS) if cpu else (None, GPU_CHUNK_ELEMENTS)
+
+    passes = seeds if seeds is not None else [None]
+    nll = np.full((len(passes), P), np.nan)
+    ent = np.full((len(passes), P), np.nan)
+    for k, seed in enumerate(passes):
+        if seed is not None:
+            torch.manual_seed(seed)  # dropouts peft runs itself (fallback layers, the model's own)
+            sampler.reseed(seed)
+        with packed_lengths(lengths) if packed else contextlib.nullcontext():
+            out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
+        hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
+        del out
+        nll_k, ent_k = answer_measures(
+            hidden, head, tgt_t, transform, want_me, vocab_tile, max_elements
+        )
+        if want_pe:
+            nll[k] = nll_k.numpy()
+        if want_me:
+            ent[k] = ent_k.numpy()
+    return owner, nll, ent
+
+
+def fast_path_disagreement(
+    model: nn.Module,
+    body: nn.Module,
+    head: nn.Module,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    seq: tuple[list[int], list[int]],
+    pad_id: int,
+    device: torch.device,
+    packed: bool,
+) -> str | None:
+    """Score `seq` deterministically (no dropout, the adapter as it is) with the fast path and
+    with `plain_batch`; None when PE and ME agree within ``tol * max(1, |plain|)``, tol =
+    1e-4 for float32/float64 weights and 2e-2 for bf16/fp16 ones (their logits are rounded
+    to ~3 digits), else the warning. Two forward passes of one sequence; draws no random
+    numbers."""
+    packing = packed_attention_for(model) if packed else contextlib.nullcontext()
+    with scoring_mode(model), torch.inference_mode(), packing:
+        fast = _score_batch(model, body, head, transform, [seq], pad_id, device, True, True,
+                            None, MaskSampler(device), packed)
+    with scoring_mode(model, fused=False), torch.inference_mode():
+        plain = plain_batch(model, [seq], pad_id, device, None)
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    bad = [
+        f"{name} {f:.6g} vs {r:.6g}"
+        for name, f, r in zip(("PE", "ME"), (fast[1].sum(), fast[2].sum()),
+                              (plain[1].sum(), plain[2].sum()))
+        if not abs(f - r) <= tol * max(1.0, abs(r))  # NaN disagrees too
+    ]
+    if not bad:
+        return None
+    return (f"{type(unwrap_model(model)).__name__}: the fast scorer disagrees with "
+            f"model.forward(...).logits ({', '.join(bad)}); scoring with the plain forward path")
+
+
+def score_examples(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    measures: Sequence[str] = MEASURES,
+    mc_passes: int = 1,
+    model_dropout: bool = False,
+    batch_size: int | str = "auto",
+    max_tokens_per_batch: int | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+    seed: int | None = None,
+    max_padding: float | None = None,
+    packed: bool | None = None,
+    answer_ids: Sequence[Sequence[int]] | None = None,
+) -> Scores:
+    """PE and ME of every example's answer under `model` (plain or peft), teacher-forced: the
+    gold answer, or with `answer_ids` the given token ids (e.g. the model's own generation).
+
+    Args:
+        measures: any of ``"pe"``, ``"me"``; the others come back as NaN and are not computed.
+        mc_passes: K; with K > 1 the LoRA dropout (and the model's own dropout when
+            `model_dropout`) samples a fresh mask per pass; scores are the mean over passes and
+            ``pe_passes``/``me_passes`` hold the ``[N, K]`` per-pass values.
+        batch_size: examples per batch, or ``"auto"``: as many as fit `max_tokens_per_batch`
+            tokens (padded tokens in padded batches). Either way the limit halves on
+            out-of-memory.
+        max_tokens_per_batch: default 2048 on CPU, where larger batches only fall out of the
+            cache, and 16384 on GPUs.
+        max_length: prompt + answer tokens; longer prompts are cut on the left. Default: the
+            model's maximum position count.
+        packed: put each batch's sequences back to back in one row (no padding; attention
+            stays within each sequence, see `packed_attention`). Default: on CPU, where padding
+            is pure waste, for models whose attention is transformers' SDPA without a sliding
+            window; padded batches otherwise.
+        max_padding: padded batches only: the largest fraction of padding tokens a batch may
+            hold. Default 0.1 on CPU, 0.5 on GPUs.
+        seed: base seed of the dropout masks; default: drawn from torch's global generator
+            (so ``torch.manual_seed`` makes scoring reproducible).
+
+    Self-check: the shortest example (with an answer) is first scored deterministically both
+    by the fast path and by `plain_batch`, the model's own ``forward(...).logits``. If PE or ME
+    differ by more than ``1e-4 * max(1, |plain|)`` (float32/float64 weights; ``2e-2 *`` for
+    bf16/fp16 weights, whose logits carry ~3 digits), a `ScorerFallbackWarning` names the
+    model class and the whole call runs `plain_batch` on padded batches (`packed` ignored;
+    MC passes then sample peft's dropout with torch's generator, seeded per batch and pass).
+    The check draws no random numbers and leaves the scores of an agreeing model unchanged.
+    """
+    measures = tuple(measures)
+    unknown = set(measures) - set(MEASURES)
+    if unknown or not measures:
+        raise ConfigError(f"scoring.measures: expected some of {MEASURES}, got {measures}")
+    if mc_passes < 1:
+        raise ConfigError(f"scoring.mc_passes: must be >= 1, got {mc_passes}")
+    by_tokens = batch_size == "auto"
+    if not by_tokens and not (isinstance(batch_size, int) and batch_size > 0):
+        raise ConfigError(
+            f"scoring.batch_size: must be 'auto' or a positive int, got {batch_size!r}"
+        )
+    body, head = decoder_and_head(model)
+    transform = logit_transform(model)
+    device = next(model.parameters()).device
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = (
+            CPU_TOKENS_PER_BATCH if device.type == "cpu" else GPU_TOKENS_PER_BATCH
+        )
+    limit = max_tokens_per_batch if by_tokens else int(batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if max_padding is None:
+        max_padding = 0.1 if device.type == "cpu" else 0.5
+    seqs = encode_pairs(model, tokenizer, task, examples, max_length, answer_ids)
+    lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
+    n_tok = np.array([len(a) for _, a in seqs], np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
+    longest = int(lengths.max(initial=0))
+    if packed is None:
+        packed = device.type == "cpu" and can_pack(model, longest)
+    elif packed and not can_pack(model, longest):
+        raise ConfigError(
+            "scoring: packed batches need a model with SDPA attention and sequences no longer "
+            "than its sliding window"
+        )
+    check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
+    problem = None if check is None else fast_path_disagreement(
+        model, body, head, transform, seqs[check], pad_id, device, packed
+    )
+    if problem is not None:
+        warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
+        packed = False
+
+    N, K = len(examples), mc_passes
+    pe = np.full((N, K), np.nan)
+    me = np.full((N, K), np.nan)
+    want_pe, want_me = "pe" in measures, "me" in measures
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=N, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    fork_devices = [device] if device.type == "cuda" else []
+    sampler = MaskSampler(device)
+    with contextlib.ExitStack() as stack:
+        stochastic = stack.enter_context(
+            scoring_mode(model, K > 1, model_dropout, sampler, fused=problem is None)
+        )
+        if stochastic and seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
+        stack.enter_context(torch.inference_mode())
+        if packed:
+            stack.enter_context(packed_attention_for(model))
+        start = 0
+        while start < N:
+            end = batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
+            idx = order[start:end]
+            # one seed per (batch start, pass): reproducible given the base seed
+            seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
+            batch = [seqs[i] for i in idx]
+            try:
+                if problem is not None:
+                    owner, nll, ent = plain_batch(model, batch, pad_id, device, seeds)
+                else:
+                    owner, nll, ent = _score_batch(model, body, head, transform, batch, pad_id,
+                                                   device, want_pe, want_me, seeds, sampler,
+                                                   packed)
+            except torch.OutOfMemoryError:
+                if end - start == 1:
+                    raise
+                limit = max(1, limit // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            example = idx[owner]  # [P] original example index of each answer position
+            for k in range(nll.shape[0]):  # float64 sums per example
+                if want_pe:
+                    pe[idx, k] = 0.0
+                    np.add.at(pe[:, k], example, nll[k])
+                if want_me:
+                    me[idx, k] = 0.0
+                    np.add.at(me[:, k], example, ent[k])
+            if not stochastic and K > 1:  # no active dropout: all passes are this one
+                pe[idx, 1:] = pe[idx, :1]
+                me[idx, 1:] = me[idx, :1]
+            bar.update(end - start)
+            start = end
+    bar.close()
+
+    denom = np.maximum(n_tok, 1)
+    pe_avg, me_avg = pe.mean(axis=1), me.mean(axis=1)
+    return Scores(
+        ids=[ex.id for ex in examples],
+        pe=pe_avg,
+        pe_mean=pe_avg / denom,
+        me=me_avg,
+        me_mean=me_avg / denom,
+        n_answer_tokens=n_tok,
+        pe_passes=pe if K > 1 else None,
+        me_passes=me if K > 1 else None,
+    )
+
+
+def score_base(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    cache: BaseScoreCache | None = None,
+    **kwargs: Any,
+) -> Scores:
+    """`score_examples` with the LoRA adapter disabled (the frozen base model; works for a
+    plain model too), always deterministic (K = 1). With `cache`, scores already on disk are
+    reused and only the missing sequences are computed: `cache` must have been made for this
+    model's weights and dtype (`base_cache_key`); examples are matched by the tokens scored."""
+    kwargs = {**kwargs, "mc_passes": 1}
+    kwargs.setdefault("desc", "scoring base")
+    answers = kwargs.pop("answer_ids", None)
+    seqs = encode_pairs(model, tokenizer, task, examples, kwargs.get("max_length"), answers)
+    keys = [sequence_key(p, a) for p, a in seqs]
+    answer_of = dict(zip(keys, (a for _, a in seqs)))
+
+    def compute(chunk: list[Example], chunk_keys: list[str]) -> Scores:
+        given = None if answers is None else [answer_of[k] for k in chunk_keys]
+        with adapter_disabled(model):
+            return score_examples(model, tokenizer, task, chunk, answer_ids=given, **kwargs)
+
+    if cache is None:
+        return compute(list(examples), keys)
+    return cache.get_or_compute(examples, keys, compute)

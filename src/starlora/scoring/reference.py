@@ -1,0 +1,49 @@
+"""The readable definition of PE and ME, and the check that the fast engine meets it.
+
+`plain_batch` runs the model's own ``forward(...).logits`` on right-padded rows and takes the
+log-softmax in float64 at the answer positions: for answer token a_i after its prefix,
+PE = sum_i -log p(a_i) and ME = sum_i H(p(.)) over the full vocabulary (nats). The engine
+falls back to it when its self-check finds the fast path off; tests and the scoring benchmark
+use it as the specification.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from starlora.scoring.batching import batch_inputs
+from starlora.scoring.measures import CHUNK_ELEMENTS
+
+
+def plain_batch(
+    model: nn.Module,
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    device: torch.device,
+    seeds: list[int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The definition of PE and ME, and the path scoring falls back to: right-padded rows
+    through the model's own ``forward(...).logits`` (LoRA layers as peft runs them; pass k
+    seeds torch's dropout with ``seeds[k]``), log-softmax in float64 at the answer positions
+    (`CHUNK_ELEMENTS` at a time). Returns what `_score_batch` returns: owner [P], nll [K, P],
+    entropy [K, P] (nats)."""
+    arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed=False)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}  # ids, positions, mask
+    flat_t, tgt_t = (torch.from_numpy(a).to(device) for a in (flat, targets[:, None]))
+    passes = seeds if seeds is not None else [None]
+    nll, ent = np.empty((len(passes), len(owner))), np.empty((len(passes), len(owner)))
+    for k, seed in enumerate(passes):
+        if seed is not None:
+            torch.manual_seed(seed)
+        logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+        z = logits.reshape(-1, logits.shape[-1])[flat_t]  # [P, V]: answer positions
+        if z.device.type == "mps":  # no float64 there
+            z, tgt_t = z.cpu(), tgt_t.cpu()
+        rows = max(1, CHUNK_ELEMENTS // z.shape[1])
+        for s in range(0, z.shape[0], rows):
+            logp = z[s : s + rows].double().log_softmax(-1)
+            nll[k, s : s + rows] = -logp.gather(1, tgt_t[s : s + rows])[:, 0].cpu().numpy()
+            ent[k, s : s + rows] = -(logp.exp() * logp).sum(-1).cpu().numpy()
+    return owner, nll, ent

@@ -1,0 +1,108 @@
+"""The result of scoring: `Scores`, N examples' PE and ME (and per-pass values)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: the measures the engine computes (see `starlora.scoring.measures`)
+MEASURES = ("pe", "me")
+
+
+@dataclass
+class Scores:
+    """Scores of N examples, aligned with `ids`. All values in nats; NaN for measures not
+    computed. `pe_passes`/`me_passes` are ``[N, K]`` per-pass values when K > 1."""
+
+    ids: list[str]
+    pe: np.ndarray
+    pe_mean: np.ndarray
+    me: np.ndarray
+    me_mean: np.ndarray
+    n_answer_tokens: np.ndarray
+    pe_passes: np.ndarray | None = None
+    me_passes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One JSON-able dict per example; measures not computed are ``None``."""
+
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else float(x)
+
+        records = []
+        for i, id_ in enumerate(self.ids):
+            rec: dict[str, Any] = {
+                "id": id_,
+                "pe": num(self.pe[i]),
+                "pe_mean": num(self.pe_mean[i]),
+                "me": num(self.me[i]),
+                "me_mean": num(self.me_mean[i]),
+                "n_answer_tokens": int(self.n_answer_tokens[i]),
+            }
+            if self.pe_passes is not None:
+                rec["pe_passes"] = [num(x) for x in self.pe_passes[i]]
+            if self.me_passes is not None:
+                rec["me_passes"] = [num(x) for x in self.me_passes[i]]
+            records.append(rec)
+        return records
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]]) -> Scores:
+        def col(name: str) -> np.ndarray:
+            return np.array([np.nan if r[name] is None else r[name] for r in records], np.float64)
+
+        def passes(name: str) -> np.ndarray | None:
+            if not records or name not in records[0]:
+                return None
+            return np.array(
+                [[np.nan if x is None else x for x in r[name]] for r in records], np.float64
+            )
+
+        return cls(
+            ids=[str(r["id"]) for r in records],
+            pe=col("pe"),
+            pe_mean=col("pe_mean"),
+            me=col("me"),
+            me_mean=col("me_mean"),
+            n_answer_tokens=np.array([r["n_answer_tokens"] for r in records], np.int64),
+            pe_passes=passes("pe_passes"),
+            me_passes=passes("me_passes"),
+        )
+
+    def mean_over(self, samples: int) -> Scores:
+        """Scores of N examples from these N * `samples` rows (grouped by example): every
+        measure, its per-token mean and per-pass values averaged over the samples."""
+        if samples == 1:
+            return self
+        n = len(self.ids) // samples
+
+        def avg(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a.reshape(n, samples, *a.shape[1:]).mean(axis=1)
+
+        return Scores(
+            ids=self.ids[::samples], pe=avg(self.pe), pe_mean=avg(self.pe_mean), me=avg(self.me),
+            me_mean=avg(self.me_mean), n_answer_tokens=avg(self.n_answer_tokens),
+            pe_passes=avg(self.pe_passes), me_passes=avg(self.me_passes),
+        )
+
+    def select(self, ids: Sequence[str]) -> Scores:
+        """Scores of `ids`, in that order (KeyError for an unknown id)."""
+        where = {id_: i for i, id_ in enumerate(self.ids)}
+        idx = np.array([where[i] for i in ids], np.int64)
+        return Scores(
+            ids=[self.ids[i] for i in idx],
+            pe=self.pe[idx],
+            pe_mean=self.pe_mean[idx],
+            me=self.me[idx],
+            me_mean=self.me_mean[idx],
+            n_answer_tokens=self.n_answer_tokens[idx],
+            pe_passes=None if self.pe_passes is None else self.pe_passes[idx],
+            me_passes=None if self.me_passes is None else self.me_passes[idx],
+        )
