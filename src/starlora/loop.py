@@ -243,6 +243,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
             seconds = store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
             store.write_round(k, "predictions.jsonl", ev.predictions)
             store.write_round(k, "metrics.json", {"accuracy": ev.accuracy, "ece": ev.ece,
+                                                  "ece_sequence": ev.ece_sequence,
                                                   "n": ev.n, "mode": ev.mode, "bins": ev.bins})
             line = {"round": k, "n_labelled": len(labelled), "accuracy": ev.accuracy,
                     "ece": ev.ece, "strategy": al.strategy, "seed": seed,

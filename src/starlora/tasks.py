@@ -4,8 +4,9 @@ A `Task` is a small object with no model inside. It knows
 
 * how to turn an `Example` into prompt text (a plain template, or the tokenizer's chat template
   for instruct models) and into the answer text that training supervises;
-* how to extract a final answer from generated text (`extract`) and from the gold answer text
-  (`gold`), and whether the two agree (`is_correct`);
+* how to extract a final answer from generated text (`extract`), where in the text that answer
+  is (`extract_span`, the characters evaluation takes the answer's confidence from), the final
+  answer of a gold answer text (`gold`), and whether the two agree (`is_correct`);
 * for tasks with a fixed answer set (boolq, obqa), the answer text of every choice, so that
   evaluation can score choices by log-likelihood.
 
@@ -76,8 +77,22 @@ def parse_number(text: str) -> str | None:
     return repr(value).rstrip("0").rstrip(".")
 
 
+def _number_answer(number: re.Match[str]) -> tuple[str, int, int] | None:
+    """(canonical number, start, end) of a `_NUMBER` match, the whitespace the match
+    may start with left out of the span; None if it does not parse."""
+    value = parse_number(number.group(0))
+    if value is None:
+        return None
+    written = number.group(0)
+    return value, number.start() + len(written) - len(written.lstrip()), number.end()
+
+
 class Task:
-    """Base class. Subclasses set `name` and override `gold`, `extract` and maybe the rest.
+    """Base class. Subclasses set `name` and override `gold`, `_answer` and maybe the rest.
+
+    `_answer` is the one place that reads a generation: `extract` and `extract_span` both
+    return parts of its result, so the answer graded and the characters it was read from
+    cannot disagree.
 
     Args:
         prompt_style: ``"plain"`` renders `template`; ``"chat"`` puts the rendered template in
@@ -170,9 +185,22 @@ class Task:
         """Canonical final answer from a gold answer text."""
         raise NotImplementedError
 
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
+        """(canonical final answer, start, end) read from generated `text`, or None if there is
+        none; ``text[start:end]`` are the characters the answer was read from."""
+        raise NotImplementedError(f"task {self.name!r}: _answer is not implemented")
+
     def extract(self, text: str) -> str | None:
         """Canonical final answer from generated text, or None if there is none."""
-        raise NotImplementedError
+        found = self._answer(text)
+        return found[0] if found is not None else None
+
+    def extract_span(self, text: str) -> tuple[int, int] | None:
+        """Character offsets ``(start, end)`` into `text` of the final answer that `extract`
+        reads (``extract(text)`` is the canonical form of ``text[start:end]``), or None
+        exactly when `extract` gives None."""
+        found = self._answer(text)
+        return (found[1], found[2]) if found is not None else None
 
     def is_correct(self, prediction: str | None, gold: str | None) -> bool:
         return prediction is not None and prediction == gold
@@ -193,15 +221,17 @@ class GSM8K(Task):
         numbers = _NUMBER.findall(found[-1])
         return parse_number(numbers[0]) if numbers else None
 
-    def extract(self, text: str) -> str | None:
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
+        # the first number after the last "####", else after the last "final answer is",
+        # else the last number in the text
         for pattern in (self._final, self._stated):
-            found = pattern.findall(text)
+            found = list(pattern.finditer(text))
             if found:
-                numbers = _NUMBER.findall(found[-1])
-                if numbers:
-                    return parse_number(numbers[0])
-        numbers = _NUMBER.findall(text)
-        return parse_number(numbers[-1]) if numbers else None
+                number = _NUMBER.search(text, found[-1].start(1), found[-1].end(1))
+                if number:
+                    return _number_answer(number)
+        numbers = list(_NUMBER.finditer(text))
+        return _number_answer(numbers[-1]) if numbers else None
 
     def is_correct(self, prediction: str | None, gold: str | None) -> bool:
         if prediction is None or gold is None:
@@ -222,12 +252,13 @@ class BoolQ(Task):
             return None
         return {"true": "true", "yes": "true", "false": "false", "no": "false"}[found[-1].lower()]
 
-    def extract(self, text: str) -> str | None:
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
         # the first verdict a generation states is its answer; later words are often rambling
-        found = self._word.findall(text)
+        found = self._word.search(text)
         if not found:
             return None
-        return {"true": "true", "yes": "true", "false": "false", "no": "false"}[found[0].lower()]
+        verdict = {"true": "true", "yes": "true", "false": "false", "no": "false"}
+        return verdict[found.group(1).lower()], found.start(1), found.end(1)
 
     def choice_answers(self, ex: Example) -> list[str]:
         return [f"the correct answer is {c}" for c in self.choices]
@@ -252,9 +283,9 @@ class OBQA(Task):
         answer = answer.strip()
         return answer if answer in self.choices else None
 
-    def extract(self, text: str) -> str | None:
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
         found = self._letter.search(text)
-        return found.group(1) if found else None
+        return (found.group(1), found.start(1), found.end(1)) if found else None
 
     def choice_answers(self, ex: Example) -> list[str]:
         return list(self.choices)
@@ -290,18 +321,22 @@ class JSONLTask(Task):
     def _norm(text: str) -> str:
         return re.sub(r"[\s.,;:!?\"']+", " ", text).strip().casefold()
 
-    def _final(self, text: str) -> str | None:
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
+        # the regex's first group, else the first non-empty line (without its trailing blanks)
         if self._regex is not None:
             found = self._regex.search(text)
-            return self._norm(found.group(1)) if found else None
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        return self._norm(lines[0]) if lines else None
+            if not found or found.start(1) < 0:  # no match, or the group did not take part
+                return None
+            return self._norm(found.group(1)), found.start(1), found.end(1)
+        stripped = text.strip()
+        if not stripped:
+            return None
+        start = len(text) - len(text.lstrip())
+        line = stripped.splitlines()[0].rstrip()
+        return self._norm(line), start, start + len(line)
 
     def gold(self, answer: str) -> str | None:
-        return self._final(answer)
-
-    def extract(self, text: str) -> str | None:
-        return self._final(text)
+        return self.extract(answer)
 
     def choice_answers(self, ex: Example) -> list[str] | None:
         return list(self.choices) if self.choices else None
