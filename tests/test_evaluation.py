@@ -1,4 +1,5 @@
-"""Evaluation: ECE on a toy input, choice scoring, greedy generation, batch-size independence."""
+"""Evaluation: ECE on a toy input, choice scoring, greedy generation, batch-size independence,
+the final answer's confidence in generate mode."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from peft import PeftModel
 from starlora.config import EvaluationConfig, LoraConfig, TrainingConfig
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
-from starlora.evaluation import evaluate, expected_calibration_error, resolve_mode
-from starlora.models import load_model
-from starlora.tasks import Example, get_task
+from starlora.evaluation import (
+    answer_token_indices,
+    evaluate,
+    expected_calibration_error,
+    resolve_mode,
+)
+from starlora.models import load_model, load_tokenizer
+from starlora.tasks import Example, JSONLTask, get_task
 from starlora.training import remove_adapter, save_adapter, train_adapter
 
 
@@ -93,7 +99,8 @@ def test_generation_does_not_depend_on_batch_size(arch, obqa):
     assert [p["generated"] for p in one.predictions] == [p["generated"] for p in many.predictions]
     for a, b in zip(one.predictions, many.predictions):
         assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-4)
-        assert a["logprob"] < 0 and a["confidence"] == pytest.approx(np.exp(a["logprob"]))
+        assert a["logprob"] < 0 and a["sequence_confidence"] == pytest.approx(np.exp(a["logprob"]))
+        assert a["confidence"] == pytest.approx(b["confidence"], rel=1e-4)
     assert loaded.tokenizer.padding_side == side
 
 
@@ -123,3 +130,108 @@ def test_trained_answer_is_generated_and_chosen_and_survives_reload(tmp_path):
     reloaded = PeftModel.from_pretrained(remove_adapter(result.model), str(tmp_path / "adapter"))
     again = evaluate(reloaded, loaded.tokenizer, task, examples[:4], choice, progress=False)
     assert again.predictions == chosen.predictions and again.ece == chosen.ece
+
+
+class _PinnedAnswer(JSONLTask):
+    """A jsonl task whose answer in each of the given generated texts is the given character
+    span (random tiny models write no answer a real task would find)."""
+
+    def __init__(self, spans: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.spans = spans
+
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
+        if text in self.spans:
+            start, end = self.spans[text]
+            return self._norm(text[start:end]), start, end
+        return super()._answer(text)
+
+
+def _greedy_by_hand(model, prompt: list[int], steps: int, eos: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation of `prompt` one full forward pass per token, unpadded, and the
+    teacher-forced ``log p`` of each generated token (nats, shape (generated,))."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                break
+        logits = model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+    new = ids[len(prompt) :]
+    return new, torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(new)[:, None])[:, 0]
+
+
+def test_generate_confidence_is_the_probability_of_the_answer_tokens(tiny):
+    """In generate mode `confidence` is exp(sum log p) over exactly the tokens that write the
+    extracted answer (here two tokens inside the generation), not over the whole generation."""
+    tok, model = tiny.tokenizer, tiny.model
+    questions = ["What is two plus two?", "Name a colour.", "Which city is the capital of France?"]
+    examples = [Example(f"q{i}", q, "unknown") for i, q in enumerate(questions)]
+    probe = JSONLTask(template="Question: {question}\nAnswer:")
+    spans, expected = {}, []
+    for ex in examples:
+        new, logp = _greedy_by_hand(model, probe.encode(tok, ex)[0], 8, tok.eos_token_id)
+        text = tok.decode(new, skip_special_tokens=True)
+        ends = [len(tok.decode(new[:k], skip_special_tokens=True)) for k in range(len(new) + 1)]
+        whole = [text.startswith(tok.decode(new[:k], skip_special_tokens=True))
+                 for k in range(len(new) + 1)]
+        # the answer: tokens a and a + 1, each writing whole characters, with tokens on both sides
+        a = next(a for a in range(1, len(new) - 2)
+                 if all(whole[a : a + 3]) and ends[a] < ends[a + 1] < ends[a + 2])
+        spans[text] = (ends[a], ends[a + 2])
+        expected.append((text, float(logp[a : a + 2].sum().exp()), float(logp.sum().exp())))
+    # example 0's gold is its answer, so accuracy and the two ECEs are not trivial
+    examples[0] = Example("q0", questions[0], list(spans)[0][slice(*spans[list(spans)[0]])])
+    task = _PinnedAnswer(spans)
+    task.template = probe.template
+    result = evaluate(model, tok, task, examples,
+                      EvaluationConfig(mode="generate", max_new_tokens=8, batch_size=3),
+                      progress=False)
+    assert result.mode == "generate"
+    for pred, (text, answer_p, sequence_p) in zip(result.predictions, expected):
+        assert pred["generated"] == text
+        assert pred["confidence"] == pytest.approx(answer_p, rel=1e-4)
+        assert pred["answer_tokens"] == 2
+        assert pred["sequence_confidence"] == pytest.approx(sequence_p, rel=1e-4)
+        assert pred["confidence"] > 1e3 * pred["sequence_confidence"]  # 6 more tokens of junk
+    correct = np.array([p["correct"] for p in result.predictions], dtype=np.float64)
+    assert correct.tolist() == [1.0, 0.0, 0.0]
+    confidence = [p["confidence"] for p in result.predictions]
+    sequence = [p["sequence_confidence"] for p in result.predictions]
+    assert result.ece == pytest.approx(expected_calibration_error(confidence, correct)[0])
+    assert result.ece_sequence == pytest.approx(expected_calibration_error(sequence, correct)[0])
+
+
+def test_no_answer_gets_zero_confidence_and_choice_mode_no_sequence_ece(obqa):
+    loaded = load_model("tiny-gpt2", device="cpu")
+    task, examples = obqa
+    generated = evaluate(loaded.model, loaded.tokenizer, get_task("gsm8k"), examples[:2],
+                         EvaluationConfig(mode="generate", max_new_tokens=4), progress=False)
+    for pred in generated.predictions:  # random junk holds no number
+        assert pred["prediction"] is None and pred["answer_logprob"] is None
+        assert pred["confidence"] == 0.0 and 0 < pred["sequence_confidence"] < 1
+    chosen = evaluate(loaded.model, loaded.tokenizer, task, examples[:2],
+                      EvaluationConfig(mode="choice"), progress=False)
+    assert chosen.ece_sequence is None
+
+
+@pytest.mark.parametrize("text,task,answer_text", [
+    ("12 + 5 = 17. 17 - 3 = 14.\n#### 14", get_task("gsm8k"), "14"),
+    ("Caf\u00e9 \U0001F642 costs 3 euros; the final answer is 1,250 \U0001F642!", get_task("gsm8k"),
+     "1,250"),
+    ("\U0001F642\u00e9\nrest", JSONLTask(), "\U0001F642\u00e9"),  # characters split across tokens
+    (" the correct answer is false, because", get_task("boolq"), "false"),
+])
+def test_answer_tokens_are_those_whose_characters_overlap_the_span(text, task, answer_text):
+    tok = load_tokenizer("tiny-llama")
+    encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens = encoded["input_ids"]
+    assert tok.decode(tokens) == text
+    start, end = task.extract_span(text)
+    assert text[start:end] == answer_text
+    # reference: the tokenizer's own character offsets of each token
+    overlapping = [k for k, (s, e) in enumerate(encoded["offset_mapping"]) if s < end and e > start]
+    assert 0 < len(overlapping) < len(tokens)
+    got = answer_token_indices(tok, tokens + [tok.eos_token_id], text, (start, end))
+    assert got == overlapping
+    assert tok.decode([tokens[k] for k in got]).strip() == answer_text

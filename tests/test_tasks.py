@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,57 @@ def test_obqa_content_key_ignores_option_order_and_form() -> None:
     c = Example("3", "Predators eat\nAnswerA: lions\nAnswerB: humans\nAnswerC: bunnies\n"
                      "AnswerD: trees\nThe correct answer is ", "C")
     assert task.content_key(a) == task.content_key(b) != task.content_key(c)
+
+
+_VERDICT = {"true": "true", "yes": "true", "false": "false", "no": "false"}
+#: how each task writes the characters of a span as its canonical answer, written out here
+#: independently of the tasks' own code
+_CANONICAL = {
+    "gsm8k": parse_number, "arith": parse_number, "boolq": lambda s: _VERDICT[s.lower()],
+    "obqa": lambda s: s, "jsonl": lambda s: re.sub(r"[\s.,;:!?\"']+", " ", s).strip().casefold(),
+}
+_TEXTS = [
+    "so she pays $1,000 in total.\n#### 1,000", "The final answer is -3.50", "#### .5",
+    "it is 12 then 7. The final answer is $18.", "first 3 apples, then 41 pears", "", "   ",
+    "no number here", "#### none\nbut 7 here", "12 + 5 = 17. 17 - 3 = 14.\n#### 14\n#### 15",
+    " the correct answer is false, because yes", "Yes.", "maybe", "NO way, true",
+    "AnswerC: the plains", " B", "none of them", "(D) is right", "A.", "\n\n  Paris.  \nLondon", "answer: Blue sky",
+    "  the answer: green\n", "my answer: 42.", "\u2028 x y.\t\nz",
+]
+
+
+@pytest.mark.parametrize("name,options", [
+    ("gsm8k", {}), ("arith", {}), ("boolq", {}), ("obqa", {}), ("jsonl", {}),
+    ("jsonl", {"answer_regex": r"answer: (\w+)"}),
+])
+def test_extract_span_is_where_extract_reads(name: str, options: dict) -> None:
+    task = get_task(name, **options)
+    found = 0
+    for text in _TEXTS:
+        span = task.extract_span(text)
+        answer = task.extract(text)
+        assert (span is None) == (answer is None), text
+        if span is not None:
+            start, end = span
+            assert 0 <= start < end <= len(text), text
+            assert _CANONICAL[name](text[start:end]) == answer, text
+            found += 1
+    assert found >= 3  # the texts give every task answers to find
+
+
+@pytest.mark.parametrize("name,text,answer_text", [
+    ("gsm8k", "so she pays $1,000 in total.\n#### 1,000", "1,000"),
+    ("gsm8k", "it is 12 then 7. The final answer is $18.", "$18"),
+    ("gsm8k", "first 3 apples, then 41 pears", "41"),
+    ("gsm8k", "12 + 5 = 17. 17 - 3 = 14.\n#### 14\n#### 15", "15"),
+    ("arith", "3 x 4 = 12.\n#### 12 apples", "12"),
+    ("boolq", " the correct answer is false, because yes", "false"),
+    ("obqa", "AnswerC: the plains", "C"),
+    ("jsonl", "\n\n  Paris.  \nLondon", "Paris."),
+])
+def test_extract_span_points_at_the_answer(name: str, text: str, answer_text: str) -> None:
+    start, end = get_task(name).extract_span(text)
+    assert text[start:end] == answer_text
+    # where the same characters occur twice, the span is the occurrence that extract reads
+    last = name in ("gsm8k", "arith")
+    assert start == (text.rindex(answer_text) if last else text.index(answer_text))

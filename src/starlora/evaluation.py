@@ -7,12 +7,22 @@ Two modes:
   (a sum, not a mean, so choices of different lengths compete fairly), computed by the
   scoring engine. The closing EOS is included: that is exactly the sequence training
   supervises and scoring measures (see `Task.encode`), so "answer A and stop" competes with
-  "answer B and stop" (on OBQA zero-shot, leaving EOS out cost 9.5 points of accuracy). The prediction is the argmax; its confidence is its probability under a softmax
-  over the choices' total log-likelihoods.
+  "answer B and stop" (on OBQA zero-shot, leaving EOS out cost 9.5 points of accuracy). The
+  prediction is the argmax; its confidence is its probability under a softmax over the
+  choices' total log-likelihoods.
 * ``generate`` (open answers, e.g. gsm8k): greedy batched generation with left padding that
   stops at EOS or ``max_new_tokens``; the answer is extracted with ``task.extract``. The
-  confidence is the probability of the generated sequence, ``exp(sum log p)`` over the
-  generated tokens up to and including EOS.
+  confidence is the probability of the final answer: ``exp(sum log p)`` over the generated
+  tokens that produce the characters ``task.extract_span`` points at (a token counts when
+  the characters it decodes to overlap the span), each token's ``log p`` conditioned on
+  everything generated before it. A generation with no extractable answer gets confidence
+  0.0: it is graded wrong, so a confidence of 0 is exactly calibrated for it and adds nothing
+  to the ECE's sum over bins (it still counts in the number of examples). An answer whose
+  span covers no generated token (only possible for an empty span at the very end) gets 0.0
+  too. The probability of the whole generated sequence (all tokens up to and including EOS)
+  is kept as ``sequence_confidence``; for a chain of thought it is about 0 whatever the
+  answer, so its ECE (`EvalResult.ece_sequence`) is about the accuracy and says little about
+  calibration. `EvalResult.ece` uses the answer's confidence.
 
 Batches are formed after sorting by length (less padding); results do not depend on the
 batch size beyond floating-point noise.
@@ -35,10 +45,17 @@ from starlora.tasks import Example, Task
 class EvalResult:
     """Accuracy and expected calibration error (both in [0, 1]) over `n` examples.
 
-    `bins` are the reliability bins of `expected_calibration_error`; `predictions` holds one
-    dict per example in input order: ``id``, ``prediction``, ``gold``, ``correct``,
-    ``confidence``, plus ``choice_logprobs`` (choice mode; nats, one per choice) or
-    ``generated`` and ``logprob`` (generate mode; the text and its log-probability in nats).
+    `ece` is the ECE of each prediction's ``confidence`` (the chosen choice's softmax
+    probability, or in generate mode the final answer's probability); `ece_sequence` is the
+    ECE of the whole generated sequence's probability with the same bins (generate mode only,
+    else None). `bins` are the reliability bins of `ece` (see `expected_calibration_error`).
+    `predictions` holds one dict per example in input order: ``id``, ``prediction``,
+    ``gold``, ``correct``, ``confidence``, plus ``choice_logprobs`` (choice mode; nats, one per
+    choice) or, in generate mode, ``generated`` (the text), ``logprob`` (its log-probability
+    in nats), ``sequence_confidence`` (``exp(logprob)``), ``answer_logprob`` (nats, summed over
+    the answer's tokens; None when no answer was extracted) and ``answer_tokens`` (how many
+    generated tokens the answer spans). ``confidence`` is 0.0 when no answer was extracted
+    (see the module doc).
     """
 
     accuracy: float
@@ -47,6 +64,7 @@ class EvalResult:
     bins: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     mode: str = "choice"
+    ece_sequence: float | None = None
 
 
 def expected_calibration_error(
@@ -126,6 +144,35 @@ def _choice(model, tokenizer, task, examples, cfg, max_length, progress) -> list
     return predictions
 
 
+def answer_token_indices(
+    tokenizer: Any, tokens: list[int], text: str, span: tuple[int, int]
+) -> list[int]:
+    """Indices into `tokens` (generated ids that decode to `text`) of the tokens that produce
+    the characters ``text[start:end]`` of `span` (character offsets).
+
+    Token k covers the characters from the end of the decoded prefix ``tokens[:k]`` to the end
+    of ``tokens[:k + 1]`` and belongs to the answer when that range overlaps the span (an empty
+    span counts as its next character). A prefix whose decoding is not a prefix of `text` (a
+    character split across tokens) adds no characters; its tokens go with the token that
+    completes the character. Tokens that never produce characters (EOS) are never included.
+    Costs one decode per token up to the span's end.
+    """
+    start, end = span[0], max(span[1], span[0] + 1)
+    indices: list[int] = []
+    pending: list[int] = []  # tokens since the last one that completed characters
+    before = 0  # characters produced by the tokens so far
+    for k in range(len(tokens)):
+        if before >= end:
+            break
+        pending.append(k)
+        prefix = tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)
+        if len(prefix) > before and text.startswith(prefix):
+            if len(prefix) > start:  # [before, len(prefix)) overlaps [start, end)
+                indices += pending
+            before, pending = len(prefix), []
+    return indices
+
+
 @torch.inference_mode()
 def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
     from tqdm.auto import tqdm
@@ -164,13 +211,17 @@ def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> li
             tokens = new[row].tolist()
             n = next((k + 1 for k, t in enumerate(tokens) if t in stop), len(tokens))
             text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
-            pred = task.extract(text)
+            pred, span = task.extract(text), task.extract_span(text)
             gold = task.gold(examples[i].answer)
             logprob = float(logp[row, :n].double().sum())
+            answer = answer_token_indices(tokenizer, tokens[:n], text, span) if span else []
+            answer_logprob = float(logp[row, answer].double().sum()) if answer else None
             predictions[i] = {
                 "id": examples[i].id, "prediction": pred, "gold": gold,
-                "correct": task.is_correct(pred, gold), "confidence": float(np.exp(logprob)),
-                "logprob": logprob, "generated": text,
+                "correct": task.is_correct(pred, gold),
+                "confidence": float(np.exp(answer_logprob)) if answer else 0.0,
+                "sequence_confidence": float(np.exp(logprob)), "logprob": logprob,
+                "answer_logprob": answer_logprob, "answer_tokens": len(answer), "generated": text,
             }
     return predictions  # type: ignore[return-value]
 
@@ -201,7 +252,11 @@ def evaluate(
     correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
     confidence = np.array([p["confidence"] for p in predictions])
     ece, bins = expected_calibration_error(confidence, correct, evaluation.ece_bins)
+    ece_sequence = None
+    if mode == "generate":
+        sequence = np.array([p["sequence_confidence"] for p in predictions])
+        ece_sequence = expected_calibration_error(sequence, correct, evaluation.ece_bins)[0]
     return EvalResult(
         accuracy=float(correct.mean()), ece=ece, n=len(examples), bins=bins,
-        predictions=predictions, mode=mode,
+        predictions=predictions, mode=mode, ece_sequence=ece_sequence,
     )

@@ -122,7 +122,8 @@ def _evaluate(run: Run, k: int) -> None:
     seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
     run.store.write_round(k, "predictions.jsonl", ev.predictions)
     run.store.write_round(k, "metrics.json", {"accuracy": ev.accuracy, "ece": ev.ece,
-                                              "n": ev.n, "mode": ev.mode, "bins": ev.bins})
+                                              "ece_sequence": ev.ece_sequence, "n": ev.n,
+                                              "mode": ev.mode, "bins": ev.bins})
     n_labelled = len(run.store.labelled())
     run.store.record_metrics({
         "round": k, "n_labelled": n_labelled, "accuracy": ev.accuracy, "ece": ev.ece,
