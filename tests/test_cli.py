@@ -50,5 +50,5 @@ def test_score_command_writes_one_line_per_record(tmp_path: Path, data_dir: Path
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5
     for row in rows:
-        assert {"id", "pe", "pe_mean", "me", "me_mean", "n_answer_tokens"} <= set(row)
+        assert {"id", "pe", "pe_per_token", "me", "me_per_token", "n_answer_tokens"} <= set(row)
         assert len(row["pe_passes"]) == 2 and row["pe"] > 0

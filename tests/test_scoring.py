@@ -72,8 +72,8 @@ def test_matches_float64_reference_and_batching(tiny, examples):
     np.testing.assert_allclose(s.me, me, rtol=1e-5)
     n = np.array([len(TASK.encode(tiny.tokenizer, ex)[1]) for ex in examples])
     np.testing.assert_array_equal(s.n_answer_tokens, n)
-    np.testing.assert_allclose(s.pe_mean, pe / n, rtol=1e-4)
-    np.testing.assert_allclose(s.me_mean, me / n, rtol=1e-4)
+    np.testing.assert_allclose(s.pe_per_token, pe / n, rtol=1e-4)
+    np.testing.assert_allclose(s.me_per_token, me / n, rtol=1e-4)
     assert s.ids == [ex.id for ex in examples]
 
     # layout (one row of packed sequences or padded rows), batch size, token budget and input
@@ -212,9 +212,9 @@ def test_measures_subset_and_records(llama, examples):
     assert records[0]["me"] is None and set(records[0]) == {
         "id",
         "pe",
-        "pe_mean",
+        "pe_per_token",
         "me",
-        "me_mean",
+        "me_per_token",
         "n_answer_tokens",
     }
     json.dumps(records, allow_nan=False)

@@ -41,7 +41,7 @@ import numpy as np
 
 from starlora.errors import ConfigError, EmptyPoolError, PoolExhaustedError
 
-Scores = Mapping[str, np.ndarray]
+ScoreTable = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,11 @@ class QueryStrategy(ABC):
 
     @abstractmethod
     def utility(
-        self, scores: Scores, *, n: int, query_index: int, rng: np.random.Generator
+        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
     ) -> np.ndarray:
         """[n] float64, higher = label sooner."""
 
-    def terms(self, scores: Scores, query_index: int) -> dict[str, np.ndarray | float]:
+    def terms(self, scores: ScoreTable, query_index: int) -> dict[str, np.ndarray | float]:
         """What the utility was made of, for the record (``selected.jsonl``): [N] columns
         and scalars such as λ. By default the columns the strategy reads."""
         return {c: np.asarray(scores[c], float) for c in self.needs}
@@ -114,7 +114,7 @@ class QueryStrategy(ABC):
         """λ(t) of a strategy that mixes base and adapter uncertainty; None for the others."""
         return None
 
-    def _check(self, ids: Sequence[str], scores: Scores) -> None:
+    def _check(self, ids: Sequence[str], scores: ScoreTable) -> None:
         n = len(ids)
         if n == 0:
             raise EmptyPoolError("the unlabelled pool is empty: nothing left to query")
@@ -128,7 +128,7 @@ class QueryStrategy(ABC):
                 raise ValueError(f"{self}: column {key!r} holds NaN or inf")
 
     def _order(
-        self, ids: Sequence[str], scores: Scores, query_index: int, rng: np.random.Generator
+        self, ids: Sequence[str], scores: ScoreTable, query_index: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         """(order [N] indices, best first; utility [N] float64)."""
         self._check(ids, scores)
@@ -140,7 +140,7 @@ class QueryStrategy(ABC):
         return order, u
 
     def rank(
-        self, ids: Sequence[str], scores: Scores, *, query_index: int, rng: np.random.Generator
+        self, ids: Sequence[str], scores: ScoreTable, *, query_index: int, rng: np.random.Generator
     ) -> list[str]:
         order, _ = self._order(ids, scores, query_index, rng)
         return [ids[i] for i in order]
@@ -148,7 +148,7 @@ class QueryStrategy(ABC):
     def select_rows(
         self,
         ids: Sequence[str],
-        scores: Scores,
+        scores: ScoreTable,
         k: int,
         *,
         query_index: int,
@@ -176,7 +176,7 @@ class QueryStrategy(ABC):
     def select(
         self,
         ids: Sequence[str],
-        scores: Scores,
+        scores: ScoreTable,
         k: int,
         *,
         query_index: int,
@@ -198,7 +198,7 @@ class Random(QueryStrategy):
     name = "random"
 
     def utility(
-        self, scores: Scores, *, n: int, query_index: int, rng: np.random.Generator
+        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
     ) -> np.ndarray:
         return rng.random(n)
 
@@ -210,7 +210,7 @@ class Uncertainty(QueryStrategy):
         self.measure, self.name, self.needs = measure, measure, (measure,)
 
     def utility(
-        self, scores: Scores, *, n: int, query_index: int, rng: np.random.Generator
+        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
     ) -> np.ndarray:
         return np.asarray(scores[self.measure], float)
 
@@ -228,12 +228,12 @@ class Subtract(QueryStrategy):
         self.measure, self.name, self.normalize = measure, f"{measure}-subtract", normalize
         self.needs = (measure, f"{measure}_base")
 
-    def _base(self, scores: Scores) -> np.ndarray:
+    def _base(self, scores: ScoreTable) -> np.ndarray:
         base = np.asarray(scores[f"{self.measure}_base"], float)
         return minmax(base) if self.normalize == "raw_full" else base
 
     def utility(
-        self, scores: Scores, *, n: int, query_index: int, rng: np.random.Generator
+        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
     ) -> np.ndarray:
         return np.asarray(scores[self.measure], float) - self._base(scores)
 
@@ -253,20 +253,20 @@ class Dynamic(QueryStrategy):
     def mixing_weight(self, query_index: int) -> float:
         return self.schedule(query_index)
 
-    def _mixed(self, scores: Scores) -> tuple[np.ndarray, np.ndarray]:
+    def _mixed(self, scores: ScoreTable) -> tuple[np.ndarray, np.ndarray]:
         """(u_base, u_full) as they enter the mix, [N] each."""
         base = minmax(np.asarray(scores[f"{self.measure}_base"], float))
         full = np.asarray(scores[self.measure], float)
         return base, minmax(full) if self.normalize == "minmax" else full
 
     def utility(
-        self, scores: Scores, *, n: int, query_index: int, rng: np.random.Generator
+        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
     ) -> np.ndarray:
         lam = self.schedule(query_index)
         base, full = self._mixed(scores)
         return lam * base + (1 - lam) * full
 
-    def terms(self, scores: Scores, query_index: int) -> dict[str, np.ndarray | float]:
+    def terms(self, scores: ScoreTable, query_index: int) -> dict[str, np.ndarray | float]:
         base, full = self._mixed(scores)
         return {**super().terms(scores, query_index), "u_base": base, "u_full": full,
                 "lambda": self.schedule(query_index)}

@@ -52,7 +52,7 @@ def base_cache_key(
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"base-score cache: dtype must be a torch.dtype, got {dtype!r}")
     return {
-        "version": 2,  # 1 keyed records by example id: never read again
+        "version": 3,  # 1: records keyed by example id; 2: pe_mean/me_mean field names
         "model": fingerprint,
         "dtype": str(dtype),
         "measures": sorted(measures),

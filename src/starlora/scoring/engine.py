@@ -295,9 +295,9 @@ def score_examples(
     return Scores(
         ids=[ex.id for ex in examples],
         pe=pe_avg,
-        pe_mean=pe_avg / denom,
+        pe_per_token=pe_avg / denom,
         me=me_avg,
-        me_mean=me_avg / denom,
+        me_per_token=me_avg / denom,
         n_answer_tokens=n_tok,
         pe_passes=pe if K > 1 else None,
         me_passes=me if K > 1 else None,

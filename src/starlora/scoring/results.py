@@ -15,14 +15,18 @@ MEASURES = ("pe", "me")
 
 @dataclass
 class Scores:
-    """Scores of N examples, aligned with `ids`. All values in nats; NaN for measures not
-    computed. `pe_passes`/`me_passes` are ``[N, K]`` per-pass values when K > 1."""
+    """Scores of N examples, aligned with `ids`; every array [N] float64 in nats, NaN for a
+    measure not computed.
+
+    `pe`, `me`: the measure summed over the answer tokens, averaged over the K MC passes;
+    `pe_per_token`, `me_per_token`: the same divided by `n_answer_tokens`;
+    `pe_passes`, `me_passes`: ``[N, K]`` per-pass values when K > 1, else None."""
 
     ids: list[str]
     pe: np.ndarray
-    pe_mean: np.ndarray
+    pe_per_token: np.ndarray
     me: np.ndarray
-    me_mean: np.ndarray
+    me_per_token: np.ndarray
     n_answer_tokens: np.ndarray
     pe_passes: np.ndarray | None = None
     me_passes: np.ndarray | None = None
@@ -41,9 +45,9 @@ class Scores:
             rec: dict[str, Any] = {
                 "id": id_,
                 "pe": num(self.pe[i]),
-                "pe_mean": num(self.pe_mean[i]),
+                "pe_per_token": num(self.pe_per_token[i]),
                 "me": num(self.me[i]),
-                "me_mean": num(self.me_mean[i]),
+                "me_per_token": num(self.me_per_token[i]),
                 "n_answer_tokens": int(self.n_answer_tokens[i]),
             }
             if self.pe_passes is not None:
@@ -68,9 +72,9 @@ class Scores:
         return cls(
             ids=[str(r["id"]) for r in records],
             pe=col("pe"),
-            pe_mean=col("pe_mean"),
+            pe_per_token=col("pe_per_token"),
             me=col("me"),
-            me_mean=col("me_mean"),
+            me_per_token=col("me_per_token"),
             n_answer_tokens=np.array([r["n_answer_tokens"] for r in records], np.int64),
             pe_passes=passes("pe_passes"),
             me_passes=passes("me_passes"),
@@ -87,8 +91,8 @@ class Scores:
             return None if a is None else a.reshape(n, samples, *a.shape[1:]).mean(axis=1)
 
         return Scores(
-            ids=self.ids[::samples], pe=avg(self.pe), pe_mean=avg(self.pe_mean), me=avg(self.me),
-            me_mean=avg(self.me_mean), n_answer_tokens=avg(self.n_answer_tokens),
+            ids=self.ids[::samples], pe=avg(self.pe), pe_per_token=avg(self.pe_per_token), me=avg(self.me),
+            me_per_token=avg(self.me_per_token), n_answer_tokens=avg(self.n_answer_tokens),
             pe_passes=avg(self.pe_passes), me_passes=avg(self.me_passes),
         )
 
@@ -99,9 +103,9 @@ class Scores:
         return Scores(
             ids=[self.ids[i] for i in idx],
             pe=self.pe[idx],
-            pe_mean=self.pe_mean[idx],
+            pe_per_token=self.pe_per_token[idx],
             me=self.me[idx],
-            me_mean=self.me_mean[idx],
+            me_per_token=self.me_per_token[idx],
             n_answer_tokens=self.n_answer_tokens[idx],
             pe_passes=None if self.pe_passes is None else self.pe_passes[idx],
             me_passes=None if self.me_passes is None else self.me_passes[idx],
