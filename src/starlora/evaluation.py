@@ -81,17 +81,25 @@ def expected_calibration_error(
     if confidence.shape != correct.shape:
         raise ValueError(f"confidence {confidence.shape} and correct {correct.shape} differ")
     index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece, bins = 0.0, []
+    bins = []
     for b in range(n_bins):
         members = index == b
         count = int(members.sum())
         conf = float(confidence[members].mean()) if count else None
         acc = float(correct[members].mean()) if count else None
-        if count:
-            ece += count / len(confidence) * abs(acc - conf)
         bins.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": count,
                      "confidence": conf, "accuracy": acc})
-    return ece, bins
+    return ece_from_bins(bins), bins
+
+
+def ece_from_bins(bins: list[dict]) -> float:
+    """``sum_b count_b / N * |accuracy_b - confidence_b|`` over reliability bins (as
+    `expected_calibration_error` returns them, or pooled over runs); 0 for no examples."""
+    total = sum(b["count"] for b in bins)
+    if not total:
+        return 0.0
+    return sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+               for b in bins if b["count"])
 
 
 def resolve_mode(task: Task, examples: list[Example], mode: str) -> str:

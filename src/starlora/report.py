@@ -34,6 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot
 
 from starlora.errors import DataError
+from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write
 from starlora.run.store import RunPaths
 
@@ -236,8 +237,7 @@ def _reliability_plot(task: str, panels: dict[str, tuple[int, list[dict[str, flo
             ax.text(
                 mid, b["accuracy"] + 0.01, f"{b['count']:g}", ha="center", va="bottom", fontsize=7
             )
-        ece = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
-        note = f"ECE {ece / total:.3f}, n={total:g}" if total else "no bins recorded"
+        note = f"ECE {ece_from_bins(bins):.3f}, n={total:g}" if total else "no bins recorded"
         ax.set_title(f"{strategy}, round {round_}\n{note}", fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.08)
