@@ -143,7 +143,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from starlora.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, overrides=args.set)
     return 0
 
 
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a small complete experiment on the embedded model")
     p.add_argument("--out", default="starlora-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the demo config, e.g. --set scoring.answers=gold")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("run", help="run (or resume) an active-learning experiment")
