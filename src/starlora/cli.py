@@ -5,6 +5,7 @@
     starlora status RUN_DIR [--json]
     starlora export RUN_DIR --format jsonl|csv|label-studio --out FILE
     starlora import RUN_DIR FILE [--format auto|jsonl|csv|label-studio]
+    starlora annotate RUN_DIR [--host 127.0.0.1] [--port 8765] [--token T]
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR
 
@@ -131,6 +132,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from starlora.annotate import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, token=args.token)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from starlora.report import build_report
 
@@ -187,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a Label Studio JSON export")
     p.add_argument("--format", choices=["auto", "jsonl", "csv", "label-studio"], default="auto")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("annotate", help="serve a local web page where people answer the queries")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0: any free)")
+    p.add_argument("--token", help="the access token the URL carries (default: a random one; "
+                   "one given here shows in the process list)")
+    p.set_defaults(func=_cmd_annotate)
 
     p = sub.add_parser("score", help="uncertainty scores (PE, ME) of a data file")
     p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")

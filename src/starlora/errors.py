@@ -23,6 +23,14 @@ class ConfigError(StarloraError):
     """A config file or a ``--set`` override is invalid; the message names the key."""
 
 
+class LockTimeoutError(StarloraError):
+    """Another process held a run directory's lock for longer than the caller would wait."""
+
+
+class QueryClosedError(StarloraError):
+    """An answer came for a query that the run has already closed (it went on without it)."""
+
+
 class ModelNotFoundError(StarloraError):
     """A model name is neither a built-in, a local folder, nor reachable on the Hub."""
 

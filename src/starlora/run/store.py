@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from starlora.config import ExperimentConfig, dump_config, load_config
-from starlora.errors import ConfigError, DataError, StarloraError
+from starlora.errors import ConfigError, DataError, LockTimeoutError, StarloraError
 from starlora.io import atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from starlora.run.protocol import PHASES, result_changes
 
@@ -131,12 +131,18 @@ class RunStore:
         on ``.lock``; reentrant within a process)."""
         from filelock import FileLock, Timeout
 
+        # the timeout goes to acquire, not to FileLock: a singleton refuses to be made again
+        # with other arguments, and callers nest locks with different timeouts
+        lock = FileLock(self.paths.lock, is_singleton=True)
         try:
-            with FileLock(self.paths.lock, timeout=timeout, is_singleton=True):
-                yield
+            lock.acquire(timeout=timeout)
         except Timeout:
-            raise StarloraError(f"{self.paths.lock}: another process holds the run's lock "
-                                f"for over {timeout:g} s") from None
+            raise LockTimeoutError(f"{self.paths.lock}: another process holds the run's lock "
+                                   f"for over {timeout:g} s") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def check_pool(self, size: int, sha1: str, source: str) -> None:
         """Record the pool a run starts with (``pool.json``: size and a hash of its ids), or

@@ -1,0 +1,213 @@
+"""The ASGI app of ``starlora annotate``: one page and a two-endpoint JSON API over a run's
+open query (see `starlora.annotate` for why Starlette, the security model and the lock).
+
+    GET  /                the page (``?token=T``); HTML, CSS and script in one response
+    GET  /api/queries     the open query: every row, with any saved answer, and progress
+    POST /api/labels      ``{"id": ..., "answer": ...}`` -> 200 ``{"id", "answer",
+                          "answered", "total"}``, or 400 ``{"error": text}``
+
+Every request needs the token: the page takes it as ``?token=T`` or a bearer header, the API
+only as ``Authorization: Bearer T`` (so a cross-site request cannot carry it without a CORS
+preflight, which this app never grants). Missing or wrong: 401. Request bodies over
+`MAX_BODY` bytes: 413. The store's lock is busy for over `LOCK_TIMEOUT` s: 503.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from starlora.errors import DataError, LockTimeoutError, QueryClosedError, StarloraError
+from starlora.run.labels import Answer, check_answers
+from starlora.run.store import RunStore
+
+MAX_BODY = 64 * 1024  #: bytes a request body may have (an answer is a few hundred)
+LOCK_TIMEOUT = 10.0  #: seconds a save waits for the run's lock before answering 503
+SOURCE = "annotate"  #: the ``source`` of labels saved through the page
+NO_STORE = {"Cache-Control": "no-store"}
+PAGE_HEADERS = {
+    **NO_STORE,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the URL carries the token
+    "X-Frame-Options": "DENY",
+}
+CSP = ("default-src 'none'; script-src 'nonce-{n}'; style-src 'nonce-{n}'; connect-src 'self'; "
+       "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class TokenGuard:
+    """ASGI middleware: refuse (401) every HTTP request without the token. API paths take it
+    only from ``Authorization: Bearer``; other paths also from ``?token=``."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app, self.token = app, token.encode()
+
+    def allowed(self, scope: Scope) -> bool:
+        given = ""
+        auth = Headers(scope=scope).get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        elif not scope["path"].startswith("/api/"):
+            given = QueryParams(scope.get("query_string", b"").decode("latin-1")).get("token", "")
+        return secrets.compare_digest(given.encode(), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no route takes one
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] == "http" and not self.allowed(scope):
+            text = "missing or wrong token: open the URL that starlora annotate printed"
+            headers = {"WWW-Authenticate": "Bearer", **NO_STORE}
+            response: Response = (
+                JSONResponse({"error": text}, 401, headers=headers)
+                if scope["path"].startswith("/api/") else
+                PlainTextResponse(text + "\n", 401, headers=headers))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def continue_command(run_dir: str | Path) -> str:
+    """The command that continues the run (``config.yaml`` is the run's resolved config)."""
+    config = shlex.quote(str(Path(run_dir) / "config.yaml"))
+    return f"starlora run {config} --run-dir {shlex.quote(str(run_dir))}"
+
+
+class Annotator:
+    """The run-facing half of the app: reads the open query and saves answers to it, both
+    through `RunStore` (blocking file I/O; the endpoints run it in a worker thread)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = str(run_dir)
+        self.store = RunStore.open(run_dir)
+
+    def queries(self) -> dict[str, Any]:
+        """The open query's rows (answered ones too, so they can be revised), highest
+        uncertainty first, with progress and the command that continues the run."""
+        store = self.store
+        r = store.open_query()
+        rows = store.queries(r) if r is not None else []
+        saved = {row["id"]: row["answer"] for row in store.labelled()}
+        rows = sorted(rows, key=lambda q: (q.get("uncertainty") is None,
+                                           -(q.get("uncertainty") or 0.0)))
+        out = [{"id": q["id"], "question": q.get("question"), "prompt": q.get("prompt"),
+                "draft": q.get("draft"), "uncertainty": q.get("uncertainty"),
+                "answer": saved.get(q["id"])} for q in rows]
+        answered = sum(q["answer"] is not None for q in out)
+        return {"run_dir": self.run_dir, "round": r, "queries": out, "answered": answered,
+                "total": len(out), "continue": continue_command(self.run_dir)}
+
+    def save(self, id_: str, answer: str) -> dict[str, Any]:
+        """Check and store one answer under the run's lock (the checks of ``starlora
+        import``, revisions allowed). Raises DataError for a bad answer, QueryClosedError
+        once the run has closed the query the id was asked in."""
+        store = self.store
+        with store.lock(timeout=LOCK_TIMEOUT):
+            r = store.open_query()
+            asked: dict[str, int] = {}
+            for round_ in store.paths.query_rounds():
+                asked.update((q["id"], round_) for q in store.queries(round_))
+            if id_ in asked and asked[id_] != r:
+                raise QueryClosedError(
+                    f"the run has gone on: query {asked[id_]} is closed, so {id_!r} can no "
+                    "longer be answered here (reload the page)")
+            checked = check_answers(store, [Answer(id_, answer, 1)], "annotate",
+                                    known_ids=set(asked), revise=True)
+            store.save_labels(checked, SOURCE)
+            progress = self.queries()
+        return {"id": id_, "answer": checked[id_], "answered": progress["answered"],
+                "total": progress["total"]}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or HTTPException 413 as soon as it passes `limit` bytes (declared
+    or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"request body over {limit} bytes")
+    return bytes(body)
+
+
+def parse_label(body: bytes) -> tuple[str, str]:
+    """``(id, answer)`` from a POST body, or HTTPException 400 naming what is wrong."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HTTPException(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, 'the body must be a JSON object {"id": ..., "answer": ...}')
+    for name in ("id", "answer"):
+        if not isinstance(data.get(name), str):
+            raise HTTPException(400, f"{name}: missing, or not a string")
+    return data["id"], data["answer"]
+
+
+def render_page(template: str, nonce: str) -> str:
+    """The page with its stylesheet and script inlined under `nonce` (no other requests)."""
+    files = resources.files("starlora.annotate")
+    css = files.joinpath("page.css").read_text(encoding="utf-8")
+    js = files.joinpath("page.js").read_text(encoding="utf-8")
+    return (template.replace("{{nonce}}", nonce)
+            .replace("/*{{css}}*/", css).replace("/*{{js}}*/", js))
+
+
+def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Starlette:
+    """The Starlette app serving `run_dir`'s open query to holders of `token`. Raises
+    StarloraError when `run_dir` is not a run directory or the token is empty."""
+    if not token:
+        raise StarloraError("--token: must not be empty")
+    annotator = Annotator(run_dir)
+    template = resources.files("starlora.annotate").joinpath("page.html").read_text(
+        encoding="utf-8")
+
+    async def page(request: Request) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        return HTMLResponse(render_page(template, nonce),
+                            headers={**PAGE_HEADERS, "Content-Security-Policy": CSP.format(n=nonce)})
+
+    async def get_queries(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(annotator.queries), headers=NO_STORE)
+
+    async def post_label(request: Request) -> Response:
+        id_, answer = parse_label(await read_body(request, max_body))
+        try:
+            saved = await run_in_threadpool(annotator.save, id_, answer)
+        except DataError as e:  # the message without "annotate:1:", which means nothing here
+            raise HTTPException(400, f"{e.field}: {e.problem}" if e.field else e.problem) from None
+        except LockTimeoutError as e:
+            raise HTTPException(503, str(e)) from None
+        except StarloraError as e:  # QueryClosedError, or the store refused under its lock
+            raise HTTPException(400, str(e)) from None
+        return JSONResponse(saved, headers=NO_STORE)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse({"error": exc.detail}, exc.status_code, headers=NO_STORE)
+
+    app = Starlette(
+        routes=[Route("/", page, methods=["GET"]),
+                Route("/api/queries", get_queries, methods=["GET"]),
+                Route("/api/labels", post_label, methods=["POST"])],
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(TokenGuard, token=token)],
+    )
+    return app
