@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from starlora.config import EvaluationConfig  # noqa: E402
+from starlora.datafiles import load_examples  # noqa: E402
 from starlora.evaluation import evaluate  # noqa: E402
 from starlora.models import load_model  # noqa: E402
-from starlora.datafiles import load_examples  # noqa: E402
 from starlora.tasks import GSM8K, ArithTask, Example, get_task  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"

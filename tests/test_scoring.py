@@ -17,6 +17,7 @@ from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
 from starlora.models import attach_lora, load_model
 from starlora.scoring import BaseScoreCache, Scores, base_cache_key, score_base, score_examples
+from starlora.scoring.reference import reference_scores
 from starlora.tasks import Example, get_task
 
 TASK = get_task("jsonl")
@@ -45,18 +46,10 @@ def with_lora(model, dropout: float = 0.0, seed: int = 0):
 
 
 def reference(model, tokenizer, examples, double=True) -> tuple[np.ndarray, np.ndarray]:
-    """Naive float64 PE and ME: one full forward pass per example, full softmax everywhere
-    (`double`: of a float64 copy of the model; else of its own logits, made float64)."""
+    """`starlora.scoring.reference.reference_scores` (one unbatched forward per example, full
+    float64 softmax) of a float64 copy of the model (`double`), or of the model itself."""
     ref = (copy.deepcopy(model).double() if double else model).eval()
-    pe, me = [], []
-    with torch.no_grad():
-        for ex in examples:
-            p, a = TASK.encode(tokenizer, ex)
-            logp = torch.log_softmax(ref(input_ids=torch.tensor([p + a])).logits[0].double(), -1)
-            at = logp[len(p) - 1 : len(p) + len(a) - 1]  # predictions of the answer tokens
-            pe.append(-at[torch.arange(len(a)), torch.tensor(a)].sum().item())
-            me.append(-(at.exp() * at).sum().item())
-    return np.array(pe), np.array(me)
+    return reference_scores(ref, tokenizer, TASK, examples)
 
 
 def score(model, tokenizer, examples, **kw) -> Scores:
@@ -78,7 +71,6 @@ def test_matches_float64_reference_and_batching(tiny, examples):
 
     # layout (one row of packed sequences or padded rows), batch size, token budget and input
     # order do not change anything
-    assert score_examples.__kwdefaults__["packed"] is None  # default: packed on CPU
     for kw in (
         dict(batch_size=1),
         dict(max_tokens_per_batch=64),

@@ -10,7 +10,7 @@ Two modes:
   "answer B and stop" (on OBQA zero-shot, leaving EOS out cost 9.5 points of accuracy). The
   prediction is the argmax; its confidence is its probability under a softmax over the
   choices' total log-likelihoods.
-* ``generate`` (open answers, e.g. gsm8k): greedy batched generation with left padding that
+* ``generate`` (open answers, e.g. gsm8k): greedy batched generation (`starlora.generation`) that
   stops at EOS or ``max_new_tokens``; the answer is extracted with ``task.extract``. The
   confidence is the probability of the final answer: ``exp(sum log p)`` over the generated
   tokens that produce the characters ``task.extract_span`` points at (a token counts when
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from starlora.config import EvaluationConfig
 from starlora.errors import ConfigError, StarloraError
@@ -114,16 +113,6 @@ def resolve_mode(task: Task, examples: list[Example], mode: str) -> str:
     return mode
 
 
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _choice(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
     from starlora.scoring import score_examples
 
@@ -181,57 +170,29 @@ def answer_token_indices(
     return indices
 
 
-@torch.inference_mode()
 def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from starlora.generation import generate
 
-    device = _device(model)
-    pad = tokenizer.pad_token_id
-    # stop at the tokenizer's EOS and at any end-of-turn token the model's own config names
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop = {tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
-    stop.discard(None)
-    gen_config = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=pad, eos_token_id=sorted(stop) or None, bos_token_id=tokenizer.bos_token_id,
-        output_scores=True, return_dict_in_generate=True,
-    )
     prompts = []
     for ex in examples:
-        ids = task.encode(tokenizer, ex)[0]
+        ids = task.prompt_ids(tokenizer, ex)
         prompts.append(ids[-max_length:] if max_length else ids)
-    predictions: list[dict | None] = [None] * len(examples)
-    for idx in tqdm(_batches([len(p) for p in prompts], cfg.batch_size),
-                    desc="generate", unit="batch", disable=not progress):
-        longest = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, longest - len(prompts[i]) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
-        )
-        new = out.sequences[:, longest:]  # (batch, generated)
-        logp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-        for row, i in enumerate(idx):
-            tokens = new[row].tolist()
-            n = next((k + 1 for k, t in enumerate(tokens) if t in stop), len(tokens))
-            text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
-            pred, span = task.extract(text), task.extract_span(text)
-            gold = task.gold(examples[i].answer)
-            logprob = float(logp[row, :n].double().sum())
-            answer = answer_token_indices(tokenizer, tokens[:n], text, span) if span else []
-            answer_logprob = float(logp[row, answer].double().sum()) if answer else None
-            predictions[i] = {
-                "id": examples[i].id, "prediction": pred, "gold": gold,
-                "correct": task.is_correct(pred, gold),
-                "confidence": float(np.exp(answer_logprob)) if answer else 0.0,
-                "sequence_confidence": float(np.exp(logprob)), "logprob": logprob,
-                "answer_logprob": answer_logprob, "answer_tokens": len(answer), "generated": text,
-            }
-    return predictions  # type: ignore[return-value]
+    out = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                   batch_size=cfg.batch_size, progress=progress, desc="generate")
+    predictions = []
+    for ex, tokens, logp, text in zip(examples, out.tokens, out.logprobs, out.texts):
+        pred, span = task.extract(text), task.extract_span(text)
+        gold = task.gold(ex.answer)
+        logprob = float(logp.sum())
+        answer = answer_token_indices(tokenizer, tokens, text, span) if span else []
+        answer_logprob = float(logp[answer].sum()) if answer else None
+        predictions.append({
+            "id": ex.id, "prediction": pred, "gold": gold, "correct": task.is_correct(pred, gold),
+            "confidence": float(np.exp(answer_logprob)) if answer else 0.0,
+            "sequence_confidence": float(np.exp(logprob)), "logprob": logprob,
+            "answer_logprob": answer_logprob, "answer_tokens": len(answer), "generated": text,
+        })
+    return predictions
 
 
 def evaluate(

@@ -24,11 +24,12 @@ from starlora.scoring.cache import (
     sequence_key,
 )
 from starlora.scoring.engine import score_base, score_examples
+from starlora.scoring.options import ScoringOptions
 from starlora.scoring.own_answers import base_answers, score_own_answers
 from starlora.scoring.results import MEASURES, Scores
 
 __all__ = [
-    "MEASURES", "BaseScoreCache", "Scores", "base_answers", "base_cache_key",
+    "MEASURES", "BaseScoreCache", "Scores", "ScoringOptions", "base_answers", "base_cache_key",
     "default_score_cache_dir", "score_base", "score_examples", "score_own_answers",
     "sequence_key",
 ]

@@ -44,9 +44,10 @@ from starlora.scoring.measures import (
     GPU_CHUNK_ELEMENTS,
     answer_measures,
 )
+from starlora.scoring.options import ScoringOptions
 from starlora.scoring.packing import can_pack, packed_attention_for, packed_lengths
 from starlora.scoring.reference import plain_batch
-from starlora.scoring.results import MEASURES, Scores
+from starlora.scoring.results import Scores
 from starlora.tasks import Example, Task
 
 #: default tokens per batch on CPU: measured fastest on SmolLM2-135M (1024-8192 tried)
@@ -146,43 +147,17 @@ def score_examples(
     tokenizer: Any,
     task: Task,
     examples: Sequence[Example],
+    options: ScoringOptions | None = None,
     *,
-    measures: Sequence[str] = MEASURES,
-    mc_passes: int = 1,
-    model_dropout: bool = False,
-    batch_size: int | str = "auto",
-    max_tokens_per_batch: int | None = None,
-    max_length: int | None = None,
+    answer_ids: Sequence[Sequence[int]] | None = None,
     progress: bool = True,
     desc: str = "scoring",
-    seed: int | None = None,
-    max_padding: float | None = None,
-    packed: bool | None = None,
-    answer_ids: Sequence[Sequence[int]] | None = None,
+    **fields: Any,
 ) -> Scores:
     """PE and ME of every example's answer under `model` (plain or peft), teacher-forced: the
     gold answer, or with `answer_ids` the given token ids (e.g. the model's own generation).
-
-    Args:
-        measures: any of ``"pe"``, ``"me"``; the others come back as NaN and are not computed.
-        mc_passes: K; with K > 1 the LoRA dropout (and the model's own dropout when
-            `model_dropout`) samples a fresh mask per pass; scores are the mean over passes and
-            ``pe_passes``/``me_passes`` hold the ``[N, K]`` per-pass values.
-        batch_size: examples per batch, or ``"auto"``: as many as fit `max_tokens_per_batch`
-            tokens (padded tokens in padded batches). Either way the limit halves on
-            out-of-memory.
-        max_tokens_per_batch: default 2048 on CPU, where larger batches only fall out of the
-            cache, and 16384 on GPUs.
-        max_length: prompt + answer tokens; longer prompts are cut on the left. Default: the
-            model's maximum position count.
-        packed: put each batch's sequences back to back in one row (no padding; attention
-            stays within each sequence, see `packed_attention`). Default: on CPU, where padding
-            is pure waste, for models whose attention is transformers' SDPA without a sliding
-            window; padded batches otherwise.
-        max_padding: padded batches only: the largest fraction of padding tokens a batch may
-            hold. Default 0.1 on CPU, 0.5 on GPUs.
-        seed: base seed of the dropout masks; default: drawn from torch's global generator
-            (so ``torch.manual_seed`` makes scoring reproducible).
+    How: `options` (a `ScoringOptions`), with any of its fields overridden by name in
+    `fields` (``mc_passes=3``...). Returns `Scores` aligned with `examples`.
 
     Self-check: the shortest example (with an answer) is first scored deterministically both
     by the fast path and by `plain_batch`, the model's own ``forward(...).logits``. If PE or ME
@@ -192,17 +167,12 @@ def score_examples(
     MC passes then sample peft's dropout with torch's generator, seeded per batch and pass).
     The check draws no random numbers and leaves the scores of an agreeing model unchanged.
     """
-    measures = tuple(measures)
-    unknown = set(measures) - set(MEASURES)
-    if unknown or not measures:
-        raise ConfigError(f"scoring.measures: expected some of {MEASURES}, got {measures}")
-    if mc_passes < 1:
-        raise ConfigError(f"scoring.mc_passes: must be >= 1, got {mc_passes}")
+    opts = ScoringOptions.build(options, **fields)
+    measures, mc_passes, model_dropout = opts.measures, opts.mc_passes, opts.model_dropout
+    batch_size, max_length, seed, packed = (opts.batch_size, opts.max_length, opts.seed,
+                                            opts.packed)
+    max_tokens_per_batch, max_padding = opts.max_tokens_per_batch, opts.max_padding
     by_tokens = batch_size == "auto"
-    if not by_tokens and not (isinstance(batch_size, int) and batch_size > 0):
-        raise ConfigError(
-            f"scoring.batch_size: must be 'auto' or a positive int, got {batch_size!r}"
-        )
     body, head = decoder_and_head(model)
     transform = logit_transform(model)
     device = next(model.parameters()).device

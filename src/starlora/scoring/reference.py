@@ -3,11 +3,15 @@
 `plain_batch` runs the model's own ``forward(...).logits`` on right-padded rows and takes the
 log-softmax in float64 at the answer positions: for answer token a_i after its prefix,
 PE = sum_i -log p(a_i) and ME = sum_i H(p(.)) over the full vocabulary (nats). The engine
-falls back to it when its self-check finds the fast path off; tests and the scoring benchmark
-use it as the specification.
+falls back to it when its self-check finds the fast path off. `reference_scores` is the same
+definition with nothing else: one unbatched forward per example, the specification that tests
+hold the engine to.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +19,7 @@ from torch import nn
 
 from starlora.scoring.batching import batch_inputs
 from starlora.scoring.measures import CHUNK_ELEMENTS
+from starlora.tasks import Example, Task
 
 
 def plain_batch(
@@ -47,3 +52,20 @@ def plain_batch(
             nll[k, s : s + rows] = -logp.gather(1, tgt_t[s : s + rows])[:, 0].cpu().numpy()
             ent[k, s : s + rows] = -(logp.exp() * logp).sum(-1).cpu().numpy()
     return owner, nll, ent
+
+
+def reference_scores(model: nn.Module, tokenizer: Any, task: Task,
+                     examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """PE and ME ([N] float64, nats) of each example's gold answer, by the definition and
+    nothing else: one unbatched forward per example, log-softmax of all its logits in float64.
+    Slow; the specification that tests and the scoring benchmark hold the engine to (pass a
+    float64 copy of the model for a float64 reference)."""
+    pe, me = [], []
+    with torch.no_grad():
+        for ex in examples:
+            p, a = task.encode(tokenizer, ex)
+            logits = model(input_ids=torch.tensor([p + a])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(a) - 1]
+            pe.append(-logp[torch.arange(len(a)), torch.tensor(a)].sum().item())
+            me.append(-(logp.exp() * logp).sum().item())
+    return np.array(pe), np.array(me)
