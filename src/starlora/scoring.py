@@ -26,10 +26,11 @@ its dropout masks from a seed derived from one base seed, so results are reprodu
 torch seed. When no dropout is active (p = 0 everywhere) the K passes would be identical, so the
 model runs once and the pass is repeated.
 
-Self-check: every `score_examples` call first scores its shortest example both ways, fast and
-with `_plain_batch` (the model's own ``forward(...).logits``, the readable definition of PE and
-ME). If they disagree (an architecture that post-processes logits in a way `_logit_transform`
-does not know), it warns `ScorerFallbackWarning` and scores the whole call the plain way.
+Self-check: every `score_examples` call first scores (a piece of) its shortest example both
+ways, fast and with `_plain_batch` (the model's own ``forward(...).logits``, the readable
+definition of PE and ME). If they disagree (an architecture that post-processes logits in a way
+`_logit_transform` does not know), it warns `ScorerFallbackWarning` and scores the whole call
+the plain way.
 
 Base-model scores (`score_base`) use peft's ``disable_adapter()``, so no second model is loaded;
 `BaseScoreCache` keeps them on disk, one file per model fingerprint, dtype, measures and
@@ -71,6 +72,8 @@ CPU_VOCAB_TILE = 2048
 CPU_TOKENS_PER_BATCH = 2048
 #: default padded tokens per batch on GPUs (halved on out-of-memory)
 GPU_TOKENS_PER_BATCH = 16384
+#: the self-check of `score_examples` scores at most this many prompt and answer tokens each
+CHECK_TOKENS = 16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -805,8 +808,9 @@ def score_examples(
         seed: base seed of the dropout masks; default: drawn from torch's global generator
             (so ``torch.manual_seed`` makes scoring reproducible).
 
-    Self-check: the shortest example (with an answer) is first scored deterministically both
-    by the fast path and by `_plain_batch`, the model's own ``forward(...).logits``. If PE or ME
+    Self-check: the shortest example with an answer, cut to the last `CHECK_TOKENS` prompt and
+    first `CHECK_TOKENS` answer tokens, is first scored deterministically both by the fast path
+    and by `_plain_batch`, the model's own ``forward(...).logits``. If PE or ME
     differ by more than ``1e-4 * max(1, |plain|)`` (float32/float64 weights; ``2e-2 *`` for
     bf16/fp16 weights, whose logits carry ~3 digits), a `ScorerFallbackWarning` names the
     model class and the whole call runs `_plain_batch` on padded batches (`packed` ignored;
@@ -849,7 +853,8 @@ def score_examples(
         )
     check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
     problem = None if check is None else _fast_path_disagreement(
-        model, body, head, transform, seqs[check], pad_id, device, packed
+        model, body, head, transform,
+        (seqs[check][0][-CHECK_TOKENS:], seqs[check][1][:CHECK_TOKENS]), pad_id, device, packed,
     )
     if problem is not None:
         warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
