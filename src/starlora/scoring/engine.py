@@ -54,6 +54,9 @@ from starlora.tasks import Example, Task
 CPU_TOKENS_PER_BATCH = 2048
 #: default padded tokens per batch on GPUs (halved on out-of-memory)
 GPU_TOKENS_PER_BATCH = 16384
+#: the self-check scores at most this many prompt and answer tokens of the shortest example
+#: (short CPU forwards cost about the same whatever their length: reading the weights rules)
+CHECK_TOKENS = 16
 
 
 def _score_batch(
@@ -159,8 +162,9 @@ def score_examples(
     How: `options` (a `ScoringOptions`), with any of its fields overridden by name in
     `fields` (``mc_passes=3``...). Returns `Scores` aligned with `examples`.
 
-    Self-check: the shortest example (with an answer) is first scored deterministically both
-    by the fast path and by `plain_batch`, the model's own ``forward(...).logits``. If PE or ME
+    Self-check: the shortest example with an answer, cut to its last `CHECK_TOKENS` prompt and
+    first `CHECK_TOKENS` answer tokens, is first scored deterministically both by the fast path
+    and by `plain_batch`, the model's own ``forward(...).logits``. If PE or ME
     differ by more than ``1e-4 * max(1, |plain|)`` (float32/float64 weights; ``2e-2 *`` for
     bf16/fp16 weights, whose logits carry ~3 digits), a `ScorerFallbackWarning` names the
     model class and the whole call runs `plain_batch` on padded batches (`packed` ignored;
@@ -198,7 +202,8 @@ def score_examples(
         )
     check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
     problem = None if check is None else fast_path_disagreement(
-        model, body, head, transform, seqs[check], pad_id, device, packed
+        model, body, head, transform,
+        (seqs[check][0][-CHECK_TOKENS:], seqs[check][1][:CHECK_TOKENS]), pad_id, device, packed,
     )
     if problem is not None:
         warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
