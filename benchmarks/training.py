@@ -137,9 +137,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternations of the two sides")
     ap.add_argument("--profile", type=int, default=0,
                     help="afterwards, profile N steps of each side and print the top ops")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); on a CPU shared with other busy "
+                         "processes, 1 avoids OpenMP threads waiting on each other")
     ap.add_argument("--default-allocator", action="store_true",
                     help="skip tune_cpu_allocator() (the CLI applies it)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     allocator = "default"
     if args.device == "cpu" and not args.default_allocator and tune_cpu_allocator():
         allocator = "tuned"  # as the CLI does; both sides run in this process

@@ -24,9 +24,9 @@ IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 
 #: logits elements (answer rows x vocabulary) per chunk of `answer_cross_entropy`: 32M (128 MiB
 #: in fp32, ~680 rows of SmolLM2's 49k vocabulary) on CPU and 64M on GPUs. On CPU small chunks
-#: are slow: each head matmul repacks the whole [V, H] weight, so ~85-row chunks took 2.5x
-#: the time of 400-800-row ones (SmolLM2 head, 800 rows, bf16, 2 cores), which took 0.55x the
-#: time of the unchunked head + cross-entropy
+#: are slow (each head matmul goes over the whole [V, H] weight): for SmolLM2's head on 800
+#: answer rows in bf16 (2 shared cores), ~85-row chunks took 2.3-2.5x the time of 400-800-row
+#: ones, which took 0.55x the time of the unchunked head + cross-entropy
 CPU_CHUNK_ELEMENTS = 1 << 25
 GPU_CHUNK_ELEMENTS = 1 << 26
 
@@ -35,7 +35,7 @@ def _linear_head(head: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, tor
     """(weight, bias) of a plain ``nn.Linear`` head in the dtype its matmul runs in (the
     autocast dtype under autocast, else that of `like`), cast once per batch: autocast does
     not cache casts of frozen weights, and for SmolLM2 a cast per chunk would move 28M
-    values per ~85 rows. None for any other head module."""
+    values each time. None for any other head module."""
     if type(head) is not nn.Linear:
         return None
     device_type = like.device.type
