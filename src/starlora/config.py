@@ -54,6 +54,8 @@ class TrainingConfig(_Section):
     b_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"
     warm_start: bool = False  # continue from the previous round's adapter (paper: fresh)
     max_length: int = Field(1024, gt=0)  # prompt + answer tokens; longer prompts are cut left
+    # autocast of the forward pass; auto = bf16 where the hardware has it natively (CUDA GPUs
+    # with bf16, CPUs with AVX512-BF16 or AMX), else no (fp32). Not the paper's: it trained fp32
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 

@@ -170,6 +170,29 @@ def pick_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch
     return torch.float32
 
 
+#: where Linux lists the CPU's feature flags (`cpu_has_native_bf16` reads it)
+CPUINFO = Path("/proc/cpuinfo")
+#: CPU flags of native bf16 arithmetic: AVX512-BF16 dot products (Cooper Lake, Zen 4 and
+#: later) and AMX-BF16 tiles (Sapphire Rapids and later)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: one of `BF16_CPU_FLAGS` among the ``flags`` of
+    `CPUINFO` (Linux's ``/proc/cpuinfo``). Without them PyTorch emulates bf16 matmuls through
+    fp32 and bf16 autocast only adds casts. False when the file cannot be read (other systems).
+    """
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and any(f in value.split() for f in BF16_CPU_FLAGS):
+            return True
+    return False
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """Tokenizer for `name`, with a pad token set (EOS when the model has none)."""
     from transformers import AutoTokenizer

@@ -13,10 +13,21 @@ Constraint LoRA (STAR paper, section 3.3) keeps the adapter from growing over-co
   `starlora.models.attach_lora`).
 
 The loss is the mean cross-entropy over answer tokens only (prompt and padding are -100).
+
+Where the time goes, and how none is wasted (`benchmarks/training.py` measures it):
+
+* the LM head runs only on the hidden states that predict answer tokens, in chunks of rows
+  (`starlora.answer_loss.AnswerLoss`), not on every position of every sequence;
+* batches group examples of similar length (`starlora.train_batches.LengthGroupedBatches`), so that
+  right-padding stays a few percent of the tokens;
+* ``mixed_precision: auto`` autocasts to bf16 where the hardware computes it natively (CUDA
+  GPUs with bf16, CPUs with AVX512-BF16 or AMX; `resolve_mixed_precision`); the weights, the
+  optimizer and the loss stay fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,13 +36,14 @@ from typing import Any
 
 import torch
 
+from starlora.answer_loss import IGNORE, AnswerLoss, default_chunk_rows
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.io import atomic_folder
-from starlora.models import attach_lora
+from starlora.models import attach_lora, cpu_has_native_bf16
+from starlora.scoring.batching import fit
 from starlora.tasks import Example, Task
-
-IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+from starlora.train_batches import LengthGroupedBatches
 
 
 @dataclass
@@ -52,6 +64,7 @@ class TrainResult:
     final_loss: float
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    mixed_precision: str = "no"  # what the forward passes ran in: "no" (fp32), "bf16", "fp16"
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -63,13 +76,9 @@ def encode_example(
     tokens from the left.
 
     The answer is kept whole when it fits (it is what training supervises); the prompt loses
-    its oldest tokens first.
+    its oldest tokens first (`starlora.scoring.batching.fit`, the cut scoring makes too).
     """
-    prompt, ans = task.encode(tokenizer, ex, answer=answer, add_eos=add_eos)
-    if max_length is not None and len(prompt) + len(ans) > max_length:
-        ans = ans[: max_length - 1]  # keep at least one prompt token to condition on
-        prompt = prompt[len(prompt) - (max_length - len(ans)) :]
-    return prompt, ans
+    return fit(*task.encode(tokenizer, ex, answer=answer, add_eos=add_eos), max_length)
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -162,10 +171,38 @@ def _with_adapter(model: Any, lora: LoraConfig, init_adapter: str | Path | None)
 
 
 # -- training ---------------------------------------------------------------------------------
-def _mixed_precision(setting: str, device: torch.device) -> str:
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """``training.mixed_precision`` for a model on `device`: ``auto`` is ``"bf16"`` on CUDA
+    GPUs that compute bf16 natively (Ampere and later, not emulated) and on CPUs with native
+    bf16 (`starlora.models.cpu_has_native_bf16`), ``"no"`` (fp32) elsewhere; other settings
+    are returned as they are."""
     if setting != "auto":
         return setting
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "no"
+    return "no"
+
+
+def _make_accelerator(device: torch.device) -> Any:
+    """An Accelerator for a model on `device`, without a mixed precision of its own.
+
+    The precision is ours to apply (`torch.autocast` in `train_adapter`), so the process-wide
+    accelerate state, which refuses a second precision, is never asked for one, and one
+    process may train in bf16, then fp32, then bf16 again. When that state was set up earlier
+    on a GPU and this model is on the CPU, the model is trained where it is (no device
+    placement) rather than moved.
+    """
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(cpu=device.type == "cpu")
+    except ValueError:  # "AcceleratorState has already been initialized ... cpu=True"
+        return Accelerator(device_placement=False)
 
 
 def train_adapter(
@@ -185,12 +222,17 @@ def train_adapter(
 
     `model` is a plain (non-peft) base model already on its device; it gets a fresh adapter
     (or the saved one at `init_adapter`, trainable) and its own weights stay frozen. The run
-    is seeded: the same seed and data give the same adapter. The schedule spans the real
-    number of optimizer steps, ``ceil(ceil(n / batch_size) / grad_accum * epochs)`` (epochs
-    may be fractional). An `accelerator` passed in is used as is (its mixed precision
-    included) and has its prepared objects released at the end (``free_memory``).
+    is seeded: the same seed and data give the same adapter. Batches group examples of similar
+    length (`LengthGroupedBatches`). The schedule spans the real number of optimizer steps,
+    ``ceil(ceil(n / batch_size) / grad_accum * epochs)`` (epochs may be fractional).
+
+    Precision: ``training.mixed_precision`` (`resolve_mixed_precision`) autocasts the forward
+    pass with `torch.autocast` (fp16 adds a `torch.amp.GradScaler`); parameters, gradients and
+    optimizer state stay in their dtype. An `accelerator` passed in is used as is and has its
+    prepared objects released at the end (``free_memory``); if it, or the process's accelerate
+    state (``accelerate launch --mixed_precision ...``), already has a mixed precision,
+    accelerate autocasts (and scales) itself and ``training.mixed_precision`` is not applied.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -200,28 +242,20 @@ def train_adapter(
         raise StarloraError("training: no labelled examples to train on")
     device = next(model.parameters()).device
     if accelerator is None:
-        settings = dict(mixed_precision=_mixed_precision(training.mixed_precision, device),
-                        cpu=device.type == "cpu")
-        try:
-            accelerator = Accelerator(**settings)
-        except ValueError:
-            # accelerate keeps one process-wide state and refuses a new precision; a run (or a
-            # test) that trains with another one in this process starts it afresh. The
-            # distributed PartialState is kept.
-            from accelerate.state import AcceleratorState
-
-            AcceleratorState._reset_state()
-            accelerator = Accelerator(**settings)
+        accelerator = _make_accelerator(device)
     accelerator.gradient_accumulation_steps = training.grad_accum
+    if accelerator.mixed_precision == "no":
+        precision = resolve_mixed_precision(training.mixed_precision, device)
+    else:
+        precision = accelerator.mixed_precision  # accelerate applies it; we add nothing
 
     set_seed(seed)  # before attaching: the Gaussian init of A draws from the global RNG
     peft_model = _with_adapter(model, lora, init_adapter)
     data = [encode_example(task, tokenizer, ex, training.max_length) for ex in examples]
     loader = DataLoader(
         data,
-        batch_size=training.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        batch_sampler=LengthGroupedBatches([len(p) + len(a) for p, a in data],
+                                           training.batch_size, seed),
         collate_fn=lambda pairs: collate(pairs, tokenizer.pad_token_id),
     )
     optimizer = build_optimizer(peft_model, training)
@@ -233,9 +267,19 @@ def train_adapter(
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
+    step_model = AnswerLoss(peft_model, chunk_rows=default_chunk_rows(peft_model, device))
     wrapped, optimizer, loader, scheduler = accelerator.prepare(
-        peft_model, optimizer, loader, scheduler
+        step_model, optimizer, loader, scheduler
     )
+    device = next(peft_model.parameters()).device  # where accelerate placed it
+    own_amp = accelerator.mixed_precision == "no" and precision != "no"
+    scaler = torch.amp.GradScaler(device.type) if own_amp and precision == "fp16" else None
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if not own_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+
     # a process sees 1/num_processes of the batches; the prepared scheduler steps accordingly
     local_steps = max(1, math.ceil(math.ceil(len(loader) / training.grad_accum) * training.epochs))
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
@@ -256,18 +300,30 @@ def train_adapter(
             # accelerate sees the end of the epoch
             if len(losses) >= local_steps:
                 continue
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(wrapped):
-                loss = wrapped(**batch).loss
+                with autocast():
+                    loss = wrapped(**batch)
                 window.append(loss.item())
                 if training.b_decay_mode == "l2" and training.b_decay > 0:
                     loss = loss + b_penalty(wrapped, training.b_decay)
-                accelerator.backward(loss)
+                accelerator.backward(loss if scaler is None else scaler.scale(loss))
                 if accelerator.sync_gradients:
                     lrs.append(optimizer.param_groups[0]["lr"])
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
                     if training.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                skipped = False
+                if scaler is None:
+                    optimizer.step()  # accelerate makes it a no-op until gradients sync
+                elif accelerator.sync_gradients:
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)  # skipped when the gradients are not finite,
+                    scaler.update()  # and then the scale shrinks
+                    skipped = scaler.get_scale() < scale
+                if not skipped:  # as the optimizer: the schedule counts the steps taken
+                    scheduler.step()
                 optimizer.zero_grad()
             tokens += int(batch["attention_mask"].sum())
             if accelerator.sync_gradients:
@@ -280,7 +336,7 @@ def train_adapter(
     seconds = time.perf_counter() - start
 
     total_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
-    trained = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False).eval()
+    trained = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False).model.eval()
     accelerator.free_memory()
     return TrainResult(
         model=trained,
@@ -290,4 +346,5 @@ def train_adapter(
         final_loss=losses[-1],
         losses=losses,
         lrs=lrs,
+        mixed_precision=precision,
     )
