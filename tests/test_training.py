@@ -421,7 +421,8 @@ import sys, torch
 from accelerate import PartialState
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.models import load_model
-from starlora.tasks import get_task, load_examples
+from starlora.datafiles import load_examples
+from starlora.tasks import get_task
 from starlora.training import train_adapter
 
 torch.set_num_threads(1)
