@@ -277,7 +277,9 @@ class RunStore:
             "rounds": al.rounds,
             "phase": "waiting for labels" if pending else phase,
             "n_labelled": len(labelled),
-            "n_unlabelled": None if pool_size is None else pool_size - len(labelled),
+            # labels from task.labelled are not pool records (the pool excludes them)
+            "n_unlabelled": None if pool_size is None else pool_size - sum(
+                not str(r.get("source", "")).startswith("file:") for r in labelled),
             "pending": len(pending),
             "strategy": al.strategy,
             "seed": self.config.seed,
