@@ -73,3 +73,23 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
         load_examples(tmp_path / "x.txt", task)
     with pytest.raises(DataError, match="cannot load the dataset"):
         load_examples(f"hf:{tmp_path / 'nothing'}:train", task)
+
+
+def test_labels_the_user_has_leave_the_pool_and_form_the_initial_set(tmp_path: Path) -> None:
+    from starlora.config import TaskConfig
+    from starlora.run.data import load_data, make_task
+
+    pool = tmp_path / "pool.csv"
+    pool.write_text("id,question\np1,2 + 2?\np2,3 + 4?\np3,5 + 5?\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"question": "9 + 9?", "answer": "#### 18"}) + "\n")
+    labelled = tmp_path / "mine.jsonl"
+    labelled.write_text(json.dumps({"id": "p2", "question": "3 + 4?", "answer": "#### 7"}) + "\n"
+                        + json.dumps({"id": "x9", "question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    cfg = TaskConfig(name="gsm8k", train=str(pool), test=str(test), labelled=str(labelled))
+    data = load_data(cfg, make_task(cfg))
+    assert [ex.id for ex in data.pool] == ["p1", "p3"] and all(ex.answer is None for ex in data.pool)
+    assert [(ex.id, ex.answer) for ex in data.labelled] == [("p2", "#### 7"), ("x9", "#### 2")]
+    labelled.write_text(json.dumps({"id": "p1", "question": "7 + 7?", "answer": "#### 14"}) + "\n")
+    with pytest.raises(DataError, match=r"mine\.jsonl:1: id: 'p1' names another question"):
+        load_data(cfg, make_task(cfg))
