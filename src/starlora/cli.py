@@ -60,8 +60,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                         samples=args.samples, **kwargs)
         records = scores.to_records()
         for i, rec in enumerate(records):
-            best = max(out.of(i), key=lambda j: float(out.logprobs[j].sum()))
-            rec["answer"] = out.texts[best].strip()
+            rec["answer"] = out.best_text(i)
     elif args.base:
         records = score_base(model, loaded.tokenizer, task, examples, **kwargs).to_records()
     else:

@@ -40,6 +40,11 @@ class Generated:
         """Row indices of prompt i's samples."""
         return range(i * self.samples, (i + 1) * self.samples)
 
+    def best_text(self, i: int) -> str:
+        """Prompt i's most likely answer among its samples (the highest summed log-probability),
+        stripped: the draft shown to people."""
+        return self.texts[max(self.of(i), key=lambda j: float(self.logprobs[j].sum()))].strip()
+
 
 def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
     """The tokenizer's EOS and any end-of-turn token the model's generation config names."""

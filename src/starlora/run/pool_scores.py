@@ -65,8 +65,7 @@ def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: 
         desc="scoring pool (adapter, own answers)", **options)
     _put(rows, scores, measures, "", per_pass=True)
     for i, row in enumerate(rows):
-        best = max(out.of(i), key=lambda j: float(out.logprobs[j].sum()))
-        row["answer"] = out.texts[best].strip()
+        row["answer"] = out.best_text(i)
 
 
 def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
