@@ -173,10 +173,7 @@ def answer_token_indices(
 def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
     from starlora.generation import generate
 
-    prompts = []
-    for ex in examples:
-        ids = task.prompt_ids(tokenizer, ex)
-        prompts.append(ids[-max_length:] if max_length else ids)
+    prompts = [task.prompt_ids(tokenizer, ex, max_length) for ex in examples]
     out = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                    batch_size=cfg.batch_size, progress=progress, desc="generate")
     predictions = []

@@ -125,8 +125,7 @@ class Annotator:
                 raise QueryClosedError(
                     f"the run has gone on: query {asked[id_]} is closed, so {id_!r} can no "
                     "longer be answered here (reload the page)")
-            checked = check_answers(store, [Answer(id_, answer, 1)], "annotate",
-                                    known_ids=set(asked), revise=True)
+            checked = check_answers(store, [Answer(id_, answer, 1)], "annotate", revise=True)
             store.save_labels(checked, SOURCE)
             progress = self.queries()
         return {"id": id_, "answer": checked[id_], "answered": progress["answered"],

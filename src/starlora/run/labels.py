@@ -196,10 +196,10 @@ def _skip(text: str, pos: int) -> int:
 
 
 def check_answers(store: RunStore, answers: list[Answer], where: str,
-                  known_ids: set[str] | None = None, revise: bool = False) -> dict[str, str]:
+                  revise: bool = False) -> dict[str, str]:
     """``{id: answer}`` for `answers`, or DataError for the first bad one. An id must be in
     the open query and not labelled yet (with `revise`, answers saved to the open query may
-    be replaced). `known_ids` (ids anywhere in the run) tells "unknown" from "not pending"."""
+    be replaced); one asked or labelled before is "not pending", any other "unknown"."""
     r = store.open_query()
     asked = {q["id"] for q in store.queries(r)} if r is not None else set()
     labelled = {row["id"] for row in store.labelled()}
@@ -214,20 +214,19 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
         if not a.answer.strip():
             raise DataError(where, a.line, "answer", f"empty answer for id {a.id!r}")
         if a.id not in pending:
-            known = a.id in asked or a.id in labelled or (known_ids is not None and a.id in known_ids)
+            known = a.id in asked or a.id in labelled
             problem = "is not pending (already labelled, or not asked)" if known else "unknown id"
             raise DataError(where, a.line, "id", f"{a.id!r} {problem}")
         out[a.id] = a.answer.strip()
     return out
 
 
-def import_labels(store: RunStore, path: str | Path, fmt: str = "auto",
-                  known_ids: set[str] | None = None) -> tuple[int, int]:
+def import_labels(store: RunStore, path: str | Path, fmt: str = "auto") -> tuple[int, int]:
     """Check every answer in `path`, then apply them all at once under the run's lock.
     Returns (answers applied, queries still pending)."""
     answers = read_answers(path, fmt)
     with store.lock():
-        checked = check_answers(store, answers, str(path), known_ids)
+        checked = check_answers(store, answers, str(path))
         if checked:
             store.save_labels(checked, f"import:{Path(path).name}")
     return len(checked), len(store.pending())

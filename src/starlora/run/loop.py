@@ -66,8 +66,7 @@ class Run:
 
     def prompt_ids(self, ex: Example) -> list[int]:
         """`ex`'s prompt tokens, cut on the left to ``training.max_length`` as training does."""
-        ids = self.task.prompt_ids(self.tokenizer, ex)
-        return ids[-self.config.training.max_length :]
+        return self.task.prompt_ids(self.tokenizer, ex, self.config.training.max_length)
 
     def adapted(self, k: int) -> Any:
         """The model with round `k`'s adapter, loaded from the run directory if need be."""

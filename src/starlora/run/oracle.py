@@ -64,9 +64,9 @@ def label(run: Run, label_round: int, selected: list[dict]) -> None:
     """Label the `selected` rows (``{"id", "utility"?}``, best first) for `label_round`: from
     the pool's gold answers, or by asking people (may raise `Paused`)."""
     store = run.store
-    have = {r["id"] for r in store.labelled()}
-    new = [r for r in selected if r["id"] not in have]  # idempotent on resume
     if run.config.active_learning.oracle == "simulated":
+        have = {r["id"] for r in store.labelled()}
+        new = [r for r in selected if r["id"] not in have]  # idempotent on resume
         answers = SimulatedOracle(run.data.pool).label([r["id"] for r in new])
         store.add_labels([{"id": i, "round": label_round, "answer": a, "source": "simulated"}
                           for i, a in answers.items()])

@@ -48,8 +48,7 @@ def score_own_answers(
     from starlora.generation import generate
 
     limit = max_length or max_positions(model)
-    prompts = [task.prompt_ids(tokenizer, ex)[-limit:] if limit else task.prompt_ids(tokenizer, ex)
-               for ex in examples]
+    prompts = [task.prompt_ids(tokenizer, ex, limit) for ex in examples]
     out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                    batch_size=generation_batch_size, samples=samples,
                    temperature=1.0 if samples > 1 else 0.0,

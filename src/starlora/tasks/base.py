@@ -145,10 +145,12 @@ class Task:
         """Answer texts for each of `choices`, in the same order (None for open tasks)."""
         return None
 
-    def prompt_ids(self, tokenizer: Any, ex: Example) -> list[int]:
-        """Token ids of `ex`'s prompt, as `encode` makes them (what generation continues)."""
+    def prompt_ids(self, tokenizer: Any, ex: Example, max_length: int | None = None) -> list[int]:
+        """Token ids of `ex`'s prompt, as `encode` makes them (what generation continues), cut
+        on the left to its last `max_length` tokens when given."""
         special = self.prompt_style == "plain"  # a chat template already holds its specials
-        return list(tokenizer(self.prompt(ex, tokenizer), add_special_tokens=special)["input_ids"])
+        ids = list(tokenizer(self.prompt(ex, tokenizer), add_special_tokens=special)["input_ids"])
+        return ids[-max_length:] if max_length else ids
 
     def encode(
         self, tokenizer: Any, ex: Example, answer: str | None = None, add_eos: bool = True
