@@ -115,6 +115,40 @@ def test_mc_passes_sample_and_are_reproducible(llama, examples):
     np.testing.assert_allclose(one.me, me, rtol=1e-4)
 
 
+def test_mc_masks_follow_the_example_not_its_batch(llama, examples):
+    """An example's MC passes depend on its id and the seed only: scoring it alone, in other
+    company, in another order or padded instead of packed gives the same per-pass values, so a
+    pool split between processes scores as one process does."""
+    llama.model.model.norm.weight.data *= 30
+    model = with_lora(llama.model, dropout=0.3)
+    kw = dict(mc_passes=3, seed=7, max_tokens_per_batch=128)
+    whole = score(model, llama.tokenizer, examples, **kw)
+    assert np.all(np.abs(np.diff(whole.pe_passes, axis=1)) > 1e-3)  # the masks really sample
+    half = examples[1::2][::-1]  # another company, reversed order, other batches
+    part = score(model, llama.tokenizer, half, **kw)
+    padded = score(model, llama.tokenizer, half, packed=False, **kw)
+    ref = whole.pe_passes[1::2][::-1]
+    np.testing.assert_allclose(part.pe_passes, ref, rtol=1e-5)
+    np.testing.assert_allclose(part.me_passes, whole.me_passes[1::2][::-1], rtol=1e-5)
+    np.testing.assert_allclose(padded.pe_passes, ref, rtol=1e-4)
+    # another id draws other masks
+    renamed = [Example(ex.id + "'", ex.question, ex.answer) for ex in half]
+    other = score(model, llama.tokenizer, renamed, **kw)
+    assert np.all(np.abs(other.pe_passes - ref) > 1e-4)
+
+
+def test_bfloat16_scoring_ranks_like_float32_and_leaves_the_model(llama, examples):
+    model = with_lora(llama.model, dropout=0.0)
+    fp32 = score(model, llama.tokenizer, examples)
+    bf16 = score(model, llama.tokenizer, examples, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.float32  # scored on a cast copy
+    np.testing.assert_allclose(bf16.pe, fp32.pe, rtol=0.05)
+    assert not np.allclose(bf16.pe, fp32.pe, rtol=1e-6)  # really computed in bf16
+    assert list(np.argsort(bf16.pe)) == list(np.argsort(fp32.pe))
+    with pytest.raises(ConfigError, match="scoring.dtype"):
+        score(model, llama.tokenizer, examples, dtype="float16")
+
+
 def test_mc_passes_identical_without_dropout(llama, examples):
     model = with_lora(llama.model, dropout=0.0)
     s = score(model, llama.tokenizer, examples, mc_passes=3)

@@ -98,6 +98,9 @@ class TaskConfig(_Section):
 
 class ScoringConfig(_Section):
     mc_passes: int = Field(5, gt=0)  # Monte-Carlo dropout passes averaged per score
+    # precision of the scoring forward passes: auto = bf16 on GPUs and on CPUs with native bf16
+    # (avx512_bf16/AMX), float32 elsewhere; bf16 rankings agree with fp32 (docs/benchmarks.md)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     model_dropout: bool = False  # also sample the base model's own dropout layers
     batch_size: int | Literal["auto"] = "auto"  # auto: start large, halve on out-of-memory
     # tokens per batch when auto; default: 2048 on CPU (packed rows), 16384 on GPUs (padded)

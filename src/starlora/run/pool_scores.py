@@ -42,7 +42,15 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
 def _kwargs(run: Run) -> dict[str, Any]:
     sc = run.config.scoring
     return dict(batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
-                max_length=run.config.training.max_length, progress=run.progress)
+                max_length=run.config.training.max_length, dtype=_dtype(run),
+                progress=run.progress)
+
+
+def _dtype(run: Run) -> Any:
+    """The dtype the pool is scored in (``scoring.dtype`` resolved for the model's device)."""
+    from starlora.scoring.options import resolve_dtype
+
+    return resolve_dtype(run.config.scoring.dtype, next(run.base_model.parameters()).device)
 
 
 def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
@@ -78,7 +86,7 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
         score_base,
     )
 
-    dtype = next(run.base_model.parameters()).dtype
+    dtype = _dtype(run)
     cache = None  # a model without a fingerprint of its weights must not share cached scores
     if run.fingerprint:
         cache = BaseScoreCache(default_score_cache_dir(), base_cache_key(
@@ -90,7 +98,8 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
         n = run.config.scoring.samples
         prompts = [run.prompt_ids(ex) for ex in candidates]
         answer_ids = base_answers(model, run.tokenizer, prompts, fingerprint=run.fingerprint,
-                                  dtype=dtype, max_new_tokens=run.max_new_tokens, samples=n,
+                                  dtype=next(run.base_model.parameters()).dtype,
+                                  max_new_tokens=run.max_new_tokens, samples=n,
                                   temperature=1.0 if n > 1 else 0.0,
                                   batch_size=run.config.evaluation.batch_size,
                                   progress=run.progress)

@@ -45,7 +45,7 @@ def base_cache_key(
 ) -> dict[str, Any]:
     """The key of one base-score cache file: what, besides the tokens of each example (its
     `sequence_key`), changes base scores. `fingerprint`: `starlora.models.model_fingerprint` of
-    the weights; `dtype`: the model's parameter dtype (not "auto"). A model without a
+    the weights; `dtype`: the dtype the scores are computed in (not "auto"). A model without a
     fingerprint ("") cannot be cached (ConfigError): it would share a key with others."""
     if not fingerprint:
         raise ConfigError("base-score cache: the model has no fingerprint of its weights")

@@ -10,9 +10,15 @@ batch and pass; the LM head runs only at answer positions, in vocabulary tiles
 (`starlora.scoring.lora_fastpath`).
 
 Monte-Carlo dropout (`mc_passes` K > 1): the LoRA dropout on A's input (and, with
-`model_dropout`, the model's own ``nn.Dropout`` modules) really samples in every pass; each
-(batch, pass) draws its masks from a seed derived from one base seed, so scores are
-reproducible given it. When no dropout is active the model runs once and the pass is repeated.
+`model_dropout`, the model's own ``nn.Dropout`` modules) really samples in every pass. On CPU
+the fused LoRA layers draw each example's masks from a stream seeded by the base seed, the
+example's id and the pass (`starlora.scoring.options.example_seeds`), so an example's scores
+do not depend on its batch or on how the pool is split between processes. torch's own dropout
+(the model's, peft's fallback layers, GPUs) is seeded per (batch, pass). When no dropout is
+active the model runs once and the pass is repeated.
+
+Precision: `ScoringOptions.dtype` other than the model's scores a temporary copy of the model
+cast to it (bf16 on CPUs with native bf16 is ~2x faster than fp32).
 
 Self-check: every call first scores its shortest example both ways, fast and with the plain
 definition (`starlora.scoring.reference`); if they disagree, a `ScorerFallbackWarning` names
@@ -22,6 +28,7 @@ the model class and the whole call runs the plain way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +51,7 @@ from starlora.scoring.measures import (
     GPU_CHUNK_ELEMENTS,
     answer_measures,
 )
-from starlora.scoring.options import ScoringOptions
+from starlora.scoring.options import ScoringOptions, example_seeds, resolve_dtype, unique_keys
 from starlora.scoring.packing import can_pack, packed_attention_for, packed_lengths
 from starlora.scoring.reference import plain_batch
 from starlora.scoring.results import Scores
@@ -72,9 +79,11 @@ def _score_batch(
     seeds: list[int] | None,
     sampler: MaskSampler,
     packed: bool,
+    mask_seeds: list[list[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-position NLL and entropy of one batch, for each pass (pass k reseeds torch and
-    `sampler` with ``seeds[k]``).
+    """Per-position NLL and entropy of one batch, for each pass (pass k seeds torch with
+    ``seeds[k]`` and `sampler` with ``mask_seeds[k]`` [len(seqs)], one stream per sequence, or
+    with ``seeds[k]`` when `mask_seeds` is None).
 
     Returns (owner [P] int: index of the example in `seqs` of each answer position,
     nll [K, P] float64, entropy [K, P] float64), P = total answer tokens of the batch,
@@ -89,13 +98,19 @@ def _score_batch(
     cpu = device.type == "cpu"
     vocab_tile, max_elements = (CPU_VOCAB_TILE, CHUNK_ELEMENTS) if cpu else (None, GPU_CHUNK_ELEMENTS)
 
+    width = inputs["input_ids"].shape[1]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if packed else \
+        np.arange(len(seqs)) * width  # first row of each sequence in the flattened input
     passes = seeds if seeds is not None else [None]
     nll = np.full((len(passes), P), np.nan)
     ent = np.full((len(passes), P), np.nan)
     for k, seed in enumerate(passes):
         if seed is not None:
             torch.manual_seed(seed)  # dropouts peft runs itself (fallback layers, the model's own)
-            sampler.reseed(seed)
+            if mask_seeds is None:
+                sampler.reseed(seed)
+            else:
+                sampler.begin_pass(mask_seeds[k], list(starts), lengths)
         with packed_lengths(lengths) if packed else contextlib.nullcontext():
             out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
         hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
@@ -177,6 +192,9 @@ def score_examples(
                                             opts.packed)
     max_tokens_per_batch, max_padding = opts.max_tokens_per_batch, opts.max_padding
     by_tokens = batch_size == "auto"
+    dtype = resolve_dtype(opts.dtype, next(model.parameters()).device)
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its weights
     body, head = decoder_and_head(model)
     transform = logit_transform(model)
     device = next(model.parameters()).device
@@ -225,6 +243,9 @@ def score_examples(
         )
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        keys = unique_keys([ex.id for ex in examples])
+        per_example = np.array([example_seeds(seed, keys, k) for k in range(K)], np.uint64) \
+            if stochastic else None  # [K, N]
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
         stack.enter_context(torch.inference_mode())
         if packed:
@@ -240,9 +261,11 @@ def score_examples(
                 if problem is not None:
                     owner, nll, ent = plain_batch(model, batch, pad_id, device, seeds)
                 else:
+                    mask_seeds = None if per_example is None else \
+                        [[int(s) for s in per_example[k, idx]] for k in range(K)]
                     owner, nll, ent = _score_batch(model, body, head, transform, batch, pad_id,
                                                    device, want_pe, want_me, seeds, sampler,
-                                                   packed)
+                                                   packed, mask_seeds)
             except torch.OutOfMemoryError:
                 if end - start == 1:
                     raise

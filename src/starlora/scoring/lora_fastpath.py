@@ -32,7 +32,14 @@ class MaskSampler:
     below ``round(p * 2^16)``, so the drop rate is p rounded to 1/65536 and the gain is exact for
     it), and the rows are masked and projected a block at a time so that the mask and the masked
     copy stay in cache. On other devices torch's own dropout (Philox on CUDA) is used.
-    `reseed` is called once per (batch, pass), which makes scores reproducible.
+
+    Seeding, on CPU: `begin_pass` gives every sequence of the batch its own stream (seeded from
+    the example's id and the pass, `starlora.scoring.options.example_seeds`) and the rows of
+    the flattened input it occupies. Each layer call draws a sequence's mask from its own
+    stream, in layer order, so an example's masks do not depend on which examples share its
+    batch, on the batch's layout (packed or padded) or on how a pool is split between
+    processes. Rows outside every sequence (padding) are not masked and project to 0.
+    `reseed` (one stream for all rows) serves callers that pass no layout, and other devices.
     """
 
     block_elements = 1 << 17  # elements of x masked at a time (~0.75 MiB of lanes + mask)
@@ -40,9 +47,19 @@ class MaskSampler:
     def __init__(self, device: torch.device):
         self.cpu = device.type == "cpu"
         self._gen = np.random.SFC64(0)
+        self._segments: list[tuple[np.random.SFC64, int, int]] | None = None
 
     def reseed(self, seed: int) -> None:
+        """One stream for all rows of every following call."""
         self._gen = np.random.SFC64(seed)
+        self._segments = None
+
+    def begin_pass(self, seeds: list[int], starts: list[int], lengths: list[int]) -> None:
+        """Sequence j of the next forward occupies rows ``starts[j] .. starts[j] +
+        lengths[j] - 1`` of every LoRA layer's flattened input and draws its masks from a
+        stream seeded by ``seeds[j]``."""
+        self._segments = [(np.random.SFC64(s), int(a), int(n))
+                          for s, a, n in zip(seeds, starts, lengths)]
 
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, p: float
@@ -54,15 +71,21 @@ class MaskSampler:
         if dropped == 0:
             return nn.functional.linear(x, weight), 1.0
         cut = dropped - 32768  # keep where the signed lane >= cut
-        h = x.new_empty(x.shape[0], weight.shape[0])
+        rows = x.shape[0]
+        segments = self._segments if self._segments is not None else [(self._gen, 0, rows)]
+        covered = sum(n for _, _, n in segments)
+        h = x.new_empty(rows, weight.shape[0]) if covered == rows else \
+            x.new_zeros(rows, weight.shape[0])
         step = max(1, self.block_elements // x.shape[1])
-        buffer = x.new_empty(min(step, x.shape[0]), x.shape[1])
-        for s in range(0, x.shape[0], step):
-            xs = x[s : s + step]
-            n = xs.numel()
-            lanes = torch.from_numpy(self._gen.random_raw((n + 3) // 4).view(np.int16)[:n])
-            keep = torch.ge(lanes.view(xs.shape), cut, out=buffer[: xs.shape[0]])  # 0/1 in x.dtype
-            torch.mm(keep.mul_(xs), weight.t(), out=h[s : s + step])
+        buffer = x.new_empty(min(step, rows), x.shape[1])
+        for gen, first, count in segments:
+            for s in range(first, first + count, step):
+                e = min(s + step, first + count)
+                xs = x[s:e]
+                n = xs.numel()
+                lanes = torch.from_numpy(gen.random_raw((n + 3) // 4).view(np.int16)[:n])
+                keep = torch.ge(lanes.view(xs.shape), cut, out=buffer[: e - s])  # 0/1, x.dtype
+                torch.mm(keep.mul_(xs), weight.t(), out=h[s:e])
         return h, 65536 / (65536 - dropped)
 
 

@@ -3,12 +3,57 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from starlora.errors import ConfigError
 from starlora.scoring.results import MEASURES
+
+#: what ``scoring.dtype`` may name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The dtype a scorer on `device` computes in: None (the model's own) for None, bf16 for
+    ``"auto"`` on GPUs and on CPUs with native bf16 (`starlora.models.cpu_has_native_bf16`),
+    float32 for ``"auto"`` elsewhere, else the named one."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        from starlora.models import cpu_has_native_bf16
+
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"scoring.dtype: expected auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def example_seeds(seed: int, keys: Sequence[str], salt: int = 0) -> list[int]:
+    """One 63-bit seed per example from a base `seed`, the example's key (its id, made unique
+    when an id repeats, see `unique_keys`) and a `salt` (the MC pass): the same numbers
+    whatever the order, batching or sharding of the examples."""
+    out = []
+    for key in keys:
+        digest = hashlib.blake2b(f"{seed}\x1f{salt}\x1f{key}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 1)
+    return out
+
+
+def unique_keys(ids: Sequence[str]) -> list[str]:
+    """`ids` with the n-th repeat of an id (n >= 1) suffixed ``#n`` (e.g. several sampled
+    answers to one pool item), so that each occurrence gets its own random stream."""
+    seen: dict[str, int] = {}
+    keys = []
+    for i in ids:
+        n = seen.get(i, 0)
+        seen[i] = n + 1
+        keys.append(i if n == 0 else f"{i}#{n}")
+    return keys
 
 
 @dataclass(frozen=True)
@@ -26,7 +71,12 @@ class ScoringOptions:
     max_length: prompt + answer tokens; longer prompts are cut on the left. Default: the
         model's maximum position count.
     seed: base seed of the dropout masks; default: drawn from torch's global generator (so
-        ``torch.manual_seed`` makes scoring reproducible).
+        ``torch.manual_seed`` makes scoring reproducible). On CPU each example's LoRA masks
+        come from its own stream (`example_seeds` of its id and the pass), so its scores do not
+        depend on the batch it lands in or on sharding between processes.
+    dtype: what the forward passes compute in: None (the model's dtype), ``"float32"``,
+        ``"bfloat16"`` or ``"auto"`` (`resolve_dtype`). A dtype other than the model's scores
+        a temporary copy of the model cast to it.
     max_padding: padded batches only: the largest fraction of padding tokens a batch may hold.
         Default 0.1 on CPU, 0.5 on GPUs.
     packed: put each batch's sequences back to back in one row (no padding; attention stays
@@ -43,6 +93,7 @@ class ScoringOptions:
     seed: int | None = None
     max_padding: float | None = None
     packed: bool | None = None
+    dtype: str | torch.dtype | None = None
 
     def __post_init__(self) -> None:
         measures = tuple(self.measures)
@@ -51,6 +102,9 @@ class ScoringOptions:
             raise ConfigError(f"scoring.measures: expected some of {MEASURES}, got {measures}")
         if self.mc_passes < 1:
             raise ConfigError(f"scoring.mc_passes: must be >= 1, got {self.mc_passes}")
+        if isinstance(self.dtype, str) and self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"scoring.dtype: expected auto, {', '.join(DTYPES)}; "
+                              f"got {self.dtype!r}")
         if self.batch_size != "auto" and not (
             isinstance(self.batch_size, int) and self.batch_size > 0
         ):

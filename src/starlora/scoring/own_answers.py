@@ -22,6 +22,7 @@ from starlora.scoring.cache import (
 )
 from starlora.scoring.engine import score_examples
 from starlora.scoring.lora_fastpath import adapter_disabled
+from starlora.scoring.options import example_seeds, unique_keys
 from starlora.scoring.results import Scores
 from starlora.tasks import Example, Task
 
@@ -41,7 +42,7 @@ def score_own_answers(
     **kwargs: Any,
 ) -> tuple[Scores, Any]:
     """Label-free PE/ME: `model` answers each example itself (greedy; with `samples` N > 1,
-    N answers at temperature 1, seeded per example from `seed`), and `score_examples` measures
+    N answers at temperature 1, seeded per example from `seed` and its id), and `score_examples` measures
     those tokens (MC dropout as `kwargs` ask). Returns (scores [N] with each measure the mean
     over the samples and per-pass values likewise, `starlora.generation.Generated` [N * S]).
     The examples' own answers are never read."""
@@ -52,7 +53,8 @@ def score_own_answers(
     out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                    batch_size=generation_batch_size, samples=samples,
                    temperature=1.0 if samples > 1 else 0.0,
-                   seeds=[seed + i for i in range(len(prompts))], progress=progress,
+                   seeds=example_seeds(seed, unique_keys([ex.id for ex in examples]),
+                                       salt=-1), progress=progress,
                    desc=kwargs.pop("generation_desc", "generating answers"))
     repeated = [ex for ex in examples for _ in range(samples)]
     scores = score_examples(model, tokenizer, task, repeated, answer_ids=out.tokens, seed=seed,
