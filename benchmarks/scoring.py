@@ -17,7 +17,15 @@ on GPU) in two ways: `peak`, the best single product, and `sustained`, the media
 across all probes; the fraction is given against both, and the last line, which reads
 ``ours_vs_reference=<ratio> roofline_fraction=<fraction>``, uses the sustained rate.
 
+With ``--dtype bfloat16`` ours scores in bf16 (`ScoringOptions.dtype`: a bf16 copy of the
+model, made inside every timed call) while the reference stays in fp32, and the matmul rate is
+measured in bf16. Ours is then also run in fp32 with the same seed on the first
+``--rank-items`` items (default: the timed ones), and the last line adds
+``spearman_vs_fp32=<rho> top25_overlap=<fraction>``: the rank correlation of PE (mean over the
+passes) between bf16 and fp32, and the overlap of their top-25% PE sets.
+
     python benchmarks/scoring.py --model smollm2-135m-instruct --limit 24 --mc-passes 3
+    python benchmarks/scoring.py --limit 24 --mc-passes 3 --dtype bfloat16 --rank-items 200
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rates(device: torch.device, seconds: float = 3.0) -> list[float]:
-    """FLOP/s of each large square matmul run for `seconds` (fp32 on CPU, bf16 on GPU)."""
-    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+def matmul_rates(device: torch.device, seconds: float = 3.0,
+                 dtype: torch.dtype | None = None) -> list[float]:
+    """FLOP/s of each large square matmul run for `seconds` (`dtype`; default fp32 on CPU,
+    bf16 on GPU)."""
+    n = 2048 if device.type == "cpu" else 8192
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -148,6 +159,10 @@ def main() -> None:
     ap.add_argument("--default-allocator", action="store_true",
                     help="skip tune_cpu_allocator() (the CLI applies it)")
     ap.add_argument("--lm-eval", type=int, default=0, help="also compare N items with lm_eval")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="precision of ours (scoring.dtype); the reference stays float32")
+    ap.add_argument("--rank-items", type=int, default=None,
+                    help="with --dtype bfloat16: items compared with fp32 (default --limit)")
     ap.add_argument("--float64-check", type=int, default=3,
                     help="compare both sides with a float64 copy of the model on N items")
     args = ap.parse_args()
@@ -179,7 +194,8 @@ def main() -> None:
         f"items={len(examples)} tokens/pass={tokens} answer_tokens/pass={answer_tokens} passes={K} "
         f"malloc={allocator}"
     )
-    rates = matmul_rates(device)
+    pass_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    rates = matmul_rates(device, dtype=pass_dtype)
 
     # warm-up both paths on one short item
     reference_scores(model, tok, task, examples[:1], device, 1)
@@ -208,13 +224,15 @@ def main() -> None:
                 mc_passes=K,
                 max_tokens_per_batch=args.max_tokens_per_batch,
                 progress=False,
+                seed=0,
+                dtype=args.dtype,
             )
         )
         t_ours.append(seconds)
-        rates += matmul_rates(device)
+        rates += matmul_rates(device, dtype=pass_dtype)
 
     peak, sustained = max(rates), float(np.median(rates))
-    kind = "fp32" if device.type == "cpu" else "bf16"
+    kind = {torch.float32: "fp32", torch.bfloat16: "bf16"}[pass_dtype]
     print(
         f"matmul rate ({kind}): peak {peak / 1e9:.1f} GFLOP/s (best single product), sustained "
         f"{sustained / 1e9:.1f} GFLOP/s (median of {len(rates)} products around the runs)"
@@ -243,6 +261,7 @@ def main() -> None:
         t_ours,
         f"{'+'.join(m.upper() for m in measures)}, length-sorted batches of <= "
         f"{args.max_tokens_per_batch or 'default'} tokens, LM head at answer positions only, "
+        f"{args.dtype}, "
         + (
             f"{K} MC-dropout passes (LoRA dropout {args.lora_dropout} sampling)"
             if K > 1
@@ -271,7 +290,29 @@ def main() -> None:
     if args.lm_eval:
         print(lm_eval_check(model, tok, task, examples[: args.lm_eval]))
     speedup = float(np.median(np.array(t_ref) / np.array(t_ours)))
-    print(f"ours_vs_reference={speedup:.2f} roofline_fraction={fraction:.3f}")
+    last = f"ours_vs_reference={speedup:.2f} roofline_fraction={fraction:.3f}"
+    if args.dtype != "float32":
+        items = load_examples(args.data, task, limit=args.rank_items) if args.rank_items \
+            else examples
+        rho, overlap = rank_agreement(model, tok, task, items, measures, K, args)
+        print(f"bf16 vs fp32 ranking on {len(items)} items (PE, mean of {K} passes, same "
+              f"masks): spearman {rho:.4f}, top-25% overlap {overlap:.3f}")
+        last += f" spearman_vs_fp32={rho:.4f} top25_overlap={overlap:.3f}"
+    print(last)
+
+
+def rank_agreement(model, tok, task, items, measures, K, args) -> tuple[float, float]:
+    """Spearman's rho between the PE of `items` scored in `args.dtype` and in fp32 (same seed,
+    so the same MC masks), and the overlap of the two top-25% sets (fraction of its size)."""
+    kw = dict(measures=measures, mc_passes=K, max_tokens_per_batch=args.max_tokens_per_batch,
+              seed=0, progress=True)
+    low = score_examples(model, tok, task, items, dtype=args.dtype, desc=args.dtype, **kw).pe
+    high = score_examples(model, tok, task, items, dtype="float32", desc="float32", **kw).pe
+    ranks = [np.argsort(np.argsort(v)) for v in (low, high)]
+    rho = float(np.corrcoef(*ranks)[0, 1])
+    top = max(1, len(items) // 4)
+    sets = [set(np.argsort(-v)[:top].tolist()) for v in (low, high)]
+    return rho, len(sets[0] & sets[1]) / top
 
 
 if __name__ == "__main__":
