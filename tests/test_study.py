@@ -269,3 +269,37 @@ def test_no_study_without_two_arms_sharing_two_seeds(study_runs, tmp_path):
     alone = [r for r in study_runs if r.name.endswith("-0")]  # every arm with seed 0 only
     assert write_studies(load_runs(alone), tmp_path / "r") == {}
     assert write_studies(load_runs(study_runs), tmp_path / "r")  # the same runs, all seeds
+
+
+def test_choice_task_diagnostics_read_gold_classes_and_predictions(tmp_path):
+    """obqa without its data files: gold classes come from labelled.jsonl, predicted class
+    shares from predictions.jsonl."""
+    runs = []
+    for strategy in ("random", "pe-dynamic"):
+        for seed in (0, 1):
+            config = load_config(None, ["task.name=obqa", f"active_learning.strategy={strategy}",
+                                        f"seed={seed}", "task.train=missing.jsonl"])
+            run = tmp_path / f"{strategy}-{seed}"
+            (run / "rounds" / "0").mkdir(parents=True)
+            (run / "config.yaml").write_text(dump_config(config))
+            (run / "metrics.jsonl").write_text(json.dumps({
+                "round": 0, "n_labelled": 4, "accuracy": 0.25, "ece": 0.1, "strategy": strategy,
+                "seed": seed, "task": "obqa", "protocol": protocol_id(config)}) + "\n")
+            preds = ["A", "C", "C", "D"] if seed == 0 else ["B", "C", "D", "D"]
+            (run / "rounds" / "0" / "predictions.jsonl").write_text("".join(
+                json.dumps({"id": f"t{i}", "prediction": p, "gold": "A", "correct": i == 0})
+                + "\n" for i, p in enumerate(preds)))
+            (run / "rounds" / "0" / "selected.jsonl").write_text("".join(
+                json.dumps({"id": f"q{i}", "rank": i, "utility": 0.0}) + "\n" for i in range(4)))
+            (run / "labelled.jsonl").write_text("".join(
+                json.dumps({"id": f"q{i}", "round": 1, "answer": a, "source": "oracle"}) + "\n"
+                for i, a in enumerate(["A", "A", "B", "C"])))
+            runs.append(run)
+    written = write_studies(load_runs(runs), tmp_path / "report")
+    diag = {(r["arm"], r["quantity"]): r for r in read_csv(written["study.csv"])
+            if r["section"] == "diagnostics"}
+    assert diag[("random", "selected gold=A")]["estimate"] == "0.500000"
+    assert diag[("pe-dynamic", "selected gold=D")]["estimate"] == "0.000000"
+    assert diag[("random", "predicted=C")]["estimate"] == "0.375000"  # 2/4 and 1/4
+    assert diag[("random", "predicted=D")]["std"] == f"{np.std([0.25, 0.5], ddof=1):.6f}"
+    assert "gold classes from labelled.jsonl" in written["study.md"].read_text()

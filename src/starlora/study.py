@@ -23,8 +23,9 @@ final accuracy and final ECE.
 **Paired comparisons.** Each STAR arm (strategy ``*-dynamic`` or ``*-subtract``) against each
 baseline arm: ``random``, and ``pe``/``me`` with the same ``scoring.answers``; the difference
 is STAR minus baseline over the seeds both arms have (at least 2). Primary: AULC, with the exact
-two-sided sign-flip test and Holm-Bonferroni correction over all primary comparisons of the
-group. The 95% interval is the percentile bootstrap (2000 resamples, NumPy seed 0) of the mean
+two-sided sign-flip test (`starlora.study_stats.sign_flip_p`: all 2^n sign vectors; p is the
+share whose |sum| reaches the observed |sum| less 1e-9 * max(1, sum |d|); up to 30 seeds) and
+Holm-Bonferroni correction over all primary comparisons of the group. The 95% interval is the percentile bootstrap (2000 resamples, NumPy seed 0) of the mean
 difference, resampling seeds and test items (per-item correctness from
 ``rounds/<k>/predictions.jsonl``, AULC recomputed on the resampled items); it falls back to
 seeds only, and says why, when predictions are missing, hold other items, or disagree with
@@ -52,7 +53,7 @@ from starlora.errors import DataError, StarloraError
 from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL
 from starlora.run.store import RunPaths
 from starlora.study_diagnostics import read_rows, run_diagnostics
-from starlora.study_stats import aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
+from starlora.study_stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -250,8 +251,11 @@ def _compare(star: Arm, base: Arm, seeds: list[int], rounds: list[int], items: _
         else:
             ci = bootstrap_diff_ci(item_diffs=matrix, resamples=RESAMPLES, seed=BOOTSTRAP_SEED)
             note = "seeds x items"
-        out.append(Comparison(star.label, base.label, quantity, diffs, sign_flip_p(diffs), ci,
-                              note))
+        if len(diffs) > MAX_EXACT:
+            p, note = float("nan"), note + f"; no p: over {MAX_EXACT} seeds"
+        else:
+            p = sign_flip_p(diffs)
+        out.append(Comparison(star.label, base.label, quantity, diffs, p, ci, note))
     return out
 
 
@@ -286,16 +290,18 @@ def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
                 untested.append(f"{star.label} vs {base.label} ({len(seeds)} paired seed(s))")
                 continue
             comparisons += _compare(star, base, seeds, rounds, items, values)
-    primary = [c for c in comparisons if c.quantity == "aulc"]
+    primary = [c for c in comparisons if c.quantity == "aulc" and not np.isnan(c.p)]
     for c, p in zip(primary, holm([c.p for c in primary])):
         c.p_holm = p
     diagnostics: dict[str, dict[int, dict[str, list[float]]]] = {}
     notes: set[str] = set()
+    pools: dict = {}
     for arm in arms.values():
         per = diagnostics.setdefault(arm.label, defaultdict(lambda: defaultdict(list)))
         for seed in sorted(arm.runs):
             run = arm.runs[seed]
-            found, run_notes = run_diagnostics(run.run_dir, run.strategy, run.config, rounds)
+            found, run_notes = run_diagnostics(run.run_dir, run.strategy, run.config, rounds,
+                                               pools)
             notes.update(f"{arm.label}: {n}" for n in run_notes)
             for k, quantities in found.items():
                 for q, v in quantities.items():

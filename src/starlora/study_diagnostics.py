@@ -65,17 +65,15 @@ class PoolFacts:
     note: str = ""
 
 
-_POOLS: dict[str, PoolFacts] = {}
-
-
-def pool_facts(config: ExperimentConfig | None) -> PoolFacts:
+def pool_facts(config: ExperimentConfig | None, cache: dict[str, PoolFacts]) -> PoolFacts:
     """The pool of a run's task config, rebuilt with `starlora.run.data` (generated tasks need
-    no files), cached per task config."""
+    no files; relative data paths are read from the working directory), kept in `cache` per
+    task config."""
     if config is None:
         return PoolFacts(note="no config.yaml")
     key = json.dumps(config.task.model_dump(mode="json"), sort_keys=True)
-    if key in _POOLS:
-        return _POOLS[key]
+    if key in cache:
+        return cache[key]
     from starlora.run.data import load_data, make_task
 
     classes: tuple[str, ...] = ()
@@ -93,7 +91,7 @@ def pool_facts(config: ExperimentConfig | None) -> PoolFacts:
                                        if ex.answer is not None}, classes)
         else:
             facts = PoolFacts(classes=classes)
-    _POOLS[key] = facts
+    cache[key] = facts
     return facts
 
 
@@ -112,10 +110,12 @@ def _share(values: list[Any], classes: list[Any], name: str) -> dict[str, float]
 
 
 def run_diagnostics(run_dir: Path, strategy: str, config: ExperimentConfig | None,
-                    rounds: list[int]) -> tuple[dict[int, dict[str, float]], list[str]]:
-    """``({round: {quantity: value}}, notes)`` of one run over `rounds` (see module doc)."""
+                    rounds: list[int], cache: dict[str, PoolFacts] | None = None,
+                    ) -> tuple[dict[int, dict[str, float]], list[str]]:
+    """``({round: {quantity: value}}, notes)`` of one run over `rounds` (see module doc);
+    `cache` keeps rebuilt pools between calls."""
     paths = RunPaths(run_dir)
-    facts = pool_facts(config)
+    facts = pool_facts(config, {} if cache is None else cache)
     notes = [facts.note] if facts.note else []
     values = facts.values
     if facts.kind is None and facts.classes and config is not None:

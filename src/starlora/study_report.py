@@ -42,7 +42,8 @@ def study_markdown(s: Study) -> str:
     """``study.md``: arms, primary and secondary paired comparisons, diagnostics per round."""
     lines = [f"# Study: {s.task} (design {s.design})", "",
              f"Rounds {s.rounds[0]}-{s.rounds[-1]} (the rounds every run has; labelled "
-             f"{s.n_labelled[0]:g} to {s.n_labelled[1]:g}). AULC: trapezoid area under accuracy "
+             f"{s.n_labelled[0]:g} to {s.n_labelled[1]:g}). Design: a hash of the settings "
+             "every run shares (the protocol id for runs without config.yaml). AULC: trapezoid area under accuracy "
              "over the labelled count, divided by the labelled range. Mean ± sample std over "
              "seeds.", "", "## Arms", ""]
     rows = []

@@ -8,7 +8,8 @@ Everything here is pure NumPy and deterministic; `starlora.study` feeds it run d
   bootstrap share.
 * `sign_flip_p`: the exact two-sided sign-flip (paired permutation) test of a mean of paired
   differences: all 2^n sign vectors are enumerated and p is the fraction whose |mean| is at
-  least the observed |mean| (less a tolerance of 1e-9 relative, so float ties count).
+  least the observed |mean| less a tolerance (|sum| >= observed |sum| - 1e-9 * max(1, sum |d|)),
+  so that float ties count.
 * `holm`: Holm-Bonferroni adjusted p-values of a family, in the family's order.
 * `bootstrap_diff_ci`: the percentile interval of a mean paired difference, resampling seeds
   with replacement and, when per-item values are given, test items with replacement too (one
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: float ties in the sign-flip test: |mean| >= observed |mean| - REL_TOL * scale
+#: float ties in the sign-flip test: |sum| >= observed |sum| - REL_TOL * max(1, sum |d|)
 REL_TOL = 1e-9
 #: the most paired values `sign_flip_p` enumerates exactly (2^30 sign vectors)
 MAX_EXACT = 30
