@@ -158,6 +158,8 @@ def test_build_report_writes_valid_pngs_and_tables(runs, tmp_path):
         "accuracy.png",
         "ece.png",
         "reliability.png",
+        "study.csv",  # random and pe-dynamic share seeds 0 and 1
+        "study.md",
         "summary.csv",
         "summary.md",
     ]

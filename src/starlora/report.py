@@ -14,6 +14,17 @@ for each group:
 Runs of different tasks or protocols are never averaged together; with more than one group,
 file names are prefixed by the group. Seed spread is the sample standard deviation (ddof=1;
 0 for a single seed).
+
+It also writes ``study.md`` and ``study.csv`` (`starlora.study`) where runs of one task form
+at least two arms that share at least two seeds: arms labelled from their configs (so runs
+that differ in, say, ``scoring.answers`` are never merged), per-seed AULC, final accuracy and
+ECE; each STAR arm (``*-dynamic``, ``*-subtract``) against ``random`` and against ``pe``/``me``
+with the same ``scoring.answers``: the mean paired difference over common seeds, the exact
+two-sided sign-flip p (all 2^n sign vectors), Holm-Bonferroni over the AULC comparisons, and
+a 95% percentile bootstrap interval (2000 resamples, fixed seed) resampling seeds and test
+items; final accuracy and ECE differences as uncorrected secondary results; and exploratory
+per-round diagnostics (`starlora.study_diagnostics`). The study groups by task and design
+settings, not by protocol id, so an arm with different scoring settings is still compared.
 """
 
 from __future__ import annotations
@@ -21,7 +32,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import math
 import re
@@ -37,6 +47,8 @@ from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write
 from starlora.run.store import RunPaths
+from starlora.study_report import write_studies
+from starlora.study_stats import aulc
 
 RANDOM_COLOR = "#8c8c8c"
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -127,17 +139,6 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
                 stats.append(RoundStats(k, n_lab, len(recs), *_mean_std(acc), *_mean_std(ece)))
             out[group][strategy] = stats
     return out
-
-
-def aulc(n_labelled: list[float], accuracy: list[float]) -> float:
-    """Area under the learning curve (trapezoid rule) divided by the labelled range, in [0, 1]
-    for accuracies in [0, 1]; a single point gives its own accuracy."""
-    pts = sorted(zip(n_labelled, accuracy))
-    span = pts[-1][0] - pts[0][0]
-    if span == 0:
-        return float(np.mean([a for _, a in pts]))
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(pts))
-    return area / span
 
 
 def pooled_bins(run_dirs: list[Path], round_: int) -> list[dict[str, float]]:
@@ -341,8 +342,8 @@ def _prefix(task: str, protocol: str) -> str:
 def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Write curves, reliability diagrams and summary tables for `run_dirs` into `out_dir`.
 
-    Returns the written paths by file name (``"accuracy.png"``, ``"summary.md"``...; with
-    several (task, protocol) groups the names carry the group prefix).
+    Returns the written paths by file name (``"accuracy.png"``, ``"summary.md"``,
+    ``"study.md"``...; with several (task, protocol) groups the names carry the group prefix).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -371,4 +372,5 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
         }
         for name, data in files.items():
             written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", data)
+    written.update(write_studies(records, out_dir))
     return written

@@ -1,0 +1,311 @@
+"""The study: paired per-seed statistics of active-learning arms, computed by `starlora report`.
+
+**Groups.** Runs of one task are compared when their configs agree on every *design* setting:
+everything except the seed, the method settings (``active_learning.strategy``, ``scoring.*``,
+``lora.*``, ``training.*``, the λ schedule and ``active_learning.normalize``) and the
+result-neutral and extendable ones (`starlora.run.protocol`). So a study spans protocol ids:
+``scoring.answers=gold`` changes the protocol id but not the experiment it is an arm of. A run
+without a readable ``config.yaml`` forms groups by its protocol id.
+
+**Arms.** Runs with the same strategy and the same values of the config keys that differ
+within the group (seed, result-neutral and extendable keys excluded) form one arm, labelled by
+the strategy and each such key whose value is not the group's most common one (ties: the
+default value, then the smallest), e.g. ``pe-dynamic [answers=gold]``,
+``pe-dynamic [b_decay_mode=none, dropout=0.0, mc_passes=1]``. A key is named by its last part
+unless two differing keys share it; the parts are sorted.
+
+**Rounds.** Only the rounds every run of the group has are used (a run still going truncates
+the study); "final" is the last of them.
+
+**Per seed.** AULC (`starlora.study_stats.aulc`) over those rounds from ``metrics.jsonl``;
+final accuracy and final ECE.
+
+**Paired comparisons.** Each STAR arm (strategy ``*-dynamic`` or ``*-subtract``) against each
+baseline arm: ``random``, and ``pe``/``me`` with the same ``scoring.answers``; the difference
+is STAR minus baseline over the seeds both arms have (at least 2). Primary: AULC, with the exact
+two-sided sign-flip test (`starlora.study_stats.sign_flip_p`: all 2^n sign vectors; p is the
+share whose |sum| reaches the observed |sum| less 1e-9 * max(1, sum |d|); up to 30 seeds) and
+Holm-Bonferroni correction over all primary comparisons of the group. The 95% interval is the percentile bootstrap (2000 resamples, NumPy seed 0) of the mean
+difference, resampling seeds and test items (per-item correctness from
+``rounds/<k>/predictions.jsonl``, AULC recomputed on the resampled items); it falls back to
+seeds only, and says why, when predictions are missing, hold other items, or disagree with
+``metrics.jsonl``. Secondary (uncorrected): final accuracy (same bootstrap) and final ECE
+(seeds only). Diagnostics per round: `starlora.study_diagnostics`.
+
+Output: ``study.md`` and ``study.csv``, only for a group with at least 2 arms of which 2 share
+at least 2 seeds. Numbers have fixed formats and every order is sorted: the same runs give the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from starlora.config import ExperimentConfig, flatten_config, load_config
+from starlora.errors import DataError, StarloraError
+from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL
+from starlora.run.store import RunPaths
+from starlora.study_diagnostics import read_rows, run_diagnostics
+from starlora.study_stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
+
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+NOT_ARM = RESULT_NEUTRAL | EXTENDABLE | {"seed", "active_learning.strategy"}
+METHOD_PREFIXES = ("scoring.", "lora.", "training.")
+METHOD_KEYS = frozenset({"active_learning.strategy", "active_learning.lambda_schedule",
+                         "active_learning.lambda_start", "active_learning.lambda_end",
+                         "active_learning.normalize"})
+
+
+@dataclass
+class StudyRun:
+    """One run directory: its metrics by round and its config (None when unreadable)."""
+
+    run_dir: Path
+    task: str
+    protocol: str
+    strategy: str
+    seed: int
+    config: ExperimentConfig | None
+    rounds: dict[int, dict[str, Any]]
+
+    @property
+    def flat(self) -> dict[str, Any] | None:
+        return None if self.config is None else flatten_config(self.config)
+
+
+@dataclass
+class Arm:
+    label: str
+    strategy: str
+    answers: str | None
+    runs: dict[int, StudyRun] = field(default_factory=dict)  # by seed
+
+
+@dataclass
+class Comparison:
+    arm: str
+    baseline: str
+    quantity: str  # "aulc" (primary), "final_accuracy", "final_ece" (secondary)
+    diffs: list[float]
+    p: float
+    ci: tuple[float, float]
+    ci_note: str
+    p_holm: float | None = None
+
+
+def _design(key: str) -> bool:
+    return not (key in NOT_ARM or key in METHOD_KEYS or key.startswith(METHOD_PREFIXES))
+
+
+def study_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[StudyRun]]:
+    """``{(task, design id): runs}`` from `starlora.report.load_runs` records (see module doc)."""
+    by_dir: dict[Path, dict[int, dict]] = defaultdict(dict)
+    for rec in records:
+        by_dir[rec["run_dir"]][rec["round"]] = rec
+    groups: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
+    for run_dir, rounds in sorted(by_dir.items()):
+        last = rounds[max(rounds)]
+        config = None
+        if RunPaths(run_dir).config.is_file():
+            try:
+                config = load_config(RunPaths(run_dir).config)
+            except StarloraError:
+                config = None
+        run = StudyRun(run_dir, last["task"], last["protocol"], last["strategy"], last["seed"],
+                       config, rounds)
+        flat = run.flat
+        if flat is None:
+            design = run.protocol
+        else:
+            kept = {k: v for k, v in flat.items() if _design(k)}
+            design = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+        groups[(run.task, design)].append(run)
+    return dict(sorted(groups.items()))
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def label_arms(entries: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
+    """An arm label for each (strategy, flat config or None) of one group (see module doc)."""
+    flats = [f for _, f in entries if f is not None]
+    keys = sorted({k for f in flats for k in f} - NOT_ARM)
+    varying = [k for k in keys if len({_text(f.get(k)) for f in flats}) > 1]
+    defaults = flatten_config(ExperimentConfig())
+    reference = {}
+    for k in varying:
+        counts = Counter(_text(f.get(k)) for f in flats)
+        default = _text(defaults.get(k))
+        reference[k] = min(counts, key=lambda v: (-counts[v], v != default, v))
+    short = [k.rsplit(".", 1)[-1] for k in varying]
+    names = {k: s if short.count(s) == 1 else k for k, s in zip(varying, short)}
+    labels = []
+    for strategy, flat in entries:
+        parts = [] if flat is None else sorted(f"{names[k]}={_text(flat.get(k))}"
+                                               for k in varying
+                                               if _text(flat.get(k)) != reference[k])
+        labels.append(f"{strategy} [{', '.join(parts)}]" if parts else strategy)
+    return labels
+
+
+def _arms(runs: list[StudyRun]) -> dict[str, Arm]:
+    labels = label_arms([(r.strategy, r.flat) for r in runs])
+    arms: dict[str, Arm] = {}
+    for run, label in zip(runs, labels):
+        answers = None if run.config is None else run.config.scoring.answers
+        arm = arms.setdefault(label, Arm(label, run.strategy, answers))
+        if run.seed in arm.runs:
+            raise DataError(str(RunPaths(run.run_dir).metrics), None, "seed",
+                            f"arm {label!r} has seed {run.seed} twice "
+                            f"(also {arm.runs[run.seed].run_dir.name})")
+        arm.runs[run.seed] = run
+    return dict(sorted(arms.items(), key=lambda kv: (kv[1].strategy != "random", kv[0])))
+
+
+def _is_star(strategy: str) -> bool:
+    return strategy.endswith("-dynamic") or "subtract" in strategy
+
+
+def _baselines(star: Arm, arms: dict[str, Arm]) -> list[Arm]:
+    return [b for b in arms.values() if b.strategy == "random"
+            or (b.strategy in ("pe", "me") and b.answers == star.answers)]
+
+
+def run_values(run: StudyRun, rounds: list[int]) -> dict[str, float]:
+    """AULC over `rounds`, and accuracy and ECE of the last of them (NaN for no ECE)."""
+    n = [run.rounds[k]["n_labelled"] for k in rounds]
+    acc = [run.rounds[k]["accuracy"] for k in rounds]
+    last = run.rounds[rounds[-1]]
+    return {"aulc": float(aulc_weights(n) @ np.asarray(acc, float)),
+            "final_accuracy": float(last["accuracy"]), "final_ece": float(last["ece"])}
+
+
+class _Items:
+    """Per-item correctness of runs' rounds (``predictions.jsonl``), read once."""
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple[Path, int], tuple[list[str], np.ndarray] | str] = {}
+
+    def get(self, run: StudyRun, k: int) -> tuple[list[str], np.ndarray] | str:
+        key = (run.run_dir, k)
+        if key not in self.cache:
+            rows = read_rows(RunPaths(run.run_dir).round_file(k, "predictions.jsonl"))
+            if rows is None:
+                self.cache[key] = "no predictions.jsonl"
+            else:
+                rows = sorted(rows, key=lambda r: str(r["id"]))
+                correct = np.array([float(bool(r.get("correct"))) for r in rows])
+                if not rows or abs(correct.mean() - run.rounds[k]["accuracy"]) > 1e-9:
+                    self.cache[key] = "predictions disagree with metrics.jsonl"
+                else:
+                    self.cache[key] = ([str(r["id"]) for r in rows], correct)
+        return self.cache[key]
+
+    def matrix(self, pairs: list[tuple[StudyRun, StudyRun]], rounds: list[int],
+               quantity: str) -> np.ndarray | str:
+        """[seeds, items]: per item, arm A's weighted correctness minus arm B's (weights: AULC
+        over `rounds`, or the last round for final accuracy); a reason when it cannot."""
+        ids, out = None, []
+        for pair in pairs:
+            diff = 0.0
+            for sign, run in zip((1.0, -1.0), pair):
+                n = [run.rounds[k]["n_labelled"] for k in rounds]
+                w = aulc_weights(n) if quantity == "aulc" else np.eye(len(rounds))[-1]
+                for k, wk in zip(rounds, w):
+                    got = self.get(run, k)
+                    if isinstance(got, str):
+                        return got
+                    if ids is None:
+                        ids = got[0]
+                    elif got[0] != ids:
+                        return "runs were evaluated on different test items"
+                    diff = diff + sign * wk * got[1]
+            out.append(diff)
+        return np.vstack(out)
+
+
+def _compare(star: Arm, base: Arm, seeds: list[int], rounds: list[int], items: _Items,
+             values: dict[tuple[str, int], dict[str, float]]) -> list[Comparison]:
+    out = []
+    pairs = [(star.runs[s], base.runs[s]) for s in seeds]
+    for quantity in ("aulc", "final_accuracy", "final_ece"):
+        diffs = [values[(star.label, s)][quantity] - values[(base.label, s)][quantity]
+                 for s in seeds]
+        if any(np.isnan(diffs)):
+            out.append(Comparison(star.label, base.label, quantity, diffs, float("nan"),
+                                  (float("nan"), float("nan")), "ECE missing"))
+            continue
+        matrix = "ECE" if quantity == "final_ece" else items.matrix(pairs, rounds, quantity)
+        if isinstance(matrix, str):
+            ci = bootstrap_diff_ci(diffs, resamples=RESAMPLES, seed=BOOTSTRAP_SEED)
+            note = "seeds only" + ("" if matrix == "ECE" else f" ({matrix})")
+        else:
+            ci = bootstrap_diff_ci(item_diffs=matrix, resamples=RESAMPLES, seed=BOOTSTRAP_SEED)
+            note = "seeds x items"
+        if len(diffs) > MAX_EXACT:
+            p, note = float("nan"), note + f"; no p: over {MAX_EXACT} seeds"
+        else:
+            p = sign_flip_p(diffs)
+        out.append(Comparison(star.label, base.label, quantity, diffs, p, ci, note))
+    return out
+
+
+@dataclass
+class Study:
+    task: str
+    design: str
+    rounds: list[int]
+    n_labelled: tuple[float, float]
+    arms: dict[str, Arm]
+    values: dict[tuple[str, int], dict[str, float]]  # (arm, seed) -> run_values
+    comparisons: list[Comparison]
+    untested: list[str]
+    diagnostics: dict[str, dict[int, dict[str, list[float]]]]  # arm -> round -> quantity -> []
+    notes: list[str]
+
+
+def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
+    """The study of one group, or None when it has fewer than 2 arms sharing 2 seeds."""
+    rounds = sorted(set.intersection(*(set(r.rounds) for r in runs)))
+    arms = _arms(runs)
+    labels = list(arms)
+    if not rounds or not any(len(set(arms[a].runs) & set(arms[b].runs)) >= 2
+                             for i, a in enumerate(labels) for b in labels[i + 1:]):
+        return None
+    values = {(a.label, s): run_values(r, rounds) for a in arms.values() for s, r in a.runs.items()}
+    items, comparisons, untested = _Items(), [], []
+    for star in (a for a in arms.values() if _is_star(a.strategy)):
+        for base in _baselines(star, arms):
+            seeds = sorted(set(star.runs) & set(base.runs))
+            if len(seeds) < 2:
+                untested.append(f"{star.label} vs {base.label} ({len(seeds)} paired seed(s))")
+                continue
+            comparisons += _compare(star, base, seeds, rounds, items, values)
+    primary = [c for c in comparisons if c.quantity == "aulc" and not np.isnan(c.p)]
+    for c, p in zip(primary, holm([c.p for c in primary])):
+        c.p_holm = p
+    diagnostics: dict[str, dict[int, dict[str, list[float]]]] = {}
+    notes: set[str] = set()
+    pools: dict = {}
+    for arm in arms.values():
+        per = diagnostics.setdefault(arm.label, defaultdict(lambda: defaultdict(list)))
+        for seed in sorted(arm.runs):
+            run = arm.runs[seed]
+            found, run_notes = run_diagnostics(run.run_dir, run.strategy, run.config, rounds,
+                                               pools)
+            notes.update(f"{arm.label}: {n}" for n in run_notes)
+            for k, quantities in found.items():
+                for q, v in quantities.items():
+                    per[k][q].append(v)
+    all_n = [r.rounds[k]["n_labelled"] for r in runs for k in (rounds[0], rounds[-1])]
+    return Study(task, design, rounds, (min(all_n), max(all_n)), arms, values, comparisons,
+                 untested, diagnostics, sorted(notes))

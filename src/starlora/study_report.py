@@ -1,0 +1,151 @@
+"""The study's tables: ``study.md`` and ``study.csv`` from `starlora.study.compute_study`.
+
+Fixed float formats (4 decimals in the markdown, 5 for p; 6 in the CSV), arms in a fixed order
+(random first, then by label), comparisons by arm then baseline, diagnostics by round and
+quantity: the same runs give the same bytes. Written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from starlora.io import atomic_write
+from starlora.study import BOOTSTRAP_SEED, RESAMPLES, Comparison, Study, compute_study, study_groups
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    """`x` with `digits` decimals ("" for None, "nan"); never "-0.000"."""
+    if x is None:
+        return ""
+    if np.isnan(x):
+        return "nan"
+    return f"{round(x, digits) + 0.0:.{digits}f}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def study_markdown(s: Study) -> str:
+    """``study.md``: arms, primary and secondary paired comparisons, diagnostics per round."""
+    lines = [f"# Study: {s.task} (design {s.design})", "",
+             f"Rounds {s.rounds[0]}-{s.rounds[-1]} (the rounds every run has; labelled "
+             f"{s.n_labelled[0]:g} to {s.n_labelled[1]:g}). Design: a hash of the settings "
+             "every run shares (the protocol id for runs without config.yaml). AULC: trapezoid area under accuracy "
+             "over the labelled count, divided by the labelled range. Mean ± sample std over "
+             "seeds.", "", "## Arms", ""]
+    rows = []
+    for arm in s.arms.values():
+        vals = [s.values[(arm.label, seed)] for seed in sorted(arm.runs)]
+        cells = [f"{_f(m)} ± {_f(sd)}" for m, sd in
+                 (_mean_std([v[q] for v in vals]) for q in ("aulc", "final_accuracy", "final_ece"))]
+        seeds = ",".join(str(x) for x in sorted(arm.runs))
+        rows.append([arm.label, str(len(arm.runs)), seeds, *cells])
+    lines += _table(["arm", "n seeds", "seeds", "AULC", "final accuracy", "final ECE"], rows)
+    lines += ["## Paired comparisons: AULC (primary)", "",
+              "STAR arm minus baseline, paired by seed. p: exact two-sided sign-flip test over "
+              "all 2^n sign vectors; Holm p: Holm-Bonferroni over the comparisons in this "
+              f"table; 95% CI: percentile bootstrap of the mean difference ({RESAMPLES} "
+              f"resamples, NumPy seed {BOOTSTRAP_SEED}) over the resampling named.", ""]
+    head = ["arm", "baseline", "n seeds", "mean diff", "std", "95% CI", "p", "Holm p",
+            "CI resamples"]
+    primary = [c for c in s.comparisons if c.quantity == "aulc"]
+    lines += _table(head, [_cells(c) for c in primary]) if primary else [
+        "No STAR arm and baseline share 2 seeds.", ""]
+    if s.untested:
+        lines += ["Not tested: " + "; ".join(s.untested) + ".", ""]
+    secondary = [c for c in s.comparisons if c.quantity != "aulc"]
+    if secondary:
+        lines += ["## Paired comparisons: final accuracy and final ECE (secondary, uncorrected)",
+                  ""]
+        lines += _table(["quantity", *head[:-2], "CI resamples"],
+                        [[c.quantity, *_cells(c)[:-2], c.ci_note] for c in secondary])
+    lines += ["## Diagnostics per round (exploratory)", "",
+              "Mean ± std over the seeds that have the files; (n=...) when fewer than the "
+              "arm's seeds. Round k's selection chose the labels round k+1 trains on.", ""]
+    if not any(s.diagnostics.values()):
+        lines += ["None recorded (no scores, selections or choice predictions).", ""]
+    for arm in s.arms.values():
+        per = s.diagnostics[arm.label]
+        quantities = sorted({q for k in per for q in per[k]})
+        if not quantities:
+            continue
+        rows = []
+        for k in sorted(per):
+            cells = [str(k)]
+            for q in quantities:
+                v = per[k].get(q, [])
+                m, sd = _mean_std(v) if v else (None, None)
+                more = f" (n={len(v)})" if v and len(v) != len(arm.runs) else ""
+                cells.append(f"{_f(m, 3)} ± {_f(sd, 3)}{more}" if v else "")
+            rows.append(cells)
+        lines += [f"### {arm.label}", "", *_table(["round", *quantities], rows)]
+    if s.notes:
+        lines += ["Notes: " + "; ".join(s.notes) + ".", ""]
+    return "\n".join(lines)
+
+
+def _cells(c: Comparison) -> list[str]:
+    m, sd = _mean_std(c.diffs)
+    return [c.arm, c.baseline, str(len(c.diffs)), _f(m), _f(sd),
+            f"[{_f(c.ci[0])}, {_f(c.ci[1])}]", _f(c.p, 5), _f(c.p_holm, 5), c.ci_note]
+
+
+CSV_HEAD = ["section", "task", "design", "arm", "baseline", "round", "quantity", "n", "estimate",
+            "std", "ci_low", "ci_high", "p", "p_holm", "note"]
+
+
+def study_csv(s: Study) -> str:
+    """``study.csv``: one long table (`CSV_HEAD`); section is arms, paired or diagnostics."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_HEAD)
+
+    def row(section: str, arm: str, baseline: str, round_: str, quantity: str, n: int,
+            mean: float, sd: float, ci=("", ""), p="", p_holm="", note="") -> None:
+        w.writerow([section, s.task, s.design, arm, baseline, round_, quantity, n, _f(mean, 6),
+                    _f(sd, 6), *ci, p, p_holm, note])
+
+    for arm in s.arms.values():
+        for q in ("aulc", "final_accuracy", "final_ece"):
+            vals = [s.values[(arm.label, seed)][q] for seed in sorted(arm.runs)]
+            row("arms", arm.label, "", "", q, len(vals), *_mean_std(vals))
+    for c in s.comparisons:
+        kind = "primary" if c.quantity == "aulc" else "secondary"
+        row("paired", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
+            (_f(c.ci[0], 6), _f(c.ci[1], 6)), _f(c.p, 6), _f(c.p_holm, 6),
+            f"{kind}; ci {c.ci_note}")
+    for arm in s.arms.values():
+        per = s.diagnostics[arm.label]
+        for k in sorted(per):
+            for q in sorted(per[k]):
+                row("diagnostics", arm.label, "", str(k), q, len(per[k][q]),
+                    *_mean_std(per[k][q]))
+    return out.getvalue()
+
+
+def write_studies(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """Write ``study.md`` and ``study.csv`` for each group that has a study (prefixed by task
+    and design when there are several); returns the written paths by file name."""
+    studies = [s for (task, design), runs in study_groups(records).items()
+               if (s := compute_study(task, design, runs)) is not None]
+    written = {}
+    for s in studies:
+        prefix = ""
+        if len(studies) > 1:
+            prefix = re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{s.task}-{s.design}").strip("-") + "_"
+        for name, text in (("study.md", study_markdown(s)), ("study.csv", study_csv(s))):
+            written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", text.encode())
+    return written

@@ -1,0 +1,160 @@
+"""Statistics of a paired comparison of active-learning arms: numbers in, numbers out.
+
+Everything here is pure NumPy and deterministic; `starlora.study` feeds it run directories.
+
+* `aulc`: the area under a learning curve (trapezoid rule over the labelled count) divided by
+  the labelled range, so that accuracies in [0, 1] give an AULC in [0, 1]. It is the weighted
+  sum ``aulc_weights(n) @ accuracy``: the one definition the report, the study tables and the
+  bootstrap share.
+* `sign_flip_p`: the exact two-sided sign-flip (paired permutation) test of a mean of paired
+  differences: all 2^n sign vectors are enumerated and p is the fraction whose |mean| is at
+  least the observed |mean| less a tolerance (|sum| >= observed |sum| - 1e-9 * max(1, sum |d|)),
+  so that float ties count.
+* `holm`: Holm-Bonferroni adjusted p-values of a family, in the family's order.
+* `bootstrap_diff_ci`: the percentile interval of a mean paired difference, resampling seeds
+  with replacement and, when per-item values are given, test items with replacement too (one
+  item resample per replicate, shared by every seed and both arms, as they share the test set).
+* `spearman`: rank correlation with average ranks for ties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: float ties in the sign-flip test: |sum| >= observed |sum| - REL_TOL * max(1, sum |d|)
+REL_TOL = 1e-9
+#: the most paired values `sign_flip_p` enumerates exactly (2^30 sign vectors)
+MAX_EXACT = 30
+
+
+def aulc_weights(n_labelled: Sequence[float]) -> np.ndarray:
+    """Weights ``w`` (in the order given, summing to 1) such that ``w @ accuracy`` is the
+    trapezoid area under (n_labelled, accuracy) divided by the labelled range; equal weights
+    when the range is 0 (a single point gives its own accuracy)."""
+    x = np.asarray(n_labelled, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError("aulc needs at least one point")
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    span = xs[-1] - xs[0]
+    if span == 0:
+        return np.full(len(x), 1.0 / len(x))
+    gaps = np.diff(xs)
+    sorted_w = np.zeros(len(x))
+    sorted_w[:-1] += gaps / 2
+    sorted_w[1:] += gaps / 2
+    w = np.empty(len(x))
+    w[order] = sorted_w / span
+    return w
+
+
+def aulc(n_labelled: Sequence[float], accuracy: Sequence[float]) -> float:
+    """Area under the learning curve (trapezoid rule) divided by the labelled range, in [0, 1]
+    for accuracies in [0, 1]; a single point gives its own accuracy. Order-free."""
+    return float(aulc_weights(n_labelled) @ np.asarray(accuracy, dtype=np.float64))
+
+
+def sign_flip_p(diffs: Sequence[float]) -> float:
+    """Exact two-sided p-value of the sign-flip test of mean(diffs) = 0 (see module doc).
+
+    With n values, p is a multiple of 2^-n; all values equal to 0 give p = 1.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        raise ValueError("sign_flip_p needs at least one difference")
+    if n > MAX_EXACT:
+        raise ValueError(f"exact sign-flip test of {n} pairs is too large (at most {MAX_EXACT})")
+    observed = abs(d.sum())
+    tol = REL_TOL * max(1.0, float(np.abs(d).sum()))
+    low = min(n, 16)  # sums over all sign vectors of the first `low` values, enumerated at once
+    signs = 1.0 - 2.0 * ((np.arange(2**low)[:, None] >> np.arange(low)) & 1)
+    low_sums = signs @ d[:low]
+    count = 0
+    for high in range(2 ** (n - low)):  # the remaining values' signs, one vector at a time
+        rest = sum(-v if (high >> j) & 1 else v for j, v in enumerate(d[low:]))
+        count += int(np.count_nonzero(np.abs(low_sums + rest) >= observed - tol))
+    return count / 2**n
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given: the i-th smallest p (0-based)
+    times (m - i), made non-decreasing in that order and capped at 1."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = len(p)
+    out = np.empty(m)
+    running = 0.0
+    for i, j in enumerate(np.argsort(p, kind="stable")):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return [float(x) for x in out]
+
+
+def bootstrap_diff_ci(
+    seed_diffs: Sequence[float] | None = None,
+    item_diffs: np.ndarray | None = None,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of the mean paired difference over seeds.
+
+    `item_diffs` [n seeds, m items]: per seed, each test item's contribution to the difference,
+    so that a seed's difference on a resample of items is the mean of its resampled
+    contributions (for AULC: per-item correctness weighted by `aulc_weights`, arm A minus arm
+    B). Each replicate draws n seeds and m items with replacement (the same items for every
+    seed). Without `item_diffs`, only seeds are resampled from `seed_diffs` [n]. Deterministic
+    for a given `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    if item_diffs is None:
+        d = np.asarray(seed_diffs, dtype=np.float64)
+        n = len(d)
+        draws = rng.integers(0, n, size=(resamples, n))
+        means = d[draws].mean(axis=1)
+    else:
+        v = np.asarray(item_diffs, dtype=np.float64)
+        n, m = v.shape
+        means = np.empty(resamples)
+        for start in range(0, resamples, 250):  # a chunk of replicates at a time
+            b = min(250, resamples - start)
+            seeds = rng.integers(0, n, size=(b, n))
+            items = rng.integers(0, m, size=(b, m))
+            seed_counts = np.zeros((b, n))
+            item_counts = np.zeros((b, m))
+            np.add.at(seed_counts, (np.arange(b)[:, None], seeds), 1.0)
+            np.add.at(item_counts, (np.arange(b)[:, None], items), 1.0)
+            means[start : start + b] = np.einsum("bn,nm,bm->b", seed_counts, v, item_counts)
+        means /= n * m
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    xs = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or xs[end] != xs[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2
+            start = end
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson of average ranks); NaN when either is constant or
+    there are fewer than 2 values."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman: shapes {a.shape} and {b.shape} differ")
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2
+    denom = np.sqrt((ra @ ra) * (rb @ rb))
+    return float(ra @ rb / denom) if denom > 0 else float("nan")

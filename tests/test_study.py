@@ -1,0 +1,305 @@
+"""The study of `starlora report`: paired statistics, arm labels and tables, on synthetic runs."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from starlora.config import dump_config, flatten_config, load_config
+from starlora.report import build_report, load_runs
+from starlora.run.protocol import protocol_id
+from starlora.study import label_arms
+from starlora.study_report import write_studies
+from starlora.study_stats import (
+    aulc,
+    aulc_weights,
+    bootstrap_diff_ci,
+    holm,
+    sign_flip_p,
+    spearman,
+)
+from starlora.tasks import get_task
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def brute_sign_flip(d: list[int]) -> float:
+    """Reference: every sign vector, in exact integer arithmetic."""
+    obs = abs(sum(d))
+    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= obs
+               for signs in itertools.product((1, -1), repeat=len(d)))
+    return hits / 2 ** len(d)
+
+
+def test_sign_flip_p_on_known_examples():
+    assert sign_flip_p([0.01, 0.02, 0.03, 0.04, 0.05, 0.06]) == 2 / 64  # all positive: 0.03125
+    assert sign_flip_p([1, 2, 3, 4]) == 2 / 16
+    assert sign_flip_p([1, 1, 1, -1]) == 10 / 16  # |sum| >= 2 unless two + and two -
+    assert sign_flip_p([0.0, 0.0]) == 1.0
+    assert sign_flip_p([-0.5]) == 1.0
+
+
+def test_sign_flip_p_counts_float_ties(monkeypatch):
+    # the sums of 0.7, 0.3, 0, -0.4, -0.4 under some sign vectors equal the observed 0.2 only
+    # up to rounding; exact arithmetic counts them
+    d = [0.7, 0.3, 0.0, -0.4, -0.4]
+    assert sign_flip_p(d) == brute_sign_flip([7, 3, 0, -4, -4]) == 1.0
+    assert sign_flip_p([0.1, 0.2, -0.3, 0.7]) == brute_sign_flip([1, 2, -3, 7]) == 10 / 16
+    monkeypatch.setattr("starlora.study_stats.REL_TOL", 0.0)
+    assert sign_flip_p(d) < 1.0  # without the tolerance, the ties are lost
+
+
+@pytest.mark.parametrize("n", [5, 9, 17])  # 17 takes the chunked path (over 16 values)
+def test_sign_flip_p_equals_enumeration(n):
+    d = np.random.default_rng(n).integers(-9, 10, size=n).tolist()
+    if n == 17:  # brute force in NumPy: 2^17 sign vectors
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+        expected = np.mean(np.abs(signs @ np.array(d)) >= abs(sum(d)))
+    else:
+        expected = brute_sign_flip(d)
+    assert sign_flip_p([x / 7 for x in d]) == pytest.approx(expected, abs=0)
+
+
+def test_holm_on_known_p_values():
+    # sorted 0.005*4, 0.01*3, 0.03*2, 0.04*1 -> 0.02, 0.03, 0.06, max(0.06, 0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
+    assert holm([0.2]) == [0.2]
+
+
+def test_aulc_weights_are_the_trapezoid():
+    assert aulc_weights([50, 100, 200]) == pytest.approx([50 / 2 / 150, 150 / 2 / 150,
+                                                          100 / 2 / 150])
+    assert aulc_weights([200, 50, 100]) == pytest.approx([100 / 300, 50 / 300, 150 / 300])
+    assert aulc([50, 100, 200], [0.4, 0.5, 0.7]) == pytest.approx(0.55)
+    assert aulc([7, 7], [0.2, 0.4]) == pytest.approx(0.3)
+
+
+def test_bootstrap_is_deterministic_and_resamples_items():
+    rng = np.random.default_rng(3)
+    seed_level = np.array([0.05, 0.02, 0.04, 0.03, 0.06, 0.01])
+    items = seed_level[:, None] + rng.normal(0, 0.3, size=(6, 40))
+    items -= items.mean(axis=1, keepdims=True) - seed_level[:, None]  # row means = seed_level
+    a = bootstrap_diff_ci(item_diffs=items, resamples=500, seed=0)
+    assert a == bootstrap_diff_ci(item_diffs=items, resamples=500, seed=0)
+    assert a != bootstrap_diff_ci(item_diffs=items, resamples=500, seed=1)
+    flat = np.repeat(seed_level[:, None], 40, axis=1)  # the same seeds, no item spread
+    b = bootstrap_diff_ci(item_diffs=flat, resamples=500, seed=0)
+    assert a[0] < b[0] <= seed_level.mean() <= b[1] < a[1]
+    assert bootstrap_diff_ci([0.2, 0.2, 0.2], resamples=100) == pytest.approx((0.2, 0.2))
+    lo, hi = bootstrap_diff_ci(seed_level, resamples=2000, seed=0)
+    assert 0.01 <= lo < seed_level.mean() < hi <= 0.06
+
+
+def test_spearman_with_ties():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2.5, 2.5, 4) and (1, 2, 3, 4): Pearson = 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+# -- arms -------------------------------------------------------------------------------------
+
+STUDY_ARMS = {  # label -> (strategy, overrides)
+    "random": ("random", []),
+    "pe [answers=gold]": ("pe", ["scoring.answers=gold"]),
+    "pe-dynamic [answers=gold]": ("pe-dynamic", ["scoring.answers=gold"]),
+    "pe": ("pe", []),
+    "pe-dynamic": ("pe-dynamic", []),
+    "me-dynamic": ("me-dynamic", []),
+    "pe-dynamic [b_decay_mode=none, dropout=0.0, mc_passes=1]": (
+        "pe-dynamic", ["training.b_decay_mode=none", "lora.dropout=0", "scoring.mc_passes=1"]),
+}
+
+
+def config_of(strategy: str, overrides: list[str], seed: int = 0):
+    return load_config(None, ["task.name=arith", "task.pool_size=30", "task.test_size=10",
+                              "active_learning.initial_size=4", "active_learning.query_size=4",
+                              "active_learning.rounds=3", f"active_learning.strategy={strategy}",
+                              f"seed={seed}", *overrides])
+
+
+def test_arms_are_labelled_by_the_settings_that_differ():
+    entries, expected = [], []
+    for seed in (0, 1):
+        for label, (strategy, overrides) in STUDY_ARMS.items():
+            neutral = [f"scoring.batch_size={8 + seed}", f"active_learning.rounds={3 + seed}"]
+            entries.append((strategy, flatten_config(config_of(strategy, overrides + neutral,
+                                                               seed))))
+            expected.append(label)
+    assert label_arms(entries) == expected
+    # without configs, or with configs that differ in the strategy only, the strategy is the arm
+    assert label_arms([("random", None), ("pe", None)]) == ["random", "pe"]
+    same = [(s, flatten_config(config_of(s, []))) for s in ("random", "pe-dynamic")]
+    assert label_arms(same) == ["random", "pe-dynamic"]
+    # a key shared by two differing settings is named in full
+    two = [("pe", flatten_config(config_of("pe", ["scoring.max_new_tokens=7"]))),
+           ("pe", flatten_config(config_of("pe", ["evaluation.max_new_tokens=9"])))]
+    assert label_arms(two) == ["pe [scoring.max_new_tokens=7]",
+                               "pe [evaluation.max_new_tokens=9]"]
+
+
+# -- whole reports ----------------------------------------------------------------------------
+
+N_LABELLED = [4, 8, 12]
+TEST_IDS = [f"arith-test-{i:06d}" for i in range(10)]
+
+
+def write_study_run(root: Path, label: str, seed: int, correct_per_round: list[list[int]],
+                    selected: list[list[str]] | None = None, scores: list[dict] | None = None,
+                    predictions: bool = True) -> Path:
+    strategy, overrides = STUDY_ARMS[label]
+    config = config_of(strategy, overrides, seed)
+    run = root / f"{label.replace(' ', '_')}-{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(config))
+    lines = []
+    for k, correct in enumerate(correct_per_round):
+        lines.append(json.dumps({
+            "round": k, "n_labelled": N_LABELLED[k], "accuracy": float(np.mean(correct)),
+            "ece": 0.2 - 0.01 * k - 0.001 * seed, "strategy": strategy, "seed": seed,
+            "task": "arith", "protocol": protocol_id(config)}))
+        rdir = run / "rounds" / str(k)
+        rdir.mkdir(parents=True)
+        if predictions:
+            (rdir / "predictions.jsonl").write_text("".join(
+                json.dumps({"id": i, "prediction": "1", "gold": "1", "correct": bool(c)}) + "\n"
+                for i, c in zip(TEST_IDS, correct)))
+        if scores is not None and k < 2:
+            (rdir / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
+        if selected is not None and k < 2:
+            (rdir / "selected.jsonl").write_text("".join(
+                json.dumps({"id": i, "rank": j, "utility": 1.0 - j}) + "\n"
+                for j, i in enumerate(selected[k])))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+POOL = [ex.id for ex in get_task("arith").generate("train", 30, 0)]
+SCORES = [{"id": i, "pe": float(j), "pe_base": float(-j)} for j, i in enumerate(POOL[:10])]
+
+
+def curve(seed: int, bonus: int) -> list[list[int]]:
+    """Per round, 10 items' correctness: 3 + round + bonus right, shifted by the seed."""
+    out = []
+    for k in range(3):
+        right = min(10, 3 + k + bonus)
+        out.append([int((i + seed) % 10 < right) for i in range(10)])
+    return out
+
+
+@pytest.fixture
+def study_runs(tmp_path: Path) -> list[Path]:
+    runs = []
+    for seed in range(6):
+        runs.append(write_study_run(tmp_path / "runs", "random", seed, curve(seed, 0),
+                                    selected=[POOL[:4], POOL[4:8]]))
+        # pe-dynamic beats random on every seed; its picks: the top 4 by pe, then 2 of them
+        runs.append(write_study_run(tmp_path / "runs", "pe-dynamic", seed, curve(seed, 1 + seed % 2),
+                                    selected=[POOL[6:10], POOL[:2] + POOL[8:10]], scores=SCORES))
+        if seed < 3:  # the gold arm has 3 seeds; it loses to random on one
+            runs.append(write_study_run(tmp_path / "runs", "pe-dynamic [answers=gold]", seed,
+                                        curve(seed, [1, -1, 2][seed])))
+    return runs
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_tables_hold_the_paired_statistics(study_runs, tmp_path):
+    written = build_report(study_runs, tmp_path / "report")
+    md, rows = written["study.md"].read_text(), read_csv(written["study.csv"])
+    assert "| pe-dynamic [answers=gold] | 3 | 0,1,2 |" in md  # not merged with pe-dynamic
+    paired = {(r["arm"], r["quantity"]): r for r in rows if r["section"] == "paired"}
+    assert {(r["baseline"]) for r in paired.values()} == {"random"}  # no pe/me arm here
+    main, gold = paired[("pe-dynamic", "aulc")], paired[("pe-dynamic [answers=gold]", "aulc")]
+    diffs = []
+    for seed in range(6):
+        a, b = (aulc(N_LABELLED, np.mean(curve(seed, x), axis=1)) for x in (1 + seed % 2, 0))
+        diffs.append(a - b)
+    assert float(main["estimate"]) == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert main["p"] == "0.031250"  # 6 positive differences: 2 / 64
+    assert gold["n"] == "3" and gold["p"] == "0.750000"  # 2 of 3 positive: |mean| beaten by 6/8
+    assert main["p_holm"] == "0.062500" and gold["p_holm"] == "0.750000"
+    assert main["note"] == "primary; ci seeds x items"
+    assert float(main["ci_low"]) <= float(main["estimate"]) <= float(main["ci_high"])
+    assert paired[("pe-dynamic", "final_accuracy")]["note"].startswith("secondary")
+    assert paired[("pe-dynamic", "final_ece")]["p_holm"] == ""
+    arms = {(r["arm"], r["quantity"]): r for r in rows if r["section"] == "arms"}
+    assert arms[("random", "aulc")]["n"] == "6" and float(arms[("random", "aulc")]["std"]) == 0
+    diag = {(r["arm"], r["round"], r["quantity"]): r for r in rows if r["section"] == "diagnostics"}
+    assert diag[("pe-dynamic", "0", "spearman(pe,pe_base)")]["estimate"] == "-1.000000"
+    assert diag[("pe-dynamic", "0", "top-k overlap (pe)")]["estimate"] == "1.000000"
+    assert diag[("pe-dynamic", "1", "top-k overlap (pe)")]["estimate"] == "0.500000"
+    steps = {ex.id: ex.meta["steps"] for ex in get_task("arith").generate("train", 30, 0)}
+    for s in (1, 2, 3):
+        share = np.mean([steps[i] == s for i in POOL[:4]])
+        assert float(diag[("random", "0", f"selected steps={s}")]["estimate"]) == share
+    assert "| pe-dynamic | random | 6 |" in md and "0.03125 | 0.06250 |" in md
+
+
+def test_study_files_are_byte_identical_on_a_second_report(study_runs, tmp_path):
+    first = build_report(study_runs, tmp_path / "a")
+    second = write_studies(load_runs(list(reversed(study_runs))), tmp_path / "b")
+    for name in ("study.md", "study.csv"):
+        assert first[name].read_bytes() == second[name].read_bytes()
+        assert str(tmp_path) not in first[name].read_text()
+
+
+def test_without_predictions_the_interval_resamples_seeds_only(study_runs, tmp_path):
+    victim = next(r for r in study_runs if r.name == "random-2")
+    shutil.rmtree(victim / "rounds" / "1")
+    written = write_studies(load_runs(study_runs), tmp_path / "report")
+    notes = {r["arm"]: r["note"] for r in read_csv(written["study.csv"])
+             if r["section"] == "paired" and r["quantity"] == "aulc"}
+    assert notes["pe-dynamic"] == "primary; ci seeds only (no predictions.jsonl)"
+    assert "seeds only (no predictions.jsonl)" in written["study.md"].read_text()
+
+
+def test_no_study_without_two_arms_sharing_two_seeds(study_runs, tmp_path):
+    alone = [r for r in study_runs if r.name.endswith("-0")]  # every arm with seed 0 only
+    assert write_studies(load_runs(alone), tmp_path / "r") == {}
+    assert write_studies(load_runs(study_runs), tmp_path / "r")  # the same runs, all seeds
+
+
+def test_choice_task_diagnostics_read_gold_classes_and_predictions(tmp_path):
+    """obqa without its data files: gold classes come from labelled.jsonl, predicted class
+    shares from predictions.jsonl."""
+    runs = []
+    for strategy in ("random", "pe-dynamic"):
+        for seed in (0, 1):
+            config = load_config(None, ["task.name=obqa", f"active_learning.strategy={strategy}",
+                                        f"seed={seed}", "task.train=missing.jsonl"])
+            run = tmp_path / f"{strategy}-{seed}"
+            (run / "rounds" / "0").mkdir(parents=True)
+            (run / "config.yaml").write_text(dump_config(config))
+            (run / "metrics.jsonl").write_text(json.dumps({
+                "round": 0, "n_labelled": 4, "accuracy": 0.25, "ece": 0.1, "strategy": strategy,
+                "seed": seed, "task": "obqa", "protocol": protocol_id(config)}) + "\n")
+            preds = ["A", "C", "C", "D"] if seed == 0 else ["B", "C", "D", "D"]
+            (run / "rounds" / "0" / "predictions.jsonl").write_text("".join(
+                json.dumps({"id": f"t{i}", "prediction": p, "gold": "A", "correct": i == 0})
+                + "\n" for i, p in enumerate(preds)))
+            (run / "rounds" / "0" / "selected.jsonl").write_text("".join(
+                json.dumps({"id": f"q{i}", "rank": i, "utility": 0.0}) + "\n" for i in range(4)))
+            (run / "labelled.jsonl").write_text("".join(
+                json.dumps({"id": f"q{i}", "round": 1, "answer": a, "source": "oracle"}) + "\n"
+                for i, a in enumerate(["A", "A", "B", "C"])))
+            runs.append(run)
+    written = write_studies(load_runs(runs), tmp_path / "report")
+    diag = {(r["arm"], r["quantity"]): r for r in read_csv(written["study.csv"])
+            if r["section"] == "diagnostics"}
+    assert diag[("random", "selected gold=A")]["estimate"] == "0.500000"
+    assert diag[("pe-dynamic", "selected gold=D")]["estimate"] == "0.000000"
+    assert diag[("random", "predicted=C")]["estimate"] == "0.375000"  # 2/4 and 1/4
+    assert diag[("random", "predicted=D")]["std"] == f"{np.std([0.25, 0.5], ddof=1):.6f}"
+    assert "gold classes from labelled.jsonl" in written["study.md"].read_text()
