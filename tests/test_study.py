@@ -303,3 +303,24 @@ def test_choice_task_diagnostics_read_gold_classes_and_predictions(tmp_path):
     assert diag[("random", "predicted=C")]["estimate"] == "0.375000"  # 2/4 and 1/4
     assert diag[("random", "predicted=D")]["std"] == f"{np.std([0.25, 0.5], ddof=1):.6f}"
     assert "gold classes from labelled.jsonl" in written["study.md"].read_text()
+
+
+def test_a_variant_is_compared_with_its_usual_arm_outside_the_primary_family(study_runs,
+                                                                              tmp_path):
+    """The constraint ablation (same strategy, other training/scoring settings) is compared
+    with the usual pe-dynamic arm, as a secondary result: it neither joins the Holm family nor
+    serves as anyone's baseline."""
+    ablation = "pe-dynamic [b_decay_mode=none, dropout=0.0, mc_passes=1]"
+    runs = [*study_runs, *(write_study_run(tmp_path / "runs", ablation, seed, curve(seed, 0))
+                           for seed in range(6))]
+    rows = read_csv(write_studies(load_runs(runs), tmp_path / "report")["study.csv"])
+    paired = {(r["arm"], r["baseline"], r["quantity"]): r for r in rows
+              if r["section"] == "paired"}
+    assert {(a, b) for a, b, _ in paired} == {
+        ("pe-dynamic", "random"), ("pe-dynamic [answers=gold]", "random"),
+        (ablation, "pe-dynamic")}
+    versus = paired[(ablation, "pe-dynamic", "aulc")]
+    assert versus["note"].startswith("secondary") and versus["p_holm"] == ""
+    assert versus["p"] == "0.031250"  # the ablation loses on all 6 seeds
+    # the Holm family is unchanged by the variant: 2 comparisons
+    assert paired[("pe-dynamic", "random", "aulc")]["p_holm"] == "0.062500"

@@ -20,9 +20,15 @@ the study); "final" is the last of them.
 **Per seed.** AULC (`starlora.study_stats.aulc`) over those rounds from ``metrics.jsonl``;
 final accuracy and final ECE.
 
-**Paired comparisons.** Each STAR arm (strategy ``*-dynamic`` or ``*-subtract``) against each
-baseline arm: ``random``, and ``pe``/``me`` with the same ``scoring.answers``; the difference
-is STAR minus baseline over the seeds both arms have (at least 2). Primary: AULC, with the exact
+**Variants.** An arm whose label names a setting other than ``scoring.answers`` (e.g. the
+constraint ablation ``b_decay_mode=none, dropout=0.0, mc_passes=1``) is a variant: it is not in
+the primary family; it is compared, as a secondary result, with the arm of the same strategy and
+answers that has the group's usual settings (AULC, final accuracy and ECE, uncorrected).
+
+**Paired comparisons.** Each STAR arm (strategy ``*-dynamic`` or ``*-subtract``, not a
+variant) against each baseline arm (not a variant): ``random``, and ``pe``/``me`` with the same
+``scoring.answers``; the difference is STAR minus baseline over the seeds both arms have (at
+least 2). Primary: AULC, with the exact
 two-sided sign-flip test (`starlora.study_stats.sign_flip_p`: all 2^n sign vectors; p is the
 share whose |sum| reaches the observed |sum| less 1e-9 * max(1, sum |d|); up to 30 seeds) and
 Holm-Bonferroni correction over all primary comparisons of the group. The 95% interval is the percentile bootstrap (2000 resamples, NumPy seed 0) of the mean
@@ -86,6 +92,7 @@ class Arm:
     label: str
     strategy: str
     answers: str | None
+    variant: bool = False  # differs from the group's usual settings beyond scoring.answers
     runs: dict[int, StudyRun] = field(default_factory=dict)  # by seed
 
 
@@ -99,6 +106,7 @@ class Comparison:
     ci: tuple[float, float]
     ci_note: str
     p_holm: float | None = None
+    primary: bool = True  # AULC of a STAR arm against a baseline; False: a variant's comparison
 
 
 def _design(key: str) -> bool:
@@ -137,6 +145,12 @@ def _text(value: Any) -> str:
 
 def label_arms(entries: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
     """An arm label for each (strategy, flat config or None) of one group (see module doc)."""
+    return [label for label, _ in _labels_and_keys(entries)]
+
+
+def _labels_and_keys(entries: list[tuple[str, dict[str, Any] | None]]
+                     ) -> list[tuple[str, list[str]]]:
+    """(label, the config keys named in it) for each entry of `label_arms`."""
     flats = [f for _, f in entries if f is not None]
     keys = sorted({k for f in flats for k in f} - NOT_ARM)
     varying = [k for k in keys if len({_text(f.get(k)) for f in flats}) > 1]
@@ -150,19 +164,20 @@ def label_arms(entries: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
     names = {k: s if short.count(s) == 1 else k for k, s in zip(varying, short)}
     labels = []
     for strategy, flat in entries:
-        parts = [] if flat is None else sorted(f"{names[k]}={_text(flat.get(k))}"
-                                               for k in varying
-                                               if _text(flat.get(k)) != reference[k])
-        labels.append(f"{strategy} [{', '.join(parts)}]" if parts else strategy)
+        named = [] if flat is None else [k for k in varying
+                                         if _text(flat.get(k)) != reference[k]]
+        parts = sorted(f"{names[k]}={_text(flat.get(k))}" for k in named)
+        labels.append((f"{strategy} [{', '.join(parts)}]" if parts else strategy, named))
     return labels
 
 
 def _arms(runs: list[StudyRun]) -> dict[str, Arm]:
-    labels = label_arms([(r.strategy, r.flat) for r in runs])
+    labels = _labels_and_keys([(r.strategy, r.flat) for r in runs])
     arms: dict[str, Arm] = {}
-    for run, label in zip(runs, labels):
+    for run, (label, named) in zip(runs, labels):
         answers = None if run.config is None else run.config.scoring.answers
-        arm = arms.setdefault(label, Arm(label, run.strategy, answers))
+        variant = any(k != "scoring.answers" for k in named)
+        arm = arms.setdefault(label, Arm(label, run.strategy, answers, variant))
         if run.seed in arm.runs:
             raise DataError(str(RunPaths(run.run_dir).metrics), None, "seed",
                             f"arm {label!r} has seed {run.seed} twice "
@@ -176,8 +191,13 @@ def _is_star(strategy: str) -> bool:
 
 
 def _baselines(star: Arm, arms: dict[str, Arm]) -> list[Arm]:
-    return [b for b in arms.values() if b.strategy == "random"
-            or (b.strategy in ("pe", "me") and b.answers == star.answers)]
+    """What `star` is compared with: for a variant, the usual arm of its strategy and
+    answers; else ``random`` and the ``pe``/``me`` arms with its answers (no variants)."""
+    if star.variant:
+        return [b for b in arms.values() if not b.variant and b.strategy == star.strategy
+                and b.answers == star.answers]
+    return [b for b in arms.values() if not b.variant and (b.strategy == "random" or (
+        b.strategy in ("pe", "me") and b.answers == star.answers))]
 
 
 def run_values(run: StudyRun, rounds: list[int]) -> dict[str, float]:
@@ -289,8 +309,11 @@ def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
             if len(seeds) < 2:
                 untested.append(f"{star.label} vs {base.label} ({len(seeds)} paired seed(s))")
                 continue
-            comparisons += _compare(star, base, seeds, rounds, items, values)
-    primary = [c for c in comparisons if c.quantity == "aulc" and not np.isnan(c.p)]
+            found = _compare(star, base, seeds, rounds, items, values)
+            for c in found:
+                c.primary = c.quantity == "aulc" and not star.variant
+            comparisons += found
+    primary = [c for c in comparisons if c.primary and not np.isnan(c.p)]
     for c, p in zip(primary, holm([c.p for c in primary])):
         c.p_holm = p
     diagnostics: dict[str, dict[int, dict[str, list[float]]]] = {}

@@ -61,15 +61,16 @@ def study_markdown(s: Study) -> str:
               f"resamples, NumPy seed {BOOTSTRAP_SEED}) over the resampling named.", ""]
     head = ["arm", "baseline", "n seeds", "mean diff", "std", "95% CI", "p", "Holm p",
             "CI resamples"]
-    primary = [c for c in s.comparisons if c.quantity == "aulc"]
+    primary = [c for c in s.comparisons if c.primary]
     lines += _table(head, [_cells(c) for c in primary]) if primary else [
         "No STAR arm and baseline share 2 seeds.", ""]
     if s.untested:
         lines += ["Not tested: " + "; ".join(s.untested) + ".", ""]
-    secondary = [c for c in s.comparisons if c.quantity != "aulc"]
+    secondary = [c for c in s.comparisons if not c.primary]
     if secondary:
-        lines += ["## Paired comparisons: final accuracy and final ECE (secondary, uncorrected)",
-                  ""]
+        lines += ["## Paired comparisons: secondary, uncorrected", "",
+                  "Final accuracy and final ECE of the primary pairs; AULC, final accuracy and "
+                  "ECE of each variant against its usual arm.", ""]
         lines += _table(["quantity", *head[:-2], "CI resamples"],
                         [[c.quantity, *_cells(c)[:-2], c.ci_note] for c in secondary])
     lines += ["## Diagnostics per round (exploratory)", "",
@@ -123,7 +124,7 @@ def study_csv(s: Study) -> str:
             vals = [s.values[(arm.label, seed)][q] for seed in sorted(arm.runs)]
             row("arms", arm.label, "", "", q, len(vals), *_mean_std(vals))
     for c in s.comparisons:
-        kind = "primary" if c.quantity == "aulc" else "secondary"
+        kind = "primary" if c.primary else "secondary"
         row("paired", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
             (_f(c.ci[0], 6), _f(c.ci[1], 6)), _f(c.p, 6), _f(c.p_holm, 6),
             f"{kind}; ci {c.ci_note}")
