@@ -8,6 +8,7 @@
     starlora annotate RUN_DIR [--host 127.0.0.1] [--port 8765] [--token T]
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR
+    starlora uncertainty RUN_DIR...     # PE/ME of the test answers after the last round
 
 Errors caused by input (bad data, bad config, unknown model...) print one line and exit 2.
 """
@@ -145,6 +146,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_uncertainty(args: argparse.Namespace) -> int:
+    from starlora.run.uncertainty import write_test_uncertainty
+
+    models: dict = {}  # runs of one model load it once
+    for run_dir in args.run_dirs:
+        done = write_test_uncertainty(run_dir, models=models)
+        print(f"wrote {done.n} test items to {done.path}" if done.written
+              else f"skipped {run_dir}: {done.path} exists")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from starlora.demo import run_demo
 
@@ -229,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output folder for PNGs, Markdown and CSV")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("uncertainty", help="score a finished run's test items after its last "
+                       "round (PE/ME, 1 pass and MC, gold and own answers)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=_cmd_uncertainty)
     return parser
 
 

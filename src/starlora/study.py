@@ -38,6 +38,11 @@ seeds only, and says why, when predictions are missing, hold other items, or dis
 ``metrics.jsonl``. Secondary (uncorrected): final accuracy (same bootstrap) and final ECE
 (seeds only). Diagnostics per round: `starlora.study_diagnostics`.
 
+**Uncertainty as a predictor of a wrong answer** (secondary): per run, the AUROC of each column
+of ``rounds/<final>/test_uncertainty.jsonl`` (`starlora.run.uncertainty`: PE and ME, gold and
+own answers, one pass and the MC mean) for a wrong test answer (`starlora.study_stats.auroc`);
+per arm, over the runs that have the file.
+
 Output: ``study.md`` and ``study.csv``, only for a group with at least 2 arms of which 2 share
 at least 2 seeds. Numbers have fixed formats and every order is sorted: the same runs give the
 same bytes.
@@ -58,7 +63,7 @@ from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import DataError, StarloraError
 from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL
 from starlora.run.store import RunPaths
-from starlora.study_diagnostics import read_rows, run_diagnostics
+from starlora.study_diagnostics import read_rows, run_auroc, run_diagnostics
 from starlora.study_stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
 
 RESAMPLES = 2000
@@ -291,6 +296,7 @@ class Study:
     untested: list[str]
     diagnostics: dict[str, dict[int, dict[str, list[float]]]]  # arm -> round -> quantity -> []
     notes: list[str]
+    auroc: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # arm -> per run
 
 
 def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
@@ -329,6 +335,9 @@ def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
             for k, quantities in found.items():
                 for q, v in quantities.items():
                     per[k][q].append(v)
+    aurocs = {arm.label: [found for seed in sorted(arm.runs)
+                          if (found := run_auroc(arm.runs[seed].run_dir, rounds[-1])) is not None]
+              for arm in arms.values()}
     all_n = [r.rounds[k]["n_labelled"] for r in runs for k in (rounds[0], rounds[-1])]
     return Study(task, design, rounds, (min(all_n), max(all_n)), arms, values, comparisons,
-                 untested, diagnostics, sorted(notes))
+                 untested, diagnostics, sorted(notes), aurocs)

@@ -15,6 +15,9 @@ For each round k of a run directory, from ``rounds/<k>/``:
   is class c (from the rebuilt pool, else the run's ``labelled.jsonl`` answers);
 * ``predicted=c``: for choice tasks, the fraction of test predictions of class c
   (``predictions.jsonl``).
+
+Also here, for the secondary endpoint: `run_auroc`, the AUROC of each test-uncertainty column
+(``rounds/<k>/test_uncertainty.jsonl``, `starlora.run.uncertainty`) for a wrong answer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import numpy as np
 from starlora.config import ExperimentConfig
 from starlora.errors import DataError, StarloraError
 from starlora.run.store import RunPaths
-from starlora.study_stats import spearman
+from starlora.run.uncertainty import COLUMNS
+from starlora.study_stats import auroc, spearman
 
 MEASURES = ("pe", "me")
 
@@ -153,3 +157,22 @@ def run_diagnostics(run_dir: Path, strategy: str, config: ExperimentConfig | Non
         if got:
             out[k] = {q: float(v) for q, v in got.items() if not np.isnan(v)}
     return out, notes
+
+
+def run_auroc(run_dir: Path, round_: int) -> dict[str, float] | None:
+    """AUROC of each column of round `round_`'s ``test_uncertainty.jsonl`` (`COLUMNS`) for
+    predicting a wrong answer (``correct`` false is the positive class), over the items whose
+    value is not null; None when the file does not exist. DataError names a bad line."""
+    path = RunPaths(run_dir).test_uncertainty(round_)
+    rows = read_rows(path)
+    if rows is None:
+        return None
+    for lineno, row in enumerate(rows, start=1):
+        for name in ("correct", *COLUMNS):
+            if name not in row:
+                raise DataError(str(path), lineno, name, "missing")
+    out = {}
+    for c in COLUMNS:
+        kept = [r for r in rows if r[c] is not None and np.isfinite(r[c])]
+        out[c] = auroc([r[c] for r in kept], [not r["correct"] for r in kept])
+    return out

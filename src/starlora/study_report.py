@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from starlora.io import atomic_write
+from starlora.run.uncertainty import COLUMNS
 from starlora.study import BOOTSTRAP_SEED, RESAMPLES, Comparison, Study, compute_study, study_groups
 
 
@@ -73,6 +74,7 @@ def study_markdown(s: Study) -> str:
                   "ECE of each variant against its usual arm.", ""]
         lines += _table(["quantity", *head[:-2], "CI resamples"],
                         [[c.quantity, *_cells(c)[:-2], c.ci_note] for c in secondary])
+    lines += _auroc_markdown(s)
     lines += ["## Diagnostics per round (exploratory)", "",
               "Mean ± std over the seeds that have the files; (n=...) when fewer than the "
               "arm's seeds. Round k's selection chose the labels round k+1 trains on.", ""]
@@ -98,6 +100,53 @@ def study_markdown(s: Study) -> str:
     return "\n".join(lines)
 
 
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if not np.isnan(v)]
+
+
+def _auroc_markdown(s: Study) -> list[str]:
+    final = s.rounds[-1]
+    lines = ["## Uncertainty as a predictor of a wrong test answer (secondary)", "",
+             f"AUROC, after round {final}, of each uncertainty for predicting a wrong test "
+             "answer (wrong is the positive class; ties count 1/2; 0.5 is chance): PE and ME "
+             "of the gold answer and of the adapted model's own greedy answer, from one "
+             "deterministic pass and from the mean over the MC-dropout passes "
+             "(`scoring.mc_passes`, 3 when that is 1), as `starlora uncertainty` writes them "
+             f"to `rounds/{final}/test_uncertainty.jsonl`. Mean ± sample std over the runs "
+             "that have the file; (n=...) where fewer runs have a value (no AUROC when every "
+             "answer is right, or every one wrong).", ""]
+    total = sum(len(a.runs) for a in s.arms.values())
+    have = sum(len(v) for v in s.auroc.values())
+    rows = []
+    for arm in s.arms.values():
+        runs = s.auroc.get(arm.label, [])
+        for measure in ("pe", "me") if runs else ():
+            cells = [arm.label, measure.upper(), str(len(runs))]
+            for answers in ("gold", "own"):
+                for passes in ("1", "mc"):
+                    v = _finite([r[f"{measure}_{answers}_{passes}"] for r in runs])
+                    if not v:
+                        cells.append("nan")
+                        continue
+                    m, sd = _mean_std(v)
+                    more = f" (n={len(v)})" if len(v) != len(runs) else ""
+                    cells.append(f"{_f(m)} ± {_f(sd)}{more}")
+            rows.append(cells)
+    if rows:
+        lines += _table(["arm", "measure", "runs", "gold, 1 pass", "gold, MC mean",
+                         "own, 1 pass", "own, MC mean"], rows)
+    missing = total - have
+    where = f"`rounds/{final}/test_uncertainty.jsonl`"
+    if not have:
+        lines += [f"No run has {where} yet (`starlora uncertainty RUN_DIR` writes it).", ""]
+    elif missing:
+        lines += [f"Left out: {missing} of {total} runs have no {where} (`starlora "
+                  "uncertainty RUN_DIR` writes it).", ""]
+    else:
+        lines += [f"All {total} runs have the file.", ""]
+    return lines
+
+
 def _cells(c: Comparison) -> list[str]:
     m, sd = _mean_std(c.diffs)
     return [c.arm, c.baseline, str(len(c.diffs)), _f(m), _f(sd),
@@ -109,7 +158,8 @@ CSV_HEAD = ["section", "task", "design", "arm", "baseline", "round", "quantity",
 
 
 def study_csv(s: Study) -> str:
-    """``study.csv``: one long table (`CSV_HEAD`); section is arms, paired or diagnostics."""
+    """``study.csv``: one long table (`CSV_HEAD`); section is arms, paired, auroc or
+    diagnostics."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_HEAD)
@@ -128,6 +178,14 @@ def study_csv(s: Study) -> str:
         row("paired", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
             (_f(c.ci[0], 6), _f(c.ci[1], 6)), _f(c.p, 6), _f(c.p_holm, 6),
             f"{kind}; ci {c.ci_note}")
+    for arm in s.arms.values():
+        runs = s.auroc.get(arm.label, [])
+        missing = len(arm.runs) - len(runs)
+        note = f"{missing} of {len(arm.runs)} runs without the file" if missing else ""
+        for q in COLUMNS if runs else ():
+            v = _finite([r[q] for r in runs])
+            mean, sd = _mean_std(v) if v else (float("nan"), float("nan"))
+            row("auroc", arm.label, "", str(s.rounds[-1]), q, len(v), mean, sd, note=note)
     for arm in s.arms.values():
         per = s.diagnostics[arm.label]
         for k in sorted(per):

@@ -15,6 +15,8 @@ Everything here is pure NumPy and deterministic; `starlora.study` feeds it run d
   with replacement and, when per-item values are given, test items with replacement too (one
   item resample per replicate, shared by every seed and both arms, as they share the test set).
 * `spearman`: rank correlation with average ranks for ties.
+* `auroc`: the area under the ROC curve of scores for a binary class, in the Mann-Whitney form
+  (ties between a positive and a negative count 1/2).
 """
 
 from __future__ import annotations
@@ -158,3 +160,22 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2
     denom = np.sqrt((ra @ ra) * (rb @ rb))
     return float(ra @ rb / denom) if denom > 0 else float("nan")
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve of `scores` for predicting `positive`: the probability that a
+    positive item scores higher than a negative one, a tie counting 1/2 (Mann-Whitney U over
+    n_pos * n_neg, from average ranks). NaN when either class is empty; scores must be
+    finite (ValueError otherwise)."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if s.shape != pos.shape or s.ndim != 1:
+        raise ValueError(f"auroc: shapes {s.shape} and {pos.shape} differ or are not 1-D")
+    if not np.isfinite(s).all():
+        raise ValueError("auroc: scores must be finite")
+    n_pos = int(pos.sum())
+    n_neg = len(s) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    u = _ranks(s)[pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))

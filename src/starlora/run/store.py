@@ -17,6 +17,8 @@
                               (the columns the strategy needs, and per-pass values)
         selected.jsonl        ids chosen in round k's query, best first: rank, utility and
                               the terms it was mixed from (raw scores, normalised terms, λ)
+        test_uncertainty.jsonl  last round, on request: PE/ME of each test item's gold and own
+                              answer, 1 pass and MC (`starlora.run.uncertainty`)
       .lock                   taken by every writer of labels (`RunStore.lock`)
 
 `RunPaths` is the one owner of these names; the loop, the report and the CLI go through it.
@@ -63,6 +65,9 @@ class RunPaths:
 
     def adapter_dir(self, round_: int) -> Path:
         return self.round_dir(round_) / "adapter"
+
+    def test_uncertainty(self, round_: int) -> Path:
+        return self.round_dir(round_) / "test_uncertainty.jsonl"
 
     def queries(self, label_round: int) -> Path:
         return self.root / "queries" / f"{label_round}.jsonl"

@@ -1,0 +1,162 @@
+"""Uncertainty of the test answers after a run's last round: the study's secondary endpoint.
+
+For a finished run, `write_test_uncertainty` loads the base model and the last round's adapter
+(``rounds/<last>/adapter``, which ``output.keep_adapters: last`` keeps), rebuilds the test split
+from the run's ``config.yaml`` exactly as the run did (`starlora.run.data`), and scores every
+test item with the adapted model, writing ``rounds/<last>/test_uncertainty.jsonl``:
+
+    {"id", "correct", "pe_gold_1", "pe_gold_mc", "me_gold_1", "me_gold_mc",
+     "pe_own_1", "pe_own_mc", "me_own_1", "me_own_mc"}
+
+* ``correct``: from that round's ``predictions.jsonl`` (the run's own evaluation);
+* ``gold``: PE/ME of the gold answer, teacher-forced (`score_examples`);
+* ``own``: PE/ME of the adapted model's own greedy answer (`score_own_answers`, up to
+  ``scoring.max_new_tokens`` or ``evaluation.max_new_tokens`` tokens); the answer is generated
+  once and scored both ways;
+* ``_1``: one deterministic pass (no dropout); ``_mc``: the mean over ``scoring.mc_passes``
+  MC-dropout passes (3 when the run's is 1), masks seeded by
+  ``phase_seed(seed, last round, "score")`` (the last round scores no pool, so that stream is
+  otherwise unused). With LoRA dropout 0 the MC passes repeat the single one.
+
+Scoring follows the run's settings: ``scoring.dtype``, ``scoring.model_dropout``, batch sizes,
+``training.max_length``. A measure that could not be computed is ``null``. The file is written
+atomically; one that exists is kept (the function says so and returns).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlora.errors import StarloraError
+from starlora.io import read_jsonl, write_jsonl
+from starlora.run.data import load_data, make_task
+from starlora.run.protocol import phase_seed
+from starlora.run.store import RunStore
+
+#: the columns of the file besides id and correct, in order
+COLUMNS = tuple(f"{m}_{a}_{p}" for a in ("gold", "own") for m in ("pe", "me")
+                for p in ("1", "mc"))
+#: MC passes when the run's ``scoring.mc_passes`` is 1
+DEFAULT_MC_PASSES = 3
+
+
+@dataclass
+class Outcome:
+    """What `write_test_uncertainty` did: `path` of the file, `written` False when it existed."""
+
+    path: Path
+    round: int
+    written: bool
+    n: int = 0
+
+
+def last_round(store: RunStore) -> int:
+    """The last round of a finished run (StarloraError when it is not finished)."""
+    state = store.state()
+    if not state.get("finished"):
+        raise StarloraError(f"{store.root}: the run is not finished (state: round "
+                            f"{state['round']}, phase {state['phase']}); finish it first")
+    return int(state["round"])
+
+
+def uncertainty_path(run_dir: str | Path) -> Path:
+    """``rounds/<last>/test_uncertainty.jsonl`` of a finished run."""
+    store = RunStore.open(run_dir)
+    return store.paths.test_uncertainty(last_round(store))
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
+                           models: dict[tuple, Any] | None = None) -> Outcome:
+    """Score a finished run's test items after its last round (see the module docstring).
+
+    `models` keeps loaded base models between calls (keyed by the model settings), so several
+    runs of one model load it once; the adapter is removed again before returning."""
+    store = RunStore.open(run_dir)
+    k = last_round(store)
+    path = store.paths.test_uncertainty(k)
+    if path.is_file():
+        return Outcome(path, k, written=False)
+    adapter = store.adapter_dir(k)
+    if not (adapter / "adapter_config.json").is_file():
+        raise StarloraError(f"{adapter}: the last round's adapter is gone (deleted, or the run "
+                            "kept none); its test uncertainty cannot be computed")
+    predictions = read_jsonl(store.paths.round_file(k, "predictions.jsonl"))
+    if not predictions:
+        raise StarloraError(f"{store.paths.round_file(k, 'predictions.jsonl')}: missing or "
+                            "empty; the round's evaluation is needed for `correct`")
+    cfg = store.config
+    task = make_task(cfg.task)
+    test = load_data(cfg.task, task).test
+    correct = {str(p["id"]): bool(p["correct"]) for p in predictions}
+    gold = {str(p["id"]): p.get("gold") for p in predictions}
+    if sorted(correct) != sorted(ex.id for ex in test) or any(
+            gold[ex.id] != task.gold(ex.answer) for ex in test):
+        raise StarloraError(f"{run_dir}: the test set rebuilt from config.yaml is not the one "
+                            f"round {k} was evaluated on (predictions.jsonl ids or gold "
+                            "answers differ)")
+
+    loaded = _base_model(cfg, models)
+    from starlora.scoring import score_examples, score_own_answers
+    from starlora.scoring.options import resolve_dtype
+    from starlora.training import load_adapter, remove_adapter
+
+    model = load_adapter(loaded.model, adapter)
+    try:
+        sc = cfg.scoring
+        mc = sc.mc_passes if sc.mc_passes > 1 else DEFAULT_MC_PASSES
+        options = dict(measures=("pe", "me"), model_dropout=sc.model_dropout,
+                       batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
+                       max_length=cfg.training.max_length,
+                       dtype=resolve_dtype(sc.dtype, next(model.parameters()).device),
+                       seed=phase_seed(cfg.seed, k, "score"), progress=progress)
+        tok = loaded.tokenizer
+        scores = {
+            "gold_1": score_examples(model, tok, task, test, mc_passes=1,
+                                     desc="scoring test (gold answers, 1 pass)", **options),
+            "gold_mc": score_examples(model, tok, task, test, mc_passes=mc,
+                                      desc=f"scoring test (gold answers, {mc} passes)",
+                                      **options),
+        }
+        scores["own_mc"], out = score_own_answers(
+            model, tok, task, test,
+            max_new_tokens=sc.max_new_tokens or cfg.evaluation.max_new_tokens,
+            generation_batch_size=cfg.evaluation.batch_size, mc_passes=mc,
+            generation_desc="generating test answers (adapter)",
+            desc=f"scoring test (own answers, {mc} passes)", **options)
+        scores["own_1"] = score_examples(model, tok, task, test, answer_ids=out.tokens,
+                                         mc_passes=1, desc="scoring test (own answers, 1 pass)",
+                                         **options)
+    finally:
+        loaded.model = remove_adapter(model)
+    rows = []
+    for i, ex in enumerate(test):
+        row: dict[str, Any] = {"id": ex.id, "correct": correct[ex.id]}
+        for column in COLUMNS:
+            measure, rest = column.split("_", 1)
+            row[column] = _number(getattr(scores[rest], measure)[i])
+        rows.append(row)
+    write_jsonl(path, rows)
+    return Outcome(path, k, written=True, n=len(rows))
+
+
+def _base_model(cfg: Any, models: dict[tuple, Any] | None) -> Any:
+    from starlora.models import load_model
+
+    m = cfg.model
+    key = (m.name, m.device, m.dtype, m.trust_remote_code)
+    if models is not None and key in models:
+        return models[key]
+    print(f"[starlora] loading {m.name}", file=sys.stderr, flush=True)
+    loaded = load_model(m.name, device=m.device, dtype=m.dtype,
+                        trust_remote_code=m.trust_remote_code)
+    if models is not None:
+        models[key] = loaded
+    return loaded
