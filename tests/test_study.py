@@ -14,11 +14,13 @@ import pytest
 from starlora.config import dump_config, flatten_config, load_config
 from starlora.report import build_report, load_runs
 from starlora.run.protocol import protocol_id
+from starlora.run.uncertainty import COLUMNS
 from starlora.study import label_arms
 from starlora.study_report import write_studies
 from starlora.study_stats import (
     aulc,
     aulc_weights,
+    auroc,
     bootstrap_diff_ci,
     holm,
     sign_flip_p,
@@ -105,6 +107,29 @@ def test_spearman_with_ties():
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
+def brute_auroc(scores: list[float], positive: list[bool]) -> float:
+    """Reference: every (positive, negative) pair, a tie counting 1/2."""
+    pos = [x for x, p in zip(scores, positive) if p]
+    neg = [x for x, p in zip(scores, positive) if not p]
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def test_auroc_on_known_examples_with_ties_and_an_empty_class():
+    assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    # pairs (pos, neg): (1, 1) tie 1/2, (1, 2) 0, (3, 1) 1, (3, 2) 1 -> 2.5 / 4
+    assert auroc([1, 1, 2, 3], [True, False, False, True]) == 0.625
+    assert auroc([5, 5, 5], [True, False, False]) == 0.5  # all tied: chance
+    assert np.isnan(auroc([1, 2, 3], [True, True, True]))  # no negative
+    assert np.isnan(auroc([1, 2], [False, False]))  # no positive
+    assert np.isnan(auroc([], []))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, size=40).tolist(), (rng.random(40) < 0.3).tolist()  # many ties
+    assert auroc(x, y) == pytest.approx(brute_auroc(x, y), abs=1e-12)
+    with pytest.raises(ValueError, match="finite"):
+        auroc([1.0, float("nan")], [True, False])
+
+
 # -- arms -------------------------------------------------------------------------------------
 
 STUDY_ARMS = {  # label -> (strategy, overrides)
@@ -154,7 +179,7 @@ TEST_IDS = [f"arith-test-{i:06d}" for i in range(10)]
 
 def write_study_run(root: Path, label: str, seed: int, correct_per_round: list[list[int]],
                     selected: list[list[str]] | None = None, scores: list[dict] | None = None,
-                    predictions: bool = True) -> Path:
+                    predictions: bool = True, uncertainty: list[dict] | None = None) -> Path:
     strategy, overrides = STUDY_ARMS[label]
     config = config_of(strategy, overrides, seed)
     run = root / f"{label.replace(' ', '_')}-{seed}"
@@ -179,6 +204,9 @@ def write_study_run(root: Path, label: str, seed: int, correct_per_round: list[l
                 json.dumps({"id": i, "rank": j, "utility": 1.0 - j}) + "\n"
                 for j, i in enumerate(selected[k])))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if uncertainty is not None:  # the last round's test_uncertainty.jsonl
+        (run / "rounds" / str(len(correct_per_round) - 1) / "test_uncertainty.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in uncertainty))
     return run
 
 
@@ -324,3 +352,74 @@ def test_a_variant_is_compared_with_its_usual_arm_outside_the_primary_family(stu
     assert versus["p"] == "0.031250"  # the ablation loses on all 6 seeds
     # the Holm family is unchanged by the variant: 2 comparisons
     assert paired[("pe-dynamic", "random", "aulc")]["p_holm"] == "0.062500"
+
+
+def uncertainty_rows(correct: list[int], seed: int, unscored: str | None = None) -> list[dict]:
+    """test_uncertainty.jsonl of a run whose last round got `correct`: pe_gold_1 separates
+    wrong from right perfectly, pe_gold_mc is reversed, the ME columns are constant, the own
+    columns are a seed-shifted pattern with ties; `unscored` is null everywhere."""
+    rows = []
+    for j, (i, c) in enumerate(zip(TEST_IDS, correct)):
+        row = {"id": i, "correct": bool(c)}
+        for col in COLUMNS:
+            measure, answers, _ = col.split("_")
+            if measure == "me":
+                row[col] = 1.0
+            elif answers == "own":
+                row[col] = float((3 * j + seed) % 7)
+            else:
+                row[col] = float(c) if col == "pe_gold_mc" else 1.0 - c + 0.01 * j
+        if unscored:
+            row[unscored] = None
+        rows.append(row)
+    return rows
+
+
+def test_auroc_section_from_the_runs_that_have_test_uncertainty(tmp_path):
+    """pe-dynamic: all 6 seeds have the file; random: seeds 0-3, seed 3 without own_1 values;
+    the gold arm: none (5 of 15 runs missing)."""
+    runs = []
+    for seed in range(6):
+        c_rand, c_dyn = curve(seed, 0), curve(seed, 1 + seed % 2)
+        runs.append(write_study_run(
+            tmp_path / "runs", "random", seed, c_rand,
+            uncertainty=uncertainty_rows(c_rand[-1], seed, "pe_own_1" if seed == 3 else None)
+            if seed < 4 else None))
+        runs.append(write_study_run(tmp_path / "runs", "pe-dynamic", seed, c_dyn,
+                                    uncertainty=uncertainty_rows(c_dyn[-1], seed)))
+        if seed < 3:
+            runs.append(write_study_run(tmp_path / "runs", "pe-dynamic [answers=gold]", seed,
+                                        curve(seed, 1)))
+    written = write_studies(load_runs(runs), tmp_path / "report")
+    md, rows = written["study.md"].read_text(), read_csv(written["study.csv"])
+    got = {(r["arm"], r["quantity"]): r for r in rows if r["section"] == "auroc"}
+    assert {a for a, _ in got} == {"random", "pe-dynamic"}  # no row for an arm without files
+    assert {q for _, q in got} == set(COLUMNS)
+    dyn = got[("pe-dynamic", "pe_gold_1")]
+    assert (dyn["n"], dyn["estimate"], dyn["std"], dyn["round"]) == ("6", "1.000000",
+                                                                      "0.000000", "2")
+    assert got[("pe-dynamic", "pe_gold_mc")]["estimate"] == "0.000000"
+    assert got[("random", "me_own_mc")]["estimate"] == "0.500000"  # constant: all ties
+    own = [brute_auroc([float((3 * j + s) % 7) for j in range(10)],
+                       [not c for c in curve(s, 1 + s % 2)[-1]]) for s in range(6)]
+    assert float(got[("pe-dynamic", "pe_own_mc")]["estimate"]) == pytest.approx(
+        np.mean(own), abs=1e-6)
+    assert float(got[("pe-dynamic", "pe_own_mc")]["std"]) == pytest.approx(
+        np.std(own, ddof=1), abs=1e-6)
+    assert got[("random", "pe_own_1")]["n"] == "3"  # seed 3 has no values there
+    assert got[("random", "pe_own_mc")]["n"] == "4"
+    assert got[("random", "pe_gold_1")]["note"] == "2 of 6 runs without the file"
+    assert got[("pe-dynamic", "pe_gold_1")]["note"] == ""
+    assert "## Uncertainty as a predictor of a wrong test answer (secondary)" in md
+    assert "| pe-dynamic | PE | 6 | 1.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in md
+    assert "(n=3)" in md
+    assert "Left out (no `rounds/2/test_uncertainty.jsonl`; " in md and ": 5 of 15 runs." in md
+    again = write_studies(load_runs(list(reversed(runs))), tmp_path / "again")
+    assert again["study.md"].read_bytes() == written["study.md"].read_bytes()
+    assert again["study.csv"].read_bytes() == written["study.csv"].read_bytes()
+
+
+def test_auroc_section_says_when_no_run_has_the_file(study_runs, tmp_path):
+    written = write_studies(load_runs(study_runs), tmp_path / "report")
+    assert "No run has `rounds/2/test_uncertainty.jsonl` yet" in written["study.md"].read_text()
+    assert not [r for r in read_csv(written["study.csv"]) if r["section"] == "auroc"]

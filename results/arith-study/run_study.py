@@ -9,6 +9,10 @@ directory (``runs/<arm>/seed<s>.log``). Runs are taken seed by seed, every arm o
 before the next seed, so that an interrupted study holds complete pairs. A finished run is
 skipped; an unfinished one resumes exactly where it stopped (starlora runs are resumable), so
 the study is continued by running this command again. Start one of these at a time.
+
+When a run finishes, the same worker slot then runs ``starlora uncertainty <run_dir>`` (the
+test items' PE/ME after the last round, for the study's AUROC table; same environment, one
+thread) before it takes the next run; finished runs that lack that file are queued first.
 """
 
 from __future__ import annotations
@@ -47,7 +51,19 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
-def command(arm: str, seed: int, run_dir: Path) -> list[str]:
+def has_uncertainty(run_dir: Path) -> bool:
+    """Whether a finished run has its last round's test_uncertainty.jsonl."""
+    try:
+        last = json.loads((run_dir / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return (run_dir / "rounds" / str(last) / "test_uncertainty.jsonl").is_file()
+
+
+def command(step: str, arm: str, seed: int, run_dir: Path) -> list[str]:
+    """The command of `step`: "run" the run, or score its "uncertainty" once it finished."""
+    if step == "uncertainty":
+        return [sys.executable, "-m", "starlora.cli", "uncertainty", str(run_dir)]
     sets = [f"seed={seed}", *ARMS[arm]]
     return [sys.executable, "-m", "starlora.cli", "run", str(CONFIG), "--run-dir", str(run_dir),
             *[a for s in sets for a in ("--set", s)]]
@@ -66,32 +82,42 @@ def main() -> int:
         ap.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     root = Path(args.runs_dir)
-    todo = [(arm, seed) for seed in seeds for arm in arms
-            if not finished(root / arm / f"seed{seed}")]
+    pairs = [(arm, seed) for seed in seeds for arm in arms]
+    todo = [("uncertainty", arm, seed) for arm, seed in pairs
+            if finished(root / arm / f"seed{seed}")
+            and not has_uncertainty(root / arm / f"seed{seed}")]
+    todo += [("run", arm, seed) for arm, seed in pairs if not finished(root / arm / f"seed{seed}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    running: list[tuple[str, str, int, subprocess.Popen, float]] = []
     failed = 0
-    print(f"{len(todo)} runs to do with {args.workers} workers", flush=True)
+
+    def start(step: str, arm: str, seed: int) -> None:
+        run_dir = root / arm / f"seed{seed}"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(run_dir.parent / f"seed{seed}.log", "a")  # noqa: SIM115
+        proc = subprocess.Popen(command(step, arm, seed, run_dir), stdout=log, stderr=log,
+                                env=env)
+        running.append((step, arm, seed, proc, time.time()))
+        print(f"started {step} {arm} seed {seed}", flush=True)
+
+    print(f"{len(todo)} steps to do ({sum(t[0] == 'run' for t in todo)} runs) with "
+          f"{args.workers} workers", flush=True)
     while todo or running:
         while todo and len(running) < args.workers:
-            arm, seed = todo.pop(0)
-            run_dir = root / arm / f"seed{seed}"
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir.parent / f"seed{seed}.log", "a")  # noqa: SIM115
-            proc = subprocess.Popen(command(arm, seed, run_dir), stdout=log, stderr=log, env=env)
-            running.append((arm, seed, proc, time.time()))
-            print(f"started {arm} seed {seed}", flush=True)
+            start(*todo.pop(0))
         time.sleep(5)
         for item in list(running):
-            arm, seed, proc, t0 = item
+            step, arm, seed, proc, t0 = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             minutes = (time.time() - t0) / 60
             status = "finished" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
             failed += proc.returncode != 0
-            print(f"{status}: {arm} seed {seed} in {minutes:.1f} min", flush=True)
+            print(f"{status}: {step} {arm} seed {seed} in {minutes:.1f} min", flush=True)
+            if step == "run" and proc.returncode == 0:  # the same slot, before the next run
+                start("uncertainty", arm, seed)
     return 1 if failed else 0
 
 

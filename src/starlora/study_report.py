@@ -140,8 +140,8 @@ def _auroc_markdown(s: Study) -> list[str]:
     if not have:
         lines += [f"No run has {where} yet (`starlora uncertainty RUN_DIR` writes it).", ""]
     elif missing:
-        lines += [f"Left out: {missing} of {total} runs have no {where} (`starlora "
-                  "uncertainty RUN_DIR` writes it).", ""]
+        lines += [f"Left out (no {where}; `starlora uncertainty RUN_DIR` writes it): "
+                  f"{missing} of {total} runs.", ""]
     else:
         lines += [f"All {total} runs have the file.", ""]
     return lines
