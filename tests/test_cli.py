@@ -11,7 +11,7 @@ from starlora.cli import main
 def test_help_and_version(capsys) -> None:
     proc = subprocess.run([sys.executable, "-m", "starlora", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for command in ("demo", "run", "status", "score", "report", "version"):
+    for command in ("demo", "run", "status", "score", "report", "uncertainty", "version"):
         assert command in proc.stdout
     assert main(["version"]) == 0
     assert capsys.readouterr().out.startswith("starlora ")
