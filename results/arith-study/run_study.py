@@ -1,6 +1,6 @@
 """Run (or resume) every run of the arith study (results/PROTOCOL.md), a few at a time.
 
-    python results/arith-study/run_study.py                 # all arms, seeds 0-5, 2 workers
+    python results/arith-study/run_study.py                 # all arms, seeds 0-9, 2 workers
     python results/arith-study/run_study.py --workers 1 --seeds 0,1 --arms random,pe-dynamic
 
 Each run is ``starlora run study.yaml --run-dir runs/<arm>/seed<s> --set seed=<s> <arm's
@@ -8,7 +8,9 @@ overrides>`` in its own process with one thread (OMP_NUM_THREADS=1), its log bes
 directory (``runs/<arm>/seed<s>.log``). Runs are taken seed by seed, every arm of a seed
 before the next seed, so that an interrupted study holds complete pairs. A finished run is
 skipped; an unfinished one resumes exactly where it stopped (starlora runs are resumable), so
-the study is continued by running this command again. Start one of these at a time.
+the study is continued by running this command again. Start one of these at a time. The
+runs use this checkout's ``src/`` (put first on PYTHONPATH), whatever starlora the interpreter
+has installed: run the command from the checkout of the protocol's commit.
 
 When a run finishes, the same worker slot then runs ``starlora uncertainty <run_dir>`` (the
 test items' PE/ME after the last round, for the study's AUROC table; same environment, one
@@ -41,7 +43,7 @@ ARMS: dict[str, list[str]] = {
                                   "training.b_decay_mode=none", "lora.dropout=0",
                                   "scoring.mc_passes=1"],
 }
-SEEDS = list(range(6))
+SEEDS = list(range(10))
 
 
 def finished(run_dir: Path) -> bool:
@@ -87,8 +89,10 @@ def main() -> int:
             if finished(root / arm / f"seed{seed}")
             and not has_uncertainty(root / arm / f"seed{seed}")]
     todo += [("run", arm, seed) for arm, seed in pairs if not finished(root / arm / f"seed{seed}")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    # the code of this checkout, whatever starlora the interpreter has installed
+    path = os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     running: list[tuple[str, str, int, subprocess.Popen, float]] = []
     failed = 0
 
