@@ -266,14 +266,21 @@ def gather(results: Sequence[T], share: Shard, *,
             dist.gather_object(pairs, parts, dst=0, group=_group())
             if not is_main():
                 return None
-    out: list[Any] = [None] * share.total
-    seen = 0
+    return merge(parts, share.total)
+
+
+def merge(parts: Sequence[Sequence[tuple[int, T]]], total: int) -> list[T]:
+    """Every process's ``(index, result)`` pairs (padding already left out) as one list of
+    `total` results in index order; every index must come exactly once."""
+    out: list[Any] = [None] * total
+    seen = [False] * total
     for part in parts:
         for i, value in part:
-            out[i] = value
-            seen += 1
-    if seen != share.total:
-        raise RuntimeError(f"gather: {seen} results for {share.total} items")
+            if seen[i]:
+                raise RuntimeError(f"gather: item {i} came twice")
+            out[i], seen[i] = value, True
+    if not all(seen):
+        raise RuntimeError(f"gather: {seen.count(False)} of {total} items came from no process")
     return out
 
 
