@@ -238,3 +238,30 @@ def test_a_killed_two_process_run_finishes_when_run_again(
     _launch_and_kill(cmd, run_dir, lambda s: s["round"] == 1, "worker")  # training round 1
     _run(cmd)
     assert _outputs(run_dir) == _outputs(tiny_runs[1])
+
+
+@pytest.mark.parametrize("name", ["multi-gpu.yaml", "deepspeed-zero3.yaml"])
+def test_accelerate_configs_load_and_name_their_launch_command(name: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs" / "accelerate" / name
+    config = load_config_from_file(str(path))
+    assert config.num_processes > 1 and config.compute_environment.value == "LOCAL_MACHINE"
+    assert f"accelerate launch --config_file configs/accelerate/{name} -m starlora run" in (
+        path.read_text())
+
+
+def test_zero_stage_3_is_refused_with_one_clear_line() -> None:
+    from types import SimpleNamespace
+
+    from starlora.errors import ConfigError
+    from starlora.training import _deepspeed_batch
+
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={})
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported yet"):
+        _deepspeed_batch(accelerator, 8)
+    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={})
+    _deepspeed_batch(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
+                                     num_processes=2), 8)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4

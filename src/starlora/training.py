@@ -192,8 +192,15 @@ def _share_weighted(accelerator: Any, loss: torch.Tensor,
 
 def _deepspeed_batch(accelerator: Any, batch_size: int) -> None:
     """Under DeepSpeed, which sizes its buffers from the loader accelerate is not given here,
-    name the micro-batch: this process's share of a batch."""
+    name the micro-batch: this process's share of a batch. ZeRO stage 3 is refused: it splits
+    the weights between processes, but the adapter is saved, and pool and test set are
+    scored and generated, from a whole model in each process."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO stage 3 is not supported yet: starlora saves the adapter and "
+            "scores, generates and evaluates with the whole model in every process; use "
+            "configs/accelerate/multi-gpu.yaml (data-parallel)")
     if plugin is not None and plugin.deepspeed_config.get(
             "train_micro_batch_size_per_gpu", "auto") == "auto":
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
