@@ -146,6 +146,42 @@ def test_score_gives_the_same_lines_with_one_and_two_processes(
     assert len(one.splitlines()) == 11 and one == two
 
 
+#: trains one adapter (9 examples, batches of 4: the last holds one; 2 epochs, gradient
+#: accumulation 2; no dropout, so both sides compute the same function) and saves what it got
+TRAIN = """
+import sys, torch
+from starlora import distributed as dist
+from starlora.config import LoraConfig, TrainingConfig
+from starlora.models import load_model
+from starlora.tasks import get_task
+from starlora.training import train_adapter
+loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+examples = get_task("arith").generate("train", 9, 0)
+training = TrainingConfig(lr=1e-3, epochs=2, batch_size=4, grad_accum=2, mixed_precision="no")
+result = train_adapter(loaded.model, loaded.tokenizer, get_task("arith"), examples, training,
+                       LoraConfig(r=4, alpha=8, dropout=0.0), seed=1, progress=False)
+if dist.is_main():
+    torch.save({"lora": {n: p for n, p in result.model.named_parameters() if "lora" in n},
+                "steps": result.steps, "lrs": result.lrs, "losses": result.losses,
+                "tokens": result.train_tokens}, sys.argv[1])
+"""
+
+
+def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
+    import torch
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    _run([sys.executable, str(script), str(tmp_path / "one.pt")])
+    _run([*TWO[:-2], str(script), str(tmp_path / "two.pt")])
+    one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
+    assert one["tokens"] == two["tokens"]  # stand-ins are not counted
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)  # the whole batch's mean
+    for name, p in one["lora"].items():  # the same updates, up to the order of float sums
+        torch.testing.assert_close(two["lora"][name], p, rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """configs/tiny.yaml run by one process and by two."""

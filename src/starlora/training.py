@@ -1,12 +1,15 @@
 """Constraint-LoRA training: one adapter per round on everything labelled so far.
 
 The loop runs on accelerate, so the same code serves the CPU, one GPU or several processes
-(``torchrun``, ``accelerate launch``). Several processes train data-parallel on exactly the
-batches one process would use: each takes its share of every batch (`ShareOfEachBatch`), its
-loss is weighted by its share of the batch's answer tokens, and the gradient all-reduce
-averages them, so each optimizer step follows the whole batch's mean loss, and there are as
-many steps as with one process. Each call attaches a fresh LoRA adapter to the base model (the STAR
-paper retrains from the base model every round) or, for a warm start, reloads a saved one.
+(``torchrun``, ``accelerate launch``). Each call attaches a fresh LoRA adapter to the base
+model (the STAR paper retrains from the base model every round) or, for a warm start, reloads
+a saved one.
+
+Several processes train data-parallel on exactly the batches one process would use: each
+takes its share of every batch (`ShareOfEachBatch`), its loss is weighted by its share of the
+batch's answer tokens, and the gradient all-reduce averages them, so each optimizer step
+follows the whole batch's mean loss, and there are as many steps as with one process. Only the
+LoRA dropout masks differ (each process draws its own).
 
 Constraint LoRA (STAR paper, section 3.3) keeps the adapter from growing over-confident:
 
@@ -57,8 +60,8 @@ class TrainResult:
     `model` is the PeftModel (base model + trained adapter) in eval mode; `steps` counts
     optimizer steps; `train_tokens` counts non-padding tokens (prompt + answer) fed forward,
     summed over processes; `losses` holds the answer-token cross-entropy of each optimizer step
-    (mean over its micro-batches, on this process, without the L2 penalty) and `lrs` the
-    learning rate each optimizer step used.
+    (mean over its micro-batches, of the whole batch under several processes, without the L2
+    penalty) and `lrs` the learning rate each optimizer step used.
     """
 
     model: Any
@@ -370,7 +373,8 @@ def train_adapter(
                 if accelerator.sync_gradients and not skipped:  # the steps taken
                     scheduler.step()
                 optimizer.zero_grad()
-            tokens += int(batch["attention_mask"].sum())
+            real = (batch["labels"] != IGNORE).any(dim=1)  # not a stand-in (ShareOfEachBatch)
+            tokens += int(batch["attention_mask"][real].sum())
             if accelerator.sync_gradients:
                 losses.append(sum(window) / len(window))
                 window = []
