@@ -26,13 +26,26 @@ passes) between bf16 and fp32, and the overlap of their top-25% PE sets.
 
     python benchmarks/scoring.py --model smollm2-135m-instruct --limit 24 --mc-passes 3
     python benchmarks/scoring.py --limit 24 --mc-passes 3 --dtype bfloat16 --rank-items 200
+
+``--processes 1,2`` measures scaling out instead: for each count P it launches ``torchrun
+--standalone --nproc-per-node P`` on this file (CPU, gloo, one thread per process), each
+process scores its share of the items (`starlora.distributed.map_shards`, as the CLI and the
+run loop do) with ``mc_passes=K``, and the main process times the whole call, gathering
+included, from a barrier to the gathered result (median over `--repeats`). It prints
+examples/s per P side by side, checks that every P gives the same scores, and ends with
+``processes_<P>_vs_<first>=<ratio>`` (examples/s ratio; the last line is the largest P).
+
+    python benchmarks/scoring.py --processes 1,2 --limit 48 --mc-passes 3
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from starlora import distributed as dist  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
 from starlora.models import attach_lora, load_model, tune_cpu_allocator  # noqa: E402
 from starlora.scoring import score_examples  # noqa: E402
@@ -143,6 +157,85 @@ def lm_eval_check(model, tokenizer, task, examples) -> str:
     )
 
 
+#: the arguments a worker of `--processes` passes on to the next
+WORKER_ARGS = ("model", "limit", "task", "data", "mc_passes", "measures", "lora_r",
+               "lora_dropout", "max_tokens_per_batch", "repeats")
+
+
+def processes_mode(args: argparse.Namespace) -> None:
+    """Launch one torchrun per process count (CPU, one thread each) on `worker_mode`; print
+    examples/s side by side and the speed-up of each count over the first."""
+    counts = [int(c) for c in args.processes.split(",") if c.strip()]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--processes: a comma-separated list of counts >= 1, got {args.processes!r}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    passed = []
+    for name in WORKER_ARGS:
+        value = getattr(args, name)
+        if value is not None:
+            passed += [f"--{name.replace('_', '-')}", str(value)]
+    results = {}
+    for count in counts:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(count), __file__, "--worker", *passed]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("worker_result ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{count} process(es): the workers failed (exit {proc.returncode})")
+        results[count] = json.loads(lines[-1].split(" ", 1)[1])
+    first = results[counts[0]]
+    print(f"model={args.model} task={args.task} items={first['items']} passes={first['passes']} "
+          f"threads/process=1 device=cpu backend=gloo repeats={args.repeats}")
+    rates = {}
+    for count in counts:
+        r = results[count]
+        seconds = float(np.median(r["seconds"]))
+        rates[count] = r["items"] * r["passes"] / seconds
+        diff = float(np.nanmax(np.abs(np.array(r["pe"]) - np.array(first["pe"]))))
+        print(f"processes={count}: {seconds:.2f}s (median of "
+              f"{', '.join(f'{t:.2f}' for t in r['seconds'])}) examples/s={rates[count]:.2f} "
+              f"(x{r['passes']} passes) max |PE - PE with {counts[0]}| = {diff:.3g}")
+    for count in counts[1:]:
+        print(f"processes_{count}_vs_{counts[0]}={rates[count] / rates[counts[0]]:.2f}")
+
+
+def worker_mode(args: argparse.Namespace) -> None:
+    """One process of `processes_mode`: its share of the items, timed from a barrier to the
+    gathered scores; the main process prints ``worker_result {json}``."""
+    torch.set_num_threads(1)
+    tune_cpu_allocator()
+    dist.setup(cpu=True)
+    torch.manual_seed(0)  # the same LoRA weights in every process
+    loaded = load_model(args.model, device="cpu")
+    model = attach_lora(loaded.model, r=args.lora_r, dropout=args.lora_dropout)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 1e-3)
+    tok, task = loaded.tokenizer, get_task(args.task)
+    examples = load_examples(args.data, task, limit=args.limit)
+    lengths = [len(p) + len(a) for p, a in (task.encode(tok, ex) for ex in examples)]
+    measures = tuple(m for m in args.measures.split(",") if m)
+
+    def score(share: list) -> list[float]:
+        out = score_examples(model, tok, task, share, measures=measures,
+                             mc_passes=args.mc_passes, seed=0, progress=False,
+                             max_tokens_per_batch=args.max_tokens_per_batch)
+        return [float(x) for x in out.pe]
+
+    score(examples[:1])  # warm-up
+    times, pe = [], None
+    for _ in range(args.repeats):
+        dist.barrier()
+        t = time.perf_counter()
+        pe = dist.map_shards(score, examples, lengths, to="all")
+        times.append(time.perf_counter() - t)
+    if dist.is_main():
+        print("worker_result " + json.dumps({
+            "processes": dist.world_size(), "items": len(examples), "passes": args.mc_passes,
+            "seconds": times, "pe": pe}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -165,7 +258,14 @@ def main() -> None:
                     help="with --dtype bfloat16: items compared with fp32 (default --limit)")
     ap.add_argument("--float64-check", type=int, default=3,
                     help="compare both sides with a float64 copy of the model on N items")
+    ap.add_argument("--processes", help="e.g. 1,2: scaling out over CPU processes instead "
+                    "(torchrun, one thread each; see the module doc)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.processes:
+        return processes_mode(args)
+    if args.worker:
+        return worker_mode(args)
     allocator = "default"
     if args.device == "cpu" and not args.default_allocator and tune_cpu_allocator():
         allocator = "tuned"  # as the CLI does; both sides run in this process

@@ -35,6 +35,7 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from starlora import distributed as dist
     from starlora.datafiles import load_examples
     from starlora.io import write_jsonl
     from starlora.models import load_model
@@ -45,8 +46,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     generated = args.answers == "generated"
     task = get_task(args.task, prompt_style=args.prompt_style)
     examples = load_examples(args.data, task, limit=args.limit, require_answer=not generated)
+    dist.setup(cpu=args.device == "cpu" or None)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model = loaded.model
+    model, tokenizer = loaded.model, loaded.tokenizer
     if args.adapter and not args.base:  # --base: the frozen model, without the adapter
         from starlora.training import load_adapter
 
@@ -54,20 +56,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
     passes = 1 if args.base else args.mc_passes
     # checked by ScoringOptions (an unknown measure is a ConfigError)
     kwargs = dict(measures=measures, batch_size=args.batch_size, mc_passes=passes,
-                  seed=args.seed)
-    if generated:
-        scores, out = score_own_answers(model, loaded.tokenizer, task, examples,
-                                        max_new_tokens=args.max_new_tokens,
-                                        samples=args.samples, **kwargs)
-        records = scores.to_records()
-        for i, rec in enumerate(records):
-            rec["answer"] = out.best_text(i)
-    elif args.base:
-        records = score_base(model, loaded.tokenizer, task, examples, **kwargs).to_records()
-    else:
-        records = score_examples(model, loaded.tokenizer, task, examples, **kwargs).to_records()
-    write_jsonl(args.out, records)
-    print(f"wrote {len(examples)} scores to {args.out}", file=sys.stderr)
+                  seed=args.seed, progress=dist.is_main())
+
+    def records(share: list) -> list[dict]:
+        """The output lines of `share` (this process's examples), in its order."""
+        if generated:
+            scores, out = score_own_answers(model, tokenizer, task, share,
+                                            max_new_tokens=args.max_new_tokens,
+                                            samples=args.samples, **kwargs)
+            rows = scores.to_records()
+            for i, rec in enumerate(rows):
+                rec["answer"] = out.best_text(i)
+            return rows
+        if args.base:
+            return score_base(model, tokenizer, task, share, **kwargs).to_records()
+        return score_examples(model, tokenizer, task, share, **kwargs).to_records()
+
+    def lengths() -> list[int]:  # what each example costs: its prompt (+ gold answer) tokens
+        if generated:
+            return [len(task.prompt_ids(tokenizer, ex)) for ex in examples]
+        return [sum(map(len, task.encode(tokenizer, ex))) for ex in examples]
+
+    rows = dist.map_shards(records, examples, lengths)  # every process scores its share
+    if dist.is_main():
+        write_jsonl(args.out, rows)
+        print(f"wrote {len(examples)} scores to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -78,6 +91,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
     store = run_experiment(config, run_dir)
+    from starlora import distributed as dist
+
+    if not dist.is_main():  # the main process reports
+        return 0
     pending = store.pending()
     if pending:  # a human oracle: the run waits for answers
         print(f"{len(pending)} queries wait for answers: starlora export {run_dir} --format csv "
@@ -250,18 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; under ``torchrun``/``accelerate launch`` every process runs it (see
+    `starlora.distributed`): the main process prints and writes, the others work on shares."""
     args = build_parser().parse_args(argv)
+    from starlora import distributed as dist
     from starlora.models import tune_cpu_allocator
 
+    dist.follow_launcher()
     tune_cpu_allocator()
+    # one process prints an error the main process raised; another process's own error is
+    # printed by it, with its rank
+    who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
     try:
         return args.func(args)
     except StarloraError as e:
-        print(f"starlora: error: {e}", file=sys.stderr)
+        if not dist.raised_on_main(e) or dist.is_main():
+            print(f"starlora: error{who}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("starlora: interrupted (a run resumes where it stopped: run the same command)",
-              file=sys.stderr)
+        if dist.is_main():
+            print("starlora: interrupted (a run resumes where it stopped: run the same "
+                  "command)", file=sys.stderr)
         return 130
 
 

@@ -25,7 +25,7 @@ Two modes:
   calibration. `EvalResult.ece` uses the answer's confidence.
 
 Batches are formed after sorting by length (less padding); results do not depend on the
-batch size beyond floating-point noise.
+batch size, or on how many processes share the work, beyond floating-point noise.
 """
 
 from __future__ import annotations
@@ -205,16 +205,26 @@ def evaluate(
     """Accuracy, ECE and per-example predictions of `model` on `examples` (see module doc).
 
     The model is put in eval mode. `max_length` (optional) cuts prompts from the left as in
-    training.
+    training. Under several processes (`starlora.distributed`) each predicts a length-balanced
+    share of `examples`; every process gets all predictions, in order, and computes the same
+    metrics from them.
     """
     if not examples:
         raise StarloraError("evaluation: no test examples")
+    from starlora import distributed as dist
+
     mode = resolve_mode(task, examples, evaluation.mode)
     model.eval()
-    if mode == "choice":
-        predictions = _choice(model, tokenizer, task, examples, evaluation, max_length, progress)
-    else:
-        predictions = _generate(model, tokenizer, task, examples, evaluation, max_length, progress)
+    predict = _choice if mode == "choice" else _generate
+
+    def lengths() -> list[int]:
+        return [len(task.prompt_ids(tokenizer, ex, max_length)) for ex in examples]
+
+    # under several processes each predicts its share; all get every prediction, in order
+    predictions = dist.map_shards(
+        lambda share: predict(model, tokenizer, task, share, evaluation, max_length,
+                              progress and dist.is_main()),
+        examples, lengths, to="all")
     correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
     confidence = np.array([p["confidence"] for p in predictions])
     ece, bins = expected_calibration_error(confidence, correct, evaluation.ece_bins)

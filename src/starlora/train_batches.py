@@ -102,3 +102,35 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
+
+
+class ShareOfEachBatch(Sampler[list[int]]):
+    """Process `rank`'s share of each batch of `batches`, for data-parallel training with the
+    batches one process would train on: every process builds the same batches (same seed)
+    and takes items ``rank, rank + world, ...`` of each (a batch holds examples of similar
+    length, so the shares cost about the same).
+
+    A batch with fewer than `world` examples leaves some processes without a share; each of
+    those gets ``[stand_in + batch[0]]``, the index of a copy of an example that has no answer
+    tokens (the dataset holds such copies after its examples), whose loss is zero: every
+    process then runs one forward and backward pass per batch, as the gradient all-reduce
+    needs. As many batches per epoch as `batches`, so the optimizer steps as often.
+    """
+
+    def __init__(self, batches: LengthGroupedBatches, rank: int, world: int, stand_in: int) -> None:
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} processes")
+        self.inner, self.rank, self.world, self.stand_in = batches, rank, world, stand_in
+        self.batch_size = batches.batch_size
+        self.drop_last = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.inner:
+            share = batch[self.rank :: self.world]
+            yield share if share else [self.stand_in + batch[0]]
+
+    def __len__(self) -> int:
+        return len(self.inner)

@@ -1,8 +1,15 @@
 """Constraint-LoRA training: one adapter per round on everything labelled so far.
 
 The loop runs on accelerate, so the same code serves the CPU, one GPU or several processes
-(``accelerate launch``). Each call attaches a fresh LoRA adapter to the base model (the STAR
-paper retrains from the base model every round) or, for a warm start, reloads a saved one.
+(``torchrun``, ``accelerate launch``). Each call attaches a fresh LoRA adapter to the base
+model (the STAR paper retrains from the base model every round) or, for a warm start, reloads
+a saved one.
+
+Several processes train data-parallel on exactly the batches one process would use: each
+takes its share of every batch (`ShareOfEachBatch`), its loss is weighted by its share of the
+batch's answer tokens, and the gradient all-reduce averages them, so each optimizer step
+follows the whole batch's mean loss, and there are as many steps as with one process. Only the
+LoRA dropout masks differ (each process draws its own).
 
 Constraint LoRA (STAR paper, section 3.3) keeps the adapter from growing over-confident:
 
@@ -43,7 +50,7 @@ from starlora.io import atomic_folder
 from starlora.models import attach_lora, cpu_has_native_bf16
 from starlora.scoring.batching import fit
 from starlora.tasks import Example, Task
-from starlora.train_batches import LengthGroupedBatches
+from starlora.train_batches import LengthGroupedBatches, ShareOfEachBatch
 
 
 @dataclass
@@ -53,8 +60,8 @@ class TrainResult:
     `model` is the PeftModel (base model + trained adapter) in eval mode; `steps` counts
     optimizer steps; `train_tokens` counts non-padding tokens (prompt + answer) fed forward,
     summed over processes; `losses` holds the answer-token cross-entropy of each optimizer step
-    (mean over its micro-batches, on this process, without the L2 penalty) and `lrs` the
-    learning rate each optimizer step used.
+    (mean over its micro-batches, of the whole batch under several processes, without the L2
+    penalty) and `lrs` the learning rate each optimizer step used.
     """
 
     model: Any
@@ -174,6 +181,35 @@ def _with_adapter(model: Any, lora: LoraConfig, init_adapter: str | Path | None)
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _share_weighted(accelerator: Any, loss: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This process's mean answer-token loss `loss` of its share (labels [B, T]) weighted
+    ``n_share / n_batch * world``, so that the all-reduce's average of the gradients is the
+    gradient of the whole batch's mean; and that mean (for the log). Two scalar all-reduces."""
+    n_share = (labels[:, 1:] != IGNORE).sum().to(torch.float64)
+    n_batch = accelerator.reduce(n_share.clone(), "sum")
+    total = accelerator.reduce((loss.detach().double() * n_share), "sum")
+    weight = float(n_share / n_batch) * accelerator.num_processes
+    return loss * weight, float(total / n_batch)
+
+
+def _deepspeed_batch(accelerator: Any, batch_size: int) -> None:
+    """Under DeepSpeed, which sizes its buffers from the loader accelerate is not given here,
+    name the micro-batch: this process's share of a batch. ZeRO stage 3 is refused: it splits
+    the weights between processes, but the adapter is saved, and pool and test set are
+    scored and generated, from a whole model in each process."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ConfigError(
+            "DeepSpeed ZeRO stage 3 is not supported yet: starlora saves the adapter and "
+            "scores, generates and evaluates with the whole model in every process; use "
+            "configs/accelerate/multi-gpu.yaml (data-parallel)")
+    if plugin is not None and plugin.deepspeed_config.get(
+            "train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
+            1, batch_size // accelerator.num_processes)
+
+
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     """``training.mixed_precision`` for a model on `device`: ``auto`` is ``"bf16"`` on CUDA
     GPUs that compute bf16 natively (Ampere and later, not emulated) and on CPUs with native
@@ -251,16 +287,19 @@ def train_adapter(
 
     set_seed(seed)  # before attaching: the Gaussian init of A draws from the global RNG
     peft_model = _with_adapter(model, lora, init_adapter)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if rank > 0:  # the same init everywhere, but each process its own dropout masks
+        torch.manual_seed(seed + 1_000_003 * rank)
     data = [encode_example(task, tokenizer, ex, training.max_length) for ex in examples]
-    loader = DataLoader(
-        data,
-        batch_sampler=LengthGroupedBatches([len(p) + len(a) for p, a in data],
-                                           training.batch_size, seed),
-        collate_fn=lambda pairs: collate(pairs, tokenizer.pad_token_id),
-    )
+    batches = LengthGroupedBatches([len(p) + len(a) for p, a in data], training.batch_size, seed)
+    if world > 1:  # a share of every batch, and stand-ins without answer tokens (see the class)
+        batches = ShareOfEachBatch(batches, rank, world, stand_in=len(data))
+        data = data + [(p + a, []) for p, a in data]
+    loader = DataLoader(data, batch_sampler=batches,
+                        collate_fn=lambda pairs: collate(pairs, tokenizer.pad_token_id))
     optimizer = build_optimizer(peft_model, training)
 
-    steps_per_epoch = math.ceil(math.ceil(len(data) / training.batch_size) / training.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / training.batch_size) / training.grad_accum)
     total_steps = max(1, math.ceil(steps_per_epoch * training.epochs))
     warmup = math.ceil(training.warmup_ratio * total_steps)
     name = "constant_with_warmup" if training.scheduler == "constant" and warmup else training.scheduler
@@ -268,9 +307,13 @@ def train_adapter(
         name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     step_model = AnswerLoss(peft_model, chunk_rows=default_chunk_rows(peft_model, device))
-    wrapped, optimizer, loader, scheduler = accelerator.prepare(
-        step_model, optimizer, loader, scheduler
-    )
+    _deepspeed_batch(accelerator, training.batch_size)
+    wrapped, optimizer = accelerator.prepare(step_model, optimizer)
+    # not accelerator.prepare: it would deal whole batches out to the processes, and its
+    # scheduler would step once per process; the loader is already this process's share
+    from accelerate.data_loader import prepare_data_loader
+
+    loader = prepare_data_loader(loader, num_processes=1, process_index=0, put_on_device=False)
     device = next(peft_model.parameters()).device  # where accelerate placed it
     own_amp = accelerator.mixed_precision == "no" and precision != "no"
     scaler = torch.amp.GradScaler(device.type) if own_amp and precision == "fp16" else None
@@ -280,7 +323,7 @@ def train_adapter(
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
 
-    # a process sees 1/num_processes of the batches; the prepared scheduler steps accordingly
+    # every process sees every batch (its share of it): as many steps as one process
     local_steps = max(1, math.ceil(math.ceil(len(loader) / training.grad_accum) * training.epochs))
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
 
@@ -304,7 +347,11 @@ def train_adapter(
             with accelerator.accumulate(wrapped):
                 with autocast():
                     loss = wrapped(**batch)
-                window.append(loss.item())
+                if world > 1:  # weight: this share's answer tokens / the batch's, x world
+                    loss, mean = _share_weighted(accelerator, loss, batch["labels"])
+                    window.append(mean)
+                else:
+                    window.append(loss.item())
                 if training.b_decay_mode == "l2" and training.b_decay > 0:
                     loss = loss + b_penalty(wrapped, training.b_decay)
                 accelerator.backward(loss if scaler is None else scaler.scale(loss))
@@ -317,15 +364,17 @@ def train_adapter(
                 skipped = False
                 if scaler is None:
                     optimizer.step()  # accelerate makes it a no-op until gradients sync
+                    skipped = getattr(optimizer, "step_was_skipped", False)  # its fp16 scaler
                 elif accelerator.sync_gradients:
                     scale = scaler.get_scale()
                     scaler.step(optimizer)  # skipped when the gradients are not finite,
                     scaler.update()  # and then the scale shrinks
                     skipped = scaler.get_scale() < scale
-                if not skipped:  # as the optimizer: the schedule counts the steps taken
+                if accelerator.sync_gradients and not skipped:  # the steps taken
                     scheduler.step()
                 optimizer.zero_grad()
-            tokens += int(batch["attention_mask"].sum())
+            real = (batch["labels"] != IGNORE).any(dim=1)  # not a stand-in (ShareOfEachBatch)
+            tokens += int(batch["attention_mask"][real].sum())
             if accelerator.sync_gradients:
                 losses.append(sum(window) / len(window))
                 window = []

@@ -12,6 +12,12 @@ Data walks one way: pool -> scores -> selection -> labels -> adapter -> metrics.
 one function below; it writes its outputs through `RunStore` before the phase is marked done,
 and draws only from its own random stream (`starlora.protocol`), so a run killed at any point
 and restarted ends exactly as an uninterrupted one.
+
+Under several processes (``torchrun``/``accelerate launch``, `starlora.distributed`) every
+process runs this loop: training is data-parallel, evaluation and scoring take a share each,
+and only the main process writes the run directory, selects and labels (`COLLECTIVE` tells
+the phases apart). Whether a phase is done is read by the main process and broadcast, so
+every process takes the same path; an error or a pause on the main process stops them all.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from starlora import distributed as dist
 from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, flatten_config
 from starlora.run import oracle
@@ -37,7 +44,8 @@ from starlora.tasks import Example, Task
 
 
 def _say(message: str) -> None:
-    print(f"[starlora] {message}", file=sys.stderr, flush=True)
+    if dist.is_main():
+        print(f"[starlora] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -96,10 +104,11 @@ def _train(run: Run, k: int) -> None:
                            cfg.lora, seed=phase_seed(cfg.seed, k, "train"), init_adapter=warm,
                            progress=run.progress)
     run.model = result.model
-    save_adapter(run.model, run.store.adapter_dir(k))
-    run.store.write_round(k, "train.json", {
-        "n_examples": len(train_set), "steps": result.steps, "seconds": result.seconds,
-        "train_tokens": result.train_tokens, "final_loss": result.final_loss})
+    if dist.is_main():  # every process holds the same adapter; one writes it
+        save_adapter(run.model, run.store.adapter_dir(k))
+        run.store.write_round(k, "train.json", {
+            "n_examples": len(train_set), "steps": result.steps, "seconds": result.seconds,
+            "train_tokens": result.train_tokens, "final_loss": result.final_loss})
 
 
 def _query_lambda(run: Run, k: int) -> float | None:
@@ -118,6 +127,8 @@ def _evaluate(run: Run, k: int) -> None:
     t0 = time.perf_counter()
     ev = evaluate(run.adapted(k), run.tokenizer, run.task, test, cfg.evaluation,
                   progress=run.progress)
+    if not dist.is_main():  # every process has the metrics; one writes them
+        return
     seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
     run.store.write_round(k, "predictions.jsonl", ev.predictions)
     run.store.write_round(k, "metrics.json", {"accuracy": ev.accuracy, "ece": ev.ece,
@@ -153,7 +164,8 @@ def _score(run: Run, k: int) -> None:
         run.say(k, f"scoring {len(candidates)} unlabelled examples")
     rows = score_rows(run, candidates, seed=phase_seed(run.config.seed, k, "score"),
                       model=run.adapted(k) if run.strategy.needs else None)
-    run.store.write_round(k, "scores.jsonl", rows)
+    if dist.is_main():  # the rows of every process's share, gathered
+        run.store.write_round(k, "scores.jsonl", rows)
 
 
 def _select(run: Run, k: int) -> None:
@@ -176,6 +188,8 @@ def _label(run: Run, k: int) -> None:
 PHASE_FUNCTIONS: dict[str, Callable[[Run, int], None]] = {
     "train": _train, "evaluate": _evaluate, "score": _score, "select": _select, "label": _label,
 }
+#: phases every process runs (each its part); the others run on the main process alone
+COLLECTIVE = frozenset({"train", "evaluate", "score"})
 
 
 def _start_tracker(config: ExperimentConfig, store: RunStore) -> Any:
@@ -206,9 +220,15 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
 
-    store = RunStore.create_or_resume(run_dir, config)
-    store.check_pool(len(data.pool), pool_hash, str(config.task.train or f"task {task.name}"))
-    state = store.state()
+    dist.setup(cpu=config.model.device == "cpu" or None)
+
+    def open_store() -> dict:
+        store = RunStore.create_or_resume(run_dir, config)
+        store.check_pool(len(data.pool), pool_hash, str(config.task.train or f"task {task.name}"))
+        return store.state()
+
+    state = dist.on_main(open_store)  # only the main process writes the run directory
+    store = RunStore(run_dir, config)
     if state.get("finished") and state["round"] >= n_rounds - 1:
         _say(f"{run_dir}: already finished ({n_rounds} rounds)")
         return store
@@ -220,10 +240,10 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
          + (f", resuming at round {state['round']}" if state["phase"] else ""))
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
                         trust_remote_code=config.model.trust_remote_code)
-    run = Run(config, store, task, strategy, data, n_rounds, progress, loaded.model,
-              loaded.tokenizer, loaded.fingerprint,
+    run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
+              loaded.model, loaded.tokenizer, loaded.fingerprint,
               by_id={ex.id: ex for ex in [*data.pool, *data.labelled]})
-    if config.output.report_to:
+    if config.output.report_to and dist.is_main():
         run.tracker = _start_tracker(config, store)
     try:
         _rounds(run)
@@ -242,20 +262,24 @@ def _rounds(run: Run) -> None:
     from starlora.training import remove_adapter
 
     store, config, n_rounds = run.store, run.config, run.n_rounds
-    if not store.labelled() or store.open_query() == 0:
-        oracle.initial_labels(run)
-    for k in range(store.state()["round"], n_rounds):
+    # the main process reads what it wrote and says; every process follows (`dist.agree`)
+    if dist.agree(lambda: not store.labelled() or store.open_query() == 0):
+        dist.on_main(lambda: oracle.initial_labels(run))
+    for k in range(dist.agree(lambda: store.state()["round"]), n_rounds):
         last = k == n_rounds - 1
         for phase in PHASES:
             if last and PHASES.index(phase) > PHASES.index("evaluate"):
                 break  # the last round trains and evaluates; there is nothing left to query
-            if not store.done(k, phase):
-                PHASE_FUNCTIONS[phase](run, k)
-                if phase == "label":
-                    store.set_state(k + 1, None)
+            if dist.agree(lambda: not store.done(k, phase)):  # noqa: B023 - called at once
+                if phase in COLLECTIVE:
+                    PHASE_FUNCTIONS[phase](run, k)
                 else:
+                    dist.on_main(lambda: PHASE_FUNCTIONS[phase](run, k))  # noqa: B023
+                if dist.is_main() and phase == "label":
+                    store.set_state(k + 1, None)
+                elif dist.is_main():
                     store.set_state(k, phase, finished=last and phase == "evaluate")
-            if phase == "train" and config.output.keep_adapters == "last":
+            if phase == "train" and config.output.keep_adapters == "last" and dist.is_main():
                 store.prune_adapters(k)
         if run.model is not None:
             run.base_model, run.model = remove_adapter(run.model), None

@@ -24,12 +24,15 @@ class Paused(Exception):  # noqa: N818 - a state the run stops in, not an error
     """The run waits for people to answer `pending` queries of label round `label_round`."""
 
     def __init__(self, run_dir: Path, pending: int, label_round: int):
-        self.pending, self.label_round = pending, label_round
+        self.run_dir, self.pending, self.label_round = run_dir, pending, label_round
         super().__init__(
             f"{pending} queries wait for answers: starlora export {run_dir} --format csv "
             f"--out queries.csv, then starlora import {run_dir} queries.csv "
             f"(or starlora annotate {run_dir}), then run this command again"
         )
+
+    def __reduce__(self) -> tuple:  # picklable: the main process hands it to the others
+        return Paused, (self.run_dir, self.pending, self.label_round)
 
 
 class SimulatedOracle:

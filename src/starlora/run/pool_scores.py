@@ -25,18 +25,37 @@ if TYPE_CHECKING:
 MEASURES = ("pe", "me")
 
 
-def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict]:
+def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict] | None:
     """Rows for `candidates` (see the module docstring); `model` is the adapted model (None
-    when the strategy needs no scores), `seed` the round's "score" stream seed."""
-    rows: list[dict[str, Any]] = [{"id": ex.id} for ex in candidates]
+    when the strategy needs no scores), `seed` the round's "score" stream seed.
+
+    Under several processes (`starlora.distributed`) each process generates and scores a
+    length-balanced share of the candidates (the base cache takes every process's appends
+    under its file lock); the rows come back in the order of `candidates` on the main
+    process, and the others get None."""
+    from starlora import distributed as dist
+
     needs = set(run.strategy.needs)
     full = tuple(m for m in MEASURES if m in needs)
     base = tuple(m for m in MEASURES if f"{m}_base" in needs)
-    if full:
-        _adapter_columns(run, model, candidates, full, seed, rows)
-    if base:
-        _base_columns(run, model, candidates, base, rows)
-    return rows
+
+    def share_rows(share: list[Example]) -> list[dict]:
+        rows: list[dict[str, Any]] = [{"id": ex.id} for ex in share]
+        if full:
+            _adapter_columns(run, model, share, full, seed, rows)
+        if base:
+            _base_columns(run, model, share, base, rows)
+        return rows
+
+    if not (full or base):  # nothing to compute: the ids alone
+        return share_rows(candidates) if dist.is_main() else None
+
+    def lengths() -> list[int]:  # what each candidate costs: prompt (+ gold answer) tokens
+        if run.config.scoring.answers == "generated":
+            return [len(run.prompt_ids(ex)) for ex in candidates]
+        return [sum(map(len, run.task.encode(run.tokenizer, ex))) for ex in candidates]
+
+    return dist.map_shards(share_rows, candidates, lengths)
 
 
 def _kwargs(run: Run) -> dict[str, Any]:

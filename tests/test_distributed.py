@@ -1,0 +1,303 @@
+"""Many processes: shares and gathering (in-process), then the real thing, 2 processes on gloo.
+
+The multi-process tests launch ``torchrun --standalone --nproc-per-node 2 -m starlora ...``
+(``python -m torch.distributed.run``) on the CPU with one thread per process and compare with
+``python -m starlora ...`` in one process (also one thread: the thread count may change the
+last bits of a float sum).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from starlora import distributed as dist
+from starlora.io import read_jsonl
+from starlora.train_batches import LengthGroupedBatches, ShareOfEachBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                    os.environ.get("PYTHONPATH")])))
+ONE = [sys.executable, "-m", "starlora"]
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+       "-m", "starlora"]
+#: 2-process run vs 1 process (configs/tiny.yaml): the processes draw other LoRA dropout masks
+#: in training (each for its share of a batch), so the adapters differ a little; with
+#: lora.dropout 0 they agree to ~1e-5 (float sums in another order). Final training loss:
+#: relative 2e-3 (measured 1.7e-4 and 3.1e-4); accuracy: one test example of 12; ECE: 0.05.
+LOSS_RTOL, ACCURACY_ATOL, ECE_ATOL = 2e-3, 1 / 12, 0.05
+
+
+# -- shares and gathering, in one process ------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 11, 12])
+def test_shares_cover_every_item_once_and_are_padded_to_one_size(world: int, n: int) -> None:
+    lengths = [(7 * i) % 13 + 1 for i in range(n)]
+    shares = [dist.plan(lengths, world, r) for r in range(world)]
+    real = sorted(i for s in shares for i in s.real)
+    assert real == list(range(n))
+    size = math.ceil(n / world)
+    for s in shares:
+        assert len(s.indices) == size and s.total == n
+        # padding: copies of its own items (an empty share copies item 0)
+        assert all(i in (s.real or [0]) for i in s.indices[s.n_real:])
+    if n >= world:  # snake order: totals differ by less than the longest item
+        totals = [sum(lengths[i] for i in s.real) for s in shares]
+        assert max(totals) - min(totals) <= max(lengths)
+    # gathering drops the padding and restores the order
+    parts = [[(i, f"r{i}") for i in s.real] for s in shares]
+    assert dist.merge(parts, n) == [f"r{i}" for i in range(n)]
+
+
+def test_merge_refuses_a_missing_or_doubled_item() -> None:
+    with pytest.raises(RuntimeError, match="came twice"):
+        dist.merge([[(0, "a")], [(0, "a"), (1, "b")]], 2)
+    with pytest.raises(RuntimeError, match="1 of 2 items"):
+        dist.merge([[(1, "b")]], 2)
+
+
+def test_one_process_is_a_plain_call() -> None:
+    assert dist.world_size() == 1 and dist.is_main() and dist.rank() == 0
+    calls = []
+
+    def fn(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        return [s.upper() for s in items]
+
+    def lengths() -> list[int]:
+        raise AssertionError("one process needs no lengths")
+
+    assert dist.map_shards(fn, ["b", "a", "c"], lengths) == ["B", "A", "C"]
+    assert calls == [["b", "a", "c"]]
+    assert dist.agree(lambda: 3) == 3 and dist.on_main(lambda: "x") == "x"
+    with pytest.raises(ValueError, match="boom"):
+        dist.on_main(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    dist.barrier()
+    dist.setup()  # nothing to join
+
+
+def test_each_process_takes_a_share_of_every_batch() -> None:
+    lengths = [3, 9, 4, 4, 8, 1, 6, 2, 5]  # 9 examples, batches of 4: the last holds one
+    batches = LengthGroupedBatches(lengths, 4, seed=0)
+    whole = batches.batches(0)
+    shares = [list(ShareOfEachBatch(LengthGroupedBatches(lengths, 4, seed=0), r, 2, 100))
+              for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == len(whole) == 3
+    for b, batch in enumerate(whole):
+        got = [i for r in range(2) for i in shares[r][b] if i < 100]
+        assert sorted(got) == sorted(batch)
+    (b,) = [b for b, batch in enumerate(whole) if len(batch) == 1]
+    # one example: one process takes it, the other a stand-in for it (no answer tokens)
+    assert sorted([shares[0][b], shares[1][b]]) == [whole[b], [100 + whole[b][0]]]
+
+
+# -- 2 processes on gloo -----------------------------------------------------------------------
+def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """11 arith problems (an odd count: one process gets a padding item) and a LoRA adapter
+    of tiny-llama with non-zero B, so that MC dropout changes the scores."""
+    import torch
+
+    from starlora.models import attach_lora, load_model
+    from starlora.tasks import get_task
+
+    folder = tmp_path_factory.mktemp("scoring")
+    data = folder / "data.jsonl"
+    examples = get_task("arith").generate("train", 11, 0)
+    data.write_text("".join(json.dumps({"id": ex.id, "question": ex.question,
+                                        "answer": ex.answer}) + "\n" for ex in examples))
+    model = attach_lora(load_model("tiny-llama", device="cpu", dtype="float32", seed=0).model,
+                        r=4, dropout=0.1)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    model.save_pretrained(folder / "adapter")
+    return data, folder / "adapter"
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_score_gives_the_same_lines_with_one_and_two_processes(
+    scoring_inputs: tuple[Path, Path], tmp_path: Path, passes: int
+) -> None:
+    data, adapter = scoring_inputs
+    args = ["score", "--model", "tiny-llama", "--adapter", str(adapter), "--task", "arith",
+            "--data", str(data), "--max-new-tokens", "8", "--samples", "2",
+            "--mc-passes", str(passes), "--device", "cpu"]
+    _run([*ONE, *args, "--out", str(tmp_path / "one.jsonl")])
+    _run([*TWO, *args, "--out", str(tmp_path / "two.jsonl")])
+    one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
+    assert len(one.splitlines()) == 11 and one == two
+
+
+#: trains one adapter (9 examples, batches of 4: the last holds one; 2 epochs, gradient
+#: accumulation 2; no dropout, so both sides compute the same function) and saves what it got
+TRAIN = """
+import sys, torch
+from starlora import distributed as dist
+from starlora.config import LoraConfig, TrainingConfig
+from starlora.models import load_model
+from starlora.tasks import get_task
+from starlora.training import train_adapter
+loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+examples = get_task("arith").generate("train", 9, 0)
+training = TrainingConfig(lr=1e-3, epochs=2, batch_size=4, grad_accum=2, mixed_precision="no")
+result = train_adapter(loaded.model, loaded.tokenizer, get_task("arith"), examples, training,
+                       LoraConfig(r=4, alpha=8, dropout=0.0), seed=1, progress=False)
+if dist.is_main():
+    torch.save({"lora": {n: p for n, p in result.model.named_parameters() if "lora" in n},
+                "steps": result.steps, "lrs": result.lrs, "losses": result.losses,
+                "tokens": result.train_tokens}, sys.argv[1])
+"""
+
+
+def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
+    import torch
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    _run([sys.executable, str(script), str(tmp_path / "one.pt")])
+    _run([*TWO[:-2], str(script), str(tmp_path / "two.pt")])
+    one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
+    assert one["tokens"] == two["tokens"]  # stand-ins are not counted
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)  # the whole batch's mean
+    for name, p in one["lora"].items():  # the same updates, up to the order of float sums
+        torch.testing.assert_close(two["lora"][name], p, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """configs/tiny.yaml run by one process and by two."""
+    folder = tmp_path_factory.mktemp("runs")
+    _run([*ONE, "run", str(TINY), "--run-dir", str(folder / "one")])
+    proc = _run([*TWO, "run", str(TINY), "--run-dir", str(folder / "two")])
+    assert proc.stdout.count("run finished") == 1  # the main process reports, alone
+    return folder / "one", folder / "two"
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+
+
+@pytest.mark.slow
+def test_a_two_process_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path]) -> None:
+    one, two = tiny_runs
+    assert _files(one) == _files(two)  # the same files, and no temporary ones left over
+    assert read_jsonl(one / "rounds/0/selected.jsonl") and [
+        r["id"] for r in read_jsonl(one / "rounds/0/selected.jsonl")] == [
+        r["id"] for r in read_jsonl(two / "rounds/0/selected.jsonl")]
+    assert read_jsonl(one / "labelled.jsonl") == read_jsonl(two / "labelled.jsonl")
+    for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"),
+                    strict=True):
+        assert (a["round"], a["n_labelled"]) == (b["round"], b["n_labelled"])
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=ACCURACY_ATOL)
+        assert a["ece"] == pytest.approx(b["ece"], abs=ECE_ATOL)
+    for k in (0, 1):
+        a, b = (json.loads((d / f"rounds/{k}/train.json").read_text()) for d in (one, two))
+        assert a["steps"] == b["steps"] and a["n_examples"] == b["n_examples"]
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=LOSS_RTOL)
+    scores = read_jsonl(two / "rounds/0/scores.jsonl")  # gathered in the pool's order
+    assert [r["id"] for r in scores] == [r["id"] for r in read_jsonl(one / "rounds/0/scores.jsonl")]
+
+
+def _outputs(run_dir: Path) -> dict:
+    """What a resumed run must reproduce exactly (times left out)."""
+    out = {name: read_jsonl(run_dir / name) for name in ("labelled.jsonl",)}
+    out["metrics"] = [{k: r[k] for k in ("round", "n_labelled", "accuracy", "ece")}
+                      for r in read_jsonl(run_dir / "metrics.jsonl")]
+    for k in (0, 1):
+        for name in ("scores.jsonl", "selected.jsonl", "predictions.jsonl"):
+            path = run_dir / "rounds" / str(k) / name
+            out[f"{k}/{name}"] = read_jsonl(path) if path.is_file() else None
+        out[f"{k}/loss"] = json.loads((run_dir / f"rounds/{k}/train.json").read_text())["final_loss"]
+    return out
+
+
+def _launch_and_kill(cmd: list[str], run_dir: Path, point, victim: str) -> None:
+    """Start `cmd`, wait until state.json satisfies `point`, then SIGKILL the launcher or
+    one of its workers (`victim`: "launcher" or "worker")."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, "the run ended before the kill point"
+            try:
+                if point(json.loads((run_dir / "state.json").read_text())):
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError("kill point not reached")
+        if victim == "worker":
+            workers = psutil.Process(proc.pid).children()
+            assert len(workers) == 2
+            workers[-1].send_signal(signal.SIGKILL)
+            proc.wait(timeout=120)  # the launcher stops the other worker and exits
+            assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            # the workers follow their launcher (`starlora.distributed.follow_launcher`)
+            gone, alive = psutil.wait_procs(children, timeout=30)
+            assert not alive, f"workers outlived their launcher: {alive}"
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_finishes_when_run_again(
+    tiny_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [*TWO, "run", str(TINY), "--run-dir", str(run_dir)]
+    _launch_and_kill(cmd, run_dir, lambda s: s["phase"] == "train", "launcher")  # evaluating
+    _launch_and_kill(cmd, run_dir, lambda s: s["round"] == 1, "worker")  # training round 1
+    _run(cmd)
+    assert _outputs(run_dir) == _outputs(tiny_runs[1])
+
+
+@pytest.mark.parametrize("name", ["multi-gpu.yaml", "deepspeed-zero3.yaml"])
+def test_accelerate_configs_load_and_name_their_launch_command(name: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs" / "accelerate" / name
+    config = load_config_from_file(str(path))
+    assert config.num_processes > 1 and config.compute_environment.value == "LOCAL_MACHINE"
+    assert f"accelerate launch --config_file configs/accelerate/{name} -m starlora run" in (
+        path.read_text())
+
+
+def test_zero_stage_3_is_refused_with_one_clear_line() -> None:
+    from types import SimpleNamespace
+
+    from starlora.errors import ConfigError
+    from starlora.training import _deepspeed_batch
+
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={})
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported yet"):
+        _deepspeed_batch(accelerator, 8)
+    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={})
+    _deepspeed_batch(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
+                                     num_processes=2), 8)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
