@@ -16,9 +16,18 @@ they arrive:
     score     "round R: accuracy"          -> "round R+1/..: training on" (adapter reload,
               base and adapter scoring with their generations, selection, labelling)
 
-The process is stopped once round R+1 starts. The sides run one after the other
-(``--repeats`` alternations; medians). Last line: ``after_vs_before=<round time ratio>`` and
-the ratio of each phase.
+The process is stopped once round R+1 starts. Three sides run one after the other
+(``--repeats`` alternations; medians):
+
+    before              the earlier commit, which scored the pool on gold answers
+    after               this checkout with ``scoring.answers=gold``: the same work
+    after (generated)   this checkout's default, ``scoring.answers=generated``: the adapter and
+                        the base model each generate an answer per scored item first (the
+                        label-free mode the earlier commit did not have), so its score phase
+                        does more work
+
+Last line: ``after_vs_before=<round time ratio>`` for the like-for-like pair and the ratio of
+each phase, then ``generated_vs_before=<ratio>``.
 """
 
 from __future__ import annotations
@@ -50,14 +59,17 @@ def export(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def one_round(src: Path, work: Path, round_: int, strategy: str) -> dict[str, float]:
-    """Seconds of each phase of round `round_` of the demo run from `src`."""
+def one_round(src: Path, work: Path, round_: int, strategy: str,
+              extra: list[str]) -> dict[str, float]:
+    """Seconds of each phase of round `round_` of the demo run from `src` (`extra`: more
+    ``--set`` overrides)."""
     env = {**os.environ, "PYTHONPATH": str(src), "STARLORA_CACHE": str(work / "cache"),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     config = src / "starlora" / "demo.yaml"
     cmd = [sys.executable, "-m", "starlora.cli", "run", str(config), "--run-dir",
            str(work / "run"), "--set", f"active_learning.rounds={round_ + 2}",
-           "--set", f"active_learning.strategy={strategy}"]
+           "--set", f"active_learning.strategy={strategy}",
+           *[a for item in extra for a in ("--set", item)]]
     marks = {
         "train": re.compile(rf"round {round_}/\d+: training on"),
         "evaluate": re.compile(rf"round {round_}/\d+: evaluating on"),
@@ -97,26 +109,30 @@ def main() -> int:
     threads = os.environ.get("OMP_NUM_THREADS", "all")
     print(f"demo round {args.round}, strategy {args.strategy}, before={args.before}, "
           f"after=this checkout, threads={threads}, cpus={os.cpu_count()}")
-    times: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    sides = {"before": [], "after": ["scoring.answers=gold"],
+             "after (generated)": ["scoring.answers=generated"]}
+    times: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="starlora-round-") as tmp:
-        sources = {"before": export(args.before, Path(tmp) / "before-src"),
-                   "after": REPO / "src"}
+        before = export(args.before, Path(tmp) / "before-src")
         for r in range(args.repeats):
-            for side in ("before", "after"):
-                work = Path(tmp) / f"{side}-{r}"
-                times[side].append(one_round(sources[side], work, args.round, args.strategy))
+            for i, (side, extra) in enumerate(sides.items()):
+                work = Path(tmp) / f"side{i}-{r}"
+                src = before if side == "before" else REPO / "src"
+                times[side].append(one_round(src, work, args.round, args.strategy, extra))
                 t = times[side][-1]
                 print(f"{side} (repeat {r + 1}): " + ", ".join(
                     f"{k} {t[k]:.1f}s" for k in (*PHASES, "round")), flush=True)
     med = {side: {k: statistics.median(t[k] for t in runs) for k in (*PHASES, "round")}
            for side, runs in times.items()}
-    print("| phase | before (s) | after (s) | after / before speed-up |")
-    print("|---|---|---|---|")
+    gen = med["after (generated)"]
+    print("| phase | before (s) | after (s) | speed-up | after, generated answers (s) |")
+    print("|---|---|---|---|---|")
     for k in (*PHASES, "round"):
         print(f"| {k} | {med['before'][k]:.1f} | {med['after'][k]:.1f} | "
-              f"{med['before'][k] / med['after'][k]:.2f}x |")
+              f"{med['before'][k] / med['after'][k]:.2f}x | {gen[k]:.1f} |")
     ratios = " ".join(f"{k}={med['before'][k] / med['after'][k]:.2f}" for k in PHASES)
-    print(f"after_vs_before={med['before']['round'] / med['after']['round']:.2f} {ratios}")
+    print(f"after_vs_before={med['before']['round'] / med['after']['round']:.2f} {ratios} "
+          f"generated_vs_before={med['before']['round'] / gen['round']:.2f}")
     return 0
 
 
