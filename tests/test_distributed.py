@@ -132,6 +132,7 @@ def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     return data, folder / "adapter"
 
 
+@pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite
 @pytest.mark.parametrize("passes", [1, 3])
 def test_score_gives_the_same_lines_with_one_and_two_processes(
     scoring_inputs: tuple[Path, Path], tmp_path: Path, passes: int
@@ -167,6 +168,7 @@ if dist.is_main():
 """
 
 
+@pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite
 def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
     import torch
 
