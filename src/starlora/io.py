@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from starlora.errors import DataError
+
 
 def current_umask() -> int:
     """The process's umask (read without changing it for longer than one call)."""
@@ -78,6 +80,25 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file that a person may have
+    edited (a run directory given to the report); DataError names the file and line of a line
+    that is not a JSON object. The caller checks that the file exists."""
+    path = Path(path)
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), lineno, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(str(path), lineno, None, "not a JSON object")
+        out.append((lineno, rec))
+    return out
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

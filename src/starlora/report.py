@@ -45,7 +45,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 
 from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
-from starlora.io import atomic_write
+from starlora.io import atomic_write, read_records
 from starlora.run.store import RunPaths
 from starlora.study_report import write_studies
 from starlora.study_stats import aulc
@@ -86,15 +86,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise DataError(str(path), None, None, "no such file (is this a run directory?)")
         rounds: dict[tuple, dict[str, Any]] = {}
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), lineno, None, f"not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(str(path), lineno, None, "not a JSON object")
+        for lineno, rec in read_records(path):
             for name, types in _FIELDS.items():
                 if name not in rec:
                     raise DataError(str(path), lineno, name, "missing")

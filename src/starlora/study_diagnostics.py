@@ -32,6 +32,7 @@ import numpy as np
 
 from starlora.config import ExperimentConfig
 from starlora.errors import DataError, StarloraError
+from starlora.io import read_records
 from starlora.run.store import RunPaths
 from starlora.run.uncertainty import COLUMNS
 from starlora.study_stats import auroc, spearman
@@ -44,15 +45,9 @@ def read_rows(path: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), lineno, None, f"not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "id" not in row:
-            raise DataError(str(path), lineno, "id", "missing (not an object with an id)")
+    for lineno, row in read_records(path):
+        if "id" not in row:
+            raise DataError(str(path), lineno, "id", "missing")
         rows.append(row)
     return rows
 
