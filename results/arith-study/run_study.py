@@ -2,6 +2,8 @@
 
     python results/arith-study/run_study.py                 # all arms, seeds 0-9, 2 workers
     python results/arith-study/run_study.py --workers 1 --seeds 0,1 --arms random,pe-dynamic
+    python results/arith-study/run_study.py --config results/obqa-probe/probe.yaml \
+        --runs-dir results/obqa-probe/runs --arms random,pe-dynamic,pe-dynamic-gold --seeds 0,1,2
 
 Each run is ``starlora run study.yaml --run-dir runs/<arm>/seed<s> --set seed=<s> <arm's
 overrides>`` in its own process with one thread (OMP_NUM_THREADS=1), its log beside its run
@@ -62,17 +64,20 @@ def has_uncertainty(run_dir: Path) -> bool:
     return (run_dir / "rounds" / str(last) / "test_uncertainty.jsonl").is_file()
 
 
-def command(step: str, arm: str, seed: int, run_dir: Path) -> list[str]:
+def command(step: str, arm: str, seed: int, run_dir: Path, config: Path = CONFIG) -> list[str]:
     """The command of `step`: "run" the run, or score its "uncertainty" once it finished."""
     if step == "uncertainty":
         return [sys.executable, "-m", "starlora.cli", "uncertainty", str(run_dir)]
     sets = [f"seed={seed}", *ARMS[arm]]
-    return [sys.executable, "-m", "starlora.cli", "run", str(CONFIG), "--run-dir", str(run_dir),
+    return [sys.executable, "-m", "starlora.cli", "run", str(config), "--run-dir", str(run_dir),
             *[a for s in sets for a in ("--set", s)]]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", type=Path, default=CONFIG,
+                    help="the study's config (default: study.yaml; the OBQA probe's is "
+                         "results/obqa-probe/probe.yaml)")
     ap.add_argument("--runs-dir", default=str(HERE / "runs"))
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, in this order")
@@ -100,7 +105,8 @@ def main() -> int:
         run_dir = root / arm / f"seed{seed}"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(run_dir.parent / f"seed{seed}.log", "a")  # noqa: SIM115
-        proc = subprocess.Popen(command(step, arm, seed, run_dir), stdout=log, stderr=log,
+        proc = subprocess.Popen(command(step, arm, seed, run_dir, args.config.resolve()),
+                                stdout=log, stderr=log,
                                 env=env)
         running.append((step, arm, seed, proc, time.time()))
         print(f"started {step} {arm} seed {seed}", flush=True)
