@@ -149,6 +149,33 @@ def test_bfloat16_scoring_ranks_like_float32_and_leaves_the_model(llama, example
         score(model, llama.tokenizer, examples, dtype="float16")
 
 
+def test_bfloat16_self_check_runs_in_the_callers_precision(smol, examples):
+    """A SmolLM2 adapter whose bf16 fast path and bf16 plain forward round apart by more than
+    the bf16 tolerance (found by search: lora_B = 0.1 * N(0, 1), seed 0): the check runs on
+    the fp32 caller, so bf16 scoring keeps the fast path, and its error against fp32 is of the
+    order of the plain bf16 forward's (which a model that is itself bf16 falls back to)."""
+    from starlora.errors import ScorerFallbackWarning
+
+    model = with_lora(smol.model, dropout=0.1, seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(0.5)
+    try:
+        fp32 = score(model, smol.tokenizer, examples)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ScorerFallbackWarning)
+            fast = score(model, smol.tokenizer, examples, dtype="bfloat16")
+        with pytest.warns(ScorerFallbackWarning, match=r"ME .* vs .*"):  # bf16 vs bf16
+            plain = score(copy.deepcopy(model).to(torch.bfloat16), smol.tokenizer, examples)
+        for measure in ("pe", "me"):
+            ref = getattr(fp32, measure)
+            err_fast = np.abs(getattr(fast, measure) - ref).sum()
+            err_plain = np.abs(getattr(plain, measure) - ref).sum()
+            assert 0 < err_fast < 2 * err_plain + 1e-2 * np.abs(ref).sum(), measure
+    finally:
+        model.unload()
+
+
 def test_mc_passes_identical_without_dropout(llama, examples):
     model = with_lora(llama.model, dropout=0.0)
     s = score(model, llama.tokenizer, examples, mc_passes=3)
