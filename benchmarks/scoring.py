@@ -56,8 +56,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from starlora import distributed as dist  # noqa: E402
+from starlora.adapters import attach_lora  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
-from starlora.models import attach_lora, load_model, tune_cpu_allocator  # noqa: E402
+from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
 from starlora.scoring import score_examples  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 

@@ -23,12 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from starlora.adapters import remove_adapter  # noqa: E402
 from starlora.config import EvaluationConfig, LoraConfig, TrainingConfig  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
 from starlora.evaluation import evaluate  # noqa: E402
 from starlora.models import load_model  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
-from starlora.training import remove_adapter, train_adapter  # noqa: E402
+from starlora.training import train_adapter  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "obqa"
 

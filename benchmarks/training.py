@@ -38,9 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from starlora.adapters import attach_lora, remove_adapter  # noqa: E402
 from starlora.config import LoraConfig, TrainingConfig  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
-from starlora.models import attach_lora, load_model, tune_cpu_allocator  # noqa: E402
+from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
 from starlora.scoring import score_examples  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 from starlora.train_batches import length_grouped_batches, padding_fraction  # noqa: E402
@@ -48,7 +49,6 @@ from starlora.training import (  # noqa: E402
     build_optimizer,
     collate,
     encode_example,
-    remove_adapter,
     train_adapter,
 )
 

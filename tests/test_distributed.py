@@ -31,6 +31,10 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARAL
 ONE = [sys.executable, "-m", "starlora"]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
        "-m", "starlora"]
+#: DeepSpeed ZeRO-3 through the shipped accelerate config, 2 processes on the CPU (gloo), fp32
+ZERO3 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+         str(ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"), "--num_processes", "2",
+         "--mixed_precision", "no", "-m", "starlora"]
 #: 2-process run vs 1 process (configs/tiny.yaml): the processes draw other LoRA dropout masks
 #: in training (each for its share of a batch), so the adapters differ a little; with
 #: lora.dropout 0 they agree to ~1e-5 (float sums in another order). Final training loss:
@@ -102,8 +106,9 @@ def test_each_process_takes_a_share_of_every_batch() -> None:
 
 
 # -- 2 processes on gloo -----------------------------------------------------------------------
-def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=dict(ENV, **env), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -114,7 +119,8 @@ def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     of tiny-llama with non-zero B, so that MC dropout changes the scores."""
     import torch
 
-    from starlora.models import attach_lora, load_model
+    from starlora.adapters import attach_lora
+    from starlora.models import load_model
     from starlora.tasks import get_task
 
     folder = tmp_path_factory.mktemp("scoring")
@@ -156,13 +162,17 @@ from starlora.config import LoraConfig, TrainingConfig
 from starlora.models import load_model
 from starlora.tasks import get_task
 from starlora.training import train_adapter
+from starlora import zero3
 loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
 examples = get_task("arith").generate("train", 9, 0)
 training = TrainingConfig(lr=1e-3, epochs=2, batch_size=4, grad_accum=2, mixed_precision="no")
 result = train_adapter(loaded.model, loaded.tokenizer, get_task("arith"), examples, training,
                        LoraConfig(r=4, alpha=8, dropout=0.0), seed=1, progress=False)
+lora = [(n, p) for n, p in result.model.named_parameters() if "lora" in n]
+with zero3.gathered(p for _, p in lora):  # whole weights under ZeRO-3 (else a no-op)
+    lora = {n: p.detach().clone() for n, p in lora}
 if dist.is_main():
-    torch.save({"lora": {n: p for n, p in result.model.named_parameters() if "lora" in n},
+    torch.save({"lora": lora,
                 "steps": result.steps, "lrs": result.lrs, "losses": result.losses,
                 "tokens": result.train_tokens}, sys.argv[1])
 """
@@ -289,17 +299,86 @@ def test_accelerate_configs_load_and_name_their_launch_command(name: str) -> Non
         path.read_text())
 
 
-def test_zero_stage_3_is_refused_with_one_clear_line() -> None:
+def test_deepspeed_batch_settings_are_filled_in_where_auto() -> None:
     from types import SimpleNamespace
 
-    from starlora.errors import ConfigError
-    from starlora.training import _deepspeed_batch
+    from starlora.config import TrainingConfig
+    from starlora.training import _deepspeed_config
 
-    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={})
-    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
-    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported yet"):
-        _deepspeed_batch(accelerator, 8)
-    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={})
-    _deepspeed_batch(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
-                                     num_processes=2), 8)
-    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": 1, "gradient_clipping": 0.5}
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=config)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    _deepspeed_config(accelerator, TrainingConfig(batch_size=8, grad_accum=2))
+    # one process here: the micro-batch is the whole batch; starlora's settings win
+    assert config == {"train_micro_batch_size_per_gpu": 8, "train_batch_size": 16,
+                      "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+    del config["gradient_clipping"]
+    _deepspeed_config(accelerator, TrainingConfig(batch_size=8, max_grad_norm=None))
+    assert config["gradient_clipping"] == 0.0 and config["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~30 s)
+def test_zero3_trains_on_the_batches_of_one(tmp_path: Path) -> None:
+    """ZeRO-3 (each process holds half of every weight) takes the steps of one process."""
+    import torch
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    _run([sys.executable, str(script), str(tmp_path / "one.pt")])
+    _run([*ZERO3[:-2], str(script), str(tmp_path / "two.pt")])
+    one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
+    assert one["tokens"] == two["tokens"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for name, p in one["lora"].items():
+        torch.testing.assert_close(two["lora"][name], p, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~20 s)
+def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
+                                          tmp_path: Path) -> None:
+    """Gold answers, one pass: under ZeRO-3 (the plain forward path, whole weights gathered
+    layer by layer) the same PE and ME as one process's fast path, to float rounding."""
+    data, adapter = scoring_inputs
+    args = ["score", "--model", "tiny-llama", "--adapter", str(adapter), "--task", "arith",
+            "--data", str(data), "--answers", "gold", "--device", "cpu"]
+    _run([*ONE, *args, "--out", str(tmp_path / "one.jsonl")])
+    _run([*ZERO3, *args, "--out", str(tmp_path / "two.jsonl")])
+    one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
+    assert len(one) == 11 and [r["id"] for r in one] == [r["id"] for r in two]
+    for a, b in zip(one, two):
+        assert b["pe"] == pytest.approx(a["pe"], rel=1e-6)
+        assert b["me"] == pytest.approx(a["me"], rel=1e-6)
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~60 s)
+def test_a_zero3_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """configs/tiny.yaml under ZeRO-3: the files of one process, the same round-0 selection
+    (as a set: scoring takes the plain forward path there, and near-ties may swap places),
+    metrics and losses within the DDP tolerances, and adapters saved whole."""
+    from safetensors.torch import load_file
+
+    one, run_dir = tiny_runs[0], tmp_path / "zero3"
+    # an empty cache: the base model's scores are computed under ZeRO-3, not read
+    proc = _run([*ZERO3, "run", str(TINY), "--run-dir", str(run_dir)],
+                STARLORA_CACHE=str(tmp_path / "cache"))
+    assert proc.stdout.count("run finished") == 1
+    assert _files(one) == _files(run_dir)
+    ids = [sorted(r["id"] for r in read_jsonl(d / "rounds/0/selected.jsonl"))
+           for d in (one, run_dir)]
+    assert ids[0] and ids[0] == ids[1]
+    assert [r["id"] for r in read_jsonl(one / "rounds/0/scores.jsonl")] == [
+        r["id"] for r in read_jsonl(run_dir / "rounds/0/scores.jsonl")]
+    for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl"),
+                    strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=ACCURACY_ATOL)
+        assert a["ece"] == pytest.approx(b["ece"], abs=ECE_ATOL)
+    for k in (0, 1):
+        a, b = (json.loads((d / f"rounds/{k}/train.json").read_text()) for d in (one, run_dir))
+        assert a["steps"] == b["steps"]
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=LOSS_RTOL)
+    a, b = (load_file(d / "rounds/1/adapter/adapter_model.safetensors") for d in (one, run_dir))
+    assert {n: t.shape for n, t in a.items()} == {n: t.shape for n, t in b.items()}
+    assert all(t.abs().sum() > 0 for t in b.values())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from starlora.adapters import remove_adapter, save_adapter
 from starlora.config import EvaluationConfig, LoraConfig, TrainingConfig
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
@@ -19,7 +20,7 @@ from starlora.evaluation import (
 )
 from starlora.models import load_model, load_tokenizer
 from starlora.tasks import Example, JSONLTask, get_task
-from starlora.training import remove_adapter, save_adapter, train_adapter
+from starlora.training import train_adapter
 
 
 @pytest.fixture(scope="module")

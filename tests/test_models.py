@@ -6,11 +6,10 @@ import os
 import pytest
 import torch
 
+from starlora.adapters import attach_lora, lora_targets
 from starlora.errors import ModelNotFoundError
 from starlora.models import (
-    attach_lora,
     load_model,
-    lora_targets,
     model_fingerprint,
     pick_dtype,
     resolve_model,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from starlora.adapters import load_adapter
 from starlora.cli import main
 from starlora.config import dump_config, load_config
 from starlora.errors import StarloraError
@@ -19,7 +20,6 @@ from starlora.run.loop import run_experiment
 from starlora.run.uncertainty import COLUMNS, write_test_uncertainty
 from starlora.scoring import score_examples
 from starlora.scoring.options import resolve_dtype
-from starlora.training import load_adapter
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 #: one round (train and evaluate, no pool scoring) on 12 test items: the cheapest finished run

@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from starlora.adapters import attach_lora
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError
-from starlora.models import attach_lora, load_model
+from starlora.models import load_model
 from starlora.scoring import BaseScoreCache, Scores, base_cache_key, score_base, score_examples
 from starlora.scoring.reference import reference_scores
 from starlora.tasks import Example, get_task

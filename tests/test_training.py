@@ -14,11 +14,12 @@ from peft import PeftModel
 
 import starlora.training
 from starlora import models
+from starlora.adapters import attach_lora, load_adapter, remove_adapter, save_adapter
 from starlora.answer_loss import AnswerLoss, answer_cross_entropy
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError, StarloraError
-from starlora.models import attach_lora, cpu_has_native_bf16, load_model, load_tokenizer, tiny_model
+from starlora.models import cpu_has_native_bf16, load_model, load_tokenizer, tiny_model
 from starlora.tasks import get_task
 from starlora.train_batches import LengthGroupedBatches, length_grouped_batches, padding_fraction
 from starlora.training import (
@@ -26,10 +27,7 @@ from starlora.training import (
     build_optimizer,
     collate,
     encode_example,
-    load_adapter,
-    remove_adapter,
     resolve_mixed_precision,
-    save_adapter,
     train_adapter,
 )
 

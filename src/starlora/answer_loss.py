@@ -158,6 +158,25 @@ class AnswerLoss(nn.Module):
                                     self.chunk_rows)
 
 
+class ModelLoss(nn.Module):
+    """The training forward pass through the model's own ``forward(labels=...)``: the same
+    mean answer-token cross-entropy as `AnswerLoss`, with full [B, T, V] logits. For models
+    whose LM head is partitioned (DeepSpeed ZeRO-3), which `AnswerLoss` cannot read outside
+    the head's own forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         use_cache=False)
+        if (labels[:, 1:] != IGNORE).any():
+            return out.loss
+        return out.logits.sum() * 0.0  # no answer tokens (a stand-in): 0, not the model's 0/0
+
+
 def default_chunk_rows(model: nn.Module, device: torch.device) -> int:
     """Answer rows per head chunk: `CPU_CHUNK_ELEMENTS` (or `GPU_CHUNK_ELEMENTS`) logits."""
     _, head = decoder_and_head(model)

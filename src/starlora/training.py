@@ -17,7 +17,7 @@ Constraint LoRA (STAR paper, section 3.3) keeps the adapter from growing over-co
   AdamW's decoupled decay on B's parameter group (as the authors' code), ``"l2"`` adds
   ``b_decay / 2 * sum ||B||^2`` to the loss, ``"none"`` turns it off; ``lora_A`` never decays;
 * dropout on the input of the Gaussian-initialised ``lora_A`` (`LoraConfig.dropout`, set by
-  `starlora.models.attach_lora`).
+  `starlora.adapters.attach_lora`).
 
 The loss is the mean cross-entropy over answer tokens only (prompt and padding are -100).
 
@@ -43,11 +43,13 @@ from typing import Any
 
 import torch
 
-from starlora.answer_loss import IGNORE, AnswerLoss, default_chunk_rows
+from starlora import distributed as dist
+from starlora import zero3
+from starlora.adapters import attach_lora, check_adapter_dir
+from starlora.answer_loss import IGNORE, AnswerLoss, ModelLoss, default_chunk_rows
 from starlora.config import LoraConfig, TrainingConfig
-from starlora.errors import ConfigError, StarloraError
-from starlora.io import atomic_folder
-from starlora.models import attach_lora, cpu_has_native_bf16
+from starlora.errors import StarloraError
+from starlora.models import cpu_has_native_bf16
 from starlora.scoring.batching import fit
 from starlora.tasks import Example, Task
 from starlora.train_batches import LengthGroupedBatches, ShareOfEachBatch
@@ -135,33 +137,6 @@ def build_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.o
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr)
 
 
-# -- adapters ---------------------------------------------------------------------------------
-def save_adapter(peft_model: Any, directory: str | Path) -> None:
-    """Save the adapter as peft safetensors (``adapter_model.safetensors`` + config) to
-    `directory`, atomically (`starlora.io.atomic_folder`)."""
-    with atomic_folder(directory) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-
-
-def load_adapter(model: Any, directory: str | Path) -> Any:
-    """``PeftModel.from_pretrained(model, directory)`` in eval mode (adapter frozen)."""
-    from peft import PeftModel
-
-    _check_adapter_dir(directory)
-    return PeftModel.from_pretrained(model, str(directory)).eval()
-
-
-def remove_adapter(peft_model: Any) -> Any:
-    """Strip the adapter without merging it and give back the plain base model (eval mode),
-    whose weights are unchanged, so the next round can attach a fresh adapter to it."""
-    return peft_model.unload().eval()
-
-
-def _check_adapter_dir(directory: str | Path) -> None:
-    if not (Path(directory) / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter {directory}: not a saved adapter (no adapter_config.json)")
-
-
 def _with_adapter(model: Any, lora: LoraConfig, init_adapter: str | Path | None) -> Any:
     if init_adapter is None:
         return attach_lora(
@@ -171,7 +146,7 @@ def _with_adapter(model: Any, lora: LoraConfig, init_adapter: str | Path | None)
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
 
-    _check_adapter_dir(init_adapter)
+    check_adapter_dir(init_adapter)
     config = PeftLoraConfig.from_pretrained(str(init_adapter))
     config.lora_dropout = lora.dropout  # the dropout is this round's constraint, not the saved one
     return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True, config=config)
@@ -189,25 +164,26 @@ def _share_weighted(accelerator: Any, loss: torch.Tensor,
     n_share = (labels[:, 1:] != IGNORE).sum().to(torch.float64)
     n_batch = accelerator.reduce(n_share.clone(), "sum")
     total = accelerator.reduce((loss.detach().double() * n_share), "sum")
-    weight = float(n_share / n_batch) * accelerator.num_processes
+    weight = float(n_share / n_batch) * dist.world_size()
     return loss * weight, float(total / n_batch)
 
 
-def _deepspeed_batch(accelerator: Any, batch_size: int) -> None:
-    """Under DeepSpeed, which sizes its buffers from the loader accelerate is not given here,
-    name the micro-batch: this process's share of a batch. ZeRO stage 3 is refused: it splits
-    the weights between processes, but the adapter is saved, and pool and test set are
-    scored and generated, from a whole model in each process."""
+def _deepspeed_config(accelerator: Any, training: TrainingConfig) -> None:
+    """Under DeepSpeed, set the batch settings from `training`, the one owner of them (the
+    loader is already this process's share of each batch, which accelerate is not given):
+    the micro-batch (a share of ``training.batch_size``), the accumulation steps and the
+    global batch; and the gradient clipping (``training.max_grad_norm``) where the DeepSpeed
+    config says ``auto`` or nothing."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
-        raise ConfigError(
-            "DeepSpeed ZeRO stage 3 is not supported yet: starlora saves the adapter and "
-            "scores, generates and evaluates with the whole model in every process; use "
-            "configs/accelerate/multi-gpu.yaml (data-parallel)")
-    if plugin is not None and plugin.deepspeed_config.get(
-            "train_micro_batch_size_per_gpu", "auto") == "auto":
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
-            1, batch_size // accelerator.num_processes)
+    if plugin is None:
+        return
+    config, world = plugin.deepspeed_config, dist.world_size()
+    micro = max(1, training.batch_size // world)
+    config.update(train_micro_batch_size_per_gpu=micro,
+                  gradient_accumulation_steps=training.grad_accum,
+                  train_batch_size=micro * training.grad_accum * world)
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = training.max_grad_norm or 0.0
 
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
@@ -235,6 +211,8 @@ def _make_accelerator(device: torch.device) -> Any:
     """
     from accelerate import Accelerator
 
+    if zero3.enabled():  # accelerate's DeepSpeed state, set up when the model was loaded
+        return Accelerator()
     try:
         return Accelerator(cpu=device.type == "cpu")
     except ValueError:  # "AcceleratorState has already been initialized ... cpu=True"
@@ -287,7 +265,7 @@ def train_adapter(
 
     set_seed(seed)  # before attaching: the Gaussian init of A draws from the global RNG
     peft_model = _with_adapter(model, lora, init_adapter)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = dist.world_size(), dist.rank()  # accelerate says 1 and 0 for DeepSpeed on CPUs
     if rank > 0:  # the same init everywhere, but each process its own dropout masks
         torch.manual_seed(seed + 1_000_003 * rank)
     data = [encode_example(task, tokenizer, ex, training.max_length) for ex in examples]
@@ -306,8 +284,11 @@ def train_adapter(
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
-    step_model = AnswerLoss(peft_model, chunk_rows=default_chunk_rows(peft_model, device))
-    _deepspeed_batch(accelerator, training.batch_size)
+    if zero3.enabled():  # the LM head's weight is whole only inside its own forward
+        step_model: torch.nn.Module = ModelLoss(peft_model)
+    else:
+        step_model = AnswerLoss(peft_model, chunk_rows=default_chunk_rows(peft_model, device))
+    _deepspeed_config(accelerator, training)
     wrapped, optimizer = accelerator.prepare(step_model, optimizer)
     # not accelerator.prepare: it would deal whole batches out to the processes, and its
     # scheduler would step once per process; the loader is already this process's share
@@ -333,7 +314,7 @@ def train_adapter(
     tokens = 0
     bar = tqdm(
         total=local_steps, desc="train", unit="step",
-        disable=not (progress and accelerator.is_local_main_process),
+        disable=not (progress and dist.local_rank() == 0),
     )
     start = time.perf_counter()
     wrapped.train()

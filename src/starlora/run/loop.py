@@ -79,7 +79,7 @@ class Run:
     def adapted(self, k: int) -> Any:
         """The model with round `k`'s adapter, loaded from the run directory if need be."""
         if self.model is None:
-            from starlora.training import load_adapter
+            from starlora.adapters import load_adapter
 
             self.model = load_adapter(self.base_model, self.store.adapter_dir(k))
         return self.model
@@ -94,7 +94,8 @@ class Run:
 
 # -- phases: each reads what earlier phases stored and writes its own outputs ----------------
 def _train(run: Run, k: int) -> None:
-    from starlora.training import save_adapter, train_adapter
+    from starlora.adapters import save_adapter
+    from starlora.training import train_adapter
 
     train_set = run.labelled_examples()
     run.say(k, f"training on {len(train_set)} labelled examples")
@@ -104,8 +105,9 @@ def _train(run: Run, k: int) -> None:
                            cfg.lora, seed=phase_seed(cfg.seed, k, "train"), init_adapter=warm,
                            progress=run.progress)
     run.model = result.model
-    if dist.is_main():  # every process holds the same adapter; one writes it
-        save_adapter(run.model, run.store.adapter_dir(k))
+    # every process holds the same adapter (or, under ZeRO-3, a share of it); one writes it
+    save_adapter(run.model, run.store.adapter_dir(k), write=dist.is_main())
+    if dist.is_main():
         run.store.write_round(k, "train.json", {
             "n_examples": len(train_set), "steps": result.steps, "seconds": result.seconds,
             "train_tokens": result.train_tokens, "final_loss": result.final_loss})
@@ -259,7 +261,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
 
 def _rounds(run: Run) -> None:
     """Every phase of every round that is not done yet (see `starlora.run.protocol.PHASES`)."""
-    from starlora.training import remove_adapter
+    from starlora.adapters import remove_adapter
 
     store, config, n_rounds = run.store, run.config, run.n_rounds
     # the main process reads what it wrote and says; every process follows (`dist.agree`)

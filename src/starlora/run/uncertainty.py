@@ -104,9 +104,9 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
                             "answers differ)")
 
     loaded = _base_model(cfg, models)
+    from starlora.adapters import load_adapter, remove_adapter
     from starlora.scoring import score_examples, score_own_answers
     from starlora.scoring.options import resolve_dtype
-    from starlora.training import load_adapter, remove_adapter
 
     model = load_adapter(loaded.model, adapter)
     try:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from starlora import zero3
 from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.models import decoder_and_head, logit_transform, unwrap_model
 from starlora.scoring.batching import batch_end, batch_inputs, encode_pairs
@@ -61,6 +62,9 @@ from starlora.tasks import Example, Task
 CPU_TOKENS_PER_BATCH = 2048
 #: default padded tokens per batch on GPUs (halved on out-of-memory)
 GPU_TOKENS_PER_BATCH = 16384
+#: examples per batch under DeepSpeed ZeRO-3 with ``batch_size: auto``: every process must run
+#: as many batches as the others, which a count of examples (on equal shares) guarantees
+ZERO3_BATCH_SIZE = 8
 #: the self-check scores at most this many prompt and answer tokens of the shortest example
 #: (short CPU forwards cost about the same whatever their length: reading the weights rules)
 CHECK_TOKENS = 16
@@ -196,8 +200,9 @@ def score_examples(
     batch_size, max_length, seed, packed = (opts.batch_size, opts.max_length, opts.seed,
                                             opts.packed)
     max_tokens_per_batch, max_padding = opts.max_tokens_per_batch, opts.max_padding
-    by_tokens = batch_size == "auto"
-    dtype = resolve_dtype(opts.dtype, next(model.parameters()).device)
+    zero = zero3.enabled()  # partitioned weights: the plain forward, in fixed-size batches
+    by_tokens = batch_size == "auto" and not zero
+    dtype = None if zero else resolve_dtype(opts.dtype, next(model.parameters()).device)
     checked = model  # the self-check runs in the caller's precision (see the docstring)
     if dtype is not None and dtype != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its weights
@@ -208,7 +213,8 @@ def score_examples(
         max_tokens_per_batch = (
             CPU_TOKENS_PER_BATCH if device.type == "cpu" else GPU_TOKENS_PER_BATCH
         )
-    limit = max_tokens_per_batch if by_tokens else int(batch_size)
+    limit = max_tokens_per_batch if by_tokens else \
+        ZERO3_BATCH_SIZE if batch_size == "auto" else int(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if max_padding is None:
         max_padding = 0.1 if device.type == "cpu" else 0.5
@@ -217,7 +223,9 @@ def score_examples(
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
     order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
     longest = int(lengths.max(initial=0))
-    if packed is None:
+    if zero:
+        packed = False
+    elif packed is None:
         packed = device.type == "cpu" and can_pack(model, longest)
     elif packed and not can_pack(model, longest):
         raise ConfigError(
@@ -225,13 +233,14 @@ def score_examples(
             "than its sliding window"
         )
     check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
-    problem = None if check is None else fast_path_disagreement(
+    problem = None if check is None or zero else fast_path_disagreement(
         checked, *decoder_and_head(checked), logit_transform(checked),
         (seqs[check][0][-CHECK_TOKENS:], seqs[check][1][:CHECK_TOKENS]), pad_id, device, packed,
     )
     if problem is not None:
         warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
         packed = False
+    plain = zero or problem is not None
 
     N, K = len(examples), mc_passes
     pe = np.full((N, K), np.nan)
@@ -245,26 +254,28 @@ def score_examples(
     sampler = MaskSampler(device)
     with contextlib.ExitStack() as stack:
         stochastic = stack.enter_context(
-            scoring_mode(model, K > 1, model_dropout, sampler, fused=problem is None)
+            scoring_mode(model, K > 1, model_dropout, sampler, fused=not plain)
         )
+        stack.enter_context(zero3.forward_hooks(model))
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         keys = unique_keys([ex.id for ex in examples])
         per_example = np.array([example_seeds(seed, keys, k) for k in range(K)], np.uint64) \
             if stochastic else None  # [K, N]
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
-        stack.enter_context(torch.inference_mode())
+        stack.enter_context(zero3.inference_mode())
         if packed:
             stack.enter_context(packed_attention_for(model))
         start = 0
         while start < N:
-            end = batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
+            end = min(start + limit, N) if zero else \
+                batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
             idx = order[start:end]
             # one seed per (batch start, pass): reproducible given the base seed
             seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
             batch = [seqs[i] for i in idx]
             try:
-                if problem is not None:
+                if plain:
                     owner, nll, ent = plain_batch(model, batch, pad_id, device, seeds)
                 else:
                     mask_seeds = None if per_example is None else \
@@ -273,7 +284,7 @@ def score_examples(
                                                    device, want_pe, want_me, seeds, sampler,
                                                    packed, mask_seeds)
             except torch.OutOfMemoryError:
-                if end - start == 1:
+                if end - start == 1 or zero:  # processes must run the same batches
                     raise
                 limit = max(1, limit // 2)
                 if device.type == "cuda":

@@ -1,0 +1,91 @@
+"""LoRA adapters on a causal LM: attach a fresh one, save, load and remove one.
+
+An adapter lives on disk as a peft folder (``adapter_config.json`` + safetensors weights),
+written atomically. Under DeepSpeed ZeRO-3 (`starlora.zero3`) its weights are gathered from
+every process before one of them writes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from starlora import zero3
+from starlora.errors import ConfigError
+from starlora.io import atomic_folder
+
+#: LoRA targets per architecture: all attention and MLP projections, as in the STAR paper.
+LORA_TARGETS: dict[str, list[str]] = {
+    **{
+        arch: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "phi3")
+    },
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def lora_targets(model: Any) -> list[str] | str:
+    """Module names LoRA attaches to for this architecture (``all-linear`` if unknown)."""
+    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def attach_lora(
+    model: Any,
+    *,
+    r: int = 64,
+    alpha: float = 16,
+    dropout: float = 0.1,
+    target_modules: list[str] | str | None = None,
+    init: str = "gaussian",
+    adapter_name: str = "default",
+) -> Any:
+    """Wrap `model` in a peft model with a fresh LoRA adapter.
+
+    `init="gaussian"` draws A from a Gaussian and sets B to zero, as the STAR paper describes;
+    ``"default"`` is peft's Kaiming-uniform A. Dropout applies to the input of A.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or lora_targets(model),
+        init_lora_weights=True if init == "default" else init,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def save_adapter(peft_model: Any, directory: str | Path, *, write: bool = True) -> None:
+    """Save the adapter as peft safetensors (``adapter_model.safetensors`` + config) to
+    `directory`, atomically (`starlora.io.atomic_folder`), if `write`. Under DeepSpeed ZeRO-3
+    every process must call it (the adapter's weights are gathered from all of them first),
+    and one of them writes."""
+    params = [p for name, p in peft_model.named_parameters() if "lora_" in name]
+    with zero3.gathered(params):
+        if write:
+            with atomic_folder(directory) as tmp:
+                peft_model.save_pretrained(tmp, safe_serialization=True)
+
+
+def load_adapter(model: Any, directory: str | Path) -> Any:
+    """``PeftModel.from_pretrained(model, directory)`` in eval mode (adapter frozen)."""
+    from peft import PeftModel
+
+    check_adapter_dir(directory)
+    return PeftModel.from_pretrained(model, str(directory)).eval()
+
+
+def remove_adapter(peft_model: Any) -> Any:
+    """Strip the adapter without merging it and give back the plain base model (eval mode),
+    whose weights are unchanged, so the next round can attach a fresh adapter to it."""
+    return peft_model.unload().eval()
+
+
+def check_adapter_dir(directory: str | Path) -> None:
+    if not (Path(directory) / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter {directory}: not a saved adapter (no adapter_config.json)")
