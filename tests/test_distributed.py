@@ -288,6 +288,25 @@ def test_a_killed_two_process_run_finishes_when_run_again(
     assert _outputs(run_dir) == _outputs(tiny_runs[1])
 
 
+@pytest.mark.slow  # two launches (~15 s)
+def test_uncertainty_writes_the_same_file_with_one_and_two_processes(
+    tiny_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`starlora uncertainty` on a finished run: 2 processes each score a share of the test
+    items (MC masks seeded per example) and the main one writes the bytes of one process."""
+    import shutil
+
+    written = []
+    for name, launcher in (("one", ONE), ("two", TWO)):
+        run_dir = tmp_path / name
+        shutil.copytree(tiny_runs[0], run_dir)
+        (run_dir / "rounds/1/test_uncertainty.jsonl").unlink(missing_ok=True)
+        proc = _run([*launcher, "uncertainty", str(run_dir)])
+        assert proc.stdout.count("wrote 12 test items") == 1
+        written.append((run_dir / "rounds/1/test_uncertainty.jsonl").read_bytes())
+    assert written[0] == written[1] and len(written[0].splitlines()) == 12
+
+
 @pytest.mark.parametrize("name", ["multi-gpu.yaml", "deepspeed-zero3.yaml"])
 def test_accelerate_configs_load_and_name_their_launch_command(name: str) -> None:
     from accelerate.commands.config.config_args import load_config_from_file

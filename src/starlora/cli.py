@@ -164,13 +164,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_uncertainty(args: argparse.Namespace) -> int:
+    from starlora import distributed as dist
     from starlora.run.uncertainty import write_test_uncertainty
 
     models: dict = {}  # runs of one model load it once
-    for run_dir in args.run_dirs:
+    for run_dir in args.run_dirs:  # under N processes each scores a share; the main writes
         done = write_test_uncertainty(run_dir, models=models)
-        print(f"wrote {done.n} test items to {done.path}" if done.written
-              else f"skipped {run_dir}: {done.path} exists")
+        if dist.is_main():
+            print(f"wrote {done.n} test items to {done.path}" if done.written
+                  else f"skipped {run_dir}: {done.path} exists")
     return 0
 
 

@@ -18,6 +18,8 @@ test item with the adapted model, writing ``rounds/<last>/test_uncertainty.jsonl
   ``phase_seed(seed, last round, "score")`` (the last round scores no pool, so that stream is
   otherwise unused). With LoRA dropout 0 the MC passes repeat the single one.
 
+Under N processes (``torchrun``/``accelerate launch``) each scores a length-balanced share
+of the test items (`starlora.distributed.map_shards`) and the main process writes the file.
 Scoring follows the run's settings: ``scoring.dtype``, ``scoring.model_dropout``, batch sizes,
 ``training.max_length``. A measure that could not be computed is ``null``. The file is written
 atomically; one that exists is kept (the function says so and returns).
@@ -31,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from starlora import distributed as dist
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl, write_jsonl
 from starlora.run.data import load_data, make_task
 from starlora.run.protocol import phase_seed
 from starlora.run.store import RunStore
+from starlora.tasks import Example
 
 #: the columns of the file besides id and correct, in order
 COLUMNS = tuple(f"{m}_{a}_{p}" for a in ("gold", "own") for m in ("pe", "me")
@@ -109,6 +113,7 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
     from starlora.scoring.options import resolve_dtype
 
     model = load_adapter(loaded.model, adapter)
+    tok = loaded.tokenizer
     try:
         sc = cfg.scoring
         mc = sc.mc_passes if sc.mc_passes > 1 else DEFAULT_MC_PASSES
@@ -116,33 +121,41 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
                        batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
                        max_length=cfg.training.max_length,
                        dtype=resolve_dtype(sc.dtype, next(model.parameters()).device),
-                       seed=phase_seed(cfg.seed, k, "score"), progress=progress)
-        tok = loaded.tokenizer
-        scores = {
-            "gold_1": score_examples(model, tok, task, test, mc_passes=1,
-                                     desc="scoring test (gold answers, 1 pass)", **options),
-            "gold_mc": score_examples(model, tok, task, test, mc_passes=mc,
-                                      desc=f"scoring test (gold answers, {mc} passes)",
-                                      **options),
-        }
-        scores["own_mc"], out = score_own_answers(
-            model, tok, task, test,
-            max_new_tokens=sc.max_new_tokens or cfg.evaluation.max_new_tokens,
-            generation_batch_size=cfg.evaluation.batch_size, mc_passes=mc,
-            generation_desc="generating test answers (adapter)",
-            desc=f"scoring test (own answers, {mc} passes)", **options)
-        scores["own_1"] = score_examples(model, tok, task, test, answer_ids=out.tokens,
-                                         mc_passes=1, desc="scoring test (own answers, 1 pass)",
-                                         **options)
+                       seed=phase_seed(cfg.seed, k, "score"),
+                       progress=progress and dist.is_main())
+
+        def share_rows(share: list[Example]) -> list[dict[str, Any]]:
+            """The columns of `share`'s rows: this process's share of the test items."""
+            scores = {
+                "gold_1": score_examples(model, tok, task, share, mc_passes=1,
+                                         desc="scoring test (gold answers, 1 pass)", **options),
+                "gold_mc": score_examples(model, tok, task, share, mc_passes=mc,
+                                          desc=f"scoring test (gold answers, {mc} passes)",
+                                          **options),
+            }
+            scores["own_mc"], out = score_own_answers(
+                model, tok, task, share,
+                max_new_tokens=sc.max_new_tokens or cfg.evaluation.max_new_tokens,
+                generation_batch_size=cfg.evaluation.batch_size, mc_passes=mc,
+                generation_desc="generating test answers (adapter)",
+                desc=f"scoring test (own answers, {mc} passes)", **options)
+            scores["own_1"] = score_examples(model, tok, task, share, answer_ids=out.tokens,
+                                             mc_passes=1,
+                                             desc="scoring test (own answers, 1 pass)",
+                                             **options)
+            return [{column: _number(getattr(scores[column.split("_", 1)[1]],
+                                             column.split("_", 1)[0])[i])
+                     for column in COLUMNS} for i in range(len(share))]
+
+        def lengths() -> list[int]:  # prompt tokens: own answers are generated
+            return [len(task.prompt_ids(tok, ex, cfg.training.max_length)) for ex in test]
+
+        columns = dist.map_shards(share_rows, test, lengths)  # on the main process
     finally:
         loaded.model = remove_adapter(model)
-    rows = []
-    for i, ex in enumerate(test):
-        row: dict[str, Any] = {"id": ex.id, "correct": correct[ex.id]}
-        for column in COLUMNS:
-            measure, rest = column.split("_", 1)
-            row[column] = _number(getattr(scores[rest], measure)[i])
-        rows.append(row)
+    if columns is None:  # another process writes
+        return Outcome(path, k, written=False)
+    rows = [{"id": ex.id, "correct": correct[ex.id], **cols} for ex, cols in zip(test, columns)]
     write_jsonl(path, rows)
     return Outcome(path, k, written=True, n=len(rows))
 
