@@ -171,8 +171,9 @@ result = train_adapter(loaded.model, loaded.tokenizer, get_task("arith"), exampl
 lora = [(n, p) for n, p in result.model.named_parameters() if "lora" in n]
 with zero3.gathered(p for _, p in lora):  # whole weights under ZeRO-3 (else a no-op)
     lora = {n: p.detach().clone() for n, p in lora}
+held, whole = zero3.held_elements(result.model)
 if dist.is_main():
-    torch.save({"lora": lora,
+    torch.save({"lora": lora, "held": held / whole,
                 "steps": result.steps, "lrs": result.lrs, "losses": result.losses,
                 "tokens": result.train_tokens}, sys.argv[1])
 """
@@ -347,6 +348,7 @@ def test_zero3_trains_on_the_batches_of_one(tmp_path: Path) -> None:
     _run([sys.executable, str(script), str(tmp_path / "one.pt")])
     _run([*ZERO3[:-2], str(script), str(tmp_path / "two.pt")])
     one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    assert one["held"] == 1 and 0.45 < two["held"] < 0.55  # each holds half of every weight
     assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
     assert one["tokens"] == two["tokens"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)

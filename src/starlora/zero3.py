@@ -122,3 +122,13 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContext
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+def held_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements this process holds, elements of the whole model): its shares
+    under ZeRO-3 (DeepSpeed keeps them in ``param.ds_tensor``, the whole size in
+    ``param.ds_numel``), every element otherwise. Shared (tied) weights count once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    whole = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    return held, whole
