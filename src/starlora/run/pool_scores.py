@@ -66,10 +66,11 @@ def _kwargs(run: Run) -> dict[str, Any]:
 
 
 def _dtype(run: Run) -> Any:
-    """The dtype the pool is scored in (``scoring.dtype`` resolved for the model's device)."""
+    """The dtype the pool is scored in (``scoring.dtype`` resolved for the model's weights)."""
     from starlora.scoring.options import resolve_dtype
 
-    return resolve_dtype(run.config.scoring.dtype, next(run.base_model.parameters()).device)
+    weights = next(run.base_model.parameters())
+    return resolve_dtype(run.config.scoring.dtype, weights.device, weights.dtype)
 
 
 def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],

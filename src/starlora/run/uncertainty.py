@@ -120,7 +120,8 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
         options = dict(measures=("pe", "me"), model_dropout=sc.model_dropout,
                        batch_size=sc.batch_size, max_tokens_per_batch=sc.max_tokens_per_batch,
                        max_length=cfg.training.max_length,
-                       dtype=resolve_dtype(sc.dtype, next(model.parameters()).device),
+                       dtype=resolve_dtype(sc.dtype, next(model.parameters()).device,
+                                           next(model.parameters()).dtype),
                        seed=phase_seed(cfg.seed, k, "score"),
                        progress=progress and dist.is_main())
 

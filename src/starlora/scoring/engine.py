@@ -202,7 +202,8 @@ def score_examples(
     max_tokens_per_batch, max_padding = opts.max_tokens_per_batch, opts.max_padding
     zero = zero3.enabled()  # partitioned weights: the plain forward, in fixed-size batches
     by_tokens = batch_size == "auto" and not zero
-    dtype = None if zero else resolve_dtype(opts.dtype, next(model.parameters()).device)
+    weights = next(model.parameters())
+    dtype = resolve_dtype(opts.dtype, weights.device, weights.dtype)
     checked = model  # the self-check runs in the caller's precision (see the docstring)
     if dtype is not None and dtype != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its weights

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from starlora import zero3
 from starlora.errors import ConfigError
 from starlora.scoring.results import MEASURES
 
@@ -17,10 +18,14 @@ from starlora.scoring.results import MEASURES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device,
+                  weights: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype a scorer on `device` computes in: None (the model's own) for None, bf16 for
     ``"auto"`` on GPUs and on CPUs with native bf16 (`starlora.models.cpu_has_native_bf16`),
-    float32 for ``"auto"`` elsewhere, else the named one."""
+    float32 for ``"auto"`` elsewhere, else the named one. Under DeepSpeed ZeRO-3 the weights'
+    own dtype, `weights` (partitioned weights are not copied to another dtype)."""
+    if zero3.enabled():
+        return weights
     if name is None or isinstance(name, torch.dtype):
         return name
     if name == "auto":
