@@ -10,7 +10,7 @@ import pytest
 
 from starlora.cli import main
 from starlora.datafiles import load_examples
-from starlora.scoring import score_own_answers
+from starlora.scoring import Scores, score_own_answers
 from starlora.tasks import get_task
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have now?",
@@ -75,3 +75,18 @@ def test_smollm2_label_free_scores_do_not_read_the_answers(smol, tmp_path: Path)
         results.append((scores.pe.tolist(), scores.me.tolist(), out.texts))
     assert results[0] == results[1] == results[2]
     assert all(p > 0 for p in results[0][0])
+
+
+def test_answer_lengths_averaged_over_samples_are_kept_in_the_records() -> None:
+    """Two examples, two generated answers each, of 3 and 4 tokens and of 5 and 5: the mean
+    length 3.5 is written as 3.5 (not cut to 3) and read back; whole counts stay ints."""
+    n = np.array([3, 4, 5, 5], np.int64)
+    pe = np.array([3.0, 8.0, 5.0, 10.0])
+    rows = Scores(ids=["a", "a", "b", "b"], pe=pe, pe_per_token=pe / n, me=pe, me_per_token=pe / n,
+                  n_answer_tokens=n)
+    scores = rows.mean_over(2)
+    records = scores.to_records()
+    assert [r["n_answer_tokens"] for r in records] == [3.5, 5]
+    assert isinstance(records[1]["n_answer_tokens"], int)
+    np.testing.assert_array_equal(Scores.from_records(records).n_answer_tokens, [3.5, 5.0])
+    assert Scores.from_records(rows.to_records()).n_answer_tokens.dtype == np.int64

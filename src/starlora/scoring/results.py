@@ -13,6 +13,17 @@ import numpy as np
 MEASURES = ("pe", "me")
 
 
+def _count(x: float) -> int | float:
+    """A token count for JSON: an int, or a float when it is a mean over samples."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _counts(values: Sequence[int | float]) -> np.ndarray:
+    """Token counts read back: int64, or float64 when any is a mean over samples."""
+    exact = all(float(v).is_integer() for v in values)
+    return np.array(values, np.int64 if exact else np.float64)
+
+
 @dataclass
 class Scores:
     """Scores of N examples, aligned with `ids`; every array [N] float64 in nats, NaN for a
@@ -20,6 +31,8 @@ class Scores:
 
     `pe`, `me`: the measure summed over the answer tokens, averaged over the K MC passes;
     `pe_per_token`, `me_per_token`: the same divided by `n_answer_tokens`;
+    `n_answer_tokens`: the answer tokens scored (int64), or their mean over the generated
+    answers of an example when its scores are averaged over several (float64, `mean_over`);
     `pe_passes`, `me_passes`: ``[N, K]`` per-pass values when K > 1, else None."""
 
     ids: list[str]
@@ -48,7 +61,7 @@ class Scores:
                 "pe_per_token": num(self.pe_per_token[i]),
                 "me": num(self.me[i]),
                 "me_per_token": num(self.me_per_token[i]),
-                "n_answer_tokens": int(self.n_answer_tokens[i]),
+                "n_answer_tokens": _count(self.n_answer_tokens[i]),
             }
             if self.pe_passes is not None:
                 rec["pe_passes"] = [num(x) for x in self.pe_passes[i]]
@@ -75,7 +88,7 @@ class Scores:
             pe_per_token=col("pe_per_token"),
             me=col("me"),
             me_per_token=col("me_per_token"),
-            n_answer_tokens=np.array([r["n_answer_tokens"] for r in records], np.int64),
+            n_answer_tokens=_counts([r["n_answer_tokens"] for r in records]),
             pe_passes=passes("pe_passes"),
             me_passes=passes("me_passes"),
         )
