@@ -243,12 +243,13 @@ def _outputs(run_dir: Path) -> dict:
     return out
 
 
-def _launch_and_kill(cmd: list[str], run_dir: Path, point, victim: str) -> None:
+def _launch_and_kill(cmd: list[str], run_dir: Path, point, victim: str, **env: str) -> None:
     """Start `cmd`, wait until state.json satisfies `point`, then SIGKILL the launcher or
     one of its workers (`victim`: "launcher" or "worker")."""
     import psutil
 
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=dict(ENV, **env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -373,19 +374,26 @@ def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
         assert b["me"] == pytest.approx(a["me"], rel=1e-6)
 
 
-@pytest.mark.slow  # one accelerate launch with DeepSpeed (~60 s)
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/tiny.yaml under ZeRO-3, with an empty cache: the base model's scores are
+    computed under ZeRO-3, not read."""
+    folder = tmp_path_factory.mktemp("zero3")
+    proc = _run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run")],
+                STARLORA_CACHE=str(folder / "cache"))
+    assert proc.stdout.count("run finished") == 1
+    return folder / "run"
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~40 s)
 def test_a_zero3_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path],
-                                                  tmp_path: Path) -> None:
+                                                  zero3_run: Path) -> None:
     """configs/tiny.yaml under ZeRO-3: the files of one process, the same round-0 selection
     (as a set: scoring takes the plain forward path there, and near-ties may swap places),
     metrics and losses within the DDP tolerances, and adapters saved whole."""
     from safetensors.torch import load_file
 
-    one, run_dir = tiny_runs[0], tmp_path / "zero3"
-    # an empty cache: the base model's scores are computed under ZeRO-3, not read
-    proc = _run([*ZERO3, "run", str(TINY), "--run-dir", str(run_dir)],
-                STARLORA_CACHE=str(tmp_path / "cache"))
-    assert proc.stdout.count("run finished") == 1
+    one, run_dir = tiny_runs[0], zero3_run
     assert _files(one) == _files(run_dir)
     ids = [sorted(r["id"] for r in read_jsonl(d / "rounds/0/selected.jsonl"))
            for d in (one, run_dir)]
@@ -403,3 +411,16 @@ def test_a_zero3_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path],
     a, b = (load_file(d / "rounds/1/adapter/adapter_model.safetensors") for d in (one, run_dir))
     assert {n: t.shape for n, t in a.items()} == {n: t.shape for n, t in b.items()}
     assert all(t.abs().sum() > 0 for t in b.values())
+
+
+@pytest.mark.slow  # two accelerate launches with DeepSpeed (~60 s)
+def test_a_killed_zero3_run_finishes_when_run_again(zero3_run: Path, tmp_path: Path) -> None:
+    """Killed after round 0's training, the rerun loads the saved adapter into the
+    partitioned model and ends with the outputs of an uninterrupted ZeRO-3 run."""
+    run_dir, cache = tmp_path / "run", str(tmp_path / "cache")  # base scores as zero3_run's
+    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir)]
+    _launch_and_kill(cmd, run_dir, lambda s: s["phase"] == "train", "launcher",
+                     STARLORA_CACHE=cache)
+    _run(cmd, STARLORA_CACHE=cache)
+    assert _outputs(run_dir) == _outputs(zero3_run)
+

@@ -48,7 +48,7 @@ from starlora import zero3
 from starlora.adapters import attach_lora, check_adapter_dir
 from starlora.answer_loss import IGNORE, AnswerLoss, ModelLoss, default_chunk_rows
 from starlora.config import LoraConfig, TrainingConfig
-from starlora.errors import StarloraError
+from starlora.errors import ConfigError, StarloraError
 from starlora.models import cpu_has_native_bf16
 from starlora.scoring.batching import fit
 from starlora.tasks import Example, Task
@@ -285,6 +285,9 @@ def train_adapter(
         name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     if zero3.enabled():  # the LM head's weight is whole only inside its own forward
+        if training.b_decay_mode == "l2" and training.b_decay > 0:
+            raise ConfigError("training.b_decay_mode: l2 reads every lora_B weight outside "
+                              "its module, which DeepSpeed ZeRO-3 partitions; use decoupled")
         step_model: torch.nn.Module = ModelLoss(peft_model)
     else:
         step_model = AnswerLoss(peft_model, chunk_rows=default_chunk_rows(peft_model, device))

@@ -254,10 +254,10 @@ def score_examples(
     fork_devices = [device] if device.type == "cuda" else []
     sampler = MaskSampler(device)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(zero3.forward_hooks(model))  # before the dropout modes are set
         stochastic = stack.enter_context(
             scoring_mode(model, K > 1, model_dropout, sampler, fused=not plain)
         )
-        stack.enter_context(zero3.forward_hooks(model))
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         keys = unique_keys([ex.id for ex in examples])
