@@ -357,6 +357,26 @@ def test_zero3_trains_on_the_batches_of_one(tmp_path: Path) -> None:
         torch.testing.assert_close(two["lora"][name], p, rtol=1e-3, atol=1e-5)
 
 
+def test_zero3_helpers_without_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process, no launcher: nothing is partitioned and every helper is a no-op; a ZeRO-3
+    launch without zero3_init_flag is refused before any model loads."""
+    import torch
+
+    from starlora import zero3
+    from starlora.errors import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert not zero3.requested() and not zero3.enabled()
+    assert zero3.held_elements(model) == (3 * 4 + 4 + 4 * 2 + 2,) * 2
+    with zero3.forward_hooks(model), zero3.gathered(model.parameters()), zero3.inference_mode():
+        assert torch.is_inference_mode_enabled()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero3.requested()
+    with pytest.raises(ConfigError, match="zero3_init_flag: true"):
+        zero3.prepare_loading()
+
+
 @pytest.mark.slow  # one accelerate launch with DeepSpeed (~20 s)
 def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
                                           tmp_path: Path) -> None:
