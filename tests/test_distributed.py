@@ -179,15 +179,23 @@ if dist.is_main():
 """
 
 
-@pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite
-def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
+def _trained(tmp_path: Path, launcher: list[str]) -> tuple[dict, dict]:
+    """What `TRAIN` saved when run by one process and by `launcher` (2 processes)."""
     import torch
 
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     _run([sys.executable, str(script), str(tmp_path / "one.pt")])
-    _run([*TWO[:-2], str(script), str(tmp_path / "two.pt")])
+    _run([*launcher[:-2], str(script), str(tmp_path / "two.pt")])
     one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    return one, two
+
+
+@pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite
+def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
+    import torch
+
+    one, two = _trained(tmp_path, TWO)
     assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
     assert one["tokens"] == two["tokens"]  # stand-ins are not counted
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)  # the whole batch's mean
@@ -344,11 +352,7 @@ def test_zero3_trains_on_the_batches_of_one(tmp_path: Path) -> None:
     """ZeRO-3 (each process holds half of every weight) takes the steps of one process."""
     import torch
 
-    script = tmp_path / "train.py"
-    script.write_text(TRAIN)
-    _run([sys.executable, str(script), str(tmp_path / "one.pt")])
-    _run([*ZERO3[:-2], str(script), str(tmp_path / "two.pt")])
-    one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    one, two = _trained(tmp_path, ZERO3)
     assert one["held"] == 1 and 0.45 < two["held"] < 0.55  # each holds half of every weight
     assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
     assert one["tokens"] == two["tokens"]
