@@ -7,7 +7,9 @@ So:
 
 * the model is loaded partitioned: `prepare_loading`, called by `starlora.models.load_model`,
   sets up accelerate's DeepSpeed state before ``from_pretrained``, and transformers then loads
-  each weight straight into its shares (``zero3_init_flag: true``, which starlora requires);
+  each weight straight into its shares (``zero3_init_flag: true``, which starlora requires;
+  the tiny test models are built whole, with the weights of one process, and partitioned by
+  the first engine);
 * training is accelerate's DeepSpeed engine (`starlora.training`);
 * outside training, forward passes run inside `forward_hooks`, a DeepSpeed engine without an
   optimizer that exists only for their duration. Every process must run the same number of
