@@ -131,9 +131,6 @@ def _score_batch(
 
 def fast_path_disagreement(
     model: nn.Module,
-    body: nn.Module,
-    head: nn.Module,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None,
     seq: tuple[list[int], list[int]],
     pad_id: int,
     device: torch.device,
@@ -144,9 +141,10 @@ def fast_path_disagreement(
     1e-4 for float32/float64 weights and 2e-2 for bf16/fp16 ones (their logits are rounded
     to ~3 digits), else the warning. Two forward passes of one sequence; draws no random
     numbers."""
+    body, head = decoder_and_head(model)
     packing = packed_attention_for(model) if packed else contextlib.nullcontext()
     with scoring_mode(model), torch.inference_mode(), packing:
-        fast = _score_batch(model, body, head, transform, [seq], pad_id, device, True, True,
+        fast = _score_batch(model, body, head, logit_transform(model), [seq], pad_id, device, True, True,
                             None, MaskSampler(device), packed)
     with scoring_mode(model, fused=False), torch.inference_mode():
         plain = plain_batch(model, [seq], pad_id, device, None)
@@ -235,8 +233,8 @@ def score_examples(
         )
     check = next((int(i) for i in order[::-1] if n_tok[i] > 0), None)  # the shortest
     problem = None if check is None or zero else fast_path_disagreement(
-        checked, *decoder_and_head(checked), logit_transform(checked),
-        (seqs[check][0][-CHECK_TOKENS:], seqs[check][1][:CHECK_TOKENS]), pad_id, device, packed,
+        checked, (seqs[check][0][-CHECK_TOKENS:], seqs[check][1][:CHECK_TOKENS]), pad_id,
+        device, packed,
     )
     if problem is not None:
         warnings.warn(problem, ScorerFallbackWarning, stacklevel=2)
