@@ -382,13 +382,16 @@ def test_zero3_helpers_without_deepspeed(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.slow  # one accelerate launch with DeepSpeed (~20 s)
+@pytest.mark.parametrize("passes", [1, 3])
 def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
-                                          tmp_path: Path) -> None:
-    """Gold answers, one pass: under ZeRO-3 (the plain forward path, whole weights gathered
-    layer by layer) the same PE and ME as one process's fast path, to float rounding."""
+                                          tmp_path: Path, passes: int) -> None:
+    """Gold answers: under ZeRO-3 (the plain forward path, whole weights gathered layer by
+    layer) the same PE and ME as one process's fast path, to float rounding, MC passes
+    included (each example's masks come from its own stream on either path)."""
     data, adapter = scoring_inputs
     args = ["score", "--model", "tiny-llama", "--adapter", str(adapter), "--task", "arith",
-            "--data", str(data), "--answers", "gold", "--device", "cpu"]
+            "--data", str(data), "--answers", "gold", "--mc-passes", str(passes),
+            "--device", "cpu"]
     _run([*ONE, *args, "--out", str(tmp_path / "one.jsonl")])
     _run([*ZERO3, *args, "--out", str(tmp_path / "two.jsonl")])
     one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from starlora.adapters import attach_lora
 from starlora.datafiles import load_examples
-from starlora.errors import ConfigError
+from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.models import load_model
 from starlora.scoring import BaseScoreCache, Scores, base_cache_key, score_base, score_examples
 from starlora.scoring.reference import reference_scores
@@ -138,6 +138,27 @@ def test_mc_masks_follow_the_example_not_its_batch(llama, examples):
     assert np.all(np.abs(other.pe_passes - ref) > 1e-4)
 
 
+def test_plain_path_draws_the_masks_of_the_fast_path(llama, examples, monkeypatch):
+    """On the plain path (the self-check's fallback, and ZeRO-3's), peft runs the LoRA layers
+    itself and its dropout draws each example's masks from the example's stream: the MC passes
+    of the fused path, to float rounding, whatever the batch."""
+    from starlora.scoring import engine
+
+    llama.model.model.norm.weight.data *= 30
+    model = with_lora(llama.model, dropout=0.3)
+    kw = dict(mc_passes=3, seed=7, max_tokens_per_batch=128)
+    fast = score(model, llama.tokenizer, examples, **kw)
+    monkeypatch.setattr(engine, "fast_path_disagreement", lambda *a, **k: "forced")
+    with pytest.warns(ScorerFallbackWarning, match="forced"):
+        plain = score(model, llama.tokenizer, examples, **kw)
+        part = score(model, llama.tokenizer, examples[1::2][::-1], **kw)  # other batches
+    assert np.all(np.abs(np.diff(plain.pe_passes, axis=1)) > 1e-3)  # the masks really sample
+    np.testing.assert_allclose(plain.pe_passes, fast.pe_passes, rtol=1e-5)
+    np.testing.assert_allclose(plain.me_passes, fast.me_passes, rtol=1e-5)
+    np.testing.assert_allclose(part.pe_passes, plain.pe_passes[1::2][::-1], rtol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())  # the patches are gone
+
+
 def test_bfloat16_scoring_ranks_like_float32_and_leaves_the_model(llama, examples):
     model = with_lora(llama.model, dropout=0.0)
     fp32 = score(model, llama.tokenizer, examples)
@@ -155,7 +176,6 @@ def test_bfloat16_self_check_runs_in_the_callers_precision(smol, examples):
     the bf16 tolerance (found by search: lora_B = 0.1 * N(0, 1), seed 0): the check runs on
     the fp32 caller, so bf16 scoring keeps the fast path, and its error against fp32 is of the
     order of the plain bf16 forward's (which a model that is itself bf16 falls back to)."""
-    from starlora.errors import ScorerFallbackWarning
 
     model = with_lora(smol.model, dropout=0.1, seed=0)
     for name, p in model.named_parameters():
@@ -206,8 +226,11 @@ def test_only_dropout_trains_and_modes_are_restored(llama, examples):
     training = {name for name, on in seen.items() if on}
     assert training and all(".lora_dropout" in name for name in training)
     assert {name: m.training for name, m in model.named_modules()} == before
-    # every LoRA layer ran the scoring forward, and peft's own forward is back
-    assert len(patched) == 2 * 7 and unpatched()
+    # every LoRA layer ran the scoring forward and its dropout drew from the example streams
+    # (2 layers x 7 targets each); peft's own forwards are back
+    layers = {n for n in patched if ".lora_dropout." not in n}
+    assert len(layers) == 2 * 7 and unpatched()
+    assert patched - layers == {f"{n}.lora_dropout.default" for n in layers}
 
     handle.remove()
 
@@ -465,7 +488,6 @@ def test_granite_logits_scaling(examples):
     self-check passes and scores equal those of the model's own forward."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    from starlora.errors import ScorerFallbackWarning
     from starlora.models import load_tokenizer
 
     tok = load_tokenizer("tiny-llama")
@@ -497,7 +519,6 @@ class _PostProcessedLlama(LlamaForCausalLM):
 
 
 def test_unknown_logit_processing_falls_back_to_plain_forward(llama, examples):
-    from starlora.errors import ScorerFallbackWarning
 
     llama.model.model.norm.weight.data *= 30
     odd = _PostProcessedLlama(llama.model.config)
@@ -510,7 +531,7 @@ def test_unknown_logit_processing_falls_back_to_plain_forward(llama, examples):
         s = score(model, llama.tokenizer, examples, max_tokens_per_batch=128)
     np.testing.assert_allclose(s.pe, pe, rtol=1e-5)
     np.testing.assert_allclose(s.me, me, rtol=1e-5)
-    # MC passes on the plain path: torch samples peft's dropout, reproducibly
+    # MC passes on the plain path: peft's dropout samples, reproducibly
     with pytest.warns(ScorerFallbackWarning):
         torch.manual_seed(1)
         mc = score(model, llama.tokenizer, examples, mc_passes=2, max_tokens_per_batch=128)
@@ -522,7 +543,6 @@ def test_unknown_logit_processing_falls_back_to_plain_forward(llama, examples):
 
 
 def test_self_check_is_silent_on_known_models(tiny, examples):
-    from starlora.errors import ScorerFallbackWarning
 
     for model in (tiny.model, with_lora(tiny.model, dropout=0.3)):
         with warnings.catch_warnings():

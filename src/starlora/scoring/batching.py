@@ -74,6 +74,15 @@ def batch_end(
 #: name under which `packed_attention` is registered with transformers' AttentionInterface
 
 
+def sequence_rows(lengths: Sequence[int], packed: bool) -> list[int]:
+    """The first row of each sequence in a batch's flattened input ``[rows * T]`` (the layout
+    `batch_inputs` builds): back to back when `packed`, one right-padded row of ``max(lengths)``
+    each otherwise."""
+    if packed:
+        return [int(s) for s in np.concatenate([[0], np.cumsum(lengths)[:-1]])]
+    return [j * int(max(lengths)) for j in range(len(lengths))]
+
+
 def batch_inputs(
     seqs: list[tuple[list[int], list[int]]], pad_id: int, packed: bool
 ) -> tuple[dict[str, np.ndarray | None], np.ndarray, np.ndarray, np.ndarray]:
@@ -88,14 +97,14 @@ def batch_inputs(
     output; targets [P]: the answer token it predicts; owner [P]: its sequence's index in seqs).
     """
     lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if packed else None
+    starts = sequence_rows(lengths, packed)
     width = int(lengths.sum()) if packed else int(lengths.max())
     rows = 1 if packed else len(seqs)
     ids = np.full((rows, width), pad_id, np.int64)
     positions = np.zeros((rows, width), np.int64) if packed else np.tile(np.arange(width), (rows, 1))
     flat, targets, owner = [], [], []
     for j, (p, a) in enumerate(seqs):
-        row, offset = (0, int(starts[j])) if packed else (j, 0)
+        row, offset = (0, starts[j]) if packed else (j, 0)
         n = len(p) + len(a)
         ids[row, offset : offset + n] = p + a
         if packed:

@@ -11,11 +11,12 @@ batch and pass; the LM head runs only at answer positions, in vocabulary tiles
 
 Monte-Carlo dropout (`mc_passes` K > 1): the LoRA dropout on A's input (and, with
 `model_dropout`, the model's own ``nn.Dropout`` modules) really samples in every pass. On CPU
-the fused LoRA layers draw each example's masks from a stream seeded by the base seed, the
-example's id and the pass (`starlora.scoring.options.example_seeds`), so an example's scores
-do not depend on its batch or on how the pool is split between processes. torch's own dropout
-(the model's, peft's fallback layers, GPUs) is seeded per (batch, pass). When no dropout is
-active the model runs once and the pass is repeated.
+the LoRA layers draw each example's masks from a stream seeded by the base seed, the
+example's id and the pass (`starlora.scoring.options.example_seeds`), whether they run fused or
+as peft runs them (the plain path, ZeRO-3, LoRA variants), so an example's scores do not
+depend on its batch, on the path or on how the pool is split between processes. torch's own
+dropout (the model's, GPUs) is seeded per (batch, pass). When no dropout is active the model
+runs once and the pass is repeated.
 
 Precision: `ScoringOptions.dtype` other than the model's scores a temporary copy of the model
 cast to it (bf16 on CPUs with native bf16 is ~2x faster than fp32).
@@ -40,7 +41,7 @@ from torch import nn
 from starlora import zero3
 from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.models import decoder_and_head, logit_transform, unwrap_model
-from starlora.scoring.batching import batch_end, batch_inputs, encode_pairs
+from starlora.scoring.batching import batch_end, batch_inputs, encode_pairs, sequence_rows
 from starlora.scoring.cache import (
     BaseScoreCache,
     sequence_key,
@@ -102,19 +103,15 @@ def _score_batch(
     cpu = device.type == "cpu"
     vocab_tile, max_elements = (CPU_VOCAB_TILE, CHUNK_ELEMENTS) if cpu else (None, GPU_CHUNK_ELEMENTS)
 
-    width = inputs["input_ids"].shape[1]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if packed else \
-        np.arange(len(seqs)) * width  # first row of each sequence in the flattened input
+    starts = sequence_rows(lengths, packed)
     passes = seeds if seeds is not None else [None]
     nll = np.full((len(passes), P), np.nan)
     ent = np.full((len(passes), P), np.nan)
     for k, seed in enumerate(passes):
         if seed is not None:
-            torch.manual_seed(seed)  # dropouts peft runs itself (fallback layers, the model's own)
-            if mask_seeds is None:
-                sampler.reseed(seed)
-            else:
-                sampler.begin_pass(mask_seeds[k], list(starts), lengths)
+            torch.manual_seed(seed)  # torch's dropouts (the model's own; GPUs)
+            sampler.seed_pass(seed, None if mask_seeds is None else mask_seeds[k], starts,
+                              lengths)
         with packed_lengths(lengths) if packed else contextlib.nullcontext():
             out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
         hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
@@ -184,8 +181,8 @@ def score_examples(
     and by `plain_batch`, the model's own ``forward(...).logits``. If PE or ME
     differ by more than ``1e-4 * max(1, |plain|)`` (float32/float64 weights; ``2e-2 *`` for
     bf16/fp16 weights, whose logits carry ~3 digits), a `ScorerFallbackWarning` names the
-    model class and the whole call runs `plain_batch` on padded batches (`packed` ignored;
-    MC passes then sample peft's dropout with torch's generator, seeded per batch and pass).
+    model class and the whole call runs `plain_batch` on padded batches (`packed` ignored; MC
+    masks on CPU as on the fast path, see the module's docstring).
     The check draws no random numbers and leaves the scores of an agreeing model unchanged.
     With `options.dtype` other than the model's, the check runs on the caller's model, in its
     precision, not on the cast copy: the fast path computes the same thing in any dtype, and
@@ -274,11 +271,12 @@ def score_examples(
             seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
             batch = [seqs[i] for i in idx]
             try:
+                mask_seeds = None if per_example is None else \
+                    [[int(s) for s in per_example[k, idx]] for k in range(K)]
                 if plain:
-                    owner, nll, ent = plain_batch(model, batch, pad_id, device, seeds)
+                    owner, nll, ent = plain_batch(model, batch, pad_id, device, seeds, sampler,
+                                                  mask_seeds)
                 else:
-                    mask_seeds = None if per_example is None else \
-                        [[int(s) for s in per_example[k, idx]] for k in range(K)]
                     owner, nll, ent = _score_batch(model, body, head, transform, batch, pad_id,
                                                    device, want_pe, want_me, seeds, sampler,
                                                    packed, mask_seeds)

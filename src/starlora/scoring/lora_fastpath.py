@@ -61,6 +61,35 @@ class MaskSampler:
         self._segments = [(np.random.SFC64(s), int(a), int(n))
                           for s, a, n in zip(seeds, starts, lengths)]
 
+    def seed_pass(
+        self, seed: int, seeds: list[int] | None, starts: list[int], lengths: list[int]
+    ) -> None:
+        """Before a pass over a batch laid out as `starts` and `lengths` (rows): per-sequence
+        streams (`begin_pass`) when `seeds` is given, else one stream seeded by `seed`."""
+        if seeds is None:
+            self.reseed(seed)
+        else:
+            self.begin_pass(seeds, starts, lengths)
+
+    def _keeps(self, x: torch.Tensor, p: float) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """CPU masks of x [rows, d_in], a block of rows at a time: yields (first row, end row,
+        keep [end - first, d_in] 0/1 in x's dtype), each sequence's blocks from its stream in
+        row order. Rows outside every sequence get no block."""
+        cut = min(round(p * 65536), 65535) - 32768  # keep where the signed lane >= cut
+        rows = x.shape[0]
+        segments = self._segments if self._segments is not None else [(self._gen, 0, rows)]
+        step = max(1, self.block_elements // x.shape[1])
+        buffer = x.new_empty(min(step, rows), x.shape[1])
+        for gen, first, count in segments:
+            for s in range(first, first + count, step):
+                e = min(s + step, first + count)
+                n = (e - s) * x.shape[1]
+                lanes = torch.from_numpy(gen.random_raw((n + 3) // 4).view(np.int16)[:n])
+                yield s, e, torch.ge(lanes.view(e - s, x.shape[1]), cut, out=buffer[: e - s])
+
+    def _covers(self, rows: int) -> bool:
+        return self._segments is None or sum(n for _, _, n in self._segments) == rows
+
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, p: float
     ) -> tuple[torch.Tensor, float]:
@@ -70,23 +99,40 @@ class MaskSampler:
         dropped = min(round(p * 65536), 65535)  # of 65536 lane values
         if dropped == 0:
             return nn.functional.linear(x, weight), 1.0
-        cut = dropped - 32768  # keep where the signed lane >= cut
         rows = x.shape[0]
-        segments = self._segments if self._segments is not None else [(self._gen, 0, rows)]
-        covered = sum(n for _, _, n in segments)
-        h = x.new_empty(rows, weight.shape[0]) if covered == rows else \
+        h = x.new_empty(rows, weight.shape[0]) if self._covers(rows) else \
             x.new_zeros(rows, weight.shape[0])
-        step = max(1, self.block_elements // x.shape[1])
-        buffer = x.new_empty(min(step, rows), x.shape[1])
-        for gen, first, count in segments:
-            for s in range(first, first + count, step):
-                e = min(s + step, first + count)
-                xs = x[s:e]
-                n = xs.numel()
-                lanes = torch.from_numpy(gen.random_raw((n + 3) // 4).view(np.int16)[:n])
-                keep = torch.ge(lanes.view(xs.shape), cut, out=buffer[: e - s])  # 0/1, x.dtype
-                torch.mm(keep.mul_(xs), weight.t(), out=h[s:e])
+        for s, e, keep in self._keeps(x, p):
+            torch.mm(keep.mul_(x[s:e]), weight.t(), out=h[s:e])
         return h, 65536 / (65536 - dropped)
+
+    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """x [..., d_in] -> x with the masks `project` would draw applied and scaled by the
+        gain: ``dropout(x) @ A.T`` is ``project(x, A, p)`` (up to float rounding), for peft's
+        own LoRA forward (`SampledDropout`). Rows outside every sequence are zeroed."""
+        if not self.cpu:
+            return nn.functional.dropout(x, p, training=True)
+        dropped = min(round(p * 65536), 65535)
+        if dropped == 0:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(x2) if self._covers(x2.shape[0]) else torch.zeros_like(x2)
+        for s, e, keep in self._keeps(x2, p):
+            torch.mul(keep, x2[s:e], out=out[s:e])
+        return out.mul_(65536 / (65536 - dropped)).view(x.shape)
+
+
+class SampledDropout:
+    """The ``forward`` of one of peft's ``lora_dropout`` modules during MC scoring on CPU
+    (installed by `scoring_mode`): `MaskSampler.dropout`, so that layers peft runs itself (the
+    plain forward path, LoRA variants) draw each example's masks from the example's stream,
+    as the fused layers do."""
+
+    def __init__(self, sampler: MaskSampler, p: float):
+        self.sampler, self.p = sampler, p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sampler.dropout(x, self.p)
 
 
 class LoraScoringForward:
@@ -193,9 +239,10 @@ def scoring_mode(
 ) -> Iterator[bool]:
     """Eval mode for the whole model, except the dropout modules MC dropout samples (when
     `mc_dropout`), which are put in train mode. With `fused`, every peft LoRA ``Linear`` runs a
-    `LoraScoringForward` meanwhile (its masks come from `sampler` when `mc_dropout`).
-    Restores every module's forward and previous ``training`` flag on exit, also on an
-    exception. Yields whether any dropout is active."""
+    `LoraScoringForward` meanwhile (its masks come from `sampler` when `mc_dropout`). On CPU,
+    peft's LoRA dropout modules draw from `sampler` too (`SampledDropout`), for the layers peft
+    runs itself. Restores every module's forward and previous ``training`` flag on exit, also
+    on an exception. Yields whether any dropout is active."""
     saved = [(m, m.training) for m in model.modules()]
     patched: list[nn.Module] = []
     try:
@@ -210,13 +257,17 @@ def scoring_mode(
                     layer.training = True  # this flag only, not its base layer's
         if mc_dropout and sampler is None:
             sampler = MaskSampler(next(model.parameters()).device)
+        if sampled and sampler is not None and sampler.cpu:  # peft's LoRA dropouts
+            for d in sampled_dropouts(model, model_dropout=False):
+                d.forward = SampledDropout(sampler, d.p)
+                patched.append(d)
         for layer in lora_linears(model) if fused else []:
             layer.forward = LoraScoringForward(layer, sampler if sampled else None)
             patched.append(layer)
         yield bool(sampled)
     finally:
-        for layer in patched:
-            del layer.forward  # the class's forward shows through again
+        for module in patched:
+            del module.forward  # the class's forward shows through again
         for m, flag in saved:
             m.training = flag
 

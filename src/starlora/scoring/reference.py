@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from starlora.scoring.batching import batch_inputs
+from starlora.scoring.batching import batch_inputs, sequence_rows
+from starlora.scoring.lora_fastpath import MaskSampler
 from starlora.scoring.measures import CHUNK_ELEMENTS
 from starlora.tasks import Example, Task
 
@@ -28,13 +29,17 @@ def plain_batch(
     pad_id: int,
     device: torch.device,
     seeds: list[int] | None,
+    sampler: MaskSampler | None = None,
+    mask_seeds: list[list[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The definition of PE and ME, and the path scoring falls back to: right-padded rows
-    through the model's own ``forward(...).logits`` (LoRA layers as peft runs them; pass k
-    seeds torch's dropout with ``seeds[k]``), log-softmax in float64 at the answer positions
-    (`CHUNK_ELEMENTS` at a time). Returns what `_score_batch` returns: owner [P], nll [K, P],
-    entropy [K, P] (nats)."""
+    through the model's own ``forward(...).logits`` (LoRA layers as peft runs them), log-softmax
+    in float64 at the answer positions (`CHUNK_ELEMENTS` at a time). Pass k seeds torch's
+    dropout with ``seeds[k]``, and `sampler` (which peft's LoRA dropouts draw from on CPU, see
+    `scoring_mode`) as `_score_batch` does: with ``mask_seeds[k]``, one stream per sequence.
+    Returns what `_score_batch` returns: owner [P], nll [K, P], entropy [K, P] (nats)."""
     arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed=False)
+    lengths = [len(p) + len(a) for p, a in seqs]
     inputs = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}  # ids, positions, mask
     flat_t, tgt_t = (torch.from_numpy(a).to(device) for a in (flat, targets[:, None]))
     passes = seeds if seeds is not None else [None]
@@ -42,6 +47,9 @@ def plain_batch(
     for k, seed in enumerate(passes):
         if seed is not None:
             torch.manual_seed(seed)
+            if sampler is not None:
+                sampler.seed_pass(seed, None if mask_seeds is None else mask_seeds[k],
+                                  sequence_rows(lengths, packed=False), lengths)
         logits = model(**inputs, use_cache=False).logits  # [B, T, V]
         z = logits.reshape(-1, logits.shape[-1])[flat_t]  # [P, V]: answer positions
         if z.device.type == "mps":  # no float64 there
