@@ -579,6 +579,31 @@ def test_mask_sampler_rate_gain_and_seed():
         assert out.dtype == dtype and abs(kept.double().mean().item() * gain - 1) < 0.05 + 3 * p
 
 
+def test_mask_sampler_dropout_applies_the_masks_of_project():
+    """`dropout` (peft's own LoRA forward) masks each sequence's rows as `project` (the fused
+    layers) does, scaled by the gain; padding rows are zeroed; an input whose rows the layout
+    does not fit (a layer that sees other rows than the tokens) gets torch's dropout."""
+    from starlora.scoring.lora_fastpath import MaskSampler
+
+    sampler = MaskSampler(torch.device("cpu"))
+    sampler.block_elements = 256  # several blocks per sequence
+    x = torch.randn(2, 40, 24)  # 2 right-padded rows of 40: sequences of 37 and 25 tokens
+    layout = ([11, 12], [0, 40], [37, 25])
+    sampler.begin_pass(*layout)
+    h, gain = sampler.project(x.reshape(-1, 24), torch.eye(24), 0.3)
+    sampler.begin_pass(*layout)
+    out = sampler.dropout(x, 0.3)
+    assert out.shape == x.shape and gain > 1
+    torch.testing.assert_close(out.reshape(-1, 24), h * gain)
+    assert out[0, 37:].abs().sum() == 0 and out[1, 25:].abs().sum() == 0
+    kept = out[0, :37] != 0
+    assert 0.6 < kept.float().mean() < 0.8
+    sampler.begin_pass(*layout)
+    torch.manual_seed(0)
+    other = sampler.dropout(torch.ones(30, 24), 0.3)  # 30 rows: the layout does not fit
+    assert other.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+
+
 def test_mask_sampler_off_cpu_uses_torch_dropout():
     """The path GPUs take (torch's dropout, seeded by ``torch.manual_seed`` per pass), run here
     on CPU tensors: the drop rate is p, the kept elements are already rescaled (gain 1) and

@@ -90,11 +90,16 @@ class MaskSampler:
     def _covers(self, rows: int) -> bool:
         return self._segments is None or sum(n for _, _, n in self._segments) == rows
 
+    def _fits(self, rows: int) -> bool:
+        """Whether the layout fits an input of `rows` rows (not so for a layer that sees
+        another set of rows than the batch's tokens, e.g. routed experts: torch's dropout)."""
+        return self._segments is None or all(a + n <= rows for _, a, n in self._segments)
+
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, p: float
     ) -> tuple[torch.Tensor, float]:
         """x [rows, d_in], weight [r, d_in] -> (h [rows, r], gain)."""
-        if not self.cpu:
+        if not self.cpu or not self._fits(x.shape[0]):
             return nn.functional.linear(nn.functional.dropout(x, p, training=True), weight), 1.0
         dropped = min(round(p * 65536), 65535)  # of 65536 lane values
         if dropped == 0:
@@ -110,12 +115,12 @@ class MaskSampler:
         """x [..., d_in] -> x with the masks `project` would draw applied and scaled by the
         gain: ``dropout(x) @ A.T`` is ``project(x, A, p)`` (up to float rounding), for peft's
         own LoRA forward (`SampledDropout`). Rows outside every sequence are zeroed."""
-        if not self.cpu:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not self.cpu or not self._fits(x2.shape[0]):
             return nn.functional.dropout(x, p, training=True)
         dropped = min(round(p * 65536), 65535)
         if dropped == 0:
             return x
-        x2 = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(x2) if self._covers(x2.shape[0]) else torch.zeros_like(x2)
         for s, e, keep in self._keeps(x2, p):
             torch.mul(keep, x2[s:e], out=out[s:e])
