@@ -161,9 +161,27 @@ def test_plain_path_draws_the_masks_of_the_fast_path(llama, examples, monkeypatc
 
 def test_bfloat16_scoring_ranks_like_float32_and_leaves_the_model(llama, examples):
     model = with_lora(llama.model, dropout=0.0)
+    held = {n: (t, t.data.clone()) for n, t in (*model.named_parameters(), *model.named_buffers())}
+
+    def unchanged() -> bool:  # the very tensors, with their values, after the cast is undone
+        now = dict((*model.named_parameters(), *model.named_buffers()))
+        return now.keys() == held.keys() and all(
+            now[n] is t and t.dtype == v.dtype and torch.equal(t.data, v)
+            for n, (t, v) in held.items())
+
     fp32 = score(model, llama.tokenizer, examples)
     bf16 = score(model, llama.tokenizer, examples, dtype="bfloat16")
-    assert next(model.parameters()).dtype == torch.float32  # scored on a cast copy
+    assert unchanged()
+
+    def boom(module, args):  # the self-check runs in float32; then the cast weights fail
+        if next(module.parameters()).dtype == torch.bfloat16:
+            raise RuntimeError("boom")
+
+    hook = model.get_base_model().model.layers[0].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        score(model, llama.tokenizer, examples, dtype="bfloat16")
+    hook.remove()
+    assert unchanged()
     np.testing.assert_allclose(bf16.pe, fp32.pe, rtol=0.05)
     assert not np.allclose(bf16.pe, fp32.pe, rtol=1e-6)  # really computed in bf16
     assert list(np.argsort(bf16.pe)) == list(np.argsort(fp32.pe))

@@ -80,8 +80,8 @@ class ScoringOptions:
         come from its own stream (`example_seeds` of its id and the pass), so its scores do not
         depend on the batch it lands in or on sharding between processes.
     dtype: what the forward passes compute in: None (the model's dtype), ``"float32"``,
-        ``"bfloat16"`` or ``"auto"`` (`resolve_dtype`). A dtype other than the model's scores
-        a temporary copy of the model cast to it.
+        ``"bfloat16"`` or ``"auto"`` (`resolve_dtype`). A dtype other than the model's casts
+        the model's weights to it for the call (restored after it).
     max_padding: padded batches only: the largest fraction of padding tokens a batch may hold.
         Default 0.1 on CPU, 0.5 on GPUs.
     packed: put each batch's sequences back to back in one row (no padding; attention stays
