@@ -18,6 +18,11 @@ import torch
 from torch import nn
 
 
+def _dropped_lanes(p: float) -> int:
+    """How many of the 65536 values of a 16-bit lane drop an element at rate p."""
+    return min(round(p * 65536), 65535)
+
+
 class MaskSampler:
     """Dropout on the input of LoRA A for the MC passes of `LoraScoringForward`.
 
@@ -75,7 +80,7 @@ class MaskSampler:
         """CPU masks of x [rows, d_in], a block of rows at a time: yields (first row, end row,
         keep [end - first, d_in] 0/1 in x's dtype), each sequence's blocks from its stream in
         row order. Rows outside every sequence get no block."""
-        cut = min(round(p * 65536), 65535) - 32768  # keep where the signed lane >= cut
+        cut = _dropped_lanes(p) - 32768  # keep where the signed lane >= cut
         rows = x.shape[0]
         segments = self._segments if self._segments is not None else [(self._gen, 0, rows)]
         step = max(1, self.block_elements // x.shape[1])
@@ -101,7 +106,7 @@ class MaskSampler:
         """x [rows, d_in], weight [r, d_in] -> (h [rows, r], gain)."""
         if not self.cpu or not self._fits(x.shape[0]):
             return nn.functional.linear(nn.functional.dropout(x, p, training=True), weight), 1.0
-        dropped = min(round(p * 65536), 65535)  # of 65536 lane values
+        dropped = _dropped_lanes(p)
         if dropped == 0:
             return nn.functional.linear(x, weight), 1.0
         rows = x.shape[0]
@@ -118,7 +123,7 @@ class MaskSampler:
         x2 = x.reshape(-1, x.shape[-1])
         if not self.cpu or not self._fits(x2.shape[0]):
             return nn.functional.dropout(x, p, training=True)
-        dropped = min(round(p * 65536), 65535)
+        dropped = _dropped_lanes(p)
         if dropped == 0:
             return x
         out = torch.empty_like(x2) if self._covers(x2.shape[0]) else torch.zeros_like(x2)
