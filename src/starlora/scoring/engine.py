@@ -203,8 +203,8 @@ def score_examples(
     With `options.dtype` other than the model's, the check runs on the caller's model, in its
     precision, before its weights are cast: the fast path computes the same thing in any
     dtype, and a wrong one shows at 1e-4 in float32, whereas two bf16 computations of the
-    right thing round differently (on a trained SmolLM2 adapter, by up to 5% of a 16-token ME), which
-    would send every bf16 call down the slow plain path.
+    right thing round differently (on a trained SmolLM2 adapter, by up to 5% of a 16-token
+    ME), which would send every bf16 call down the slow plain path.
     """
     opts = ScoringOptions.build(options, **fields)
     measures, mc_passes, model_dropout = opts.measures, opts.mc_passes, opts.model_dropout
