@@ -7,6 +7,7 @@ real SmolLM2; tests that use the `smol` fixture are marked slow automatically.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from launching import ONE, TINY, TWO, run  # noqa: E402
 
 from starlora.models import Loaded, load_model  # noqa: E402
 
@@ -46,3 +48,39 @@ def smol() -> Loaded:
 def tiny(request: pytest.FixtureRequest) -> Loaded:
     """A fresh tiny random model of each architecture (function-scoped: tests may mutate it)."""
     return load_model(request.param, device="cpu", dtype="float32", seed=0)
+
+
+# -- for the multi-process tests (test_distributed.py, test_zero3.py; see launching.py) --
+@pytest.fixture(scope="session")
+def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """11 arith problems (an odd count: one process gets a padding item) and a LoRA adapter
+    of tiny-llama with non-zero B, so that MC dropout changes the scores."""
+    import torch
+
+    from starlora.adapters import attach_lora
+    from starlora.models import load_model
+    from starlora.tasks import get_task
+
+    folder = tmp_path_factory.mktemp("scoring")
+    data = folder / "data.jsonl"
+    examples = get_task("arith").generate("train", 11, 0)
+    data.write_text("".join(json.dumps({"id": ex.id, "question": ex.question,
+                                        "answer": ex.answer}) + "\n" for ex in examples))
+    model = attach_lora(load_model("tiny-llama", device="cpu", dtype="float32", seed=0).model,
+                        r=4, dropout=0.1)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    model.save_pretrained(folder / "adapter")
+    return data, folder / "adapter"
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """configs/tiny.yaml run by one process and by two."""
+    folder = tmp_path_factory.mktemp("runs")
+    run([*ONE, "run", str(TINY), "--run-dir", str(folder / "one")])
+    proc = run([*TWO, "run", str(TINY), "--run-dir", str(folder / "two")])
+    assert proc.stdout.count("run finished") == 1  # the main process reports, alone
+    return folder / "one", folder / "two"

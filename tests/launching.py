@@ -1,0 +1,137 @@
+"""Launching starlora in 2 processes, for the multi-process tests: `test_distributed.py`
+(DDP under ``torchrun``) and `test_zero3.py` (DeepSpeed ZeRO-3 under ``accelerate launch``).
+
+Every launch runs on the CPU with one thread per process and is compared with
+``python -m starlora ...`` in one process (also one thread: the thread count may change the
+last bits of a float sum). The shared fixtures (`scoring_inputs`, `tiny_runs`) are in
+``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from starlora.io import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                    os.environ.get("PYTHONPATH")])))
+ONE = [sys.executable, "-m", "starlora"]
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+       "-m", "starlora"]
+#: DeepSpeed ZeRO-3 through the shipped accelerate config, 2 processes on the CPU (gloo), fp32
+ZERO3 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+         str(ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"), "--num_processes", "2",
+         "--mixed_precision", "no", "-m", "starlora"]
+#: 2-process run vs 1 process (configs/tiny.yaml): the processes draw other LoRA dropout masks
+#: in training (each for its share of a batch), so the adapters differ a little; with
+#: lora.dropout 0 they agree to ~1e-5 (float sums in another order). Final training loss:
+#: relative 2e-3 (measured 1.7e-4 and 3.1e-4); accuracy: one test example of 12; ECE: 0.05.
+LOSS_RTOL, ACCURACY_ATOL, ECE_ATOL = 2e-3, 1 / 12, 0.05
+
+
+def run(cmd: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run `cmd` with `ENV` (and `env`) to the end; it must succeed. Returns what it printed."""
+    proc = subprocess.run(cmd, env=dict(ENV, **env), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+#: trains one adapter (9 examples, batches of 4: the last holds one; 2 epochs, gradient
+#: accumulation 2; no dropout, so both sides compute the same function) and saves what it got
+TRAIN = """
+import sys, torch
+from starlora import distributed as dist
+from starlora.config import LoraConfig, TrainingConfig
+from starlora.models import load_model
+from starlora.tasks import get_task
+from starlora.training import train_adapter
+from starlora import zero3
+loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+examples = get_task("arith").generate("train", 9, 0)
+training = TrainingConfig(lr=1e-3, epochs=2, batch_size=4, grad_accum=2, mixed_precision="no")
+result = train_adapter(loaded.model, loaded.tokenizer, get_task("arith"), examples, training,
+                       LoraConfig(r=4, alpha=8, dropout=0.0), seed=1, progress=False)
+lora = [(n, p) for n, p in result.model.named_parameters() if "lora" in n]
+with zero3.gathered(p for _, p in lora):  # whole weights under ZeRO-3 (else a no-op)
+    lora = {n: p.detach().clone() for n, p in lora}
+held, whole = zero3.held_elements(result.model)
+if dist.is_main():
+    torch.save({"lora": lora, "held": held / whole,
+                "steps": result.steps, "lrs": result.lrs, "losses": result.losses,
+                "tokens": result.train_tokens}, sys.argv[1])
+"""
+
+
+def trained(tmp_path: Path, launcher: list[str]) -> tuple[dict, dict]:
+    """What `TRAIN` saved when run by one process and by `launcher` (2 processes)."""
+    import torch
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    run([sys.executable, str(script), str(tmp_path / "one.pt")])
+    run([*launcher[:-2], str(script), str(tmp_path / "two.pt")])
+    one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
+    return one, two
+
+
+def files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+
+
+
+def outputs(run_dir: Path) -> dict:
+    """What a resumed run must reproduce exactly (times left out)."""
+    out = {name: read_jsonl(run_dir / name) for name in ("labelled.jsonl",)}
+    out["metrics"] = [{k: r[k] for k in ("round", "n_labelled", "accuracy", "ece")}
+                      for r in read_jsonl(run_dir / "metrics.jsonl")]
+    for k in (0, 1):
+        for name in ("scores.jsonl", "selected.jsonl", "predictions.jsonl"):
+            path = run_dir / "rounds" / str(k) / name
+            out[f"{k}/{name}"] = read_jsonl(path) if path.is_file() else None
+        out[f"{k}/loss"] = json.loads((run_dir / f"rounds/{k}/train.json").read_text())["final_loss"]
+    return out
+
+
+def launch_and_kill(cmd: list[str], run_dir: Path, point, victim: str, **env: str) -> None:
+    """Start `cmd`, wait until state.json satisfies `point`, then SIGKILL the launcher or
+    one of its workers (`victim`: "launcher" or "worker")."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=dict(ENV, **env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, "the run ended before the kill point"
+            try:
+                if point(json.loads((run_dir / "state.json").read_text())):
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError("kill point not reached")
+        if victim == "worker":
+            workers = psutil.Process(proc.pid).children()
+            assert len(workers) == 2
+            workers[-1].send_signal(signal.SIGKILL)
+            proc.wait(timeout=120)  # the launcher stops the other worker and exits
+            assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            # the workers follow their launcher (`starlora.distributed.follow_launcher`)
+            gone, alive = psutil.wait_procs(children, timeout=30)
+            assert not alive, f"workers outlived their launcher: {alive}"

@@ -1,0 +1,150 @@
+"""DeepSpeed ZeRO-3 (`starlora.zero3`): in one process, the helpers and the batch settings;
+then the real thing, 2 processes on gloo under ``accelerate launch`` with the shipped config
+(`launching.ZERO3`), compared with one process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from launching import (
+    ACCURACY_ATOL,
+    ECE_ATOL,
+    LOSS_RTOL,
+    ONE,
+    TINY,
+    ZERO3,
+    files,
+    launch_and_kill,
+    outputs,
+    run,
+    trained,
+)
+
+from starlora.io import read_jsonl
+
+
+def test_deepspeed_batch_settings_are_filled_in_where_auto() -> None:
+    from types import SimpleNamespace
+
+    from starlora.config import TrainingConfig
+    from starlora.training import _deepspeed_config
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": 1, "gradient_clipping": 0.5}
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=config)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    _deepspeed_config(accelerator, TrainingConfig(batch_size=8, grad_accum=2))
+    # one process here: the micro-batch is the whole batch; starlora's settings win
+    assert config == {"train_micro_batch_size_per_gpu": 8, "train_batch_size": 16,
+                      "gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+    del config["gradient_clipping"]
+    _deepspeed_config(accelerator, TrainingConfig(batch_size=8, max_grad_norm=None))
+    assert config["gradient_clipping"] == 0.0 and config["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~30 s)
+def test_zero3_trains_on_the_batches_of_one(tmp_path: Path) -> None:
+    """ZeRO-3 (each process holds half of every weight) takes the steps of one process."""
+    import torch
+
+    one, two = trained(tmp_path, ZERO3)
+    assert one["held"] == 1 and 0.45 < two["held"] < 0.55  # each holds half of every weight
+    assert one["steps"] == two["steps"] == 4 and one["lrs"] == two["lrs"]
+    assert one["tokens"] == two["tokens"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for name, p in one["lora"].items():
+        torch.testing.assert_close(two["lora"][name], p, rtol=1e-3, atol=1e-5)
+
+
+def test_zero3_helpers_without_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process, no launcher: nothing is partitioned and every helper is a no-op; a ZeRO-3
+    launch without zero3_init_flag is refused before any model loads."""
+    import torch
+
+    from starlora import zero3
+    from starlora.errors import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert not zero3.requested() and not zero3.enabled()
+    assert zero3.held_elements(model) == (3 * 4 + 4 + 4 * 2 + 2,) * 2
+    with zero3.forward_hooks(model), zero3.gathered(model.parameters()), zero3.inference_mode():
+        assert torch.is_inference_mode_enabled()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero3.requested()
+    with pytest.raises(ConfigError, match="zero3_init_flag: true"):
+        zero3.prepare_loading()
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~20 s)
+@pytest.mark.parametrize("passes", [1, 3])
+def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
+                                          tmp_path: Path, passes: int) -> None:
+    """Gold answers: under ZeRO-3 (the plain forward path, whole weights gathered layer by
+    layer) the same PE and ME as one process's fast path, to float rounding, MC passes
+    included (each example's masks come from its own stream on either path)."""
+    data, adapter = scoring_inputs
+    args = ["score", "--model", "tiny-llama", "--adapter", str(adapter), "--task", "arith",
+            "--data", str(data), "--answers", "gold", "--mc-passes", str(passes),
+            "--device", "cpu"]
+    run([*ONE, *args, "--out", str(tmp_path / "one.jsonl")])
+    run([*ZERO3, *args, "--out", str(tmp_path / "two.jsonl")])
+    one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
+    assert len(one) == 11 and [r["id"] for r in one] == [r["id"] for r in two]
+    for a, b in zip(one, two):
+        assert b["pe"] == pytest.approx(a["pe"], rel=1e-6)
+        assert b["me"] == pytest.approx(a["me"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/tiny.yaml under ZeRO-3, with an empty cache: the base model's scores are
+    computed under ZeRO-3, not read."""
+    folder = tmp_path_factory.mktemp("zero3")
+    proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run")],
+                STARLORA_CACHE=str(folder / "cache"))
+    assert proc.stdout.count("run finished") == 1
+    return folder / "run"
+
+
+@pytest.mark.slow  # one accelerate launch with DeepSpeed (~40 s)
+def test_a_zero3_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path],
+                                                  zero3_run: Path) -> None:
+    """configs/tiny.yaml under ZeRO-3: the files of one process, the same round-0 selection
+    (as a set: scoring takes the plain forward path there, and near-ties may swap places),
+    metrics and losses within the DDP tolerances, and adapters saved whole."""
+    from safetensors.torch import load_file
+
+    one, run_dir = tiny_runs[0], zero3_run
+    assert files(one) == files(run_dir)
+    ids = [sorted(r["id"] for r in read_jsonl(d / "rounds/0/selected.jsonl"))
+           for d in (one, run_dir)]
+    assert ids[0] and ids[0] == ids[1]
+    assert [r["id"] for r in read_jsonl(one / "rounds/0/scores.jsonl")] == [
+        r["id"] for r in read_jsonl(run_dir / "rounds/0/scores.jsonl")]
+    for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl"),
+                    strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=ACCURACY_ATOL)
+        assert a["ece"] == pytest.approx(b["ece"], abs=ECE_ATOL)
+    for k in (0, 1):
+        a, b = (json.loads((d / f"rounds/{k}/train.json").read_text()) for d in (one, run_dir))
+        assert a["steps"] == b["steps"]
+        assert a["final_loss"] == pytest.approx(b["final_loss"], rel=LOSS_RTOL)
+    a, b = (load_file(d / "rounds/1/adapter/adapter_model.safetensors") for d in (one, run_dir))
+    assert {n: t.shape for n, t in a.items()} == {n: t.shape for n, t in b.items()}
+    assert all(t.abs().sum() > 0 for t in b.values())
+
+
+@pytest.mark.slow  # two accelerate launches with DeepSpeed (~60 s)
+def test_a_killed_zero3_run_finishes_when_run_again(zero3_run: Path, tmp_path: Path) -> None:
+    """Killed after round 0's training, the rerun loads the saved adapter into the
+    partitioned model and ends with the outputs of an uninterrupted ZeRO-3 run."""
+    run_dir, cache = tmp_path / "run", str(tmp_path / "cache")  # base scores as zero3_run's
+    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir)]
+    launch_and_kill(cmd, run_dir, lambda s: s["phase"] == "train", "launcher",
+                     STARLORA_CACHE=cache)
+    run(cmd, STARLORA_CACHE=cache)
+    assert outputs(run_dir) == outputs(zero3_run)
