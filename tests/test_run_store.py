@@ -37,6 +37,12 @@ def test_phases_labels_and_metrics(tmp_path: Path) -> None:
     assert read_jsonl(store.root / "metrics.jsonl") == [{"round": 0, "accuracy": 0.1},
                                                         {"round": 1, "accuracy": 0.6}]
 
+    store.write_round(2, "selected.jsonl", [{"id": "a"}])
+    assert store.read_round(2, "selected.jsonl") == [{"id": "a"}]
+    assert store.paths.test_uncertainty(2) == store.root / "rounds/2/test_uncertainty.jsonl"
+    with pytest.raises(ValueError, match="'selection.jsonl' is not a round file"):
+        store.write_round(2, "selection.jsonl", [])  # misspelt: would never be read
+
 
 def test_resume_accepts_harmless_changes_only(tmp_path: Path) -> None:
     RunStore.create_or_resume(tmp_path / "run", load_config())

@@ -44,6 +44,10 @@ from starlora.errors import ConfigError, DataError, LockTimeoutError, StarloraEr
 from starlora.io import atomic_write, read_json, read_jsonl, write_json, write_jsonl
 from starlora.run.protocol import PHASES, result_changes
 
+#: the files of ``rounds/<k>/`` (see the module docstring); `RunPaths.round_file` refuses others
+ROUND_FILES = frozenset({"train.json", "metrics.json", "predictions.jsonl", "scores.jsonl",
+                         "selected.jsonl", "test_uncertainty.jsonl"})
+
 
 class RunPaths:
     """Where each file of a run directory lives (see the module docstring)."""
@@ -61,13 +65,17 @@ class RunPaths:
         return self.root / "rounds" / str(round_)
 
     def round_file(self, round_: int, name: str) -> Path:
+        """``rounds/<round_>/<name>``, `name` one of `ROUND_FILES` (else ValueError: a
+        misspelt name would read a file that is never written)."""
+        if name not in ROUND_FILES:
+            raise ValueError(f"{name!r} is not a round file ({', '.join(sorted(ROUND_FILES))})")
         return self.round_dir(round_) / name
 
     def adapter_dir(self, round_: int) -> Path:
         return self.round_dir(round_) / "adapter"
 
     def test_uncertainty(self, round_: int) -> Path:
-        return self.round_dir(round_) / "test_uncertainty.jsonl"
+        return self.round_file(round_, "test_uncertainty.jsonl")
 
     def queries(self, label_round: int) -> Path:
         return self.root / "queries" / f"{label_round}.jsonl"
