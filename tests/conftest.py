@@ -58,7 +58,6 @@ def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     import torch
 
     from starlora.adapters import attach_lora
-    from starlora.models import load_model
     from starlora.tasks import get_task
 
     folder = tmp_path_factory.mktemp("scoring")
