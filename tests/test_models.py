@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -69,7 +70,7 @@ def test_tune_cpu_allocator_is_accepted_by_glibc() -> None:
     assert tune_cpu_allocator() is on_glibc
 
 
-def test_fingerprints_follow_the_weights(tmp_path) -> None:
+def test_fingerprints_follow_the_weights(tmp_path, monkeypatch) -> None:
     """Tiny models: name, config and seed. Folders: their weight files' names, sizes and
     mtimes, so retraining in place changes it. A folder without weights has none ("")."""
     a = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
@@ -79,6 +80,13 @@ def test_fingerprints_follow_the_weights(tmp_path) -> None:
     assert load_model("tiny-qwen2", device="cpu", seed=0).fingerprint != a.fingerprint
     with pytest.raises(ValueError, match="config"):
         model_fingerprint("tiny-llama")
+    # the init is torch's and transformers', so another version may draw other weights
+    for library in ("torch", "transformers"):
+        with monkeypatch.context() as patch:
+            module = importlib.import_module(library)  # (transformers' may have been swapped)
+            patch.setattr(module, "__version__", module.__version__ + "+other")
+            assert model_fingerprint("tiny-llama", config=a.model.config) != a.fingerprint
+    assert model_fingerprint("tiny-llama", config=a.model.config) == a.fingerprint
 
     folder = tmp_path / "model"
     a.model.save_pretrained(folder)

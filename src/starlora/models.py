@@ -258,8 +258,10 @@ def model_fingerprint(
 
     * ``smollm2-135m-instruct``: ``gguf:<sha256 of the packaged GGUF file>`` (hashed once per
       process); the converted folder's files if the GGUF package is gone;
-    * a tiny random model: ``tiny:<sha256 of name, its config dict and the init seed>``
-      (`config`: the model's ``PretrainedConfig`` or dict; required);
+    * a tiny random model: ``tiny:<sha256 of name, its config dict, the init seed and the
+      torch and transformers versions>`` (`config`: the model's ``PretrainedConfig`` or dict;
+      required): the same seed draws other weights when either library changes its
+      initialisation;
     * a local folder or Hub snapshot (`source`, default ``resolve_model(name)``):
       ``files:<sha256 of the names, sizes and mtimes (ns) of its config.json and weight files>``
       (`WEIGHT_PATTERNS`); retraining in place changes the mtimes.
@@ -271,7 +273,10 @@ def model_fingerprint(
         if config is None:
             raise ValueError(f"model_fingerprint({name!r}): a tiny model needs its config")
         spec = config if isinstance(config, dict) else config.to_dict()
-        blob = json.dumps([name, spec, seed], sort_keys=True, default=str)
+        import transformers
+
+        versions = [torch.__version__, transformers.__version__]
+        blob = json.dumps([name, spec, seed, versions], sort_keys=True, default=str)
         return "tiny:" + hashlib.sha256(blob.encode()).hexdigest()
     if name == SMOLLM2 and (gguf := _smollm2_gguf()) is not None:
         return "gguf:" + _sha256_file(gguf)
