@@ -423,3 +423,20 @@ def test_auroc_section_says_when_no_run_has_the_file(study_runs, tmp_path):
     written = write_studies(load_runs(study_runs), tmp_path / "report")
     assert "No run has `rounds/2/test_uncertainty.jsonl` yet" in written["study.md"].read_text()
     assert not [r for r in read_csv(written["study.csv"]) if r["section"] == "auroc"]
+
+
+STUDY = Path(__file__).resolve().parents[1] / "results" / "arith-study"
+
+
+@pytest.mark.slow
+def test_the_committed_study_report_regenerates_byte_for_byte(tmp_path):
+    """Issue 19's promise: `starlora report` on the committed runs writes the committed tables
+    again, exactly (the PNGs are drawings of them and not compared)."""
+    committed = STUDY / "report"
+    if not (committed / "study.md").is_file():
+        pytest.skip("the study's report is committed once all its runs are in")
+    written = build_report(sorted(STUDY.glob("runs/*/seed*[0-9]")), tmp_path)
+    tables = sorted(p.name for p in committed.iterdir() if p.suffix in (".md", ".csv"))
+    assert tables and tables == sorted(n for n in written if Path(n).suffix in (".md", ".csv"))
+    for name in tables:
+        assert written[name].read_bytes() == (committed / name).read_bytes(), name
