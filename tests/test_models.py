@@ -71,8 +71,9 @@ def test_tune_cpu_allocator_is_accepted_by_glibc() -> None:
 
 
 def test_fingerprints_follow_the_weights(tmp_path, monkeypatch) -> None:
-    """Tiny models: name, config and seed. Folders: their weight files' names, sizes and
-    mtimes, so retraining in place changes it. A folder without weights has none ("")."""
+    """Tiny models: name, config, seed and the torch and transformers versions. Folders: their
+    weight files' names, sizes and mtimes, so retraining in place changes it. A folder without
+    weights has none ("")."""
     a = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
     assert a.fingerprint.startswith("tiny:")
     assert load_model("tiny-llama", device="cpu", seed=0).fingerprint == a.fingerprint
@@ -83,7 +84,8 @@ def test_fingerprints_follow_the_weights(tmp_path, monkeypatch) -> None:
     # the init is torch's and transformers', so another version may draw other weights
     for library in ("torch", "transformers"):
         with monkeypatch.context() as patch:
-            module = importlib.import_module(library)  # (transformers' may have been swapped)
+            # by name: loading a model can put a new transformers module object in sys.modules
+            module = importlib.import_module(library)
             patch.setattr(module, "__version__", module.__version__ + "+other")
             assert model_fingerprint("tiny-llama", config=a.model.config) != a.fingerprint
     assert model_fingerprint("tiny-llama", config=a.model.config) == a.fingerprint
