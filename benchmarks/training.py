@@ -10,7 +10,8 @@ labels on the answer tokens only:
   at every position of every sequence;
 * ours: `starlora.training.train_adapter`: length-grouped batches, LM head on answer positions
   only (`starlora.answer_loss.AnswerLoss`), ``--mixed-precision`` (auto: bf16 where the
-  hardware computes it natively, see `resolve_mixed_precision`).
+  hardware computes it natively, see `resolve_mixed_precision`), on base weights in ``--dtype``
+  (float32 by default; ``auto`` is what a run loads, ``model.dtype: auto``: bf16 on GPUs).
 
 Both see the same real (non-padding) tokens, so tokens/s counts those for both and the speed-up
 is the ratio of wall times on the same work. Wall time is the whole training call (adapter
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from starlora.adapters import attach_lora, remove_adapter  # noqa: E402
 from starlora.config import LoraConfig, TrainingConfig  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
-from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
+from starlora.models import load_model, pick_device, pick_dtype, tune_cpu_allocator  # noqa: E402
 from starlora.scoring import score_examples  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 from starlora.train_batches import length_grouped_batches, padding_fraction  # noqa: E402
@@ -134,6 +135,11 @@ def main() -> None:
     ap.add_argument("--lora-dropout", type=float, default=0.1)
     ap.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                     help="ours only; the reference is fp32")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "auto", "bfloat16"],
+                    help="ours only: the base weights' dtype (auto = what a run loads, "
+                         "model.dtype auto: bf16 on GPUs, fp32 on CPUs); the reference is fp32. "
+                         "Not fp32: ours trains a second copy, and its final loss is evaluated "
+                         "in that dtype")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="alternations of the two sides")
     ap.add_argument("--profile", type=int, default=0,
@@ -152,6 +158,9 @@ def main() -> None:
 
     loaded = load_model(args.model, device=args.device, dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
+    ours_model = model
+    if pick_dtype(args.dtype, pick_device(args.device)) != torch.float32:
+        ours_model = load_model(args.model, device=args.device, dtype=args.dtype).model
     task = get_task(args.task)
     examples = load_examples(args.data, task, limit=args.limit)
     training = TrainingConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
@@ -168,7 +177,8 @@ def main() -> None:
         f"items={len(examples)} real_tokens/epoch={sum(lengths)} answer_tokens/epoch={sum(answers)} "
         f"longest={max(lengths)} batch={args.batch_size} batches/epoch={n_batches} "
         f"epochs={args.epochs} lr={args.lr} lora=r{args.lora_r}/alpha{args.lora_alpha:g}/"
-        f"dropout{args.lora_dropout} malloc={allocator}"
+        f"dropout{args.lora_dropout} malloc={allocator} ours_weights="
+        f"{next(ours_model.parameters()).dtype}"
     )
     ours_batches = length_grouped_batches(lengths, args.batch_size, args.seed)
     print(
@@ -180,7 +190,7 @@ def main() -> None:
     base_loss = set_loss(model, tok, task, examples, args.max_length)
     print(f"whole-set answer-token loss before training: {base_loss:.4f}")
 
-    def run_reference():
+    def run_reference(model):
         t = time.perf_counter()
         peft, loop_s, tokens, losses = reference_train(model, tok, task, examples, training, lora,
                                                        args.seed, args.max_length)
@@ -189,7 +199,7 @@ def main() -> None:
         return remove_adapter(peft), dict(wall=wall, loop=loop_s, tokens=tokens, steps=len(losses),
                                           loss=loss, last=losses[-10:], precision="no")
 
-    def run_ours():
+    def run_ours(model):
         t = time.perf_counter()
         result = train_adapter(model, tok, task, examples, training, lora, seed=args.seed,
                                progress=False)
@@ -202,15 +212,19 @@ def main() -> None:
     # warm-up: one short step of each side (kernels, allocator)
     few = sorted(examples, key=lambda ex: len(ex.question))[: args.batch_size]
     warm = training.model_copy(update={"epochs": 1})
+    shared = ours_model is model  # ours trains the reference's (fp32) model
     model = remove_adapter(reference_train(model, tok, task, few, warm, lora, 0, args.max_length)[0])
-    model = remove_adapter(train_adapter(model, tok, task, few, warm, lora, seed=0,
-                                         progress=False).model)
+    ours_model = model if shared else ours_model
+    ours_model = remove_adapter(train_adapter(ours_model, tok, task, few, warm, lora, seed=0,
+                                              progress=False).model)
+    models = {"reference": model, "ours": ours_model}
 
     runs: dict[str, list[dict]] = {"reference": [], "ours": []}
     for k in range(args.repeats):
         order = ["reference", "ours"] if k % 2 == 0 else ["ours", "reference"]
         for side in order:
-            model, stats = (run_reference if side == "reference" else run_ours)()
+            base, stats = (run_reference if side == "reference" else run_ours)(models[side])
+            models = {k: base if m is models[side] else m for k, m in models.items()}
             runs[side].append(stats)
             print(f"  repeat {k + 1} {side}: wall {stats['wall']:.1f}s loop {stats['loop']:.1f}s "
                   f"loss {stats['loss']:.4f}", flush=True)
@@ -243,9 +257,11 @@ def main() -> None:
         part = examples[: args.profile * args.batch_size]
         short = training.model_copy(update={"epochs": 1})
         profile_side("reference", lambda: remove_adapter(
-            reference_train(model, tok, task, part, short, lora, 0, args.max_length)[0]), 20)
+            reference_train(models["reference"], tok, task, part, short, lora, 0,
+                            args.max_length)[0]), 20)
         profile_side("ours", lambda: remove_adapter(
-            train_adapter(model, tok, task, part, short, lora, seed=0, progress=False).model), 20)
+            train_adapter(models["ours"], tok, task, part, short, lora, seed=0,
+                          progress=False).model), 20)
     print(f"ours_vs_reference={ratio:.2f} loss_rel_diff={loss_rel:.4f}")
 
 
