@@ -473,11 +473,12 @@ def b_norm_of(state: dict[str, torch.Tensor]) -> float:
 # -- benchmark --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_benchmark_smoke(data_dir, tmp_path):
-    """`benchmarks/training.py` runs end to end on a tiny model and ends with its summary."""
+    """`benchmarks/training.py` runs end to end on a tiny model and ends with its summary; with
+    ``--dtype bfloat16`` ours trains its own bf16 copy, alternating with the fp32 reference."""
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "training.py"), "--model", "tiny-llama",
          "--data", str(data_dir / "gsm8k" / "train.jsonl"), "--limit", "6", "--batch-size", "3",
-         "--max-length", "64", "--lora-r", "4"],
+         "--max-length", "64", "--lora-r", "4", "--dtype", "bfloat16", "--repeats", "2"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, **pythonpath()},
     )
@@ -485,6 +486,9 @@ def test_training_benchmark_smoke(data_dir, tmp_path):
     lines = out.stdout.strip().splitlines()
     assert any(line.startswith("  reference: wall") for line in lines)
     assert any(line.startswith("  ours: wall") for line in lines)
+    assert any(line.startswith("device=") and line.endswith("ours_weights=torch.bfloat16")
+               for line in lines)
+    assert sum(line.startswith("  repeat 2 ") for line in lines) == 2
     last = lines[-1].split()
     assert [kv.split("=")[0] for kv in last] == ["ours_vs_reference", "loss_rel_diff"]
     assert float(last[0].split("=")[1]) > 0 and float(last[1].split("=")[1]) >= 0
