@@ -42,7 +42,7 @@ def one_at_a_time(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
     stop = stop_tokens(model, tokenizer)
     out = []
     for p in prompts:
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=model.device)
         seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
@@ -60,9 +60,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--prompt-style", default="chat", choices=["plain", "chat"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "auto", "bfloat16"],
+                        help="both sides (auto = what a run loads: bf16 on GPUs)")
     args = parser.parse_args()
     tune_cpu_allocator()
-    loaded = load_model(args.model, device="cpu", dtype="float32")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     task = get_task("gsm8k", prompt_style=args.prompt_style)
     examples = load_examples(args.data, task, limit=args.limit)
@@ -87,7 +90,8 @@ def main() -> int:
     same = sum(a == b for a, b in zip(outputs["reference"], outputs["ours"])) / len(prompts)
     ratio = statistics.median(times["reference"]) / statistics.median(times["ours"])
     print(f"prompts={len(prompts)} max_new_tokens={args.max_new_tokens} "
-          f"batch_size={args.batch_size} torch_threads={torch.get_num_threads()}", file=sys.stderr)
+          f"batch_size={args.batch_size} torch_threads={torch.get_num_threads()} "
+          f"device={model.device} dtype={model.dtype}", file=sys.stderr)
     print(f"ours_vs_reference={ratio:.2f} same_outputs={same:.3f}")
     return 0
 

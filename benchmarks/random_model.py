@@ -9,7 +9,8 @@ that cannot reach the Hub (or cannot carry a large checkpoint) can still time la
 Shapes: ``135m`` is SmolLM2-135M's config as packaged; ``1.7b`` changes its widths and depth
 to SmolLM2-1.7B's (hidden 2048, MLP 8192, 24 layers, 32 heads, no grouped KV: 1.71B
 parameters). The weights are saved in bf16 (``--dtype``), seeded (``--seed``), as
-safetensors; the tokenizer files are copied from the packaged model.
+safetensors; the tokenizer files are copied from the packaged model, or from ``--source`` (a
+folder with SmolLM2's config.json and tokenizer files, for a machine without the package).
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where to initialise (cuda is much faster)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source", help="folder with config.json and tokenizer files "
+                                     "(default: the packaged SmolLM2-135M-Instruct)")
     args = ap.parse_args()
 
     start = time.perf_counter()
-    source = Path(resolve_model(SMOLLM2))
+    source = Path(args.source or resolve_model(SMOLLM2))
     config = AutoConfig.from_pretrained(source, **SHAPES[args.shape])
     torch.manual_seed(args.seed)
     with torch.device(args.device):
