@@ -17,8 +17,8 @@ Both see the same real (non-padding) tokens, so tokens/s counts those for both a
 is the ratio of wall times on the same work. Wall time is the whole training call (adapter
 attached, data encoded, loop, adapter back); the loop alone is shown too. The final loss is the
 loss of the whole training set after training, evaluated identically for both sides (fp32, eval
-mode, no dropout, `score_examples`): the sum of the answer tokens' negative log-likelihoods over
-their number. With `--repeats` > 1 the sides alternate (reference first on odd repeats) and the
+mode, no dropout, `score_examples`; with ``--dtype`` other than fp32, ours' in its weights'
+dtype): the sum of the answer tokens' negative log-likelihoods over their number. With `--repeats` > 1 the sides alternate (reference first on odd repeats) and the
 medians are reported. The last line reads ``ours_vs_reference=<ratio> loss_rel_diff=<x>``.
 
     python benchmarks/training.py                       # 200 GSM8K items, SmolLM2-135M, 1 epoch
@@ -224,7 +224,7 @@ def main() -> None:
         order = ["reference", "ours"] if k % 2 == 0 else ["ours", "reference"]
         for side in order:
             base, stats = (run_reference if side == "reference" else run_ours)(models[side])
-            models = {k: base if m is models[side] else m for k, m in models.items()}
+            models = {name: base if m is models[side] else m for name, m in models.items()}
             runs[side].append(stats)
             print(f"  repeat {k + 1} {side}: wall {stats['wall']:.1f}s loop {stats['loop']:.1f}s "
                   f"loss {stats['loss']:.4f}", flush=True)
