@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from starlora import zero3
+from starlora.attention import attention_kernels
 
 
 @dataclass
@@ -101,7 +102,7 @@ def generate(
     model.eval()
     try:
         # forward_hooks: a no-op unless the weights are partitioned (`starlora.zero3`)
-        with zero3.inference_mode(), zero3.forward_hooks(model):
+        with zero3.inference_mode(), zero3.forward_hooks(model), attention_kernels(device):
             batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress,
                               dynamic_ncols=True):

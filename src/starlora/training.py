@@ -47,6 +47,7 @@ from starlora import distributed as dist
 from starlora import zero3
 from starlora.adapters import attach_lora, check_adapter_dir
 from starlora.answer_loss import IGNORE, AnswerLoss, ModelLoss, default_chunk_rows
+from starlora.attention import attention_kernels
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.models import cpu_has_native_bf16
@@ -329,7 +330,7 @@ def train_adapter(
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(wrapped):
-                with autocast():
+                with autocast(), attention_kernels(device):  # backward: the same kernels
                     loss = wrapped(**batch)
                 if world > 1:  # weight: this share's answer tokens / the batch's, x world
                     loss, mean = _share_weighted(accelerator, loss, batch["labels"])

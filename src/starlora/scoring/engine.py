@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from starlora import zero3
+from starlora.attention import attention_kernels
 from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.models import decoder_and_head, logit_transform, unwrap_model
 from starlora.scoring.batching import batch_end, batch_inputs, encode_pairs, sequence_rows
@@ -156,10 +157,10 @@ def fast_path_disagreement(
     numbers."""
     body, head = decoder_and_head(model)
     packing = packed_attention_for(model) if packed else contextlib.nullcontext()
-    with scoring_mode(model), torch.inference_mode(), packing:
+    with scoring_mode(model), torch.inference_mode(), attention_kernels(device), packing:
         fast = _score_batch(model, body, head, logit_transform(model), [seq], pad_id, device, True, True,
                             None, MaskSampler(device), packed)
-    with scoring_mode(model, fused=False), torch.inference_mode():
+    with scoring_mode(model, fused=False), torch.inference_mode(), attention_kernels(device):
         plain = plain_batch(model, [seq], pad_id, device, None)
     dtype = next(model.parameters()).dtype
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
@@ -276,6 +277,7 @@ def score_examples(
             if stochastic else None  # [K, N]
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
         stack.enter_context(zero3.inference_mode())
+        stack.enter_context(attention_kernels(device))
         if packed:
             stack.enter_context(packed_attention_for(model))
         start = 0
