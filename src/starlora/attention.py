@@ -9,7 +9,7 @@ cuDNN builds an execution plan for each new input shape. starlora's shapes chang
 time: length-grouped training batches have their own widths, and generation's key length grows
 by one with every token. Measured on an H100 (torch 2.11, cuDNN 9.19; docs/benchmarks.md,
 "cuDNN attention on GPUs"): without cuDNN attention, generation ran 5.6x as fast and training at
-the 1.7B shape 1.4x as fast, scoring was unchanged, and nothing was slower. fp32 inputs never
+the 1.7B shape 1.4-1.6x as fast, scoring was unchanged, and nothing was slower. fp32 inputs never
 reach cuDNN attention, so fp32 work is unaffected either way.
 """
 
