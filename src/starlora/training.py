@@ -329,8 +329,9 @@ def train_adapter(
             if len(losses) >= local_steps:
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.accumulate(wrapped):
-                with autocast(), attention_kernels(device):  # backward: the same kernels
+            # forward and backward (a recomputed forward too) with the same attention kernels
+            with accelerator.accumulate(wrapped), attention_kernels(device):
+                with autocast():
                     loss = wrapped(**batch)
                 if world > 1:  # weight: this share's answer tokens / the batch's, x world
                     loss, mean = _share_weighted(accelerator, loss, batch["labels"])
