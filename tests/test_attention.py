@@ -78,5 +78,6 @@ def test_generation_training_and_scoring_attend_inside_it(monkeypatch) -> None:
                           progress=False)
     counts.append(len(seen))
     assert 0 < counts[0] < counts[1] < counts[2], counts  # every phase reached SDPA
-    assert not any(seen), (counts, [i for i, s in enumerate(seen) if s])  # and never with cuDNN attention allowed
+    # and never with cuDNN attention allowed
+    assert not any(seen), (counts, [i for i, s in enumerate(seen) if s])
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards

@@ -18,15 +18,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 #: the kernels allowed on CUDA, in torch's own order of preference
-CUDA_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+CUDA_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def attention_kernels(device: torch.device | str) -> contextlib.AbstractContextManager:
     """A context in which SDPA on `device` uses `CUDA_KERNELS` (CUDA) or its defaults (other)."""
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, name) for name in CUDA_KERNELS])
+    return sdpa_kernel(list(CUDA_KERNELS))  # it takes a list or one backend
