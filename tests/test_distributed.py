@@ -78,6 +78,23 @@ def test_one_process_is_a_plain_call() -> None:
     dist.setup()  # nothing to join
 
 
+def test_teardown_leaves_every_group_and_is_a_no_op_without_one(tmp_path: Path) -> None:
+    """The end of every command: the default group and the object group are destroyed."""
+    import torch.distributed as torch_dist
+
+    dist.teardown()  # nothing joined: nothing to do
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                  rank=0, world_size=1)
+    try:
+        # the object group, as `_group` makes it on an NCCL default group
+        dist._OBJECT_GROUP = torch_dist.new_group(backend="gloo")
+        dist.teardown()
+        assert not torch_dist.is_initialized() and dist._OBJECT_GROUP is None
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
 def test_each_process_takes_a_share_of_every_batch() -> None:
     lengths = [3, 9, 4, 4, 8, 1, 6, 2, 5]  # 9 examples, batches of 4: the last holds one
     batches = LengthGroupedBatches(lengths, 4, seed=0)

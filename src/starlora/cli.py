@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     # printed by it, with its rank
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
     try:
-        return args.func(args)
+        code = args.func(args)
+        dist.teardown()
+        return code
     except StarloraError as e:
         if not dist.raised_on_main(e) or dist.is_main():
             print(f"starlora: error{who}: {e}", file=sys.stderr)

@@ -127,6 +127,22 @@ def setup(cpu: bool | None = None) -> None:
                             f"{joined} process(es)")
 
 
+def teardown() -> None:
+    """Leave the process group (every group, the object group too) at the end of a command.
+
+    Every process calls it once its work is done. Without it a process can exit with gloo's
+    threads still running and abort at exit ("terminate called without an active exception"),
+    which fails the launch although the command's work was done. No-op with one process.
+    """
+    global _OBJECT_GROUP
+    if not _initialized():
+        return
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    _OBJECT_GROUP = None
+
+
 def launched_with_deepspeed() -> bool:
     """Whether ``accelerate launch`` was given a DeepSpeed config (its environment variable
     ``ACCELERATE_USE_DEEPSPEED``)."""
