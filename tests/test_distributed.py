@@ -78,7 +78,8 @@ def test_one_process_is_a_plain_call() -> None:
     dist.setup()  # nothing to join
 
 
-def test_teardown_leaves_every_group_and_is_a_no_op_without_one(tmp_path: Path) -> None:
+def test_teardown_leaves_every_group_and_is_a_no_op_without_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The end of every command: the default group and the object group are destroyed."""
     import torch.distributed as torch_dist
 
@@ -87,7 +88,7 @@ def test_teardown_leaves_every_group_and_is_a_no_op_without_one(tmp_path: Path) 
                                   rank=0, world_size=1)
     try:
         # the object group, as `_group` makes it on an NCCL default group
-        dist._OBJECT_GROUP = torch_dist.new_group(backend="gloo")
+        monkeypatch.setattr(dist, "_OBJECT_GROUP", torch_dist.new_group(backend="gloo"))
         dist.teardown()
         assert not torch_dist.is_initialized() and dist._OBJECT_GROUP is None
     finally:

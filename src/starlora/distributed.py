@@ -9,6 +9,7 @@ process group:
   ``torch.distributed``); one process when neither says otherwise;
 * `setup`: joins the process group through accelerate's ``PartialState`` (gloo on the CPU,
   NCCL on GPUs, each process on GPU ``LOCAL_RANK``); the collectives below call it lazily;
+* `teardown`: leaves every group when a command is done (`starlora.cli.main` calls it);
 * `shard` / `plan`: this process's share of N items in length-sorted snake order, so every
   share costs about the same, padded to equal sizes with copies of its own shortest item;
 * `gather` / `map_shards`: the per-item results of every share back in the original order,
