@@ -275,6 +275,22 @@ def test_study_tables_hold_the_paired_statistics(study_runs, tmp_path):
     assert "| pe-dynamic | random | 6 |" in md and "0.03125 | 0.06250 |" in md
 
 
+def test_per_protocol_files_name_each_line_by_its_arm_label(study_runs, tmp_path):
+    """The gold-answer arm has a protocol of its own, so its curves and summary are in files of
+    their own: they call it by its study label, not by its bare strategy."""
+    written = build_report(study_runs, tmp_path / "report")
+    summaries = {name: written[name].read_text() for name in written
+                 if name.endswith("_summary.md")}
+    assert len(summaries) == 2
+    gold = [t for t in summaries.values() if "| pe-dynamic [answers=gold] | 3 |" in t]
+    own = [t for t in summaries.values() if "| pe-dynamic | 6 |" in t and "| random | 6 |" in t]
+    assert len(gold) == 1 and len(own) == 1 and "[answers=gold]" not in own[0]
+    for name in written:
+        if name.endswith("_summary.csv"):
+            strategies = {r["strategy"] for r in read_csv(written[name])}
+            assert strategies in ({"pe-dynamic [answers=gold]"}, {"random", "pe-dynamic"})
+
+
 def test_study_files_are_byte_identical_on_a_second_report(study_runs, tmp_path):
     first = build_report(study_runs, tmp_path / "a")
     second = write_studies(load_runs(list(reversed(study_runs))), tmp_path / "b")

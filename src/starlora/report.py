@@ -5,7 +5,9 @@ groups rounds by (task, protocol) and then by strategy, aggregates seeds per rou
 for each group:
 
 * ``accuracy.png`` and ``ece.png``: mean over seeds against the labelled count, one line per
-  strategy with a band of mean ± std (``random`` always grey);
+  strategy with a band of mean ± std (``random`` always grey); a strategy is named by its
+  study arm label (`starlora.study.run_labels`), e.g. ``pe-dynamic [answers=gold]`` when
+  other runs of the report score the model's own answers;
 * ``reliability.png``: one panel per strategy for its last round, bins pooled over seeds from
   ``rounds/<k>/metrics.json``;
 * ``summary.md`` and ``summary.csv``: accuracy per round, final accuracy and the normalised
@@ -47,6 +49,7 @@ from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, read_records
 from starlora.run.store import RunPaths
+from starlora.study import run_labels
 from starlora.study_report import write_studies
 from starlora.study_stats import aulc
 
@@ -175,6 +178,12 @@ def _order(strategies: list[str]) -> list[str]:
     return sorted(strategies, key=lambda s: (s != "random", s))
 
 
+def _wrapped(label: str, suffix: str = "") -> str:
+    """`label` + `suffix` for a plot, with an arm's settings (``[...]``) on a line of their own."""
+    head, sep, rest = label.partition(" [")
+    return f"{head}{suffix}\n[{rest}" if sep else f"{label}{suffix}"
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -195,14 +204,15 @@ def _curve_plot(
         seeds = max(s.n for s in stats)
         color = colors[strategy]
         ax.plot(
-            x, mean, marker="o", color=color, label=f"{strategy} ({seeds} seed{'s' * (seeds > 1)})"
+            x, mean, marker="o", color=color,
+            label=_wrapped(strategy, f" ({seeds} seed{'s' * (seeds > 1)})"),
         )
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("labelled examples")
     ax.set_ylabel(label)
     ax.set_title(f"{task}: {label} vs labelled examples\nprotocol {protocol}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return fig
 
 
@@ -231,7 +241,7 @@ def _reliability_plot(task: str, panels: dict[str, tuple[int, list[dict[str, flo
                 mid, b["accuracy"] + 0.01, f"{b['count']:g}", ha="center", va="bottom", fontsize=7
             )
         note = f"ECE {ece_from_bins(bins):.3f}, n={total:g}" if total else "no bins recorded"
-        ax.set_title(f"{strategy}, round {round_}\n{note}", fontsize=10)
+        ax.set_title(f"{_wrapped(strategy, f', round {round_}')}\n{note}", fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.08)
         ax.set_xlabel("confidence")
@@ -340,7 +350,11 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = load_runs(run_dirs)
-    groups = aggregate(records)
+    # curves and summaries name each line by its study arm label, so that runs that differ
+    # in settings (e.g. scoring.answers) are told apart across the per-protocol files
+    labels = run_labels(records)
+    shown = [{**r, "strategy": labels.get(r["run_dir"], r["strategy"])} for r in records]
+    groups = aggregate(shown)
     written: dict[str, Path] = {}
     for (task, protocol), strategies in groups.items():
         prefix = _prefix(task, protocol) if len(groups) > 1 else ""
@@ -350,7 +364,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
             key = (task, protocol, strategy, last)
             dirs = [
                 r["run_dir"]
-                for r in records
+                for r in shown
                 if (r["task"], r["protocol"], r["strategy"], r["round"]) == key
             ]
             panels[strategy] = (last, pooled_bins(dirs, last))
