@@ -5,13 +5,15 @@ groups rounds by (task, protocol) and then by strategy, aggregates seeds per rou
 for each group:
 
 * ``accuracy.png`` and ``ece.png``: mean over seeds against the labelled count, one line per
-  strategy with a band of mean ± std (``random`` always grey); a strategy is named by its
-  study arm label (`starlora.study.run_labels`), e.g. ``pe-dynamic [answers=gold]`` when
-  other runs of the report score the model's own answers;
+  strategy with a band of mean ± std (``random`` always grey);
 * ``reliability.png``: one panel per strategy for its last round, bins pooled over seeds from
   ``rounds/<k>/metrics.json``;
 * ``summary.md`` and ``summary.csv``: accuracy per round, final accuracy and the normalised
   area under the learning curve (`aulc`).
+
+In these files (plots, and the ``strategy`` column of the summaries) a strategy is named by
+its study arm label (`starlora.study.run_labels`), e.g. ``pe-dynamic [answers=gold]`` when
+other runs of the report score the model's own answers.
 
 Runs of different tasks or protocols are never averaged together; with more than one group,
 file names are prefixed by the group. Seed spread is the sample standard deviation (ddof=1;
