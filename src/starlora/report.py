@@ -51,7 +51,7 @@ from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, read_records
 from starlora.run.store import RunPaths
-from starlora.study import run_labels
+from starlora.study import run_labels, study_groups
 from starlora.study_report import write_studies
 from starlora.study_stats import aulc
 
@@ -354,7 +354,8 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     records = load_runs(run_dirs)
     # curves and summaries name each line by its study arm label, so that runs that differ
     # in settings (e.g. scoring.answers) are told apart across the per-protocol files
-    labels = run_labels(records)
+    study = study_groups(records)
+    labels = run_labels(study)
     shown = [{**r, "strategy": labels.get(r["run_dir"], r["strategy"])} for r in records]
     groups = aggregate(shown)
     written: dict[str, Path] = {}
@@ -380,5 +381,5 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
         }
         for name, data in files.items():
             written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", data)
-    written.update(write_studies(records, out_dir))
+    written.update(write_studies(records, out_dir, study))
     return written

@@ -153,12 +153,12 @@ def label_arms(entries: list[tuple[str, dict[str, Any] | None]]) -> list[str]:
     return [label for label, _ in _labels_and_keys(entries)]
 
 
-def run_labels(records: list[dict[str, Any]]) -> dict[Path, str]:
-    """The arm label of each run directory in `records` (`starlora.report.load_runs` records),
-    as its study group labels it: e.g. ``pe-dynamic [answers=gold]`` beside runs on the
-    model's own answers; the plain strategy where nothing else differs."""
+def run_labels(groups: dict[tuple[str, str], list[StudyRun]]) -> dict[Path, str]:
+    """The arm label of each run directory of `groups` (`study_groups`), as its study group
+    labels it: e.g. ``pe-dynamic [answers=gold]`` beside runs on the model's own answers; the
+    plain strategy where nothing else differs."""
     out = {}
-    for runs in study_groups(records).values():
+    for runs in groups.values():
         for run, label in zip(runs, label_arms([(r.strategy, r.flat) for r in runs])):
             out[run.run_dir] = label
     return out

@@ -17,7 +17,15 @@ import numpy as np
 
 from starlora.io import atomic_write
 from starlora.run.uncertainty import COLUMNS
-from starlora.study import BOOTSTRAP_SEED, RESAMPLES, Comparison, Study, compute_study, study_groups
+from starlora.study import (
+    BOOTSTRAP_SEED,
+    RESAMPLES,
+    Comparison,
+    Study,
+    StudyRun,
+    compute_study,
+    study_groups,
+)
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -195,10 +203,15 @@ def study_csv(s: Study) -> str:
     return out.getvalue()
 
 
-def write_studies(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+def write_studies(records: list[dict[str, Any]], out_dir: Path,
+                  groups: dict[tuple[str, str], list[StudyRun]] | None = None
+                  ) -> dict[str, Path]:
     """Write ``study.md`` and ``study.csv`` for each group that has a study (prefixed by task
-    and design when there are several); returns the written paths by file name."""
-    studies = [s for (task, design), runs in study_groups(records).items()
+    and design when there are several); returns the written paths by file name. `groups`:
+    ``study_groups(records)`` when the caller already has it."""
+    if groups is None:
+        groups = study_groups(records)
+    studies = [s for (task, design), runs in groups.items()
                if (s := compute_study(task, design, runs)) is not None]
     written = {}
     for s in studies:
