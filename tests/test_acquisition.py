@@ -146,3 +146,56 @@ def test_selected_rows_carry_utility_and_terms() -> None:
                                      "lambda": 0.7})
     assert strategy.mixing_weight(1) == pytest.approx(0.7)
     assert make_strategy("pe").mixing_weight(1) is None
+
+
+def test_a_registered_strategy_is_known_to_make_strategy_and_to_configs() -> None:
+    """One registry: a factory registered under a name builds that strategy, configs accept
+    the name at once, and a name cannot be taken twice."""
+    from starlora.acquisition import QueryStrategy, StrategyOptions, register_strategy
+    from starlora.acquisition.registry import _FACTORIES
+    from starlora.config import load_config
+
+    class Shortest(QueryStrategy):
+        needs = ("pe",)
+
+        def __init__(self, n_queries: int):
+            self.name, self.n_queries = "test-shortest", n_queries
+
+        def utility(self, scores, *, n, query_index, rng):
+            return -np.asarray(scores["pe"], float)
+
+    @register_strategy("test-shortest")
+    def _make(name: str, options: StrategyOptions) -> QueryStrategy:
+        return Shortest(options.n_queries)
+
+    try:
+        assert "test-shortest" in STRATEGIES
+        strategy = make_strategy("test-shortest", n_queries=4)
+        assert isinstance(strategy, Shortest) and strategy.n_queries == 4
+        assert load_config(None, ["active_learning.strategy=test-shortest"])
+        with pytest.raises(ValueError, match="registered twice"):
+            register_strategy("test-shortest")(lambda name, options: Shortest(1))
+        with pytest.raises(ValueError, match="registered twice"):
+            register_strategy("pe")(_make)
+    finally:
+        del _FACTORIES["test-shortest"]
+    with pytest.raises(ConfigError, match="unknown strategy 'test-shortest'"):
+        make_strategy("test-shortest")
+
+
+def test_every_family_module_registers_its_strategies_on_import() -> None:
+    """The package imports each of its modules, so a strategy's own module is the one file
+    a new strategy touches."""
+    import importlib
+    import pkgutil
+
+    import starlora.acquisition as acquisition
+
+    modules = {m.name for m in pkgutil.iter_modules(acquisition.__path__)}
+    assert {"base", "registry", "controls", "uncertainty", "dynamic"} <= modules
+    from starlora.acquisition.registry import _FACTORIES
+
+    owners = {importlib.import_module(f.__module__).__name__ for f in _FACTORIES.values()}
+    assert owners <= {f"starlora.acquisition.{m}" for m in modules}
+    assert {"random", "pe", "me", "pe-subtract", "me-subtract", "pe-dynamic",
+            "me-dynamic"} <= set(STRATEGIES)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from starlora.acquisition import Dynamic
 from starlora.tasks import Example
 
 if TYPE_CHECKING:
@@ -78,7 +77,8 @@ def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: 
     from starlora.scoring import score_examples, score_own_answers
 
     sc = run.config.scoring
-    single = sc.single_pass_baselines and not isinstance(run.strategy, Dynamic)
+    # the baselines may take one pass; a strategy that mixes in a base term keeps mc_passes
+    single = sc.single_pass_baselines and run.strategy.mixing_weight(0) is None
     options = dict(measures=measures, mc_passes=1 if single else sc.mc_passes,
                    model_dropout=sc.model_dropout, seed=seed, **_kwargs(run))
     if sc.answers == "gold":

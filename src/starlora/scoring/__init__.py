@@ -14,7 +14,8 @@ Modules, bottom to top: `results` (the schema), `batching`, `measures` (the tile
 kernel), `packing` and `lora_fastpath` (speed: packed rows, a fused peft forward, MC masks),
 `reference` (the plain definition the fast path is checked against), `cache` (base results on
 disk, keyed by content), `engine` (`score_examples`, `score_base`), `own_answers`
-(`score_own_answers`, `base_answers`: label-free).
+(`score_own_answers`, `base_answers`: label-free), `consistency` (`answer_entropy`,
+`agreement`: self-consistency of sampled final answers).
 """
 
 from starlora.scoring.cache import (

@@ -1,35 +1,15 @@
-"""Acquisition: which unlabelled examples to label next. This is where the STAR method lives
-(with `scoring`, which produces the numbers used here).
+"""The strategy contract (`QueryStrategy`: numbers in, ranked ids out), the λ schedule of the
+dynamic strategies and the pool-wise min-max scaling they share.
 
-Every strategy follows one contract (`QueryStrategy`): numbers in, ranked ids out. A strategy
-never sees a model or a tokenizer, only a table of uncertainty scores over the current pool:
+A strategy never sees a model or a tokenizer, only a table of scores over the current pool
+(the columns are listed in `starlora.acquisition`):
 
     scores: dict[str, np.ndarray]   # each array [N], aligned with ids [N]
-        "pe"       predictive entropy with the adapter, -log p(answer | prompt) summed (nats)
-        "me"       maximum entropy with the adapter: summed full-vocabulary entropy (nats)
-        "pe_base"  the same measures from the frozen base model (adapter disabled)
-        "me_base"
-
-Strategies (`make_strategy` names):
-
-    random        uniform, seeded
-    pe, me        u_full, the model-with-adapter's uncertainty
-    pe-subtract   u_full - u_base (raw; the authors' u_full - minmax(u_base) with "raw_full")
-    me-subtract
-    pe-dynamic    STAR: u = λ(t)·norm(u_base) + (1 - λ(t))·norm(u_full)
-    me-dynamic
-
-λ(t) falls over the queries (`LambdaSchedule`): early on, an adapter trained on a few hundred
-examples has unreliable uncertainty (the "uncertainty gap"), so the base model's judgement
-dominates; later the adapter's takes over. `norm` is min-max over the current pool so both
-terms share one scale; ``normalize="raw_full"`` reproduces the authors' released code, which
-leaves u_full raw (then the larger raw term drowns the normalised base term).
 
 Ties are broken by the seeded generator passed in, so a rank is reproducible. `select_rows`
 returns, with each chosen id, its utility and the terms it was mixed from, which the loop
 writes to ``selected.jsonl``.
 """
-
 from __future__ import annotations
 
 import math
@@ -190,119 +170,3 @@ class QueryStrategy(ABC):
 
     def __str__(self) -> str:
         return self.name
-
-
-class Random(QueryStrategy):
-    """Uniform: the utility is a fresh uniform draw per example from the query's stream."""
-
-    name = "random"
-
-    def utility(
-        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
-    ) -> np.ndarray:
-        return rng.random(n)
-
-
-class Uncertainty(QueryStrategy):
-    """u = u_full: the adapted model's own uncertainty (baseline PE or ME)."""
-
-    def __init__(self, measure: str):
-        self.measure, self.name, self.needs = measure, measure, (measure,)
-
-    def utility(
-        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
-    ) -> np.ndarray:
-        return np.asarray(scores[self.measure], float)
-
-
-class Subtract(QueryStrategy):
-    """u = u_full - u_base: what the adapter is unsure of beyond the base model.
-
-    ``normalize="minmax"`` (default) subtracts the raw values, which share one scale (both are
-    the same measure in nats). ``"raw_full"`` is the authors' released code: raw u_full minus
-    min-max normalised u_base, a term in [0, 1] that barely moves the ranking of u_full.
-    """
-
-    def __init__(self, measure: str, normalize: str = "minmax"):
-        _check_normalize(normalize)
-        self.measure, self.name, self.normalize = measure, f"{measure}-subtract", normalize
-        self.needs = (measure, f"{measure}_base")
-
-    def _base(self, scores: ScoreTable) -> np.ndarray:
-        base = np.asarray(scores[f"{self.measure}_base"], float)
-        return minmax(base) if self.normalize == "raw_full" else base
-
-    def utility(
-        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
-    ) -> np.ndarray:
-        return np.asarray(scores[self.measure], float) - self._base(scores)
-
-    def __str__(self) -> str:
-        return f"{self.name}(normalize={self.normalize})"
-
-
-class Dynamic(QueryStrategy):
-    """STAR's dynamic uncertainty: u = λ(t)·norm(u_base) + (1 - λ(t))·norm(u_full)."""
-
-    def __init__(self, measure: str, schedule: LambdaSchedule, normalize: str = "minmax"):
-        _check_normalize(normalize)
-        self.measure, self.schedule, self.normalize = measure, schedule, normalize
-        self.name = f"{measure}-dynamic"
-        self.needs = (measure, f"{measure}_base")
-
-    def mixing_weight(self, query_index: int) -> float:
-        return self.schedule(query_index)
-
-    def _mixed(self, scores: ScoreTable) -> tuple[np.ndarray, np.ndarray]:
-        """(u_base, u_full) as they enter the mix, [N] each."""
-        base = minmax(np.asarray(scores[f"{self.measure}_base"], float))
-        full = np.asarray(scores[self.measure], float)
-        return base, minmax(full) if self.normalize == "minmax" else full
-
-    def utility(
-        self, scores: ScoreTable, *, n: int, query_index: int, rng: np.random.Generator
-    ) -> np.ndarray:
-        lam = self.schedule(query_index)
-        base, full = self._mixed(scores)
-        return lam * base + (1 - lam) * full
-
-    def terms(self, scores: ScoreTable, query_index: int) -> dict[str, np.ndarray | float]:
-        base, full = self._mixed(scores)
-        return {**super().terms(scores, query_index), "u_base": base, "u_full": full,
-                "lambda": self.schedule(query_index)}
-
-    def __str__(self) -> str:
-        return f"{self.name}(lambda={self.schedule}, normalize={self.normalize})"
-
-
-def _check_normalize(normalize: str) -> None:
-    if normalize not in ("minmax", "raw_full"):
-        raise ConfigError(f"active_learning.normalize: unknown value {normalize!r}")
-
-
-STRATEGIES = ("random", "pe", "me", "pe-subtract", "me-subtract", "pe-dynamic", "me-dynamic")
-
-
-def make_strategy(
-    name: str,
-    *,
-    n_queries: int = 9,
-    lambda_schedule: str = "linear",
-    lambda_start: float = 0.9,
-    lambda_end: float = 0.1,
-    normalize: str = "minmax",
-) -> QueryStrategy:
-    """Build a strategy by name (see `STRATEGIES`); `n_queries` sizes the λ schedule."""
-    if name == "random":
-        return Random()
-    measure, _, kind = name.partition("-")
-    if measure not in ("pe", "me") or kind not in ("", "subtract", "dynamic"):
-        raise ConfigError(
-            f"active_learning.strategy: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}"
-        )
-    if kind == "":
-        return Uncertainty(measure)
-    if kind == "subtract":
-        return Subtract(measure, normalize)
-    schedule = LambdaSchedule(lambda_schedule, lambda_start, lambda_end, n_queries)
-    return Dynamic(measure, schedule, normalize)

@@ -1,0 +1,50 @@
+"""Acquisition: which unlabelled examples to label next. This is where the STAR method lives
+(with `scoring`, which produces the numbers used here).
+
+Every strategy follows one contract (`QueryStrategy`, in `base`): numbers in, ranked ids out.
+A strategy never sees a model or a tokenizer, only a table of scores over the current pool:
+
+    scores: dict[str, np.ndarray]   # each array [N], aligned with ids [N]
+        "pe"       predictive entropy with the adapter, -log p(answer | prompt) summed (nats)
+        "me"       maximum entropy with the adapter: summed full-vocabulary entropy (nats)
+        "pe_base"  the same measures from the frozen base model (adapter disabled)
+        "me_base"
+
+Strategies (`make_strategy` names), one module per family:
+
+    controls      random        uniform, seeded
+    uncertainty   pe, me        u_full, the model-with-adapter's uncertainty
+    dynamic       pe-subtract   u_full - u_base
+                  me-subtract
+                  pe-dynamic    STAR: u = λ(t)·norm(u_base) + (1 - λ(t))·norm(u_full)
+                  me-dynamic
+
+There is one registry (`registry`): each module registers its strategies' names with
+`register_strategy`, and this package imports every module in it, so a new strategy touches
+one file. Its score columns are computed by the run layer (`starlora.run.pool_scores`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from starlora.acquisition.base import LambdaSchedule, QueryStrategy, ScoreTable, minmax
+from starlora.acquisition.controls import Random
+from starlora.acquisition.dynamic import Dynamic, Subtract
+from starlora.acquisition.registry import (
+    STRATEGIES,
+    StrategyOptions,
+    make_strategy,
+    register_strategy,
+)
+from starlora.acquisition.uncertainty import Uncertainty
+
+for _module in pkgutil.iter_modules(__path__):  # every family registers its strategies
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "STRATEGIES", "Dynamic", "LambdaSchedule", "QueryStrategy", "Random", "ScoreTable",
+    "StrategyOptions", "Subtract", "Uncertainty", "make_strategy", "minmax",
+    "register_strategy",
+]

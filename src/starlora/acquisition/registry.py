@@ -1,0 +1,78 @@
+"""The one registry of strategies: a name -> a factory that builds the strategy.
+
+A family module registers its strategies where it defines them::
+
+    @register_strategy("pe", "me")
+    def _uncertainty(name: str, options: StrategyOptions) -> QueryStrategy:
+        return Uncertainty(name)
+
+`starlora.acquisition` imports every module of the package, so a strategy is known to
+`make_strategy` and to configs (``active_learning.strategy``) as soon as its module exists; a
+strategy in your own code is known once its module is imported, as `register_task` does for
+tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlora.acquisition.base import LambdaSchedule, QueryStrategy
+from starlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What a factory may read: the ``active_learning`` settings that shape a strategy.
+
+    n_queries: the run's number of queries (sizes the λ schedule).
+    lambda_schedule, lambda_start, lambda_end: the λ schedule (`LambdaSchedule`).
+    normalize: how a strategy that mixes a base and an adapter term scales them
+        (``"minmax"`` or ``"raw_full"``, the authors' released code; see `Dynamic`).
+    """
+
+    n_queries: int = 9
+    lambda_schedule: str = "linear"
+    lambda_start: float = 0.9
+    lambda_end: float = 0.1
+    normalize: str = "minmax"
+
+    def schedule(self) -> LambdaSchedule:
+        """λ(t) over the run's queries (checked here, so only strategies that mix check it)."""
+        return LambdaSchedule(self.lambda_schedule, self.lambda_start, self.lambda_end,
+                              self.n_queries)
+
+
+#: builds the strategy of a registered name from the options
+Factory = Callable[[str, StrategyOptions], QueryStrategy]
+_FACTORIES: dict[str, Factory] = {}
+#: every registered name, in registration order (a live view: later registrations show)
+STRATEGIES = _FACTORIES.keys()
+
+
+def register_strategy(*names: str) -> Callable[[Factory], Factory]:
+    """Decorator: `names` build their strategy with the decorated factory. A name registered
+    twice is a ValueError (two modules would otherwise silently disagree on it)."""
+
+    def register(factory: Factory) -> Factory:
+        for name in names:
+            if name in _FACTORIES and _FACTORIES[name] is not factory:
+                raise ValueError(f"strategy {name!r} is registered twice")
+            _FACTORIES[name] = factory
+        return factory
+
+    return register
+
+
+def make_strategy(name: str, options: StrategyOptions | None = None, **fields: Any) -> QueryStrategy:
+    """Build a registered strategy by name (see `STRATEGIES`) from `options` (default: the
+    defaults) with any `StrategyOptions` field overridden by name (``n_queries=6``...).
+    An unknown name is a ConfigError that lists the known ones."""
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise ConfigError(
+            f"active_learning.strategy: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}"
+        )
+    return factory(name, dataclasses.replace(options or StrategyOptions(), **fields))
