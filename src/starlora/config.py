@@ -129,6 +129,10 @@ class ActiveLearningConfig(_Section):
     # as the authors' released code does
     normalize: Literal["minmax", "raw_full"] = "minmax"
     pool_subsample: int | None = Field(None, gt=0)  # score a seeded random subset each round
+    # kmeans: the query is one item per k-means cluster (prompt embeddings) of the strategy's
+    # top diversity_pool x query_size, each its cluster's highest utility (not the paper's)
+    diversity: Literal["none", "kmeans"] = "none"
+    diversity_pool: float = Field(10, ge=1)
     # simulated: the pool's gold answers label the queries; human: the run stops after each
     # selection until the answers are imported (starlora export / import / annotate)
     oracle: Literal["simulated", "human"] = "simulated"

@@ -10,6 +10,12 @@ A strategy never sees a model or a tokenizer, only a table of scores over the cu
         "pe_base"  the same measures from the frozen base model (adapter disabled)
         "me_base"
 
+and for strategies on embeddings (`base.ARRAY_COLUMNS`; `starlora.run.embeddings` fills
+them from the frozen base model's mean-pooled prompt states, d its hidden size):
+
+        "embedding"           [N, d] float, row i the prompt of ids[i]
+        "labelled_embedding"  [M, d] float, the M examples labelled so far (M may be 0)
+
 Strategies (`make_strategy` names), one module per family:
 
     controls      random        uniform, seeded
@@ -18,6 +24,10 @@ Strategies (`make_strategy` names), one module per family:
                   me-subtract
                   pe-dynamic    STAR: u = λ(t)·norm(u_base) + (1 - λ(t))·norm(u_full)
                   me-dynamic
+    diversity     typiclust     the most typical prompt of each large cluster no label
+                                covers (Hacohen et al. 2022)
+                  diversity: kmeans   wraps any other strategy: one pick per k-means
+                                cluster of its top m × query (``diversity_pool``: m)
 
 There is one registry (`registry`): each module registers its strategies' names with
 `register_strategy`, and this package imports every module in it, so a new strategy touches

@@ -6,6 +6,9 @@ A strategy never sees a model or a tokenizer, only a table of scores over the cu
 
     scores: dict[str, np.ndarray]   # each array [N], aligned with ids [N]
 
+except the `ARRAY_COLUMNS` of embeddings, which are [rows, d]. A strategy that chooses its
+batch as a set (typicality, diversity) overrides `batch`, which gets the batch size.
+
 Ties are broken by the seeded generator passed in, so a rank is reproducible. `select_rows`
 returns, with each chosen id, its utility and the terms it was mixed from, which the loop
 writes to ``selected.jsonl``.
@@ -22,6 +25,8 @@ import numpy as np
 from starlora.errors import ConfigError, EmptyPoolError, PoolExhaustedError
 
 ScoreTable = Mapping[str, np.ndarray]
+#: score-table columns that are [rows, d] arrays, not one number per candidate
+ARRAY_COLUMNS = ("embedding", "labelled_embedding")
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,18 @@ class QueryStrategy(ABC):
 
     def terms(self, scores: ScoreTable, query_index: int) -> dict[str, np.ndarray | float]:
         """What the utility was made of, for the record (``selected.jsonl``): [N] columns
-        and scalars such as λ. By default the columns the strategy reads."""
-        return {c: np.asarray(scores[c], float) for c in self.needs}
+        and scalars such as λ. By default the [N] columns the strategy reads."""
+        return {c: np.asarray(scores[c], float) for c in self.needs if c not in ARRAY_COLUMNS}
+
+    def batch(
+        self, scores: ScoreTable, order: np.ndarray, utility: np.ndarray, k: int,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A strategy that chooses its `k` as a set (typicality, diversity) returns (the
+        indices chosen, best first; their utility for the record, or None to keep
+        `utility`'s). `order` [N] ranks by `utility` [N], ties broken. None (the default):
+        the first `k` of `order`."""
+        return None
 
     def mixing_weight(self, query_index: int) -> float | None:
         """λ(t) of a strategy that mixes base and adapter uncertainty; None for the others."""
@@ -101,28 +116,45 @@ class QueryStrategy(ABC):
         for key in self.needs:
             if key not in scores:
                 raise KeyError(f"{self}: needs score column {key!r}")
-            if np.shape(scores[key]) != (n,):
-                raise ValueError(f"{self}: column {key!r} has shape {np.shape(scores[key])}, "
-                                 f"expected ({n},)")
+            shape = np.shape(scores[key])
+            if key in ARRAY_COLUMNS:
+                if len(shape) != 2 or (key == "embedding" and shape[0] != n):
+                    raise ValueError(f"{self}: column {key!r} has shape {shape}, expected "
+                                     f"({n if key == 'embedding' else 'M'}, d)")
+            elif shape != (n,):
+                raise ValueError(f"{self}: column {key!r} has shape {shape}, expected ({n},)")
             if not np.all(np.isfinite(scores[key])):
                 raise ValueError(f"{self}: column {key!r} holds NaN or inf")
 
     def _order(
-        self, ids: Sequence[str], scores: ScoreTable, query_index: int, rng: np.random.Generator
+        self, ids: Sequence[str], scores: ScoreTable, query_index: int, rng: np.random.Generator,
+        k: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(order [N] indices, best first; utility [N] float64)."""
+        """(order [N] indices, best first; utility [N] float64). With `k`, a `batch` strategy's
+        choice of `k` comes first, then the rest by utility."""
         self._check(ids, scores)
         n = len(ids)
         u = np.asarray(self.utility(scores, n=n, query_index=query_index, rng=rng), np.float64)
         if u.shape != (n,):
             raise ValueError(f"{self}: utility has shape {u.shape}, expected ({n},)")
         order = np.lexsort((rng.random(n), -u))  # by -u, ties by a random key
+        chosen = self.batch(scores, order, u, min(k, n), rng) if k is not None else None
+        if chosen is not None:
+            first, values = chosen
+            if values is not None:
+                u = u.copy()
+                u[first] = values
+            rest = np.ones(n, bool)
+            rest[first] = False
+            order = np.concatenate([first, order[rest[order]]])
         return order, u
 
     def rank(
-        self, ids: Sequence[str], scores: ScoreTable, *, query_index: int, rng: np.random.Generator
+        self, ids: Sequence[str], scores: ScoreTable, *, query_index: int,
+        rng: np.random.Generator, k: int | None = None,
     ) -> list[str]:
-        order, _ = self._order(ids, scores, query_index, rng)
+        """Every id, best first; with `k`, a `batch` strategy's `k` first."""
+        order, _ = self._order(ids, scores, query_index, rng, k)
         return [ids[i] for i in order]
 
     def select_rows(
@@ -143,7 +175,7 @@ class QueryStrategy(ABC):
                 f"query of {k} examples but only {len(ids)} remain unlabelled "
                 "(set active_learning.on_exhausted: take_rest to take what is left)"
             )
-        order, u = self._order(ids, scores, query_index, rng)
+        order, u = self._order(ids, scores, query_index, rng, k)
         terms = self.terms(scores, query_index)
         rows = []
         for rank, i in enumerate(order[:k]):

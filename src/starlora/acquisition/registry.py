@@ -10,6 +10,9 @@ A family module registers its strategies where it defines them::
 `make_strategy` and to configs (``active_learning.strategy``) as soon as its module exists; a
 strategy in your own code is known once its module is imported, as `register_task` does for
 tasks.
+
+A diversity mode (``active_learning.diversity``) wraps whatever strategy was built; its module
+registers it with `register_diversity` (``kmeans``: `starlora.acquisition.diversity`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class StrategyOptions:
     lambda_schedule, lambda_start, lambda_end: the λ schedule (`LambdaSchedule`).
     normalize: how a strategy that mixes a base and an adapter term scales them
         (``"minmax"`` or ``"raw_full"``, the authors' released code; see `Dynamic`).
+    diversity: ``"none"``, or a registered diversity mode that wraps the strategy
+        (``"kmeans"``); diversity_pool: its pre-filter, in query sizes (m).
     """
 
     n_queries: int = 9
@@ -38,6 +43,8 @@ class StrategyOptions:
     lambda_start: float = 0.9
     lambda_end: float = 0.1
     normalize: str = "minmax"
+    diversity: str = "none"
+    diversity_pool: float = 10
 
     def schedule(self) -> LambdaSchedule:
         """λ(t) over the run's queries (checked here, so only strategies that mix check it)."""
@@ -50,6 +57,9 @@ Factory = Callable[[str, StrategyOptions], QueryStrategy]
 _FACTORIES: dict[str, Factory] = {}
 #: every registered name, in registration order (a live view: later registrations show)
 STRATEGIES = _FACTORIES.keys()
+#: wraps a built strategy in a diversity mode (``active_learning.diversity``)
+Wrapper = Callable[[QueryStrategy, StrategyOptions], QueryStrategy]
+_DIVERSITY: dict[str, Wrapper] = {}
 
 
 def register_strategy(*names: str) -> Callable[[Factory], Factory]:
@@ -66,13 +76,36 @@ def register_strategy(*names: str) -> Callable[[Factory], Factory]:
     return register
 
 
+def register_diversity(*names: str) -> Callable[[Wrapper], Wrapper]:
+    """Decorator: ``active_learning.diversity`` `names` wrap a strategy with the decorated
+    function ``(strategy, options) -> strategy``."""
+
+    def register(wrapper: Wrapper) -> Wrapper:
+        for name in names:
+            if name == "none" or (name in _DIVERSITY and _DIVERSITY[name] is not wrapper):
+                raise ValueError(f"diversity mode {name!r} is registered twice")
+            _DIVERSITY[name] = wrapper
+        return wrapper
+
+    return register
+
+
 def make_strategy(name: str, options: StrategyOptions | None = None, **fields: Any) -> QueryStrategy:
     """Build a registered strategy by name (see `STRATEGIES`) from `options` (default: the
-    defaults) with any `StrategyOptions` field overridden by name (``n_queries=6``...).
-    An unknown name is a ConfigError that lists the known ones."""
+    defaults) with any `StrategyOptions` field overridden by name (``n_queries=6``...),
+    wrapped in its diversity mode unless that is ``"none"``. An unknown name or mode is a
+    ConfigError that lists the known ones."""
     factory = _FACTORIES.get(name)
     if factory is None:
         raise ConfigError(
             f"active_learning.strategy: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}"
         )
-    return factory(name, dataclasses.replace(options or StrategyOptions(), **fields))
+    options = dataclasses.replace(options or StrategyOptions(), **fields)
+    strategy = factory(name, options)
+    if options.diversity == "none":
+        return strategy
+    wrap = _DIVERSITY.get(options.diversity)
+    if wrap is None:
+        raise ConfigError(f"active_learning.diversity: unknown mode {options.diversity!r}; "
+                          f"known: none, {', '.join(_DIVERSITY)}")
+    return wrap(strategy, options)

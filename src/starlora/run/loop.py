@@ -37,6 +37,12 @@ from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, flatten_config
 from starlora.run import oracle
 from starlora.run.data import Data, check_plan, load_data, make_task
+from starlora.run.embeddings import (
+    EMBEDDING_COLUMNS,
+    embedding_columns,
+    ensure_embeddings,
+    wants_embeddings,
+)
 from starlora.run.pool_scores import score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunStore
@@ -162,17 +168,23 @@ def _candidates(run: Run, k: int) -> list[Example]:
 
 def _score(run: Run, k: int) -> None:
     candidates = _candidates(run, k)
-    if run.strategy.needs:
+    if wants_embeddings(run.strategy.needs):  # once per run: the base model's, adapter off
+        ensure_embeddings(run, run.model if run.model is not None else run.base_model)
+    scored = [c for c in run.strategy.needs if c not in EMBEDDING_COLUMNS]
+    if scored:
         run.say(k, f"scoring {len(candidates)} unlabelled examples")
     rows = score_rows(run, candidates, seed=phase_seed(run.config.seed, k, "score"),
-                      model=run.adapted(k) if run.strategy.needs else None)
+                      model=run.adapted(k) if scored else None)
     if dist.is_main():  # the rows of every process's share, gathered
         run.store.write_round(k, "scores.jsonl", rows)
 
 
 def _select(run: Run, k: int) -> None:
     rows = run.store.read_round(k, "scores.jsonl")
-    columns = {c: np.array([r[c] for r in rows], dtype=float) for c in run.strategy.needs}
+    needs = run.strategy.needs
+    columns = {c: np.array([r[c] for r in rows], dtype=float) for c in needs
+               if c not in EMBEDDING_COLUMNS}
+    columns |= embedding_columns(run, [r["id"] for r in rows], needs)
     al = run.config.active_learning
     size = al.query_size
     if al.budget is not None:
@@ -216,7 +228,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     n_rounds = planned_rounds(config)
     strategy = make_strategy(al.strategy, n_queries=max(1, n_rounds - 1),
                              lambda_schedule=al.lambda_schedule, lambda_start=al.lambda_start,
-                             lambda_end=al.lambda_end, normalize=al.normalize)
+                             lambda_end=al.lambda_end, normalize=al.normalize,
+                             diversity=al.diversity, diversity_pool=al.diversity_pool)
     data = load_data(config.task, task)
     check_plan(config, data.pool)
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))

@@ -6,6 +6,9 @@
       state.json              {"round": k, "phase": last phase finished in round k}
       labelled.jsonl          {"id", "round", "answer", "source"} per label, in labelling order
       metrics.jsonl           one line per finished round (see `RunStore.record_metrics`)
+      embeddings.safetensors  strategies on embeddings: the frozen base model's embedding of
+                              every pool and task.labelled prompt, float32 [P, d], ids in its
+                              metadata (`starlora.run.embeddings`)
       queries/<r>.jsonl       human oracle: the queries whose labels round r trains on first
       queries/<r>.closed      present once the run went on with those labels
       rounds/<k>/
@@ -39,6 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from starlora.config import ExperimentConfig, dump_config, load_config
 from starlora.errors import ConfigError, DataError, LockTimeoutError, StarloraError
 from starlora.io import atomic_write, read_json, read_jsonl, write_json, write_jsonl
@@ -59,6 +64,7 @@ class RunPaths:
         self.state = self.root / "state.json"
         self.labelled = self.root / "labelled.jsonl"
         self.metrics = self.root / "metrics.jsonl"
+        self.embeddings = self.root / "embeddings.safetensors"
         self.lock = self.root / ".lock"
 
     def round_dir(self, round_: int) -> Path:
@@ -274,6 +280,26 @@ class RunStore:
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.paths.metrics)
+
+    def write_embeddings(self, ids: list[str], values: np.ndarray) -> None:
+        """Store the run's prompt embeddings: `values` [len(ids), d], row i the prompt of
+        ``ids[i]``, as float32 safetensors (tensor ``embeddings``, metadata ``ids`` as JSON)."""
+        from safetensors.numpy import save
+
+        if np.shape(values)[0] != len(ids):
+            raise ValueError(f"{np.shape(values)[0]} embeddings for {len(ids)} ids")
+        blob = save({"embeddings": np.ascontiguousarray(values, np.float32)},
+                    metadata={"ids": json.dumps(ids)})
+        atomic_write(self.paths.embeddings, blob)
+
+    def embeddings(self) -> tuple[list[str], np.ndarray] | None:
+        """(ids [P], embeddings [P, d] float32) as `write_embeddings` stored them, or None."""
+        from safetensors import safe_open
+
+        if not self.paths.embeddings.is_file():
+            return None
+        with safe_open(str(self.paths.embeddings), framework="np") as f:
+            return json.loads(f.metadata()["ids"]), f.get_tensor("embeddings")
 
     def prune_adapters(self, keep_round: int) -> None:
         """Delete the adapters of rounds before `keep_round` (``output.keep_adapters: last``)."""

@@ -1,0 +1,288 @@
+"""Prompt embeddings from the frozen base model, cached on disk by content.
+
+`embed_prompts` turns N prompts (token ids) into an [N, d] float32 array, d the model's hidden
+size: the **mean over the prompt's tokens of the decoder's last hidden state** (after the final
+norm, the input of the LM head), with the LoRA adapter disabled.
+
+Why the mean, not the last token: in a causal LM the last position's state is shaped to
+predict the next token (for a templated prompt, the first token of the answer, much the same
+for every prompt), whereas each position's state encodes its own token in context, so their
+mean describes the whole question. Mean pooling is the usual sentence embedding of a decoder
+(e.g. SGPT, Muennighoff 2022, and the mean-pooled baselines of the MTEB leaderboard), and
+needs no extra model: the base model is already loaded for scoring. Distances between these
+vectors are taken as they are (Euclidean, by the strategies in `starlora.acquisition`).
+
+`EmbeddingCache` keeps them on disk, shared by every run of one user, the way base scores are
+(`starlora.scoring.cache`): a folder per `embedding_cache_key` (weights' fingerprint, dtype,
+max_length, pooling), in it one safetensors file per computed chunk, each record named by the
+`sequence_key` of the prompt's token ids. Files are written atomically and never changed, so a
+computation killed anywhere resumes from its finished chunks, and processes may share a folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from starlora import zero3
+from starlora.attention import attention_kernels
+from starlora.errors import ConfigError
+from starlora.io import atomic_write
+from starlora.models import cache_dir, decoder_and_head
+from starlora.scoring.cache import sequence_key
+from starlora.scoring.engine import weights_cast
+from starlora.scoring.lora_fastpath import adapter_disabled
+
+#: how a prompt becomes one vector (part of the cache key: another pooling is another cache)
+POOLING = "mean-last-hidden"
+#: padded tokens per batch by default: CPU (measured on SmolLM2-135M, 1024-8192 tried) and GPU
+CPU_TOKENS_PER_BATCH = 4096
+GPU_TOKENS_PER_BATCH = 32768
+#: prompts per batch under DeepSpeed ZeRO-3: every process must run as many forward passes
+ZERO3_BATCH_SIZE = 8
+
+
+def embed_prompts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int | str = "auto",
+    max_tokens_per_batch: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "embedding prompts (base model)",
+    bar: Any = None,
+) -> np.ndarray:
+    """[N, d] float32: the mean-pooled last hidden state of each of `prompt_ids` ([N] lists of
+    token ids, used as given: cut them to length first) under `model` with its adapter
+    disabled (a peft model or a plain causal LM).
+
+    Prompts run longest first in right-padded batches of at most `max_tokens_per_batch`
+    padded tokens (``batch_size="auto"``; halved on a GPU out-of-memory) or of `batch_size`
+    prompts; under ZeRO-3 in batches of `ZERO3_BATCH_SIZE`. `dtype`: the precision of the
+    forward pass (the weights are cast for the call), None = the model's. An empty prompt
+    is an error (ValueError): it has no tokens to average. `bar`: a tqdm bar to advance
+    instead of a bar of its own (a caller that embeds in several calls shows one bar)."""
+    n = len(prompt_ids)
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("embed_prompts: an empty prompt has no tokens to average")
+    body, _ = decoder_and_head(model)
+    weights = next(model.parameters())
+    device = weights.device
+    out = np.zeros((n, int(body.config.hidden_size)), np.float32)
+    if n == 0:
+        return out
+    zero = zero3.enabled()
+    by_tokens = batch_size == "auto" and not zero
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = CPU_TOKENS_PER_BATCH if device.type == "cpu" \
+            else GPU_TOKENS_PER_BATCH
+    limit = max_tokens_per_batch if by_tokens else \
+        ZERO3_BATCH_SIZE if batch_size == "auto" else int(batch_size)
+    lengths = np.array([len(p) for p in prompt_ids], np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    from tqdm.auto import tqdm
+
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=n, desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True)
+    with contextlib.ExitStack() as stack:
+        if dtype is not None and dtype != weights.dtype:
+            stack.enter_context(weights_cast(model, dtype))
+        stack.enter_context(adapter_disabled(model))
+        stack.enter_context(zero3.forward_hooks(model))
+        stack.enter_context(zero3.inference_mode())
+        stack.enter_context(attention_kernels(device))
+        was_training = body.training
+        body.eval()
+        stack.callback(body.train, was_training)
+        start = 0
+        while start < n:
+            longest = int(lengths[order[start]])
+            size = max(1, limit // longest) if by_tokens else limit
+            idx = order[start:start + size]
+            try:
+                out[idx] = _embed_batch(body, [prompt_ids[i] for i in idx], pad_id, device)
+            except torch.OutOfMemoryError:
+                if len(idx) == 1 or zero or device.type != "cuda":
+                    raise
+                limit = max(1, limit // 2)
+                torch.cuda.empty_cache()
+                continue
+            bar.update(len(idx))
+            start += len(idx)
+    if own_bar:
+        bar.close()
+    return out
+
+
+def _embed_batch(body: nn.Module, prompts: list[Sequence[int]], pad_id: int,
+                 device: torch.device) -> np.ndarray:
+    """[B, d] float32 mean-pooled final hidden states of one right-padded batch (causal
+    attention: a real token never sees the padding after it)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, : len(p)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    m = mask.unsqueeze(-1).to(torch.float32)
+    pooled = (hidden.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)
+    return pooled.cpu().numpy()
+
+
+# -- the cache ---------------------------------------------------------------------------------
+def default_embedding_cache_dir() -> Path:
+    """``<starlora cache>/embeddings``, shared by all runs of this user."""
+    return cache_dir() / "embeddings"
+
+
+def embedding_cache_key(fingerprint: str, *, dtype: torch.dtype,
+                        max_length: int | None = None) -> dict[str, Any]:
+    """The key of one embedding cache folder: what, besides a prompt's token ids (its
+    `sequence_key`), changes its embedding. `fingerprint`: `starlora.models.model_fingerprint`
+    of the weights (a model without one, "", cannot be cached: ConfigError); `dtype`: the
+    precision of the forward pass; `max_length`: where prompts were cut."""
+    if not fingerprint:
+        raise ConfigError("embedding cache: the model has no fingerprint of its weights")
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"embedding cache: dtype must be a torch.dtype, got {dtype!r}")
+    return {"version": 1, "pooling": POOLING, "model": fingerprint, "dtype": str(dtype),
+            "max_length": max_length}
+
+
+class EmbeddingCache:
+    """Embeddings on disk: ``<directory>/<sha of key>/`` holds ``key.json`` (the key, for
+    humans) and one ``<sha of its records>.safetensors`` per computed chunk: tensor
+    ``embeddings`` [n, d] float32, metadata ``keys`` (the n records' `sequence_key`s, comma
+    separated). Each file is written atomically and never rewritten; a record found in two
+    files (two processes computed it at once) is read from the first by name."""
+
+    def __init__(self, directory: str | Path, key: dict[str, Any], chunk_size: int = 1024):
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+        self.key = dict(key)
+        self.folder = Path(directory) / digest.hexdigest()[:20]
+        self.chunk_size = chunk_size
+        self.computed = 0  # prompts computed (not found) by the last get_or_compute
+        self._seen: set[str] = set()  # chunk files already read into `_rows`
+        self._rows: dict[str, np.ndarray] = {}
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Every record on disk by sequence key ([d] float32 each); reads only the chunk files
+        not read before."""
+        from safetensors import safe_open
+
+        if self.folder.is_dir():
+            for path in sorted(self.folder.glob("*.safetensors")):
+                if path.name in self._seen:
+                    continue
+                with safe_open(str(path), framework="np") as f:
+                    keys = (f.metadata() or {}).get("keys", "").split(",")
+                    values = f.get_tensor("embeddings")
+                for k, v in zip(keys, values, strict=True):
+                    self._rows.setdefault(k, v)
+                self._seen.add(path.name)
+        return self._rows
+
+    def _write(self, keys: list[str], values: np.ndarray) -> None:
+        from safetensors.numpy import save
+
+        blob = save({"embeddings": np.ascontiguousarray(values, np.float32)},
+                    metadata={"keys": ",".join(keys)})
+        name = hashlib.sha256(",".join(keys).encode()).hexdigest()[:20]
+        atomic_write(self.folder / f"{name}.safetensors", blob)
+
+    def get_or_compute(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        compute: Callable[[list[Sequence[int]]], np.ndarray],
+        *,
+        bar: Any = None,
+    ) -> np.ndarray:
+        """[N, d] float32 embeddings of `prompt_ids`, computing (``compute(prompts) -> [n, d]``)
+        only prompts not on disk yet, each once, `chunk_size` at a time in the order they first
+        appear; before each chunk the folder is read again, so chunks another process wrote
+        meanwhile are not computed twice. `bar` (tqdm), if given, gets the number to compute
+        as its total."""
+        keys = [sequence_key(p, []) for p in prompt_ids]
+        have = self.load()
+        todo: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in have:
+                todo.setdefault(k, i)
+        missing = list(todo.items())
+        self.computed = 0
+        if bar is not None:
+            bar.total = len(missing)
+            bar.refresh()
+        if missing:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            key_path = self.folder / "key.json"
+            if not key_path.is_file():
+                atomic_write(key_path, json.dumps(self.key, indent=2, default=str) + "\n")
+        for s in range(0, len(missing), self.chunk_size):
+            if s:
+                have = self.load()
+            chunk = [(k, i) for k, i in missing[s:s + self.chunk_size] if k not in have]
+            if not chunk:
+                continue
+            values = np.asarray(compute([prompt_ids[i] for _, i in chunk]), np.float32)
+            if values.shape[0] != len(chunk):
+                raise ValueError(f"compute returned {values.shape[0]} rows for {len(chunk)}")
+            self._write([k for k, _ in chunk], values)
+            self.computed += len(chunk)
+            for (k, _), v in zip(chunk, values):
+                have.setdefault(k, v)
+        if not keys:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([have[k] for k in keys]).astype(np.float32, copy=False)
+
+
+def cached_embeddings(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    fingerprint: str,
+    dtype: torch.dtype,
+    max_length: int | None,
+    directory: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "embedding prompts (base model, cached)",
+    **options: Any,
+) -> np.ndarray:
+    """`embed_prompts` of `prompt_ids` through an `EmbeddingCache` in `directory` (default
+    `default_embedding_cache_dir`); a model without a `fingerprint` is embedded every time.
+    `options` go to `embed_prompts` (batch_size, max_tokens_per_batch); one progress bar
+    (`progress`, `desc`) counts the prompts computed, not those found on disk."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=not progress,
+               dynamic_ncols=True, delay=1)  # shown only if it lasts: all found on disk, none
+
+    def compute(prompts: list[Sequence[int]]) -> np.ndarray:
+        return embed_prompts(model, tokenizer, prompts, dtype=dtype, bar=bar, **options)
+
+    try:
+        if not fingerprint:
+            bar.total = len(prompt_ids)
+            return compute(list(prompt_ids))
+        cache = EmbeddingCache(directory or default_embedding_cache_dir(),
+                               embedding_cache_key(fingerprint, dtype=dtype,
+                                                   max_length=max_length))
+        return cache.get_or_compute(prompt_ids, compute, bar=bar)
+    finally:
+        bar.close()
