@@ -2,7 +2,8 @@
 
 **Groups.** Runs of one task are compared when their configs agree on every *design* setting:
 everything except the seed, the method settings (``active_learning.strategy``, ``scoring.*``,
-``lora.*``, ``training.*``, the λ schedule and ``active_learning.normalize``) and the
+``lora.*``, ``training.*``, the λ schedule, ``active_learning.normalize``,
+``active_learning.diversity`` and ``diversity_pool``) and the
 result-neutral and extendable ones (`starlora.run.protocol`). So a study spans protocol ids:
 ``scoring.answers=gold`` changes the protocol id but not the experiment it is an arm of. A run
 without a readable ``config.yaml`` forms groups by its protocol id.
@@ -72,7 +73,8 @@ NOT_ARM = RESULT_NEUTRAL | EXTENDABLE | {"seed", "active_learning.strategy"}
 METHOD_PREFIXES = ("scoring.", "lora.", "training.")
 METHOD_KEYS = frozenset({"active_learning.strategy", "active_learning.lambda_schedule",
                          "active_learning.lambda_start", "active_learning.lambda_end",
-                         "active_learning.normalize"})
+                         "active_learning.normalize", "active_learning.diversity",
+                         "active_learning.diversity_pool"})
 
 
 @dataclass

@@ -26,12 +26,14 @@ import numpy as np
 
 from starlora import distributed as dist
 from starlora import zero3
+from starlora.acquisition.base import ARRAY_COLUMNS
 
 if TYPE_CHECKING:
     from starlora.run.loop import Run
 
-#: score-table columns that come from the run's embeddings, not from scores.jsonl
-EMBEDDING_COLUMNS = ("embedding", "labelled_embedding")
+#: score-table columns that come from the run's embeddings, not from scores.jsonl (the
+#: acquisition contract's array columns)
+EMBEDDING_COLUMNS = ARRAY_COLUMNS
 
 
 def wants_embeddings(needs: Sequence[str]) -> bool:
