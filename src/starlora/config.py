@@ -29,29 +29,29 @@ class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"  # built-in name, local folder, or Hub id
     device: str = "auto"  # auto = first GPU if any, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on GPU
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repository's own code (off)
 
 
 class LoraConfig(_Section):
-    r: int = Field(64, gt=0)
-    alpha: float = Field(16, gt=0)
+    r: int = Field(64, gt=0)  # rank of the LoRA update B·A
+    alpha: float = Field(16, gt=0)  # scale of the update: alpha / r
     dropout: float = Field(0.1, ge=0, lt=1)  # on the input of A; also drives MC dropout
     target_modules: list[str] | None = None  # None = all attention + MLP projections
     init: Literal["gaussian", "default"] = "gaussian"  # Gaussian A, zero B, as the paper
 
 
 class TrainingConfig(_Section):
-    lr: float = Field(1.5e-4, gt=0)
-    epochs: float = Field(3, gt=0)
+    lr: float = Field(1.5e-4, gt=0)  # peak learning rate (AdamW)
+    epochs: float = Field(3, gt=0)  # passes over the labelled set per round
     batch_size: int = Field(8, gt=0)  # examples per optimizer step (before accumulation)
-    grad_accum: int = Field(1, gt=0)
-    max_grad_norm: float | None = 1.0
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    grad_accum: int = Field(1, gt=0)  # batches accumulated per optimizer step
+    max_grad_norm: float | None = 1.0  # gradient clipping; None = no clipping
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"  # learning-rate schedule
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of the steps spent warming up
     # constraint LoRA: decay on lora_B only. decoupled = AdamW-style decay of B (authors' code);
     # l2 = an explicit penalty b_decay/2 * ||B||^2 added to the loss; none = no constraint.
     b_decay: float = Field(0.5, ge=0)
-    b_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"
+    b_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"  # see b_decay
     warm_start: bool = False  # continue from the previous round's adapter (paper: fresh)
     max_length: int = Field(1024, gt=0)  # prompt + answer tokens; longer prompts are cut left
     # autocast of the forward pass; auto = bf16 where the hardware has it natively (CUDA GPUs
@@ -68,17 +68,17 @@ def _known(value: str, names: Any, what: str) -> str:
 
 
 class TaskConfig(_Section):
-    name: str = "obqa"
+    name: str = "obqa"  # gsm8k, boolq, obqa, jsonl (your own files) or arith (generated)
     # data sources: .jsonl, .csv, .parquet, or hf:<dataset>[@<config>]:<split>
     train: str | None = None  # the pool; records may lack answers (see active_learning.oracle)
     test: str | None = None  # the evaluation split (answers required)
     labelled: str | None = None  # labels the user already has: the initial labelled set
-    prompt_style: Literal["plain", "chat"] = "plain"
+    prompt_style: Literal["plain", "chat"] = "plain"  # chat: in a user turn of the chat template
     template: str | None = None  # str.format template with {question}; None = task default
-    answer_prefix: str = " "
-    question_field: str = "question"
-    answer_field: str = "answer"
-    id_field: str = "id"
+    answer_prefix: str = " "  # put before the answer in plain style
+    question_field: str = "question"  # the field (CSV: column) of the question
+    answer_field: str = "answer"  # the field (column) of the answer
+    id_field: str = "id"  # of the id; without one: from line and content
     choices: list[str] | None = None  # jsonl task: a fixed answer set
     answer_regex: str | None = None  # jsonl task: first group = final answer
     dedupe: bool = False  # drop records repeating an earlier question and answer
@@ -116,14 +116,16 @@ class ScoringConfig(_Section):
 
 
 class ActiveLearningConfig(_Section):
-    strategy: str = "pe-dynamic"
-    initial_size: int = Field(500, gt=0)
-    query_size: int = Field(500, gt=0)
+    strategy: str = "pe-dynamic"  # how queries are chosen (docs: strategies)
+    initial_size: int = Field(500, gt=0)  # labels before round 0 (random picks)
+    query_size: int = Field(500, gt=0)  # labels added per query
     rounds: int = Field(10, gt=0)  # training rounds; a query happens between two rounds
     budget: int | None = Field(None, gt=0)  # stop once this many examples are labelled
+    # dynamic strategies: λ, the weight of the base model's uncertainty, falls from
+    # lambda_start to lambda_end over the queries along this schedule
     lambda_schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
-    lambda_start: float = Field(0.9, ge=0, le=1)
-    lambda_end: float = Field(0.1, ge=0, le=1)
+    lambda_start: float = Field(0.9, ge=0, le=1)  # λ at the first query
+    lambda_end: float = Field(0.1, ge=0, le=1)  # λ at the last query
     # minmax: dynamic mixes both terms min-max normalised over the pool (paper), subtract takes
     # the raw difference; raw_full: u_base is min-max normalised and u_full left raw in both,
     # as the authors' released code does
@@ -132,10 +134,11 @@ class ActiveLearningConfig(_Section):
     # kmeans: the query is one item per k-means cluster (prompt embeddings) of the strategy's
     # top diversity_pool x query_size, each its cluster's highest utility (not the paper's)
     diversity: Literal["none", "kmeans"] = "none"
-    diversity_pool: float = Field(10, ge=1)
+    diversity_pool: float = Field(10, ge=1)  # see diversity
     # simulated: the pool's gold answers label the queries; human: the run stops after each
     # selection until the answers are imported (starlora export / import / annotate)
     oracle: Literal["simulated", "human"] = "simulated"
+    # a query larger than the pool left: stop with an error, or take what is left
     on_exhausted: Literal["error", "take_rest"] = "error"
 
     @field_validator("strategy")
@@ -146,13 +149,13 @@ class ActiveLearningConfig(_Section):
 
 class EvaluationConfig(_Section):
     mode: Literal["auto", "generate", "choice"] = "auto"  # auto: choice if the task has choices
-    max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(16, gt=0)
-    ece_bins: int = Field(15, gt=0)
+    max_new_tokens: int = Field(256, gt=0)  # of a generated answer
+    batch_size: int = Field(16, gt=0)  # test items per generation batch
+    ece_bins: int = Field(15, gt=0)  # bins of the expected calibration error
 
 
 class OutputConfig(_Section):
-    run_dir: str | None = None
+    run_dir: str | None = None  # --run-dir wins; default runs/<config name>
     report_to: list[str] = Field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     keep_adapters: Literal["all", "last"] = "all"  # last: delete older rounds' adapters
 
@@ -163,7 +166,7 @@ class OutputConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)  # of every random stream of a run (selection, training, ...)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

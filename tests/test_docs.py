@@ -1,0 +1,78 @@
+"""The documentation site: its configuration reference is generated from the pydantic models
+(docs/hooks/config_reference.py), so these tests check the generator, that every field has a
+note, and that the site's navigation and pages agree. `mkdocs build --strict` runs in CI."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from starlora.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hook():
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", ROOT / "docs" / "hooks" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _keys() -> list[str]:
+    keys = []
+    for name, field in ExperimentConfig.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and hasattr(section, "model_fields"):
+            keys += [f"{name}.{k}" for k in section.model_fields]
+        else:
+            keys.append(name)
+    return keys
+
+
+def test_field_comments_take_the_lines_above_and_the_line_itself():
+    source = (
+        "class A:\n"
+        "    x: int = 1  # beside x\n"
+        "\n"
+        "    # above y, first line\n"
+        "    # above y, second line\n"
+        "    y: str = 'a'  # beside y\n"
+        "    z: int = 3\n"
+        "    # not about z: a blank line\n"
+        "\n"
+        "    w: int = 4\n"
+    )
+    comments = _hook().field_comments(source)
+    assert comments[("A", "x")] == "beside x"
+    assert comments[("A", "y")] == "above y, first line above y, second line beside y"
+    assert ("A", "z") not in comments and ("A", "w") not in comments
+
+
+def test_the_reference_has_a_row_with_a_note_for_every_config_field():
+    """A new field without a comment in config.py fails here: write one beside it."""
+    hook = _hook()
+    reference = hook.reference()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in reference.splitlines()
+            if line.startswith("| `")}
+    assert sorted(rows) == sorted(_keys())
+    undocumented = [key for key, line in rows.items() if line.rstrip().endswith("|  |")]
+    assert not undocumented, f"config fields without a comment in config.py: {undocumented}"
+    assert "| `training.lr` | float | `0.00015` | > 0 |" in reference
+    assert "`generated` \\| `gold`" in rows["scoring.answers"]
+
+
+def test_a_page_marker_is_replaced_by_its_section():
+    filled = _hook().fill("before\n<!-- config-reference: task -->\nafter")
+    assert filled.startswith("before\n| key |") and filled.endswith("\nafter")
+    assert "`task.question_field`" in filled and "`training.lr`" not in filled
+
+
+def test_every_page_is_in_the_navigation_and_every_link_target_exists():
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    nav = [next(iter(item.values())) for item in config["nav"]]
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert sorted(nav) == pages
