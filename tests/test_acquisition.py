@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from starlora.acquisition import STRATEGIES, Dynamic, LambdaSchedule, make_strategy, minmax
-from starlora.errors import ConfigError, EmptyPoolError, PoolExhaustedError
+from starlora.errors import ConfigError, EmptyPoolError, PoolExhaustedError, QuerySizeError
 
 
 def table(n: int, seed: int = 0) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -43,6 +43,22 @@ def test_contract(name: str) -> None:
         bad = dict(scores, **{column: np.full_like(scores[column], np.nan)})
         with pytest.raises(ValueError, match="NaN"):
             strategy.rank(ids, bad, query_index=0, rng=np.random.default_rng())
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("k", [0, -1, -45])
+def test_every_strategy_refuses_a_query_of_k_at_most_zero(name: str, k: int) -> None:
+    """Issue 36, bug 2: ``order[:k]`` with k < 0 took all but the last |k| rows; the contract
+    refuses k <= 0 for every strategy, diversity mode included, with take_rest too."""
+    ids, scores = table(50)
+    modes = ("none",) if name == "typiclust" else ("none", "kmeans")  # it clusters already
+    for strategy in (make_strategy(name, n_queries=4, diversity=mode) for mode in modes):
+        for take_rest in (False, True):
+            with pytest.raises(QuerySizeError, match=f"k = {k}"):
+                strategy.select_rows(ids, scores, k, query_index=0, rng=np.random.default_rng(),
+                                     take_rest=take_rest)
+        with pytest.raises(QuerySizeError):
+            strategy.rank(ids, scores, query_index=0, rng=np.random.default_rng(), k=k)
 
 
 def test_uncertainty_and_subtract_order() -> None:

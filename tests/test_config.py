@@ -9,6 +9,7 @@ from starlora.config import dump_config, load_config
 from starlora.demo import DEMO_CONFIG
 from starlora.errors import ConfigError
 from starlora.run.data import check_plan, load_data, make_task
+from starlora.run.protocol import planned_rounds
 from starlora.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -96,3 +97,32 @@ def test_strategy_and_task_names_are_checked_when_the_config_loads(
         load_config(path)
     assert f"c.yaml:3: {key}: unknown" in str(e.value) and repr(value) in str(e.value)
     assert all(name in str(e.value) for name in names)  # the valid names are listed
+
+
+def test_a_budget_spent_by_the_labelled_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Issue 36, bug 2: with 6 labels in task.labelled and a budget of 4, a query of
+    ``budget - labelled`` = -2 examples took almost the whole pool; check_plan refuses it (and
+    `starlora run` exits 2 before it creates the run directory or loads a model)."""
+    from starlora.cli import main
+    from starlora.io import write_jsonl
+    from starlora.tasks import get_task
+
+    mine = get_task("arith").generate("train", 6, 99)
+    write_jsonl(tmp_path / "mine.jsonl", [{"id": f"m{i}", "question": ex.question,
+                                           "answer": ex.answer} for i, ex in enumerate(mine)])
+    overrides = ["task.name=arith", "task.pool_size=40", "task.test_size=8",
+                 f"task.labelled={tmp_path / 'mine.jsonl'}", "active_learning.initial_size=2",
+                 "active_learning.query_size=4", "active_learning.rounds=3",
+                 "active_learning.budget=4", "model.name=tiny-llama"]
+    config = load_config(None, overrides)
+    task = make_task(config.task)
+    data = load_data(config.task, task)
+    with pytest.raises(ConfigError, match="budget: 4 labels, but task.labelled holds 6 labels"):
+        check_plan(config, data.pool, data.labelled)
+    args = ["run", str(write(tmp_path, "seed: 0\n")), "--run-dir", str(tmp_path / "run")]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 2
+    assert not (tmp_path / "run").exists()
+    # a budget of 8: the 6 labels, then one query of 2 (not a second query of 0)
+    config = load_config(None, [*overrides[:-1], "active_learning.budget=8"])
+    check_plan(config, data.pool, data.labelled)
+    assert planned_rounds(config, len(data.labelled)) == 2 and planned_rounds(config) == 3

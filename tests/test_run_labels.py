@@ -85,6 +85,28 @@ def test_label_studio_tasks_without_annotations_stay_pending(store: RunStore, tm
     assert import_labels(store, tmp_path / "ls.json") == (0, 3)
 
 
+def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
+        store: RunStore, tmp_path: Path) -> None:
+    """Issue 36, bug 1: the exported CSV, with 1 of 3 answers filled in, imports that one; an
+    empty cell means "not answered yet". A cell made only of whitespace is still an error."""
+    export_queries(store, tmp_path / "q.csv", "csv")
+    with open(tmp_path / "q.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    table[1]["answer"] = "2"
+    with open(tmp_path / "q.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+    assert import_labels(store, tmp_path / "q.csv") == (1, 2)
+    assert [q["id"] for q in store.pending()] == ["q0", "q2"]
+    assert {r["id"]: r["answer"] for r in store.labelled()}["q1"] == "2"
+    (tmp_path / "blank.csv").write_text("id,answer\nq0,\nq2,\"  \"\n")
+    before = snapshot(store.root)
+    with pytest.raises(DataError, match="blank.csv:3: answer: empty answer for id 'q2'"):
+        import_labels(store, tmp_path / "blank.csv")
+    assert snapshot(store.root) == before
+
+
 @pytest.mark.parametrize("name,text,where", [
     ("unknown.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "zz", "answer": "1"}\n',
      "unknown.jsonl:2: id: 'zz' unknown id"),

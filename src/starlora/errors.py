@@ -39,6 +39,10 @@ class PoolExhaustedError(StarloraError):
     """The unlabelled pool has fewer examples left than a query asks for (or none at all)."""
 
 
+class QuerySizeError(ConfigError):
+    """A strategy was asked for k <= 0 examples (a query size, or a budget already spent)."""
+
+
 class EmptyPoolError(PoolExhaustedError):
     """A strategy was asked to rank an empty pool."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starlora.errors import ConfigError, EmptyPoolError, PoolExhaustedError
+from starlora.errors import ConfigError, EmptyPoolError, PoolExhaustedError, QuerySizeError
 
 ScoreTable = Mapping[str, np.ndarray]
 #: score-table columns that are [rows, d] arrays, not one number per candidate
@@ -69,6 +69,14 @@ def minmax(u: np.ndarray) -> np.ndarray:
     """Scale [N] scores to [0, 1] over the pool; a constant column becomes all zeros."""
     lo, hi = float(np.min(u)), float(np.max(u))
     return np.zeros_like(u, dtype=np.float64) if hi == lo else (u - lo) / (hi - lo)
+
+
+def check_query_size(k: int) -> None:
+    """Refuse (QuerySizeError) a query of `k` <= 0 examples: the one check every strategy
+    goes through (`QueryStrategy.select_rows`, and `rank` with a `k`)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise QuerySizeError(f"a query takes k >= 1 examples, got k = {k!r} (active_learning."
+                             "query_size, or a budget smaller than what is labelled already)")
 
 
 class QueryStrategy(ABC):
@@ -132,6 +140,8 @@ class QueryStrategy(ABC):
     ) -> tuple[np.ndarray, np.ndarray]:
         """(order [N] indices, best first; utility [N] float64). With `k`, a `batch` strategy's
         choice of `k` comes first, then the rest by utility."""
+        if k is not None:
+            check_query_size(k)
         self._check(ids, scores)
         n = len(ids)
         u = np.asarray(self.utility(scores, n=n, query_index=query_index, rng=rng), np.float64)
@@ -169,7 +179,9 @@ class QueryStrategy(ABC):
     ) -> list[dict[str, object]]:
         """The `k` ids to label next, best first, each as ``{"id", "rank", "utility", **terms}``
         (`terms`' columns at that id, its scalars as they are). If fewer than `k` remain, raise
-        PoolExhaustedError, or return all that is left when `take_rest`."""
+        PoolExhaustedError, or return all that is left when `take_rest`. A `k` <= 0 is a
+        QuerySizeError (``order[:k]`` would otherwise take all but the last |k|)."""
+        check_query_size(k)
         if len(ids) < k and not take_rest:
             raise PoolExhaustedError(
                 f"query of {k} examples but only {len(ids)} remain unlabelled "

@@ -94,15 +94,25 @@ def _without(pool: list[Example], labelled: list[Example], source: str) -> list[
     return [ex for ex in pool if ex.id not in ids]
 
 
-def check_plan(config: ExperimentConfig, pool: Sequence[Example]) -> None:
-    """Refuse, before any work, a protocol that the pool cannot serve."""
+def check_plan(config: ExperimentConfig, pool: Sequence[Example],
+               labelled: Sequence[Example] = ()) -> None:
+    """Refuse, before any work, a protocol that the pool cannot serve, or whose initial
+    labelled set is larger than its budget (`labelled`: the user's `task.labelled` examples,
+    which replace the `initial_size` draw)."""
     al = config.active_learning
-    if al.initial_size > len(pool):
+    n_initial = len(labelled) or al.initial_size
+    if al.budget is not None and n_initial > al.budget:
+        what = f"task.labelled holds {n_initial} labels" if labelled else \
+            f"active_learning.initial_size is {n_initial}"
+        raise ConfigError(f"active_learning.budget: {al.budget} labels, but {what} before "
+                          "the first query; raise the budget")
+    if not labelled and al.initial_size > len(pool):
         raise ConfigError(f"active_learning.initial_size: {al.initial_size} is larger than the "
                           f"pool ({len(pool)} examples)")
-    need = al.initial_size + al.query_size * (planned_rounds(config) - 1)
+    n_rounds = planned_rounds(config, len(labelled) or None)
+    need = (0 if labelled else al.initial_size) + al.query_size * (n_rounds - 1)
     if al.budget is not None:
-        need = min(need, al.budget)
+        need = min(need, al.budget - (n_initial if labelled else 0))
     if need > len(pool) and al.on_exhausted == "error":
         raise ConfigError(
             f"active_learning.query_size: the protocol labels {need} examples but the pool has "

@@ -13,12 +13,13 @@ with the fields ``id, question, prompt, draft, uncertainty, round``:
 Import (`import_labels`) reads answers:
 
 * ``jsonl``: ``{"id": ..., "answer": ...}`` per line;
-* ``csv``: ``id`` and ``answer`` columns;
+* ``csv``: ``id`` and ``answer`` columns; a row whose ``answer`` cell is empty is not
+  answered yet and stays pending (so a partly filled export imports);
 * ``label-studio``: a Label Studio JSON export; a task's answer is the text area of its last
   annotation that was not cancelled; tasks without one stay pending.
 
 Every record is checked before any is applied: an unknown id, an id that is not pending, a
-duplicate id, an empty answer, a line that does not parse or a missing field raise `DataError`
+duplicate id, an answer made only of whitespace, a line that does not parse or a missing field raise `DataError`
 naming ``file:line`` and the field, and the run directory is left byte for byte as it was.
 Valid answers are applied in one atomic write under the run's lock; a partial import is fine.
 """
@@ -147,6 +148,8 @@ def _csv(where: str, text: str) -> list[Answer]:
             line = reader.line_num
             if None in row:  # more cells than columns
                 raise DataError(where, line, None, "more cells than header columns")
+            if row["answer"] == "":  # not answered yet (export leaves it empty): pending
+                continue
             out.append(Answer(_field(where, line, row, "id"), _field(where, line, row, "answer"),
                               line))
     except csv.Error as e:

@@ -225,13 +225,13 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     al = config.active_learning
     # everything that can be wrong with the input is checked before any work starts
     task = make_task(config.task)
-    n_rounds = planned_rounds(config)
+    data = load_data(config.task, task)
+    check_plan(config, data.pool, data.labelled)
+    n_rounds = planned_rounds(config, len(data.labelled) or None)
     strategy = make_strategy(al.strategy, n_queries=max(1, n_rounds - 1),
                              lambda_schedule=al.lambda_schedule, lambda_start=al.lambda_start,
                              lambda_end=al.lambda_end, normalize=al.normalize,
                              diversity=al.diversity, diversity_pool=al.diversity_pool)
-    data = load_data(config.task, task)
-    check_plan(config, data.pool)
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
 

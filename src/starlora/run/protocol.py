@@ -57,12 +57,15 @@ STREAMS = {
 }
 
 
-def planned_rounds(config: ExperimentConfig) -> int:
-    """Training rounds to run: `rounds`, fewer if `budget` is reached earlier."""
+def planned_rounds(config: ExperimentConfig, n_initial: int | None = None) -> int:
+    """Training rounds to run: `rounds`, fewer if `budget` is reached earlier. `n_initial`:
+    the size of round 0's labelled set when it is not `initial_size` (a `task.labelled` file
+    replaces the draw), so that every query asks for at least one example."""
     al = config.active_learning
     if al.budget is None:
         return al.rounds
-    return min(al.rounds, 1 + max(0, math.ceil((al.budget - al.initial_size) / al.query_size)))
+    n0 = al.initial_size if n_initial is None else n_initial
+    return min(al.rounds, 1 + max(0, math.ceil((al.budget - n0) / al.query_size)))
 
 
 def protocol_id(config: ExperimentConfig) -> str:
