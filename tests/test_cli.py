@@ -52,3 +52,70 @@ def test_score_command_writes_one_line_per_record(tmp_path: Path, data_dir: Path
     for row in rows:
         assert {"id", "pe", "pe_per_token", "me", "me_per_token", "n_answer_tokens"} <= set(row)
         assert len(row["pe_passes"]) == 2 and row["pe"] > 0
+
+
+def test_version_flag_prints_the_version_without_importing_torch() -> None:
+    code = ("import sys\nfrom starlora.cli import main\ntry:\n    main(['--version'])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from starlora import __version__
+
+    assert proc.stdout == f"starlora {__version__}\n"
+
+
+def test_every_subcommand_has_a_description_an_example_and_help_on_each_argument() -> None:
+    import argparse
+
+    from starlora.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(commands.choices) >= 10
+    for name, sub in commands.choices.items():
+        text = sub.format_help()
+        assert sub.description and sub.description.endswith("."), name
+        assert f"example:\n  starlora {name}" in text, name
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction) and action.dest in (
+                    "run_dir", "run_dirs", "config", "file"):
+                assert action.help, (name, action.dest)
+
+
+def test_library_noise_is_silenced_at_the_command_line_only(monkeypatch, recwarn) -> None:
+    import logging
+    import warnings
+
+    import starlora.cli as cli
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    deepspeed = logging.getLogger("DeepSpeed")
+    deepspeed.addHandler(Keep())
+
+    def noisy(args) -> int:
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+                      FutureWarning, stacklevel=1)
+        warnings.warn("a warning users can act on", UserWarning, stacklevel=1)
+        deepspeed.warning("Setting accelerator to CPU. If you have GPU ...")
+        deepspeed.warning("another DeepSpeed message")
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_version", noisy)
+    monkeypatch.setattr(sys, "argv", ["starlora", "version"])
+    try:
+        assert cli.main() == 0  # the command line: sys.argv
+        assert [str(w.message) for w in recwarn] == ["a warning users can act on"]
+        assert seen == ["another DeepSpeed message"]
+        recwarn.clear()
+        seen.clear()
+        warnings.simplefilter("always")
+        assert cli.main(["version"]) == 0  # a call with arguments (tests) silences nothing
+        assert len(recwarn) == 2 and len(seen) == 2
+    finally:
+        deepspeed.handlers.clear()

@@ -16,9 +16,15 @@ Errors caused by input (bad data, bad config, unknown model...) print one line a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from starlora import __version__
 from starlora.errors import StarloraError
@@ -183,56 +189,80 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_DIR_HELP = "a run directory (what `starlora run` wrote: config.yaml, state.json, rounds/)"
+
+
+def _command(sub: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` opens with `summary` and ends with `example`."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog="example:\n  " + example.replace("\n", "\n  "),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starlora",
         description="Data-efficient LLM fine-tuning: STAR active learning with constraint LoRA.",
+        epilog="`starlora COMMAND --help` describes a command, with an example.",
     )
+    parser.add_argument("--version", action="version", version=f"starlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("version", help="print versions")
+    p = _command(sub, "version", "print the versions of starlora, torch, transformers and peft",
+                 "starlora version      # starlora --version prints starlora's alone, at once")
     p.set_defaults(func=_cmd_version)
 
-    p = sub.add_parser("demo", help="run a small complete experiment on the embedded model")
+    p = _command(sub, "demo", "run a small complete experiment on the embedded model",
+                 "starlora demo --set seed=1     # another seed; stopped, it resumes")
     p.add_argument("--out", default="starlora-demo", help="output folder (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo config, e.g. --set scoring.answers=gold")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("run", help="run (or resume) an active-learning experiment")
+    p = _command(sub, "run", "run (or resume) an active-learning experiment",
+                 "starlora run configs/tiny.yaml --set seed=1 --run-dir runs/tiny-1")
     p.add_argument("config", help="experiment YAML (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<config>)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("status", help="show where a run stands")
-    p.add_argument("run_dir")
+    p = _command(sub, "status", "show where a run stands: round, phase, labels, pending queries",
+                 "starlora status runs/tiny-1 --json")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("export", help="write the queries a run waits for, for people to answer")
-    p.add_argument("run_dir")
-    p.add_argument("--format", choices=["jsonl", "csv", "label-studio"], default="jsonl")
+    p = _command(sub, "export", "write the queries a run waits for, for people to answer",
+                 "starlora export runs/mine --format csv --out queries.csv")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
+    p.add_argument("--format", choices=["jsonl", "csv", "label-studio"], default="jsonl",
+                   help="jsonl, csv (with an empty answer column), or label-studio (a tasks "
+                        "JSON, and its labelling config beside it as <name>.label_config.xml)")
     p.add_argument("--out", required=True, help="output file (label-studio: a tasks JSON)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("import", help="read answers to a run's pending queries")
-    p.add_argument("run_dir")
+    p = _command(sub, "import", "read answers to a run's pending queries",
+                 "starlora import runs/mine queries.csv")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("file", help="answers: JSONL {id, answer}, CSV with id and answer columns, "
                    "or a Label Studio JSON export")
-    p.add_argument("--format", choices=["auto", "jsonl", "csv", "label-studio"], default="auto")
+    p.add_argument("--format", choices=["auto", "jsonl", "csv", "label-studio"], default="auto",
+                   help="auto: from the file name (.jsonl, .csv, .json)")
     p.set_defaults(func=_cmd_import)
 
-    p = sub.add_parser("annotate", help="serve a local web page where people answer the queries")
-    p.add_argument("run_dir")
+    p = _command(sub, "annotate", "serve a local web page where people answer the queries",
+                 "starlora annotate runs/mine --port 8800")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0: any free)")
     p.add_argument("--token", help="the access token the URL carries (default: a random one; "
                    "one given here shows in the process list)")
     p.set_defaults(func=_cmd_annotate)
 
-    p = sub.add_parser("score", help="uncertainty scores (PE, ME) of a data file")
+    p = _command(sub, "score", "uncertainty scores (PE, ME) of a data file",
+                 "starlora score --model smollm2-135m-instruct --task gsm8k --data test.jsonl "
+                 "--out scores.jsonl")
     p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
     p.add_argument("--adapter", help="LoRA adapter folder (peft format)")
     p.add_argument("--base", action="store_true", help="score with the adapter disabled")
@@ -249,28 +279,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-style", choices=["plain", "chat"], default="plain")
     p.add_argument("--measures", default="pe,me", help="comma-separated: pe, me")
     p.add_argument("--mc-passes", type=int, default=1, help="Monte-Carlo dropout passes")
-    p.add_argument("--batch-size", default="auto", type=lambda s: s if s == "auto" else int(s))
+    p.add_argument("--batch-size", default="auto", type=lambda s: s if s == "auto" else int(s),
+                   help="examples per batch, or auto (default: by tokens, halved on OOM)")
     p.add_argument("--limit", type=int, help="score only the first N records")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto (first GPU, else cpu), cpu, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--out", required=True, help="output JSONL, one object per record")
     p.set_defaults(func=_cmd_score)
 
-    p = sub.add_parser("report", help="learning curves, calibration and tables from runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = _command(sub, "report", "learning curves, calibration and tables from runs",
+                 "starlora report runs/random-* runs/pe-* --out report/")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several")
     p.add_argument("--out", required=True, help="output folder for PNGs, Markdown and CSV")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("uncertainty", help="score a finished run's test items after its last "
-                       "round (PE/ME, 1 pass and MC, gold and own answers)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = _command(sub, "uncertainty", "score a finished run's test items after its last round "
+                 "(PE/ME, 1 pass and MC, gold and own answers)",
+                 "starlora uncertainty runs/tiny-1 runs/tiny-2")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several")
     p.set_defaults(func=_cmd_uncertainty)
     return parser
 
 
+#: library warnings a user of the command line can do nothing about: (logger or warning
+#: category, start of the message). DeepSpeed logs the first on every CPU start; peft calls a
+#: transformers property that transformers 5 deprecated.
+LIBRARY_NOISE = (
+    ("DeepSpeed", "Setting accelerator to CPU"),
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    """A logging filter: False (drop) for a `LIBRARY_NOISE` record."""
+    return not any(record.name == who and record.getMessage().startswith(text)
+               for who, text in LIBRARY_NOISE if isinstance(who, str))
+
+
+@contextlib.contextmanager
+def library_noise_silenced() -> Iterator[None]:
+    """Within the block, drop the `LIBRARY_NOISE` warnings and log records; everything else,
+    and everything after the block, is untouched."""
+    loggers = {logging.getLogger(who) for who, _ in LIBRARY_NOISE if isinstance(who, str)}
+    with warnings.catch_warnings():
+        for who, text in LIBRARY_NOISE:
+            if not isinstance(who, str):
+                warnings.filterwarnings("ignore", message=re.escape(text), category=who)
+        for logger in loggers:
+            logger.addFilter(_not_noise)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(_not_noise)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; under ``torchrun``/``accelerate launch`` every process runs it (see
-    `starlora.distributed`): the main process prints and writes, the others work on shares."""
+    `starlora.distributed`): the main process prints and writes, the others work on shares.
+
+    Run as a command (`argv` None: ``sys.argv``) it silences `LIBRARY_NOISE`; called with an
+    argument list (tests, scripts) it leaves every warning alone."""
+    if argv is None:
+        with library_noise_silenced():
+            return _main(None)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from starlora import distributed as dist
     from starlora.models import tune_cpu_allocator
