@@ -11,6 +11,7 @@ def table(n: int, seed: int = 0) -> tuple[list[str], dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     ids = [f"x{i}" for i in range(n)]
     cols = {k: rng.gamma(2.0, 3.0, n) for k in ("pe", "me", "pe_base", "me_base")}
+    cols["answer_tokens"] = rng.integers(1, 6, n).astype(float)  # few values: many ties
     cols |= {"embedding": rng.standard_normal((n, 4)),
              "labelled_embedding": rng.standard_normal((3, 4))}
     return ids, cols
@@ -221,3 +222,16 @@ def test_every_family_module_registers_its_strategies_on_import() -> None:
     assert owners <= {f"starlora.acquisition.{m}" for m in modules}
     assert {"random", "pe", "me", "pe-subtract", "me-subtract", "pe-dynamic",
             "me-dynamic"} <= set(STRATEGIES)
+
+
+def test_length_ranks_the_longest_own_answer_first_and_breaks_ties_by_the_stream() -> None:
+    ids = ["a", "b", "c", "d"]
+    scores = {"answer_tokens": np.array([3.0, 48.0, 7.5, 48.0])}
+    length = make_strategy("length")
+    orders = {tuple(length.rank(ids, scores, query_index=0, rng=np.random.default_rng(s)))
+              for s in range(20)}
+    assert orders == {("b", "d", "c", "a"), ("d", "b", "c", "a")}  # the tie at 48, either way
+    assert length.rank(ids, scores, query_index=0, rng=np.random.default_rng(1)) == \
+        length.rank(ids, scores, query_index=0, rng=np.random.default_rng(1))
+    rows = length.select_rows(ids, scores, 2, query_index=0, rng=np.random.default_rng(0))
+    assert [r["utility"] for r in rows] == [48.0, 48.0] and rows[0]["answer_tokens"] == 48.0

@@ -90,3 +90,118 @@ def test_answer_lengths_averaged_over_samples_are_kept_in_the_records() -> None:
     assert isinstance(records[1]["n_answer_tokens"], int)
     np.testing.assert_array_equal(Scores.from_records(records).n_answer_tokens, [3.5, 5.0])
     assert Scores.from_records(rows.to_records()).n_answer_tokens.dtype == np.int64
+
+
+# -- the loop: a strategy's first selection does not depend on the pool's answers ----------
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def pool_files(tmp_path: Path) -> tuple[dict[str, Path], list[str]]:
+    """A jsonl pool of 16 sums with gold, wrong or no answers, and the settings of a run on it
+    that labels 4 given examples, trains, scores the pool and selects 4 (human oracle: it
+    pauses there, so the missing answers are never needed)."""
+    questions = [f"What is {i} + {i % 5}?" for i in range(16)]
+    pools = {}
+    for name, answer in (("gold", lambda i: str(i + i % 5)), ("wrong", lambda i: str(99 - i)),
+                         ("none", None)):
+        path = tmp_path / f"pool-{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"p{i}", "question": q}
+                                           | ({"answer": answer(i)} if answer else {})) + "\n"
+                                for i, q in enumerate(questions)))
+        pools[name] = path
+    labelled, test = tmp_path / "labelled.jsonl", tmp_path / "test.jsonl"
+    labelled.write_text("".join(json.dumps({"id": f"l{i}", "question": f"What is {i} + 1?",
+                                            "answer": str(i + 1)}) + "\n" for i in range(4)))
+    test.write_text("".join(json.dumps({"id": f"t{i}", "question": f"What is {i} + 2?",
+                                        "answer": str(i + 2)}) + "\n" for i in range(30, 34)))
+    settings = ["task.name=jsonl", f"task.test={test}", f"task.labelled={labelled}",
+                "active_learning.oracle=human", "active_learning.initial_size=4",
+                "active_learning.query_size=4", "active_learning.rounds=2",
+                "evaluation.max_new_tokens=8", "scoring.mc_passes=2"]
+    return pools, settings
+
+
+def first_selection(tmp_path: Path, overrides: list[str]) -> dict[str, list]:
+    """{pool name: [round 0's scores.jsonl rows, its selected.jsonl rows]}."""
+    from starlora.config import load_config
+    from starlora.run.loop import run_experiment
+
+    pools, settings = pool_files(tmp_path)
+    out = {}
+    for name, pool in pools.items():
+        store = run_experiment(load_config(TINY, [*settings, f"task.train={pool}", *overrides]),
+                               tmp_path / f"run-{name}", progress=False)
+        assert len(store.pending()) == 4  # paused on the first query
+        out[name] = [store.read_round(0, "scores.jsonl"), store.read_round(0, "selected.jsonl")]
+    return out
+
+
+#: strategies and options added for issue 33, each with the settings it needs
+LABEL_FREE = {
+    "length": ["active_learning.strategy=length"],
+}
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    """tiny-llama with a LoRA adapter whose B is not zero (the adapted model differs from the
+    base model), and its tokenizer."""
+    import torch
+
+    from starlora.adapters import attach_lora
+    from starlora.models import load_model
+
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    model = attach_lora(loaded.model, r=4, dropout=0.1)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return model, loaded.tokenizer
+
+
+def select_on(adapted, overrides: list[str], answers: str) -> tuple[list[dict], list[dict]]:
+    """The score phase's rows and the first selection (4 of 12 arith problems) of the strategy
+    and options `overrides` set, with the pool's answers gold, wrong or missing (`answers`)."""
+    from starlora.config import load_config
+    from starlora.run.loop import Run, config_strategy
+    from starlora.run.pool_scores import score_rows
+    from starlora.run.protocol import phase_seed, stream
+    from starlora.tasks import Example
+
+    model, tokenizer = adapted
+    cfg = load_config(TINY, ["evaluation.max_new_tokens=8", *overrides])
+    task = get_task("arith")
+    pool = task.generate("train", 12, 0)
+    pool = [Example(ex.id, ex.question, {"gold": ex.answer, "wrong": "#### 999",
+                                         "none": None}[answers]) for ex in pool]
+    run = Run(cfg, None, task, config_strategy(cfg, 2), None, 2, False, model, tokenizer,
+              model=model)
+    rows = score_rows(run, pool, seed=phase_seed(cfg.seed, 0, "score"), model=model)
+    needs = [c for c in run.strategy.needs]
+    columns = {c: np.array([r[c] for r in rows], float) for c in needs}
+    selected = run.strategy.select_rows([r["id"] for r in rows], columns, 4, query_index=0,
+                                        rng=stream(cfg.seed, 0, "select"))
+    return rows, selected
+
+
+@pytest.mark.parametrize("arm", LABEL_FREE)
+def test_new_strategies_score_and_select_the_same_with_gold_wrong_or_missing_answers(
+    arm: str, adapted
+) -> None:
+    """Label-free, and deterministic for a seed: the same rows and selection three times."""
+    runs = [select_on(adapted, LABEL_FREE[arm], answers) for answers in ("gold", "wrong", "none")]
+    assert runs[0] == runs[1] == runs[2]
+    rows, selected = runs[0]
+    assert len(rows) == 12 and len(selected) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", LABEL_FREE)
+def test_new_strategies_in_the_loop_select_the_same_with_gold_wrong_or_missing_answers(
+    arm: str, tmp_path: Path
+) -> None:
+    runs = first_selection(tmp_path, LABEL_FREE[arm])
+    assert runs["gold"] == runs["wrong"] == runs["none"]
+    scores, selected = runs["gold"]
+    assert len(scores) == 16 and len(selected) == 4

@@ -9,6 +9,7 @@ A strategy never sees a model or a tokenizer, only a table of scores over the cu
         "me"       maximum entropy with the adapter: summed full-vocabulary entropy (nats)
         "pe_base"  the same measures from the frozen base model (adapter disabled)
         "me_base"
+        "answer_tokens"  the adapted model's own answer's length in generated tokens
 
 and for strategies on embeddings (`base.ARRAY_COLUMNS`; `starlora.run.embeddings` fills
 them from the frozen base model's mean-pooled prompt states, d its hidden size):
@@ -19,6 +20,7 @@ them from the frozen base model's mean-pooled prompt states, d its hidden size):
 Strategies (`make_strategy` names), one module per family:
 
     controls      random        uniform, seeded
+                  length        the longest own answer first (difficulty control)
     uncertainty   pe, me        u_full, the model-with-adapter's uncertainty
     dynamic       pe-subtract   u_full - u_base
                   me-subtract
@@ -40,7 +42,7 @@ import importlib
 import pkgutil
 
 from starlora.acquisition.base import LambdaSchedule, QueryStrategy, ScoreTable, minmax
-from starlora.acquisition.controls import Random
+from starlora.acquisition.controls import Length, Random
 from starlora.acquisition.dynamic import Dynamic, Subtract
 from starlora.acquisition.registry import (
     STRATEGIES,
@@ -54,7 +56,7 @@ for _module in pkgutil.iter_modules(__path__):  # every family registers its str
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "STRATEGIES", "Dynamic", "LambdaSchedule", "QueryStrategy", "Random", "ScoreTable",
+    "STRATEGIES", "Dynamic", "LambdaSchedule", "Length", "QueryStrategy", "Random", "ScoreTable",
     "StrategyOptions", "Subtract", "Uncertainty", "make_strategy", "minmax",
     "register_strategy",
 ]

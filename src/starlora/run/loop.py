@@ -216,22 +216,28 @@ def _start_tracker(config: ExperimentConfig, store: RunStore) -> Any:
     return tracker
 
 
+def config_strategy(config: ExperimentConfig, n_rounds: int) -> QueryStrategy:
+    """The strategy `config` names, with its ``active_learning`` settings (λ over the
+    `n_rounds` - 1 queries of a run of `n_rounds` training rounds)."""
+    al = config.active_learning
+    return make_strategy(al.strategy, n_queries=max(1, n_rounds - 1),
+                         lambda_schedule=al.lambda_schedule, lambda_start=al.lambda_start,
+                         lambda_end=al.lambda_end, normalize=al.normalize,
+                         diversity=al.diversity, diversity_pool=al.diversity_pool)
+
+
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True) -> RunStore:
     """Run, or resume, the experiment `config` in `run_dir`. Returns the store; with a human
     oracle the run may stop early, waiting for answers (``store.pending()`` is then not
     empty)."""
     from starlora.models import load_model
 
-    al = config.active_learning
     # everything that can be wrong with the input is checked before any work starts
     task = make_task(config.task)
     data = load_data(config.task, task)
     check_plan(config, data.pool, data.labelled)
     n_rounds = planned_rounds(config, len(data.labelled) or None)
-    strategy = make_strategy(al.strategy, n_queries=max(1, n_rounds - 1),
-                             lambda_schedule=al.lambda_schedule, lambda_start=al.lambda_start,
-                             lambda_end=al.lambda_end, normalize=al.normalize,
-                             diversity=al.diversity, diversity_pool=al.diversity_pool)
+    strategy = config_strategy(config, n_rounds)
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
 

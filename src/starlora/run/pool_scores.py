@@ -10,6 +10,10 @@ estimate of the predictive entropy (ME likewise the mean). ``answer`` is the mos
 generated answer, the draft people see. The base model does the same with its own answers;
 its generations and scores are cached by content (`starlora.scoring.cache`).
 ``scoring.answers: gold`` scores the pool's gold answers, as the authors' code does.
+
+    "answer_tokens"   the length of the adapted model's own answer in generated tokens (stop
+                      token included; the mean over ``scoring.samples``), for ``length``;
+                      always the own answer, also with ``scoring.answers: gold``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
     from starlora.run.loop import Run
 
 MEASURES = ("pe", "me")
+#: the own answer's length in tokens (the `length` control)
+LENGTH = "answer_tokens"
 
 
 def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict] | None:
@@ -38,19 +44,29 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
     full = tuple(m for m in MEASURES if m in needs)
     base = tuple(m for m in MEASURES if f"{m}_base" in needs)
 
+    generated = run.config.scoring.answers == "generated"
+    own = (full and generated) or LENGTH in needs
+
     def share_rows(share: list[Example]) -> list[dict]:
         rows: list[dict[str, Any]] = [{"id": ex.id} for ex in share]
+        out = _own_answers(run, model, share, seed) if own else None
         if full:
-            _adapter_columns(run, model, share, full, seed, rows)
+            _adapter_columns(run, model, share, full, seed, rows, out)
+        if out is not None:  # the draft people see
+            for i, row in enumerate(rows):
+                row["answer"] = out.best_text(i)
         if base:
             _base_columns(run, model, share, base, rows)
+        if LENGTH in needs:
+            for i, row in enumerate(rows):
+                row[LENGTH] = _count(sum(len(out.tokens[j]) for j in out.of(i)) / out.samples)
         return rows
 
-    if not (full or base):  # nothing to compute: the ids alone
+    if not (full or base or own):  # nothing to compute: the ids alone
         return share_rows(candidates) if dist.is_main() else None
 
     def lengths() -> list[int]:  # what each candidate costs: prompt (+ gold answer) tokens
-        if run.config.scoring.answers == "generated":
+        if generated or not full and not base:
             return [len(run.prompt_ids(ex)) for ex in candidates]
         return [sum(map(len, run.task.encode(run.tokenizer, ex))) for ex in candidates]
 
@@ -72,9 +88,26 @@ def _dtype(run: Run) -> Any:
     return resolve_dtype(run.config.scoring.dtype, weights.device, weights.dtype)
 
 
+def _count(x: float) -> int | float:
+    """A token count for JSON: an int, or a float when it is a mean over samples."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _own_answers(run: Run, model: Any, candidates: list[Example], seed: int) -> Any:
+    """The adapted model's own answers (`starlora.scoring.own_answers`): greedy, or
+    ``scoring.samples`` at temperature 1 seeded from the round's "score" stream `seed`."""
+    from starlora.scoring import own_answers
+
+    return own_answers(model, run.tokenizer, run.task, candidates,
+                       max_new_tokens=run.max_new_tokens, samples=run.config.scoring.samples,
+                       generation_batch_size=run.config.evaluation.batch_size, seed=seed,
+                       max_length=run.config.training.max_length, progress=run.progress,
+                       desc="generating pool answers (adapter)")
+
+
 def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
-                     seed: int, rows: list[dict]) -> None:
-    from starlora.scoring import score_examples, score_own_answers
+                     seed: int, rows: list[dict], out: Any) -> None:
+    from starlora.scoring import score_examples
 
     sc = run.config.scoring
     # the baselines may take one pass; a strategy that mixes in a base term keeps mc_passes
@@ -86,14 +119,10 @@ def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: 
                                 desc="scoring pool (adapter, gold answers)", **options)
         _put(rows, scores, measures, "", per_pass=True)
         return
-    scores, out = score_own_answers(
-        model, run.tokenizer, run.task, candidates, max_new_tokens=run.max_new_tokens,
-        samples=sc.samples, generation_batch_size=run.config.evaluation.batch_size,
-        generation_desc="generating pool answers (adapter)",
-        desc="scoring pool (adapter, own answers)", **options)
-    _put(rows, scores, measures, "", per_pass=True)
-    for i, row in enumerate(rows):
-        row["answer"] = out.best_text(i)
+    repeated = [ex for ex in candidates for _ in range(out.samples)]
+    scores = score_examples(model, run.tokenizer, run.task, repeated, answer_ids=out.tokens,
+                            desc="scoring pool (adapter, own answers)", **options)
+    _put(rows, scores.mean_over(out.samples), measures, "", per_pass=True)
 
 
 def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],

@@ -27,6 +27,36 @@ from starlora.scoring.results import Scores
 from starlora.tasks import Example, Task
 
 
+def own_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int,
+    samples: int = 1,
+    generation_batch_size: int = 16,
+    seed: int = 0,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "generating answers",
+) -> Any:
+    """`model`'s own answers to `examples` (greedy; with `samples` N > 1, N answers at
+    temperature 1, seeded per example from `seed` and its id): a `starlora.generation.Generated`
+    of [len(examples) * samples] rows, grouped by example. Prompts are cut on the left to
+    `max_length` (default: the model's maximum position count). The examples' answers are never
+    read."""
+    from starlora.generation import generate
+
+    limit = max_length or max_positions(model)
+    prompts = [task.prompt_ids(tokenizer, ex, limit) for ex in examples]
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                    batch_size=generation_batch_size, samples=samples,
+                    temperature=1.0 if samples > 1 else 0.0,
+                    seeds=example_seeds(seed, unique_keys([ex.id for ex in examples]),
+                                        salt=-1), progress=progress, desc=desc)
+
+
 def score_own_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -41,21 +71,15 @@ def score_own_answers(
     progress: bool = True,
     **kwargs: Any,
 ) -> tuple[Scores, Any]:
-    """Label-free PE/ME: `model` answers each example itself (greedy; with `samples` N > 1,
-    N answers at temperature 1, seeded per example from `seed` and its id), and `score_examples` measures
-    those tokens (MC dropout as `kwargs` ask). Returns (scores [N] with each measure the mean
-    over the samples and per-pass values likewise, `starlora.generation.Generated` [N * S]).
+    """Label-free PE/ME: `model` answers each example itself (`own_answers`: greedy, or
+    `samples` N > 1 at temperature 1 seeded from `seed`), and `score_examples` measures those
+    tokens (MC dropout as `kwargs` ask). Returns (scores [N] with each measure the mean over
+    the samples and per-pass values likewise, `starlora.generation.Generated` [N * S]).
     The examples' own answers are never read."""
-    from starlora.generation import generate
-
-    limit = max_length or max_positions(model)
-    prompts = [task.prompt_ids(tokenizer, ex, limit) for ex in examples]
-    out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                   batch_size=generation_batch_size, samples=samples,
-                   temperature=1.0 if samples > 1 else 0.0,
-                   seeds=example_seeds(seed, unique_keys([ex.id for ex in examples]),
-                                       salt=-1), progress=progress,
-                   desc=kwargs.pop("generation_desc", "generating answers"))
+    out = own_answers(model, tokenizer, task, examples, max_new_tokens=max_new_tokens,
+                      samples=samples, generation_batch_size=generation_batch_size, seed=seed,
+                      max_length=max_length, progress=progress,
+                      desc=kwargs.pop("generation_desc", "generating answers"))
     repeated = [ex for ex in examples for _ in range(samples)]
     scores = score_examples(model, tokenizer, task, repeated, answer_ids=out.tokens, seed=seed,
                             max_length=max_length, progress=progress, **kwargs)
