@@ -18,7 +18,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """Build a task by name (``gsm8k``, ``boolq``, ``obqa``, ``jsonl``, ``arith``...)."""
+    """Build a task by name (``gsm8k``, ``boolq``, ``obqa``, ``jsonl``, ``arith``, ``calendar``...)."""
     if name not in TASKS:
         raise ConfigError(f"task.name: unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[name](**options)
