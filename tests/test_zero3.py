@@ -148,3 +148,25 @@ def test_a_killed_zero3_run_finishes_when_run_again(zero3_run: Path, tmp_path: P
                      STARLORA_CACHE=cache)
     run(cmd, STARLORA_CACHE=cache)
     assert outputs(run_dir) == outputs(zero3_run)
+
+
+@pytest.mark.slow  # two accelerate launches with DeepSpeed (~90 s)
+def test_a_human_oracle_run_under_zero3_drafts_on_every_process(tmp_path: Path) -> None:
+    """A human query's drafts need forward passes, and under ZeRO-3 every forward pass needs
+    every process: the drafts are generated in shares by both, so the run pauses (it used to
+    hang at the first pause, the main process drafting alone). Round 0 drafts with the base
+    model, round 1 (gold scores: no generated answers to reuse) with round 0's adapter."""
+    run_dir = tmp_path / "run"
+    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir),
+           "--set", "active_learning.oracle=human", "--set", "scoring.answers=gold"]
+    for label_round in (0, 1):
+        proc = run(cmd, timeout=900, STARLORA_CACHE=str(tmp_path / "cache"))
+        assert "8 queries wait for answers" in proc.stdout + proc.stderr
+        rows = read_jsonl(run_dir / "queries" / f"{label_round}.jsonl")
+        assert len(rows) == 8 and all(isinstance(r["draft"], str) for r in rows)
+        answers = tmp_path / f"answers{label_round}.jsonl"
+        answers.write_text("".join(json.dumps({"id": r["id"], "answer": "7"}) + "\n"
+                                   for r in rows))
+        run([*ONE, "import", str(run_dir), str(answers)])
+    labelled = read_jsonl(run_dir / "labelled.jsonl")
+    assert len(labelled) == 16 and {r["answer"] for r in labelled} == {"7"}

@@ -15,9 +15,10 @@ and restarted ends exactly as an uninterrupted one.
 
 Under several processes (``torchrun``/``accelerate launch``, `starlora.distributed`) every
 process runs this loop: training is data-parallel, evaluation and scoring take a share each,
-and only the main process writes the run directory, selects and labels (`COLLECTIVE` tells
-the phases apart). Whether a phase is done is read by the main process and broadcast, so
-every process takes the same path; an error or a pause on the main process stops them all.
+labelling generates a human query's drafts in shares, and only the main process writes the
+run directory and selects (`COLLECTIVE` tells the phases apart). Whether a phase is done is
+read by the main process and broadcast, so every process takes the same path; an error or a
+pause on the main process stops them all.
 """
 
 from __future__ import annotations
@@ -196,14 +197,15 @@ def _select(run: Run, k: int) -> None:
 
 
 def _label(run: Run, k: int) -> None:
-    oracle.label(run, k + 1, run.store.read_round(k, "selected.jsonl"))
+    # every process: a human query's drafts may need a forward pass on each (ZeRO-3)
+    oracle.label_collectively(run, k + 1, lambda: run.store.read_round(k, "selected.jsonl"))
 
 
 PHASE_FUNCTIONS: dict[str, Callable[[Run, int], None]] = {
     "train": _train, "evaluate": _evaluate, "score": _score, "select": _select, "label": _label,
 }
 #: phases every process runs (each its part); the others run on the main process alone
-COLLECTIVE = frozenset({"train", "evaluate", "score"})
+COLLECTIVE = frozenset({"train", "evaluate", "score", "label"})
 
 
 def _start_tracker(config: ExperimentConfig, store: RunStore) -> Any:
@@ -285,7 +287,7 @@ def _rounds(run: Run) -> None:
     store, config, n_rounds = run.store, run.config, run.n_rounds
     # the main process reads what it wrote and says; every process follows (`dist.agree`)
     if dist.agree(lambda: not store.labelled() or store.open_query() == 0):
-        dist.on_main(lambda: oracle.initial_labels(run))
+        oracle.initial_labels(run)  # every process (drafts); the main process writes
     for k in range(dist.agree(lambda: store.state()["round"]), n_rounds):
         last = k == n_rounds - 1
         for phase in PHASES:
