@@ -91,7 +91,7 @@ def test_the_api_lists_the_open_query_and_saves_through_the_store(client: TestCl
                                                                 "draft", "uncertainty")},
                                   "answer": "6"}
     root = store.root
-    assert data["continue"] == f"starlora run {root}/config.yaml --run-dir {root}"
+    assert data["continue"] == f"starlora run --run-dir {root}"
     response = client.post("/api/labels", headers=AUTH, json={"id": "q1", "answer": " 2\n"})
     assert response.status_code == 200
     assert response.json() == {"id": "q1", "answer": "2", "answered": 2, "total": 4}
@@ -285,8 +285,7 @@ def test_markup_in_a_prompt_shows_as_text_and_runs_nothing(browser, served) -> N
         page.get_by_text(f"{n} of 4 answered").wait_for()
     assert page.locator("#done").is_visible()
     root = store.root
-    assert page.locator("#continue").text_content() == (
-        f"starlora run {root}/config.yaml --run-dir {root}")
+    assert page.locator("#continue").text_content() == f"starlora run --run-dir {root}"
     assert page.locator("img").count() == 0 and dialogs == []
     assert store.pending() == [] and store.close_query(1)
     page.close()
@@ -328,7 +327,7 @@ def test_answers_saved_through_the_api_are_what_the_run_trains_on(tmp_path: Path
         n = int(q["question"].split()[2])
         assert client.post("/api/labels", headers=AUTH,
                            json={"id": q["id"], "answer": str(n + 3)}).status_code == 200
-    # the page's command (the run's own config.yaml) continues it: trains round 0 on the
+    # the page's command (resuming from the run's config.yaml) continues it: trains round 0 on the
     # answers, then pauses on round 1's query
     command = shlex.split(data["continue"])
     assert command[:2] == ["starlora", "run"] and main(command[1:]) == 0

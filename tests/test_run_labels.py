@@ -174,7 +174,7 @@ def test_a_human_oracle_run_on_a_pool_without_answers(tmp_path: Path, capsys) ->
 
     def pause() -> list[dict]:
         assert main(run) == 0
-        assert "4 queries wait for answers" in capsys.readouterr().out
+        assert "4 queries of round " in capsys.readouterr().out
         pending = RunStore.open(run_dir).pending()
         assert len(pending) == 4 and main(["status", str(run_dir), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["pending"] == 4
@@ -216,3 +216,67 @@ def test_a_human_oracle_run_on_a_pool_without_answers(tmp_path: Path, capsys) ->
     assert [m["n_labelled"] for m in store.metrics()] == [4, 8, 12]
     assert {r["source"] for r in store.labelled()} == {
         "import:a.jsonl", "import:b1.csv", "import:b2.csv", "import:ls-export.json"}
+
+
+@pytest.mark.slow
+def test_a_human_run_resumes_from_its_run_dir_with_one_round_number_everywhere(
+        tmp_path: Path, capsys) -> None:
+    """Started with a config and --set overrides, a paused human run goes on with `starlora
+    run --run-dir RUN` alone; the pause message and status print exactly that command, and a
+    query's round is the same number in the message, status, the export, the annotate page,
+    the log, queries/<r>.jsonl and labelled.jsonl."""
+    from starlette.testclient import TestClient
+
+    from starlora.annotate.app import create_app
+
+    pool, test = tmp_path / "pool.jsonl", tmp_path / "test.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} + {i % 7}?"})
+                            + "\n" for i in range(20)))
+    test.write_text("".join(json.dumps({"question": f"What is {i} + 9?", "answer": str(i + 9)})
+                            + "\n" for i in range(40, 42)))
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    run_dir = tmp_path / "run"
+    resume = f"starlora run --run-dir {run_dir}"
+    first = ["run", str(tiny), "--run-dir", str(run_dir), "--set", "task.name=jsonl",
+             "--set", f"task.train={pool}", "--set", f"task.test={test}",
+             "--set", "active_learning.oracle=human", "--set", "active_learning.rounds=2",
+             "--set", "active_learning.initial_size=3", "--set", "active_learning.query_size=3",
+             "--set", "evaluation.max_new_tokens=4"]
+
+    def check_paused(r: int, out: str, err: str) -> None:
+        assert f"3 queries of round {r} wait for answers" in out and out.rstrip().endswith(resume)
+        assert f"paused: 3 queries of round {r} wait for answers" in err
+        assert main(["status", str(run_dir), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert (status["round"], status["pending"], status["resume"]) == (r, 3, resume)
+        assert main(["status", str(run_dir)]) == 0
+        assert f"resume:     {resume}\n" in capsys.readouterr().out
+        assert main(["export", str(run_dir), "--format", "jsonl",
+                     "--out", str(tmp_path / "q.jsonl")]) == 0
+        rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+        assert {row["round"] for row in rows} == {r}
+        page = TestClient(create_app(run_dir, "t")).get(
+            "/api/queries", headers={"Authorization": "Bearer t"}).json()
+        assert (page["round"], page["continue"]) == (r, resume)
+        assert (run_dir / "queries" / f"{r}.jsonl").is_file()
+        answers = tmp_path / f"a{r}.jsonl"
+        answers.write_text("".join(json.dumps({"id": row["id"], "answer": _answer(
+            row["question"])}) + "\n" for row in rows))
+        assert main(["import", str(run_dir), str(answers)]) == 0
+        capsys.readouterr()
+
+    assert main(first) == 0
+    check_paused(0, *capsys.readouterr())
+    assert main(["run", "--run-dir", str(run_dir)]) == 0  # no config, no --set
+    out, err = capsys.readouterr()
+    assert "resuming at round 0" in err and "round 0/1: training on 3 labelled" in err
+    check_paused(1, out, err)
+    assert main(["run", "--run-dir", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert "resuming at round 1" in err and "round 1/1: training on 6 labelled" in err
+    assert "run finished" in out
+    store = RunStore.open(run_dir)
+    assert store.config == load_config(tiny, first[5::2])  # the overrides held throughout
+    assert sorted({(r["round"], r["source"].split(":")[0]) for r in store.labelled()}) == [
+        (0, "import"), (1, "import")]
+    assert [m["n_labelled"] for m in store.metrics()] == [3, 6]

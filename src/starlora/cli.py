@@ -2,6 +2,7 @@
 
     starlora demo                       # a whole small experiment on the embedded model
     starlora run CONFIG.yaml [--set k=v ...] [--run-dir DIR]
+    starlora run --run-dir DIR          # resume from DIR/config.yaml
     starlora status RUN_DIR [--json]
     starlora export RUN_DIR --format jsonl|csv|label-studio --out FILE
     starlora import RUN_DIR FILE [--format auto|jsonl|csv|label-studio]
@@ -93,9 +94,22 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from starlora.config import load_config
     from starlora.run.loop import run_experiment
+    from starlora.run.store import RunPaths, resume_command
 
-    config = load_config(args.config, args.set)
-    run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
+    if args.config is None:  # resume from the run's own config.yaml
+        if not args.run_dir:
+            raise StarloraError("starlora run: give a config file, or --run-dir RUN to resume "
+                                "a run from its own config.yaml")
+        stored = RunPaths(args.run_dir).config
+        if not stored.is_file():
+            raise StarloraError(f"{args.run_dir}: not a run directory (no config.yaml); "
+                                "give the config file to start a run there")
+        config = load_config(stored, args.set)
+        run_dir = args.run_dir
+    else:
+        config = load_config(args.config, args.set)
+        run_dir = (args.run_dir or config.output.run_dir
+                   or str(Path("runs") / Path(args.config).stem))
     store = run_experiment(config, run_dir)
     from starlora import distributed as dist
 
@@ -103,9 +117,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     pending = store.pending()
     if pending:  # a human oracle: the run waits for answers
-        print(f"{len(pending)} queries wait for answers: starlora export {run_dir} --format csv "
-              f"--out queries.csv (or starlora annotate {run_dir}); then starlora import "
-              f"{run_dir} queries.csv and run this command again")
+        print(f"{len(pending)} queries of round {store.current_round()} wait for answers: "
+              f"starlora annotate {run_dir} (or starlora export {run_dir} --format csv --out "
+              f"queries.csv, then starlora import {run_dir} queries.csv); then "
+              f"{resume_command(run_dir)}")
         return 0
     print(f"run finished: {run_dir} (starlora status {run_dir}; starlora report {run_dir})")
     return 0
@@ -124,12 +139,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"phase: {status['phase']}")
     print(f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})")
     if status["pending"]:
-        print(f"pending:    {status['pending']} queries wait for answers (starlora annotate "
-              f"{args.run_dir}, or starlora export {args.run_dir} --format csv --out q.csv)")
+        print(f"pending:    {status['pending']} queries of round {status['round']} wait for "
+              f"answers (starlora annotate {args.run_dir}, or starlora export {args.run_dir} "
+              "--format csv --out q.csv)")
     last = status.get("last_metrics")
     if last:
         print(f"last round: accuracy {last['accuracy']:.4f}  ece {last['ece']:.4f}  "
               f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
+    if status["resume"]:
+        print(f"resume:     {status['resume']}")
     return 0
 
 
@@ -145,10 +163,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from starlora.run.labels import import_labels
-    from starlora.run.store import RunStore
+    from starlora.run.store import RunStore, resume_command
 
     applied, left = import_labels(RunStore.open(args.run_dir), args.file, args.format)
-    more = f"{left} still pending" if left else "nothing pending: starlora run continues it"
+    more = (f"{left} still pending" if left
+            else f"nothing pending: {resume_command(args.run_dir)} continues it")
     print(f"imported {applied} answers into {args.run_dir}; {more}")
     return 0
 
@@ -220,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = _command(sub, "run", "run (or resume) an active-learning experiment",
-                 "starlora run configs/tiny.yaml --set seed=1 --run-dir runs/tiny-1")
-    p.add_argument("config", help="experiment YAML (see configs/)")
+                 "starlora run configs/tiny.yaml --set seed=1 --run-dir runs/tiny-1\n"
+                 "starlora run --run-dir runs/tiny-1     # resume it from its own config.yaml")
+    p.add_argument("config", nargs="?",
+                   help="experiment YAML (see configs/); without it, --run-dir resumes the run "
+                        "from its own config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<config>)")

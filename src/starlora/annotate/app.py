@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from starlora.errors import DataError, LockTimeoutError, QueryClosedError, StarloraError
 from starlora.run.labels import Answer, check_answers
-from starlora.run.store import RunStore
+from starlora.run.store import RunStore, resume_command
 
 MAX_BODY = 64 * 1024  #: bytes a request body may have (an answer is a few hundred)
 LOCK_TIMEOUT = 10.0  #: seconds a save waits for the run's lock before answering 503
@@ -82,9 +81,8 @@ class TokenGuard:
 
 
 def continue_command(run_dir: str | Path) -> str:
-    """The command that continues the run (``config.yaml`` is the run's resolved config)."""
-    config = shlex.quote(str(Path(run_dir) / "config.yaml"))
-    return f"starlora run {config} --run-dir {shlex.quote(str(run_dir))}"
+    """The command that continues the run (from the run's own ``config.yaml``)."""
+    return resume_command(run_dir)
 
 
 class Annotator:

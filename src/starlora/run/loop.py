@@ -248,7 +248,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     def open_store() -> dict:
         store = RunStore.create_or_resume(run_dir, config)
         store.check_pool(len(data.pool), pool_hash, str(config.task.train or f"task {task.name}"))
-        return store.state()
+        return {**store.state(), "at": store.current_round(), "open": store.open_query()}
 
     state = dist.on_main(open_store)  # only the main process writes the run directory
     store = RunStore(run_dir, config)
@@ -260,7 +260,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         if data.dropped else ""
     _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
          f"test {len(data.test)}, {n_rounds} rounds"
-         + (f", resuming at round {state['round']}" if state["phase"] else ""))
+         + (f", resuming at round {state['at']}" if state["phase"] or state["open"] is not None else ""))
     loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
                         trust_remote_code=config.model.trust_remote_code)
     run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),

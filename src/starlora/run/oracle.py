@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlora import distributed as dist
 from starlora.errors import ConfigError
+from starlora.run.store import resume_command
 from starlora.tasks import Example
 
 if TYPE_CHECKING:  # the loop's shared state; imported for type hints only
@@ -32,9 +33,9 @@ class Paused(Exception):  # noqa: N818 - a state the run stops in, not an error
     def __init__(self, run_dir: Path, pending: int, label_round: int):
         self.run_dir, self.pending, self.label_round = run_dir, pending, label_round
         super().__init__(
-            f"{pending} queries wait for answers: starlora export {run_dir} --format csv "
-            f"--out queries.csv, then starlora import {run_dir} queries.csv "
-            f"(or starlora annotate {run_dir}), then run this command again"
+            f"{pending} queries of round {label_round} wait for answers: starlora annotate "
+            f"{run_dir} (or starlora export {run_dir} --format csv --out queries.csv, then "
+            f"starlora import {run_dir} queries.csv); then {resume_command(run_dir)}"
         )
 
     def __reduce__(self) -> tuple:  # picklable: the main process hands it to the others

@@ -10,6 +10,9 @@
                               every pool and task.labelled prompt, float32 [P, d], ids in its
                               metadata (`starlora.run.embeddings`)
       queries/<r>.jsonl       human oracle: the queries whose labels round r trains on first
+                              (r is "the round" of a query everywhere: status, exports, the
+                              annotate page, the log and labelled.jsonl; it was selected by
+                              round r-1, so its selection is rounds/<r-1>/selected.jsonl)
       queries/<r>.closed      present once the run went on with those labels
       rounds/<k>/
         adapter/              peft LoRA adapter trained in round k (safetensors)
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +99,12 @@ class RunPaths:
         if not folder.is_dir():
             return []
         return sorted(int(p.stem) for p in folder.glob("*.jsonl") if p.stem.isdigit())
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that resumes the run in `run_dir` from its own ``config.yaml`` (every
+    ``--set`` of the first command is in it)."""
+    return f"starlora run --run-dir {shlex.quote(str(run_dir))}"
 
 
 class RunStore:
@@ -183,6 +193,12 @@ class RunStore:
 
     def set_state(self, round_: int, phase: str | None, **extra: Any) -> None:
         write_json(self.paths.state, {"round": round_, "phase": phase, **extra})
+
+    def current_round(self) -> int:
+        """The round the run is at: while a human query is open, its label round r (the
+        round that trains on its answers next); else state.json's round."""
+        r = self.open_query()
+        return r if r is not None else self.state()["round"]
 
     def done(self, round_: int, phase: str) -> bool:
         """Whether `phase` of `round_` finished in an earlier (or this) process."""
@@ -310,9 +326,12 @@ class RunStore:
         state, al = self.state(), self.config.active_learning
         labelled, metrics, pool_size = self.labelled(), self.metrics(), self.pool_size()
         pending = self.pending()
-        phase = "finished" if state.get("finished") else (state["phase"] or "starting")
+        finished = bool(state.get("finished"))
+        phase = "finished" if finished else (state["phase"] or "starting")
+        if not pending and not finished and self.open_query() is not None:
+            phase = "answered: the run goes on when resumed"
         return {
-            "round": state["round"],
+            "round": self.current_round(),
             "rounds": al.rounds,
             "phase": "waiting for labels" if pending else phase,
             "n_labelled": len(labelled),
@@ -324,4 +343,5 @@ class RunStore:
             "seed": self.config.seed,
             "task": self.config.task.name,
             "last_metrics": metrics[-1] if metrics else None,
+            "resume": None if finished else resume_command(self.root),
         }
