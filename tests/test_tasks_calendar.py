@@ -100,6 +100,7 @@ def test_content_key_ignores_the_wording() -> None:
     ("The final answer is Dec. 31", "December 31", "Dec. 31"),
     ("no date here, 31 days", None, None),
     ("#### 17", None, None),
+    ("The answer is: 2023-04-27, or 2023-13-01", "April 27", "2023-04-27"),
 ])
 def test_extract_and_span(text: str, answer: str | None, span: str | None) -> None:
     task = get_task("calendar")

@@ -19,9 +19,11 @@ DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _MONTH = {m.casefold(): i for i, m in enumerate(MONTHS)} | {
     m[:3].casefold(): i for i, m in enumerate(MONTHS)}
 _MONTH_WORD = r"(?i:\b(" + "|".join(sorted(_MONTH, key=len, reverse=True)) + r")\b\.?)"
-#: a date written "April 6", "Apr. 6th" or "6 April"; group 1+2 or group 3+4 hold it
+#: a date written "April 6", "Apr. 6th", "6 April" or "2023-04-06" (the year is ignored);
+#: groups 1+2, 3+4 or 5+6 hold it
 _DATE = re.compile(_MONTH_WORD + r"\s*(\d{1,2})(?!\d)(?:st|nd|rd|th)?"
-                   + r"|\b(\d{1,2})(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH_WORD)
+                   + r"|\b(\d{1,2})(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH_WORD
+                   + r"|\b\d{4}-(0?[1-9]|1[0-2])-(\d{1,2})\b")
 _FINAL = re.compile(r"####(.*)")
 _STATED = re.compile(r"final answer is[:\s]*(.+)", re.IGNORECASE)
 _OFFSET = re.compile(r"(\d+)\s+days?\b")
@@ -75,7 +77,7 @@ class CalendarTask(Task):
     Worked answers are regular, e.g. ``"25 + 12 = 37. March has 31 days. 37 - 31 = 6.\\n####
     April 6"``, one line per month end carried. The final answer is the date after the last
     ``####`` (else after "final answer is", else the last date in the text), written
-    "April 6", "Apr 6", "6th of April"...; its canonical form is ``"April 6"``.
+    "April 6", "Apr 6", "6th of April", "2023-04-06"...; its canonical form is ``"April 6"``.
 
     ``meta`` holds ``steps``, ``direction`` (``after``/``before``), ``offset`` and ``key``,
     the content key: start date, direction and offset, whatever the wording. A problem belongs
@@ -170,7 +172,9 @@ def _parse_date(match: re.Match[str]) -> tuple[int, int]:
     """(month index, day) of a `_DATE` match."""
     if match.group(1) is not None:
         return _MONTH[match.group(1).casefold()], int(match.group(2))
-    return _MONTH[match.group(4).casefold()], int(match.group(3))
+    if match.group(4) is not None:
+        return _MONTH[match.group(4).casefold()], int(match.group(3))
+    return int(match.group(5)) - 1, int(match.group(6))
 
 
 def _canonical(match: re.Match[str]) -> str:
