@@ -195,6 +195,13 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def _short(error: Exception) -> str:
+    """A one-line reason for an error a YAML value raised outside the YAML parser."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(":")[0]
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"training.lr=1e-4"`` -> (["training", "lr"], 1e-4); the value is read as YAML."""
     if "=" not in item:
@@ -204,6 +211,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item}: value is not valid YAML ({e})") from None
+    except (ValueError, RecursionError) as e:  # an integer too long to convert, deep nesting
+        raise ConfigError(f"--set {item}: value is not usable YAML ({_short(e)})") from None
     return key.strip().split("."), value
 
 
@@ -227,6 +236,8 @@ def load_config(
             mark = getattr(e, "problem_mark", None)
             at = f"{where}:{mark.line + 1}" if mark else where
             raise ConfigError(f"{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        except (ValueError, RecursionError) as e:  # an integer too long to convert, deep nesting
+            raise ConfigError(f"{where}: not usable YAML ({_short(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: the top level must be a mapping of sections")
         lines = _key_lines(text)

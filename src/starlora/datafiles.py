@@ -18,12 +18,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from starlora.errors import DataError
+from starlora.io import json_lines, parse_json
 from starlora.tasks import Example, Task
 
 FORMATS = ("jsonl", "csv", "parquet", "hf")
@@ -88,13 +88,12 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
         except csv.Error as e:
             raise DataError(source, reader.line_num, None, f"not valid CSV ({e})") from None
         return
-    for line, part in enumerate(text.splitlines(), start=1):
-        if not part.strip():
-            continue
+    for line, part in json_lines(text):
         try:
-            yield line, json.loads(part)
-        except json.JSONDecodeError as e:
-            raise DataError(source, line, None, f"not valid JSON ({e.msg})") from None
+            record = parse_json(part)
+        except ValueError as e:
+            raise DataError(source, line, None, f"not valid JSON ({e})") from None
+        yield line, record
 
 
 def _hf_records(source: str) -> Iterator[tuple[int, Any]]:

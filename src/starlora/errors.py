@@ -23,6 +23,12 @@ class ConfigError(StarloraError):
     """A config file or a ``--set`` override is invalid; the message names the key."""
 
 
+class DiskFullError(StarloraError):
+    """A write ran out of space (ENOSPC, or a disk quota: EDQUOT). The file it was writing is
+    left as it was (`starlora.io.atomic_write`), so the command can be run again once there
+    is space."""
+
+
 class LockTimeoutError(StarloraError):
     """Another process held a run directory's lock for longer than the caller would wait."""
 

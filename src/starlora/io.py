@@ -9,6 +9,7 @@ and folders get the permissions a plain ``open(path, "w")`` or ``mkdir`` would g
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from starlora.errors import DataError
+from starlora.errors import DataError, DiskFullError
 
 
 def current_umask() -> int:
@@ -29,20 +30,28 @@ def current_umask() -> int:
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write `data` (str as UTF-8) to `path` via a temporary file, fsync and rename.
-    Returns `path`."""
+    Returns `path`. On any error the temporary file is removed and `path` is as it was; a
+    full disk (ENOSPC, EDQUOT) raises `DiskFullError` naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600 files
+        try:
+            view = memoryview(data.encode("utf-8") if isinstance(data, str) else data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600 files
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         return path
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: no space left on the device ({e.strerror}); the "
+                                "file is as it was: free some space and run the command "
+                                "again") from e
         raise
 
 
@@ -78,6 +87,30 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads` for text a person wrote: ValueError with a short reason for anything that
+    is not JSON, including what `json.loads` raises other errors for (nesting too deep for the
+    parser: RecursionError; an integer too long to convert: a plain ValueError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(e.msg) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string ..."
+        raise ValueError(str(e).split(":")[0]) from None
+
+
+def json_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of each non-blank line of JSON Lines `text`. Lines end at
+    "\n" only (a "\r" before it is dropped): JSON strings may hold U+2028 and other
+    characters that `str.splitlines` would break a line at."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield number, line
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
@@ -88,13 +121,11 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     that is not a JSON object. The caller checks that the file exists."""
     path = Path(path)
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in json_lines(path.read_text(encoding="utf-8")):
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), lineno, None, f"not valid JSON ({e.msg})") from None
+            rec = parse_json(line)
+        except ValueError as e:
+            raise DataError(str(path), lineno, None, f"not valid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise DataError(str(path), lineno, None, "not a JSON object")
         out.append((lineno, rec))
@@ -107,4 +138,4 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [json.loads(line) for _, line in json_lines(path.read_text(encoding="utf-8"))]

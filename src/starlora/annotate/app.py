@@ -9,12 +9,12 @@ open query (see `starlora.annotate` for why Starlette, the security model and th
 Every request needs the token: the page takes it as ``?token=T`` or a bearer header, the API
 only as ``Authorization: Bearer T`` (so a cross-site request cannot carry it without a CORS
 preflight, which this app never grants). Missing or wrong: 401. Request bodies over
-`MAX_BODY` bytes: 413. The store's lock is busy for over `LOCK_TIMEOUT` s: 503.
+`MAX_BODY` bytes: 413. The store's lock is busy for over `LOCK_TIMEOUT` s: 503. The disk is
+full: 507 (nothing saved).
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -30,7 +30,14 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from starlora.errors import DataError, LockTimeoutError, QueryClosedError, StarloraError
+from starlora.errors import (
+    DataError,
+    DiskFullError,
+    LockTimeoutError,
+    QueryClosedError,
+    StarloraError,
+)
+from starlora.io import parse_json
 from starlora.run.labels import Answer, check_answers
 from starlora.run.store import RunStore, resume_command
 
@@ -147,8 +154,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_label(body: bytes) -> tuple[str, str]:
     """``(id, answer)`` from a POST body, or HTTPException 400 naming what is wrong."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = parse_json(body)
+    except ValueError as e:  # bad UTF-8 or JSON, nesting too deep, an integer too long
         raise HTTPException(400, f"the body is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise HTTPException(400, 'the body must be a JSON object {"id": ..., "answer": ...}')
@@ -192,6 +199,8 @@ def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Sta
             raise HTTPException(400, f"{e.field}: {e.problem}" if e.field else e.problem) from None
         except LockTimeoutError as e:
             raise HTTPException(503, str(e)) from None
+        except DiskFullError as e:  # nothing was saved; the page may send it again
+            raise HTTPException(507, str(e)) from None
         except StarloraError as e:  # QueryClosedError, or the store refused under its lock
             raise HTTPException(400, str(e)) from None
         return JSONResponse(saved, headers=NO_STORE)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starlora.errors import DataError, StarloraError
-from starlora.io import atomic_write
+from starlora.io import atomic_write, json_lines, parse_json
 from starlora.run.store import RunStore
 
 FORMATS = ("jsonl", "csv", "label-studio")
@@ -104,11 +104,14 @@ def read_answers(path: str | Path, fmt: str = "auto") -> list[Answer]:
     if fmt not in FORMATS:
         raise StarloraError(f"--format: unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(str(path), None, None, "no such file") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(str(path), None, None, f"not valid UTF-8 (byte {e.start})") from None
+        raise DataError(str(path), raw.count(b"\n", 0, e.start) + 1, None,
+                        f"not valid UTF-8 (byte {e.start})") from None
     return {"jsonl": _jsonl, "csv": _csv, "label-studio": _label_studio}[fmt](str(path), text)
 
 
@@ -123,13 +126,11 @@ def _field(where: str, line: int, record: dict, name: str) -> str:
 
 def _jsonl(where: str, text: str) -> list[Answer]:
     out = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
+    for line, raw in json_lines(text):
         try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(where, line, None, f"not valid JSON ({e.msg})") from None
+            record = parse_json(raw)
+        except ValueError as e:
+            raise DataError(where, line, None, f"not valid JSON ({e})") from None
         if not isinstance(record, dict):
             raise DataError(where, line, None, "not a JSON object")
         out.append(Answer(_field(where, line, record, "id"),
@@ -171,6 +172,9 @@ def _label_studio(where: str, text: str) -> list[Answer]:
             task, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(where, e.lineno, None, f"not valid JSON ({e.msg})") from None
+        except (RecursionError, ValueError) as e:  # nested too deep, an integer too long
+            problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+            raise DataError(where, line, None, f"not valid JSON ({problem})") from None
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise DataError(where, line, "data", "missing (not a Label Studio task)")
         id_ = _field(where, line, task["data"], "id")
@@ -182,8 +186,12 @@ def _label_studio(where: str, text: str) -> list[Answer]:
             if not texts:
                 raise DataError(where, line, "annotations.result", "no text area 'answer'")
             value = texts[-1]
-            out.append(Answer(id_, "\n".join(value) if isinstance(value, list) else str(value),
-                              line))
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                value = "\n".join(value)
+            if not isinstance(value, str):
+                raise DataError(where, line, "annotations.result",
+                                "the text area's text must be a string or a list of strings")
+            out.append(Answer(id_, value, line))
         pos = _skip(text, pos)
         if text.startswith(",", pos):
             pos = _skip(text, pos + 1)
