@@ -93,3 +93,36 @@ def test_labels_the_user_has_leave_the_pool_and_form_the_initial_set(tmp_path: P
     labelled.write_text(json.dumps({"id": "p1", "question": "7 + 7?", "answer": "#### 14"}) + "\n")
     with pytest.raises(DataError, match=r"mine\.jsonl:1: id: 'p1' names another question"):
         load_data(cfg, make_task(cfg))
+
+
+def test_every_bad_record_is_reported_with_the_file_role(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "a", "question": "2 + 2?", "answer": "4"}\n'
+                    '{"id": "b", "question": "3 + 4?"}\n'
+                    '{"id": "c", "answer": "1"}\n'
+                    'not json\n'
+                    '{"id": "a", "question": "5 + 5?", "answer": "10"}\n')
+    with pytest.raises(DataError) as e:
+        load_examples(path, get_task("jsonl"), role="test")
+    assert str(e.value).splitlines() == [
+        f"{path}: 4 problems:",
+        f"{path}:2: answer: missing (the test set, task.test)",
+        f"{path}:3: question: missing (the test set, task.test)",
+        f"{path}:4: not valid JSON (Expecting value) (the test set, task.test)",
+        f"{path}:5: id: duplicate id 'a' (first on line 1) (the test set, task.test)",
+    ]
+    with pytest.raises(DataError, match=r"no such file \(the pool, task.train\)"):
+        load_examples(tmp_path / "none.jsonl", get_task("jsonl"), role="pool")
+
+
+def test_a_test_file_without_answers_says_it_is_the_test_set(tmp_path: Path) -> None:
+    from starlora.config import load_config
+    from starlora.run.data import load_data, make_task
+
+    pool, test = tmp_path / "pool.jsonl", tmp_path / "pool_noid.jsonl"
+    pool.write_text('{"question": "a"}\n{"question": "b"}\n')
+    test.write_text('{"question": "c"}\n')
+    cfg = load_config(None, ["task.name=jsonl", f"task.train={pool}", f"task.test={test}"]).task
+    with pytest.raises(DataError) as e:
+        load_data(cfg, make_task(cfg))
+    assert str(e.value) == f"{test}:1: answer: missing (the test set, task.test)"

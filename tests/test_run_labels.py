@@ -140,6 +140,37 @@ def test_a_malformed_import_changes_nothing(store: RunStore, tmp_path: Path, cap
     assert snapshot(store.root) == before
 
 
+def test_an_import_with_three_faulty_lines_reports_all_three(store: RunStore, tmp_path: Path,
+                                                              capsys) -> None:
+    path = tmp_path / "three.jsonl"
+    path.write_text('{"id": "q0", "answer": "0"}\n'      # fine
+                    '{"id": "zz", "answer": "1"}\n'      # unknown id
+                    '{"id": "q1", "answer": \n'          # not JSON
+                    '{"id": "q2"}\n')                    # no answer
+    before = snapshot(store.root)
+    assert main(["import", str(store.root), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"starlora: error: {path}: 3 problems:",
+        f"{path}:2: id: 'zz' unknown id",
+        f"{path}:3: not valid JSON (Expecting value)",
+        f"{path}:4: answer: missing",
+    ]
+    assert snapshot(store.root) == before  # nothing applied, not even the good line
+
+
+def test_an_import_lists_twenty_problems_then_counts_the_rest(store: RunStore,
+                                                              tmp_path: Path) -> None:
+    path = tmp_path / "many.csv"
+    path.write_text("id,answer\n" + "".join(f"x{i},{i}\n" for i in range(25)))
+    with pytest.raises(DataError) as e:
+        import_labels(store, path)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{path}: 25 problems:" and lines[-1] == "... and 5 more" and len(lines) == 22
+    assert lines[1] == f"{path}:2: id: 'x0' unknown id"
+    assert (e.value.path, e.value.line, e.value.field) == (str(path), 2, "id")
+
+
 def test_saved_answers_may_be_revised_until_the_query_closes(store: RunStore) -> None:
     store.save_labels({"q0": "1", "q1": "2", "q2": "4"}, "annotate")
     store.save_labels({"q0": "0"}, "annotate")

@@ -9,8 +9,10 @@
   ``datasets.load_dataset`` (works offline on a local folder or a warm cache).
 
 Every record needs a non-empty string question; the answer is required unless
-``require_answer=False`` (an unlabelled pool). Any problem raises `DataError` naming the file,
-the line (JSONL/CSV; the row number for Parquet and datasets, counted from 1) and the field.
+``require_answer=False`` (an unlabelled pool). A problem raises `DataError` naming the file,
+the line (JSONL/CSV; the row number for Parquet and datasets, counted from 1), the field and,
+given one, the file's role in the run (pool, test, labelled). Problems with records are
+collected: the error lists every one (up to 20, then how many more).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from starlora.errors import DataError
+from starlora.errors import DataError, Problems
 from starlora.io import json_lines, parse_json
 from starlora.tasks import Example, Task
 
@@ -55,7 +57,8 @@ def file_format(source: str | Path) -> str:
 
 
 def _records(source: str) -> Iterator[tuple[int, Any]]:
-    """(line or row number, record) of every record of `source`."""
+    """(line or row number, record) of every record of `source`; a line that is not a record
+    yields a `DataError` as its record, a file that cannot be read raises one."""
     fmt = file_format(source)
     if fmt == "hf":
         yield from _hf_records(source)
@@ -83,7 +86,9 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
         try:
             for row in reader:
                 if None in row:
-                    raise DataError(source, reader.line_num, None, "more cells than columns")
+                    yield reader.line_num, DataError(source, reader.line_num, None,
+                                                     "more cells than columns")
+                    continue
                 yield reader.line_num, row
         except csv.Error as e:
             raise DataError(source, reader.line_num, None, f"not valid CSV ({e})") from None
@@ -92,7 +97,7 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
         try:
             record = parse_json(part)
         except ValueError as e:
-            raise DataError(source, line, None, f"not valid JSON ({e})") from None
+            record = DataError(source, line, None, f"not valid JSON ({e})")
         yield line, record
 
 
@@ -125,6 +130,35 @@ def _text(source: str, line: int, record: dict, name: str, required: bool) -> st
     return value
 
 
+def _example(source: str, line: int, record: dict, task: Task, problems: Problems,
+             question_field: str, answer_field: str, id_field: str,
+             require_answer: bool) -> Example | None:
+    """`record` as an Example, or None after adding each of its problems to `problems`."""
+    bad = problems.count
+
+    def text(name: str, required: bool) -> str | None:
+        try:
+            return _text(source, line, record, name, required)
+        except DataError as e:
+            problems.add(e)
+            return None
+
+    question, answer = text(question_field, True), text(answer_field, require_answer)
+    if answer is not None:
+        problem = task.check_answer(answer)
+        if problem:
+            problems.add(DataError(source, line, answer_field, f"{problem}: {answer[:60]!r}"))
+    rid = record.get(id_field)
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))
+                            or str(rid) == ""):
+        problems.add(DataError(source, line, id_field, "must be a non-empty string or int"))
+    if problems.count > bad or question is None:
+        return None
+    question = task.normalize_question(question)
+    rid = str(rid) if rid is not None else derive_id(line, question, answer)
+    return Example(rid, question, answer, {"source": f"{source}:{line}"})
+
+
 def load_examples(
     source: str | Path,
     task: Task,
@@ -135,6 +169,7 @@ def load_examples(
     limit: int | None = None,
     dedupe: bool = False,
     require_answer: bool = True,
+    role: str | None = None,
 ) -> list[Example]:
     """Read a data file (see the module docstring) into validated `Example`s.
 
@@ -142,41 +177,46 @@ def load_examples(
     (without it, a missing or empty answer gives ``Example.answer = None``; a present one is
     still checked). An ``id`` may be a string or an integer; two records with the same id are
     an error. With `dedupe`, a record whose question and answer repeat an earlier one's is
-    dropped.
+    dropped. `role` (``pool``, ``test``, ``labelled``) is named in every error. Every problem
+    with a record is reported, in one `DataError` (`starlora.errors.DataErrors` for several).
     """
     source = str(source)
     examples: list[Example] = []
     seen_ids: dict[str, int] = {}
     seen_content: set[tuple[str, str | None]] = set()
-    for line, record in _records(source):
-        if not isinstance(record, dict):
-            raise DataError(source, line, None, "not a JSON object")
-        question = _text(source, line, record, question_field, True)
-        answer = _text(source, line, record, answer_field, require_answer)
-        question = task.normalize_question(question)
-        if answer is not None:
-            problem = task.check_answer(answer)
-            if problem:
-                raise DataError(source, line, answer_field, f"{problem}: {answer[:60]!r}")
-        rid = record.get(id_field)
-        if rid is not None:
-            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
-                raise DataError(source, line, id_field, "must be a non-empty string or int")
-            rid = str(rid)
-        else:
-            rid = derive_id(line, question, answer)
-        if rid in seen_ids:
-            raise DataError(source, line, id_field,
-                            f"duplicate id {rid!r} (first on line {seen_ids[rid]})")
-        if dedupe:
-            key = (" ".join(question.split()), None if answer is None else answer.strip())
-            if key in seen_content:
+    problems = Problems(role)
+
+    try:
+        for line, record in _records(source):
+            if isinstance(record, DataError):
+                problems.add(record)
                 continue
-            seen_content.add(key)
-        seen_ids[rid] = line
-        examples.append(Example(rid, question, answer, {"source": f"{source}:{line}"}))
-        if limit is not None and len(examples) >= limit:
-            break
+            if not isinstance(record, dict):
+                problems.add(DataError(source, line, None, "not a JSON object"))
+                continue
+            example = _example(source, line, record, task, problems, question_field,
+                               answer_field, id_field, require_answer)
+            if example is None:
+                continue
+            if example.id in seen_ids:
+                problems.add(DataError(source, line, id_field, f"duplicate id {example.id!r} "
+                                       f"(first on line {seen_ids[example.id]})"))
+                continue
+            if dedupe:
+                answer = example.answer
+                key = (" ".join(example.question.split()),
+                       None if answer is None else answer.strip())
+                if key in seen_content:
+                    continue
+                seen_content.add(key)
+            seen_ids[example.id] = line
+            if not problems:  # once a record is bad, the rest are only checked
+                examples.append(example)
+            if limit is not None and len(examples) >= limit:
+                break
+    except DataError as e:  # the file cannot be read at all
+        raise e.in_role(role) from None
+    problems.raise_if_any()
     if not examples:
-        raise DataError(source, None, None, "no records")
+        raise DataError(source, None, None, "no records", role)
     return examples

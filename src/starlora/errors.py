@@ -10,13 +10,74 @@ class StarloraError(Exception):
     exit_code = 2
 
 
-class DataError(StarloraError):
-    """A data file is malformed. The message reads ``file:line: field: what is wrong``."""
+#: what a data file is to a run, as a data error names it
+ROLES = {"pool": "the pool, task.train", "test": "the test set, task.test",
+         "labelled": "the labelled set, task.labelled"}
 
-    def __init__(self, path: str, line: int | None, field: str | None, problem: str):
+
+class DataError(StarloraError):
+    """A data file is malformed. The message reads ``file:line: field: what is wrong``, and,
+    for a file of a run, the file's role (`ROLES`): ``test.jsonl:3: answer: missing (the test
+    set, task.test)``."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, problem: str,
+                 role: str | None = None):
         self.path, self.line, self.field, self.problem = str(path), line, field, problem
+        self.role = role
         where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+        text = f"{where}: {field}: {problem}" if field else f"{where}: {problem}"
+        super().__init__(text + (f" ({ROLES.get(role, role)})" if role else ""))
+
+    def in_role(self, role: str | None) -> DataError:
+        """The same problem, naming the file's role in the run."""
+        return DataError(self.path, self.line, self.field, self.problem, role)
+
+
+class DataErrors(DataError):
+    """Several problems found in one check, each a `DataError` (`errors`, at most `SHOWN`;
+    `more` were found beyond them). Its attributes are the first problem's; the message reads
+    ``file: N problems:``, then one problem per line, then how many more."""
+
+    SHOWN = 20
+
+    def __init__(self, errors: list[DataError], more: int = 0):
+        first = errors[0]
+        self.errors, self.more = errors, more
+        self.path, self.line, self.field, self.problem, self.role = (
+            first.path, first.line, first.field, first.problem, first.role)
+        total = len(errors) + more
+        lines = [f"{first.path}: {total} problems:", *(str(e) for e in errors)]
+        if more:
+            lines.append(f"... and {more} more")
+        StarloraError.__init__(self, "\n".join(lines))
+
+
+class Problems:
+    """Collects the `DataError`s of a check so that it reports all of them at once: `add`
+    each, then `raise_if_any` raises the one, or `DataErrors` listing the first
+    `DataErrors.SHOWN` by file and line and counting the rest."""
+
+    def __init__(self, role: str | None = None):
+        self.role = role
+        self.errors: list[DataError] = []
+
+    def add(self, error: DataError) -> None:
+        self.errors.append(error.in_role(self.role) if self.role else error)
+
+    @property
+    def count(self) -> int:
+        return len(self.errors)
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def raise_if_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            ordered = sorted(self.errors, key=lambda e: (e.path, e.line or 0))
+            shown = ordered[:DataErrors.SHOWN]
+            raise DataErrors(shown, len(ordered) - len(shown))
 
 
 class ConfigError(StarloraError):

@@ -11,7 +11,7 @@ import numpy as np
 
 from starlora.config import ExperimentConfig, TaskConfig
 from starlora.datafiles import load_examples
-from starlora.errors import ConfigError, DataError
+from starlora.errors import ConfigError, DataError, Problems
 from starlora.run.protocol import planned_rounds
 from starlora.tasks import Example, Task, get_task
 
@@ -52,13 +52,14 @@ def _read(cfg: TaskConfig, task: Task, split: str, path: str | None, size: int |
     if generated is not None:
         return generated
     if path is None:
-        raise ConfigError(
-            f"task.{split}: required for task {cfg.name!r} "
-            f"(a data file, e.g. ../shared/data/{cfg.name}/{split}.jsonl)"
-        )
+        what = "the pool: records with a question" if split == "train" else \
+            "the test set: records with a question and its answer"
+        raise ConfigError(f"task.{split}: required for task {cfg.name!r} ({what}; a .jsonl, "
+                          ".csv or .parquet file, or hf:<dataset>[@<config>]:<split>)")
     return load_examples(path, task, question_field=cfg.question_field,
                          answer_field=cfg.answer_field, id_field=cfg.id_field, dedupe=cfg.dedupe,
-                         require_answer=split != "train")
+                         require_answer=split != "train",
+                         role="pool" if split == "train" else "test")
 
 
 def load_data(cfg: TaskConfig, task: Task) -> Data:
@@ -77,7 +78,8 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
     labelled = []
     if cfg.labelled is not None:
         labelled = load_examples(cfg.labelled, task, question_field=cfg.question_field,
-                                 answer_field=cfg.answer_field, id_field=cfg.id_field)
+                                 answer_field=cfg.answer_field, id_field=cfg.id_field,
+                                 role="labelled")
         pool = _without(pool, labelled, cfg.labelled)
     return Data(_subset(pool, cfg.pool_size, cfg.subset_seed), test, dropped, labelled)
 
@@ -86,10 +88,12 @@ def _without(pool: list[Example], labelled: list[Example], source: str) -> list[
     """The pool less the records the user labelled already (same id, same question); an id
     shared by two different questions is an error."""
     by_id = {ex.id: ex for ex in pool}
+    problems = Problems("labelled")
     for ex in labelled:
         if ex.id in by_id and by_id[ex.id].question != ex.question:
-            raise DataError(source, int(ex.meta["source"].rsplit(":", 1)[1]), "id",
-                            f"{ex.id!r} names another question in the pool")
+            problems.add(DataError(source, int(ex.meta["source"].rsplit(":", 1)[1]), "id",
+                                   f"{ex.id!r} names another question in the pool"))
+    problems.raise_if_any()
     ids = {ex.id for ex in labelled}
     return [ex for ex in pool if ex.id not in ids]
 

@@ -19,8 +19,9 @@ Import (`import_labels`) reads answers:
   annotation that was not cancelled; tasks without one stay pending.
 
 Every record is checked before any is applied: an unknown id, an id that is not pending, a
-duplicate id, an answer made only of whitespace, a line that does not parse or a missing field raise `DataError`
-naming ``file:line`` and the field, and the run directory is left byte for byte as it was.
+duplicate id, an answer made only of whitespace, a line that does not parse or a missing field
+is a `DataError` naming ``file:line`` and the field; every one is reported at once (up to 20,
+then a count), and the run directory is left byte for byte as it was.
 Valid answers are applied in one atomic write under the run's lock; a partial import is fine.
 """
 
@@ -31,8 +32,9 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from starlora.errors import DataError, StarloraError
+from starlora.errors import DataError, Problems, StarloraError
 from starlora.io import atomic_write, json_lines, parse_json
 from starlora.run.store import RunStore
 
@@ -95,9 +97,11 @@ def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:
 
 
 # -- import -----------------------------------------------------------------------------------
-def read_answers(path: str | Path, fmt: str = "auto") -> list[Answer]:
-    """Parse an answers file (see the module docstring); raises DataError on a malformed
-    record. Records without an answer yet (Label Studio tasks not annotated) are left out."""
+def read_answers(path: str | Path, fmt: str = "auto",
+                 problems: Problems | None = None) -> list[Answer]:
+    """Parse an answers file (see the module docstring). Records without an answer yet (Label
+    Studio tasks not annotated, empty CSV cells) are left out. Every malformed record is a
+    problem: added to `problems` when given, else raised together (`Problems.raise_if_any`)."""
     path = Path(path)
     if fmt == "auto":
         fmt = guess_format(path)
@@ -112,7 +116,12 @@ def read_answers(path: str | Path, fmt: str = "auto") -> list[Answer]:
     except UnicodeDecodeError as e:
         raise DataError(str(path), raw.count(b"\n", 0, e.start) + 1, None,
                         f"not valid UTF-8 (byte {e.start})") from None
-    return {"jsonl": _jsonl, "csv": _csv, "label-studio": _label_studio}[fmt](str(path), text)
+    found = Problems() if problems is None else problems
+    parse = {"jsonl": _jsonl, "csv": _csv, "label-studio": _label_studio}[fmt]
+    answers = parse(str(path), text, found)
+    if problems is None:
+        found.raise_if_any()
+    return answers
 
 
 def _field(where: str, line: int, record: dict, name: str) -> str:
@@ -124,41 +133,62 @@ def _field(where: str, line: int, record: dict, name: str) -> str:
     return str(value)
 
 
-def _jsonl(where: str, text: str) -> list[Answer]:
+def _answer(where: str, line: int, record: dict, problems: Problems,
+            answer: Any = None) -> Answer | None:
+    """The Answer of `record` (its ``id`` and ``answer``, or `answer` when given), or None
+    after adding each problem of the two fields to `problems`."""
+    values = []
+    for name in ("id", "answer"):
+        try:
+            values.append(_field(where, line, record if answer is None or name == "id"
+                                 else {"answer": answer}, name))
+        except DataError as e:
+            problems.add(e)
+    return Answer(values[0], values[1], line) if len(values) == 2 else None
+
+
+def _jsonl(where: str, text: str, problems: Problems) -> list[Answer]:
     out = []
     for line, raw in json_lines(text):
         try:
             record = parse_json(raw)
         except ValueError as e:
-            raise DataError(where, line, None, f"not valid JSON ({e})") from None
+            problems.add(DataError(where, line, None, f"not valid JSON ({e})"))
+            continue
         if not isinstance(record, dict):
-            raise DataError(where, line, None, "not a JSON object")
-        out.append(Answer(_field(where, line, record, "id"),
-                          _field(where, line, record, "answer"), line))
+            problems.add(DataError(where, line, None, "not a JSON object"))
+            continue
+        answer = _answer(where, line, record, problems)
+        if answer is not None:
+            out.append(answer)
     return out
 
 
-def _csv(where: str, text: str) -> list[Answer]:
+def _csv(where: str, text: str, problems: Problems) -> list[Answer]:
     reader = csv.DictReader(io.StringIO(text))
+    missing = Problems()
     for name in ("id", "answer"):
         if name not in (reader.fieldnames or []):
-            raise DataError(where, 1, name, "missing column")
+            missing.add(DataError(where, 1, name, "missing column"))
+    missing.raise_if_any()
     out = []
     try:
         for row in reader:
             line = reader.line_num
             if None in row:  # more cells than columns
-                raise DataError(where, line, None, "more cells than header columns")
+                problems.add(DataError(where, line, None, "more cells than header columns"))
+                continue
             if row["answer"] == "":  # not answered yet (export leaves it empty): pending
                 continue
-            out.append(Answer(_field(where, line, row, "id"), _field(where, line, row, "answer"),
-                              line))
-    except csv.Error as e:
-        raise DataError(where, reader.line_num, None, f"not valid CSV ({e})") from None
+            answer = _answer(where, line, row, problems)
+            if answer is not None:
+                out.append(answer)
+    except csv.Error as e:  # the reader cannot go on
+        problems.add(DataError(where, reader.line_num, None, f"not valid CSV ({e})"))
     return out
 
 
-def _label_studio(where: str, text: str) -> list[Answer]:
+def _label_studio(where: str, text: str, problems: Problems) -> list[Answer]:
     """Tasks of a Label Studio JSON export, each with the line its object starts on."""
     decoder = json.JSONDecoder()
     pos = _skip(text, 0)
@@ -170,34 +200,53 @@ def _label_studio(where: str, text: str) -> list[Answer]:
         line = text.count("\n", 0, pos) + 1
         try:
             task, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(where, e.lineno, None, f"not valid JSON ({e.msg})") from None
+        except json.JSONDecodeError as e:  # where the next task starts is unknown: stop
+            problems.add(DataError(where, e.lineno, None, f"not valid JSON ({e.msg})"))
+            return out
         except (RecursionError, ValueError) as e:  # nested too deep, an integer too long
             problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
-            raise DataError(where, line, None, f"not valid JSON ({problem})") from None
+            problems.add(DataError(where, line, None, f"not valid JSON ({problem})"))
+            return out
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise DataError(where, line, "data", "missing (not a Label Studio task)")
-        id_ = _field(where, line, task["data"], "id")
-        done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-        if done:
-            texts = [r["value"]["text"] for r in done[-1].get("result") or []
-                     if r.get("from_name") == "answer" and isinstance(r.get("value"), dict)
-                     and "text" in r["value"]]
-            if not texts:
-                raise DataError(where, line, "annotations.result", "no text area 'answer'")
-            value = texts[-1]
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                value = "\n".join(value)
-            if not isinstance(value, str):
-                raise DataError(where, line, "annotations.result",
-                                "the text area's text must be a string or a list of strings")
-            out.append(Answer(id_, value, line))
+            problems.add(DataError(where, line, "data", "missing (not a Label Studio task)"))
+        else:
+            answer = _task_answer(where, line, task, problems)
+            if answer is not None:
+                out.append(answer)
         pos = _skip(text, pos)
         if text.startswith(",", pos):
             pos = _skip(text, pos + 1)
         elif not text.startswith("]", pos):
-            raise DataError(where, text.count("\n", 0, pos) + 1, None, "expected ',' or ']'")
+            problems.add(DataError(where, text.count("\n", 0, pos) + 1, None,
+                                   "expected ',' or ']'"))
+            return out
     return out
+
+
+def _task_answer(where: str, line: int, task: dict, problems: Problems) -> Answer | None:
+    """The answer of one Label Studio task: the text area of its last annotation that was not
+    cancelled; None when it has none (still pending) or after adding its problems."""
+    done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    if not done:
+        try:
+            _field(where, line, task["data"], "id")
+        except DataError as e:
+            problems.add(e)
+        return None
+    texts = [r["value"]["text"] for r in done[-1].get("result") or []
+             if r.get("from_name") == "answer" and isinstance(r.get("value"), dict)
+             and "text" in r["value"]]
+    if not texts:
+        problems.add(DataError(where, line, "annotations.result", "no text area 'answer'"))
+        return None
+    value = texts[-1]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = "\n".join(value)
+    if not isinstance(value, str):
+        problems.add(DataError(where, line, "annotations.result",
+                               "the text area's text must be a string or a list of strings"))
+        return None
+    return _answer(where, line, task["data"], problems, value)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -207,10 +256,12 @@ def _skip(text: str, pos: int) -> int:
 
 
 def check_answers(store: RunStore, answers: list[Answer], where: str,
-                  revise: bool = False) -> dict[str, str]:
-    """``{id: answer}`` for `answers`, or DataError for the first bad one. An id must be in
-    the open query and not labelled yet (with `revise`, answers saved to the open query may
-    be replaced); one asked or labelled before is "not pending", any other "unknown"."""
+                  revise: bool = False, problems: Problems | None = None) -> dict[str, str]:
+    """``{id: answer}`` for the good ones of `answers`. An id must be in the open query and not
+    labelled yet (with `revise`, answers saved to the open query may be replaced); one asked
+    or labelled before is "not pending", any other "unknown". Each bad answer is a problem:
+    added to `problems` when given, else all raised together."""
+    found = Problems() if problems is None else problems
     r = store.open_query()
     asked = {q["id"] for q in store.queries(r)} if r is not None else set()
     labelled = {row["id"] for row in store.labelled()}
@@ -219,25 +270,32 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
     out: dict[str, str] = {}
     for a in answers:
         if a.id in first_line:
-            raise DataError(where, a.line, "id",
-                            f"duplicate id {a.id!r} (first on line {first_line[a.id]})")
+            found.add(DataError(where, a.line, "id",
+                                f"duplicate id {a.id!r} (first on line {first_line[a.id]})"))
+            continue
         first_line[a.id] = a.line
         if not a.answer.strip():
-            raise DataError(where, a.line, "answer", f"empty answer for id {a.id!r}")
-        if a.id not in pending:
+            found.add(DataError(where, a.line, "answer", f"empty answer for id {a.id!r}"))
+        elif a.id not in pending:
             known = a.id in asked or a.id in labelled
             problem = "is not pending (already labelled, or not asked)" if known else "unknown id"
-            raise DataError(where, a.line, "id", f"{a.id!r} {problem}")
-        out[a.id] = a.answer.strip()
+            found.add(DataError(where, a.line, "id", f"{a.id!r} {problem}"))
+        else:
+            out[a.id] = a.answer.strip()
+    if problems is None:
+        found.raise_if_any()
     return out
 
 
 def import_labels(store: RunStore, path: str | Path, fmt: str = "auto") -> tuple[int, int]:
-    """Check every answer in `path`, then apply them all at once under the run's lock.
+    """Check every answer in `path`, then apply them all at once under the run's lock; any
+    problem (every one is reported, up to 20 and a count) applies none.
     Returns (answers applied, queries still pending)."""
-    answers = read_answers(path, fmt)
+    problems = Problems()
+    answers = read_answers(path, fmt, problems)
     with store.lock():
-        checked = check_answers(store, answers, str(path))
+        checked = check_answers(store, answers, str(path), problems=problems)
+        problems.raise_if_any()
         if checked:
             store.save_labels(checked, f"import:{Path(path).name}")
     return len(checked), len(store.pending())
