@@ -53,3 +53,25 @@ def test_streams_are_independent_per_seed_round_and_phase() -> None:
     np.random.seed(phase_seed(0, 0, "train"))  # accelerate's set_seed seeds NumPy's legacy RNG
     with pytest.raises(KeyError, match="unknown random stream"):
         stream(0, 0, "evaluate-typo")
+
+
+def test_settings_added_later_keep_the_ids_of_runs_made_before_them() -> None:
+    """A committed run's stored protocol id is what its config.yaml gives today: settings added
+    after it (diversity, evaluation.samples, the stop set) count only away from their
+    defaults, and the stopping rule never counts (it decides how many rounds, not what)."""
+    import json
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parents[1] / "results/arith-study/runs/pe-dynamic/seed0"
+    stored = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["protocol"]
+    assert protocol_id(load_config(run / "config.yaml")) == stored
+    base = load_config()
+    for override in ["active_learning.stop_when=agreement >= 0.9 for 2 rounds",
+                     "evaluation.samples=0", "active_learning.diversity=none"]:
+        assert protocol_id(load_config(None, [override])) == protocol_id(base), override
+    for override in ["evaluation.samples=5", "active_learning.stop_set=100",
+                     "active_learning.diversity=kmeans"]:
+        assert protocol_id(load_config(None, [override])) != protocol_id(base), override
+    ruled = load_config(None, ["active_learning.stop_when=uncertainty < 0.2"])
+    assert result_changes(ruled, base) == [] and result_changes(base, ruled) == []
+    assert STREAMS["stop_set"] not in {v for k, v in STREAMS.items() if k != "stop_set"}

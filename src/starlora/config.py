@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from starlora.acquisition import STRATEGIES
 from starlora.errors import ConfigError
+from starlora.stopping import parse_rule
 from starlora.tasks import TASKS
 
 
@@ -140,11 +141,21 @@ class ActiveLearningConfig(_Section):
     oracle: Literal["simulated", "human"] = "simulated"
     # a query larger than the pool left: stop with an error, or take what is left
     on_exhausted: Literal["error", "take_rest"] = "error"
+    # label-free stopping (starlora.stopping; not the paper's): N pool items set aside, never
+    # selected, answered after every round; stop_when e.g. "agreement >= 0.95 for 2 rounds"
+    stop_set: int = Field(0, ge=0)
+    stop_when: str = "none"
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
         return _known(v, STRATEGIES, "strategy")
+
+    @field_validator("stop_when")
+    @classmethod
+    def _stopping_rule(cls, v: str) -> str:
+        parse_rule(v)
+        return v
 
 
 class EvaluationConfig(_Section):
@@ -152,6 +163,9 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(256, gt=0)  # of a generated answer
     batch_size: int = Field(16, gt=0)  # test items per generation batch
     ece_bins: int = Field(15, gt=0)  # bins of the expected calibration error
+    # K > 0: K answers sampled at temperature 1 per test item give the self-consistency
+    # confidence (the share equal to the greedy answer); 0: off (not the paper's)
+    samples: int = Field(0, ge=0)
 
 
 class OutputConfig(_Section):

@@ -24,6 +24,15 @@ Two modes:
   answer, so its ECE (`EvalResult.ece_sequence`) is about the accuracy and says little about
   calibration. `EvalResult.ece` uses the answer's confidence.
 
+That answer-span probability is the chance of copying a number the model's own chain just
+computed, so it cannot see an error earlier in the chain: it is about 1 for right and wrong
+answers alike. The other signals (`prediction_signals`) are ``msp`` (the sequence probability,
+``exp(logprob)``), ``perplexity`` (``exp(logprob / tokens)``, the geometric-mean token
+probability, i.e. 1 / perplexity) and, with ``evaluation.samples`` K > 0, ``consistency``:
+the share of K answers sampled at temperature 1 (seeded per example) whose extracted answer
+equals the greedy one (0 when the greedy answer has none). Each gets the numbers of
+`starlora.confidence` (`EvalResult.signals`).
+
 Batches are formed after sorting by length (less padding); results do not depend on the
 batch size, or on how many processes share the work, beyond floating-point noise.
 """
@@ -35,9 +44,18 @@ from typing import Any
 
 import numpy as np
 
+from starlora.confidence import (
+    adaptive_ece,
+    ece_from_bins,
+    expected_calibration_error,
+    signal_metrics,
+)
 from starlora.config import EvaluationConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.tasks import Example, Task
+
+__all__ = ["EvalResult", "answer_token_indices", "ece_from_bins", "evaluate",
+           "expected_calibration_error", "prediction_signals", "resolve_mode"]
 
 
 @dataclass
@@ -52,9 +70,13 @@ class EvalResult:
     ``gold``, ``correct``, ``confidence``, plus ``choice_logprobs`` (choice mode; nats, one per
     choice) or, in generate mode, ``generated`` (the text), ``logprob`` (its log-probability
     in nats), ``sequence_confidence`` (``exp(logprob)``), ``answer_logprob`` (nats, summed over
-    the answer's tokens; None when no answer was extracted) and ``answer_tokens`` (how many
-    generated tokens the answer spans). ``confidence`` is 0.0 when no answer was extracted
-    (see the module doc).
+    the answer's tokens; None when no answer was extracted), ``answer_tokens`` (how many
+    generated tokens the answer spans), ``tokens`` (how many were generated, EOS included),
+    ``logprob_mean`` (``logprob / tokens``, nats per token) and, with ``evaluation.samples``
+    K > 0, ``consistency`` (the share of K sampled answers equal to this one). ``confidence``
+    is 0.0 when no answer was extracted (see the module doc). `signals`: per confidence
+    signal (`prediction_signals`), `starlora.confidence.signal_metrics` plus ``bins`` (its
+    equal-mass reliability bins).
     """
 
     accuracy: float
@@ -64,41 +86,7 @@ class EvalResult:
     predictions: list[dict] = field(default_factory=list)
     mode: str = "choice"
     ece_sequence: float | None = None
-
-
-def expected_calibration_error(
-    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15
-) -> tuple[float, list[dict]]:
-    """ECE over `n_bins` equal-width bins of [0, 1]: ``sum_b |B_b| / N * |acc_b - conf_b|``.
-
-    Bin b holds confidences in ``(b / n_bins, (b + 1) / n_bins]`` (a confidence of exactly 0
-    goes to the first bin). Returns the ECE and, per bin, ``lower``, ``upper``, ``count``
-    and the mean ``confidence`` and ``accuracy`` of its members (None when it is empty).
-    """
-    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    correct = np.asarray(correct, dtype=np.float64).reshape(-1)
-    if confidence.shape != correct.shape:
-        raise ValueError(f"confidence {confidence.shape} and correct {correct.shape} differ")
-    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    bins = []
-    for b in range(n_bins):
-        members = index == b
-        count = int(members.sum())
-        conf = float(confidence[members].mean()) if count else None
-        acc = float(correct[members].mean()) if count else None
-        bins.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "count": count,
-                     "confidence": conf, "accuracy": acc})
-    return ece_from_bins(bins), bins
-
-
-def ece_from_bins(bins: list[dict]) -> float:
-    """``sum_b count_b / N * |accuracy_b - confidence_b|`` over reliability bins (as
-    `expected_calibration_error` returns them, or pooled over runs); 0 for no examples."""
-    total = sum(b["count"] for b in bins)
-    if not total:
-        return 0.0
-    return sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
-               for b in bins if b["count"])
+    signals: dict[str, dict] = field(default_factory=dict)
 
 
 def resolve_mode(task: Task, examples: list[Example], mode: str) -> str:
@@ -113,7 +101,7 @@ def resolve_mode(task: Task, examples: list[Example], mode: str) -> str:
     return mode
 
 
-def _choice(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
+def _choice(model, tokenizer, task, examples, cfg, max_length, progress, seed) -> list[dict]:
     from starlora.scoring import score_examples
 
     answers = [task.choice_answers(ex) for ex in examples]
@@ -170,7 +158,8 @@ def answer_token_indices(
     return indices
 
 
-def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> list[dict]:
+def _generate(model, tokenizer, task, examples, cfg, max_length, progress, seed
+              ) -> list[dict]:
     from starlora.generation import generate
 
     prompts = [task.prompt_ids(tokenizer, ex, max_length) for ex in examples]
@@ -188,8 +177,28 @@ def _generate(model, tokenizer, task, examples, cfg, max_length, progress) -> li
             "confidence": float(np.exp(answer_logprob)) if answer else 0.0,
             "sequence_confidence": float(np.exp(logprob)), "logprob": logprob,
             "answer_logprob": answer_logprob, "answer_tokens": len(answer), "generated": text,
+            "tokens": len(tokens), "logprob_mean": logprob / len(tokens) if tokens else 0.0,
         })
+    if cfg.samples:
+        sampled = _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed, progress)
+        for p, answers in zip(predictions, sampled):
+            same = sum(a == p["prediction"] for a in answers) if p["prediction"] is not None else 0
+            p["consistency"] = same / len(answers)
     return predictions
+
+
+def _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed,
+                     progress) -> list[list[str | None]]:
+    """Per example, the extracted answers of ``cfg.samples`` generations at temperature 1,
+    seeded per example from `seed` and its id (the same whatever the batch or shard)."""
+    from starlora.generation import generate
+    from starlora.scoring.options import example_seeds, unique_keys
+
+    seeds = example_seeds(seed, unique_keys([ex.id for ex in examples]))
+    out = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                   samples=cfg.samples, temperature=1.0, seeds=seeds, progress=progress,
+                   desc="sampling (self-consistency)")
+    return [[task.extract(out.texts[j]) for j in out.of(i)] for i in range(len(examples))]
 
 
 def evaluate(
@@ -201,11 +210,13 @@ def evaluate(
     *,
     progress: bool = True,
     max_length: int | None = None,
+    seed: int = 0,
 ) -> EvalResult:
     """Accuracy, ECE and per-example predictions of `model` on `examples` (see module doc).
 
     The model is put in eval mode. `max_length` (optional) cuts prompts from the left as in
-    training. Under several processes (`starlora.distributed`) each predicts a length-balanced
+    training. `seed` seeds the self-consistency samples (``evaluation.samples``; per example
+    from it and the example's id). Under several processes (`starlora.distributed`) each predicts a length-balanced
     share of `examples`; every process gets all predictions, in order, and computes the same
     metrics from them.
     """
@@ -223,7 +234,7 @@ def evaluate(
     # under several processes each predicts its share; all get every prediction, in order
     predictions = dist.map_shards(
         lambda share: predict(model, tokenizer, task, share, evaluation, max_length,
-                              progress and dist.is_main()),
+                              progress and dist.is_main(), seed),
         examples, lengths, to="all")
     correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
     confidence = np.array([p["confidence"] for p in predictions])
@@ -232,7 +243,31 @@ def evaluate(
     if mode == "generate":
         sequence = np.array([p["sequence_confidence"] for p in predictions])
         ece_sequence = expected_calibration_error(sequence, correct, evaluation.ece_bins)[0]
+    signals = {name: {**signal_metrics(values, correct, evaluation.ece_bins),
+                      "bins": adaptive_ece(values, correct, evaluation.ece_bins)[1]}
+               for name, values in prediction_signals(predictions).items()}
     return EvalResult(
         accuracy=float(correct.mean()), ece=ece, n=len(examples), bins=bins,
-        predictions=predictions, mode=mode, ece_sequence=ece_sequence,
+        predictions=predictions, mode=mode, ece_sequence=ece_sequence, signals=signals,
     )
+
+
+def prediction_signals(predictions: list[dict]) -> dict[str, np.ndarray]:
+    """The confidence signals of ``predictions.jsonl`` rows, each [N] in [0, 1] (higher = more
+    sure), named as in LM-Polygraph where it has the estimator (module doc): ``answer`` always;
+    ``msp`` and ``perplexity`` for generated answers (``perplexity`` needs the ``tokens`` count,
+    written since issue 34); ``consistency`` with ``evaluation.samples`` > 0. A signal is left
+    out unless every row has it."""
+    def column(get) -> np.ndarray | None:
+        try:
+            return np.array([float(get(p)) for p in predictions])
+        except (KeyError, TypeError):
+            return None
+
+    found = {
+        "answer": column(lambda p: p["confidence"]),
+        "msp": column(lambda p: p["sequence_confidence"]),
+        "perplexity": column(lambda p: np.exp(p["logprob_mean"])),
+        "consistency": column(lambda p: p["consistency"]),
+    }
+    return {name: values for name, values in found.items() if values is not None}

@@ -9,7 +9,9 @@ for each group:
 * ``reliability.png``: one panel per strategy for its last round, bins pooled over seeds from
   ``rounds/<k>/metrics.json``;
 * ``summary.md`` and ``summary.csv``: accuracy per round, final accuracy and the normalised
-  area under the learning curve (`aulc`).
+  area under the learning curve (`aulc`);
+* ``risk_coverage.png``, ``reliability_signals.png``, and where the runs have them
+  ``confidence.md`` and ``stopping.md`` (`starlora.report_confidence`).
 
 In these files (plots, and the ``strategy`` column of the summaries) a strategy is named by
 its study arm label (`starlora.study.run_labels`), e.g. ``pe-dynamic [answers=gold]`` when
@@ -50,6 +52,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, read_records
+from starlora.report_confidence import confidence_pages, stopping_page
 from starlora.run.store import RunPaths
 from starlora.study import run_labels, study_groups
 from starlora.study_report import write_studies
@@ -361,7 +364,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     written: dict[str, Path] = {}
     for (task, protocol), strategies in groups.items():
         prefix = _prefix(task, protocol) if len(groups) > 1 else ""
-        panels = {}
+        panels, last_dirs = {}, {}
         for strategy, stats in strategies.items():
             last = stats[-1].round
             key = (task, protocol, strategy, last)
@@ -371,6 +374,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
                 if (r["task"], r["protocol"], r["strategy"], r["round"]) == key
             ]
             panels[strategy] = (last, pooled_bins(dirs, last))
+            last_dirs[strategy] = (last, dirs)
         rows = summary_rows(strategies)
         files = {
             "accuracy.png": _png(_curve_plot(task, protocol, strategies, "accuracy", "accuracy")),
@@ -378,6 +382,9 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
             "reliability.png": _png(_reliability_plot(task, panels)),
             "summary.md": _markdown(task, protocol, rows).encode(),
             "summary.csv": _csv(task, protocol, rows).encode(),
+            **confidence_pages(task, last_dirs),
+            **stopping_page(task, [r for r in shown
+                                   if (r["task"], r["protocol"]) == (task, protocol)]),
         }
         for name, data in files.items():
             written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", data)

@@ -4,7 +4,8 @@
 everything except the seed, the method settings (``active_learning.strategy``, ``scoring.*``,
 ``lora.*``, ``training.*``, the λ schedule, ``active_learning.normalize``,
 ``active_learning.diversity`` and ``diversity_pool``) and the
-result-neutral and extendable ones (`starlora.run.protocol`). So a study spans protocol ids:
+result-neutral, extendable and stopping ones (`starlora.run.protocol`; settings added later
+count only away from their defaults, `identity`). So a study spans protocol ids:
 ``scoring.answers=gold`` changes the protocol id but not the experiment it is an arm of. A run
 without a readable ``config.yaml`` forms groups by its protocol id.
 
@@ -62,14 +63,14 @@ import numpy as np
 
 from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import DataError, StarloraError
-from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL
+from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL, STOPPING, identity
 from starlora.run.store import RunPaths
 from starlora.study_diagnostics import read_rows, run_auroc, run_diagnostics
 from starlora.study_stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-NOT_ARM = RESULT_NEUTRAL | EXTENDABLE | {"seed", "active_learning.strategy"}
+NOT_ARM = RESULT_NEUTRAL | EXTENDABLE | STOPPING | {"seed", "active_learning.strategy"}
 METHOD_PREFIXES = ("scoring.", "lora.", "training.")
 METHOD_KEYS = frozenset({"active_learning.strategy", "active_learning.lambda_schedule",
                          "active_learning.lambda_start", "active_learning.lambda_end",
@@ -140,7 +141,7 @@ def study_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[St
         if flat is None:
             design = run.protocol
         else:
-            kept = {k: v for k, v in flat.items() if _design(k)}
+            kept = {k: v for k, v in identity(flat).items() if _design(k)}
             design = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
         groups[(run.task, design)].append(run)
     return dict(sorted(groups.items()))

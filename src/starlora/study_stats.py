@@ -1,6 +1,7 @@
 """Statistics of a paired comparison of active-learning arms: numbers in, numbers out.
 
-Everything here is pure NumPy and deterministic; `starlora.study` feeds it run directories.
+Everything here is pure NumPy (scikit-learn for AUROC) and deterministic; `starlora.study` feeds
+it run directories.
 
 * `aulc`: the area under a learning curve (trapezoid rule over the labelled count) divided by
   the labelled range, so that accuracies in [0, 1] give an AULC in [0, 1]. It is the weighted
@@ -15,8 +16,8 @@ Everything here is pure NumPy and deterministic; `starlora.study` feeds it run d
   with replacement and, when per-item values are given, test items with replacement too (one
   item resample per replicate, shared by every seed and both arms, as they share the test set).
 * `spearman`: rank correlation with average ranks for ties.
-* `auroc`: the area under the ROC curve of scores for a binary class, in the Mann-Whitney form
-  (ties between a positive and a negative count 1/2).
+* `auroc`: the area under the ROC curve of scores for a binary class (scikit-learn's
+  ``roc_auc_score``: ties between a positive and a negative count 1/2).
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
     """Area under the ROC curve of `scores` for predicting `positive`: the probability that a
-    positive item scores higher than a negative one, a tie counting 1/2 (Mann-Whitney U over
-    n_pos * n_neg, from average ranks). NaN when either class is empty; scores must be
+    positive item scores higher than a negative one, a tie counting 1/2 (scikit-learn's
+    ``roc_auc_score``). NaN when either class is empty; scores must be
     finite (ValueError otherwise)."""
     s = np.asarray(scores, dtype=np.float64)
     pos = np.asarray(positive, dtype=bool)
@@ -173,9 +174,8 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
         raise ValueError(f"auroc: shapes {s.shape} and {pos.shape} differ or are not 1-D")
     if not np.isfinite(s).all():
         raise ValueError("auroc: scores must be finite")
-    n_pos = int(pos.sum())
-    n_neg = len(s) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if pos.all() or not pos.any():
         return float("nan")
-    u = _ranks(s)[pos].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(pos, s))

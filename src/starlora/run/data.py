@@ -12,7 +12,8 @@ import numpy as np
 from starlora.config import ExperimentConfig, TaskConfig
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError, DataError, Problems
-from starlora.run.protocol import planned_rounds
+from starlora.run.protocol import planned_rounds, stream
+from starlora.stopping import parse_rule
 from starlora.tasks import Example, Task, get_task
 
 
@@ -31,12 +32,30 @@ def make_task(cfg: TaskConfig) -> Task:
 class Data:
     """The examples of a run: the pool (answers optional), the test split, the user's own
     labelled examples (`task.labelled`, not in the pool); `dropped` pool records repeated a
-    test record."""
+    test record; `stop`: the stop set (`set_aside_stop_set`), taken out of the pool."""
 
     pool: list[Example]
     test: list[Example]
     dropped: int = 0
     labelled: list[Example] = field(default_factory=list)
+    stop: list[Example] = field(default_factory=list)
+
+
+def set_aside_stop_set(data: Data, size: int, seed: int) -> Data:
+    """`data` with `size` pool examples moved to ``data.stop`` (drawn by the run's
+    ``stop_set`` stream, in pool order, their answers dropped: the stop set is never labelled
+    and its answers are never read); `data` itself when `size` is 0. ConfigError when the
+    pool has no more than `size` examples."""
+    if not size:
+        return data
+    if size >= len(data.pool):
+        raise ConfigError(f"active_learning.stop_set: {size} is not smaller than the pool "
+                          f"({len(data.pool)} examples)")
+    chosen = set(stream(seed, 0, "stop_set").choice(len(data.pool), size, replace=False).tolist())
+    stop = [Example(ex.id, ex.question, "", ex.meta) for i, ex in enumerate(data.pool)
+            if i in chosen]
+    pool = [ex for i, ex in enumerate(data.pool) if i not in chosen]
+    return Data(pool, data.test, data.dropped, data.labelled, stop)
 
 
 def _subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
@@ -104,6 +123,9 @@ def check_plan(config: ExperimentConfig, pool: Sequence[Example],
     labelled set is larger than its budget (`labelled`: the user's `task.labelled` examples,
     which replace the `initial_size` draw)."""
     al = config.active_learning
+    if parse_rule(al.stop_when) is not None and not al.stop_set:
+        raise ConfigError(f"active_learning.stop_when: {al.stop_when!r} reads the stop set; "
+                          "set active_learning.stop_set to a number of pool items (e.g. 200)")
     n_initial = len(labelled) or al.initial_size
     if al.budget is not None and n_initial > al.budget:
         what = f"task.labelled holds {n_initial} labels" if labelled else \

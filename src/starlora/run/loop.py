@@ -37,7 +37,7 @@ from starlora import distributed as dist
 from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, flatten_config
 from starlora.run import oracle
-from starlora.run.data import Data, check_plan, load_data, make_task
+from starlora.run.data import Data, check_plan, load_data, make_task, set_aside_stop_set
 from starlora.run.embeddings import (
     EMBEDDING_COLUMNS,
     embedding_columns,
@@ -47,6 +47,7 @@ from starlora.run.embeddings import (
 from starlora.run.pool_scores import score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunStore
+from starlora.stopping import parse_rule, stop_index, stop_signals
 from starlora.tasks import Example, Task
 
 
@@ -135,24 +136,55 @@ def _evaluate(run: Run, k: int) -> None:
     run.say(k, f"evaluating on {len(test)} test examples")
     t0 = time.perf_counter()
     ev = evaluate(run.adapted(k), run.tokenizer, run.task, test, cfg.evaluation,
-                  progress=run.progress)
+                  progress=run.progress, seed=phase_seed(cfg.seed, k, "evaluate"))
+    stop = None
+    if run.data.stop:  # the stop set: answered, never graded (its answers are not read)
+        run.say(k, f"answering the stop set ({len(run.data.stop)} unlabelled examples)")
+        stop = evaluate(run.adapted(k), run.tokenizer, run.task, run.data.stop,
+                        cfg.evaluation.model_copy(update={"samples": 0}), progress=run.progress)
     if not dist.is_main():  # every process has the metrics; one writes them
         return
     seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
     run.store.write_round(k, "predictions.jsonl", ev.predictions)
+    signals = {name: {m: (None if isinstance(v, float) and np.isnan(v) else v)
+                      for m, v in found.items() if m != "bins"}
+               for name, found in ev.signals.items()}
     run.store.write_round(k, "metrics.json", {"accuracy": ev.accuracy, "ece": ev.ece,
                                               "ece_sequence": ev.ece_sequence, "n": ev.n,
-                                              "mode": ev.mode, "bins": ev.bins})
+                                              "mode": ev.mode, "bins": ev.bins,
+                                              "signals": {name: {**signals[name],
+                                                                 "bins": found["bins"]}
+                                                          for name, found in ev.signals.items()}})
+    stopping = {}
+    if stop is not None:
+        rows = [{k_: v for k_, v in p.items() if k_ not in ("gold", "correct")}
+                for p in stop.predictions]
+        run.store.write_round(k, "stop.jsonl", rows)
+        before = run.store.read_round(k - 1, "stop.jsonl") if k > 0 else None
+        stopping = stop_signals(before, rows, choice=stop.mode == "choice")
     n_labelled = len(run.store.labelled())
     run.store.record_metrics({
         "round": k, "n_labelled": n_labelled, "accuracy": ev.accuracy, "ece": ev.ece,
         "lambda": _query_lambda(run, k), "strategy": cfg.active_learning.strategy,
         "seed": cfg.seed, "seconds": round(seconds, 3), "task": run.task.name,
-        "protocol": protocol_id(cfg)})
+        "protocol": protocol_id(cfg), "signals": signals, **stopping})
     if run.tracker is not None:
         run.tracker.log({"accuracy": ev.accuracy, "ece": ev.ece, "n_labelled": n_labelled},
                         step=k)
-    _say(f"round {k}: accuracy {ev.accuracy:.4f}, ece {ev.ece:.4f}, {n_labelled} labelled")
+    said = "".join(f", {name} {v:.4f}" for name, v in stopping.items() if v is not None)
+    _say(f"round {k}: accuracy {ev.accuracy:.4f}, ece {ev.ece:.4f}, {n_labelled} labelled"
+         + said)
+
+
+def stopped_at(config: ExperimentConfig, metrics: list[dict]) -> int | None:
+    """The round after which ``active_learning.stop_when`` ends the run, judged on
+    `metrics` (metrics.jsonl rows), or None (no rule, or it has not held)."""
+    rule = parse_rule(config.active_learning.stop_when)
+    if rule is None:
+        return None
+    rows = sorted(metrics, key=lambda r: r["round"])
+    found = stop_index(rule, [r.get(rule.field) for r in rows])
+    return None if found is None else rows[found]["round"]
 
 
 def _candidates(run: Run, k: int) -> list[Example]:
@@ -236,7 +268,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
 
     # everything that can be wrong with the input is checked before any work starts
     task = make_task(config.task)
-    data = load_data(config.task, task)
+    data = set_aside_stop_set(load_data(config.task, task),
+                              config.active_learning.stop_set, config.seed)
     check_plan(config, data.pool, data.labelled)
     n_rounds = planned_rounds(config, len(data.labelled) or None)
     strategy = config_strategy(config, n_rounds)
@@ -254,6 +287,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     store = RunStore(run_dir, config)
     if state.get("finished") and state["round"] >= n_rounds - 1:
         _say(f"{run_dir}: already finished ({n_rounds} rounds)")
+        return store
+    if state.get("finished") and dist.agree(lambda: stopped_at(config, store.metrics())
+                                            is not None):
+        _say(f"{run_dir}: already finished "
+             f"(active_learning.stop_when: {config.active_learning.stop_when})")
         return store
 
     overlap = f" ({data.dropped} pool records that repeat a test record dropped)" \
@@ -302,6 +340,13 @@ def _rounds(run: Run) -> None:
                     store.set_state(k + 1, None)
                 elif dist.is_main():
                     store.set_state(k, phase, finished=last and phase == "evaluate")
+            if phase == "evaluate" and not last and dist.agree(
+                    lambda: stopped_at(config, store.metrics()) is not None):
+                dist.on_main(lambda: store.set_state(k, "evaluate", finished=True,  # noqa: B023
+                                                     stopped=config.active_learning.stop_when))
+                _say(f"round {k}: active_learning.stop_when ({config.active_learning.stop_when})"
+                     " holds: the run ends here")
+                return
             if phase == "train" and config.output.keep_adapters == "last" and dist.is_main():
                 store.prune_adapters(k)
         if run.model is not None:

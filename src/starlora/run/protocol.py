@@ -13,7 +13,14 @@ Settings fall in three groups:
   finished run adds rounds and leaves the rounds already done byte-identical (they are never
   recomputed). They size the λ schedule of the queries still to come, so each round records
   the λ it was selected with (``metrics.jsonl``, ``selected.jsonl``).
+* **stopping** (`STOPPING`): ``active_learning.stop_when`` decides how many rounds run, never
+  what a round computes; it may change on resume (a run the rule ended goes on under
+  ``none``) and is not part of the protocol id.
 * everything else changes results: a run directory refuses a config that differs there.
+
+Settings added after runs were committed (`ADDED_LATER`) are left out of the protocol id, and
+of the study's design, while they hold their default: a run made before a setting existed, and
+one made after with the setting at its default, are the same experiment and keep one id.
 
 The protocol id (`protocol_id`) names what makes runs comparable: every setting except the
 strategy, the seed and the two groups above. Runs with one protocol id and different
@@ -29,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +54,11 @@ RESULT_NEUTRAL = frozenset({
 EXTENDABLE = frozenset({"active_learning.rounds", "active_learning.budget"})
 #: settings that are not part of the protocol id: they tell arms and replicates apart
 ARM = frozenset({"active_learning.strategy", "seed"})
+#: how many rounds run, not what a round computes (see the module docstring)
+STOPPING = frozenset({"active_learning.stop_when"})
+#: settings added after runs were committed: part of the identity only away from the default
+ADDED_LATER = frozenset({"active_learning.diversity", "active_learning.diversity_pool",
+                         "evaluation.samples", "active_learning.stop_set"})
 
 #: the random streams of a run; the number is part of the stream's entropy (never reuse one)
 STREAMS = {
@@ -54,6 +67,8 @@ STREAMS = {
     "score": 3,  # base seed of the MC-dropout masks when scoring the pool
     "subsample": 4,  # which unlabelled examples are scored (active_learning.pool_subsample)
     "select": 5,  # the strategy's draws: tie-breaking, and `random`'s utility
+    "evaluate": 6,  # the self-consistency samples of the test items (evaluation.samples)
+    "stop_set": 7,  # the stop set: pool items never selected (active_learning.stop_set)
 }
 
 
@@ -71,11 +86,18 @@ def planned_rounds(config: ExperimentConfig, n_initial: int | None = None) -> in
 def protocol_id(config: ExperimentConfig) -> str:
     """``<task>-<initial>+<query>-<hash>``: the same for every arm and seed of a comparison,
     and for a run extended with more rounds (see the module docstring)."""
-    flat = flatten_config(config)
-    kept = {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL | EXTENDABLE | ARM}
+    flat = identity(flatten_config(config))
+    kept = {k: v for k, v in flat.items()
+            if k not in RESULT_NEUTRAL | EXTENDABLE | ARM | STOPPING}
     digest = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
     al = config.active_learning
     return f"{config.task.name}-{al.initial_size}+{al.query_size}-{digest}"
+
+
+def identity(flat: dict[str, Any]) -> dict[str, Any]:
+    """`flat` (`flatten_config`) less the `ADDED_LATER` settings that hold their default."""
+    defaults = flatten_config(ExperimentConfig())
+    return {k: v for k, v in flat.items() if not (k in ADDED_LATER and v == defaults.get(k))}
 
 
 def result_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]:
@@ -87,7 +109,7 @@ def result_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]
     a, b = flatten_config(stored), flatten_config(new)
     changed = []
     for key in a:
-        if a[key] == b.get(key) or key in RESULT_NEUTRAL:
+        if a[key] == b.get(key) or key in RESULT_NEUTRAL | STOPPING:
             continue
         if key in EXTENDABLE and (b[key] is None or (a[key] is not None and b[key] >= a[key])):
             continue  # more rounds, a larger budget, or no budget limit any more

@@ -17,8 +17,12 @@
       rounds/<k>/
         adapter/              peft LoRA adapter trained in round k (safetensors)
         train.json            steps, seconds, tokens and final loss of round k's training
-        metrics.json          accuracy, ece, reliability bins
+        metrics.json          accuracy, ece, reliability bins; per confidence signal its
+                              numbers and equal-mass bins (`starlora.evaluation`)
         predictions.jsonl     one line per test example
+        stop.jsonl            with active_learning.stop_set: the model's answer to each
+                              stop-set item (`starlora.stopping`)
+        calibration.json      `starlora calibrate`: the fitted temperature, before and after
         scores.jsonl          uncertainty scores of the pool examples scored after round k
                               (the columns the strategy needs, and per-pass values)
         selected.jsonl        ids chosen in round k's query, best first: rank, utility and
@@ -55,7 +59,8 @@ from starlora.run.protocol import PHASES, result_changes
 
 #: the files of ``rounds/<k>/`` (see the module docstring); `RunPaths.round_file` refuses others
 ROUND_FILES = frozenset({"train.json", "metrics.json", "predictions.jsonl", "scores.jsonl",
-                         "selected.jsonl", "test_uncertainty.jsonl"})
+                         "selected.jsonl", "test_uncertainty.jsonl", "stop.jsonl",
+                         "calibration.json"})
 
 
 class RunPaths:
@@ -344,4 +349,9 @@ class RunStore:
             "task": self.config.task.name,
             "last_metrics": metrics[-1] if metrics else None,
             "resume": None if finished else resume_command(self.root),
+            # the label-free stopping signals per round (`starlora.stopping`) and the rule
+            "stop_when": al.stop_when,
+            "stopped_at": state.get("round") if state.get("stopped") else None,
+            "stop_signals": [{k: m.get(k) for k in ("round", "stop_agreement",
+                                                    "stop_uncertainty")} for m in metrics],
         }
