@@ -127,6 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from starlora.report_confidence import status_lines
     from starlora.run.store import RunStore
 
     status = RunStore.open(args.run_dir).status()
@@ -148,20 +149,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
     if status["resume"]:
         print(f"resume:     {status['resume']}")
-    for name, found in (last or {}).get("signals", {}).items():
-        auc, aurc = found.get("roc-auc"), found.get("rcc-auc")
-        print(f"  {name + ':':<13} roc-auc {'n/a' if auc is None else f'{auc:.3f}'}  "
-              f"rcc-auc {'n/a' if aurc is None else f'{aurc:.3f}'}  "
-              f"ece-adaptive {found.get('ece-adaptive', float('nan')):.3f}")
-    stops = [m for m in status.get("stop_signals", []) if m.get("stop_uncertainty") is not None]
-    if stops:
-        print(f"stopping:   rule {status['stop_when']}"
-              + (f" (held after round {status['stopped_at']})"
-                 if status.get("stopped_at") is not None else ""))
-        for m in stops:
-            agree = m.get("stop_agreement")
-            print(f"  round {m['round']}: agreement {'n/a' if agree is None else f'{agree:.3f}'}"
-                  f"  uncertainty {m['stop_uncertainty']:.3f}")
+    for line in status_lines(status):
+        print(line)
     return 0
 
 

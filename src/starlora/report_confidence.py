@@ -142,6 +142,28 @@ def stopping_page(task: str, records: list[dict[str, Any]]) -> dict[str, bytes]:
     return {"stopping.md": ("\n".join(lines) + "\n").encode()}
 
 
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The lines `starlora status` adds for a run's confidence signals (its last round) and its
+    stopping signals (every round), from `starlora.run.store.RunStore.status`."""
+    lines = []
+    for name, found in (status.get("last_metrics") or {}).get("signals", {}).items():
+        auc, aurc, ece = (found.get(k) for k in ("roc-auc", "rcc-auc", "ece-adaptive"))
+        lines.append(f"  {name + ':':<13} roc-auc {'n/a' if auc is None else f'{auc:.3f}'}  "
+                     f"rcc-auc {'n/a' if aurc is None else f'{aurc:.3f}'}  "
+                     f"ece-adaptive {'n/a' if ece is None else f'{ece:.3f}'}")
+    stops = [m for m in status.get("stop_signals", []) if m.get("stop_uncertainty") is not None]
+    if stops:
+        held = status.get("stopped_at")
+        lines.append(f"stopping:   rule {status['stop_when']}"
+                     + (f" (held after round {held})" if held is not None else ""))
+        for m in stops:
+            agree = m.get("stop_agreement")
+            lines.append(f"  round {m['round']}: agreement "
+                         f"{'n/a' if agree is None else f'{agree:.3f}'}  "
+                         f"uncertainty {m['stop_uncertainty']:.3f}")
+    return lines
+
+
 def _png(fig: Figure) -> bytes:
     import io
 
