@@ -26,8 +26,16 @@ install: $(VENV)/.runtime
 
 install-dev: $(VENV)/.dev
 
+# make demo UPDATE_README=1: a fresh demo, then its time, curve and image into the README
+# (docs/hooks/demo_figures.py; commit README.md, docs/demo.json and docs/demo-accuracy.png)
 demo: install
+ifdef UPDATE_README
+	rm -rf starlora-demo
+endif
 	HF_HUB_OFFLINE=1 $(BIN)/starlora demo
+ifdef UPDATE_README
+	$(BIN)/python docs/hooks/demo_figures.py --from starlora-demo
+endif
 
 test: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q

@@ -31,3 +31,11 @@ def test_demo_runs_both_strategies_and_writes_the_report(tmp_path: Path, capsys)
     for path in written.values():
         assert path.is_file() and path.stat().st_size > 0
     assert "accuracy.png" in capsys.readouterr().out
+    import json
+
+    record = json.loads((tmp_path / "demo.json").read_text())  # what the README's figures use
+    assert record["resumed"] is False and record["minutes"] > 0 and record["cpus"] >= 1
+    assert {k: [n for n, _ in v] for k, v in record["accuracy"].items()} == {
+        "random": [4, 8], "pe-dynamic": [4, 8]}
+    run_demo(tmp_path, overrides=QUICK, progress=False)  # again: finished runs, resumed
+    assert json.loads((tmp_path / "demo.json").read_text())["resumed"] is True

@@ -76,3 +76,20 @@ def test_every_page_is_in_the_navigation_and_every_link_target_exists():
     nav = [next(iter(item.values())) for item in config["nav"]]
     pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
     assert sorted(nav) == pages
+
+
+def test_the_readme_demo_paragraph_is_rendered_from_the_committed_demo_record() -> None:
+    """The demo's time and curve in the README come from docs/demo.json (written by
+    `make demo UPDATE_README=1` from a demo's own demo.json), never typed by hand."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+    try:
+        import demo_figures
+    finally:
+        sys.path.pop(0)
+    record = json.loads((ROOT / "docs" / "demo.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert demo_figures.block(readme) == demo_figures.render(record)
+    assert f"**{record['minutes']:.1f} minutes**" in readme and record["commit"] in readme

@@ -3,15 +3,24 @@
 It runs the demo config (``demo.yaml`` beside this file: SmolLM2-135M-Instruct on generated
 arithmetic problems) once with `random` and once with `pe-dynamic` (STAR), then writes the
 report. Both runs are resumable: run the same command again after an interruption.
+
+It also writes ``demo.json`` beside the report: the wall time, whether the runs resumed work
+done before (then the time is not the whole demo's), the machine, and each strategy's accuracy
+by labelled count. ``docs/hooks/demo_figures.py`` turns it into the README's demo paragraph
+and image (``make demo UPDATE_README=1``).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 import time
 from pathlib import Path
 
+from starlora import __version__
 from starlora.config import load_config
+from starlora.io import write_json
 from starlora.report import build_report
 from starlora.run.loop import run_experiment
 from starlora.run.store import RunStore
@@ -30,6 +39,7 @@ def run_demo(
     `overrides` are ``key=value`` config overrides (as ``--set``), e.g. for a quicker check."""
     out = Path(out)
     start = time.perf_counter()
+    resumed = (out / "runs").is_dir()  # a run started before: the time is not the whole demo's
     run_dirs = []
     for strategy in strategies:
         config = load_config(DEMO_CONFIG, [*(overrides or []), f"active_learning.strategy={strategy}"])
@@ -37,7 +47,14 @@ def run_demo(
         run_experiment(config, run_dirs[-1], progress=progress)
     written = build_report(run_dirs, out / "report")
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nstarlora demo finished in {minutes:.1f} min", file=sys.stderr)
+    print(f"\nstarlora demo finished in {minutes:.1f} min"
+          + (" (resumed: earlier work not counted)" if resumed else ""), file=sys.stderr)
+    write_json(out / "demo.json", {
+        "minutes": round(minutes, 2), "resumed": resumed, "starlora": __version__,
+        "overrides": list(overrides or []), "cpus": _cpus(),
+        "cpu": _cpu_model(), "threads": _torch_threads(),
+        "accuracy": {d.name: [[m["n_labelled"], m["accuracy"]]
+                              for m in RunStore.open(d).metrics()] for d in run_dirs}})
     for run_dir in run_dirs:
         curve = ", ".join(f"{m['n_labelled']}: {m['accuracy']:.3f}"
                           for m in RunStore.open(run_dir).metrics())
@@ -45,3 +62,27 @@ def run_demo(
     for name, path in written.items():
         print(f"  {name}: {path}")
     return written
+
+
+def _cpus() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
