@@ -75,7 +75,9 @@ class CalendarTask(Task):
     43% / 20%. Crossing into another year wraps (December 28 + 10 days is January 7).
 
     Worked answers are regular, e.g. ``"25 + 12 = 37. March has 31 days. 37 - 31 = 6.\\n####
-    April 6"``, one line per month end carried. The final answer is the date after the last
+    April 6"``, one step per month end carried: at most 57 tokens with EOS for SmolLM2 and
+    Gemma 3 (34-35 on average), so ``evaluation.max_new_tokens`` should be 64 or more (the
+    arith study's 48 would cut the longest). The final answer is the date after the last
     ``####`` (else after "final answer is", else the last date in the text), written
     "April 6", "Apr 6", "6th of April", "2023-04-06"...; its canonical form is ``"April 6"``.
 
