@@ -144,7 +144,7 @@ class ActiveLearningConfig(_Section):
     # label-free stopping (starlora.stopping; not the paper's): N pool items set aside, never
     # selected, answered after every round; stop_when e.g. "agreement >= 0.95 for 2 rounds"
     stop_set: int = Field(0, ge=0)
-    stop_when: str = "none"
+    stop_when: str = "none"  # the stopping rule (see stop_set); none: run every round
 
     @field_validator("strategy")
     @classmethod
