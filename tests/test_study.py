@@ -456,3 +456,31 @@ def test_the_committed_study_report_regenerates_byte_for_byte(tmp_path):
     assert tables and tables == sorted(n for n in written if Path(n).suffix in (".md", ".csv"))
     for name in tables:
         assert written[name].read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_confidence_signals_become_secondary_endpoints_and_ece_gets_its_footnote(
+        study_runs, tmp_path):
+    """Runs that recorded confidence signals (issue 34) add final AURC and self-consistency
+    AUROC to the arms table and the secondary comparisons; the ECE column keeps a footnote."""
+    plain = write_studies(load_runs(study_runs), tmp_path / "plain")["study.md"].read_text()
+    assert "| final ECE¹ |" in plain and "it measures the error rate, not calibration" in plain
+    assert "final AURC" not in plain and "final_aurc" not in plain
+    for run in study_runs:
+        path = run / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        seed, better = rows[0]["seed"], "dynamic" in rows[0]["strategy"]
+        rows[-1]["signals"] = {  # pe-dynamic ranks its answers better by 0.05 on every seed
+            "msp": {"rcc-auc": 0.3 - 0.05 * better - 0.01 * seed, "roc-auc": 0.8},
+            "consistency": {"roc-auc": 0.7 + 0.1 * better, "rcc-auc": 0.2}}
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_studies(load_runs(study_runs), tmp_path / "signals")
+    md = written["study.md"].read_text()
+    assert "| final AURC | self-consistency AUROC |" in md
+    assert "| random | 6 | 0,1,2,3,4,5 |" in md and "0.2750 ± 0.0187 | 0.7000 ± 0.0000 |" in md
+    paired = {(r["arm"], r["baseline"], r["quantity"]): r for r in read_csv(written["study.csv"])
+              if r["section"] == "paired"}
+    aurc = paired[("pe-dynamic", "random", "final_aurc")]
+    assert float(aurc["estimate"]) == pytest.approx(-0.05) and aurc["p"] == "0.031250"
+    assert "secondary; ci seeds only" == aurc["note"]
+    assert float(paired[("pe-dynamic", "random", "final_sc_auroc")]["estimate"]) == \
+        pytest.approx(0.1)

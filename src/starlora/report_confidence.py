@@ -31,8 +31,8 @@ from starlora.evaluation import prediction_signals
 from starlora.io import read_jsonl
 from starlora.run.store import RunPaths
 
-_PALETTE = ["#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-            "#e377c2"]
+RANDOM_COLOR = "#8c8c8c"  # as in the report's other plots
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
 def _signals(run_dir: Path, round_: int) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
@@ -58,7 +58,11 @@ def confidence_pages(task: str, runs: dict[str, tuple[int, list[Path]]], n_bins:
         return {}
     names = [n for n in ("answer", "msp", "perplexity", "consistency")
              if any(n in s for runs_ in by.values() for s, _ in runs_)]
-    colors = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(by)}
+    if not names:  # predictions without any confidence (older formats, hand-made runs)
+        return {}
+    others = [s for s in by if s != "random"]
+    colors = {"random": RANDOM_COLOR, **{s: _PALETTE[i % len(_PALETTE)]
+                                         for i, s in enumerate(others)}}
     rc = Figure(figsize=(4 * len(names), 4), layout="constrained")
     rel = Figure(figsize=(4 * len(names), 4), layout="constrained")
     rc_axes = rc.subplots(1, len(names), squeeze=False)[0]

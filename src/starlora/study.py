@@ -33,7 +33,9 @@ variant) against each baseline arm (not a variant): ``random``, and ``pe``/``me`
 least 2). Primary: AULC, with the exact
 two-sided sign-flip test (`starlora.study_stats.sign_flip_p`: all 2^n sign vectors; p is the
 share whose |sum| reaches the observed |sum| less 1e-9 * max(1, sum |d|); up to 30 seeds) and
-Holm-Bonferroni correction over all primary comparisons of the group. The 95% interval is the percentile bootstrap (2000 resamples, NumPy seed 0) of the mean
+Holm-Bonferroni correction over all primary comparisons of the group. Where runs recorded
+confidence signals (issue 34), two more secondary endpoints (`SIGNAL_ENDPOINTS`): the final
+AURC of the sequence probability and the final AUROC of the self-consistency confidence. The 95% interval is the percentile bootstrap (2000 resamples, NumPy seed 0) of the mean
 difference, resampling seeds and test items (per-item correctness from
 ``rounds/<k>/predictions.jsonl``, AULC recomputed on the resampled items); it falls back to
 seeds only, and says why, when predictions are missing, hold other items, or disagree with
@@ -108,7 +110,7 @@ class Arm:
 class Comparison:
     arm: str
     baseline: str
-    quantity: str  # "aulc" (primary), "final_accuracy", "final_ece" (secondary)
+    quantity: str  # "aulc" (primary), "final_accuracy", "final_ece", SIGNAL_ENDPOINTS (secondary)
     diffs: list[float]
     p: float
     ci: tuple[float, float]
@@ -219,13 +221,29 @@ def _baselines(star: Arm, arms: dict[str, Arm]) -> list[Arm]:
         b.strategy in ("pe", "me") and b.answers == star.answers))]
 
 
+#: secondary endpoints read from the last round's confidence signals (metrics.jsonl
+#: ``signals``, runs since issue 34): (quantity, signals in order of preference, number)
+SIGNAL_ENDPOINTS = (("final_aurc", ("msp", "answer"), "rcc-auc"),
+                    ("final_sc_auroc", ("consistency",), "roc-auc"))
+
+
 def run_values(run: StudyRun, rounds: list[int]) -> dict[str, float]:
-    """AULC over `rounds`, and accuracy and ECE of the last of them (NaN for no ECE)."""
+    """AULC over `rounds`, and accuracy and ECE of the last of them (NaN for no ECE); where
+    the last round recorded confidence signals, `SIGNAL_ENDPOINTS` too: the AURC of the
+    sequence probability (``msp``; the choice probability for choice tasks) and the AUROC of
+    the self-consistency confidence (``evaluation.samples`` > 0)."""
     n = [run.rounds[k]["n_labelled"] for k in rounds]
     acc = [run.rounds[k]["accuracy"] for k in rounds]
     last = run.rounds[rounds[-1]]
-    return {"aulc": float(aulc_weights(n) @ np.asarray(acc, float)),
-            "final_accuracy": float(last["accuracy"]), "final_ece": float(last["ece"])}
+    out = {"aulc": float(aulc_weights(n) @ np.asarray(acc, float)),
+           "final_accuracy": float(last["accuracy"]), "final_ece": float(last["ece"])}
+    signals = last.get("signals") or {}
+    for quantity, names, number in SIGNAL_ENDPOINTS:
+        found = next((signals[n] for n in names if n in signals), None)
+        if found is not None:
+            v = found.get(number)
+            out[quantity] = float("nan") if v is None else float(v)
+    return out
 
 
 class _Items:
@@ -276,14 +294,18 @@ def _compare(star: Arm, base: Arm, seeds: list[int], rounds: list[int], items: _
              values: dict[tuple[str, int], dict[str, float]]) -> list[Comparison]:
     out = []
     pairs = [(star.runs[s], base.runs[s]) for s in seeds]
-    for quantity in ("aulc", "final_accuracy", "final_ece"):
+    extra = [q for q, _, _ in SIGNAL_ENDPOINTS
+             if all(q in values[(a.label, s)] for a in (star, base) for s in seeds)]
+    for quantity in ("aulc", "final_accuracy", "final_ece", *extra):
         diffs = [values[(star.label, s)][quantity] - values[(base.label, s)][quantity]
                  for s in seeds]
         if any(np.isnan(diffs)):
             out.append(Comparison(star.label, base.label, quantity, diffs, float("nan"),
-                                  (float("nan"), float("nan")), "ECE missing"))
+                                  (float("nan"), float("nan")), f"{quantity} missing"
+                                  if quantity != "final_ece" else "ECE missing"))
             continue
-        matrix = "ECE" if quantity == "final_ece" else items.matrix(pairs, rounds, quantity)
+        matrix = "ECE" if quantity not in ("aulc", "final_accuracy") else \
+            items.matrix(pairs, rounds, quantity)
         if isinstance(matrix, str):
             ci = bootstrap_diff_ci(diffs, resamples=RESAMPLES, seed=BOOTSTRAP_SEED)
             note = "seeds only" + ("" if matrix == "ECE" else f" ({matrix})")

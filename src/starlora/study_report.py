@@ -55,14 +55,18 @@ def study_markdown(s: Study) -> str:
              "every run shares (the protocol id for runs without config.yaml). AULC: trapezoid area under accuracy "
              "over the labelled count, divided by the labelled range. Mean ± sample std over "
              "seeds.", "", "## Arms", ""]
+    extra = _signal_quantities(s)
     rows = []
     for arm in s.arms.values():
         vals = [s.values[(arm.label, seed)] for seed in sorted(arm.runs)]
         cells = [f"{_f(m)} ± {_f(sd)}" for m, sd in
                  (_mean_std([v[q] for v in vals]) for q in ("aulc", "final_accuracy", "final_ece"))]
+        cells += [_mean_std_text([v.get(q, float("nan")) for v in vals]) for q in extra]
         seeds = ",".join(str(x) for x in sorted(arm.runs))
         rows.append([arm.label, str(len(arm.runs)), seeds, *cells])
-    lines += _table(["arm", "n seeds", "seeds", "AULC", "final accuracy", "final ECE"], rows)
+    lines += _table(["arm", "n seeds", "seeds", "AULC", "final accuracy", "final ECE¹",
+                     *(EXTRA_NAMES[q] for q in extra)], rows)
+    lines += [ECE_NOTE + (" " + SIGNAL_NOTE if extra else ""), ""]
     lines += ["## Paired comparisons: AULC (primary)", "",
               "STAR arm minus baseline, paired by seed. p: exact two-sided sign-flip test over "
               "all 2^n sign vectors; Holm p: Holm-Bonferroni over the comparisons in this "
@@ -79,7 +83,9 @@ def study_markdown(s: Study) -> str:
     if secondary:
         lines += ["## Paired comparisons: secondary, uncorrected", "",
                   "Final accuracy and final ECE of the primary pairs; AULC, final accuracy and "
-                  "ECE of each variant against its usual arm.", ""]
+                  "ECE of each variant against its usual arm."
+                  + (" Where runs have them, also final AURC and self-consistency AUROC "
+                     "(seeds-only intervals)." if _signal_quantities(s) else ""), ""]
         lines += _table(["quantity", *head[:-2], "CI resamples"],
                         [[c.quantity, *_cells(c)[:-2], c.ci_note] for c in secondary])
     lines += _auroc_markdown(s)
@@ -106,6 +112,31 @@ def study_markdown(s: Study) -> str:
     if s.notes:
         lines += ["Notes: " + "; ".join(s.notes) + ".", ""]
     return "\n".join(lines)
+
+
+#: what the final ECE column measures (issue 34), under the arms table
+ECE_NOTE = ("¹ Final ECE: equal-width ECE (15 bins) of the answer-span probability (the choice "
+            "probability for choice tasks). For generated answers that probability is about 1 "
+            "for right and wrong answers alike, so this ECE is about 1 − accuracy: it measures "
+            "the error rate, not calibration.")
+SIGNAL_NOTE = ("Final AURC: area under the risk-coverage curve of the sequence probability "
+               "(the choice probability for choice tasks; lower is better); self-consistency "
+               "AUROC: of the share of sampled answers equal to the greedy one, for a right "
+               "answer (`evaluation.samples`). Secondary endpoints; runs without them show nan.")
+EXTRA_NAMES = {"final_aurc": "final AURC", "final_sc_auroc": "self-consistency AUROC"}
+
+
+def _signal_quantities(s: Study) -> list[str]:
+    """The `SIGNAL_ENDPOINTS` some run of the study has (none for runs before issue 34)."""
+    return [q for q in EXTRA_NAMES if any(q in v for v in s.values.values())]
+
+
+def _mean_std_text(values: list[float]) -> str:
+    v = _finite(values)
+    if not v:
+        return "nan"
+    m, sd = _mean_std(v)
+    return f"{_f(m)} ± {_f(sd)}" + (f" (n={len(v)})" if len(v) != len(values) else "")
 
 
 def _finite(values: list[float]) -> list[float]:
@@ -178,9 +209,11 @@ def study_csv(s: Study) -> str:
                     _f(sd, 6), *ci, p, p_holm, note])
 
     for arm in s.arms.values():
-        for q in ("aulc", "final_accuracy", "final_ece"):
-            vals = [s.values[(arm.label, seed)][q] for seed in sorted(arm.runs)]
-            row("arms", arm.label, "", "", q, len(vals), *_mean_std(vals))
+        for q in ("aulc", "final_accuracy", "final_ece", *_signal_quantities(s)):
+            vals = _finite([s.values[(arm.label, seed)].get(q, float("nan"))
+                            for seed in sorted(arm.runs)])
+            row("arms", arm.label, "", "", q, len(vals),
+                *(_mean_std(vals) if vals else (float("nan"), float("nan"))))
     for c in s.comparisons:
         kind = "primary" if c.primary else "secondary"
         row("paired", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
