@@ -125,6 +125,13 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
     ("ls.json", '[\n {"data": {"id": "q0"}, "annotations": []},\n {"nodata": 1}\n]\n',
      "ls.json:3: data: missing"),
     ("lsbad.json", '[\n {"data": {"id": "q0"}},\n {"data": \n', "lsbad.json:4: not valid JSON"),
+    # issue 36, bug 6: annotations that are not objects raised AttributeError
+    ("lsann.json", '[\n {"data": {"id": "q0"}, "annotations": ["x"]}\n]\n',
+     "lsann.json:2: annotations: must be a list of objects"),
+    ("lsann2.json", '[\n {"data": {"id": "q0"}, "annotations": "x"}\n]\n',
+     "lsann2.json:2: annotations: must be a list of objects"),
+    ("lsres.json", '[\n {"data": {"id": "q0"}, "annotations": [{"result": [3]}]}\n]\n',
+     "lsres.json:2: annotations.result: must be a list of objects"),
 ])
 def test_a_malformed_import_changes_nothing(store: RunStore, tmp_path: Path, capsys,
                                             name: str, text: str, where: str) -> None:

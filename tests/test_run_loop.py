@@ -254,3 +254,27 @@ def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
     store = run_experiment(load_config(TINY, single[:1]), tmp_path / "mc", progress=False)
     mc = store.read_round(0, "scores.jsonl")
     assert len(mc[0]["pe_passes"]) == 2 and mc[0]["pe_passes"][0] != mc[0]["pe_passes"][1]
+
+
+def test_the_loops_evaluation_cuts_prompts_to_training_max_length(monkeypatch) -> None:
+    """Issue 36, bug 6: the evaluate phase passed no max_length (test uncertainty did), so a
+    long test prompt was evaluated uncut while it is trained and scored cut to
+    ``training.max_length``."""
+    import types
+
+    import starlora.evaluation
+    from starlora.run import loop
+
+    seen = {}
+
+    def evaluate(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before the phase writes anything
+
+    monkeypatch.setattr(starlora.evaluation, "evaluate", evaluate)
+    run = types.SimpleNamespace(
+        config=load_config(TINY, ["training.max_length=77"]), data=types.SimpleNamespace(test=[]),
+        say=lambda k, m: None, adapted=lambda k: None, tokenizer=None, task=None, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        loop._evaluate(run, 0)
+    assert seen["max_length"] == 77

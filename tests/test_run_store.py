@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,41 @@ def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.write_text("")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_a_second_run_on_a_run_directory_fails_at_once_naming_the_holder(tmp_path, capsys):
+    """Issue 36, bug 6: two `starlora run` on one directory both computed and the second
+    failed late. The first holds the run-wide lock; the second exits 2 before it writes or
+    loads anything, naming the holder's pid and host. A holder killed with SIGKILL leaves a
+    stale owner file, which does not stop the next run."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from starlora.cli import main
+    from starlora.errors import RunInUseError
+    from starlora.run.lock import hold_run
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom starlora.run.lock import hold_run\n"
+         "with hold_run(sys.argv[1]):\n    print('held', flush=True)\n"
+         "    time.sleep(120)\n", str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+        assert main(["run", str(config), "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid} on {socket.gethostname()}" in err and "another starlora run" in err
+        assert not (run_dir / "config.yaml").exists()  # nothing written, no model loaded
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (run_dir / ".run.owner.json").exists()  # stale: its process is gone
+    with hold_run(run_dir):
+        with pytest.raises(RunInUseError, match=f"pid {os.getpid()}"):
+            with hold_run(run_dir):
+                pass
+    assert not (run_dir / ".run.owner.json").exists()
+    RunStore.create_or_resume(run_dir, load_config(config))  # the lock files are no obstacle

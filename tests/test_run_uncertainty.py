@@ -97,3 +97,27 @@ def test_unfinished_runs_and_other_test_sets_are_refused_before_any_model_loads(
                 [{"id": f"other-{i}", "gold": "1", "correct": True} for i in range(12)])
     with pytest.raises(StarloraError, match="not the one round 0 was evaluated on"):
         write_test_uncertainty(run_dir)
+
+
+def test_every_process_follows_the_main_process_on_an_existing_file(tmp_path, monkeypatch):
+    """Issue 36, bug 6: each process checked for the output file itself, so one that looked
+    after the main process wrote it went another way. Here the main process (a patched
+    `on_main`) sees the file, this process does not: it must skip as the main one does."""
+    from starlora import distributed as dist
+
+    run_dir = tmp_path / "run"
+    (run_dir / "rounds" / "0").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(load_config(TINY, ONE_ROUND)))
+    write_json(run_dir / "state.json", {"round": 0, "phase": "evaluate", "finished": True})
+    out = run_dir / "rounds" / "0" / "test_uncertainty.jsonl"
+
+    def main_sees_the_file(fn):
+        out.write_text("")
+        try:
+            return fn()
+        finally:
+            out.unlink()
+
+    monkeypatch.setattr(dist, "on_main", main_sees_the_file)
+    outcome = write_test_uncertainty(run_dir)  # no adapter, no predictions: never looked at
+    assert not outcome.written and outcome.path == out and not out.exists()

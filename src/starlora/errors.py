@@ -94,6 +94,11 @@ class LockTimeoutError(StarloraError):
     """Another process held a run directory's lock for longer than the caller would wait."""
 
 
+class RunInUseError(LockTimeoutError):
+    """Another `starlora run` (its pid and host in the message) is working in the run
+    directory."""
+
+
 class QueryClosedError(StarloraError):
     """An answer came for a query that the run has already closed (it went on without it)."""
 

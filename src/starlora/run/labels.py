@@ -226,14 +226,20 @@ def _label_studio(where: str, text: str, problems: Problems) -> list[Answer]:
 def _task_answer(where: str, line: int, task: dict, problems: Problems) -> Answer | None:
     """The answer of one Label Studio task: the text area of its last annotation that was not
     cancelled; None when it has none (still pending) or after adding its problems."""
-    done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    try:
+        annotations = _objects(where, line, task, "annotations")
+        done = [a for a in annotations if not a.get("was_cancelled")]
+        results = _objects(where, line, done[-1], "result", "annotations.result") if done else []
+    except DataError as e:
+        problems.add(e)
+        return None
     if not done:
         try:
             _field(where, line, task["data"], "id")
         except DataError as e:
             problems.add(e)
         return None
-    texts = [r["value"]["text"] for r in done[-1].get("result") or []
+    texts = [r["value"]["text"] for r in results
              if r.get("from_name") == "answer" and isinstance(r.get("value"), dict)
              and "text" in r["value"]]
     if not texts:
@@ -247,6 +253,15 @@ def _task_answer(where: str, line: int, task: dict, problems: Problems) -> Answe
                                "the text area's text must be a string or a list of strings"))
         return None
     return _answer(where, line, task["data"], problems, value)
+
+
+def _objects(where: str, line: int, record: dict, key: str, name: str | None = None) -> list[dict]:
+    """``record[key]``, a list of JSON objects ([] when absent or null); DataError naming
+    `name` (default `key`) when it is anything else."""
+    value = record.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise DataError(where, line, name or key, "must be a list of objects")
+    return value
 
 
 def _skip(text: str, pos: int) -> int:

@@ -23,6 +23,7 @@ pause on the main process stops them all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -36,7 +37,7 @@ import numpy as np
 from starlora import distributed as dist
 from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, flatten_config
-from starlora.run import oracle
+from starlora.run import identity, oracle
 from starlora.run.data import Data, check_plan, load_data, make_task, set_aside_stop_set
 from starlora.run.embeddings import (
     EMBEDDING_COLUMNS,
@@ -44,6 +45,7 @@ from starlora.run.embeddings import (
     ensure_embeddings,
     wants_embeddings,
 )
+from starlora.run.lock import hold_run
 from starlora.run.pool_scores import score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunStore
@@ -74,6 +76,7 @@ class Run:
     model: Any = None
     tracker: Any = None
     by_id: dict[str, Example] = field(default_factory=dict)  # pool and task.labelled examples
+    precision: dict[str, str] | None = None  # of the protocol id (`starlora.run.identity`)
 
     @property
     def max_new_tokens(self) -> int:
@@ -136,12 +139,14 @@ def _evaluate(run: Run, k: int) -> None:
     run.say(k, f"evaluating on {len(test)} test examples")
     t0 = time.perf_counter()
     ev = evaluate(run.adapted(k), run.tokenizer, run.task, test, cfg.evaluation,
-                  progress=run.progress, seed=phase_seed(cfg.seed, k, "evaluate"))
+                  progress=run.progress, seed=phase_seed(cfg.seed, k, "evaluate"),
+                  max_length=cfg.training.max_length)  # prompts cut as in training
     stop = None
     if run.data.stop:  # the stop set: answered, never graded (its answers are not read)
         run.say(k, f"answering the stop set ({len(run.data.stop)} unlabelled examples)")
         stop = evaluate(run.adapted(k), run.tokenizer, run.task, run.data.stop,
-                        cfg.evaluation.model_copy(update={"samples": 0}), progress=run.progress)
+                        cfg.evaluation.model_copy(update={"samples": 0}), progress=run.progress,
+                        max_length=cfg.training.max_length)
     if not dist.is_main():  # every process has the metrics; one writes them
         return
     seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
@@ -167,7 +172,7 @@ def _evaluate(run: Run, k: int) -> None:
         "round": k, "n_labelled": n_labelled, "accuracy": ev.accuracy, "ece": ev.ece,
         "lambda": _query_lambda(run, k), "strategy": cfg.active_learning.strategy,
         "seed": cfg.seed, "seconds": round(seconds, 3), "task": run.task.name,
-        "protocol": protocol_id(cfg), "signals": signals, **stopping})
+        "protocol": protocol_id(cfg, run.precision), "signals": signals, **stopping})
     if run.tracker is not None:
         run.tracker.log({"accuracy": ev.accuracy, "ece": ev.ece, "n_labelled": n_labelled},
                         step=k)
@@ -260,10 +265,12 @@ def config_strategy(config: ExperimentConfig, n_rounds: int) -> QueryStrategy:
                          diversity=al.diversity, diversity_pool=al.diversity_pool)
 
 
-def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True) -> RunStore:
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True,
+                   allow_precision_change: bool = False) -> RunStore:
     """Run, or resume, the experiment `config` in `run_dir`. Returns the store; with a human
     oracle the run may stop early, waiting for answers (``store.pending()`` is then not
-    empty)."""
+    empty). A resume is refused when its data differ from the run's, or when its precision
+    would (`starlora.run.identity`), unless `allow_precision_change`."""
     from starlora.models import load_model
 
     # everything that can be wrong with the input is checked before any work starts
@@ -275,47 +282,56 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     strategy = config_strategy(config, n_rounds)
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
+    contents = identity.data_hashes(config, data.pool, data.test, data.labelled)
 
     dist.setup(cpu=config.model.device == "cpu" or None)
+    with contextlib.ExitStack() as held:  # the run-wide lock, on the main process
+        dist.on_main(lambda: held.enter_context(hold_run(run_dir)))
 
-    def open_store() -> dict:
-        store = RunStore.create_or_resume(run_dir, config)
-        store.check_pool(len(data.pool), pool_hash, str(config.task.train or f"task {task.name}"))
-        return {**store.state(), "at": store.current_round(), "open": store.open_query()}
+        def open_store() -> dict:
+            store = RunStore.create_or_resume(run_dir, config)
+            store.check_pool(len(data.pool), pool_hash,
+                             str(config.task.train or f"task {task.name}"))
+            identity.check_data(store, contents)
+            return {**store.state(), "at": store.current_round(), "open": store.open_query()}
 
-    state = dist.on_main(open_store)  # only the main process writes the run directory
-    store = RunStore(run_dir, config)
-    if state.get("finished") and state["round"] >= n_rounds - 1:
-        _say(f"{run_dir}: already finished ({n_rounds} rounds)")
-        return store
-    if state.get("finished") and dist.agree(lambda: stopped_at(config, store.metrics())
-                                            is not None):
-        _say(f"{run_dir}: already finished "
-             f"(active_learning.stop_when: {config.active_learning.stop_when})")
-        return store
+        state = dist.on_main(open_store)  # only the main process writes the run directory
+        store = RunStore(run_dir, config)
+        if state.get("finished") and state["round"] >= n_rounds - 1:
+            _say(f"{run_dir}: already finished ({n_rounds} rounds)")
+            return store
+        if state.get("finished") and dist.agree(lambda: stopped_at(config, store.metrics())
+                                                is not None):
+            _say(f"{run_dir}: already finished "
+                 f"(active_learning.stop_when: {config.active_learning.stop_when})")
+            return store
 
-    overlap = f" ({data.dropped} pool records that repeat a test record dropped)" \
-        if data.dropped else ""
-    _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
-         f"test {len(data.test)}, {n_rounds} rounds"
-         + (f", resuming at round {state['at']}" if state["phase"] or state["open"] is not None else ""))
-    loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
-                        trust_remote_code=config.model.trust_remote_code)
-    run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
-              loaded.model, loaded.tokenizer, loaded.fingerprint,
-              by_id={ex.id: ex for ex in [*data.pool, *data.labelled]})
-    if config.output.report_to and dist.is_main():
-        run.tracker = _start_tracker(config, store)
-    try:
-        _rounds(run)
-    except oracle.Paused as paused:
-        _say(f"{run_dir}: paused: {paused}")
+        overlap = f" ({data.dropped} pool records that repeat a test record dropped)" \
+            if data.dropped else ""
+        _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
+             f"test {len(data.test)}, {n_rounds} rounds"
+             + (f", resuming at round {state['at']}"
+                if state["phase"] or state["open"] is not None else ""))
+        loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
+                            trust_remote_code=config.model.trust_remote_code)
+        precision = identity.resolved_precision(config, loaded.model)
+        run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
+                  loaded.model, loaded.tokenizer, loaded.fingerprint,
+                  by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
+                  precision=dist.on_main(lambda: identity.check_precision(
+                      store, precision, state, allow_change=allow_precision_change)))
+        if config.output.report_to and dist.is_main():
+            run.tracker = _start_tracker(config, store)
+        try:
+            _rounds(run)
+        except oracle.Paused as paused:
+            _say(f"{run_dir}: paused: {paused}")
+            return store
+        finally:
+            if run.tracker is not None:
+                run.tracker.end_training()
+        _say(f"{run_dir}: finished")
         return store
-    finally:
-        if run.tracker is not None:
-            run.tracker.end_training()
-    _say(f"{run_dir}: finished")
-    return store
 
 
 def _rounds(run: Run) -> None:

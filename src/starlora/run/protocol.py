@@ -83,15 +83,28 @@ def planned_rounds(config: ExperimentConfig, n_initial: int | None = None) -> in
     return min(al.rounds, 1 + max(0, math.ceil((al.budget - n0) / al.query_size)))
 
 
-def protocol_id(config: ExperimentConfig) -> str:
-    """``<task>-<initial>+<query>-<hash>``: the same for every arm and seed of a comparison,
-    and for a run extended with more rounds (see the module docstring)."""
+#: settings whose ``auto`` resolves by hardware; their resolved values are part of the identity
+#: (`starlora.run.identity`) and of the protocol id, in this order
+PRECISION_KEYS = ("model.dtype", "scoring.dtype", "training.mixed_precision")
+#: short names of resolved dtypes in a protocol id's precision suffix
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "no": "fp32"}
+
+
+def protocol_id(config: ExperimentConfig, precision: dict[str, str] | None = None) -> str:
+    """``<task>-<initial>+<query>-<hash>[-<model>_<scoring>_<training>]``: the same for every
+    arm and seed of a comparison, and for a run extended with more rounds (see the module
+    docstring). `precision`: the resolved dtypes of ``model.dtype``, ``scoring.dtype`` and
+    ``training.mixed_precision`` (`starlora.run.identity`), e.g. ``-fp32_bf16_bf16``, so that
+    runs computed in different precisions are never one comparison; None (runs from before
+    the precision was recorded) leaves the suffix out."""
     flat = identity(flatten_config(config))
     kept = {k: v for k, v in flat.items()
             if k not in RESULT_NEUTRAL | EXTENDABLE | ARM | STOPPING}
     digest = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
     al = config.active_learning
-    return f"{config.task.name}-{al.initial_size}+{al.query_size}-{digest}"
+    suffix = "" if precision is None else "-" + "_".join(
+        _SHORT.get(precision[k], precision[k]) for k in PRECISION_KEYS)
+    return f"{config.task.name}-{al.initial_size}+{al.query_size}-{digest}{suffix}"
 
 
 def identity(flat: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
     RUN_DIR/
       config.yaml             resolved config (every field)
-      pool.json               {"size", "sha1"} of the pool the run started with
+      pool.json               {"size", "sha1"} of the pool the run started with (its ids)
+      identity.json           the precision `auto` resolved to and a hash of each split's
+                              examples, checked on resume (`starlora.run.identity`)
       state.json              {"round": k, "phase": last phase finished in round k}
       labelled.jsonl          {"id", "round", "answer", "source"} per label, in labelling order
       metrics.jsonl           one line per finished round (see `RunStore.record_metrics`)
@@ -30,6 +32,8 @@
         test_uncertainty.jsonl  last round, on request: PE/ME of each test item's gold and own
                               answer, 1 pass and MC (`starlora.run.uncertainty`)
       .lock                   taken by every writer of labels (`RunStore.lock`)
+      .run.lock               held by the `starlora run` working in the directory, for its
+                              whole run (`starlora.run.lock`); .run.owner.json says who
 
 `RunPaths` is the one owner of these names; the loop, the report and the CLI go through it.
 Every file is written to a temporary name in the same folder and renamed over the target, so a
@@ -70,11 +74,14 @@ class RunPaths:
         self.root = Path(root)
         self.config = self.root / "config.yaml"
         self.pool = self.root / "pool.json"
+        self.identity = self.root / "identity.json"
         self.state = self.root / "state.json"
         self.labelled = self.root / "labelled.jsonl"
         self.metrics = self.root / "metrics.jsonl"
         self.embeddings = self.root / "embeddings.safetensors"
         self.lock = self.root / ".lock"
+        self.run_lock = self.root / ".run.lock"
+        self.run_owner = self.root / ".run.owner.json"
 
     def round_dir(self, round_: int) -> Path:
         return self.root / "rounds" / str(round_)
@@ -110,6 +117,13 @@ def resume_command(run_dir: str | Path) -> str:
     """The command that resumes the run in `run_dir` from its own ``config.yaml`` (every
     ``--set`` of the first command is in it)."""
     return f"starlora run --run-dir {shlex.quote(str(run_dir))}"
+
+
+def refuse_foreign(paths: RunPaths) -> None:
+    """StarloraError if `paths.root` (without a config.yaml) holds files that no run wrote."""
+    if paths.root.exists() and any(p not in (paths.run_lock, paths.run_owner)
+                                   for p in paths.root.iterdir()):
+        raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
 
 
 class RunStore:
@@ -151,8 +165,7 @@ class RunStore:
                 store.config = config
                 atomic_write(paths.config, dump_config(config))
             return store
-        if paths.root.exists() and any(paths.root.iterdir()):
-            raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
+        refuse_foreign(paths)
         paths.root.mkdir(parents=True, exist_ok=True)
         store = cls(paths.root, config)
         atomic_write(paths.config, dump_config(config))

@@ -84,28 +84,16 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
     `models` keeps loaded base models between calls (keyed by the model settings), so several
     runs of one model load it once; the adapter is removed again before returning."""
     store = RunStore.open(run_dir)
-    k = last_round(store)
-    path = store.paths.test_uncertainty(k)
-    if path.is_file():
-        return Outcome(path, k, written=False)
-    adapter = store.adapter_dir(k)
-    if not (adapter / "adapter_config.json").is_file():
-        raise StarloraError(f"{adapter}: the last round's adapter is gone (deleted, or the run "
-                            "kept none); its test uncertainty cannot be computed")
-    predictions = read_jsonl(store.paths.round_file(k, "predictions.jsonl"))
-    if not predictions:
-        raise StarloraError(f"{store.paths.round_file(k, 'predictions.jsonl')}: missing or "
-                            "empty; the round's evaluation is needed for `correct`")
     cfg = store.config
     task = make_task(cfg.task)
+    # the main process reads the run directory and decides once; every process follows
+    # (another process reading the files itself could see the output appear and go another way)
+    k, done, correct = dist.on_main(lambda: _check(store, task))
+    path = store.paths.test_uncertainty(k)
+    if done:
+        return Outcome(path, k, written=False)
     test = load_data(cfg.task, task).test
-    correct = {str(p["id"]): bool(p["correct"]) for p in predictions}
-    gold = {str(p["id"]): p.get("gold") for p in predictions}
-    if sorted(correct) != sorted(ex.id for ex in test) or any(
-            gold[ex.id] != task.gold(ex.answer) for ex in test):
-        raise StarloraError(f"{run_dir}: the test set rebuilt from config.yaml is not the one "
-                            f"round {k} was evaluated on (predictions.jsonl ids or gold "
-                            "answers differ)")
+    adapter = store.adapter_dir(k)
 
     loaded = _base_model(cfg, models)
     from starlora.adapters import load_adapter, remove_adapter
@@ -159,6 +147,32 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
     rows = [{"id": ex.id, "correct": correct[ex.id], **cols} for ex, cols in zip(test, columns)]
     write_jsonl(path, rows)
     return Outcome(path, k, written=True, n=len(rows))
+
+
+def _check(store: RunStore, task: Any) -> tuple[int, bool, dict[str, bool]]:
+    """(the last round k, whether its file exists already, {test id: correct}) of a finished
+    run whose round k can be scored; StarloraError when it cannot (adapter or predictions
+    missing, another test set)."""
+    k = last_round(store)
+    if store.paths.test_uncertainty(k).is_file():
+        return k, True, {}
+    adapter = store.adapter_dir(k)
+    if not (adapter / "adapter_config.json").is_file():
+        raise StarloraError(f"{adapter}: the last round's adapter is gone (deleted, or the run "
+                            "kept none); its test uncertainty cannot be computed")
+    predictions = read_jsonl(store.paths.round_file(k, "predictions.jsonl"))
+    if not predictions:
+        raise StarloraError(f"{store.paths.round_file(k, 'predictions.jsonl')}: missing or "
+                            "empty; the round's evaluation is needed for `correct`")
+    test = load_data(store.config.task, task).test
+    correct = {str(p["id"]): bool(p["correct"]) for p in predictions}
+    gold = {str(p["id"]): p.get("gold") for p in predictions}
+    if sorted(correct) != sorted(ex.id for ex in test) or any(
+            gold[ex.id] != task.gold(ex.answer) for ex in test):
+        raise StarloraError(f"{store.root}: the test set rebuilt from config.yaml is not the "
+                            f"one round {k} was evaluated on (predictions.jsonl ids or gold "
+                            "answers differ)")
+    return k, False, correct
 
 
 def _base_model(cfg: Any, models: dict[tuple, Any] | None) -> Any:

@@ -1,0 +1,142 @@
+"""What a run computed with, beyond its config: the precision its ``auto`` settings resolved to
+and the contents of its data. Both are recorded in ``identity.json`` when the run starts and
+checked on every resume, so a run cannot silently change them half way.
+
+* **precision** (`resolved_precision`): ``model.dtype``, ``scoring.dtype`` and
+  ``training.mixed_precision`` as they resolved on the hardware (``auto`` is bf16 on GPUs and
+  on CPUs with native bf16, fp32 elsewhere). ``model.device`` is result-neutral, but moving a
+  run from a CPU to a GPU would switch ``auto`` to another precision: a resume whose
+  precision differs is refused (ConfigError) unless ``--allow-precision-change`` is given;
+  the change is then recorded (``precision_changes``: where the run resumed and the new
+  values) and the run keeps its protocol id. The precision is part of the protocol id
+  (`starlora.run.protocol.protocol_id`), so fp32 and bf16 runs are never averaged together.
+* **data** (`data_hashes`): a SHA-1 of the examples each split holds after loading (pool,
+  test, task.labelled): their ids, questions and, where the run reads them, answers (the
+  pool's answers only with a simulated oracle or gold scoring; people may add answers to a
+  human-oracle pool without changing what the run computed). An edited answer, question or
+  test record is refused on resume (DataError naming the file).
+
+Runs from before this record (no ``identity.json``, or one without ``data``) are legacy: the
+first resume records what it finds, trusting that it is what the run started with (their
+earlier rounds cannot be checked), and such a run keeps its protocol id without a precision
+suffix (``legacy``), so the rounds it adds group with the rounds it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from starlora.config import ExperimentConfig
+from starlora.errors import ConfigError, DataError
+from starlora.io import read_json, write_json
+from starlora.run.protocol import PRECISION_KEYS
+from starlora.run.store import RunStore
+from starlora.tasks import Example
+
+
+def resolved_precision(config: ExperimentConfig, model: Any) -> dict[str, str]:
+    """``{key: resolved value}`` for `PRECISION_KEYS`, for `model` as loaded (its weights'
+    dtype and device): ``"float32"``, ``"bfloat16"``, ``"float16"``; mixed precision
+    ``"no"``, ``"bf16"`` or ``"fp16"`` (as `starlora.training.resolve_mixed_precision`)."""
+    from starlora.scoring.options import resolve_dtype
+    from starlora.training import resolve_mixed_precision
+
+    weights = next(model.parameters())
+    scoring = resolve_dtype(config.scoring.dtype, weights.device, weights.dtype)
+    return {
+        "model.dtype": _name(weights.dtype),
+        "scoring.dtype": _name(scoring if scoring is not None else weights.dtype),
+        "training.mixed_precision": resolve_mixed_precision(config.training.mixed_precision,
+                                                            weights.device),
+    }
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def examples_sha1(examples: Sequence[Example], answers: bool = True) -> str:
+    """SHA-1 of `examples`' ids, questions and (with `answers`) answers, in order."""
+    h = hashlib.sha1()
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.question, ex.answer if answers else None]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def data_hashes(config: ExperimentConfig, pool: Sequence[Example], test: Sequence[Example],
+                labelled: Sequence[Example]) -> dict[str, dict[str, str]]:
+    """``{split: {"source", "sha1"}}`` of the run's pool, test and task.labelled examples."""
+    t = config.task
+    generated = f"task {t.name} (generated)"
+    pool_answers = (config.active_learning.oracle == "simulated"
+                    or config.scoring.answers == "gold")
+    out = {"pool": {"source": t.train or generated, "sha1": examples_sha1(pool, pool_answers)},
+           "test": {"source": t.test or generated, "sha1": examples_sha1(test)}}
+    if labelled:
+        out["labelled"] = {"source": str(t.labelled), "sha1": examples_sha1(labelled)}
+    return out
+
+
+def _read(store: RunStore) -> dict:
+    path = store.paths.identity
+    return read_json(path) if path.is_file() else {}
+
+
+def check_data(store: RunStore, data: dict[str, dict[str, str]]) -> None:
+    """Record `data` (`data_hashes`) in a run that has none yet, or refuse (DataError naming
+    the file) a resume whose pool, test or labelled examples differ from the recorded ones."""
+    identity = _read(store)
+    recorded = identity.get("data")
+    if recorded is None:
+        write_json(store.paths.identity, {**identity, "data": data})
+        return
+    for split in ("pool", "test", "labelled"):
+        then, now = recorded.get(split), data.get(split)
+        if then == now:
+            continue
+        source = (now or then)["source"]
+        raise DataError(source, None, None,
+                        f"the {split} examples differ from those {store.root} started with "
+                        f"(an id, a question or an answer changed{_was(then, now)}); restore "
+                        "the file or start another --run-dir")
+
+
+def _was(then: dict | None, now: dict | None) -> str:
+    if then is None or now is None:
+        return "; the run had " + ("no" if then is None else "a") + " task.labelled file"
+    return f"; it was {then['source']}" if then["source"] != now["source"] else ""
+
+
+def check_precision(store: RunStore, precision: dict[str, str], state: dict, *,
+                    allow_change: bool = False) -> dict[str, str] | None:
+    """Record `precision` (`resolved_precision`) in a run that has none yet, or refuse
+    (ConfigError) a resume that resolves it differently, unless `allow_change` (the change is
+    then recorded with the `state` it resumed from: the round, and the last phase done in
+    it). Returns the precision of the run's protocol id: the
+    recorded one, or None for a legacy run (one that recorded it only after its first
+    round)."""
+    identity = _read(store)
+    recorded = identity.get("precision")
+    if recorded is None:
+        legacy = bool(store.metrics())  # rounds computed before precision was recorded
+        write_json(store.paths.identity, {**identity, "precision": precision, "legacy": legacy})
+        return None if legacy else precision
+    current = identity.get("precision_changes", [{}])[-1].get("precision", recorded)
+    changed = [f"{k}: {current.get(k)} -> {precision[k]}" for k in PRECISION_KEYS
+               if current.get(k) != precision[k]]
+    if changed and not allow_change:
+        raise ConfigError(
+            f"{store.root}: this resume would compute in another precision ({'; '.join(changed)}"
+            "; `auto` resolves by hardware); resume where it resolves as before, or pass "
+            "--allow-precision-change to go on in the new precision (recorded in "
+            f"{store.paths.identity.name})")
+    if changed:
+        changes = [*identity.get("precision_changes", []),
+                   {"round": state["round"], "after_phase": state["phase"],
+                    "precision": precision}]
+        write_json(store.paths.identity, {**identity, "precision_changes": changes})
+    return None if identity.get("legacy") else recorded

@@ -1,0 +1,152 @@
+"""A run's identity beyond its config (issue 36, bugs 4 and 5): the precision `auto` resolved to
+and the contents of its data, recorded when it starts and checked on every resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import starlora.models
+import starlora.training
+from starlora.cli import main
+from starlora.config import load_config
+from starlora.errors import ConfigError, DataError
+from starlora.io import read_json, read_jsonl, write_jsonl
+from starlora.run.loop import run_experiment
+from starlora.run.protocol import protocol_id
+from starlora.tasks import get_task
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def set_cpu_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """Make `auto` resolve as on a CPU with (or without) native bf16."""
+    monkeypatch.setattr(starlora.models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(starlora.training, "cpu_has_native_bf16", lambda: native)
+
+
+def overrides(folder: Path, rounds: int = 1) -> list[str]:
+    return ["task.name=gsm8k", f"task.train={folder / 'pool.jsonl'}", f"task.test={folder / 'test.jsonl'}",
+            "task.pool_size=24", "task.test_size=4", "evaluation.max_new_tokens=4",
+            f"active_learning.rounds={rounds}"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-round run of configs/tiny.yaml on data files (arith problems read as
+    gsm8k records), computed in fp32 (`auto` on a CPU without native bf16)."""
+    folder = tmp_path_factory.mktemp("identity")
+    task = get_task("arith")
+    for split, n in (("train", 24), ("test", 4)):
+        write_jsonl(folder / ("pool.jsonl" if split == "train" else "test.jsonl"),
+                    [{"id": ex.id, "question": ex.question, "answer": ex.answer}
+                     for ex in task.generate(split, n, 5)])
+    with pytest.MonkeyPatch.context() as mp:
+        set_cpu_bf16(mp, False)
+        run_experiment(load_config(TINY, overrides(folder)), folder / "run", progress=False)
+    return folder
+
+
+def copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run (its config names the fixture's data files)."""
+    shutil.copytree(finished / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def edit(finished: Path):
+    """Edit a data file of the fixture for one test (restored after it)."""
+    saved = {}
+
+    def change(name: str, fn) -> Path:
+        path = finished / name
+        saved.setdefault(path, path.read_bytes())
+        rows = read_jsonl(path)
+        fn(rows)
+        write_jsonl(path, rows)
+        return path
+
+    yield change
+    for path, data in saved.items():
+        path.write_bytes(data)
+
+
+def test_the_resolved_precision_is_recorded_and_in_the_protocol_id(finished: Path) -> None:
+    identity = read_json(finished / "run" / "identity.json")
+    fp32 = {"model.dtype": "float32", "scoring.dtype": "float32",
+            "training.mixed_precision": "no"}
+    assert identity["precision"] == fp32 and identity["legacy"] is False
+    config = load_config(TINY, overrides(finished))
+    protocol = read_jsonl(finished / "run" / "metrics.jsonl")[0]["protocol"]
+    assert protocol == protocol_id(config, fp32) and protocol.endswith("-fp32_fp32_fp32")
+    bf16 = dict(fp32, **{"scoring.dtype": "bfloat16", "training.mixed_precision": "bf16"})
+    assert protocol_id(config, bf16).endswith("-fp32_bf16_bf16")  # never one comparison
+    assert protocol_id(config, bf16).rsplit("-", 1)[0] == protocol_id(config)
+
+
+def test_a_resume_in_another_precision_is_refused_unless_allowed(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """An fp32 run resumed where `auto` means bf16 (a GPU, a bf16 CPU) is refused before any
+    round is computed; --allow-precision-change lets it go on and records the change."""
+    run_dir = copy(finished, tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    set_cpu_bf16(monkeypatch, True)
+    config = load_config(TINY, overrides(finished, rounds=2))
+    with pytest.raises(ConfigError, match="another precision .*scoring.dtype: float32 -> "
+                       "bfloat16; training.mixed_precision: no -> bf16"):
+        run_experiment(config, run_dir, progress=False)
+    assert read_json(run_dir / "state.json") == json.loads(before["state.json"])
+    assert (run_dir / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+    assert not (run_dir / "rounds" / "1").exists()
+    args = ["run", str(TINY), "--run-dir", str(run_dir)]
+    args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
+    assert main(args) == 2 and "--allow-precision-change" in capsys.readouterr().err
+    assert main([*args, "--allow-precision-change"]) == 0
+    identity = read_json(run_dir / "identity.json")
+    assert identity["precision"]["scoring.dtype"] == "float32"  # what the run started with
+    assert identity["precision_changes"] == [{"round": 0, "after_phase": "evaluate", "precision": {
+        "model.dtype": "float32", "scoring.dtype": "bfloat16", "training.mixed_precision": "bf16"}}]
+    protocols = {m["protocol"] for m in read_jsonl(run_dir / "metrics.jsonl")}
+    assert len(protocols) == 1  # the run keeps its protocol id
+
+
+@pytest.mark.parametrize("split,file", [("test", "test.jsonl"), ("pool", "pool.jsonl")])
+def test_a_resume_on_edited_data_is_refused_naming_the_file(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit, split: str,
+        file: str) -> None:
+    """An answer edited in the test or pool file (same ids: the pool's id hash alone missed
+    it, the test set was not checked at all) is refused on resume, naming the file."""
+    run_dir = copy(finished, tmp_path)
+    set_cpu_bf16(monkeypatch, False)
+    path = edit(file, lambda rows: rows[0].update(answer=rows[0]["answer"] + "1"))
+    config = load_config(TINY, overrides(finished, rounds=2))
+    with pytest.raises(DataError, match=f"{path}: the {split} examples differ from "
+                       f"those {run_dir} started with"):
+        run_experiment(config, run_dir, progress=False)
+    assert not (run_dir / "rounds" / "1").exists()
+
+
+def test_a_run_from_before_the_identity_records_it_on_resume(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit) -> None:
+    """A legacy run (no identity.json) is resumed, not refused: the resume records its data
+    (and, once it computes again, its precision, marked legacy so that its protocol id keeps
+    no precision suffix), and from then on an edit is refused."""
+    from starlora.run.identity import check_precision
+    from starlora.run.store import RunStore
+
+    run_dir = copy(finished, tmp_path)
+    (run_dir / "identity.json").unlink()
+    set_cpu_bf16(monkeypatch, False)
+    run_experiment(load_config(TINY, overrides(finished)), run_dir, progress=False)  # finished
+    assert set(read_json(run_dir / "identity.json")) == {"data"}
+    store = RunStore.open(run_dir)
+    fp32 = read_json(finished / "run" / "identity.json")["precision"]
+    assert check_precision(store, fp32, store.state()) is None  # legacy: no suffix
+    assert read_json(run_dir / "identity.json")["legacy"] is True
+    edit("test.jsonl", lambda rows: rows[1].update(question=rows[1]["question"] + " Again?"))
+    with pytest.raises(DataError, match="test.jsonl: the test examples differ"):
+        run_experiment(load_config(TINY, overrides(finished, rounds=2)), run_dir,
+                       progress=False)
