@@ -92,6 +92,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from starlora import distributed as dist
     from starlora.config import load_config
     from starlora.run.loop import run_experiment
     from starlora.run.store import RunPaths, resume_command
@@ -108,11 +109,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_dir = args.run_dir
     else:
         config = load_config(args.config, args.set)
-        run_dir = (args.run_dir or config.output.run_dir
-                   or str(Path("runs") / Path(args.config).stem))
+        run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
     store = run_experiment(config, run_dir, allow_precision_change=args.allow_precision_change)
-    from starlora import distributed as dist
-
     if not dist.is_main():  # the main process reports
         return 0
     pending = store.pending()
@@ -250,9 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<config>)")
-    p.add_argument("--allow-precision-change", action="store_true",
-                   help="resume even though the `auto` dtypes now resolve to another precision "
-                        "than the run started with (e.g. a CPU run resumed on a GPU)")
+    p.add_argument("--allow-precision-change", action="store_true", help="resume although "
+                   "`auto` dtypes resolve to another precision now (a CPU run on a GPU, say)")
     p.set_defaults(func=_cmd_run)
 
     p = _command(sub, "status", "show where a run stands: round, phase, labels, pending queries",
