@@ -112,3 +112,46 @@ def test_gemma3_loads_and_answers_an_arith_prompt() -> None:
     out = generate(gemma.model, gemma.tokenizer, [task.prompt_ids(gemma.tokenizer, ex)],
                    max_new_tokens=24, progress=False)
     assert out.texts[0].strip() and task.extract(out.texts[0]) is not None
+
+
+def test_a_changed_gguf_is_converted_again_and_a_wrong_one_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """A built-in in two parts of a package on sys.path, converted by a stand-in for
+    transformers: converted once, again when the GGUF changes, the recorded sha256 used once
+    the package is gone, and a GGUF whose sha256 is not the stated one refused."""
+    from dataclasses import replace
+
+    package = tmp_path / "site" / "starlora_fake_gguf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.part").write_bytes(b"GGUF-one-")
+    (package / "b.part").write_bytes(b"two")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("STARLORA_CACHE", str(tmp_path / "cache"))
+    fake = replace(BUILTIN_GGUF[GEMMA3], name="fake", parts=(
+        ("starlora_fake_gguf", "a.part"), ("starlora_fake_gguf", "b.part")), sha256=None)
+    monkeypatch.setitem(BUILTIN_GGUF, "fake", fake)
+    converted = []
+
+    def convert(name: str, parts: list[Path], sha: str, target: Path) -> None:
+        converted.append(b"".join(p.read_bytes() for p in parts))
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(converted[-1])
+        (target / SOURCE_RECORD).write_text(json.dumps({"gguf_sha256": sha}))
+
+    monkeypatch.setattr(builtin_models, "_convert", convert)
+    folder = builtin_folder("fake")
+    assert builtin_folder("fake") == folder and converted == [b"GGUF-one-two"]
+    assert builtin_fingerprint("fake") == "gguf:" + hashlib.sha256(b"GGUF-one-two").hexdigest()
+    (package / "b.part").write_bytes(b"three")  # an upgraded package
+    assert builtin_folder("fake") == folder and converted[-1] == b"GGUF-one-three"
+    (package / "b.part").unlink()  # uninstalled: the conversion serves, with its sha256
+    assert builtin_folder("fake") == folder and len(converted) == 2
+    assert builtin_fingerprint("fake") == "gguf:" + hashlib.sha256(b"GGUF-one-three").hexdigest()
+    (package / "b.part").write_bytes(b"three")
+    monkeypatch.setitem(BUILTIN_GGUF, "fake", replace(fake, sha256="0" * 64))
+    (folder / SOURCE_RECORD).write_text(json.dumps({"gguf_sha256": "1" * 64}))
+    with pytest.raises(ModelNotFoundError, match="reinstall it: `pip install gemma3"):
+        builtin_folder("fake")
