@@ -30,7 +30,7 @@ def test_deepspeed_batch_settings_are_filled_in_where_auto() -> None:
     from types import SimpleNamespace
 
     from starlora.config import TrainingConfig
-    from starlora.training import _deepspeed_config
+    from starlora.train_setup import deepspeed_config as _deepspeed_config
 
     config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
               "gradient_accumulation_steps": 1, "gradient_clipping": 0.5}
@@ -161,7 +161,7 @@ def test_a_human_oracle_run_under_zero3_drafts_on_every_process(tmp_path: Path) 
            "--set", "active_learning.oracle=human", "--set", "scoring.answers=gold"]
     for label_round in (0, 1):
         proc = run(cmd, timeout=900, STARLORA_CACHE=str(tmp_path / "cache"))
-        assert "8 queries wait for answers" in proc.stdout + proc.stderr
+        assert f"8 queries of round {label_round} wait for answers" in proc.stdout + proc.stderr
         rows = read_jsonl(run_dir / "queries" / f"{label_round}.jsonl")
         assert len(rows) == 8 and all(isinstance(r["draft"], str) for r in rows)
         answers = tmp_path / f"answers{label_round}.jsonl"
