@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-import starlora.training
+import starlora.train_setup
 from starlora import models
 from starlora.adapters import attach_lora, load_adapter, remove_adapter, save_adapter
 from starlora.answer_loss import AnswerLoss, answer_cross_entropy
@@ -358,7 +358,7 @@ def test_training_feeds_length_grouped_batches(monkeypatch, obqa):
         seen.append([len(p) + len(a) for p, a in pairs])
         return collate(pairs, pad_id)
 
-    monkeypatch.setattr(starlora.training, "collate", recording_collate)
+    monkeypatch.setattr(starlora.train_setup, "collate", recording_collate)
     training = TrainingConfig(lr=1e-3, epochs=2, batch_size=2)
     train_adapter(loaded.model, loaded.tokenizer, task, examples, training, LORA, seed=5,
                   progress=False)
