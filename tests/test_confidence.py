@@ -10,14 +10,17 @@ from starlora.confidence import (
     adaptive_ece,
     aurc,
     auroc,
+    best_on_grid,
     brier,
     exact_match,
     expected_calibration_error,
     fit_temperature,
+    gold_nll,
     kappa,
     risk_coverage,
     selective_accuracy,
     signal_metrics,
+    temperature_grid,
 )
 
 
@@ -112,3 +115,8 @@ def test_temperature_fit_recovers_a_known_temperature(true_t):
     targets = np.array([rng.choice(12, p=row) for row in p])
     fitted = fit_temperature(logits, targets)
     assert fitted == pytest.approx(true_t, rel=0.05)
+    # the grid search `starlora calibrate` uses (NLL summed batch by batch on a fixed grid)
+    grid = temperature_grid()
+    on_grid = best_on_grid(grid, [gold_nll(logits, targets, t) for t in grid])
+    assert on_grid == pytest.approx(true_t, rel=0.05)
+    assert on_grid == pytest.approx(fitted, rel=0.01)

@@ -10,6 +10,7 @@
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR
     starlora uncertainty RUN_DIR...     # PE/ME of the test answers after the last round
+    starlora calibrate RUN_DIR          # one temperature on the labels; ECE/AURC before, after
 
 Errors caused by input (bad data, bad config, unknown model...) print one line and exit 2.
 """
@@ -17,18 +18,14 @@ Errors caused by input (bad data, bad config, unknown model...) print one line a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
-import re
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from starlora import __version__
 from starlora.errors import StarloraError
+from starlora.noise import LIBRARY_NOISE, library_noise_silenced  # noqa: F401 - re-exported
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -202,6 +199,13 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from starlora.run.calibrate import calibrate, summary
+
+    print(summary(calibrate(args.run_dir)))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from starlora.demo import run_demo
 
@@ -323,40 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "starlora uncertainty runs/tiny-1 runs/tiny-2")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several")
     p.set_defaults(func=_cmd_uncertainty)
+
+    p = _command(sub, "calibrate", "fit one temperature on a run's labelled answers (last "
+                 "adapter); ECE, Brier and AURC on the test set before and after",
+                 "starlora calibrate runs/tiny-1     # writes rounds/<last>/calibration.json")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
+    p.set_defaults(func=_cmd_calibrate)
     return parser
-
-
-#: library warnings a user of the command line can do nothing about: (logger or warning
-#: category, start of the message). DeepSpeed logs the first on every CPU start; peft calls a
-#: transformers property that transformers 5 deprecated.
-LIBRARY_NOISE = (
-    ("DeepSpeed", "Setting accelerator to CPU"),
-    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
-)
-
-
-def _not_noise(record: logging.LogRecord) -> bool:
-    """A logging filter: False (drop) for a `LIBRARY_NOISE` record."""
-    return not any(record.name == who and record.getMessage().startswith(text)
-               for who, text in LIBRARY_NOISE if isinstance(who, str))
-
-
-@contextlib.contextmanager
-def library_noise_silenced() -> Iterator[None]:
-    """Within the block, drop the `LIBRARY_NOISE` warnings and log records; everything else,
-    and everything after the block, is untouched."""
-    loggers = {logging.getLogger(who) for who, _ in LIBRARY_NOISE if isinstance(who, str)}
-    with warnings.catch_warnings():
-        for who, text in LIBRARY_NOISE:
-            if not isinstance(who, str):
-                warnings.filterwarnings("ignore", message=re.escape(text), category=who)
-        for logger in loggers:
-            logger.addFilter(_not_noise)
-        try:
-            yield
-        finally:
-            for logger in loggers:
-                logger.removeFilter(_not_noise)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,3 +240,25 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray,
             b = lo + ratio * (hi - lo)
             fb = nll(b)
     return float(math.exp((lo + hi) / 2))
+
+
+def temperature_grid(low: float = 0.05, high: float = 20.0, n: int = 121) -> np.ndarray:
+    """`n` temperatures spaced evenly in log T over [low, high] (121: a step of about 5%)."""
+    return np.exp(np.linspace(math.log(low), math.log(high), n))
+
+
+def best_on_grid(temperatures: Sequence[float], nll: Sequence[float]) -> float:
+    """The temperature minimising an NLL known on a log-spaced grid: the grid's best point,
+    refined by the vertex of the parabola through it and its neighbours in log T (kept
+    within them); an end point of the grid is returned as it is."""
+    t = np.log(np.asarray(temperatures, dtype=np.float64))
+    y = np.asarray(nll, dtype=np.float64)
+    i = int(np.argmin(y))
+    if i == 0 or i == len(y) - 1:
+        return float(math.exp(t[i]))
+    (x0, x1, x2), (y0, y1, y2) = t[i - 1 : i + 2], y[i - 1 : i + 2]
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    vertex = -b / (2 * a) if a > 0 else x1
+    return float(math.exp(min(max(vertex, x0), x2)))

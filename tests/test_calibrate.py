@@ -1,0 +1,42 @@
+"""`starlora calibrate`: one temperature fitted on a tiny run's labelled answers, the test
+set's signals before and after, rounds/<k>/calibration.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from starlora.cli import main
+from starlora.config import load_config
+from starlora.errors import StarloraError
+from starlora.run.calibrate import calibrate
+from starlora.run.loop import run_experiment
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.mark.slow
+def test_calibrate_a_tiny_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_experiment(load_config(TINY), run_dir, progress=False)
+    assert main(["calibrate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "round 1: temperature " in out and "msp:" in out and "ece " in out
+    result = json.loads((run_dir / "rounds/1/calibration.json").read_text())
+    assert result["round"] == 1 and result["labelled"] == 16 and result["tokens"] > 16
+    assert 0.05 <= result["temperature"] <= 20
+    # the fitted temperature can only lower the NLL of the answers it was fitted on
+    assert result["nll_fitted"] <= result["nll_t1"] + 1e-9
+    assert set(result["signals"]) == {"answer", "msp", "perplexity"}
+    for found in result["signals"].values():
+        assert set(found) == {"before", "after"}
+        assert set(found["before"]) >= {"ece", "ece-adaptive", "brier", "rcc-auc", "roc-auc"}
+    again = calibrate(str(run_dir), progress=False)  # deterministic
+    assert again["temperature"] == pytest.approx(result["temperature"], rel=1e-9)
+    # without the last adapter there is nothing to calibrate
+    for f in (run_dir / "rounds/1/adapter").iterdir():
+        f.unlink()
+    with pytest.raises(StarloraError, match="adapter is gone"):
+        calibrate(str(run_dir), progress=False)
