@@ -16,8 +16,8 @@ from starlora.report import build_report, load_runs
 from starlora.run.protocol import protocol_id
 from starlora.run.uncertainty import COLUMNS
 from starlora.study import label_arms
-from starlora.study_report import write_studies
-from starlora.study_stats import (
+from starlora.study.report import write_studies
+from starlora.study.stats import (
     aulc,
     aulc_weights,
     auroc,
@@ -53,7 +53,7 @@ def test_sign_flip_p_counts_float_ties(monkeypatch):
     d = [0.7, 0.3, 0.0, -0.4, -0.4]
     assert sign_flip_p(d) == brute_sign_flip([7, 3, 0, -4, -4]) == 1.0
     assert sign_flip_p([0.1, 0.2, -0.3, 0.7]) == brute_sign_flip([1, 2, -3, 7]) == 10 / 16
-    monkeypatch.setattr("starlora.study_stats.REL_TOL", 0.0)
+    monkeypatch.setattr("starlora.study.stats.REL_TOL", 0.0)
     assert sign_flip_p(d) < 1.0  # without the tolerance, the ties are lost
 
 

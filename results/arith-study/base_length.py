@@ -23,8 +23,8 @@ import numpy as np
 
 from starlora.config import load_config
 from starlora.scoring.cache import default_score_cache_dir
-from starlora.study_diagnostics import read_rows
-from starlora.study_stats import spearman
+from starlora.study.diagnostics import read_rows
+from starlora.study.stats import spearman
 
 
 def cached_lengths(cache_dir: Path) -> dict[str, list[tuple[float, int]]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starlora.study_stats import aulc, bootstrap_diff_ci, sign_flip_p
+from starlora.study.stats import aulc, bootstrap_diff_ci, sign_flip_p
 
 #: (arm, baseline) pairs, by run directory name under runs/
 PAIRS = [("pe", "random"), ("me", "random"), ("pe-gold", "random"),

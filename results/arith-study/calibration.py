@@ -29,7 +29,7 @@ only the ranking numbers).
 **Constraint ablation** (exploratory, uncorrected): ``pe-dynamic-no-constraints`` minus
 ``pe-dynamic`` on AURC per signal, paired by seed: mean difference, 95% percentile bootstrap
 over seeds (2,000 resamples, NumPy seed 0) and the exact two-sided sign-flip p, the study's
-paired test (`starlora.study_stats`).
+paired test (`starlora.study.stats`).
 
 **Stopping, retrospective.** The committed runs have no stop set (no predictions on unlabelled
 pool items), so the test set stands in for it: per round, the exact-match share of the test
@@ -54,7 +54,7 @@ from starlora.confidence import adaptive_ece, aurc, auroc, brier, expected_calib
 from starlora.evaluation import prediction_signals
 from starlora.io import read_jsonl
 from starlora.stopping import parse_rule, stop_index, stop_signals
-from starlora.study_stats import bootstrap_diff_ci, sign_flip_p
+from starlora.study.stats import bootstrap_diff_ci, sign_flip_p
 
 MAX_NEW_TOKENS = 48
 SIGNALS = ("answer", "msp", "perplexity", "length")

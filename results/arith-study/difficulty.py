@@ -7,7 +7,7 @@ the Spearman correlation over the 200 scored pool items between the number of st
 problem (1, 2 or 3) and (a) the base model's uncertainty, (b) the adapted model's uncertainty,
 as `rounds/<k>/scores.jsonl` stores them: on the model's own greedy answer for the arms on
 generated answers, on the gold answer for the `-gold` arms. Mean ± sample std over the seeds.
-The steps are rebuilt from each run's config (`starlora.study_diagnostics.pool_facts`).
+The steps are rebuilt from each run's config (`starlora.study.diagnostics.pool_facts`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from starlora.config import load_config
-from starlora.study_diagnostics import pool_facts, read_rows
-from starlora.study_stats import spearman
+from starlora.study.diagnostics import pool_facts, read_rows
+from starlora.study.stats import spearman
 
 
 def arm_rows(arm_dir: Path, cache: dict) -> list[tuple[int, str, float, float]]:

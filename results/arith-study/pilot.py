@@ -3,7 +3,7 @@ mean AULC difference the study's sign-flip test detects.
 
     python results/arith-study/pilot.py results/arith-study/pilot/random/seed*
 
-For each pilot run: AULC (`starlora.study_stats.aulc`) from its metrics.jsonl. The spread of a
+For each pilot run: AULC (`starlora.study.stats.aulc`) from its metrics.jsonl. The spread of a
 paired difference between two arms is taken as sqrt(2) x the standard deviation of random's
 AULC over seeds (as if the two arms' AULCs of a seed were independent; pairing by seed only
 makes it smaller). For n paired seeds and a true mean difference d, the power of the exact
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starlora.study_stats import aulc
+from starlora.study.stats import aulc
 
 
 def run_aulc(run_dir: Path) -> tuple[float, list[tuple[int, float]]]:

@@ -6,7 +6,7 @@
 For each arm, seed and round of ``runs/<arm>/seed<s>`` (every seed that has a
 ``metrics.jsonl``, or those given), the share of each predicted letter on the test set and of
 each gold letter in the selected batch, as the report computes them
-(`starlora.study_diagnostics.run_diagnostics`). Then a summary table over the seeds: the share
+(`starlora.study.diagnostics.run_diagnostics`). Then a summary table over the seeds: the share
 of the most frequent letter, for the test predictions and for the selected batch, as its mean
 and range (min to max) over the seeds. 0.25 is an even spread over the four letters; 1.0 is
 every item on one letter. The report averages each letter's share over seeds, which hides a
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from starlora.config import load_config
-from starlora.study_diagnostics import run_diagnostics
+from starlora.study.diagnostics import run_diagnostics
 
 RUNS = Path(__file__).resolve().parent / "runs"
 LETTERS = "ABCD"

@@ -29,7 +29,7 @@ with the same ``scoring.answers``: the mean paired difference over common seeds,
 two-sided sign-flip p (all 2^n sign vectors), Holm-Bonferroni over the AULC comparisons, and
 a 95% percentile bootstrap interval (2000 resamples, fixed seed) resampling seeds and test
 items; final accuracy and ECE differences as uncorrected secondary results; and exploratory
-per-round diagnostics (`starlora.study_diagnostics`). The study groups by task and design
+per-round diagnostics (`starlora.study.diagnostics`). The study groups by task and design
 settings, not by protocol id, so an arm with different scoring settings is still compared.
 """
 
@@ -54,9 +54,9 @@ from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, read_records
 from starlora.report_confidence import confidence_pages, stopping_page
 from starlora.run.store import RunPaths
-from starlora.study import run_labels, study_groups
-from starlora.study_report import write_studies
-from starlora.study_stats import aulc
+from starlora.study.arms import run_labels, study_groups
+from starlora.study.report import write_studies
+from starlora.study.stats import aulc
 
 RANDOM_COLOR = "#8c8c8c"
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]

@@ -19,7 +19,7 @@ unless two differing keys share it; the parts are sorted.
 **Rounds.** Only the rounds every run of the group has are used (a run still going truncates
 the study); "final" is the last of them.
 
-**Per seed.** AULC (`starlora.study_stats.aulc`) over those rounds from ``metrics.jsonl``;
+**Per seed.** AULC (`starlora.study.stats.aulc`) over those rounds from ``metrics.jsonl``;
 final accuracy and final ECE.
 
 **Variants.** An arm whose label names a setting other than ``scoring.answers`` (e.g. the
@@ -31,7 +31,7 @@ answers that has the group's usual settings (AULC, final accuracy and ECE, uncor
 variant) against each baseline arm (not a variant): ``random``, and ``pe``/``me`` with the same
 ``scoring.answers``; the difference is STAR minus baseline over the seeds both arms have (at
 least 2). Primary: AULC, with the exact
-two-sided sign-flip test (`starlora.study_stats.sign_flip_p`: all 2^n sign vectors; p is the
+two-sided sign-flip test (`starlora.study.stats.sign_flip_p`: all 2^n sign vectors; p is the
 share whose |sum| reaches the observed |sum| less 1e-9 * max(1, sum |d|); up to 30 seeds) and
 Holm-Bonferroni correction over all primary comparisons of the group. Where runs recorded
 confidence signals (issue 34), two more secondary endpoints (`SIGNAL_ENDPOINTS`): the final
@@ -40,11 +40,11 @@ difference, resampling seeds and test items (per-item correctness from
 ``rounds/<k>/predictions.jsonl``, AULC recomputed on the resampled items); it falls back to
 seeds only, and says why, when predictions are missing, hold other items, or disagree with
 ``metrics.jsonl``. Secondary (uncorrected): final accuracy (same bootstrap) and final ECE
-(seeds only). Diagnostics per round: `starlora.study_diagnostics`.
+(seeds only). Diagnostics per round: `starlora.study.diagnostics`.
 
 **Uncertainty as a predictor of a wrong answer** (secondary): per run, the AUROC of each column
 of ``rounds/<final>/test_uncertainty.jsonl`` (`starlora.run.uncertainty`: PE and ME, gold and
-own answers, one pass and the MC mean) for a wrong test answer (`starlora.study_stats.auroc`);
+own answers, one pass and the MC mean) for a wrong test answer (`starlora.study.stats.auroc`);
 per arm, over the runs that have the file.
 
 Output: ``study.md`` and ``study.csv``, only for a group with at least 2 arms of which 2 share
@@ -67,8 +67,8 @@ from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import DataError, StarloraError
 from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL, STOPPING, identity
 from starlora.run.store import RunPaths
-from starlora.study_diagnostics import read_rows, run_auroc, run_diagnostics
-from starlora.study_stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
+from starlora.study.diagnostics import read_rows, run_auroc, run_diagnostics
+from starlora.study.stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

@@ -17,7 +17,7 @@ import numpy as np
 
 from starlora.io import atomic_write
 from starlora.run.uncertainty import COLUMNS
-from starlora.study import (
+from starlora.study.arms import (
     BOOTSTRAP_SEED,
     RESAMPLES,
     Comparison,

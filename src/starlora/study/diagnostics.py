@@ -35,7 +35,7 @@ from starlora.errors import DataError, StarloraError
 from starlora.io import read_records
 from starlora.run.store import RunPaths
 from starlora.run.uncertainty import COLUMNS
-from starlora.study_stats import auroc, spearman
+from starlora.study.stats import auroc, spearman
 
 MEASURES = ("pe", "me")
 
