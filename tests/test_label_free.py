@@ -164,7 +164,8 @@ def select_on(adapted, overrides: list[str], answers: str) -> tuple[list[dict], 
     """The score phase's rows and the first selection (4 of 12 arith problems) of the strategy
     and options `overrides` set, with the pool's answers gold, wrong or missing (`answers`)."""
     from starlora.config import load_config
-    from starlora.run.loop import Run, config_strategy
+    from starlora.run.context import Run
+    from starlora.run.loop import config_strategy
     from starlora.run.pool_scores import score_rows
     from starlora.run.protocol import phase_seed, stream
     from starlora.tasks import Example

@@ -20,16 +20,14 @@ passes as the others, which a partly filled cache would break).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from starlora import distributed as dist
 from starlora import zero3
 from starlora.acquisition.base import ARRAY_COLUMNS
-
-if TYPE_CHECKING:
-    from starlora.run.loop import Run
+from starlora.run.context import Run
 
 #: score-table columns that come from the run's embeddings, not from scores.jsonl (the
 #: acquisition contract's array columns)

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlora import distributed as dist
 from starlora.errors import ConfigError
+from starlora.run.context import Run
 from starlora.run.store import resume_command
 from starlora.tasks import Example
-
-if TYPE_CHECKING:  # the loop's shared state; imported for type hints only
-    from starlora.run.loop import Run
 
 
 class Paused(Exception):  # noqa: N818 - a state the run stops in, not an error

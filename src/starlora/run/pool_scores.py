@@ -18,12 +18,10 @@ its generations and scores are cached by content (`starlora.scoring.cache`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from starlora.run.context import Run
 from starlora.tasks import Example
-
-if TYPE_CHECKING:
-    from starlora.run.loop import Run
 
 MEASURES = ("pe", "me")
 #: the own answer's length in tokens (the `length` control)
