@@ -147,6 +147,16 @@ def test_a_malformed_import_changes_nothing(store: RunStore, tmp_path: Path, cap
     assert snapshot(store.root) == before
 
 
+def test_a_label_studio_export_says_it_wrote_the_labelling_config_too(
+        store: RunStore, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ls.json"
+    assert main(["export", str(store.root), "--format", "label-studio", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    config = tmp_path / "ls.label_config.xml"
+    assert f"wrote 3 pending queries to {out} and their labelling config to {config}" in err
+    assert config.is_file()
+
+
 def test_an_import_with_three_faulty_lines_reports_all_three(store: RunStore, tmp_path: Path,
                                                               capsys) -> None:
     path = tmp_path / "three.jsonl"

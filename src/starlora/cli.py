@@ -150,12 +150,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from starlora.run.labels import export_queries
+    from starlora.run.labels import export_message, export_queries
     from starlora.run.store import RunStore
 
     n = export_queries(RunStore.open(args.run_dir), args.out, args.format)
-    print(f"wrote {n} pending queries to {args.out}"
-          + (" (nothing is pending)" if n == 0 else ""), file=sys.stderr)
+    print(export_message(n, args.out, args.format), file=sys.stderr)
     return 0
 
 

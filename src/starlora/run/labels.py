@@ -67,6 +67,20 @@ def guess_format(path: str | Path) -> str:
 
 
 # -- export -----------------------------------------------------------------------------------
+def label_config_path(out: str | Path) -> Path:
+    """Where a Label Studio export of `out` writes its labelling config: beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".label_config.xml")
+
+
+def export_message(n: int, out: str | Path, fmt: str) -> str:
+    """What `starlora export` says after writing `n` queries: every file it wrote."""
+    files = f"{out}" if fmt != "label-studio" else (
+        f"{out} and their labelling config to {label_config_path(out)} (paste it into the "
+        "Label Studio project's labelling interface)")
+    return f"wrote {n} pending queries to {files}" + (" (nothing is pending)" if n == 0 else "")
+
+
 def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:
     """Write the pending queries of `store` to `out` in `fmt`; returns how many."""
     rows = [{k: q.get(k) for k in FIELDS} for q in store.pending()]
@@ -90,7 +104,7 @@ def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:
             }],
         } for r in rows]
         atomic_write(out, json.dumps(tasks, indent=1) + "\n")
-        atomic_write(out.with_name(out.stem + ".label_config.xml"), LABEL_CONFIG)
+        atomic_write(label_config_path(out), LABEL_CONFIG)
     else:
         raise StarloraError(f"--format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     return len(rows)
