@@ -4,8 +4,7 @@
     starlora run CONFIG.yaml [--set k=v ...] [--run-dir DIR]
     starlora run --run-dir DIR          # resume from DIR/config.yaml
     starlora status RUN_DIR [--json]
-    starlora export RUN_DIR --format jsonl|csv|label-studio --out FILE
-    starlora import RUN_DIR FILE [--format auto|jsonl|csv|label-studio]
+    starlora export RUN_DIR --out FILE [--format F]; starlora import RUN_DIR FILE [--format F]
     starlora annotate RUN_DIR [--host 127.0.0.1] [--port 8765] [--token T]
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR
@@ -26,6 +25,7 @@ from typing import Any
 from starlora import __version__
 from starlora.errors import StarloraError
 from starlora.noise import LIBRARY_NOISE, library_noise_silenced  # noqa: F401 - re-exported
+from starlora.run.formats import FORMATS  # of answer files (--format)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "export", "write the queries a run waits for, for people to answer",
                  "starlora export runs/mine --format csv --out queries.csv")
     p.add_argument("run_dir", help=RUN_DIR_HELP)
-    p.add_argument("--format", choices=["jsonl", "csv", "label-studio"], default="jsonl",
+    p.add_argument("--format", choices=FORMATS, default="jsonl",
                    help="jsonl, csv (with an empty answer column), or label-studio (a tasks "
                         "JSON, and its labelling config beside it as <name>.label_config.xml)")
     p.add_argument("--out", required=True, help="output file (label-studio: a tasks JSON)")
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("file", help="answers: JSONL {id, answer}, CSV with id and answer columns, "
                    "or a Label Studio JSON export")
-    p.add_argument("--format", choices=["auto", "jsonl", "csv", "label-studio"], default="auto",
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto",
                    help="auto: from the file name (.jsonl, .csv, .json)")
     p.set_defaults(func=_cmd_import)
 
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="built-in name, local folder or Hub id")
     p.add_argument("--adapter", help="LoRA adapter folder (peft format)")
     p.add_argument("--base", action="store_true", help="score with the adapter disabled")
-    p.add_argument("--task", required=True, help="gsm8k, boolq, obqa, jsonl, arith")
+    p.add_argument("--task", required=True, help="a registered task (a wrong name lists them)")
     p.add_argument("--data", required=True,
                    help="data file (.jsonl, .csv, .parquet or hf:<dataset>:<split>)")
     p.add_argument("--answers", choices=["generated", "gold"], default="generated",

@@ -17,6 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from starlora.acquisition import STRATEGIES
+from starlora.acquisition.base import (
+    LAMBDA_END,
+    LAMBDA_SCHEDULE,
+    LAMBDA_SCHEDULES,
+    LAMBDA_START,
+)
 from starlora.errors import ConfigError
 from starlora.stopping import parse_rule
 from starlora.tasks import TASKS
@@ -124,9 +130,9 @@ class ActiveLearningConfig(_Section):
     budget: int | None = Field(None, gt=0)  # stop once this many examples are labelled
     # dynamic strategies: λ, the weight of the base model's uncertainty, falls from
     # lambda_start to lambda_end over the queries along this schedule
-    lambda_schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
-    lambda_start: float = Field(0.9, ge=0, le=1)  # λ at the first query
-    lambda_end: float = Field(0.1, ge=0, le=1)  # λ at the last query
+    lambda_schedule: str = LAMBDA_SCHEDULE  # linear, cosine, exponential or constant
+    lambda_start: float = Field(LAMBDA_START, ge=0, le=1)  # λ at the first query
+    lambda_end: float = Field(LAMBDA_END, ge=0, le=1)  # λ at the last query
     # minmax: dynamic mixes both terms min-max normalised over the pool (paper), subtract takes
     # the raw difference; raw_full: u_base is min-max normalised and u_full left raw in both,
     # as the authors' released code does
@@ -156,6 +162,12 @@ class ActiveLearningConfig(_Section):
     def _stopping_rule(cls, v: str) -> str:
         parse_rule(v)
         return v
+
+
+    @field_validator("lambda_schedule")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        return _known(v, LAMBDA_SCHEDULES, "λ schedule")
 
 
 class EvaluationConfig(_Section):

@@ -17,15 +17,13 @@ collected: the error lists every one (up to 20, then how many more).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from starlora.errors import DataError, Problems
-from starlora.io import json_lines, parse_json
+from starlora.io import csv_records, jsonl_records
 from starlora.tasks import Example, Task
 
 FORMATS = ("jsonl", "csv", "parquet", "hf")
@@ -81,24 +79,7 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(source, line, None, f"not valid UTF-8 (byte {e.start})") from None
-    if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            for row in reader:
-                if None in row:
-                    yield reader.line_num, DataError(source, reader.line_num, None,
-                                                     "more cells than columns")
-                    continue
-                yield reader.line_num, row
-        except csv.Error as e:
-            raise DataError(source, reader.line_num, None, f"not valid CSV ({e})") from None
-        return
-    for line, part in json_lines(text):
-        try:
-            record = parse_json(part)
-        except ValueError as e:
-            record = DataError(source, line, None, f"not valid JSON ({e})")
-        yield line, record
+    yield from (csv_records if fmt == "csv" else jsonl_records)(text, source)
 
 
 def _hf_records(source: str) -> Iterator[tuple[int, Any]]:

@@ -9,16 +9,18 @@ and folders get the permissions a plain ``open(path, "w")`` or ``mkdir`` would g
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io as stdio
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from starlora.errors import DataError, DiskFullError
+from starlora.errors import DataError, DiskFullError, Problems
 
 
 def current_umask() -> int:
@@ -115,17 +117,53 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def jsonl_records(text: str, where: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, value) of each non-blank line of JSON Lines `text` read from
+    `where`: the one JSON Lines reader (data files, answer files, run directories). A line
+    that is not JSON yields a `DataError` naming ``where:line`` as its value: the caller
+    raises it, or collects it to report every problem at once (`starlora.errors.Problems`)."""
+    for number, line in json_lines(text):
+        try:
+            value = parse_json(line)
+        except ValueError as e:
+            value = DataError(where, number, None, f"not valid JSON ({e})")
+        yield number, value
+
+
+def csv_records(text: str, where: str, required: Sequence[str] = ()) -> Iterator[
+        tuple[int, dict[str, str | None] | DataError]]:
+    """(line number, ``{column: cell}``) of each row of CSV `text` (a header row first) read
+    from `where`: the one CSV reader (data files, answer files). A row with more cells than
+    the header yields a `DataError` as its value, as does a row the csv module cannot read
+    (the last value then: reading stops); a row with fewer cells has None for the missing
+    ones. A `required` column missing from the header raises at once (line 1). The line is
+    the row's last physical line."""
+    reader = csv.DictReader(stdio.StringIO(text, newline=""))
+    try:
+        missing = Problems()
+        for name in required:
+            if name not in (reader.fieldnames or []):
+                missing.add(DataError(where, 1, name, "missing column"))
+        missing.raise_if_any()
+        for row in reader:
+            if None in row:
+                yield reader.line_num, DataError(where, reader.line_num, None,
+                                                 "more cells than header columns")
+            else:
+                yield reader.line_num, row
+    except csv.Error as e:
+        yield reader.line_num, DataError(where, reader.line_num, None, f"not valid CSV ({e})")
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL file that a person may have
     edited (a run directory given to the report); DataError names the file and line of a line
     that is not a JSON object. The caller checks that the file exists."""
     path = Path(path)
     out = []
-    for lineno, line in json_lines(path.read_text(encoding="utf-8")):
-        try:
-            rec = parse_json(line)
-        except ValueError as e:
-            raise DataError(str(path), lineno, None, f"not valid JSON ({e})") from None
+    for lineno, rec in jsonl_records(path.read_text(encoding="utf-8"), str(path)):
+        if isinstance(rec, DataError):
+            raise rec
         if not isinstance(rec, dict):
             raise DataError(str(path), lineno, None, "not a JSON object")
         out.append((lineno, rec))
@@ -138,4 +176,4 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for _, line in json_lines(path.read_text(encoding="utf-8"))]
+    return [rec for _, rec in read_records(path)]

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from starlora.seeds import epoch_stream
+
 #: batches per mega-batch (the groups sorted by length): large enough that neighbours in a
 #: sorted group differ by a few tokens, small enough that a group is a random slice of the data
 MEGA_BATCHES = 50
@@ -38,7 +40,7 @@ def length_grouped_batches(
     n = len(lengths)
     if n == 0:
         return []
-    rng = np.random.default_rng([seed, epoch])
+    rng = epoch_stream(seed, epoch)
     lens = np.asarray(lengths, dtype=np.int64)
     perm = rng.permutation(n)
     group = batch_size * mega_batches

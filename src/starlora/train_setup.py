@@ -20,6 +20,7 @@ from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.models import cpu_has_native_bf16
 from starlora.scoring.batching import fit
+from starlora.seeds import process_seed
 from starlora.tasks import Example, Task
 from starlora.train_batches import LengthGroupedBatches, ShareOfEachBatch
 
@@ -202,7 +203,7 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
     peft_model = with_adapter(model, lora, init_adapter)
     world, rank = dist.world_size(), dist.rank()  # accelerate says 1 and 0 for DeepSpeed on CPUs
     if rank > 0:  # the same init everywhere, but each process its own dropout masks
-        torch.manual_seed(seed + 1_000_003 * rank)
+        torch.manual_seed(process_seed(seed, rank))
     data = [encode_example(task, tokenizer, ex, training.max_length) for ex in examples]
     batches = LengthGroupedBatches([len(p) + len(a) for p, a in data], training.batch_size, seed)
     if world > 1:  # a share of every batch, and stand-ins without answer tokens (see the class)

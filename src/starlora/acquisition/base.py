@@ -29,6 +29,12 @@ ScoreTable = Mapping[str, np.ndarray]
 ARRAY_COLUMNS = ("embedding", "labelled_embedding")
 
 
+#: the λ schedules, and the defaults of ``active_learning.lambda_*`` (the authors' linear
+#: 0.9 -> 0.1); `StrategyOptions` and `starlora.config` read them from here
+LAMBDA_SCHEDULES = ("linear", "cosine", "exponential", "constant")
+LAMBDA_SCHEDULE, LAMBDA_START, LAMBDA_END = "linear", 0.9, 0.1
+
+
 @dataclass(frozen=True)
 class LambdaSchedule:
     """Weight of the base model's uncertainty at query t = 0 .. n_queries-1.
@@ -40,13 +46,13 @@ class LambdaSchedule:
     With a single query, λ = start.
     """
 
-    kind: str = "linear"
-    start: float = 0.9
-    end: float = 0.1
+    kind: str = LAMBDA_SCHEDULE
+    start: float = LAMBDA_START
+    end: float = LAMBDA_END
     n_queries: int = 9
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "cosine", "exponential", "constant"):
+        if self.kind not in LAMBDA_SCHEDULES:
             raise ConfigError(f"active_learning.lambda_schedule: unknown schedule {self.kind!r}")
         if self.kind == "exponential" and min(self.start, self.end) <= 0:
             raise ConfigError("active_learning.lambda_schedule: exponential needs start, end > 0")

@@ -22,7 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from starlora.acquisition.base import LambdaSchedule, QueryStrategy
+from starlora.acquisition.base import (
+    LAMBDA_END,
+    LAMBDA_SCHEDULE,
+    LAMBDA_START,
+    LambdaSchedule,
+    QueryStrategy,
+)
 from starlora.errors import ConfigError
 
 
@@ -39,9 +45,9 @@ class StrategyOptions:
     """
 
     n_queries: int = 9
-    lambda_schedule: str = "linear"
-    lambda_start: float = 0.9
-    lambda_end: float = 0.1
+    lambda_schedule: str = LAMBDA_SCHEDULE
+    lambda_start: float = LAMBDA_START
+    lambda_end: float = LAMBDA_END
     normalize: str = "minmax"
     diversity: str = "none"
     diversity_pool: float = 10

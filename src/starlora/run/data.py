@@ -13,6 +13,7 @@ from starlora.config import ExperimentConfig, TaskConfig
 from starlora.datafiles import load_examples
 from starlora.errors import ConfigError, DataError, Problems
 from starlora.run.protocol import planned_rounds, stream
+from starlora.seeds import subset_stream
 from starlora.stopping import parse_rule
 from starlora.tasks import Example, Task, get_task
 
@@ -58,10 +59,13 @@ def set_aside_stop_set(data: Data, size: int, seed: int) -> Data:
     return Data(pool, data.test, data.dropped, data.labelled, stop)
 
 
-def _subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+def _subset(examples: list[Example], size: int | None, subset_seed: int,
+            split: str) -> list[Example]:
+    """`size` of `examples`, drawn from `split`'s subset stream (`starlora.seeds`)."""
     if size is None or size >= len(examples):
         return examples
-    keep = np.sort(np.random.default_rng(seed).choice(len(examples), size, replace=False))
+    rng = subset_stream(subset_seed, split)
+    keep = np.sort(rng.choice(len(examples), size, replace=False))
     return [examples[i] for i in keep]
 
 
@@ -87,7 +91,7 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
     dropped (`drop_test_overlap`), and the pool is cut to `pool_size`. Subsets are seeded by
     `subset_seed` and shared by every run."""
     test = _read(cfg, task, "test", cfg.test, cfg.test_size, 200)
-    test = _subset(test, cfg.test_size, cfg.subset_seed + 1)
+    test = _subset(test, cfg.test_size, cfg.subset_seed, "test")
     pool = _read(cfg, task, "train", cfg.train, cfg.pool_size, 1000)
     dropped = 0
     if cfg.drop_test_overlap:
@@ -100,7 +104,7 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
                                  answer_field=cfg.answer_field, id_field=cfg.id_field,
                                  role="labelled")
         pool = _without(pool, labelled, cfg.labelled)
-    return Data(_subset(pool, cfg.pool_size, cfg.subset_seed), test, dropped, labelled)
+    return Data(_subset(pool, cfg.pool_size, cfg.subset_seed, "pool"), test, dropped, labelled)
 
 
 def _without(pool: list[Example], labelled: list[Example], source: str) -> list[Example]:

@@ -40,9 +40,9 @@ from starlora.tasks import Example
 def resolved_precision(config: ExperimentConfig, model: Any) -> dict[str, str]:
     """``{key: resolved value}`` for `PRECISION_KEYS`, for `model` as loaded (its weights'
     dtype and device): ``"float32"``, ``"bfloat16"``, ``"float16"``; mixed precision
-    ``"no"``, ``"bf16"`` or ``"fp16"`` (as `starlora.training.resolve_mixed_precision`)."""
+    ``"no"``, ``"bf16"`` or ``"fp16"`` (as `starlora.train_setup.resolve_mixed_precision`)."""
     from starlora.scoring.options import resolve_dtype
-    from starlora.training import resolve_mixed_precision
+    from starlora.train_setup import resolve_mixed_precision
 
     weights = next(model.parameters())
     scoring = resolve_dtype(config.scoring.dtype, weights.device, weights.dtype)

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from starlora.errors import DataError, Problems, StarloraError
-from starlora.io import atomic_write, json_lines, parse_json
+from starlora.io import atomic_write, csv_records, jsonl_records
+from starlora.run.formats import FORMATS
 from starlora.run.store import RunStore
 
-FORMATS = ("jsonl", "csv", "label-studio")
 FIELDS = ("id", "question", "prompt", "draft", "uncertainty", "round")
 LABEL_CONFIG = """<View>
   <Header value="Answer as the model should"/>
@@ -163,11 +163,9 @@ def _answer(where: str, line: int, record: dict, problems: Problems,
 
 def _jsonl(where: str, text: str, problems: Problems) -> list[Answer]:
     out = []
-    for line, raw in json_lines(text):
-        try:
-            record = parse_json(raw)
-        except ValueError as e:
-            problems.add(DataError(where, line, None, f"not valid JSON ({e})"))
+    for line, record in jsonl_records(text, where):
+        if isinstance(record, DataError):
+            problems.add(record)
             continue
         if not isinstance(record, dict):
             problems.add(DataError(where, line, None, "not a JSON object"))
@@ -179,26 +177,14 @@ def _jsonl(where: str, text: str, problems: Problems) -> list[Answer]:
 
 
 def _csv(where: str, text: str, problems: Problems) -> list[Answer]:
-    reader = csv.DictReader(io.StringIO(text))
-    missing = Problems()
-    for name in ("id", "answer"):
-        if name not in (reader.fieldnames or []):
-            missing.add(DataError(where, 1, name, "missing column"))
-    missing.raise_if_any()
     out = []
-    try:
-        for row in reader:
-            line = reader.line_num
-            if None in row:  # more cells than columns
-                problems.add(DataError(where, line, None, "more cells than header columns"))
-                continue
-            if row["answer"] == "":  # not answered yet (export leaves it empty): pending
-                continue
+    for line, row in csv_records(text, where, required=("id", "answer")):
+        if isinstance(row, DataError):
+            problems.add(row)
+        elif row["answer"] != "":  # an empty cell: not answered yet (as exported), pending
             answer = _answer(where, line, row, problems)
             if answer is not None:
                 out.append(answer)
-    except csv.Error as e:  # the reader cannot go on
-        problems.add(DataError(where, reader.line_num, None, f"not valid CSV ({e})"))
     return out
 
 

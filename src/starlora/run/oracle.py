@@ -21,7 +21,7 @@ from typing import Any
 from starlora import distributed as dist
 from starlora.errors import ConfigError
 from starlora.run.context import Run
-from starlora.run.store import resume_command
+from starlora.run.store import label_row, resume_command
 from starlora.tasks import Example
 
 
@@ -79,7 +79,7 @@ def label(run: Run, label_round: int, selected: list[dict],
         have = {r["id"] for r in store.labelled()}
         new = [r for r in selected if r["id"] not in have]  # idempotent on resume
         answers = SimulatedOracle(run.data.pool).label([r["id"] for r in new])
-        store.add_labels([{"id": i, "round": label_round, "answer": a, "source": "simulated"}
+        store.add_labels([label_row(i, label_round, a, "simulated")
                           for i, a in answers.items()])
         return
     if not store.paths.queries(label_round).is_file():
@@ -173,8 +173,7 @@ def initial_labels(run: Run) -> None:
     if run.data.labelled:
         name = Path(run.config.task.labelled).name
         dist.on_main(lambda: run.store.add_labels([
-            {"id": ex.id, "round": 0, "answer": ex.answer, "source": f"file:{name}"}
-            for ex in run.data.labelled]))
+            label_row(ex.id, 0, ex.answer, f"file:{name}") for ex in run.data.labelled]))
         return
     from starlora.run.protocol import stream
 

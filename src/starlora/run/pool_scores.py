@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from starlora.run.context import Run
+from starlora.scoring.results import MEASURES
 from starlora.tasks import Example
 
-MEASURES = ("pe", "me")
 #: the own answer's length in tokens (the `length` control)
 LENGTH = "answer_tokens"
 

@@ -26,7 +26,8 @@ The protocol id (`protocol_id`) names what makes runs comparable: every setting 
 strategy, the seed and the two groups above. Runs with one protocol id and different
 strategies or seeds are arms of one comparison; `starlora report` groups by it.
 
-Random streams (`stream`, `phase_seed`): one independent stream per (seed, round, phase), from
+Random streams (`STREAMS`, `stream`, `phase_seed`; defined in `starlora.seeds`, which every
+module that draws a seed goes through): one independent stream per (seed, round, phase), from
 NumPy's `SeedSequence`, so that no phase's draws depend on how much another phase drew, and a
 phase redone after a kill draws exactly what it drew the first time.
 """
@@ -38,9 +39,13 @@ import json
 import math
 from typing import Any
 
-import numpy as np
-
 from starlora.config import ExperimentConfig, flatten_config
+
+# a run's random streams: named and drawn in `starlora.seeds` (the bottom layer, so that
+# training draws from the same owner), read from here by the run layer
+from starlora.seeds import STREAMS as STREAMS
+from starlora.seeds import phase_seed as phase_seed
+from starlora.seeds import stream as stream
 
 #: phases of one round, in order; state.json records the last one finished
 PHASES = ("train", "evaluate", "score", "select", "label")
@@ -60,16 +65,6 @@ STOPPING = frozenset({"active_learning.stop_when"})
 ADDED_LATER = frozenset({"active_learning.diversity", "active_learning.diversity_pool",
                          "evaluation.samples", "active_learning.stop_set"})
 
-#: the random streams of a run; the number is part of the stream's entropy (never reuse one)
-STREAMS = {
-    "initial": 1,  # the initial labelled set (round 0)
-    "train": 2,  # torch seed of training: LoRA init, batch order, dropout
-    "score": 3,  # base seed of the MC-dropout masks when scoring the pool
-    "subsample": 4,  # which unlabelled examples are scored (active_learning.pool_subsample)
-    "select": 5,  # the strategy's draws: tie-breaking, and `random`'s utility
-    "evaluate": 6,  # the self-consistency samples of the test items (evaluation.samples)
-    "stop_set": 7,  # the stop set: pool items never selected (active_learning.stop_set)
-}
 
 
 def planned_rounds(config: ExperimentConfig, n_initial: int | None = None) -> int:
@@ -128,22 +123,3 @@ def result_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]
             continue  # more rounds, a larger budget, or no budget limit any more
         changed.append(key)
     return changed
-
-
-def stream(seed: int, round_: int, phase: str) -> np.random.Generator:
-    """The NumPy generator of `phase` in `round_` of a run with `seed` (phases: `STREAMS`)."""
-    return np.random.default_rng(_entropy(seed, round_, phase))
-
-
-def phase_seed(seed: int, round_: int, phase: str) -> int:
-    """An integer seed in [0, 2^32) for `phase` in `round_` (torch, NumPy's legacy global
-    seed that accelerate's ``set_seed`` also sets, and the MC masks)."""
-    return int(np.random.SeedSequence(_entropy(seed, round_, phase)).generate_state(1)[0])
-
-
-def _entropy(seed: int, round_: int, phase: str) -> list[int]:
-    if phase not in STREAMS:
-        raise KeyError(f"unknown random stream {phase!r}; known: {', '.join(STREAMS)}")
-    if seed < 0 or round_ < 0:
-        raise ValueError(f"seed and round must be >= 0, got {seed}, {round_}")
-    return [seed, round_, STREAMS[phase]]

@@ -126,6 +126,13 @@ def refuse_foreign(paths: RunPaths) -> None:
         raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
 
 
+def label_row(id_: str, round_: int | None, answer: str, source: str) -> dict:
+    """One line of ``labelled.jsonl``: the labelled `id_`, the label round that first trains
+    on it, its `answer`, and where it came from (``simulated``, ``file:<name>``,
+    ``import:<name>``, ``annotate``...)."""
+    return {"id": id_, "round": round_, "answer": answer, "source": source}
+
+
 class RunStore:
     """Reads and writes one run directory: the loop drives it, and labels may also arrive
     through `save_labels` from another process while the run waits for them."""
@@ -236,8 +243,7 @@ class RunStore:
         return read_jsonl(self.paths.labelled)
 
     def add_labels(self, rows: list[dict]) -> None:
-        """Append labelled rows ({"id", "round", "answer", "source"}); an id already labelled
-        is an error."""
+        """Append labelled rows (`label_row`); an id already labelled is an error."""
         with self.lock():
             current = self.labelled()
             have = {r["id"] for r in current}
@@ -281,8 +287,7 @@ class RunStore:
             if outside:
                 raise StarloraError(f"{self.root}: not in the open query: {outside[:5]}")
             kept = [row for row in self.labelled() if row["id"] not in answers]
-            new = [{"id": i, "round": r, "answer": a, "source": source}
-                   for i, a in answers.items()]
+            new = [label_row(i, r, a, source) for i, a in answers.items()]
             write_jsonl(self.paths.labelled, kept + new)
             return len(new)
 

@@ -35,9 +35,8 @@ from starlora.errors import DataError, StarloraError
 from starlora.io import read_records
 from starlora.run.store import RunPaths
 from starlora.run.uncertainty import COLUMNS
+from starlora.scoring.results import MEASURES
 from starlora.study.stats import auroc, spearman
-
-MEASURES = ("pe", "me")
 
 
 def read_rows(path: Path) -> list[dict] | None:
