@@ -72,11 +72,22 @@ def test_uncertainty_and_subtract_order() -> None:
 
 
 def test_ties_are_broken_by_the_seeded_rng() -> None:
+    """All-tied scores: the order is the seeded generator's, the same for the same seed (a
+    rerun, a resumed run) and different for another seed; ties never reorder real scores."""
     ids = [str(i) for i in range(20)]
     scores = {"me": np.ones(20)}
-    orders = {tuple(make_strategy("me").rank(ids, scores, query_index=0,
-                                              rng=np.random.default_rng(s))) for s in range(5)}
-    assert len(orders) == 5
+
+    def order(seed: int, table: dict = scores) -> list[str]:
+        return make_strategy("me").rank(ids, table, query_index=0,
+                                        rng=np.random.default_rng(seed))
+
+    assert all(order(s) == order(s) for s in range(5))  # same seed, same order
+    assert len({tuple(order(s)) for s in range(5)}) == 5  # other seeds, other orders
+    assert order(0) != ids  # the order is drawn, not the input's
+    partly = {"me": np.r_[np.ones(10), np.full(10, 2.0)]}  # ids 10-19 score higher
+    for s in range(5):
+        ranked = order(s, partly)
+        assert sorted(ranked[:10], key=int) == ids[10:] and ranked == order(s, partly)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "exponential", "constant"])

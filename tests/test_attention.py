@@ -39,10 +39,35 @@ def test_cuda_leaves_out_cudnn_attention_and_restores_the_flags() -> None:
     assert flags() == before  # restored on the way out of an error too
 
 
-def test_cpu_changes_nothing() -> None:
-    before = flags()
-    with attention_kernels("cpu"):
-        assert flags() == before
+def test_cpu_changes_nothing(monkeypatch) -> None:
+    """On the CPU the context touches no SDPA setting at all (whatever they are: here not
+    torch's defaults), inside or after it, even when the block raises, and an attention
+    computed inside it is bit-identical to one computed outside."""
+    torch.backends.cuda.enable_flash_sdp(False)  # a non-default state that must survive
+    try:
+        before = flags()
+        assert before["flash"] is False
+        calls = []
+        for name in ("enable_cudnn_sdp", "enable_flash_sdp", "enable_mem_efficient_sdp",
+                     "enable_math_sdp"):
+            monkeypatch.setattr(torch.backends.cuda, name,
+                                lambda on, name=name: calls.append((name, on)))
+        q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+        outside = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        for device in ("cpu", torch.device("cpu"), "meta"):
+            with attention_kernels(device):
+                assert flags() == before
+                inside = torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                          is_causal=True)
+            assert flags() == before
+        assert torch.equal(inside, outside)
+        with pytest.raises(RuntimeError), attention_kernels("cpu"):
+            raise RuntimeError("an error inside")
+        assert flags() == before and calls == []
+    finally:
+        monkeypatch.undo()
+        torch.backends.cuda.enable_flash_sdp(True)
+    assert flags()["flash"]
 
 
 def test_generation_training_and_scoring_attend_inside_it(monkeypatch) -> None:

@@ -221,12 +221,24 @@ def test_one_process_can_train_with_different_precisions(obqa):
     task, examples = obqa
     loaded = load_model("tiny-llama", device="cpu")
     model = loaded.model
+    # the forward really runs in each precision: a base projection's output dtype, every call
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[torch.dtype] = []
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    dtypes = {"bf16": torch.bfloat16, "no": torch.float32}
+    losses = []
     for precision in ("bf16", "no", "bf16"):
         training = TrainingConfig(lr=1e-3, epochs=1, batch_size=4, mixed_precision=precision)
+        seen.clear()
         result = train_adapter(model, loaded.tokenizer, task, examples[:4], training, LORA, seed=0,
                                progress=False)
         assert result.steps == 1 and torch.isfinite(torch.tensor(result.final_loss))
+        assert result.mixed_precision == precision
+        assert seen and set(seen) == {dtypes[precision]}, (precision, set(seen))
+        assert all(p.dtype == torch.float32 for p in result.model.parameters())
+        losses.append(result.final_loss)
         model = remove_adapter(result.model)
+    assert losses[0] == losses[2] != losses[1]  # bf16 again is bf16, not what fp32 left behind
 
 
 # -- answer-only loss -------------------------------------------------------------------------
