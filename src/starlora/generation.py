@@ -31,13 +31,18 @@ class Generated:
 
     `tokens` [N*S] lists of generated ids (the stop token included when one was generated);
     `logprobs` [N*S] float64 arrays of the same lengths (nats); `texts` [N*S] the decoded
-    tokens without special tokens.
+    tokens without special tokens. With ``generate(measure=True)``: `nll` and `entropy` [N*S]
+    float64 arrays of the same lengths (nats), per generated token the -log p of the token and
+    the entropy of the model's own next-token distribution (its raw logits: no temperature
+    or other processing), the teacher-forced PE and ME terms of the first scoring pass.
     """
 
     tokens: list[list[int]]
     logprobs: list[np.ndarray]
     texts: list[str]
     samples: int = 1
+    nll: list[np.ndarray] | None = None
+    entropy: list[np.ndarray] | None = None
 
     def of(self, i: int) -> range:
         """Row indices of prompt i's samples."""
@@ -69,12 +74,15 @@ def generate(
     seeds: Sequence[int] | None = None,
     progress: bool = True,
     desc: str = "generate",
+    measure: bool = False,
 ) -> Generated:
     """Generate `samples` answers for each prompt (token ids) with `model` in eval mode.
 
     ``temperature == 0``: greedy, in batches of `batch_size` rows (several greedy samples
     would be copies: asking for them is an error). ``temperature > 0``: one batch of `samples`
-    rows per prompt, seeded by ``seeds[i]`` (default: i).
+    rows per prompt, seeded by ``seeds[i]`` (default: i). `measure`: also the per-token NLL
+    and entropy of the model's raw logits at each generated position (`Generated.nll`,
+    `Generated.entropy`; `token_measures`), computed from the logits the decoding step made.
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -90,6 +98,7 @@ def generate(
         temperature=temperature if sampling else None, top_k=0 if sampling else None,
         top_p=1.0 if sampling else None, pad_token_id=pad, eos_token_id=stop or None,
         bos_token_id=tokenizer.bos_token_id, output_scores=True, return_dict_in_generate=True,
+        output_logits=measure,
     )
     rows = [i for i in range(len(prompts)) for _ in range(samples)]
     order = sorted(range(len(rows)), key=lambda j: (-len(prompts[rows[j]]), j))
@@ -98,6 +107,8 @@ def generate(
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     tokens: list[list[int]] = [[] for _ in rows]
     logprobs: list[np.ndarray] = [np.zeros(0) for _ in rows]
+    nll: list[np.ndarray] = [np.zeros(0) for _ in rows]
+    entropy: list[np.ndarray] = [np.zeros(0) for _ in rows]
     was_training = model.training
     model.eval()
     try:
@@ -125,10 +136,50 @@ def generate(
                 logp = model.compute_transition_scores(out.sequences, out.scores,
                                                        normalize_logits=True)
                 logp = logp.double().cpu().numpy()
+                ends = [next((t + 1 for t, tok in enumerate(new[r]) if tok in stop), len(new[r]))
+                        for r in range(len(batch))]
+                if measure:
+                    b_nll, b_ent = token_measures(out.logits, out.sequences[:, longest:], ends)
                 for r, j in enumerate(batch):
-                    n = next((t + 1 for t, tok in enumerate(new[r]) if tok in stop), len(new[r]))
+                    n = ends[r]  # up to and including the first stop token
                     tokens[j], logprobs[j] = new[r][:n], logp[r, :n]
+                    if measure:
+                        nll[j], entropy[j] = b_nll[r, :n], b_ent[r, :n]
+                del out
     finally:
         model.train(was_training)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    return Generated(tokens, logprobs, texts, samples)
+    return Generated(tokens, logprobs, texts, samples, nll if measure else None,
+                     entropy if measure else None)
+
+
+def token_measures(
+    logits: Sequence[torch.Tensor], chosen: torch.Tensor, ends: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token NLL and entropy of a generated batch from its raw logits.
+
+    logits: T steps of [B, V] float32 logits (``generate(output_logits=True)``: the model's
+    own, before any processor or temperature); chosen [B, T] the generated ids; ends [B] the
+    number of tokens each row keeps (up to its first stop token). Returns (nll [B, T],
+    entropy [B, T]) float64 nats; positions at or after a row's end (padding after EOS, whose
+    logits saw the stop token) are NaN. Each step's log-softmax is computed in float32
+    (max-shifted, as the scorer's tiles are, `starlora.scoring.measures`), the entropy summed
+    over the vocabulary by torch's cascade sum.
+    """
+    B, T = chosen.shape[0], len(logits)
+    nll = np.full((B, T), np.nan)
+    ent = np.full((B, T), np.nan)
+    live = torch.tensor([int(e) for e in ends])
+    for t, z in enumerate(logits):
+        rows = (live > t).nonzero()[:, 0]  # rows still generating at step t
+        if rows.numel() == 0:
+            break
+        z = z[rows.to(z.device)].float()
+        logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # [R, V]
+        picked = logp.gather(1, chosen[rows, t].to(z.device)[:, None])[:, 0]
+        p = logp.exp()
+        h = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)  # a cascade sum: ~1e-7 relative
+        idx = rows.numpy()
+        nll[idx, t] = -picked.double().cpu().numpy()
+        ent[idx, t] = h.cpu().numpy()
+    return nll, ent

@@ -105,7 +105,7 @@ def _own_answers(run: Run, model: Any, candidates: list[Example], seed: int) -> 
 
 def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
                      seed: int, rows: list[dict], out: Any) -> None:
-    from starlora.scoring import score_examples
+    from starlora.scoring import score_examples, score_generated
 
     sc = run.config.scoring
     # the baselines may take one pass; a strategy that mixes in a base term keeps mc_passes
@@ -118,8 +118,9 @@ def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: 
         _put(rows, scores, measures, "", per_pass=True)
         return
     repeated = [ex for ex in candidates for _ in range(out.samples)]
-    scores = score_examples(model, run.tokenizer, run.task, repeated, answer_ids=out.tokens,
-                            desc="scoring pool (adapter, own answers)", **options)
+    # the first pass was measured while generating: forward passes only for passes 2..K
+    scores = score_generated(model, run.tokenizer, run.task, repeated, out,
+                             desc="scoring pool (adapter, own answers)", **options)
     _put(rows, scores.mean_over(out.samples), measures, "", per_pass=True)
 
 
@@ -131,6 +132,7 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
         base_cache_key,
         default_score_cache_dir,
         score_base,
+        score_base_answers,
     )
 
     dtype = _dtype(run)
@@ -139,21 +141,23 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
         cache = BaseScoreCache(default_score_cache_dir(), base_cache_key(
             run.fingerprint, measures=measures, dtype=dtype,
             max_length=run.config.training.max_length))
-    answer_ids = None
-    n = 1
-    if run.config.scoring.answers == "generated":
-        n = run.config.scoring.samples
-        prompts = [run.prompt_ids(ex) for ex in candidates]
-        answer_ids = base_answers(model, run.tokenizer, prompts, fingerprint=run.fingerprint,
-                                  dtype=next(run.base_model.parameters()).dtype,
-                                  max_new_tokens=run.max_new_tokens, samples=n,
-                                  temperature=1.0 if n > 1 else 0.0,
-                                  batch_size=run.config.evaluation.batch_size,
-                                  progress=run.progress)
-        candidates = [ex for ex in candidates for _ in range(n)]
-    scores = score_base(model, run.tokenizer, run.task, candidates, measures=measures,
-                        cache=cache, answer_ids=answer_ids,
-                        desc="scoring pool (base model, cached)", **_kwargs(run))
+    kwargs = dict(measures=measures, cache=cache, desc="scoring pool (base model, cached)",
+                  **_kwargs(run))
+    if run.config.scoring.answers != "generated":
+        _put(rows, score_base(model, run.tokenizer, run.task, candidates, **kwargs), measures,
+             "_base", per_pass=False)
+        return
+    n = run.config.scoring.samples
+    prompts = [run.prompt_ids(ex) for ex in candidates]
+    answers = base_answers(model, run.tokenizer, prompts, fingerprint=run.fingerprint,
+                           dtype=next(run.base_model.parameters()).dtype,
+                           max_new_tokens=run.max_new_tokens, samples=n,
+                           temperature=1.0 if n > 1 else 0.0,
+                           batch_size=run.config.evaluation.batch_size, progress=run.progress)
+    # their generation measured them (cached with the answers): no forward pass, except for
+    # a pair cut to max_length
+    scores = score_base_answers(model, run.tokenizer, run.task,
+                                [ex for ex in candidates for _ in range(n)], answers, **kwargs)
     _put(rows, scores.mean_over(n), measures, "_base", per_pass=False)
 
 

@@ -14,7 +14,8 @@ Modules, bottom to top: `results` (the schema), `batching`, `measures` (the tile
 kernel), `packing` and `lora_fastpath` (speed: packed rows, a fused peft forward, MC masks),
 `reference` (the plain definition the fast path is checked against), `cache` (base results on
 disk, keyed by content), `engine` (`score_examples`, `score_base`), `own_answers`
-(`own_answers`, `score_own_answers`, `base_answers`: label-free), `consistency` (`answer_entropy`,
+(`own_answers`, `score_generated`, `score_own_answers`, `base_answers`,
+`score_base_answers`: label-free, the first pass measured while generating), `consistency` (`answer_entropy`,
 `agreement`: self-consistency of sampled final answers).
 """
 
@@ -26,11 +27,19 @@ from starlora.scoring.cache import (
 )
 from starlora.scoring.engine import score_base, score_examples
 from starlora.scoring.options import ScoringOptions
-from starlora.scoring.own_answers import base_answers, own_answers, score_own_answers
+from starlora.scoring.own_answers import (
+    BaseAnswers,
+    base_answers,
+    own_answers,
+    score_base_answers,
+    score_generated,
+    score_own_answers,
+)
 from starlora.scoring.results import MEASURES, Scores
 
 __all__ = [
-    "MEASURES", "BaseScoreCache", "Scores", "ScoringOptions", "base_answers", "base_cache_key",
-    "default_score_cache_dir", "own_answers", "score_base", "score_examples",
-    "score_own_answers", "sequence_key",
+    "MEASURES", "BaseAnswers", "BaseScoreCache", "Scores", "ScoringOptions", "base_answers",
+    "base_cache_key", "default_score_cache_dir", "own_answers", "score_base",
+    "score_base_answers", "score_examples", "score_generated", "score_own_answers",
+    "sequence_key",
 ]

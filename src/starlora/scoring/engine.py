@@ -186,12 +186,16 @@ def score_examples(
     answer_ids: Sequence[Sequence[int]] | None = None,
     progress: bool = True,
     desc: str = "scoring",
+    mc_salts: Sequence[int] | None = None,
     **fields: Any,
 ) -> Scores:
     """PE and ME of every example's answer under `model` (plain or peft), teacher-forced: the
     gold answer, or with `answer_ids` the given token ids (e.g. the model's own generation).
     How: `options` (a `ScoringOptions`), with any of its fields overridden by name in
-    `fields` (``mc_passes=3``...). Returns `Scores` aligned with `examples`.
+    `fields` (``mc_passes=3``...). Returns `Scores` aligned with `examples`. `mc_salts`: run
+    only these MC passes, by index (each samples the masks that pass of a whole call samples;
+    dropout samples even in one pass), in place of ``range(mc_passes)``: how
+    `starlora.scoring.own_answers` adds passes 1..K-1 to the first pass its generation measured.
 
     Self-check: the shortest example with an answer, cut to its last `CHECK_TOKENS` prompt and
     first `CHECK_TOKENS` answer tokens, is first scored deterministically both by the fast path
@@ -253,7 +257,8 @@ def score_examples(
         packed = False
     plain = zero or problem is not None
 
-    N, K = len(examples), mc_passes
+    salts = list(range(mc_passes)) if mc_salts is None else [int(k) for k in mc_salts]
+    N, K = len(examples), len(salts)
     pe = np.full((N, K), np.nan)
     me = np.full((N, K), np.nan)
     want_pe, want_me = "pe" in measures, "me" in measures
@@ -268,12 +273,13 @@ def score_examples(
             stack.enter_context(weights_cast(model, dtype))
         stack.enter_context(zero3.forward_hooks(model))  # before the dropout modes are set
         stochastic = stack.enter_context(
-            scoring_mode(model, K > 1, model_dropout, sampler, fused=not plain)
+            scoring_mode(model, K > 1 or mc_salts is not None, model_dropout, sampler,
+                         fused=not plain)
         )
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         keys = unique_keys([ex.id for ex in examples])
-        per_example = np.array([example_seeds(seed, keys, k) for k in range(K)], np.uint64) \
+        per_example = np.array([example_seeds(seed, keys, k) for k in salts], np.uint64) \
             if stochastic else None  # [K, N]
         stack.enter_context(torch.random.fork_rng(devices=fork_devices, enabled=stochastic))
         stack.enter_context(zero3.inference_mode())
@@ -286,7 +292,7 @@ def score_examples(
                 batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
             idx = order[start:end]
             # one seed per (batch start, pass): reproducible given the base seed
-            seeds = [seed + 1_000_003 * start + k for k in range(K)] if stochastic else None
+            seeds = [seed + 1_000_003 * start + k for k in salts] if stochastic else None
             batch = [seqs[i] for i in idx]
             try:
                 mask_seeds = None if per_example is None else \
@@ -329,8 +335,8 @@ def score_examples(
         me=me_avg,
         me_per_token=me_avg / denom,
         n_answer_tokens=n_tok,
-        pe_passes=pe if K > 1 else None,
-        me_passes=me if K > 1 else None,
+        pe_passes=pe if K > 1 or mc_salts is not None else None,
+        me_passes=me if K > 1 or mc_salts is not None else None,
     )
 
 
