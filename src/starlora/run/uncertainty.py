@@ -126,6 +126,7 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
                 model, tok, task, share,
                 max_new_tokens=sc.max_new_tokens or cfg.evaluation.max_new_tokens,
                 generation_batch_size=cfg.evaluation.batch_size, mc_passes=mc,
+                while_generating=False,  # the same bytes with any number of processes
                 generation_desc="generating test answers (adapter)",
                 desc=f"scoring test (own answers, {mc} passes)", **options)
             scores["own_1"] = score_examples(model, tok, task, share, answer_ids=out.tokens,

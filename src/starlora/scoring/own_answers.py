@@ -52,13 +52,14 @@ def own_answers(
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "generating answers",
+    measure: bool = True,
 ) -> Any:
     """`model`'s own answers to `examples` (greedy; with `samples` N > 1, N answers at
     temperature 1, seeded per example from `seed` and its id): a `starlora.generation.Generated`
     of [len(examples) * samples] rows, grouped by example. Prompts are cut on the left to
-    `max_length` (default: the model's maximum position count). The generation measures the
-    first scoring pass too (``Generated.nll``/``entropy``, for `score_generated`). The
-    examples' answers are never read."""
+    `max_length` (default: the model's maximum position count). With `measure`, the generation
+    measures the first scoring pass too (``Generated.nll``/``entropy``, for
+    `score_generated`). The examples' answers are never read."""
     from starlora.generation import generate
 
     limit = max_length or max_positions(model)
@@ -67,7 +68,8 @@ def own_answers(
                     batch_size=generation_batch_size, samples=samples,
                     temperature=1.0 if samples > 1 else 0.0,
                     seeds=example_seeds(seed, unique_keys([ex.id for ex in examples]),
-                                        salt=-1), progress=progress, desc=desc, measure=True)
+                                        salt=-1), progress=progress, desc=desc,
+                    measure=measure)
 
 
 def _first_pass(
@@ -154,20 +156,29 @@ def score_own_answers(
     seed: int = 0,
     max_length: int | None = None,
     progress: bool = True,
+    while_generating: bool = True,
     **kwargs: Any,
 ) -> tuple[Scores, Any]:
     """Label-free PE/ME: `model` answers each example itself (`own_answers`: greedy, or
     `samples` N > 1 at temperature 1 seeded from `seed`), and `score_generated` measures those
-    tokens (the first pass while generating, MC passes 2..K as `kwargs` ask). Returns (scores [N] with each measure the mean over
-    the samples and per-pass values likewise, `starlora.generation.Generated` [N * S]).
-    The examples' own answers are never read."""
+    tokens (the first pass while generating, MC passes 2..K as `kwargs` ask). Returns
+    (scores [N] with each measure the mean over the samples and per-pass values likewise,
+    `starlora.generation.Generated` [N * S]). The examples' own answers are never read.
+
+    ``while_generating=False``: every pass by `score_examples` (all K with MC dropout), as
+    before scoring while generating existed. Its numbers do not depend on which examples share
+    a batch, down to the last bit (the teacher-forced scorer's rows are independent), whereas a
+    greedy batch's logits carry its padding in their last bits: callers whose files must be
+    byte-identical whatever the number of processes use it (`starlora.run.uncertainty`)."""
     out = own_answers(model, tokenizer, task, examples, max_new_tokens=max_new_tokens,
                       samples=samples, generation_batch_size=generation_batch_size, seed=seed,
-                      max_length=max_length, progress=progress,
+                      max_length=max_length, progress=progress, measure=while_generating,
                       desc=kwargs.pop("generation_desc", "generating answers"))
     repeated = [ex for ex in examples for _ in range(samples)]
-    scores = score_generated(model, tokenizer, task, repeated, out, seed=seed,
-                             max_length=max_length, progress=progress, **kwargs)
+    score = score_generated if while_generating else score_examples
+    given = dict(answer_ids=out.tokens) if not while_generating else dict(out=out)
+    scores = score(model, tokenizer, task, repeated, seed=seed, max_length=max_length,
+                   progress=progress, **given, **kwargs)
     return scores.mean_over(samples), out
 
 
