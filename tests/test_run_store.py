@@ -106,3 +106,27 @@ def test_a_second_run_on_a_run_directory_fails_at_once_naming_the_holder(tmp_pat
                 pass
     assert not (run_dir / ".run.owner.json").exists()
     RunStore.create_or_resume(run_dir, load_config(config))  # the lock files are no obstacle
+
+
+def test_labels_and_queries_are_parsed_once_per_content(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store re-reads a file another store (another process) rewrote, even at the same size;
+    an unchanged file is not parsed again, and callers cannot change what the next one reads."""
+    import starlora.io as store_module  # where ParsedJsonl parses
+
+    config = load_config(None, ["active_learning.oracle=human"])
+    one = RunStore.create_or_resume(tmp_path / "run", config)
+    other = RunStore.open(tmp_path / "run")
+    one.write_queries(1, [{"id": "q0"}, {"id": "q1"}])
+    assert one.pending() == [{"id": "q0"}, {"id": "q1"}]
+    other.save_labels({"q0": "12"}, "import:a")
+    assert [r["answer"] for r in one.labelled()] == ["12"]
+    other.save_labels({"q0": "13"}, "import:a")  # same size, same second
+    assert [r["answer"] for r in one.labelled()] == ["13"]
+    one.labelled()[0]["answer"] = "changed by a caller"
+    assert one.labelled()[0]["answer"] == "13"
+    parsed, real = [], store_module.json_lines
+    monkeypatch.setattr(store_module, "json_lines", lambda text: parsed.append(1) or real(text))
+    for _ in range(3):
+        assert len(one.queries(1)) == 2 and len(one.labelled()) == 1
+    assert parsed == []

@@ -79,6 +79,7 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(source, line, None, f"not valid UTF-8 (byte {e.start})") from None
+    del raw  # a large file's bytes need not stay beside its text
     yield from (csv_records if fmt == "csv" else jsonl_records)(text, source)
 
 

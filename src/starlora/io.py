@@ -11,16 +11,19 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io as stdio
 import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from starlora.errors import DataError, DiskFullError, Problems
+from starlora.errors import DataError, DiskFullError, LockTimeoutError, Problems
 
 
 def current_umask() -> int:
@@ -107,8 +110,11 @@ def json_lines(text: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of each non-blank line of JSON Lines `text`. Lines end at
     "\n" only (a "\r" before it is dropped): JSON strings may hold U+2028 and other
     characters that `str.splitlines` would break a line at."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
+    start, number = 0, 0
+    while start <= len(text):  # one line at a time: no list of every line of a large file
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        line, start, number = text[start:end].removesuffix("\r"), end + 1, number + 1
         if line.strip():
             yield number, line
 
@@ -177,3 +183,63 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [rec for _, rec in read_records(path)]
+
+
+class ParsedJsonl:
+    """JSONL files parsed once per content: `rows` reads and hashes the file on every call
+    (cheap) and parses it again only when its bytes changed, whichever process wrote them. A
+    server that reads the same files on every request (`starlora annotate`: the labels and
+    the open query) parses them once per change."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[Path, tuple[bytes, list[dict]]] = {}
+
+    def rows(self, path: str | Path) -> list[dict]:
+        """The objects of JSONL file `path` ([] when absent), as `read_jsonl` gives them;
+        the caller gets its own copies."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        cached = self._parsed.get(path)
+        if cached is None or cached[0] != digest:
+            rows = [json.loads(line) for _, line in json_lines(data.decode("utf-8"))]
+            cached = self._parsed[path] = (digest, rows)
+        return [dict(r) for r in cached[1]]
+
+
+_THREAD_LOCKS: dict[Path, threading.RLock] = {}  # lock file -> the in-process lock before it
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, timeout: float, what: str = "the lock") -> Iterator[None]:
+    """Hold the `filelock.FileLock` on `path` (reentrant within a thread) while the block
+    runs; LockTimeoutError naming `what` after `timeout` s. Threads of one process first
+    queue on an in-process lock, so they wait in turn instead of polling the file (filelock
+    retries every 50 ms: twenty threads saving at once would mostly sleep)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    start = time.monotonic()
+    with _THREAD_LOCKS_GUARD:
+        local = _THREAD_LOCKS.setdefault(path.resolve(), threading.RLock())
+    if not local.acquire(timeout=timeout):
+        raise LockTimeoutError(f"{path}: another thread holds {what} for over {timeout:g} s")
+    try:
+        # the timeout goes to acquire, not to FileLock: a singleton refuses to be made again
+        # with other arguments, and callers nest locks with different timeouts
+        lock = FileLock(path, is_singleton=True)
+        try:
+            lock.acquire(timeout=max(0.0, timeout - (time.monotonic() - start)))
+        except Timeout:
+            raise LockTimeoutError(f"{path}: another process holds {what} for over "
+                                   f"{timeout:g} s") from None
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        local.release()

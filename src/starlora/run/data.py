@@ -95,9 +95,7 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
     pool = _read(cfg, task, "train", cfg.train, cfg.pool_size, 1000)
     dropped = 0
     if cfg.drop_test_overlap:
-        seen = {task.content_key(ex) for ex in test}
-        kept = [ex for ex in pool if task.content_key(ex) not in seen]
-        pool, dropped = kept, len(pool) - len(kept)
+        pool, dropped = drop_test_overlap(pool, test, task)
     labelled = []
     if cfg.labelled is not None:
         labelled = load_examples(cfg.labelled, task, question_field=cfg.question_field,
@@ -105,6 +103,15 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
                                  role="labelled")
         pool = _without(pool, labelled, cfg.labelled)
     return Data(_subset(pool, cfg.pool_size, cfg.subset_seed, "pool"), test, dropped, labelled)
+
+
+def drop_test_overlap(pool: list[Example], test: list[Example],
+                      task: Task) -> tuple[list[Example], int]:
+    """`pool` less the records that repeat a `test` record (`Task.content_key`), and how many
+    were dropped. Linear: one set of the test keys, one key per pool record."""
+    seen = {task.content_key(ex) for ex in test}
+    kept = [ex for ex in pool if task.content_key(ex) not in seen]
+    return kept, len(pool) - len(kept)
 
 
 def _without(pool: list[Example], labelled: list[Example], source: str) -> list[Example]:

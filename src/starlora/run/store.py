@@ -50,15 +50,22 @@ import contextlib
 import json
 import shlex
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from starlora.config import ExperimentConfig, dump_config, load_config
-from starlora.errors import ConfigError, DataError, LockTimeoutError, StarloraError
-from starlora.io import atomic_write, read_json, read_jsonl, write_json, write_jsonl
+from starlora.errors import ConfigError, DataError, StarloraError
+from starlora.io import (
+    ParsedJsonl,
+    atomic_write,
+    file_lock,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from starlora.run.protocol import PHASES, result_changes
 
 #: the files of ``rounds/<k>/`` (see the module docstring); `RunPaths.round_file` refuses others
@@ -141,6 +148,7 @@ class RunStore:
         self.paths = RunPaths(root)
         self.root = self.paths.root
         self.config = config
+        self._parsed = ParsedJsonl()  # labels and queries, parsed once per content
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -179,24 +187,11 @@ class RunStore:
         store.set_state(0, None)
         return store
 
-    @contextlib.contextmanager
-    def lock(self, timeout: float = 60) -> Iterator[None]:
-        """The run's file lock, for every read-modify-write of labels (a `filelock.FileLock`
-        on ``.lock``; reentrant within a process)."""
-        from filelock import FileLock, Timeout
-
-        # the timeout goes to acquire, not to FileLock: a singleton refuses to be made again
-        # with other arguments, and callers nest locks with different timeouts
-        lock = FileLock(self.paths.lock, is_singleton=True)
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout:
-            raise LockTimeoutError(f"{self.paths.lock}: another process holds the run's lock "
-                                   f"for over {timeout:g} s") from None
-        try:
-            yield
-        finally:
-            lock.release()
+    def lock(self, timeout: float = 60) -> contextlib.AbstractContextManager[None]:
+        """The run's label lock, for every read-modify-write of labels (`starlora.io.
+        file_lock` on ``.lock``: reentrant within a thread; threads of one process, the
+        annotate server's saves, queue in turn)."""
+        return file_lock(self.paths.lock, timeout, "the run's lock")
 
     def check_pool(self, size: int, sha1: str, source: str) -> None:
         """Record the pool a run starts with (``pool.json``: size and a hash of its ids), or
@@ -240,7 +235,7 @@ class RunStore:
 
     # -- labels -------------------------------------------------------------------------------
     def labelled(self) -> list[dict]:
-        return read_jsonl(self.paths.labelled)
+        return self._parsed.rows(self.paths.labelled)
 
     def add_labels(self, rows: list[dict]) -> None:
         """Append labelled rows (`label_row`); an id already labelled is an error."""
@@ -258,7 +253,7 @@ class RunStore:
         write_jsonl(self.paths.queries(label_round), rows)
 
     def queries(self, label_round: int) -> list[dict]:
-        return read_jsonl(self.paths.queries(label_round))
+        return self._parsed.rows(self.paths.queries(label_round))
 
     def open_query(self) -> int | None:
         """The label round whose queries wait for answers (None when there is none): the
