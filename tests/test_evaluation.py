@@ -236,3 +236,24 @@ def test_answer_tokens_are_those_whose_characters_overlap_the_span(text, task, a
     got = answer_token_indices(tok, tokens + [tok.eos_token_id], text, (start, end))
     assert got == overlapping
     assert tok.decode([tokens[k] for k in got]).strip() == answer_text
+
+
+def test_self_consistency_is_seeded_per_item_whatever_the_order_or_batch():
+    """evaluation.samples K: each item's K sampled answers come from its own seed, so the
+    share equal to the greedy answer does not depend on the order or batch size; the other
+    signals are in every prediction (issue 34)."""
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    task = JSONLTask(answer_regex=r"(\S)")  # the first character: random models write some
+    examples = [Example(f"q{i}", f"What is {i} plus {i}?", str(2 * i)) for i in range(5)]
+    cfg = EvaluationConfig(max_new_tokens=6, batch_size=5, samples=4)
+    a = evaluate(loaded.model, loaded.tokenizer, task, examples, cfg, progress=False, seed=3)
+    b = evaluate(loaded.model, loaded.tokenizer, task, examples[::-1],
+                 cfg.model_copy(update={"batch_size": 1}), progress=False, seed=3)
+    by_id = {p["id"]: p for p in b.predictions}
+    for p in a.predictions:
+        assert p["consistency"] == by_id[p["id"]]["consistency"]
+        assert p["consistency"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert p["logprob_mean"] == pytest.approx(p["logprob"] / p["tokens"])
+    assert any(0 < p["consistency"] for p in a.predictions)  # the signal is not constant 0
+    assert set(a.signals) == {"answer", "msp", "perplexity", "consistency"}
+    assert set(a.signals["consistency"]) >= {"roc-auc", "rcc-auc", "brier", "ece-adaptive"}
