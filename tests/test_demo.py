@@ -1,5 +1,5 @@
 """The demo's wiring (two strategies, then the report) on a tiny model; the real demo runs
-SmolLM2 for about 10 minutes and is checked by hand (see the README)."""
+SmolLM2 for 10-30 minutes and is checked by hand (its last figures: docs/demo.json)."""
 
 from __future__ import annotations
 
