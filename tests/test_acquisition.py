@@ -12,6 +12,8 @@ def table(n: int, seed: int = 0) -> tuple[list[str], dict[str, np.ndarray]]:
     ids = [f"x{i}" for i in range(n)]
     cols = {k: rng.gamma(2.0, 3.0, n) for k in ("pe", "me", "pe_base", "me_base")}
     cols["answer_tokens"] = rng.integers(1, 6, n).astype(float)  # few values: many ties
+    for m in ("answer_entropy", "disagreement"):  # on 5 samples: few values, many ties
+        cols |= {m: rng.integers(0, 5, n) / 4, f"{m}_base": rng.integers(0, 5, n) / 4}
     cols |= {"embedding": rng.standard_normal((n, 4)),
              "labelled_embedding": rng.standard_normal((3, 4))}
     return ids, cols

@@ -139,6 +139,16 @@ def first_selection(tmp_path: Path, overrides: list[str]) -> dict[str, list]:
 #: strategies and options added for issue 33, each with the settings it needs
 LABEL_FREE = {
     "length": ["active_learning.strategy=length"],
+    "pe-dynamic, base_scores adapted": ["scoring.base_scores=adapted"],
+    "pe-dynamic, base_scores adapted, 3 samples": ["scoring.base_scores=adapted",
+                                                   "scoring.samples=3"],
+    "me-dynamic, per_token": ["active_learning.strategy=me-dynamic", "scoring.per_token=true"],
+    "answer_entropy": ["active_learning.strategy=answer_entropy", "scoring.samples=4"],
+    "disagreement": ["active_learning.strategy=disagreement", "scoring.samples=4"],
+    "answer_entropy-dynamic": ["active_learning.strategy=answer_entropy-dynamic",
+                               "scoring.samples=4"],
+    "disagreement-dynamic": ["active_learning.strategy=disagreement-dynamic",
+                             "scoring.samples=4", "active_learning.normalize=raw_full"],
 }
 
 
@@ -160,29 +170,48 @@ def adapted():
     return model, loaded.tokenizer
 
 
-def select_on(adapted, overrides: list[str], answers: str) -> tuple[list[dict], list[dict]]:
-    """The score phase's rows and the first selection (4 of 12 arith problems) of the strategy
-    and options `overrides` set, with the pool's answers gold, wrong or missing (`answers`)."""
+def first_character_task():
+    """arith whose `extract` reads an answer's first character: the random tiny model never
+    writes a final answer arith's `extract` finds (every sample would be None, and every
+    self-consistency measure 0), while first characters give a few classes that vary."""
+    task = get_task("arith")
+    task.extract = lambda text: text.strip()[:1] or None
+    return task
+
+
+def pool_rows(adapted, overrides: list[str], answers: str = "none", needs=None):
+    """(the score phase's rows for 12 arith problems, the run they were scored for) under the
+    strategy and options `overrides` set, with the pool's answers gold, wrong or missing
+    (`answers`); `needs` replaces the strategy's score columns."""
     from starlora.config import load_config
     from starlora.run.context import Run
     from starlora.run.loop import config_strategy
     from starlora.run.pool_scores import score_rows
-    from starlora.run.protocol import phase_seed, stream
+    from starlora.run.protocol import phase_seed
     from starlora.tasks import Example
 
     model, tokenizer = adapted
     cfg = load_config(TINY, ["evaluation.max_new_tokens=8", *overrides])
-    task = get_task("arith")
+    task = first_character_task()
     pool = task.generate("train", 12, 0)
     pool = [Example(ex.id, ex.question, {"gold": ex.answer, "wrong": "#### 999",
                                          "none": None}[answers]) for ex in pool]
     run = Run(cfg, None, task, config_strategy(cfg, 2), None, 2, False, model, tokenizer,
               model=model)
-    rows = score_rows(run, pool, seed=phase_seed(cfg.seed, 0, "score"), model=model)
-    needs = [c for c in run.strategy.needs]
-    columns = {c: np.array([r[c] for r in rows], float) for c in needs}
+    if needs is not None:
+        run.strategy.needs = tuple(needs)
+    return score_rows(run, pool, seed=phase_seed(cfg.seed, 0, "score"), model=model), run
+
+
+def select_on(adapted, overrides: list[str], answers: str) -> tuple[list[dict], list[dict]]:
+    """The score phase's rows and the first selection (4 of 12 arith problems) of the strategy
+    and options `overrides` set, with the pool's answers gold, wrong or missing (`answers`)."""
+    from starlora.run.protocol import stream
+
+    rows, run = pool_rows(adapted, overrides, answers)
+    columns = {c: np.array([r[c] for r in rows], float) for c in run.strategy.needs}
     selected = run.strategy.select_rows([r["id"] for r in rows], columns, 4, query_index=0,
-                                        rng=stream(cfg.seed, 0, "select"))
+                                        rng=stream(run.config.seed, 0, "select"))
     return rows, selected
 
 
@@ -206,3 +235,91 @@ def test_new_strategies_in_the_loop_select_the_same_with_gold_wrong_or_missing_a
     assert runs["gold"] == runs["wrong"] == runs["none"]
     scores, selected = runs["gold"]
     assert len(scores) == 16 and len(selected) == 4
+
+
+def test_base_scores_adapted_scores_the_adapters_own_tokens_with_the_adapter_disabled(
+    adapted,
+) -> None:
+    """With B = 0 the adapted model is the base model, so on the same tokens the base term
+    equals the full term: with `adapted` it does, sample by sample; with `own` the base model
+    scores its own samples (other draws), and the terms differ."""
+    from starlora.scoring import score_base
+
+    model, tokenizer = adapted
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    try:
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.zero_()
+        samples = ["scoring.samples=3", "scoring.mc_passes=1", "scoring.dtype=float32"]
+        on_adapted, _ = pool_rows(adapted, [*samples, "scoring.base_scores=adapted"])
+        own, _ = pool_rows(adapted, [*samples, "scoring.base_scores=own"])
+    finally:
+        for n, p in model.named_parameters():
+            if n in saved:
+                p.data.copy_(saved[n])
+    # (the full term's pass is measured while generating: equal to a forward within 1e-5)
+    np.testing.assert_allclose([r["pe_base"] for r in on_adapted], [r["pe"] for r in on_adapted],
+                               rtol=1e-4)
+    assert [r["pe"] for r in own] == [r["pe"] for r in on_adapted]
+    assert not np.allclose([r["pe_base"] for r in own], [r["pe_base"] for r in on_adapted])
+    # with a trained adapter the base term is the base model on the adapter's answer
+    rows, run = pool_rows(adapted, ["scoring.base_scores=adapted", "scoring.dtype=float32"],
+                          needs=("pe_base", "answer_tokens"))
+    from starlora.run.protocol import phase_seed
+    from starlora.scoring import own_answers
+
+    task = get_task("arith")
+    pool = task.generate("train", 12, 0)
+    out = own_answers(model, tokenizer, task, pool, max_new_tokens=8, progress=False,
+                      seed=phase_seed(0, 0, "score"), max_length=run.config.training.max_length)
+    base = score_base(model, tokenizer, task, pool, answer_ids=out.tokens, measures=("pe",),
+                      max_length=run.config.training.max_length, progress=False)
+    np.testing.assert_allclose([r["pe_base"] for r in rows], base.pe, rtol=1e-5)
+    assert [r["answer_tokens"] for r in rows] == [len(t) for t in out.tokens]
+
+
+def test_per_token_divides_both_terms_by_the_answers_tokens(adapted) -> None:
+    needs = ("pe", "pe_base", "me", "me_base", "answer_tokens")
+    single = ["scoring.mc_passes=1", "scoring.base_scores=adapted"]
+    sums, _ = pool_rows(adapted, single, needs=needs)
+    means, _ = pool_rows(adapted, [*single, "scoring.per_token=true"], needs=needs)
+    for m in ("pe", "pe_base", "me", "me_base"):
+        np.testing.assert_allclose([r[m] for r in means],
+                                   [r[m] / r["answer_tokens"] for r in sums], rtol=1e-6)
+    assert "pe_passes" not in means[0]
+
+
+def test_self_consistency_columns_are_the_measures_of_the_extracted_samples(adapted) -> None:
+    from starlora.run.protocol import phase_seed
+    from starlora.scoring import own_answers
+    from starlora.scoring.consistency import answer_entropy, disagreement
+
+    model, tokenizer = adapted
+    rows, run = pool_rows(adapted, ["scoring.samples=4"], needs=(
+        "answer_entropy", "disagreement", "answer_entropy_base", "disagreement_base"))
+    task = first_character_task()
+    pool = task.generate("train", 12, 0)
+    kw = dict(max_new_tokens=8, progress=False, seed=phase_seed(0, 0, "score"),
+              max_length=run.config.training.max_length)
+    sampled = own_answers(model, tokenizer, task, pool, samples=4, **kw)
+    greedy = own_answers(model, tokenizer, task, pool, **kw)
+    for i, row in enumerate(rows):
+        answers = [task.extract(sampled.texts[j]) for j in sampled.of(i)]
+        assert row["answer_entropy"] == answer_entropy(answers)
+        assert row["disagreement"] == disagreement(answers, task.extract(greedy.texts[i]))
+        assert 0 <= row["answer_entropy_base"] <= np.log(4) + 1e-12
+        assert row["disagreement_base"] in (0, 0.25, 0.5, 0.75, 1)
+    assert len({r["answer_entropy"] for r in rows}) > 1  # the tiny model does disagree
+    assert len({r["disagreement_base"] for r in rows}) > 1
+
+
+def test_self_consistency_with_one_sample_is_refused_before_any_work(tmp_path: Path) -> None:
+    from starlora.config import load_config
+    from starlora.errors import ConfigError
+    from starlora.run.loop import run_experiment
+
+    cfg = load_config(TINY, ["active_learning.strategy=disagreement-dynamic"])
+    with pytest.raises(ConfigError, match="scoring.samples >= 2"):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

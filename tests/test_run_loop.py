@@ -278,3 +278,44 @@ def test_the_loops_evaluation_cuts_prompts_to_training_max_length(monkeypatch) -
     with pytest.raises(KeyboardInterrupt):
         loop._evaluate(run, 0)
     assert seen["max_length"] == 77
+
+
+#: a child process that dies by SIGKILL inside the score phase, after the pool's answers were
+#: generated and before a column is written (the function of pool_scores named by KILL_IN)
+KILL_IN_SCORE = (
+    "import os, signal, sys\n"
+    "from starlora.run import pool_scores\n"
+    "def die(*args, **kwargs): os.kill(os.getpid(), signal.SIGKILL)\n"
+    "setattr(pool_scores, os.environ['KILL_IN'], die)\n"
+    "from starlora.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm,kill_in,columns", [
+    (["active_learning.strategy=disagreement-dynamic", "scoring.samples=3"],
+     "_consistency_columns", {"id", "answer", "disagreement", "disagreement_base"}),
+    (["active_learning.strategy=pe-dynamic", "scoring.samples=2", "scoring.base_scores=adapted"],
+     "_base_columns", {"id", "answer", "pe", "pe_passes", "pe_base"}),
+])
+def test_sampled_answers_are_redrawn_identically_after_a_kill_in_the_score_phase(
+    tmp_path: Path, arm: list[str], kill_in: str, columns: set[str]
+) -> None:
+    """Sampled answers come from the round's "score" stream, and the base term on the adapted
+    answers adds no stream: a score phase killed half-way and redone gives the uninterrupted
+    run's scores, selection and everything after."""
+    reference = tmp_path / "reference"
+    run_experiment(load_config(TINY, arm), reference, progress=False)
+    run_dir = tmp_path / "run"
+    args = ["run", str(TINY), "--run-dir", str(run_dir)] + [f"--set={o}" for o in arm]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", KILL_IN=kill_in)
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SCORE, *args], env=env,
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((run_dir / "state.json").read_text())["phase"] == "evaluate"
+    env.pop("KILL_IN")
+    proc = subprocess.run([sys.executable, "-m", "starlora", *args], env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert outputs(run_dir) == outputs(reference)
+    assert set(read_jsonl(run_dir / "rounds/0/scores.jsonl")[0]) == columns

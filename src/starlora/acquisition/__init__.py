@@ -10,6 +10,12 @@ A strategy never sees a model or a tokenizer, only a table of scores over the cu
         "pe_base"  the same measures from the frozen base model (adapter disabled)
         "me_base"
         "answer_tokens"  the adapted model's own answer's length in generated tokens
+        "answer_entropy" entropy of the final answers of K sampled answers (nats)
+        "disagreement"   share of K sampled answers whose final answer is not the greedy one's
+        "answer_entropy_base", "disagreement_base"   the same for the frozen base model
+
+(``scoring.base_scores``: the base model scores its own answer or the adapted model's;
+``scoring.per_token``: PE/ME as means over the answer's tokens; see `starlora.run.pool_scores`)
 
 and for strategies on embeddings (`base.ARRAY_COLUMNS`; `starlora.run.embeddings` fills
 them from the frozen base model's mean-pooled prompt states, d its hidden size):
@@ -26,6 +32,10 @@ Strategies (`make_strategy` names), one module per family:
                   me-subtract
                   pe-dynamic    STAR: u = λ(t)·norm(u_base) + (1 - λ(t))·norm(u_full)
                   me-dynamic
+    consistency   answer_entropy          self-consistency of K sampled answers
+                  disagreement            (``scoring.samples`` K >= 2)
+                  answer_entropy-dynamic  STAR's mix of the base model's and the adapter's
+                  disagreement-dynamic
     diversity     typiclust     the most typical prompt of each large cluster no label
                                 covers (Hacohen et al. 2022)
                   diversity: kmeans   wraps any other strategy: one pick per k-means

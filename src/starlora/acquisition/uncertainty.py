@@ -10,7 +10,9 @@ from starlora.acquisition.registry import StrategyOptions, register_strategy
 
 
 class Uncertainty(QueryStrategy):
-    """u = u_full: the adapted model's own uncertainty (baseline PE or ME)."""
+    """u = u_full: the adapted model's own uncertainty, the score column `measure` (PE or ME,
+    the paper's baselines; also the self-consistency measures, `starlora.acquisition.
+    consistency`)."""
 
     def __init__(self, measure: str):
         self.measure, self.name, self.needs = measure, measure, (measure,)

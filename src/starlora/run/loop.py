@@ -46,7 +46,7 @@ from starlora.run.embeddings import (
     wants_embeddings,
 )
 from starlora.run.lock import hold_run
-from starlora.run.pool_scores import score_rows
+from starlora.run.pool_scores import check_scoring, score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunStore
 from starlora.stopping import parse_rule, stop_index, stop_signals
@@ -230,6 +230,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     check_plan(config, data.pool, data.labelled)
     n_rounds = planned_rounds(config, len(data.labelled) or None)
     strategy = config_strategy(config, n_rounds)
+    check_scoring(config, strategy)
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
     contents = identity.data_hashes(config, data.pool, data.test, data.labelled)

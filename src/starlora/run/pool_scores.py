@@ -4,28 +4,67 @@
 
 ``scoring.answers: generated`` (the default) measures the model's *own* answer, so a pool
 needs no answers: the adapted model generates one answer per item (greedy; with
-``scoring.samples`` N > 1, N answers at temperature 1), and PE/ME are computed on those
-tokens with MC dropout. With samples, PE is the mean sequence NLL over them, the Monte-Carlo
-estimate of the predictive entropy (ME likewise the mean). ``answer`` is the most likely
-generated answer, the draft people see. The base model does the same with its own answers;
-its generations and scores are cached by content (`starlora.scoring.cache`).
+``scoring.samples`` N > 1, N answers at temperature 1, seeded from the round's "score"
+stream), and PE/ME are computed on those tokens with MC dropout. With samples, PE is the mean
+sequence NLL over them, the Monte-Carlo estimate of the predictive entropy (ME likewise the
+mean). ``answer`` is the most likely generated answer, the draft people see.
 ``scoring.answers: gold`` scores the pool's gold answers, as the authors' code does.
+
+The base term (``pe_base``, ``me_base``), with ``scoring.answers: generated``:
+
+* ``scoring.base_scores: own`` (the default for now): the base model scores its *own* greedy
+  answers (N samples at temperature 1 with samples), generated and scored once and cached by
+  content (`starlora.scoring.cache`). The two terms then measure different sequences.
+* ``adapted``: the base model (adapter disabled) scores the *adapted* model's answers, the
+  very tokens the full term measures: no base generation, one more forward pass per answer
+  (cached by content too). With gold answers both terms already score the gold answer.
+
+``scoring.per_token: true`` writes PE/ME (both terms) as means over the answer's tokens
+instead of sums (no per-pass values then).
+
+Columns that need no PE/ME pass:
 
     "answer_tokens"   the length of the adapted model's own answer in generated tokens (stop
                       token included; the mean over ``scoring.samples``), for ``length``;
                       always the own answer, also with ``scoring.answers: gold``.
+    "answer_entropy"  self-consistency of the adapted model's ``scoring.samples`` K >= 2
+                      sampled answers (`starlora.scoring.consistency`), each final answer
+                      read by the task's `extract` (None, no answer, is a class of its own):
+                      the entropy of their empirical distribution (nats, 0 .. log K)
+    "disagreement"    the share of the K samples whose final answer differs from the greedy
+                      answer's (one more greedy generation)
+    "answer_entropy_base", "disagreement_base"
+                      the same for the frozen base model's own samples and greedy answer
+                      (generated once, cached by content like base scores)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from starlora.errors import ConfigError
 from starlora.run.context import Run
 from starlora.scoring.results import MEASURES
 from starlora.tasks import Example
 
+if TYPE_CHECKING:
+    from starlora.acquisition import QueryStrategy
+    from starlora.config import ExperimentConfig
+
 #: the own answer's length in tokens (the `length` control)
 LENGTH = "answer_tokens"
+#: self-consistency measures of sampled answers (each may have a ``_base`` term)
+CONSISTENCY = ("answer_entropy", "disagreement")
+
+
+def check_scoring(config: ExperimentConfig, strategy: QueryStrategy) -> None:
+    """Refuse, before any work, scoring settings the strategy cannot use: self-consistency
+    needs ``scoring.samples`` >= 2."""
+    wanted = [c for c in strategy.needs if c.removesuffix("_base") in CONSISTENCY]
+    if wanted and config.scoring.samples < 2:
+        raise ConfigError(f"scoring.samples: {strategy} reads {', '.join(wanted)}, the "
+                          "agreement of sampled answers, which needs scoring.samples >= 2 "
+                          f"(got {config.scoring.samples}); 5-10 is usual")
 
 
 def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) -> list[dict] | None:
@@ -41,9 +80,12 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
     needs = set(run.strategy.needs)
     full = tuple(m for m in MEASURES if m in needs)
     base = tuple(m for m in MEASURES if f"{m}_base" in needs)
-
-    generated = run.config.scoring.answers == "generated"
-    own = (full and generated) or LENGTH in needs
+    agree = tuple(m for m in CONSISTENCY if m in needs)
+    agree_base = tuple(m for m in CONSISTENCY if f"{m}_base" in needs)
+    sc = run.config.scoring
+    generated = sc.answers == "generated"
+    on_adapted = bool(base) and generated and sc.base_scores == "adapted"
+    own = (full and generated) or on_adapted or LENGTH in needs or bool(agree)
 
     def share_rows(share: list[Example]) -> list[dict]:
         rows: list[dict[str, Any]] = [{"id": ex.id} for ex in share]
@@ -54,13 +96,18 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
             for i, row in enumerate(rows):
                 row["answer"] = out.best_text(i)
         if base:
-            _base_columns(run, model, share, base, rows)
+            _base_columns(run, model, share, base, rows, out if on_adapted else None)
         if LENGTH in needs:
             for i, row in enumerate(rows):
                 row[LENGTH] = _count(sum(len(out.tokens[j]) for j in out.of(i)) / out.samples)
+        if agree:
+            greedy = out if sc.samples == 1 else _own_answers(run, model, share, seed, 1)
+            _consistency_columns(run, out.texts, greedy.texts, agree, "", rows)
+        if agree_base:
+            _consistency_columns(run, *_base_texts(run, model, share), agree_base, "_base", rows)
         return rows
 
-    if not (full or base or own):  # nothing to compute: the ids alone
+    if not (full or base or own or agree_base):  # nothing to compute: the ids alone
         return share_rows(candidates) if dist.is_main() else None
 
     def lengths() -> list[int]:  # what each candidate costs: prompt (+ gold answer) tokens
@@ -69,6 +116,39 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
         return [sum(map(len, run.task.encode(run.tokenizer, ex))) for ex in candidates]
 
     return dist.map_shards(share_rows, candidates, lengths)
+
+
+def _consistency_columns(run: Run, sampled: list[str], greedy: list[str],
+                         measures: tuple[str, ...], suffix: str, rows: list[dict]) -> None:
+    """`measures` of each row's K = len(sampled) / len(rows) sampled answers (grouped by row)
+    against its greedy answer, final answers read by the task's `extract`."""
+    from starlora.scoring.consistency import answer_entropy, disagreement
+
+    k = len(sampled) // len(rows)
+    for i, row in enumerate(rows):
+        answers = [run.task.extract(t) for t in sampled[i * k:(i + 1) * k]]
+        if "answer_entropy" in measures:
+            row["answer_entropy" + suffix] = answer_entropy(answers)
+        if "disagreement" in measures:
+            row["disagreement" + suffix] = disagreement(answers, run.task.extract(greedy[i]))
+
+
+def _base_texts(run: Run, model: Any, candidates: list[Example]) -> tuple[list[str], list[str]]:
+    """The frozen base model's ``scoring.samples`` sampled answers [N * K] and greedy answers
+    [N] to `candidates`, decoded (generated once per prompt, cached by content)."""
+    from starlora.scoring import base_answers
+
+    prompts = [run.prompt_ids(ex) for ex in candidates]
+    texts = []
+    for k in (run.config.scoring.samples, 1):
+        tokens = base_answers(model, run.tokenizer, prompts, fingerprint=run.fingerprint,
+                              dtype=next(run.base_model.parameters()).dtype,
+                              max_new_tokens=run.max_new_tokens, samples=k,
+                              temperature=1.0 if k > 1 else 0.0,
+                              batch_size=run.config.evaluation.batch_size,
+                              progress=run.progress).tokens
+        texts.append([run.tokenizer.decode(t, skip_special_tokens=True) for t in tokens])
+    return texts[0], texts[1]
 
 
 def _kwargs(run: Run) -> dict[str, Any]:
@@ -91,13 +171,16 @@ def _count(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _own_answers(run: Run, model: Any, candidates: list[Example], seed: int) -> Any:
+def _own_answers(run: Run, model: Any, candidates: list[Example], seed: int,
+                 samples: int | None = None) -> Any:
     """The adapted model's own answers (`starlora.scoring.own_answers`): greedy, or
-    ``scoring.samples`` at temperature 1 seeded from the round's "score" stream `seed`."""
+    `samples` (default ``scoring.samples``) at temperature 1 seeded from the round's "score"
+    stream `seed`."""
     from starlora.scoring import own_answers
 
     return own_answers(model, run.tokenizer, run.task, candidates,
-                       max_new_tokens=run.max_new_tokens, samples=run.config.scoring.samples,
+                       max_new_tokens=run.max_new_tokens,
+                       samples=run.config.scoring.samples if samples is None else samples,
                        generation_batch_size=run.config.evaluation.batch_size, seed=seed,
                        max_length=run.config.training.max_length, progress=run.progress,
                        desc="generating pool answers (adapter)")
@@ -115,17 +198,19 @@ def _adapter_columns(run: Run, model: Any, candidates: list[Example], measures: 
     if sc.answers == "gold":
         scores = score_examples(model, run.tokenizer, run.task, candidates,
                                 desc="scoring pool (adapter, gold answers)", **options)
-        _put(rows, scores, measures, "", per_pass=True)
+        _put(run, rows, scores, measures, "", per_pass=True)
         return
     repeated = [ex for ex in candidates for _ in range(out.samples)]
     # the first pass was measured while generating: forward passes only for passes 2..K
     scores = score_generated(model, run.tokenizer, run.task, repeated, out,
                              desc="scoring pool (adapter, own answers)", **options)
-    _put(rows, scores.mean_over(out.samples), measures, "", per_pass=True)
+    _put(run, rows, scores.mean_over(out.samples), measures, "", per_pass=True)
 
 
 def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tuple[str, ...],
-                  rows: list[dict]) -> None:
+                  rows: list[dict], adapted: Any = None) -> None:
+    """The base term: the frozen base model's PE/ME of its own answers, of the gold answers,
+    or (`adapted`, the adapted model's `Generated` answers) of those very tokens."""
     from starlora.scoring import (
         BaseScoreCache,
         base_answers,
@@ -143,9 +228,17 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
             max_length=run.config.training.max_length))
     kwargs = dict(measures=measures, cache=cache, desc="scoring pool (base model, cached)",
                   **_kwargs(run))
+    if adapted is not None:  # the adapted model's tokens, adapter disabled: one forward pass
+        n = adapted.samples
+        kwargs["desc"] = "scoring pool (base model on the adapter's answers)"
+        scores = score_base(model, run.tokenizer, run.task,
+                            [ex for ex in candidates for _ in range(n)],
+                            answer_ids=adapted.tokens, **kwargs)
+        _put(run, rows, scores.mean_over(n), measures, "_base", per_pass=False)
+        return
     if run.config.scoring.answers != "generated":
-        _put(rows, score_base(model, run.tokenizer, run.task, candidates, **kwargs), measures,
-             "_base", per_pass=False)
+        _put(run, rows, score_base(model, run.tokenizer, run.task, candidates, **kwargs),
+             measures, "_base", per_pass=False)
         return
     n = run.config.scoring.samples
     prompts = [run.prompt_ids(ex) for ex in candidates]
@@ -158,15 +251,18 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
     # a pair cut to max_length
     scores = score_base_answers(model, run.tokenizer, run.task,
                                 [ex for ex in candidates for _ in range(n)], answers, **kwargs)
-    _put(rows, scores.mean_over(n), measures, "_base", per_pass=False)
+    _put(run, rows, scores.mean_over(n), measures, "_base", per_pass=False)
 
 
-def _put(rows: list[dict], scores: Any, measures: tuple[str, ...], suffix: str, *,
+def _put(run: Run, rows: list[dict], scores: Any, measures: tuple[str, ...], suffix: str, *,
          per_pass: bool) -> None:
-    """Write `measures` of `scores` (aligned with `rows`) into `rows`, with `per_pass` the
+    """Write `measures` of `scores` (aligned with `rows`) into `rows`: sums over the answer's
+    tokens, or their means with ``scoring.per_token``; with `per_pass`, and sums, the
     per-pass values too."""
+    per_token = run.config.scoring.per_token
     for m in measures:
-        values, passes = getattr(scores, m), getattr(scores, f"{m}_passes")
+        values = getattr(scores, f"{m}_per_token" if per_token else m)
+        passes = None if per_token else getattr(scores, f"{m}_passes")
         for i, row in enumerate(rows):
             row[m + suffix] = float(values[i])
             if per_pass and passes is not None:

@@ -1,0 +1,95 @@
+"""Run (or resume) the screen's runs (results/screen/README.md; exploratory), a few at a time.
+
+    python results/screen/run_screen.py                      # every new arm, seeds 0-2
+    python results/screen/run_screen.py --workers 1 --arms length,typiclust --seeds 0
+
+Each run is ``starlora run results/arith-study/study.yaml --run-dir results/screen/runs/<arm>/
+seed<s> --set seed=<s> <the arm's overrides in arms.yaml>`` in its own process with one thread
+(OMP_NUM_THREADS=1), its log beside it (``runs/<arm>/seed<s>.log``). Seed by seed, every arm
+of a seed before the next seed, so an interrupted screen holds complete pairs. A finished run
+is skipped; an unfinished one resumes exactly where it stopped, so the screen is continued by
+running this command again (one at a time). Arms marked ``study: true`` in arms.yaml are the
+committed study's runs and are skipped unless --rerun-study. Seeds 10 and up are refused:
+they are kept for the confirmatory study. Uses this checkout's ``src/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "arith-study" / "study.yaml"
+ARMS: dict[str, dict] = yaml.safe_load((HERE / "arms.yaml").read_text())
+SEEDS = [0, 1, 2]
+
+
+def finished(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "state.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def command(arm: str, seed: int, run_dir: Path) -> list[str]:
+    sets = [f"seed={seed}", *ARMS[arm]["set"]]
+    return [sys.executable, "-m", "starlora.cli", "run", str(CONFIG), "--run-dir", str(run_dir),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    ap.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, in this order")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--rerun-study", action="store_true",
+                    help="also run the arms the committed study ran (study: true)")
+    args = ap.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    if not args.rerun_study:
+        arms = [a for a in arms if not ARMS[a].get("study")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if any(s >= 10 for s in seeds):
+        ap.error("seeds 10 and up are kept for the confirmatory study")
+    todo = [(arm, seed) for seed in seeds for arm in arms
+            if not finished(args.runs_dir / arm / f"seed{seed}")]
+    path = os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    failed = 0
+    print(f"{len(todo)} runs to do with {args.workers} workers", flush=True)
+    while todo or running:
+        while todo and len(running) < args.workers:
+            arm, seed = todo.pop(0)
+            run_dir = args.runs_dir / arm / f"seed{seed}"
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir.parent / f"seed{seed}.log", "a")  # noqa: SIM115
+            running.append((arm, seed, subprocess.Popen(command(arm, seed, run_dir), stdout=log,
+                                                        stderr=log, env=env), time.time()))
+            print(f"started {arm} seed {seed}", flush=True)
+        time.sleep(5)
+        for item in list(running):
+            arm, seed, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            status = "finished" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            failed += proc.returncode != 0
+            print(f"{status}: {arm} seed {seed} in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

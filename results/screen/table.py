@@ -1,0 +1,106 @@
+"""The screen's table (results/screen/README.md; exploratory): AULC per arm and seed, and the
+batch composition by a problem's number of steps.
+
+    python results/screen/table.py > results/screen/screen.md
+
+For each arm of arms.yaml and each seed 0-2: the run ``results/screen/runs/<arm>/seed<s>``,
+or, for an arm marked ``study: true`` without a screen run, the committed study's
+``results/arith-study/runs/<arm>/seed<s>``. A run counts when it is finished. AULC and final
+accuracy from ``metrics.jsonl`` (`starlora.study.stats.aulc`, the study's definition), the
+paired difference from ``random`` per seed, and the share of 1-, 2- and 3-step problems among
+the items each arm selected (``rounds/<k>/selected.jsonl``, every query; and the first query
+alone), next to the pool's shares. No test, no correction: it ranks arms for the confirmatory
+study, it does not decide between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from starlora.config import load_config
+from starlora.io import read_jsonl
+from starlora.study.diagnostics import pool_facts
+from starlora.study.stats import aulc
+
+HERE = Path(__file__).resolve().parent
+STUDY_RUNS = HERE.parent / "arith-study" / "runs"
+
+
+def run_dir(arm: str, seed: int, spec: dict, runs: Path) -> Path | None:
+    for root in [runs] + ([STUDY_RUNS] if spec.get("study") else []):
+        d = root / arm / f"seed{seed}"
+        try:
+            if json.loads((d / "state.json").read_text()).get("finished"):
+                return d
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    ap.add_argument("--seeds", default="0,1,2")
+    args = ap.parse_args()
+    arms: dict[str, dict] = yaml.safe_load((HERE / "arms.yaml").read_text())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cache: dict = {}
+    result: dict[str, dict[int, dict]] = {}
+    pool_steps = None
+    for arm, spec in arms.items():
+        for seed in seeds:
+            d = run_dir(arm, seed, spec, args.runs_dir)
+            if d is None:
+                continue
+            metrics = read_jsonl(d / "metrics.jsonl")
+            steps = pool_facts(load_config(d / "config.yaml"), cache).values
+            pool_steps = pool_steps or steps
+            picked = {k: [steps[r["id"]] for r in read_jsonl(p)] for k, p in (
+                (int(p.parent.name), p) for p in d.glob("rounds/*/selected.jsonl"))}
+            result.setdefault(arm, {})[seed] = {
+                "aulc": aulc([m["n_labelled"] for m in metrics], [m["accuracy"] for m in metrics]),
+                "final": metrics[-1]["accuracy"], "rounds": len(metrics),
+                "all": [s for k in sorted(picked) for s in picked[k]], "first": picked.get(0, []),
+                "dir": d}
+    if not result:
+        print("no finished runs yet", file=sys.stderr)
+        return 1
+
+    def shares(values: list[int]) -> str:
+        v = np.array(values)
+        return " / ".join(f"{np.mean(v == s):.2f}" for s in (1, 2, 3)) if len(v) else "-"
+
+    print("# Screen (exploratory): AULC per arm and seed, batch composition by steps\n")
+    print(f"Setting: results/arith-study/study.yaml, seeds {', '.join(map(str, seeds))}. "
+          "Regenerate: `python results/screen/table.py > results/screen/screen.md`. "
+          "Arms marked * are the committed study's runs.\n")
+    head = " | ".join(f"seed {s}" for s in seeds)
+    print(f"| arm | {head} | mean AULC | mean diff vs random (seeds) | final acc. (mean) |")
+    print("|---|" + "---|" * len(seeds) + "---|---|---|")
+    rand = result.get("random", {})
+    for arm, runs in result.items():
+        star = "*" if all(str(r["dir"]).startswith(str(STUDY_RUNS)) for r in runs.values()) else ""
+        cells = " | ".join(f"{runs[s]['aulc']:.4f}" if s in runs else "-" for s in seeds)
+        paired = [runs[s]["aulc"] - rand[s]["aulc"] for s in seeds if s in runs and s in rand]
+        diff = f"{np.mean(paired):+.4f} ({len(paired)})" if paired else "-"
+        print(f"| {arm}{star} | {cells} | {np.mean([r['aulc'] for r in runs.values()]):.4f} | "
+              f"{diff} | {np.mean([r['final'] for r in runs.values()]):.3f} |")
+    print("\nShare of 1- / 2- / 3-step problems among the selected items (all seeds):\n")
+    print("| arm | every query | first query |")
+    print("|---|---|---|")
+    if pool_steps:
+        print(f"| (pool) | {shares(list(pool_steps.values()))} | |")
+    for arm, runs in result.items():
+        print(f"| {arm} | {shares([s for r in runs.values() for s in r['all']])} | "
+              f"{shares([s for r in runs.values() for s in r['first']])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
