@@ -171,11 +171,12 @@ def adapted():
 
 
 def first_character_task():
-    """arith whose `extract` reads an answer's first character: the random tiny model never
-    writes a final answer arith's `extract` finds (every sample would be None, and every
-    self-consistency measure 0), while first characters give a few classes that vary."""
+    """arith whose `extract` reads the parity of an answer's first character: the random tiny
+    model never writes a final answer arith's `extract` finds (every sample would be None,
+    every self-consistency measure 0), and its first characters nearly always differ; two
+    classes (and None for an empty answer) make the measures vary between items."""
     task = get_task("arith")
-    task.extract = lambda text: text.strip()[:1] or None
+    task.extract = lambda text: str(ord(text.strip()[0]) % 2) if text.strip() else None
     return task
 
 
