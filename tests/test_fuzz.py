@@ -73,15 +73,15 @@ csv_files = st.builds(
     st.lists(st.lists(cells, max_size=5), max_size=5),
     st.one_of(st.just(""), text, st.sampled_from(['"unclosed', "a,b,c,d,e,f\n", "\x00"])))
 
-ls_annotation = st.fixed_dictionaries(
-    {"result": st.lists(st.fixed_dictionaries(
+ls_annotation = st.one_of(json_values, st.fixed_dictionaries(
+    {"result": st.one_of(json_values, st.lists(st.fixed_dictionaries(
         {"from_name": st.sampled_from(["answer", "other"]),
          "value": st.one_of(json_values, st.fixed_dictionaries(
-             {"text": st.one_of(json_values, st.lists(text, max_size=2))}))}), max_size=2)},
-    optional={"was_cancelled": st.one_of(st.booleans(), json_values)})
+             {"text": st.one_of(json_values, st.lists(text, max_size=2))}))}), max_size=2))},
+    optional={"was_cancelled": st.one_of(st.booleans(), json_values)}))
 ls_tasks = st.one_of(json_values, st.fixed_dictionaries(
     {"data": st.one_of(json_values, st.fixed_dictionaries({"id": st.sampled_from(IDS)}))},
-    optional={"annotations": st.lists(ls_annotation, max_size=3)}))
+    optional={"annotations": st.one_of(json_values, st.lists(ls_annotation, max_size=3))}))
 ls_files = st.one_of(
     st.builds(lambda tasks, indent: json.dumps(tasks, indent=indent),
               st.lists(ls_tasks, max_size=4), st.sampled_from([None, 1])),

