@@ -29,14 +29,15 @@ def examples() -> list[Example]:
     return [Example(f"q{i}", q, "") for i, q in enumerate(QUESTIONS)]
 
 
-def adapted(model, seed: int = 0):
-    """A peft model with LoRA dropout 0.1 whose adapter really changes the outputs."""
+def adapted(model, seed: int = 0, scale: float = 0.2):
+    """A peft model with LoRA dropout 0.1 whose adapter really changes the outputs
+    (lora_B ~ `scale` * N(0, 1))."""
     torch.manual_seed(seed)
     peft = attach_lora(model, r=4, dropout=0.1)
     gen = torch.Generator().manual_seed(seed)
     for name, p in peft.named_parameters():
         if "lora_B" in name:
-            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.data.copy_(torch.randn(p.shape, generator=gen) * scale)
     return peft
 
 
@@ -65,7 +66,7 @@ def assert_close(got, want) -> None:
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
 
 
-def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens: int) -> None:
+def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens: int):
     sampling = samples > 1
     out = generate(model, tokenizer, prompts(tokenizer), max_new_tokens=max_new_tokens,
                    batch_size=4, samples=samples, temperature=1.0 if sampling else 0.0,
@@ -77,8 +78,9 @@ def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens:
     ref = forward_scores(model, tokenizer, out.tokens, repeat=samples, mc_passes=1)
     assert_close([x.sum() for x in out.nll], ref.pe)
     assert_close([x.sum() for x in out.entropy], ref.me)
-    if not sampling:  # greedy: the tokens were chosen from these logits, untempered
-        assert_close([x.sum() for x in out.nll], [-lp.sum() for lp in out.logprobs])
+    # (not `Generated.logprobs`: those are of the processed scores the tokens were chosen
+    # from, which transformers' default processors may change; on SmolLM2 greedy they were
+    # ~0.0035 nats a row above the raw logits' -PE)
     return out
 
 
@@ -145,7 +147,11 @@ def test_pairs_cut_to_max_length_are_scored_by_a_forward_pass(tiny):
 
 @pytest.mark.parametrize("samples", [1, 3])
 def test_smollm2_generation_measures_equal_a_forward_pass(smol, samples):
-    model = adapted(smol.model)
+    """lora_B ~ 0.01 N(0, 1), the size a trained adapter's entries have. With 0.2 (the tiny
+    models' adapter) SmolLM2 becomes ill-conditioned: its fp32 PE, by any path (the
+    generation, the scorer, model.forward), was measured up to 1.3e-4 away from a float64
+    copy's, so no two fp32 computations of it agree within 1e-5."""
+    model = adapted(smol.model, scale=0.01)
     try:
         check_generation_measures(model, smol.tokenizer, samples=samples, max_new_tokens=24)
         scores, out = score_own_answers(model, smol.tokenizer, TASK, examples(),
