@@ -180,10 +180,11 @@ def first_character_task():
     return task
 
 
-def pool_rows(adapted, overrides: list[str], answers: str = "none", needs=None):
+def pool_rows(adapted, overrides: list[str], answers: str = "none", needs=None, task=None):
     """(the score phase's rows for 12 arith problems, the run they were scored for) under the
     strategy and options `overrides` set, with the pool's answers gold, wrong or missing
-    (`answers`); `needs` replaces the strategy's score columns."""
+    (`answers`); `needs` replaces the strategy's score columns; `task` (default:
+    `first_character_task`) reads the final answers."""
     from starlora.config import load_config
     from starlora.run.context import Run
     from starlora.run.loop import config_strategy
@@ -193,7 +194,7 @@ def pool_rows(adapted, overrides: list[str], answers: str = "none", needs=None):
 
     model, tokenizer = adapted
     cfg = load_config(TINY, ["evaluation.max_new_tokens=8", *overrides])
-    task = first_character_task()
+    task = task or first_character_task()
     pool = task.generate("train", 12, 0)
     pool = [Example(ex.id, ex.question, {"gold": ex.answer, "wrong": "#### 999",
                                          "none": None}[answers]) for ex in pool]
@@ -204,12 +205,13 @@ def pool_rows(adapted, overrides: list[str], answers: str = "none", needs=None):
     return score_rows(run, pool, seed=phase_seed(cfg.seed, 0, "score"), model=model), run
 
 
-def select_on(adapted, overrides: list[str], answers: str) -> tuple[list[dict], list[dict]]:
+def select_on(adapted, overrides: list[str], answers: str,
+              task=None) -> tuple[list[dict], list[dict]]:
     """The score phase's rows and the first selection (4 of 12 arith problems) of the strategy
     and options `overrides` set, with the pool's answers gold, wrong or missing (`answers`)."""
     from starlora.run.protocol import stream
 
-    rows, run = pool_rows(adapted, overrides, answers)
+    rows, run = pool_rows(adapted, overrides, answers, task=task)
     columns = {c: np.array([r[c] for r in rows], float) for c in run.strategy.needs}
     selected = run.strategy.select_rows([r["id"] for r in rows], columns, 4, query_index=0,
                                         rng=stream(run.config.seed, 0, "select"))
@@ -324,3 +326,20 @@ def test_self_consistency_with_one_sample_is_refused_before_any_work(tmp_path: P
     with pytest.raises(ConfigError, match="scoring.samples >= 2"):
         run_experiment(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["length", "pe-dynamic, base_scores adapted, 3 samples",
+                                 "answer_entropy", "disagreement-dynamic"])
+def test_smollm2_new_strategies_select_the_same_with_gold_wrong_or_missing_answers(
+    smol, arm: str
+) -> None:
+    """The real model (no adapter: the base term is the same model) and arith's own `extract`:
+    the same rows and selection whatever answers the pool carries."""
+    runs = [select_on((smol.model, smol.tokenizer), LABEL_FREE[arm], answers,
+                      task=get_task("arith")) for answers in ("gold", "wrong", "none")]
+    assert runs[0] == runs[1] == runs[2]
+    rows, selected = runs[0]
+    assert len(rows) == 12 and len(selected) == 4
+    if arm == "answer_entropy":  # SmolLM2 writes final answers arith reads, and they vary
+        assert len({r["answer_entropy"] for r in rows}) > 1

@@ -150,8 +150,8 @@ def main() -> int:
                 continue
             top = np.argsort(-u, kind="stable")[:TOP]
             stats.setdefault(name, []).append((
-                spearman(u, s), spearman(u, n) if known or "own" not in name else np.nan,
-                float(np.mean(cap[top])) if known or "own" not in name else np.nan))
+                spearman(u, s), spearman(u, n) if known or not name.startswith("own") else np.nan,
+                float(np.mean(cap[top])) if known or not name.startswith("own") else np.nan))
         n_queries = max(1, load_config(run / "config.yaml").active_learning.rounds - 1)
         star = make_strategy("pe-dynamic", n_queries=n_queries)
         for name in ("own", "adapted", "adapted /tok"):
