@@ -8,8 +8,9 @@ seed<s> --set seed=<s> <the arm's overrides in arms.yaml>`` in its own process w
 (OMP_NUM_THREADS=1), its log beside it (``runs/<arm>/seed<s>.log``). Seed by seed, every arm
 of a seed before the next seed, so an interrupted screen holds complete pairs. A finished run
 is skipped; an unfinished one resumes exactly where it stopped, so the screen is continued by
-running this command again (one at a time). Arms marked ``study: true`` in arms.yaml are the
-committed study's runs and are skipped unless --rerun-study. Seeds 10 and up are refused:
+running this command again (one at a time). Arms marked ``study: true`` in arms.yaml were run
+by the committed study with older code (before scoring while generating, which changed the
+first MC pass); they are run again here unless --reuse-study. Seeds 10 and up are refused:
 they are kept for the confirmatory study. Uses this checkout's ``src/``.
 """
 
@@ -50,14 +51,15 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, in this order")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    ap.add_argument("--rerun-study", action="store_true",
-                    help="also run the arms the committed study ran (study: true)")
+    ap.add_argument("--reuse-study", action="store_true",
+                    help="skip the arms the committed study ran (study: true); table.py then "
+                         "reads the study's runs, made with older code")
     args = ap.parse_args()
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
-    if not args.rerun_study:
+    if args.reuse_study:
         arms = [a for a in arms if not ARMS[a].get("study")]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if any(s >= 10 for s in seeds):
