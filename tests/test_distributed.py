@@ -141,12 +141,16 @@ def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_two_process_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path]) -> None:
+    """The same files and the same round-0 selection as a set: the processes draw other
+    training dropout masks (`LOSS_RTOL`), and the random tiny model's greedy answers follow
+    such small differences, so near-tied utilities may swap ranks (measured: the top two,
+    0.9590 and 0.9583 in one process). The labelled rows are the same rows."""
     one, two = tiny_runs
     assert files(one) == files(two)  # the same files, and no temporary ones left over
-    assert read_jsonl(one / "rounds/0/selected.jsonl") and [
-        r["id"] for r in read_jsonl(one / "rounds/0/selected.jsonl")] == [
-        r["id"] for r in read_jsonl(two / "rounds/0/selected.jsonl")]
-    assert read_jsonl(one / "labelled.jsonl") == read_jsonl(two / "labelled.jsonl")
+    ids = [sorted(r["id"] for r in read_jsonl(d / "rounds/0/selected.jsonl")) for d in tiny_runs]
+    assert ids[0] and ids[0] == ids[1]
+    rows = [sorted(read_jsonl(d / "labelled.jsonl"), key=lambda r: r["id"]) for d in tiny_runs]
+    assert rows[0] == rows[1]
     for a, b in zip(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"),
                     strict=True):
         assert (a["round"], a["n_labelled"]) == (b["round"], b["n_labelled"])
