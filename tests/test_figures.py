@@ -1,8 +1,8 @@
 """No figure without its source (issue 38, item 3).
 
-A figure in the README or the docs that comes from a run is marked by a comment naming the
-committed file it comes from, on the line before its block (a table, a list item or a
-paragraph: up to the next blank line):
+A figure in the README, results/README.md or the docs that comes from a run is marked by a
+comment naming the committed file it comes from, on the line before its block (a table, a list
+item or a paragraph: up to the next blank line):
 
     <!-- source: docs/benchmarks/round-generated-vs-gold-2026-12-04.txt -->
     | date | mc_passes | phase | gold s | generated s | generated / gold |
@@ -39,9 +39,10 @@ FILE = re.compile(r"[\w./-]+\.(?:txt|md|png|json|jsonl|csv|py|yaml)\b")
 #: a number; a minus is its sign only after a space or an opening bracket (``0.90-0.95`` is a
 #: range); scientific notation as Python prints it
 NUMBER = re.compile(r"(?:(?<=[\s(\[])[-−])?(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:e-?\d+)?"
-                    r"(?![\w.]*\d)")
-#: the pages checked: the README and every docs page
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+                    r"(?![\w.]*\d)%?")
+#: the pages checked: the READMEs and every docs page
+PAGES = [ROOT / "README.md", ROOT / "results" / "README.md",
+         *sorted((ROOT / "docs").glob("*.md"))]
 TRANSCRIBED = "Earlier figures (transcribed"
 
 
@@ -56,6 +57,11 @@ def matches(figure: str, source: set[str]) -> bool:
     """Whether `figure` is one of `source`'s numbers, or one of them rounded to its decimals
     (never one given with more decimals than the source has; scientific notation exactly). A
     figure without a sign may be a negative one's size ("worse by 0.048")."""
+    if figure.endswith("%"):  # 89% is 89 in the source, or 0.89 (0.886 rounded)
+        figure = figure[:-1]
+        whole, _, frac = figure.lstrip("-").partition(".")
+        fraction = f"{Decimal(figure) / 100:.{len(frac) + 2}f}"
+        return matches(figure, source) or matches(fraction, source)
     value = Decimal(figure)
     decimals = len(figure.partition(".")[2])
     half = Decimal(1).scaleb(-decimals) / 2
@@ -127,7 +133,7 @@ def problems(page: str, name: str) -> list[str]:
             out.append(f"{where}: source file(s) or section(s) not found: {missing}")
             continue
         source = "\n".join(texts.values())
-        found = set(numbers(source))
+        found = {n.rstrip("%") for n in numbers(source)}
         for figure in numbers(text):
             if not matches(figure, found):
                 out.append(f"{where}: {figure} is not in {', '.join(sources)}")
@@ -143,6 +149,7 @@ def test_numbers_leave_out_hashes_dates_and_read_ranges_and_signs():
     assert numbers("3d72548 and ec2a89d, r 64, load 9-14") == ["64", "9", "14"]
     assert numbers("[out](benchmarks/pool-scale-da3cbfc.txt), 1e-5") == ["1e-5"]
     assert numbers("use `scoring.samples: 5`, `mc_passes=1`") == ["1"]
+    assert numbers("89% of 16, top-25% (0.5%)") == ["89%", "16", "25%", "0.5%"]
 
 
 def test_a_figure_matches_its_source_rounded_and_nothing_else():
@@ -154,6 +161,7 @@ def test_a_figure_matches_its_source_rounded_and_nothing_else():
     assert not matches("0.21", source) and not matches("1.350", {"1.35"})
     assert not matches("6.3e-7", source) and not matches("269", source)
     assert matches("0.048", {"-0.0481"}) and not matches("-0.048", {"0.0481"})
+    assert matches("89%", {"0.886"}) and matches("49.2%", {"49.2"}) and not matches("88%", {"0.886"})
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
