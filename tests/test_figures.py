@@ -254,3 +254,18 @@ def test_the_study_has_the_arms_seeds_and_probe_runs_the_docs_count():
     assert len(rows) == 8 and all(row[2].strip() == "10" for row in rows)
     probe = ROOT / "results" / "obqa-probe" / "runs"
     assert len([run for run in probe.glob("*/seed*") if (run / "metrics.jsonl").is_file()]) == 9
+
+
+def test_every_benchmark_output_says_how_it_was_made_and_is_quoted():
+    """Each file under docs/benchmarks/ starts with its command, code, date and machine on
+    `#` lines, and some page's marker names it (no output left unquoted)."""
+    named = {s.partition("#")[0] for page in PAGES
+             for _, sources, _ in blocks(page.read_text(encoding="utf-8")) for s in sources}
+    outputs = sorted((ROOT / "docs" / "benchmarks").glob("*.txt"))
+    assert outputs
+    for path in outputs:
+        head = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.startswith("# ")]
+        keys = {line[2:].split(":")[0] for line in head}
+        assert {"command", "code", "date", "machine"} <= keys, path.name
+        assert f"docs/benchmarks/{path.name}" in named, f"{path.name} is quoted nowhere"
