@@ -12,6 +12,17 @@ Prints seconds and generated tokens per second of each side, and as its last lin
 prompts whose greedy token ids are identical. Rows of a padded batch see other rows' padding
 in their attention softmax only as exact zeros, but the matmuls run on other shapes, so float
 rounding can flip a near-tie between two tokens; those prompts then differ from there on.
+
+``--lm-eval N`` compares ours with lm-evaluation-harness instead of the one-at-a-time reference:
+``HFLM(pretrained=model, batch_size=--batch-size).generate_until`` on the same N prompts (the
+task's prompt strings, which lm-eval tokenises to the same ids: checked), greedy, at most
+``--max-new-tokens`` tokens, stopping at the same stop tokens (as strings, ``until``), both
+sides on the same model in the same dtype (``--dtype``), timed in alternation ``--repeats``
+times (medians; the speed-up is the median of the paired ratios). ``--profile`` adds a
+``torch.profiler`` summary of one call of each side. The last line reads
+``ours_vs_lm_eval=<ratio> same_outputs=<fraction of identical texts>``.
+
+    python benchmarks/generation.py --lm-eval 64 --dtype bfloat16 --repeats 3
 """
 
 from __future__ import annotations
@@ -63,7 +74,15 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "auto", "bfloat16"],
                         help="both sides (auto = what a run loads: bf16 on GPUs)")
+    parser.add_argument("--lm-eval", type=int, default=0, metavar="N",
+                        help="instead: ours against lm-eval's generate_until on N prompts")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --lm-eval: a torch.profiler summary of one call of each side")
     args = parser.parse_args()
+    if args.lm_eval:
+        from generation_lm_eval import lm_eval_mode
+
+        return lm_eval_mode(args)
     tune_cpu_allocator()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer

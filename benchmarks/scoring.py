@@ -36,6 +36,12 @@ examples/s per P side by side, checks that every P gives the same scores, and en
 ``processes_<P>_vs_<first>=<ratio>`` (examples/s ratio; the last line is the largest P).
 
     python benchmarks/scoring.py --processes 1,2 --limit 48 --mc-passes 3
+
+``--lm-eval N`` compares ours with lm-evaluation-harness instead (``HFLM.loglikelihood`` at
+batch size 8, the same N items, tokens and dtype, timed side by side; see
+`benchmarks/scoring_lm_eval.py`) and ends with ``ours_vs_lm_eval=<ratio>``.
+
+    python benchmarks/scoring.py --lm-eval 96 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -122,40 +128,6 @@ def float64_scores(model, tokenizer, task, examples):
             me.append(-(at.exp() * at).sum().item())
     del ref
     return np.array(pe), np.array(me)
-
-
-def lm_eval_check(model, tokenizer, task, examples) -> str:
-    """Log-likelihood of the gold answers from lm-evaluation-harness vs ours (without EOS,
-    which lm_eval does not append)."""
-    try:
-        from lm_eval.api.instance import Instance
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        return "lm_eval: not installed, comparison skipped"
-
-    class NoEOS(type(task)):
-        def encode(self, tok, ex, answer=None, add_eos=True):
-            return super().encode(tok, ex, answer, add_eos=False)
-
-    plain = NoEOS(task.prompt_style, task.template, task.answer_prefix)
-    ours = score_examples(model, tokenizer, plain, examples, measures=("pe",), progress=False)
-    lm = HFLM(
-        pretrained=getattr(model, "get_base_model", lambda: model)(),
-        tokenizer=tokenizer,
-        batch_size=1,
-        device=str(model.device),
-    )
-    requests = [
-        Instance("loglikelihood", {}, (plain.prompt(ex, tokenizer), plain.target(ex.answer)), i)
-        for i, ex in enumerate(examples)
-    ]
-    theirs = np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
-    diff = np.abs(-ours.pe - theirs) / np.abs(theirs)
-    return (
-        f"lm_eval {__import__('lm_eval').__version__} loglikelihood on {len(examples)} items: "
-        f"max relative difference to ours {diff.max():.2e} "
-        f"(ours {-ours.pe[:3].round(4)}, lm_eval {theirs[:3].round(4)} ...)"
-    )
 
 
 #: the arguments a worker of `--processes` passes on to the next
@@ -252,9 +224,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternations of the two sides")
     ap.add_argument("--default-allocator", action="store_true",
                     help="skip tune_cpu_allocator() (the CLI applies it)")
-    ap.add_argument("--lm-eval", type=int, default=0, help="also compare N items with lm_eval")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="precision of ours (scoring.dtype); the reference stays float32")
+    ap.add_argument("--lm-eval", type=int, default=0, metavar="N",
+                    help="instead: ours against lm-eval's loglikelihood on N items, timed "
+                    "(benchmarks/scoring_lm_eval.py; needs the bench extra)")
+    ap.add_argument("--lm-eval-batch-size", type=int, default=8)
+    ap.add_argument("--profile", action="store_true",
+                    help="with --lm-eval: a torch.profiler summary of one call of each side")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="precision of ours (scoring.dtype; default float32); the reference "
+                    "stays float32; with --lm-eval both sides (default bfloat16)")
     ap.add_argument("--rank-items", type=int, default=None,
                     help="with --dtype bfloat16: items compared with fp32 (default --limit)")
     ap.add_argument("--float64-check", type=int, default=3,
@@ -267,6 +245,11 @@ def main() -> None:
         return processes_mode(args)
     if args.worker:
         return worker_mode(args)
+    if args.lm_eval:
+        from scoring_lm_eval import lm_eval_mode
+
+        return lm_eval_mode(args, matmul_rates)
+    args.dtype = args.dtype or "float32"
     allocator = "default"
     if args.device == "cpu" and not args.default_allocator and tune_cpu_allocator():
         allocator = "tuned"  # as the CLI does; both sides run in this process
@@ -388,8 +371,6 @@ def main() -> None:
             f"ME {np.max(np.abs(check.me[:n] / me64 - 1)):.2e}, reference PE "
             f"{np.max(np.abs(ref_pe[:n, 0] / pe64 - 1)):.2e} ME {np.max(np.abs(ref_me[:n, 0] / me64 - 1)):.2e}"
         )
-    if args.lm_eval:
-        print(lm_eval_check(model, tok, task, examples[: args.lm_eval]))
     speedup = float(np.median(np.array(t_ref) / np.array(t_ours)))
     last = f"ours_vs_reference={speedup:.2f} roofline_fraction={fraction:.3f}"
     if args.dtype != "float32":
