@@ -269,3 +269,27 @@ def test_every_benchmark_output_says_how_it_was_made_and_is_quoted():
         keys = {line[2:].split(":")[0] for line in head}
         assert {"command", "code", "date", "machine"} <= keys, path.name
         assert f"docs/benchmarks/{path.name}" in named, f"{path.name} is quoted nowhere"
+
+
+def test_record_writes_the_command_code_date_machine_and_output(tmp_path):
+    """benchmarks/record.py: the header test_figures and docs/benchmarks.md describe, then the
+    command's stdout unchanged; a failing command writes nothing; a file is not replaced."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.txt"
+    script = [sys.executable, str(ROOT / "benchmarks" / "record.py")]
+    command = [sys.executable, "-c", "print('speed_vs_reference=1.35')"]
+    done = subprocess.run([*script, str(out), "--note", "shared machine", "--", *command],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text(encoding="utf-8")
+    keys = {line[2:].split(":")[0] for line in text.splitlines() if line.startswith("# ")}
+    assert {"command", "code", "date", "machine"} <= keys and "# shared machine\n" in text
+    assert text.endswith("\nspeed_vs_reference=1.35\n") and "speed_vs_reference=1.35" in done.stdout
+    assert matches("1.35", {n.rstrip("%") for n in numbers(text)})
+    again = subprocess.run([*script, str(out), "--", *command], capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr
+    failed = subprocess.run([*script, str(tmp_path / "y.txt"), "--", sys.executable, "-c",
+                             "raise SystemExit(3)"], capture_output=True, text=True)
+    assert failed.returncode == 3 and not (tmp_path / "y.txt").exists()
