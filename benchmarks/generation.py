@@ -19,7 +19,7 @@ task's prompt strings, which lm-eval tokenises to the same ids: checked), greedy
 ``--max-new-tokens`` tokens, stopping at the same stop tokens (as strings, ``until``), both
 sides on the same model in the same dtype (``--dtype``), timed in alternation ``--repeats``
 times (medians; the speed-up is the median of the paired ratios). ``--profile`` adds a
-``torch.profiler`` summary of one call of each side. The last line reads
+``torch.profiler`` summary of each side on one batch (the first ``--batch-size`` prompts). The last line reads
 ``ours_vs_lm_eval=<ratio> same_outputs=<fraction of identical texts>``.
 
     python benchmarks/generation.py --lm-eval 64 --dtype bfloat16 --repeats 3
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--lm-eval", type=int, default=0, metavar="N",
                         help="instead: ours against lm-eval's generate_until on N prompts")
     parser.add_argument("--profile", action="store_true",
-                        help="with --lm-eval: a torch.profiler summary of one call of each side")
+                        help="with --lm-eval: a torch.profiler summary of each side on one batch")
     args = parser.parse_args()
     if args.lm_eval:
         from generation_lm_eval import lm_eval_mode

@@ -92,9 +92,14 @@ def lm_eval_mode(args: argparse.Namespace) -> int:
     print(f"identical texts: {sum(same)}/{len(same)}; differing prompts: {differ[:10]}"
           + (f" (first: ours {texts[differ[0]][:80]!r} lm_eval "
              f"{results['lm_eval'][differ[0]][:80]!r})" if differ else ""))
-    if args.profile:
-        for name, fn in (("ours", ours), ("lm_eval", theirs)):
-            print(f"torch.profiler, one call of {name}:\n{profile_table(fn)}")
+    if args.profile:  # one batch: a whole call's events took 21 GB (the OOM killer's count)
+        n = args.batch_size
+        sides = (("ours", lambda: generate(model, tok, prompts[:n], progress=False,
+                                           max_new_tokens=args.max_new_tokens, batch_size=n)),
+                 ("lm_eval", lambda: lm.generate_until(requests[:n], disable_tqdm=True)))
+        for name, fn in sides:
+            print(f"torch.profiler, {name} on the first {n} prompts (one batch):\n"
+                  f"{profile_table(fn)}")
     print(f"loadavg at the end: {load()}")
     ratio = paired_ratio(times["lm_eval"], times["ours"])
     print(f"ours_vs_lm_eval={ratio:.2f} same_outputs={sum(same) / len(same):.3f}")
