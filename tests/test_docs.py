@@ -4,10 +4,10 @@ note, and that the site's navigation and pages agree. `mkdocs build --strict` ru
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
+from scripts import load_script
 
 from starlora.config import ExperimentConfig
 
@@ -15,11 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hook():
-    spec = importlib.util.spec_from_file_location(
-        "config_reference", ROOT / "docs" / "hooks" / "config_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/hooks/config_reference.py")
 
 
 def _keys() -> list[str]:
@@ -82,13 +78,8 @@ def test_the_readme_demo_paragraph_is_rendered_from_the_committed_demo_record() 
     """The demo's time and curve in the README come from docs/demo.json (written by
     `make demo UPDATE_README=1` from a demo's own demo.json), never typed by hand."""
     import json
-    import sys
 
-    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
-    try:
-        import demo_figures
-    finally:
-        sys.path.pop(0)
+    demo_figures = load_script("docs/hooks/demo_figures.py")
     record = json.loads((ROOT / "docs" / "demo.json").read_text())
     readme = (ROOT / "README.md").read_text()
     assert demo_figures.block(readme) == demo_figures.render(record)

@@ -20,12 +20,12 @@ heading "Earlier figures (transcribed ...)".
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^<!-- source: (.+?) -->\s*$")
@@ -223,11 +223,7 @@ def test_every_figure_table_and_last_line_in_benchmarks_is_sourced_or_transcribe
 
 
 def _baselines():
-    spec = importlib.util.spec_from_file_location(
-        "baselines", ROOT / "results" / "arith-study" / "baselines.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("results/arith-study/baselines.py")
 
 
 def test_plain_pe_and_me_beat_random_in_every_seed_as_the_readme_says():
