@@ -20,12 +20,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from starlora import __version__
 from starlora.errors import StarloraError
 from starlora.noise import LIBRARY_NOISE, library_noise_silenced  # noqa: F401 - re-exported
 from starlora.run.formats import FORMATS  # of answer files (--format)
+from starlora.tasks.base import PromptStyle
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated answers per record: 1 greedy, N > 1 at temperature 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="of a generated answer")
     p.add_argument("--seed", type=int, default=0, help="of MC-dropout masks and samples")
-    p.add_argument("--prompt-style", choices=["plain", "chat"], default="plain")
+    p.add_argument("--prompt-style", choices=get_args(PromptStyle), default="plain")
     p.add_argument("--measures", default="pe,me", help="comma-separated: pe, me")
     p.add_argument("--mc-passes", type=int, default=1, help="Monte-Carlo dropout passes")
     p.add_argument("--batch-size", default="auto", type=lambda s: s if s == "auto" else int(s),

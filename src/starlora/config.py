@@ -25,7 +25,7 @@ from starlora.acquisition.base import (
 )
 from starlora.errors import ConfigError
 from starlora.stopping import parse_rule
-from starlora.tasks import TASKS
+from starlora.tasks import TASKS, PromptStyle
 
 
 class _Section(BaseModel):
@@ -80,7 +80,7 @@ class TaskConfig(_Section):
     train: str | None = None  # the pool; records may lack answers (see active_learning.oracle)
     test: str | None = None  # the evaluation split (answers required)
     labelled: str | None = None  # labels the user already has: the initial labelled set
-    prompt_style: Literal["plain", "chat"] = "plain"  # chat: in a user turn of the chat template
+    prompt_style: PromptStyle = "plain"  # chat: in a user turn of the chat template
     template: str | None = None  # str.format template with {question}; None = task default
     answer_prefix: str = " "  # put before the answer in plain style
     question_field: str = "question"  # the field (CSV: column) of the question

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from starlora.errors import ConfigError
 
@@ -91,8 +91,9 @@ class Task:
         template: str | None = None,
         answer_prefix: str = " ",
     ):
-        if prompt_style not in ("plain", "chat"):
-            raise ConfigError(f"task.prompt_style: must be 'plain' or 'chat', got {prompt_style!r}")
+        if prompt_style not in get_args(PromptStyle):
+            raise ConfigError(f"task.prompt_style: must be one of {get_args(PromptStyle)}, "
+                              f"got {prompt_style!r}")
         self.prompt_style = prompt_style
         self.template = template if template is not None else self.default_template
         if "{question}" not in self.template:
