@@ -15,8 +15,10 @@ from starlora.cli import main
 from starlora.config import load_config
 from starlora.errors import ConfigError, DataError
 from starlora.io import read_json, read_jsonl, write_jsonl
+from starlora.run.calibrate import calibrate
 from starlora.run.loop import run_experiment
 from starlora.run.protocol import protocol_id
+from starlora.run.uncertainty import write_test_uncertainty
 from starlora.tasks import get_task
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -111,6 +113,22 @@ def test_a_resume_in_another_precision_is_refused_unless_allowed(
         "model.dtype": "float32", "scoring.dtype": "bfloat16", "training.mixed_precision": "bf16"}}]
     protocols = {m["protocol"] for m in read_jsonl(run_dir / "metrics.jsonl")}
     assert len(protocols) == 1  # the run keeps its protocol id
+
+
+def test_uncertainty_and_calibrate_refuse_another_precision_than_the_runs(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`starlora uncertainty` and `starlora calibrate` load the model again: where `auto`
+    resolves to bf16 they would score an fp32 run's adapter in bf16; both refuse, naming
+    identity.json, and write nothing."""
+    run_dir = copy(finished, tmp_path)
+    set_cpu_bf16(monkeypatch, True)
+    match = r"identity.json: the run computed in another precision .*scoring.dtype: float32 -> bfloat16"
+    with pytest.raises(ConfigError, match=match):
+        write_test_uncertainty(run_dir, progress=False)
+    with pytest.raises(ConfigError, match=match):
+        calibrate(str(run_dir), progress=False)
+    assert not list(run_dir.glob("rounds/*/test_uncertainty.jsonl"))
+    assert not list(run_dir.glob("rounds/*/calibration.json"))
 
 
 @pytest.mark.parametrize("split,file", [("test", "test.jsonl"), ("pool", "pool.jsonl")])

@@ -36,6 +36,7 @@ from starlora.confidence import best_on_grid, signal_metrics, temperature_grid
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl
 from starlora.run.data import load_data, make_task, set_aside_stop_set
+from starlora.run.identity import require_precision
 from starlora.run.store import RunStore
 from starlora.tasks import Example
 
@@ -159,6 +160,7 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
     test_examples = [test[str(p["id"])] for p in predictions]
     loaded = load_model(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype,
                         trust_remote_code=cfg.model.trust_remote_code)
+    require_precision(store, cfg, loaded.model)
     model, tok = load_adapter(loaded.model, adapter), loaded.tokenizer
     labelled = [Example(r["id"], by_id[r["id"]].question, r["answer"], by_id[r["id"]].meta)
                 for r in store.labelled() if r["id"] in by_id]

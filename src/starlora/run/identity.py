@@ -1,6 +1,8 @@
 """What a run computed with, beyond its config: the precision its ``auto`` settings resolved to
 and the contents of its data. Both are recorded in ``identity.json`` when the run starts and
-checked on every resume, so a run cannot silently change them half way.
+checked on every resume, so a run cannot silently change them half way; ``starlora
+uncertainty`` and ``starlora calibrate`` check the precision too (`require_precision`) before
+they compute on the run's last adapter.
 
 * **precision** (`resolved_precision`): ``model.dtype``, ``scoring.dtype`` and
   ``training.mixed_precision`` as they resolved on the hardware (``auto`` is bf16 on GPUs and
@@ -125,9 +127,7 @@ def check_precision(store: RunStore, precision: dict[str, str], state: dict, *,
         legacy = bool(store.metrics())  # rounds computed before precision was recorded
         write_json(store.paths.identity, {**identity, "precision": precision, "legacy": legacy})
         return None if legacy else precision
-    current = identity.get("precision_changes", [{}])[-1].get("precision", recorded)
-    changed = [f"{k}: {current.get(k)} -> {precision[k]}" for k in PRECISION_KEYS
-               if current.get(k) != precision[k]]
+    changed = _changes(_current(identity), precision)
     if changed and not allow_change:
         raise ConfigError(
             f"{store.root}: this resume would compute in another precision ({'; '.join(changed)}"
@@ -140,3 +140,29 @@ def check_precision(store: RunStore, precision: dict[str, str], state: dict, *,
                     "precision": precision}]
         write_json(store.paths.identity, {**identity, "precision_changes": changes})
     return None if identity.get("legacy") else recorded
+
+
+def require_precision(store: RunStore, config: ExperimentConfig, model: Any) -> None:
+    """Refuse (ConfigError) to compute on a finished run's adapter in another precision than
+    the run's: `model` as loaded resolves `resolved_precision` differently from the run's
+    last recorded precision (``starlora uncertainty`` and ``starlora calibrate`` load the
+    model again, possibly on other hardware, where ``auto`` resolves otherwise). A run with no
+    recorded precision (legacy) is not checked."""
+    current = _current(_read(store))
+    changed = current and _changes(current, resolved_precision(config, model))
+    if changed:
+        raise ConfigError(
+            f"{store.paths.identity}: the run computed in another precision than this machine "
+            f"resolves ({'; '.join(changed)}); run this where it resolves as the run did, or "
+            "set model.dtype / scoring.dtype / training.mixed_precision explicitly in the "
+            "run's config.yaml")
+
+
+def _current(identity: dict) -> dict[str, str] | None:
+    """The precision the run computes in now: the last recorded change's, else the first."""
+    return identity.get("precision_changes", [{}])[-1].get("precision",
+                                                            identity.get("precision"))
+
+
+def _changes(then: dict[str, str], now: dict[str, str]) -> list[str]:
+    return [f"{k}: {then.get(k)} -> {now[k]}" for k in PRECISION_KEYS if then.get(k) != now[k]]

@@ -37,6 +37,7 @@ from starlora import distributed as dist
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl, write_jsonl
 from starlora.run.data import load_data, make_task
+from starlora.run.identity import require_precision
 from starlora.run.protocol import phase_seed
 from starlora.run.store import RunStore
 from starlora.tasks import Example
@@ -96,6 +97,7 @@ def write_test_uncertainty(run_dir: str | Path, *, progress: bool = True,
     adapter = store.adapter_dir(k)
 
     loaded = _base_model(cfg, models)
+    require_precision(store, cfg, loaded.model)
     from starlora.adapters import load_adapter, remove_adapter
     from starlora.scoring import score_examples, score_own_answers
     from starlora.scoring.options import resolve_dtype
