@@ -25,6 +25,7 @@ from starlora.study.stats import (
     holm,
     sign_flip_p,
     spearman,
+    tost_p,
 )
 from starlora.tasks import get_task
 
@@ -66,6 +67,28 @@ def test_sign_flip_p_equals_enumeration(n):
     else:
         expected = brute_sign_flip(d)
     assert sign_flip_p([x / 7 for x in d]) == pytest.approx(expected, abs=0)
+
+
+def test_one_sided_sign_flip_and_tost_on_known_examples():
+    assert sign_flip_p([1, 2, 3, 4], "greater") == 1 / 16  # only all-positive reaches 10
+    assert sign_flip_p([1, 2, 3, 4], "less") == 1.0
+    assert sign_flip_p([-1, -2, -3, -4], "less") == 1 / 16
+    assert sign_flip_p([1, 1, 1, -1], "greater") == 5 / 16  # sum 4 once, sum 2 four times
+    assert sign_flip_p([1, 1, 1, -1], "less") == 15 / 16  # every sum <= 2 but the sum of 4
+    # equivalence within 1: both shifted tests see four equal values
+    assert tost_p([0, 0, 0, 0], 1.0) == 1 / 16
+    assert tost_p([0.5] * 4, 0.1) == 1.0  # all 0.5: outside ±0.1, never equivalent
+    with pytest.raises(ValueError, match="alternative"):
+        sign_flip_p([1.0], "both")
+
+
+@pytest.mark.parametrize("n", [5, 17])  # 17 takes the chunked path (over 16 values)
+def test_one_sided_sign_flip_equals_enumeration(n):
+    d = np.random.default_rng(n).integers(-9, 10, size=n)
+    signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    sums = signs @ d
+    assert sign_flip_p(d / 7, "greater") == np.mean(sums >= d.sum())
+    assert sign_flip_p(d / 7, "less") == np.mean(sums <= d.sum())
 
 
 def test_holm_on_known_p_values():

@@ -11,6 +11,8 @@ it run directories.
   differences: all 2^n sign vectors are enumerated and p is the fraction whose |mean| is at
   least the observed |mean| less a tolerance (|sum| >= observed |sum| - 1e-9 * max(1, sum |d|)),
   so that float ties count.
+  ``alternative="greater"``/``"less"`` gives the one-sided test (the signed sum). `tost_p`:
+  equivalence within a margin, two one-sided tests on the shifted differences.
 * `holm`: Holm-Bonferroni adjusted p-values of a family, in the family's order.
 * `bootstrap_diff_ci`: the percentile interval of a mean paired difference, resampling seeds
   with replacement and, when per-item values are given, test items with replacement too (one
@@ -59,18 +61,25 @@ def aulc(n_labelled: Sequence[float], accuracy: Sequence[float]) -> float:
     return float(aulc_weights(n_labelled) @ np.asarray(accuracy, dtype=np.float64))
 
 
-def sign_flip_p(diffs: Sequence[float]) -> float:
-    """Exact two-sided p-value of the sign-flip test of mean(diffs) = 0 (see module doc).
+def sign_flip_p(diffs: Sequence[float], alternative: str = "two-sided") -> float:
+    """Exact p-value of the sign-flip test of mean(diffs) = 0 (see module doc).
 
+    `alternative`: ``"two-sided"`` (|sum| as the statistic), ``"greater"`` (H1: mean > 0; the
+    share of sign vectors whose sum is at least the observed sum) or ``"less"`` (H1: mean < 0).
     With n values, p is a multiple of 2^-n; all values equal to 0 give p = 1.
     """
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
     d = np.asarray(diffs, dtype=np.float64)
     n = len(d)
     if n == 0:
         raise ValueError("sign_flip_p needs at least one difference")
     if n > MAX_EXACT:
         raise ValueError(f"exact sign-flip test of {n} pairs is too large (at most {MAX_EXACT})")
-    observed = abs(d.sum())
+    if alternative == "less":
+        d = -d
+    one_sided = alternative != "two-sided"
+    observed = d.sum() if one_sided else abs(d.sum())
     tol = REL_TOL * max(1.0, float(np.abs(d).sum()))
     low = min(n, 16)  # sums over all sign vectors of the first `low` values, enumerated at once
     signs = 1.0 - 2.0 * ((np.arange(2**low)[:, None] >> np.arange(low)) & 1)
@@ -78,8 +87,20 @@ def sign_flip_p(diffs: Sequence[float]) -> float:
     count = 0
     for high in range(2 ** (n - low)):  # the remaining values' signs, one vector at a time
         rest = sum(-v if (high >> j) & 1 else v for j, v in enumerate(d[low:]))
-        count += int(np.count_nonzero(np.abs(low_sums + rest) >= observed - tol))
+        sums = low_sums + rest
+        count += int(np.count_nonzero((sums if one_sided else np.abs(sums)) >= observed - tol))
     return count / 2**n
+
+
+def tost_p(diffs: Sequence[float], margin: float) -> float:
+    """Two one-sided sign-flip tests of equivalence within ±`margin` (same unit as `diffs`):
+    p = max(p of mean > -margin, p of mean < +margin), each the exact one-sided test of
+    `sign_flip_p` on the differences shifted by the margin. p < alpha says the mean paired
+    difference lies within the margin."""
+    if margin <= 0:
+        raise ValueError(f"margin must be positive, got {margin}")
+    d = np.asarray(diffs, dtype=np.float64)
+    return max(sign_flip_p(d + margin, "greater"), sign_flip_p(d - margin, "less"))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
