@@ -16,10 +16,11 @@ a wrong one, does the constraint change it, and when would a label-free rule hav
   text can merge or split a token the model generated differently, so the count may be off by
   a token on some items;
 * ``length``: minus that token count, a reference: how much does length alone know?
-* ``consistency`` (self-consistency, K answers sampled at temperature 1) could **not** be
-  computed: it needs the last round's adapters, which the study did not keep (the runs are
-  committed without adapters), and retraining 80 adapters is beyond this exploratory note.
-  So the constraint ablation on self-consistency ECE is not here.
+* ``consistency`` (self-consistency, K answers sampled at temperature 1) cannot be recomputed
+  from saved predictions: it needs the last round's adapters, which the study did not keep
+  (the runs are committed without adapters). `consistency.py` beside this script retrains
+  them for ``pe-dynamic`` and ``pe-dynamic-no-constraints`` and compares the two on it
+  (``exploratory/consistency.md``, exploratory).
 
 Per arm (10 seeds): mean ± sample std over seeds of each run's AUROC for a correct answer
 (``roc-auc``), AURC (``rcc-auc``, lower is better), Brier and the equal-width and equal-mass
@@ -171,8 +172,8 @@ def main() -> int:
         print(f"\n## Constraint ablation on AURC: {a} minus {b} (exploratory, uncorrected)\n")
         print(f"Paired by seed ({len(seeds)} seeds); 95% CI: percentile bootstrap over seeds "
               "(2,000 resamples, NumPy seed 0); p: exact two-sided sign-flip test. Negative = "
-              "the ablation ranks its answers better. Self-consistency ECE could not be "
-              "compared (no adapters committed; see the docstring).\n")
+              "the ablation ranks its answers better. Self-consistency (retrained adapters): "
+              "[consistency.md](consistency.md) (`consistency.py`).\n")
         print("| signal | mean diff | std | 95% CI | p |\n|---|---|---|---|---|")
         for sig in SIGNALS:
             d = np.array([numbers[a][s][sig]["rcc-auc"] - numbers[b][s][sig]["rcc-auc"]
