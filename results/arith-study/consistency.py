@@ -3,7 +3,7 @@ study's last adapters, which the committed runs could not give (they are committ
 adapters), and the constraint ablation on it.
 
     # per run: retrain, evaluate with K samples, cache (skips runs already cached); one
-    # process per arm (about 10 CPU-minutes a run with --items 100; see the cached seconds)
+    # process per arm (about 13 CPU-minutes a run with --items 100 on a shared machine)
     for arm in pe-dynamic pe-dynamic-no-constraints; do
         OMP_NUM_THREADS=1 python results/arith-study/consistency.py run \
             results/arith-study/runs/$arm/seed{0..9} --samples 5 --items 100 &
