@@ -226,12 +226,15 @@ def test_duplicate_ids_in_the_pool_are_refused(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_take_rest_and_budget(tmp_path: Path) -> None:
+    """(4 test problems: the evaluation is not what is checked; a pool of 24 for take_rest,
+    whose last round trains on all of it)"""
+    small = ["task.test_size=4", "active_learning.strategy=random"]
     cfg = load_config(TINY, ["active_learning.query_size=45", "active_learning.on_exhausted=take_rest",
-                             "active_learning.strategy=random"])
+                             "task.pool_size=24", *small])
     store = run_experiment(cfg, tmp_path / "a", progress=False)
-    assert len(store.labelled()) == 48  # 8 initial + the 40 that were left
+    assert len(store.labelled()) == 24  # 8 initial + the 16 that were left
     cfg = load_config(TINY, ["active_learning.rounds=5", "active_learning.budget=20",
-                             "active_learning.strategy=random", "output.report_to=tensorboard"])
+                             "output.report_to=tensorboard", *small])
     store = run_experiment(cfg, tmp_path / "b", progress=False)
     assert [m["n_labelled"] for m in store.metrics()] == [8, 16, 20]
     # per-round metrics went to the tracker too
@@ -246,12 +249,14 @@ def test_take_rest_and_budget(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
-    """The authors' baselines score with one deterministic pass; ours with MC dropout."""
-    single = ["active_learning.strategy=pe", "scoring.single_pass_baselines=true"]
+    """The authors' baselines score with one deterministic pass; ours with MC dropout. (A pool
+    of 24 and 4 test problems: what is checked is the passes of each score.)"""
+    small = ["task.pool_size=24", "task.test_size=4"]
+    single = ["active_learning.strategy=pe", *small, "scoring.single_pass_baselines=true"]
     store = run_experiment(load_config(TINY, single), tmp_path / "single", progress=False)
     rows = store.read_round(0, "scores.jsonl")
     assert set(rows[0]) == {"id", "pe", "answer"}  # no per-pass values: one pass
-    store = run_experiment(load_config(TINY, single[:1]), tmp_path / "mc", progress=False)
+    store = run_experiment(load_config(TINY, single[:-1]), tmp_path / "mc", progress=False)
     mc = store.read_round(0, "scores.jsonl")
     assert len(mc[0]["pe_passes"]) == 2 and mc[0]["pe_passes"][0] != mc[0]["pe_passes"][1]
 
