@@ -105,7 +105,7 @@ def test_a_strategy_made_diverse_selects_from_the_stored_scores_and_embeddings(
     tmp_path: Path,
 ) -> None:
     overrides = ["active_learning.strategy=pe-dynamic", "active_learning.diversity=kmeans",
-                 "active_learning.diversity_pool=3"]
+                 "active_learning.diversity_pool=3", "task.test_size=4"]  # (not evaluated here)
     cfg = load_config(TINY, overrides)
     store = run_experiment(cfg, tmp_path / "run", progress=False)
     scores = store.read_round(0, "scores.jsonl")
