@@ -55,13 +55,32 @@ def child(run_dir: Path, cache: Path, kill: str | None, overrides: list[str]) ->
     return proc.returncode
 
 
+def in_this_process(monkeypatch: pytest.MonkeyPatch, run_dir: Path, cache: Path,
+                    overrides: list[str]) -> None:
+    """`child`'s run without a kill, in this process: the same cache and chunks of 16."""
+    from starlora.cli import main
+    from starlora.scoring import embeddings
+
+    init = embeddings.EmbeddingCache.__init__
+    with monkeypatch.context() as patch:
+        patch.setenv("STARLORA_CACHE", str(cache))
+        patch.setattr(embeddings.EmbeddingCache, "__init__",
+                      lambda self, directory, key, chunk_size=0: init(self, directory, key, 16))
+        args = ["run", str(TINY), "--run-dir", str(run_dir)] + [f"--set={o}" for o in overrides]
+        assert main(args) == 0
+
+
 @pytest.mark.slow
 def test_sigkill_while_embedding_and_before_selecting_resumes_to_the_same_bytes(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    typiclust = ["active_learning.strategy=typiclust"]
+    """The kills happen in child processes; the reference and the last resume run in this
+    one (two process starts fewer), with the children's cache chunks of 16. 4 test problems:
+    what is checked is the pool's embeddings and what is selected from them."""
+    typiclust = ["active_learning.strategy=typiclust", "task.test_size=4"]
     reference = tmp_path / "reference"
-    child(reference, tmp_path / "cache-ref", None, typiclust)
+    in_this_process(monkeypatch, reference, tmp_path / "cache-ref", typiclust)
+    assert len(list((tmp_path / "cache-ref" / "embeddings").rglob("*.safetensors"))) == 3
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     # killed with two of the three chunks embedded: no embeddings file yet, two chunks cached
     assert child(run_dir, cache, "embedding", typiclust) == -signal.SIGKILL
@@ -73,7 +92,7 @@ def test_sigkill_while_embedding_and_before_selecting_resumes_to_the_same_bytes(
     assert json.loads((run_dir / "state.json").read_text())["phase"] == "score"
     assert (run_dir / "embeddings.safetensors").is_file()
     assert len(list((cache / "embeddings").rglob("*.safetensors"))) == 3
-    child(run_dir, cache, None, typiclust)
+    in_this_process(monkeypatch, run_dir, cache, typiclust)
     assert outputs(run_dir) == outputs(reference)
     assert (run_dir / "embeddings.safetensors").read_bytes() == \
         (reference / "embeddings.safetensors").read_bytes()
@@ -86,7 +105,7 @@ def test_a_strategy_made_diverse_selects_from_the_stored_scores_and_embeddings(
     tmp_path: Path,
 ) -> None:
     overrides = ["active_learning.strategy=pe-dynamic", "active_learning.diversity=kmeans",
-                 "active_learning.diversity_pool=3"]
+                 "active_learning.diversity_pool=3", "task.test_size=4"]  # (not evaluated here)
     cfg = load_config(TINY, overrides)
     store = run_experiment(cfg, tmp_path / "run", progress=False)
     scores = store.read_round(0, "scores.jsonl")

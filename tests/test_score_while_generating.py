@@ -71,6 +71,13 @@ def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens:
     out = generate(model, tokenizer, prompts(tokenizer), max_new_tokens=max_new_tokens,
                    batch_size=4, samples=samples, temperature=1.0 if sampling else 0.0,
                    seeds=list(range(len(QUESTIONS))), progress=False, measure=True)
+    check_measures(model, tokenizer, out, samples)
+    return out
+
+
+def check_measures(model, tokenizer, out, samples: int):
+    """The PE/ME that generation `out` ([6 * samples] rows) measured equal a teacher-forced
+    forward on its tokens; returns that forward's `Scores` (one deterministic pass)."""
     assert out.nll is not None and out.entropy is not None
     lengths = [len(t) for t in out.tokens]
     assert [len(x) for x in out.nll] == lengths == [len(x) for x in out.entropy]
@@ -81,7 +88,7 @@ def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens:
     # (not `Generated.logprobs`: those are of the processed scores the tokens were chosen
     # from, which transformers' default processors may change; on SmolLM2 greedy they were
     # ~0.0035 nats a row above the raw logits' -PE)
-    return out
+    return ref
 
 
 @pytest.mark.parametrize("samples", [1, 3])
@@ -150,14 +157,18 @@ def test_smollm2_generation_measures_equal_a_forward_pass(smol, samples):
     """lora_B ~ 0.01 N(0, 1), the size a trained adapter's entries have. With 0.2 (the tiny
     models' adapter) SmolLM2 becomes ill-conditioned: its fp32 PE, by any path (the
     generation, the scorer, model.forward), was measured up to 1.3e-4 away from a float64
-    copy's, so no two fp32 computations of it agree within 1e-5."""
+    copy's, so no two fp32 computations of it agree within 1e-5.
+
+    One generation serves both claims: the one `score_own_answers` makes (in batches of 4, as
+    `check_generation_measures` generates), whose measures must equal a forward pass on its
+    tokens, and whose first scoring pass, taken from those measures, must too."""
     model = adapted(smol.model, scale=0.01)
     try:
-        check_generation_measures(model, smol.tokenizer, samples=samples, max_new_tokens=24)
         scores, out = score_own_answers(model, smol.tokenizer, TASK, examples(),
                                         max_new_tokens=24, samples=samples, seed=3,
-                                        mc_passes=3, progress=False, dtype=None)
-        first = forward_scores(model, smol.tokenizer, out.tokens, repeat=samples, mc_passes=1)
+                                        mc_passes=3, generation_batch_size=4, progress=False,
+                                        dtype=None)
+        first = check_measures(model, smol.tokenizer, out, samples)
         got = scores.pe_passes[:, 0]
         assert_close(got, first.pe.reshape(-1, samples).mean(axis=1))
     finally:

@@ -155,10 +155,13 @@ def test_a_human_oracle_run_under_zero3_drafts_on_every_process(tmp_path: Path) 
     """A human query's drafts need forward passes, and under ZeRO-3 every forward pass needs
     every process: the drafts are generated in shares by both, so the run pauses (it used to
     hang at the first pause, the main process drafting alone). Round 0 drafts with the base
-    model, round 1 (gold scores: no generated answers to reuse) with round 0's adapter."""
+    model, round 1 (gold scores: no generated answers to reuse) with round 0's adapter. The
+    drafting is what is checked: a pool of 24 and 4 test problems (tiny.yaml: 48 and 12)
+    keep the evaluation and scoring before round 1's pause short."""
     run_dir = tmp_path / "run"
     cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir),
-           "--set", "active_learning.oracle=human", "--set", "scoring.answers=gold"]
+           "--set", "active_learning.oracle=human", "--set", "scoring.answers=gold",
+           "--set", "task.pool_size=24", "--set", "task.test_size=4"]
     for label_round in (0, 1):
         proc = run(cmd, timeout=900, STARLORA_CACHE=str(tmp_path / "cache"))
         assert f"8 queries of round {label_round} wait for answers" in proc.stdout + proc.stderr
