@@ -19,6 +19,10 @@ from starlora.tasks import Example, get_task
 own_module = importlib.import_module("starlora.scoring.own_answers")
 TASK = get_task("jsonl")
 RTOL = 1e-5
+#: SmolLM2 only: a sampled answer of a few likely tokens has a PE near 1 nat, and fp32's
+#: log-softmax over 49,152 logits is ~1e-5 nats off per token by either path (CI measured
+#: 1.65e-5 on a 1.23-nat answer, 1.3e-5 relative), so relative alone is too tight there
+SMOL_ATOL = 1e-4
 #: prompts of very different lengths: a greedy batch holds a lot of left padding
 QUESTIONS = ["Hi", "What is 2 + 3?", "Tell me a story about a robot. " * 4,
              "Anna has 12 pencils. She gives away 5. How many pencils does she have now?",
@@ -62,8 +66,8 @@ def forward_scores(model, tokenizer, tokens, repeat: int = 1, **kw):
                           dtype=None, **kw)
 
 
-def assert_close(got, want) -> None:
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
+def assert_close(got, want, atol: float = 0.0) -> None:
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=atol)
 
 
 def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens: int):
@@ -75,7 +79,7 @@ def check_generation_measures(model, tokenizer, *, samples: int, max_new_tokens:
     return out
 
 
-def check_measures(model, tokenizer, out, samples: int):
+def check_measures(model, tokenizer, out, samples: int, atol: float = 0.0):
     """The PE/ME that generation `out` ([6 * samples] rows) measured equal a teacher-forced
     forward on its tokens; returns that forward's `Scores` (one deterministic pass)."""
     assert out.nll is not None and out.entropy is not None
@@ -83,8 +87,8 @@ def check_measures(model, tokenizer, out, samples: int):
     assert [len(x) for x in out.nll] == lengths == [len(x) for x in out.entropy]
     assert all(np.isfinite(x).all() for x in out.nll + out.entropy)
     ref = forward_scores(model, tokenizer, out.tokens, repeat=samples, mc_passes=1)
-    assert_close([x.sum() for x in out.nll], ref.pe)
-    assert_close([x.sum() for x in out.entropy], ref.me)
+    assert_close([x.sum() for x in out.nll], ref.pe, atol)
+    assert_close([x.sum() for x in out.entropy], ref.me, atol)
     # (not `Generated.logprobs`: those are of the processed scores the tokens were chosen
     # from, which transformers' default processors may change; on SmolLM2 greedy they were
     # ~0.0035 nats a row above the raw logits' -PE)
@@ -168,8 +172,8 @@ def test_smollm2_generation_measures_equal_a_forward_pass(smol, samples):
                                         max_new_tokens=24, samples=samples, seed=3,
                                         mc_passes=3, generation_batch_size=4, progress=False,
                                         dtype=None)
-        first = check_measures(model, smol.tokenizer, out, samples)
+        first = check_measures(model, smol.tokenizer, out, samples, atol=SMOL_ATOL)
         got = scores.pe_passes[:, 0]
-        assert_close(got, first.pe.reshape(-1, samples).mean(axis=1))
+        assert_close(got, first.pe.reshape(-1, samples).mean(axis=1), SMOL_ATOL)
     finally:
         model.unload()
