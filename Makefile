@@ -38,7 +38,7 @@ ifdef UPDATE_README
 endif
 
 test: install-dev
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=25
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=25 -n 2 --dist loadgroup
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks docs/hooks

@@ -23,11 +23,31 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 
 
+#: modules whose tests launch 2-process runs and share the `tiny_runs` session fixture: one
+#: xdist group (`make test` runs 2 workers with ``--dist loadgroup``), so the fixture is made
+#: once and no two launches share a machine's cores (or accelerate's default port) at once
+MULTIPROCESS = {"test_distributed.py", "test_zero3.py", "test_training.py"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``) each worker computes on one thread: two workers on 2
+    cores, instead of two 2-thread processes contending for them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that loads the real SmolLM2 (the `smol` fixture) belongs to the slow tier."""
+    """A test that loads the real SmolLM2 (the `smol` fixture) belongs to the slow tier. Each
+    module is one xdist group (its module-scoped fixtures are made once), the multi-process
+    modules one group together (`MULTIPROCESS`)."""
     for item in items:
         if "smol" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        module = item.path.name
+        item.add_marker(pytest.mark.xdist_group("multiprocess" if module in MULTIPROCESS
+                                                else module))
 
 
 @pytest.fixture(scope="session")
