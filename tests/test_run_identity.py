@@ -18,6 +18,7 @@ from starlora.io import read_json, read_jsonl, write_jsonl
 from starlora.run.calibrate import calibrate
 from starlora.run.loop import run_experiment
 from starlora.run.protocol import protocol_id
+from starlora.run.store import RunStore
 from starlora.run.uncertainty import write_test_uncertainty
 from starlora.tasks import get_task
 
@@ -168,3 +169,32 @@ def test_a_run_from_before_the_identity_records_it_on_resume(
     with pytest.raises(DataError, match="test.jsonl: the test examples differ"):
         run_experiment(load_config(TINY, overrides(finished, rounds=2)), run_dir,
                        progress=False)
+
+
+def test_a_resume_on_another_machine_goes_on_with_a_warning_and_records_it(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The study's lesson: a run resumed on another CPU (Zen 4 -> Xeon with AMX) rounds bf16
+    otherwise. It is not refused (same precision, same procedure) but the resume says so and
+    identity.json records where the machine changed; resuming there again says nothing."""
+    import starlora.run.identity as identity
+
+    here = read_json(finished / "run" / "identity.json")["machine"]
+    assert here == identity.machine("cpu") and here["device"] == "cpu" and here["name"]
+    run_dir = copy(finished, tmp_path)
+    other = {"device": "cpu", "name": "AMD EPYC 9B14", "flags": ["avx2", "avx512_bf16"]}
+    monkeypatch.setattr(identity, "machine", lambda device: other)
+    set_cpu_bf16(monkeypatch, False)
+    args = ["run", str(TINY), "--run-dir", str(run_dir)]
+    args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr()
+    assert "computed on another machine until now" in said.out + said.err
+    assert "AMD EPYC 9B14" in said.out + said.err
+    recorded = read_json(run_dir / "identity.json")
+    assert recorded["machine"] == here  # what the run started on
+    assert recorded["machine_changes"] == [{"round": 0, "after_phase": "evaluate",
+                                            "machine": other}]
+    assert identity.check_machine(RunStore.open(run_dir), other,
+                                  {"round": 1, "phase": "evaluate"}) is None
+    assert read_json(run_dir / "identity.json") == recorded

@@ -17,6 +17,11 @@ they compute on the run's last adapter.
   pool's answers only with a simulated oracle or gold scoring; people may add answers to a
   human-oracle pool without changing what the run computed). An edited answer, question or
   test record is refused on resume (DataError naming the file).
+* **machine** (`machine`): the device kind, the CPU's or GPU's model name and the CPU
+  features that choose bf16/fp32 kernels. Not refused: a run resumed on another machine is a
+  valid draw of the same procedure, but not the bytes a one-machine run gives (bf16 training
+  rounds differently on, say, an AMD Zen 4 and an Intel Xeon with AMX, same torch build). The
+  resume says so and records it (``machine_changes``: where it resumed and the new machine).
 
 Runs from before this record (no ``identity.json``, or one without ``data``) are legacy: the
 first resume records what it finds, trusting that it is what the run started with (their
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,6 +146,53 @@ def check_precision(store: RunStore, precision: dict[str, str], state: dict, *,
                     "precision": precision}]
         write_json(store.paths.identity, {**identity, "precision_changes": changes})
     return None if identity.get("legacy") else recorded
+
+
+#: CPU features (``/proc/cpuinfo`` flags) that decide which bf16/fp32 kernels torch runs
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What computes a run's numbers here: ``{"device": "cpu" | "cuda" | ..., "name": the CPU
+    (``/proc/cpuinfo`` model name, else `platform.processor`) or GPU model, "flags": the CPU's
+    `KERNEL_FLAGS` (sorted; empty where /proc/cpuinfo is not readable)}``."""
+    import torch
+
+    kind = torch.device(device).type
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = info.get("model name", name)
+        flags = sorted(set(info.get("flags", "").split()) & set(KERNEL_FLAGS))
+    except OSError:
+        pass
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(torch.device(device))
+    return {"device": kind, "name": name, "flags": flags}
+
+
+def check_machine(store: RunStore, here: dict[str, Any], state: dict) -> str | None:
+    """Record `here` (`machine`) in a run that has none yet; on a resume elsewhere (another
+    device, model name or kernel flags than the run's last), record the change with the
+    `state` it resumed from and return a warning to print. Never refuses."""
+    identity = _read(store)
+    changes = identity.get("machine_changes", [])
+    then = changes[-1]["machine"] if changes else identity.get("machine")
+    if then is None:
+        write_json(store.paths.identity, {**identity, "machine": here})
+        return None
+    if then == here:
+        return None
+    write_json(store.paths.identity, {**identity, "machine_changes": [
+        *changes, {"round": state["round"], "after_phase": state["phase"], "machine": here}]})
+    return (f"warning: {store.root} computed on another machine until now ({then['name']}, "
+            f"{then['device']}, {' '.join(then['flags']) or 'no flags'}; here {here['name']}, "
+            f"{here['device']}, {' '.join(here['flags']) or 'no flags'}): the rounds it adds are "
+            "a valid draw of the same procedure, not the bytes one machine would give (recorded "
+            f"in {store.paths.identity.name})")
 
 
 def require_precision(store: RunStore, config: ExperimentConfig, model: Any) -> None:

@@ -271,6 +271,10 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                   by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
                   precision=dist.on_main(lambda: identity.check_precision(
                       store, precision, state, allow_change=allow_precision_change)))
+        changed = dist.on_main(lambda: identity.check_machine(
+            store, identity.machine(str(loaded.model.device)), state))
+        if changed:
+            _say(changed)
         if config.output.report_to and dist.is_main():
             run.tracker = _start_tracker(config, store)
         try:

@@ -4,7 +4,8 @@
       config.yaml             resolved config (every field)
       pool.json               {"size", "sha1"} of the pool the run started with (its ids)
       identity.json           the precision `auto` resolved to and a hash of each split's
-                              examples, checked on resume (`starlora.run.identity`)
+                              examples, checked on resume, and the machine (CPU/GPU model,
+                              kernel flags), changes recorded (`starlora.run.identity`)
       state.json              {"round": k, "phase": last phase finished in round k}
       labelled.jsonl          {"id", "round", "answer", "source"} per label, in labelling order
       metrics.jsonl           one line per finished round (see `RunStore.record_metrics`)
