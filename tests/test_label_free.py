@@ -343,12 +343,9 @@ def test_smollm2_self_consistency_strategies_select_the_same_with_gold_wrong_or_
     """The real model (no adapter: the base term is the same model) and arith's own `extract`:
     the same rows and selections whatever answers the pool carries.
 
-    Only the self-consistency strategies need the real model here: their columns are final
+    The self-consistency strategies need the real model most: their columns are final
     answers read by arith's `extract`, which the random tiny model never writes (every sample
-    would be None). The other new strategies (`length`, PE/ME with ``base_scores: adapted``,
-    samples, ``per_token``) never read a final answer: on SmolLM2 they would run the very
-    generation and scoring code that the tiny-model test above runs for every arm of
-    `LABEL_FREE`. `answer_entropy` and `disagreement-dynamic` share that code too (the same 4
+    would be None); the other new strategies' SmolLM2 check is the test below. `answer_entropy` and `disagreement-dynamic` share that code too (the same 4
     samples from the round's "score" stream and the same greedy answer): one scoring per pool
     computes both strategies' columns, and each strategy selects from its own."""
     from starlora.config import load_config
@@ -376,3 +373,21 @@ def test_smollm2_self_consistency_strategies_select_the_same_with_gold_wrong_or_
     assert len(rows) == 12 and all(len(s) == 4 for s in selected.values())
     # SmolLM2 writes final answers arith reads, and they vary
     assert len({r["answer_entropy"] for r in rows}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["length", "pe-dynamic, base_scores adapted, 3 samples"])
+def test_smollm2_length_and_adapted_base_scores_select_the_same_with_gold_or_missing_answers(
+    smol, arm: str
+) -> None:
+    """`length` and STAR with ``base_scores: adapted`` (3 samples) on the real model: the same
+    rows and selection with gold answers in the pool as with none. Gold against none is the
+    stronger pair (a leak reads a present answer, or its value); the tiny-model test runs
+    wrong answers too, for every arm."""
+    runs = [select_on((smol.model, smol.tokenizer), LABEL_FREE[arm], answers,
+                      task=get_task("arith")) for answers in ("gold", "none")]
+    assert runs[0] == runs[1]
+    rows, selected = runs[0]
+    assert len(rows) == 12 and len(selected) == 4
+    column = "answer_tokens" if arm == "length" else "pe_base"
+    assert len({r[column] for r in rows}) > 1  # the column varies: a real ranking
