@@ -24,8 +24,10 @@ TINY_ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 
 
 #: modules whose tests launch 2-process runs and share the `tiny_runs` session fixture: one
-#: xdist group (`make test` runs 2 workers with ``--dist loadgroup``), so the fixture is made
-#: once and no two launches share a machine's cores (or accelerate's default port) at once
+#: xdist group (`make test` runs 2 workers with ``--dist loadgroup``), so one worker makes the
+#: fixture and no two launches share the cores (or accelerate's default port) at once. (That
+#: worker may still tear fixtures down between the chunks it is sent and make them again:
+#: `tiny_runs` and test_zero3's `zero3_run` were each set up twice in a measured run.)
 MULTIPROCESS = {"test_distributed.py", "test_zero3.py", "test_training.py"}
 
 
@@ -40,8 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that loads the real SmolLM2 (the `smol` fixture) belongs to the slow tier. Each
-    module is one xdist group (its module-scoped fixtures are made once), the multi-process
-    modules one group together (`MULTIPROCESS`)."""
+    module is one xdist group (its tests run on one worker), the multi-process modules one
+    group together (`MULTIPROCESS`)."""
     for item in items:
         if "smol" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
