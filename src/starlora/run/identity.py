@@ -133,7 +133,7 @@ def check_precision(store: RunStore, precision: dict[str, str], state: dict, *,
         legacy = bool(store.metrics())  # rounds computed before precision was recorded
         write_json(store.paths.identity, {**identity, "precision": precision, "legacy": legacy})
         return None if legacy else precision
-    changed = _changes(_current(identity), precision)
+    changed = _changes(_current(identity, "precision"), precision)
     if changed and not allow_change:
         raise ConfigError(
             f"{store.root}: this resume would compute in another precision ({'; '.join(changed)}"
@@ -141,10 +141,7 @@ def check_precision(store: RunStore, precision: dict[str, str], state: dict, *,
             "--allow-precision-change to go on in the new precision (recorded in "
             f"{store.paths.identity.name})")
     if changed:
-        changes = [*identity.get("precision_changes", []),
-                   {"round": state["round"], "after_phase": state["phase"],
-                    "precision": precision}]
-        write_json(store.paths.identity, {**identity, "precision_changes": changes})
+        _record_change(store, identity, "precision", precision, state)
     return None if identity.get("legacy") else recorded
 
 
@@ -179,15 +176,13 @@ def check_machine(store: RunStore, here: dict[str, Any], state: dict) -> str | N
     device, model name or kernel flags than the run's last), record the change with the
     `state` it resumed from and return a warning to print. Never refuses."""
     identity = _read(store)
-    changes = identity.get("machine_changes", [])
-    then = changes[-1]["machine"] if changes else identity.get("machine")
+    then = _current(identity, "machine")
     if then is None:
         write_json(store.paths.identity, {**identity, "machine": here})
         return None
     if then == here:
         return None
-    write_json(store.paths.identity, {**identity, "machine_changes": [
-        *changes, {"round": state["round"], "after_phase": state["phase"], "machine": here}]})
+    _record_change(store, identity, "machine", here, state)
     return (f"warning: {store.root} computed on another machine until now ({then['name']}, "
             f"{then['device']}, {' '.join(then['flags']) or 'no flags'}; here {here['name']}, "
             f"{here['device']}, {' '.join(here['flags']) or 'no flags'}): the rounds it adds are "
@@ -201,7 +196,7 @@ def require_precision(store: RunStore, config: ExperimentConfig, model: Any) -> 
     last recorded precision (``starlora uncertainty`` and ``starlora calibrate`` load the
     model again, possibly on other hardware, where ``auto`` resolves otherwise). A run with no
     recorded precision (legacy) is not checked."""
-    current = _current(_read(store))
+    current = _current(_read(store), "precision")
     changed = current and _changes(current, resolved_precision(config, model))
     if changed:
         raise ConfigError(
@@ -211,10 +206,18 @@ def require_precision(store: RunStore, config: ExperimentConfig, model: Any) -> 
             "run's config.yaml")
 
 
-def _current(identity: dict) -> dict[str, str] | None:
-    """The precision the run computes in now: the last recorded change's, else the first."""
-    return identity.get("precision_changes", [{}])[-1].get("precision",
-                                                            identity.get("precision"))
+def _current(identity: dict, key: str) -> Any:
+    """What the run's `key` (``precision`` or ``machine``) is now: the last recorded change's
+    (``<key>_changes``), else the first recorded one (None if none)."""
+    return identity.get(f"{key}_changes", [{}])[-1].get(key, identity.get(key))
+
+
+def _record_change(store: RunStore, identity: dict, key: str, value: Any, state: dict) -> None:
+    """Append to ``<key>_changes`` that the run goes on with `value` from `state` (its round
+    and the last phase done in it)."""
+    changes = [*identity.get(f"{key}_changes", []),
+               {"round": state["round"], "after_phase": state["phase"], key: value}]
+    write_json(store.paths.identity, {**identity, f"{key}_changes": changes})
 
 
 def _changes(then: dict[str, str], now: dict[str, str]) -> list[str]:
