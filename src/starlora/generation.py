@@ -16,7 +16,11 @@ class and ``logits_to_keep=1``), so the tokens and logits are ``generate``'s, bi
 of the raw logits, or drawn from their softmax at `temperature` (what ``generate`` does with
 the settings this module gives it; a model's own generation-config sampling defaults are not
 read). `compact` drops the rows that have stopped from the batch (their cache rows too), so a
-batch no longer runs every row until its longest one ends; see `decode`.
+batch no longer runs every row until its longest one ends; see `decode`. A peft LoRA model
+decodes with the scorer's fused LoRA forward (`starlora.scoring.lora_fastpath.scoring_mode`:
+one ``addmm_`` per LoRA layer instead of peft's matmul, scaled copy and add; the prompt's
+prefill merges the adapter into a temporary weight, as the deterministic scoring pass does),
+so its logits differ from peft's in the last bits.
 
 Greedy decoding is deterministic. Sampling (``temperature > 0``) generates each prompt's
 samples as one batch, with torch's generator seeded by that prompt's seed, so a prompt's
@@ -102,6 +106,8 @@ def generate(
     """
     from tqdm.auto import tqdm
 
+    from starlora.scoring.lora_fastpath import scoring_mode
+
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise ValueError("several samples need a temperature > 0")
     device = next(model.parameters()).device
@@ -120,8 +126,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        # forward_hooks: a no-op unless the weights are partitioned (`starlora.zero3`)
-        with zero3.inference_mode(), zero3.forward_hooks(model), attention_kernels(device):
+        # forward_hooks: a no-op unless the weights are partitioned (`starlora.zero3`);
+        # scoring_mode: peft's LoRA layers run the scorer's fused forward (eval mode, no MC)
+        with zero3.inference_mode(), zero3.forward_hooks(model), attention_kernels(device), \
+                scoring_mode(model, fused=not zero3.enabled()):
             batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress,
                               dynamic_ncols=True):
