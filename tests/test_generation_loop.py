@@ -131,3 +131,16 @@ def test_smollm2_decode_is_generate(smol):
     want, _ = reference(model, tok, ids, mask, stop, 24, False)
     got = decode(model, ids, mask, max_new_tokens=24, stop=stop, pad=tok.pad_token_id)
     assert got.tokens == [row[:cut(row, stop)] for row in want.tolist()]
+
+
+def test_decode_refuses_a_model_without_a_cache_argument():
+    """A forward without transformers 5's `cache` would see one token a step and no past:
+    decode says so instead of returning wrong tokens."""
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None):
+            raise AssertionError("must not be called")
+
+    ids = torch.ones((1, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match="NoCache.*cache"):
+        decode(NoCache(), ids, torch.ones_like(ids), max_new_tokens=2, stop=[0], pad=0)

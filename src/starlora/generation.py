@@ -216,6 +216,9 @@ def decode(
     if synced and compact:
         raise ValueError("decode: synced needs compact=False (every process runs every step)")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    if not _accepts(lm, "cache"):  # without it each step would see one token and no past
+        raise ValueError(f"{type(lm).__name__}: starlora decodes with a KV cache passed as "
+                         "`cache` (transformers 5's argument); this model's forward takes none")
     device, B = ids.device, ids.shape[0]
     stops = torch.tensor(sorted(stop), device=device)
     kwargs: dict[str, Any] = {"use_cache": True}
