@@ -144,3 +144,30 @@ def test_decode_refuses_a_model_without_a_cache_argument():
     ids = torch.ones((1, 3), dtype=torch.long)
     with pytest.raises(ValueError, match="NoCache.*cache"):
         decode(NoCache(), ids, torch.ones_like(ids), max_new_tokens=2, stop=[0], pad=0)
+
+
+def test_decode_repeat_prefills_once_and_samples_as_repeated_rows(tiny):
+    """K samples of one prompt from one prefill (`repeat`): the same draws, tokens and
+    measures as K copies of the prompt prefilled K times; the prefill runs one row."""
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    stop = stop_tokens(model, tok)
+    one, k = torch.tensor([prompts(tok)[3]]), 4  # one prompt, no padding
+    kw = dict(max_new_tokens=12, stop=stop, pad=tok.pad_token_id or 0, temperature=1.0,
+              measure=True)
+    torch.manual_seed(11)
+    want = decode(model, one.repeat(k, 1), torch.ones_like(one).repeat(k, 1), **kw)
+    rows_seen: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        torch.manual_seed(11)
+        got = decode(model, one, torch.ones_like(one), repeat=k, **kw)
+    finally:
+        hook.remove()
+    assert rows_seen[0] == (1, one.shape[1]) and rows_seen[1][0] <= k
+    assert got.tokens == want.tokens
+    assert len(set(map(tuple, got.tokens))) > 1  # the samples differ
+    for x, y in ((got.logprobs, want.logprobs), (got.nll, want.nll),
+                 (got.entropy, want.entropy)):
+        for u, v in zip(x, y):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)

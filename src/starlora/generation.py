@@ -23,9 +23,9 @@ prefill merges the adapter into a temporary weight, as the deterministic scoring
 so its logits differ from peft's in the last bits.
 
 Greedy decoding is deterministic. Sampling (``temperature > 0``) generates each prompt's
-samples as one batch, with torch's generator seeded by that prompt's seed, so a prompt's
-samples do not depend on the other prompts or the batch size; the log-probabilities are then
-those of the tempered distribution the tokens were drawn from.
+samples as one batch from one prefill of the prompt, with torch's generator seeded by that
+prompt's seed, so a prompt's samples do not depend on the other prompts or the batch size;
+the log-probabilities are then those of the tempered distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def generate(
 
     ``temperature == 0``: greedy, in batches of `batch_size` rows (several greedy samples
     would be copies: asking for them is an error). ``temperature > 0``: one batch of `samples`
-    rows per prompt, seeded by ``seeds[i]`` (default: i). `measure`: also the per-token NLL
+    rows per prompt, seeded by ``seeds[i]`` (default: i), from one prefill of the prompt
+    (`decode`'s `repeat`). `measure`: also the per-token NLL
     and entropy of the model's raw logits at each generated position (`Generated.nll`,
     `Generated.entropy`), computed from the logits the decoding step made. `compact`: drop
     stopped rows from their batch (`decode`; off under ZeRO-3, whose processes must run the
@@ -144,11 +145,13 @@ def generate(
                                            enabled=sampling):
                     if sampling:
                         torch.manual_seed(seeds[rows[batch[0]]])
-                    out = decode(model, ids.to(device), mask.to(device),
+                    # sampling: the batch is one prompt's samples, prefilled once
+                    k = len(batch) if sampling else 1
+                    out = decode(model, ids[::k].to(device), mask[::k].to(device),
                                  max_new_tokens=max_new_tokens, stop=stop, pad=pad,
                                  temperature=temperature, measure=measure,
                                  compact=compact and not zero3.enabled(),
-                                 synced=zero3.enabled())  # equal forward counts
+                                 synced=zero3.enabled(), repeat=k)  # equal forward counts
                 for r, j in enumerate(batch):
                     tokens[j], logprobs[j] = out.tokens[r], out.logprobs[r]
                     if measure:
@@ -190,6 +193,7 @@ def decode(
     measure: bool = False,
     compact: bool = True,
     synced: bool = False,
+    repeat: int = 1,
 ) -> Decoded:
     """Decode one left-padded batch: ids and mask [B, L] (1 = prompt token), greedy
     (``temperature == 0``) or sampled from ``softmax(logits / temperature)`` with torch's
@@ -210,6 +214,13 @@ def decode(
     are those of ``generate``. `synced` (ZeRO-3): keep calling the model until every process
     has finished (`torch.distributed`), as ``generate(synced_gpus=True)`` does; needs
     ``compact=False``.
+
+    `repeat` = K: decode K rows for each prompt row (B = K x the prompts' rows, in
+    ``repeat_interleave`` order) from one prefill of each prompt: the prompt's keys and values
+    are copied K times (`DynamicCache.batch_repeat_interleave`), not computed K times, and its
+    last position's logits serve all K rows. The rows then decode as K repeated prompt rows
+    would (the same random draws; the prefill's matmuls run on fewer rows, which can change
+    their last bits, as `compact` can).
     """
     from transformers import DynamicCache
 
@@ -219,7 +230,7 @@ def decode(
     if not _accepts(lm, "cache"):  # without it each step would see one token and no past
         raise ValueError(f"{type(lm).__name__}: starlora decodes with a KV cache passed as "
                          "`cache` (transformers 5's argument); this model's forward takes none")
-    device, B = ids.device, ids.shape[0]
+    device, B = ids.device, ids.shape[0] * repeat
     stops = torch.tensor(sorted(stop), device=device)
     kwargs: dict[str, Any] = {"use_cache": True}
     if _accepts(lm, "logits_to_keep"):
@@ -238,6 +249,11 @@ def decode(
                  **kwargs)
         z = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # [R, V]
         del out
+        if step_ids is ids and repeat > 1:  # after the prefill: K rows per prompt row
+            z = z.repeat_interleave(repeat, dim=0)
+            cache.batch_repeat_interleave(repeat)
+            attn = attn.repeat_interleave(repeat, dim=0) if attn is not None else None
+            position = position.repeat_interleave(repeat, 0) if position is not None else None
         rows = live if compact else torch.arange(B, device=device)
         logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
         if temperature > 0:
