@@ -30,6 +30,7 @@ the log-probabilities are then those of the tempered distribution the tokens wer
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,7 +181,19 @@ def _accepts(model: Any, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-@torch.inference_mode()
+def _without_autograd(fn: Any) -> Any:
+    """`fn` run under `zero3.inference_mode` (chosen per call: under ZeRO-3, weights gathered
+    in inference mode would become inference tensors that training cannot use afterwards)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with zero3.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_autograd
 def decode(
     model: Any,
     ids: torch.Tensor,
