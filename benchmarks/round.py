@@ -34,7 +34,10 @@ Last line: ``after_vs_before=<round time ratio>`` for the like-for-like pair and
 each phase, then ``generated_vs_before=<ratio>`` (with the before side), and
 ``generated_vs_gold=<ratio>``: the label-free default's round time over the same round on gold
 answers, in one run (the price of not reading labels; issue 37 asks <= 1.15 with one MC pass
-and <= 1.4 with 3).
+and <= 1.4 with 3). With the before and generated sides, ``same_selection=<n>/<query size>``
+ends the line: how many ids the measured round's query shares between the two (with a recent
+``--before``, whose default is also the label-free mode, whether a change kept the selections;
+the differing ids are printed above it).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from starlora.io import read_jsonl
+from starlora.run.store import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("train", "evaluate", "score")
@@ -67,9 +73,9 @@ def export(rev: str, into: Path) -> Path:
 
 
 def one_round(src: Path, work: Path, round_: int, strategy: str,
-              extra: list[str]) -> dict[str, float]:
+              extra: list[str]) -> tuple[dict[str, float], list[str]]:
     """Seconds of each phase of round `round_` of the demo run from `src` (`extra`: more
-    ``--set`` overrides)."""
+    ``--set`` overrides), and the ids that round's query selected, best first."""
     env = {**os.environ, "PYTHONPATH": str(src), "STARLORA_CACHE": str(work / "cache"),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     config = src / "starlora" / "demo.yaml"
@@ -100,10 +106,11 @@ def one_round(src: Path, work: Path, round_: int, strategy: str,
     proc.wait()
     if "next" not in seen:
         raise SystemExit(f"{src}: the run ended before round {round_ + 1}:\n" + "".join(tail))
+    selected = read_jsonl(RunPaths(work / "run").round_file(round_, "selected.jsonl"))
     return {"train": seen["evaluate"] - seen["train"],
             "evaluate": seen["accuracy"] - seen["evaluate"],
             "score": seen["next"] - seen["accuracy"],
-            "round": seen["next"] - seen["train"]}
+            "round": seen["next"] - seen["train"]}, [row["id"] for row in selected]
 
 
 def main() -> int:
@@ -128,13 +135,15 @@ def main() -> int:
     wanted = [names[x.strip()] for x in args.sides.split(",") if x.strip()]
     sides = {side: extra for side, extra in every.items() if side in wanted}
     times: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    picked: dict[str, list[str]] = {}  # each side's selection (the same in every repeat)
     with tempfile.TemporaryDirectory(prefix="starlora-round-") as tmp:
         before = export(args.before, Path(tmp) / "before-src") if "before" in sides else None
         for r in range(args.repeats):
             for i, (side, extra) in enumerate(sides.items()):
                 work = Path(tmp) / f"side{i}-{r}"
                 src = before if side == "before" and before else REPO / "src"
-                times[side].append(one_round(src, work, args.round, args.strategy, extra))
+                t, picked[side] = one_round(src, work, args.round, args.strategy, extra)
+                times[side].append(t)
                 t = times[side][-1]
                 print(f"{side} (repeat {r + 1}): " + ", ".join(
                     f"{k} {t[k]:.1f}s" for k in (*PHASES, "round")), flush=True)
@@ -152,6 +161,10 @@ def main() -> int:
     if "before" in med and "after (generated)" in med:
         last.append("generated_vs_before="
                     f"{med['before']['round'] / med['after (generated)']['round']:.2f}")
+        a, b = picked["before"], picked["after (generated)"]
+        print(f"selected by before, not by after (generated): {sorted(set(a) - set(b))}; "
+              f"by after (generated), not by before: {sorted(set(b) - set(a))}")
+        last.append(f"same_selection={len(set(a) & set(b))}/{len(b)}")
     if "after" in med and "after (generated)" in med:
         gen, gold = med["after (generated)"], med["after"]
         last.append(" ".join(f"{k}_generated_vs_gold={gen[k] / gold[k]:.2f}" for k in PHASES))

@@ -3,17 +3,35 @@
 `generate` takes prompt token ids and returns, per prompt and sample, the generated token ids
 (up to and including the first stop token) and the log-probability of each. Prompts are sorted
 by length and cut into batches (little padding), left-padded so that every row ends where
-generation starts, and decoded with the model's KV cache (transformers' ``generate``); each row
-stops at its own EOS (or any end-of-turn token the model's generation config names).
+generation starts, and decoded with the model's KV cache; each row stops at its own EOS (or
+any end-of-turn token the model's generation config names).
+
+The decoding loop (`decode`) is transformers' greedy/multinomial ``generate`` loop for a
+decoder-only model, written out so that each step reduces its logits at once: the chosen
+token's log-probability and, asked, the NLL and entropy of the raw logits, [rows] numbers a
+step instead of [rows, vocabulary] scores kept for every step and log-softmaxed afterwards.
+It feeds the model what ``generate`` feeds it (the same position ids, attention mask, cache
+class and ``logits_to_keep=1``), so the tokens and logits are ``generate``'s, bit for bit
+(`tests/test_generation_loop.py`). It applies no logits processor: the tokens are the argmax
+of the raw logits, or drawn from their softmax at `temperature` (what ``generate`` does with
+the settings this module gives it; a model's own generation-config sampling defaults are not
+read). `compact` drops the rows that have stopped from the batch (their cache rows too), so a
+batch no longer runs every row until its longest one ends; see `decode`. A peft LoRA model
+decodes with the scorer's fused LoRA forward (`starlora.scoring.lora_fastpath.scoring_mode`:
+one ``addmm_`` per LoRA layer instead of peft's matmul, scaled copy and add; the prompt's
+prefill merges the adapter into a temporary weight, as the deterministic scoring pass does),
+so its logits differ from peft's in the last bits.
 
 Greedy decoding is deterministic. Sampling (``temperature > 0``) generates each prompt's
-samples as one batch, with torch's generator seeded by that prompt's seed, so a prompt's
-samples do not depend on the other prompts or the batch size; the log-probabilities are then
-those of the tempered distribution the tokens were drawn from.
+samples as one batch from one prefill of the prompt, with torch's generator seeded by that
+prompt's seed, so a prompt's samples do not depend on the other prompts or the batch size;
+the log-probabilities are then those of the tempered distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,17 +93,22 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     measure: bool = False,
+    compact: bool = True,
 ) -> Generated:
     """Generate `samples` answers for each prompt (token ids) with `model` in eval mode.
 
     ``temperature == 0``: greedy, in batches of `batch_size` rows (several greedy samples
     would be copies: asking for them is an error). ``temperature > 0``: one batch of `samples`
-    rows per prompt, seeded by ``seeds[i]`` (default: i). `measure`: also the per-token NLL
+    rows per prompt, seeded by ``seeds[i]`` (default: i), from one prefill of the prompt
+    (`decode`'s `repeat`). `measure`: also the per-token NLL
     and entropy of the model's raw logits at each generated position (`Generated.nll`,
-    `Generated.entropy`; `token_measures`), computed from the logits the decoding step made.
+    `Generated.entropy`), computed from the logits the decoding step made. `compact`: drop
+    stopped rows from their batch (`decode`; off under ZeRO-3, whose processes must run the
+    same forward passes).
     """
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+
+    from starlora.scoring.lora_fastpath import scoring_mode
 
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise ValueError("several samples need a temperature > 0")
@@ -93,13 +116,6 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = stop_tokens(model, tokenizer)
     sampling = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1,
-        temperature=temperature if sampling else None, top_k=0 if sampling else None,
-        top_p=1.0 if sampling else None, pad_token_id=pad, eos_token_id=stop or None,
-        bos_token_id=tokenizer.bos_token_id, output_scores=True, return_dict_in_generate=True,
-        output_logits=measure,
-    )
     rows = [i for i in range(len(prompts)) for _ in range(samples)]
     order = sorted(range(len(rows)), key=lambda j: (-len(prompts[rows[j]]), j))
     if sampling:
@@ -112,8 +128,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        # forward_hooks: a no-op unless the weights are partitioned (`starlora.zero3`)
-        with zero3.inference_mode(), zero3.forward_hooks(model), attention_kernels(device):
+        # forward_hooks: a no-op unless the weights are partitioned (`starlora.zero3`);
+        # scoring_mode: peft's LoRA layers run the scorer's fused forward (eval mode, no MC)
+        with zero3.inference_mode(), zero3.forward_hooks(model), attention_kernels(device), \
+                scoring_mode(model, fused=not zero3.enabled()):
             batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress,
                               dynamic_ncols=True):
@@ -128,24 +146,17 @@ def generate(
                                            enabled=sampling):
                     if sampling:
                         torch.manual_seed(seeds[rows[batch[0]]])
-                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                         generation_config=config,
-                                         synced_gpus=zero3.enabled())  # equal forward counts
-                new = out.sequences[:, longest:].tolist()
-                # log-softmax of the (tempered) scores the tokens were chosen from
-                logp = model.compute_transition_scores(out.sequences, out.scores,
-                                                       normalize_logits=True)
-                logp = logp.double().cpu().numpy()
-                ends = [next((t + 1 for t, tok in enumerate(new[r]) if tok in stop), len(new[r]))
-                        for r in range(len(batch))]
-                if measure:
-                    b_nll, b_ent = token_measures(out.logits, out.sequences[:, longest:], ends)
+                    # sampling: the batch is one prompt's samples, prefilled once
+                    k = len(batch) if sampling else 1
+                    out = decode(model, ids[::k].to(device), mask[::k].to(device),
+                                 max_new_tokens=max_new_tokens, stop=stop, pad=pad,
+                                 temperature=temperature, measure=measure,
+                                 compact=compact and not zero3.enabled(),
+                                 synced=zero3.enabled(), repeat=k)  # equal forward counts
                 for r, j in enumerate(batch):
-                    n = ends[r]  # up to and including the first stop token
-                    tokens[j], logprobs[j] = new[r][:n], logp[r, :n]
+                    tokens[j], logprobs[j] = out.tokens[r], out.logprobs[r]
                     if measure:
-                        nll[j], entropy[j] = b_nll[r, :n], b_ent[r, :n]
-                del out
+                        nll[j], entropy[j] = out.nll[r], out.entropy[r]
     finally:
         model.train(was_training)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
@@ -153,33 +164,172 @@ def generate(
                      entropy if measure else None)
 
 
-def token_measures(
-    logits: Sequence[torch.Tensor], chosen: torch.Tensor, ends: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token NLL and entropy of a generated batch from its raw logits.
+@dataclass
+class Decoded:
+    """One decoded batch of B rows: per row the generated ids up to and including its first
+    stop token, and float64 arrays of the same length (nats): `logprobs` of the (tempered)
+    distribution each token was chosen from, `nll` and `entropy` of the raw logits (empty
+    unless measured)."""
 
-    logits: T steps of [B, V] float32 logits (``generate(output_logits=True)``: the model's
-    own, before any processor or temperature); chosen [B, T] the generated ids; ends [B] the
-    number of tokens each row keeps (up to its first stop token). Returns (nll [B, T],
-    entropy [B, T]) float64 nats; positions at or after a row's end (padding after EOS, whose
-    logits saw the stop token) are NaN. Each step's log-softmax is computed in float32
-    (max-shifted, as the scorer's tiles are, `starlora.scoring.measures`), the entropy summed
-    over the vocabulary by torch's cascade sum.
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]
+    nll: list[np.ndarray]
+    entropy: list[np.ndarray]
+
+
+def _accepts(model: Any, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _without_autograd(fn: Any) -> Any:
+    """`fn` run under `zero3.inference_mode` (chosen per call: under ZeRO-3, weights gathered
+    in inference mode would become inference tensors that training cannot use afterwards)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with zero3.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_without_autograd
+def decode(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop: Sequence[int],
+    pad: int,
+    temperature: float = 0.0,
+    measure: bool = False,
+    compact: bool = True,
+    synced: bool = False,
+    repeat: int = 1,
+) -> Decoded:
+    """Decode one left-padded batch: ids and mask [B, L] (1 = prompt token), greedy
+    (``temperature == 0``) or sampled from ``softmax(logits / temperature)`` with torch's
+    global generator, at most `max_new_tokens` steps, each row until its first token in
+    `stop`.
+
+    Each step takes the last position's logits in float32 [R, V] (R rows still decoding) and
+    keeps only [R] numbers: the chosen token's log-probability and, with `measure`, its NLL and
+    the entropy of the raw logits (``z - logsumexp(z)``, the entropy by torch's cascade sum,
+    as `starlora.scoring.measures` tiles compute them).
+
+    `compact`: a row leaves the batch (and the KV cache) once it has stopped, so the rows still
+    decoding do not pay for the finished ones. Without it a finished row goes on, fed `pad`,
+    as in ``generate``. Every row's logits are computed as before either way, except that the
+    matmuls run on R rows instead of B, which on some kernels changes their last bits (as
+    padding does): see docs/benchmarks.md. Sampling draws from a [B, V] distribution every
+    step whatever R is (the finished rows' uniform), so the draws of the rows still decoding
+    are those of ``generate``. `synced` (ZeRO-3): keep calling the model until every process
+    has finished (`torch.distributed`), as ``generate(synced_gpus=True)`` does; needs
+    ``compact=False``.
+
+    `repeat` = K: decode K rows for each prompt row (B = K x the prompts' rows, in
+    ``repeat_interleave`` order) from one prefill of each prompt: the prompt's keys and values
+    are copied K times (`DynamicCache.batch_repeat_interleave`), not computed K times, and its
+    last position's logits serve all K rows. The rows then decode as K repeated prompt rows
+    would (the same random draws; the prefill's matmuls run on fewer rows, which can change
+    their last bits, as `compact` can).
     """
-    B, T = chosen.shape[0], len(logits)
-    nll = np.full((B, T), np.nan)
-    ent = np.full((B, T), np.nan)
-    live = torch.tensor([int(e) for e in ends])
-    for t, z in enumerate(logits):
-        rows = (live > t).nonzero()[:, 0]  # rows still generating at step t
-        if rows.numel() == 0:
+    from transformers import DynamicCache
+
+    if synced and compact:
+        raise ValueError("decode: synced needs compact=False (every process runs every step)")
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    if not _accepts(lm, "cache"):  # without it each step would see one token and no past
+        raise ValueError(f"{type(lm).__name__}: starlora decodes with a KV cache passed as "
+                         "`cache` (transformers 5's argument); this model's forward takes none")
+    device, B = ids.device, ids.shape[0] * repeat
+    stops = torch.tensor(sorted(stop), device=device)
+    kwargs: dict[str, Any] = {"use_cache": True}
+    if _accepts(lm, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if not _accepts(lm, "position_ids"):
+        position = None
+    attn = None if bool((mask == 1).all()) else mask  # generate drops an all-ones mask
+    cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+    live = torch.arange(B, device=device)  # batch rows the model runs on
+    running = torch.ones(B, dtype=torch.bool, device=device)  # rows not yet stopped
+    chosen, chosen_lp, nll, ent = [], [], [], []  # per step: [B] tensors
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=position, cache=cache,
+                 **kwargs)
+        z = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # [R, V]
+        del out
+        if step_ids is ids and repeat > 1:  # after the prefill: K rows per prompt row
+            z = z.repeat_interleave(repeat, dim=0)
+            cache.batch_repeat_interleave(repeat)
+            attn = attn.repeat_interleave(repeat, dim=0) if attn is not None else None
+            position = position.repeat_interleave(repeat, 0) if position is not None else None
+        rows = live if compact else torch.arange(B, device=device)
+        logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        if temperature > 0:
+            scores = z / temperature if temperature != 1.0 else z
+            probs = torch.ones(B, z.shape[-1], device=device)  # stopped rows: uniform
+            probs[rows] = torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, num_samples=1)[rows, 0]
+            tempered = logp if temperature == 1.0 else torch.log_softmax(scores, dim=-1)
+        else:
+            token = torch.argmax(z, dim=-1)
+            tempered = logp
+        full = torch.full((B,), pad, dtype=torch.long, device=device)
+        full[rows] = torch.where(running[rows], token, pad)
+        chosen.append(full)
+        step_lp = torch.full((B,), float("nan"), dtype=torch.float64, device=device)
+        step_lp[rows] = tempered.gather(1, token[:, None])[:, 0].double()
+        chosen_lp.append(step_lp)
+        if measure:
+            p = logp.exp()
+            step_nll = torch.full_like(step_lp, float("nan"))
+            step_ent = torch.full_like(step_lp, float("nan"))
+            step_nll[rows] = -logp.gather(1, token[:, None])[:, 0].double()
+            step_ent[rows] = (-torch.where(p > 0, p * logp, 0.0).sum(dim=-1)).double()
+            nll.append(step_nll)
+            ent.append(step_ent)
+        running &= ~torch.isin(full, stops)
+        done = not bool(running.any())
+        if synced:  # every process must run the same forward passes
+            flag = torch.tensor(0.0 if done else 1.0, device=device)
+            torch.distributed.all_reduce(flag)
+            done = float(flag) == 0.0
+        if done:
             break
-        z = z[rows.to(z.device)].float()
-        logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # [R, V]
-        picked = logp.gather(1, chosen[rows, t].to(z.device)[:, None])[:, 0]
-        p = logp.exp()
-        h = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)  # a cascade sum: ~1e-7 relative
-        idx = rows.numpy()
-        nll[idx, t] = -picked.double().cpu().numpy()
-        ent[idx, t] = h.cpu().numpy()
-    return nll, ent
+        if compact and not bool(running[live].all()):
+            keep = running[live].nonzero()[:, 0]
+            live = live[keep]
+            cache.batch_select_indices(keep)
+            if attn is not None:
+                attn = attn[keep]
+            if position is not None:
+                position = position[keep]
+        step_ids = full[live][:, None]
+        if position is not None:
+            position = position[:, -1:] + 1
+        if attn is not None:
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+    return _rows(chosen, chosen_lp, nll, ent, stop, B)
+
+
+def _rows(chosen: list[torch.Tensor], lp: list[torch.Tensor], nll: list[torch.Tensor],
+          ent: list[torch.Tensor], stop: Sequence[int], B: int) -> Decoded:
+    """Per-step [B] tensors -> per-row lists cut after each row's first stop token."""
+    T = len(chosen)
+    toks = torch.stack(chosen, 1).tolist() if T else [[] for _ in range(B)]
+    lp_ = torch.stack(lp, 1).cpu().numpy() if T else np.zeros((B, 0))
+    nll_ = torch.stack(nll, 1).cpu().numpy() if nll else None
+    ent_ = torch.stack(ent, 1).cpu().numpy() if ent else None
+    stop_set = set(stop)
+    out = Decoded([], [], [], [])
+    for r in range(B):
+        n = next((t + 1 for t, tok in enumerate(toks[r]) if tok in stop_set), len(toks[r]))
+        out.tokens.append(toks[r][:n])
+        out.logprobs.append(lp_[r, :n])
+        out.nll.append(nll_[r, :n] if nll_ is not None else np.zeros(0))
+        out.entropy.append(ent_[r, :n] if ent_ is not None else np.zeros(0))
+    return out

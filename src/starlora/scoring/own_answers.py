@@ -7,7 +7,7 @@ for the frozen base model and caches it by content, like base scores.
 Scoring while generating: the decoding step that chose an answer token already made the
 model's logits at that position, so the generation measures the first pass (PE: -log p of
 each generated token, ME: the entropy at each answer position, from the raw logits in the
-model's dtype; `starlora.generation.token_measures`). `score_generated` takes that first pass
+model's dtype; `starlora.generation.decode`). `score_generated` takes that first pass
 from the generation and runs forward passes only for MC passes 2..K (MC dropout, the masks of
 those passes), so with ``mc_passes: 1`` scoring the own answers costs no forward pass beyond
 the generation. The first pass is the deterministic one (no dropout: the model generated in

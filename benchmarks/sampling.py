@@ -1,0 +1,100 @@
+"""K sampled answers per prompt: one prefill shared by the K rows against K prefills.
+
+Both sides sample K answers (temperature 1, torch seeded per prompt) to each of the same GSM8K
+test prompts with the same model, one prompt's K rows per batch, in one process, alternated
+``--repeats`` times (medians):
+
+    repeated   ``decode`` on K copies of the prompt: the prompt is prefilled K times (what
+               ``generate(num_return_sequences=K)`` does too: it repeats the inputs first)
+    shared     ``decode(..., repeat=K)``: the prompt is prefilled once and its KV cache rows
+               copied K times (what `starlora.generation.generate` does for samples)
+
+    python benchmarks/sampling.py --limit 16 --samples 5
+
+Prints each side's seconds, the prompt and generated token counts, and as its last line
+``shared_vs_repeated=<time ratio, repeated / shared> same_outputs=<fraction of prompts whose
+K samples are identical on both sides>``. The draws are the same; the prefill's matmuls run
+on 1 row instead of K, which can change the logits' last bits and so, rarely, a sampled token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from starlora.attention import attention_kernels  # noqa: E402
+from starlora.datafiles import load_examples  # noqa: E402
+from starlora.generation import decode, stop_tokens  # noqa: E402
+from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
+from starlora.tasks import get_task  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def side(model, prompts: list[list[int]], k: int, shared: bool, **kw) -> list[list[list[int]]]:
+    """Each prompt's K sampled token lists, torch seeded by the prompt's index."""
+    out = []
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p], device=model.device)
+        torch.manual_seed(i)
+        if shared:
+            got = decode(model, ids, torch.ones_like(ids), repeat=k, **kw)
+        else:
+            rows = ids.repeat(k, 1)
+            got = decode(model, rows, torch.ones_like(rows), **kw)
+        out.append(got.tokens)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "auto", "bfloat16"])
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    task = get_task("gsm8k", prompt_style="chat")
+    prompts = [task.prompt_ids(tokenizer, ex)
+               for ex in load_examples(args.data, task, limit=args.limit)]
+    kw = dict(max_new_tokens=args.max_new_tokens, stop=stop_tokens(model, tokenizer),
+              pad=tokenizer.pad_token_id or 0, temperature=1.0)
+    times: dict[str, list[float]] = {"repeated": [], "shared": []}
+    outputs: dict[str, list] = {}
+    with torch.inference_mode(), attention_kernels(model.device):
+        for _ in range(args.repeats):
+            for name in times:
+                t0 = time.perf_counter()
+                outputs[name] = side(model, prompts, args.samples, name == "shared", **kw)
+                times[name].append(time.perf_counter() - t0)
+    generated = sum(len(t) for rows in outputs["shared"] for t in rows)
+    print(f"prompts={len(prompts)} samples={args.samples} prompt_tokens="
+          f"{sum(map(len, prompts))} generated_tokens={generated} max_new_tokens="
+          f"{args.max_new_tokens} torch_threads={torch.get_num_threads()} "
+          f"device={model.device} dtype={model.dtype}")
+    for name, ts in times.items():
+        print(f"{name:>9}: {statistics.median(ts):.2f} s median of {len(ts)} "
+              f"({', '.join(f'{t:.2f}' for t in ts)})")
+    same = sum(a == b for a, b in zip(outputs["repeated"], outputs["shared"])) / len(prompts)
+    ratio = statistics.median(times["repeated"]) / statistics.median(times["shared"])
+    print(f"shared_vs_repeated={ratio:.2f} same_outputs={same:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

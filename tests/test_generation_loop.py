@@ -1,0 +1,173 @@
+"""The decoding loop (`starlora.generation.decode`) is transformers' ``generate`` written out:
+the same tokens and logits, with each step reduced at once. Rows stop at different steps (a
+mid-answer token is made a stop token), so padding, EOS and the rows that stopped are covered;
+`compact` (dropping stopped rows) keeps the tokens and the per-token measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from starlora.generation import decode, generate, stop_tokens
+from starlora.tasks import Example, get_task
+
+TASK = get_task("jsonl")
+QUESTIONS = ["Hi", "What is 2 + 3?", "Tell me a story about a robot. " * 3,
+             "Anna has 12 pencils. She gives away 5. How many are left?", "Why?"]
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    return [TASK.prompt_ids(tokenizer, Example(f"q{i}", q, "")) for i, q in enumerate(QUESTIONS)]
+
+
+def batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts left-padded into one batch: ids and mask [B, L]."""
+    ps = prompts(tokenizer)
+    longest = max(map(len, ps))
+    ids = torch.full((len(ps), longest), tokenizer.pad_token_id or 0)
+    mask = torch.zeros((len(ps), longest), dtype=torch.long)
+    for r, p in enumerate(ps):
+        ids[r, longest - len(p):] = torch.tensor(p)
+        mask[r, longest - len(p):] = 1
+    return ids, mask
+
+
+def stop_mid_answer(model, tokenizer, steps: int) -> list[int]:
+    """Make a token that greedy decoding produces mid-answer a stop token; returns the stops."""
+    out = generate(model, tokenizer, prompts(tokenizer), max_new_tokens=steps, progress=False)
+    first = out.tokens[0]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first[len(first) // 2]]
+    return stop_tokens(model, tokenizer)
+
+
+def reference(model, tokenizer, ids, mask, stop, steps: int, sampling: bool):
+    """transformers' generate on the same batch: new tokens [B, T] and raw logits [B, T, V]."""
+    config = GenerationConfig(max_new_tokens=steps, do_sample=sampling, num_beams=1,
+                              temperature=1.0 if sampling else None, top_k=0 if sampling else None,
+                              top_p=1.0 if sampling else None,
+                              pad_token_id=tokenizer.pad_token_id or 0,
+                              eos_token_id=stop, output_logits=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+def cut(row: list[int], stop: list[int]) -> int:
+    return next((t + 1 for t, tok in enumerate(row) if tok in stop), len(row))
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_decode_is_generate_step_by_step(tiny, sampling):
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    stop = stop_mid_answer(model, tok, 12)
+    ids, mask = batch(tok)
+    torch.manual_seed(5)
+    want, logits = reference(model, tok, ids, mask, stop, 12, sampling)
+    for compact in (False, True):
+        torch.manual_seed(5)
+        got = decode(model, ids, mask, max_new_tokens=12, stop=stop, pad=tok.pad_token_id or 0,
+                     temperature=1.0 if sampling else 0.0, measure=True, compact=compact)
+        lengths = []
+        for r, row in enumerate(want.tolist()):
+            n = cut(row, stop)
+            lengths.append(n)
+            assert got.tokens[r] == row[:n]
+            logp = torch.log_softmax(logits[r, :n].double(), -1)
+            picked = logp.gather(1, torch.tensor(row[:n])[:, None])[:, 0].numpy()
+            entropy = -(logp.exp() * logp).sum(-1).numpy()
+            np.testing.assert_allclose(got.logprobs[r], picked, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.nll[r], -picked, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got.entropy[r], entropy, rtol=1e-5, atol=1e-6)
+            if not compact:  # the very logits generate made: the measures to the bit
+                z = logits[r, :n]
+                lp = z - torch.logsumexp(z, -1, keepdim=True)
+                chosen = torch.tensor(row[:n])[:, None]
+                assert np.array_equal(got.nll[r], -lp.gather(1, chosen)[:, 0].double().numpy())
+        if not sampling:
+            assert len(set(lengths)) > 1  # rows stopped at different steps
+
+
+def test_decode_stops_when_every_row_has_stopped(tiny):
+    """No forward pass after the last row stopped; with compact, each pass runs only the rows
+    still decoding."""
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    stop = stop_mid_answer(model, tok, 12)
+    ids, mask = batch(tok)
+    for compact in (False, True):
+        rows_seen: list[int] = []
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda m, args, out, seen=rows_seen: seen.append(args[0].shape[0]))
+        try:
+            got = decode(model, ids, mask, max_new_tokens=40, stop=stop,
+                         pad=tok.pad_token_id or 0, compact=compact)
+        finally:
+            hook.remove()
+        lengths = [len(t) for t in got.tokens]
+        stopped = [n for n, t in zip(lengths, got.tokens) if t[-1] in stop]
+        if len(stopped) == len(lengths):
+            assert len(rows_seen) == max(lengths)
+        live = [sum(n > step for n in lengths) for step in range(len(rows_seen))]
+        assert rows_seen == (live if compact else [len(lengths)] * len(rows_seen))
+
+
+def test_generate_compact_keeps_tokens_and_measures(tiny):
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    stop_mid_answer(model, tok, 12)
+    kw = dict(max_new_tokens=12, batch_size=3, progress=False, measure=True)
+    a = generate(model, tok, prompts(tok), compact=False, **kw)
+    b = generate(model, tok, prompts(tok), compact=True, **kw)
+    assert a.tokens == b.tokens and a.texts == b.texts
+    for x, y in ((a.nll, b.nll), (a.entropy, b.entropy), (a.logprobs, b.logprobs)):
+        for u, v in zip(x, y):
+            np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-6)
+
+
+def test_smollm2_decode_is_generate(smol):
+    model, tok = smol.model.eval(), smol.tokenizer
+    stop = stop_tokens(model, tok)
+    ids, mask = batch(tok)
+    want, _ = reference(model, tok, ids, mask, stop, 24, False)
+    got = decode(model, ids, mask, max_new_tokens=24, stop=stop, pad=tok.pad_token_id)
+    assert got.tokens == [row[:cut(row, stop)] for row in want.tolist()]
+
+
+def test_decode_refuses_a_model_without_a_cache_argument():
+    """A forward without transformers 5's `cache` would see one token a step and no past:
+    decode says so instead of returning wrong tokens."""
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None):
+            raise AssertionError("must not be called")
+
+    ids = torch.ones((1, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match="NoCache.*cache"):
+        decode(NoCache(), ids, torch.ones_like(ids), max_new_tokens=2, stop=[0], pad=0)
+
+
+def test_decode_repeat_prefills_once_and_samples_as_repeated_rows(tiny):
+    """K samples of one prompt from one prefill (`repeat`): the same draws, tokens and
+    measures as K copies of the prompt prefilled K times; the prefill runs one row."""
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    stop = stop_tokens(model, tok)
+    one, k = torch.tensor([prompts(tok)[3]]), 4  # one prompt, no padding
+    kw = dict(max_new_tokens=12, stop=stop, pad=tok.pad_token_id or 0, temperature=1.0,
+              measure=True)
+    torch.manual_seed(11)
+    want = decode(model, one.repeat(k, 1), torch.ones_like(one).repeat(k, 1), **kw)
+    rows_seen: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        torch.manual_seed(11)
+        got = decode(model, one, torch.ones_like(one), repeat=k, **kw)
+    finally:
+        hook.remove()
+    assert rows_seen[0] == (1, one.shape[1]) and rows_seen[1][0] <= k
+    assert got.tokens == want.tokens
+    assert len(set(map(tuple, got.tokens))) > 1  # the samples differ
+    for x, y in ((got.logprobs, want.logprobs), (got.nll, want.nll),
+                 (got.entropy, want.entropy)):
+        for u, v in zip(x, y):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
