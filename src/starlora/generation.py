@@ -11,7 +11,8 @@ decoder-only model, written out so that each step reduces its logits at once: th
 token's log-probability and, asked, the NLL and entropy of the raw logits, [rows] numbers a
 step instead of [rows, vocabulary] scores kept for every step and log-softmaxed afterwards.
 It feeds the model what ``generate`` feeds it (the same position ids, attention mask, cache
-class and ``logits_to_keep=1``), so the tokens and logits are ``generate``'s, bit for bit
+class and ``logits_to_keep=1``), so the tokens are ``generate``'s and the log-probabilities
+equal those of its logits within 1e-5 relative, with and without `compact`
 (`tests/test_generation_loop.py`). It applies no logits processor: the tokens are the argmax
 of the raw logits, or drawn from their softmax at `temperature` (what ``generate`` does with
 the settings this module gives it; a model's own generation-config sampling defaults are not
