@@ -144,7 +144,6 @@ def main() -> int:
                 src = before if side == "before" and before else REPO / "src"
                 t, picked[side] = one_round(src, work, args.round, args.strategy, extra)
                 times[side].append(t)
-                t = times[side][-1]
                 print(f"{side} (repeat {r + 1}): " + ", ".join(
                     f"{k} {t[k]:.1f}s" for k in (*PHASES, "round")), flush=True)
     med = {side: {k: statistics.median(t[k] for t in runs) for k in (*PHASES, "round")}
