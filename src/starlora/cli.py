@@ -26,7 +26,7 @@ from starlora import __version__
 from starlora.errors import StarloraError
 from starlora.noise import LIBRARY_NOISE, library_noise_silenced  # noqa: F401 - re-exported
 from starlora.run.formats import FORMATS  # of answer files (--format)
-from starlora.tasks.base import PromptStyle
+from starlora.tasks.base import AnswerSource, PromptStyle
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="a registered task (a wrong name lists them)")
     p.add_argument("--data", required=True,
                    help="data file (.jsonl, .csv, .parquet or hf:<dataset>:<split>)")
-    p.add_argument("--answers", choices=["generated", "gold"], default="generated",
+    p.add_argument("--answers", choices=get_args(AnswerSource), default="generated",
                    help="score the model's own answers (records need no answer; default) or "
                         "the records' gold answers")
     p.add_argument("--samples", type=int, default=1,

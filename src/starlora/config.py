@@ -25,7 +25,7 @@ from starlora.acquisition.base import (
 )
 from starlora.errors import ConfigError
 from starlora.stopping import parse_rule
-from starlora.tasks import TASKS, PromptStyle
+from starlora.tasks import TASKS, AnswerSource, PromptStyle
 
 
 class _Section(BaseModel):
@@ -117,7 +117,7 @@ class ScoringConfig(_Section):
     single_pass_baselines: bool = False
     # generated: PE/ME of the model's own answer (label-free, the default); gold: of the pool's
     # gold answer, as the authors' code does (needs answers in the pool)
-    answers: Literal["generated", "gold"] = "generated"
+    answers: AnswerSource = "generated"
     samples: int = Field(1, gt=0)  # generated answers per item: 1 greedy, N > 1 at temperature 1
     # the base term with generated answers: own = the base model scores its own greedy answer
     # (the study's runs); adapted = it scores the adapted model's answer, the tokens the full

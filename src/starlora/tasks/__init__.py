@@ -14,12 +14,12 @@ Data files are read by `starlora.datafiles`.
 """
 
 from starlora.tasks.arith import ArithTask  # noqa: E402 - registers itself
-from starlora.tasks.base import Example, PromptStyle, Task, parse_number
+from starlora.tasks.base import AnswerSource, Example, PromptStyle, Task, parse_number
 from starlora.tasks.builtin import GSM8K, OBQA, BoolQ, JSONLTask
 from starlora.tasks.calendar import CalendarTask  # noqa: E402 - registers itself
 from starlora.tasks.registry import TASKS, get_task, register_task
 
 __all__ = [
-    "GSM8K", "OBQA", "TASKS", "ArithTask", "BoolQ", "CalendarTask", "Example", "JSONLTask", "PromptStyle",
+    "GSM8K", "OBQA", "TASKS", "AnswerSource", "ArithTask", "BoolQ", "CalendarTask", "Example", "JSONLTask", "PromptStyle",
     "Task", "get_task", "parse_number", "register_task",
 ]

@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 from starlora.errors import ConfigError
 
 PromptStyle = Literal["plain", "chat"]
+#: which answer of a record is scored: the model's own generation (label-free) or the gold one
+AnswerSource = Literal["generated", "gold"]
 
 
 @dataclass(frozen=True)
