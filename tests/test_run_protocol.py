@@ -67,10 +67,10 @@ def test_settings_added_later_keep_the_ids_of_runs_made_before_them() -> None:
     assert protocol_id(load_config(run / "config.yaml")) == stored
     base = load_config()
     for override in ["active_learning.stop_when=agreement >= 0.9 for 2 rounds",
-                     "evaluation.samples=0", "active_learning.diversity=none"]:
+                     "evaluation.samples=0", "active_learning.diversity=none", "training.steps=null"]:
         assert protocol_id(load_config(None, [override])) == protocol_id(base), override
     for override in ["evaluation.samples=5", "active_learning.stop_set=100",
-                     "active_learning.diversity=kmeans"]:
+                     "active_learning.diversity=kmeans", "training.steps=30"]:
         assert protocol_id(load_config(None, [override])) != protocol_id(base), override
     ruled = load_config(None, ["active_learning.stop_when=uncertainty < 0.2"])
     assert result_changes(ruled, base) == [] and result_changes(base, ruled) == []

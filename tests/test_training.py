@@ -170,6 +170,22 @@ def test_fractional_epochs_and_accumulation_size_the_schedule(obqa):
     assert result.lrs == pytest.approx([0.3, 0.2, 0.1])  # linear decay to 0 over 3 real steps
 
 
+def test_fixed_steps_train_as_many_steps_whatever_the_labelled_count(obqa):
+    task, examples = obqa  # 6 examples, batch 2: 3 batches an epoch
+    loaded = load_model("tiny-llama", device="cpu")
+    training = TrainingConfig(lr=0.3, epochs=3, batch_size=2, scheduler="linear", steps=7)
+    result = train_adapter(loaded.model, loaded.tokenizer, task, examples, training, LORA,
+                           seed=0, progress=False)  # 7 steps: two passes and one batch
+    assert result.steps == 7 and len(result.losses) == 7
+    assert result.lrs == pytest.approx([0.3 * (7 - i) / 7 for i in range(7)])  # spans 7 steps
+    fewer = train_adapter(remove_adapter(result.model), loaded.tokenizer, task, examples[:2],
+                          training, LORA, seed=0, progress=False)  # 1 batch an epoch
+    assert fewer.steps == 7 and len(fewer.losses) == 7
+    one = train_adapter(remove_adapter(fewer.model), loaded.tokenizer, task, examples,
+                        training.model_copy(update={"steps": 1}), LORA, seed=0, progress=False)
+    assert one.steps == 1 and len(one.losses) == 1  # less than one pass
+
+
 def test_saved_adapter_reloads_with_plain_peft(tmp_path, obqa):
     task, examples = obqa
     loaded = load_model("tiny-gpt2", device="cpu")

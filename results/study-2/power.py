@@ -2,55 +2,54 @@
 
     python results/study-2/power.py > results/study-2/power.md
 
-Each primary comparison is an exact two-sided sign-flip test of the mean paired AULC
-difference over n seeds (all 2^n sign vectors, as `starlora.study.stats`), Holm over the
-family. Paired differences are drawn as Normal(delta, sd) with the first study's paired
-standard deviations of AULC (results/arith-study/report/study.md: 0.022-0.040). Reported:
-the smallest true difference found with 80% power at the Holm family's strictest level
-(alpha / m, the level the first rejection needs) and at alpha; and, for the equivalence
-verdict against ``pe`` (two one-sided sign-flip tests at alpha, each shifted by the margin),
-the chance of declaring equivalence when the true difference is 0. Simulation (NumPy seed
-0, 4000 draws a point): each figure is within about +-0.01 of power.
+Each primary comparison is the study's exact two-sided sign-flip test of the mean paired AULC
+difference over n seeds (`starlora.study.stats.sign_flip_p`), Holm over the family; the
+equivalence verdict against ``pe`` is its TOST (`starlora.study.stats.tost_p`). Paired
+differences are drawn as Normal(delta, sd) with the first study's paired standard deviations
+of AULC (results/arith-study/report/study.md: 0.022-0.040). Reported: the smallest true
+difference on a 0.0025 grid found with 80% power at the Holm family's strictest level
+(alpha / m, what the first rejection needs) and at alpha (the last); and the chance of an
+equivalence verdict (TOST p < alpha) when the true difference is 0, for two margins.
+Simulation: NumPy seed 0, `--draws` studies a point (each power within about +-0.01).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import numpy as np
 
+from starlora.study.stats import sign_flip_p, tost_p
 
-def signs(n: int) -> np.ndarray:
-    """All 2^n sign vectors [2^n, n]."""
-    return np.array(list(itertools.product((1.0, -1.0), repeat=n)))
-
-
-def p_two_sided(d: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Exact sign-flip p of mean(d) != 0 for each row of `d` [draws, n]."""
-    obs = np.abs(d.mean(1))[:, None]
-    null = np.abs(d @ s.T) / d.shape[1]  # [draws, 2^n]
-    return (null >= obs - 1e-12).mean(1)
+GRID = np.round(np.arange(0.0025, 0.1001, 0.0025), 4)
 
 
-def p_greater(d: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Exact one-sided sign-flip p of mean(d) > 0."""
-    obs = d.mean(1)[:, None]
-    return ((d @ s.T) / d.shape[1] >= obs - 1e-12).mean(1)
-
-
-def power(delta: float, sd: float, n: int, alpha: float, s: np.ndarray,
-          rng: np.random.Generator, draws: int) -> float:
+def power(delta: float, sd: float, n: int, alpha: float, draws: int) -> float:
+    """Share of `draws` simulated studies whose two-sided sign-flip p is <= alpha."""
+    rng = np.random.default_rng(0)
     d = rng.normal(delta, sd, size=(draws, n))
-    return float((p_two_sided(d, s) <= alpha).mean())
+    return float(np.mean([sign_flip_p(row) <= alpha for row in d]))
 
 
-def equivalence(margin: float, sd: float, n: int, alpha: float, s: np.ndarray,
-                rng: np.random.Generator, draws: int) -> float:
+def detectable(sd: float, n: int, alpha: float, draws: int) -> float | None:
+    """The smallest grid difference with power >= 0.8 (bisection: power grows with delta)."""
+    lo, hi = 0, len(GRID) - 1
+    if power(float(GRID[hi]), sd, n, alpha, draws) < 0.8:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if power(float(GRID[mid]), sd, n, alpha, draws) >= 0.8:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(GRID[lo])
+
+
+def equivalence(margin: float, sd: float, n: int, alpha: float, draws: int) -> float:
+    """Share of simulated studies with a true difference of 0 whose TOST p is < alpha."""
+    rng = np.random.default_rng(0)
     d = rng.normal(0.0, sd, size=(draws, n))
-    above = p_greater(d + margin, s) <= alpha   # mean > -margin
-    below = p_greater(margin - d, s) <= alpha   # mean < +margin
-    return float((above & below).mean())
+    return float(np.mean([tost_p(row, margin) < alpha for row in d]))
 
 
 def main() -> None:
@@ -58,32 +57,28 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=12)
     ap.add_argument("--family", type=int, default=4, help="comparisons under Holm")
     ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--draws", type=int, default=4000)
+    ap.add_argument("--draws", type=int, default=2000)
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    s = signs(args.seeds)
-    grid = np.round(np.arange(0.005, 0.0801, 0.0025), 4)
-    print(f"# Power of study 2's primary tests (n = {args.seeds} seeds, Holm over "
-          f"{args.family}, alpha {args.alpha})\n")
-    print("Written by `python results/study-2/power.py`; see its docstring for the model.\n")
-    print("| paired sd of AULC | detectable difference, 80% power at alpha/m (first Holm step)"
-          " | at alpha (last Holm step) |")
+    n = args.seeds
+    print(f"# Power of study 2's primary tests (n = {n} paired seeds, Holm over {args.family}, "
+          f"alpha {args.alpha})\n")
+    print(f"Written by `python results/study-2/power.py` ({args.draws} simulated studies a "
+          "point; see its docstring for the model).\n")
+    print("| paired sd of AULC | smallest difference with 80% power at alpha/m (first Holm "
+          "step) | at alpha (last Holm step) |")
     print("|---|---|---|")
     for sd in (0.022, 0.030, 0.040):
-        found = []
-        for level in (args.alpha / args.family, args.alpha):
-            hit = next((float(g) for g in grid
-                        if power(float(g), sd, args.seeds, level, s, rng, args.draws) >= 0.8),
-                       None)
-            found.append(f"{hit:.4f}" if hit is not None else "> 0.08")
-        print(f"| {sd:.3f} | {found[0]} | {found[1]} |")
-    print("\n| paired sd of AULC | margin | chance of an equivalence verdict when the true "
-          "difference is 0 |")
+        cells = [detectable(sd, n, level, args.draws) for level in
+                 (args.alpha / args.family, args.alpha)]
+        print(f"| {sd:.3f} | " + " | ".join(f"{c:.4f}" if c is not None else "> 0.1"
+                                           for c in cells) + " |")
+    print("\n| paired sd of AULC | equivalence margin | chance of an equivalence verdict when "
+          "the true difference is 0 |")
     print("|---|---|---|")
     for sd in (0.022, 0.030, 0.040):
         for margin in (0.02, 0.03):
-            eq = equivalence(margin, sd, args.seeds, args.alpha, s, rng, args.draws)
-            print(f"| {sd:.3f} | {margin:.2f} | {eq:.2f} |")
+            print(f"| {sd:.3f} | {margin:.2f} | "
+                  f"{equivalence(margin, sd, n, args.alpha, args.draws):.2f} |")
 
 
 if __name__ == "__main__":

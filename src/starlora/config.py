@@ -50,6 +50,9 @@ class LoraConfig(_Section):
 class TrainingConfig(_Section):
     lr: float = Field(1.5e-4, gt=0)  # peak learning rate (AdamW)
     epochs: float = Field(3, gt=0)  # passes over the labelled set per round
+    # optimizer steps per round whatever the labelled count (more passes over a small set,
+    # fewer over a large one); None: `epochs` decides, so later rounds train for more steps
+    steps: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)  # examples per optimizer step (before accumulation)
     grad_accum: int = Field(1, gt=0)  # batches accumulated per optimizer step
     max_grad_norm: float | None = 1.0  # gradient clipping; None = no clipping

@@ -154,7 +154,7 @@ def make_accelerator(device: torch.device) -> Any:
 class TrainingSetup:
     """Everything one round's steps use. `wrapped` is the prepared loss module around
     `peft_model`; `loader` yields this process's share of every batch; `local_steps` is the
-    number of optimizer steps (the same in every process); `precision` is what the forward
+    number of optimizer steps (the same in every process, `optimizer_steps`); `precision` is what the forward
     passes run in, autocast by us when `own_amp` (with `scaler` for fp16)."""
 
     accelerator: Any
@@ -168,6 +168,7 @@ class TrainingSetup:
     own_amp: bool
     scaler: Any
     local_steps: int
+    passes: int  # epochs over `loader` that `local_steps` needs (the last may stop early)
     trainable: list[torch.nn.Parameter]
     world: int
 
@@ -213,8 +214,7 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
                         collate_fn=lambda pairs: collate(pairs, tokenizer.pad_token_id))
     optimizer = build_optimizer(peft_model, training)
 
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / training.batch_size) / training.grad_accum)
-    total_steps = max(1, math.ceil(steps_per_epoch * training.epochs))
+    total_steps = optimizer_steps(training, math.ceil(len(examples) / training.batch_size))
     warmup = math.ceil(training.warmup_ratio * total_steps)
     name = "constant_with_warmup" if training.scheduler == "constant" and warmup else training.scheduler
     scheduler = get_scheduler(
@@ -236,7 +236,17 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
     own_amp = accelerator.mixed_precision == "no" and precision != "no"
     scaler = torch.amp.GradScaler(device.type) if own_amp and precision == "fp16" else None
     # every process sees every batch (its share of it): as many steps as one process
-    local_steps = max(1, math.ceil(math.ceil(len(loader) / training.grad_accum) * training.epochs))
+    local_steps = optimizer_steps(training, len(loader))
+    passes = math.ceil(local_steps / math.ceil(len(loader) / training.grad_accum))
     return TrainingSetup(accelerator, peft_model, wrapped, optimizer, scheduler, loader, device,
-                         precision, own_amp, scaler, local_steps,
+                         precision, own_amp, scaler, local_steps, passes,
                          [p for p in wrapped.parameters() if p.requires_grad], world)
+
+
+def optimizer_steps(training: TrainingConfig, batches: int) -> int:
+    """Optimizer steps of one round whose labelled set makes `batches` batches an epoch:
+    ``training.steps`` when set, else ``ceil(ceil(batches / grad_accum) * epochs)`` (epochs
+    may be fractional); at least 1."""
+    if training.steps is not None:
+        return training.steps
+    return max(1, math.ceil(math.ceil(batches / training.grad_accum) * training.epochs))

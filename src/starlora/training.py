@@ -39,7 +39,6 @@ Where the time goes, and how none is wasted (`benchmarks/training.py` measures i
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +161,7 @@ def train_loop(s: TrainingSetup, training: TrainingConfig,
                disable=not (progress and dist.local_rank() == 0))
     start = time.perf_counter()
     s.wrapped.train()
-    for _ in range(math.ceil(training.epochs)):
+    for _ in range(s.passes):
         for batch in s.loader:
             # a fractional last epoch: drain the loader rather than break out of it, so that
             # accelerate sees the end of the epoch
@@ -201,7 +200,8 @@ def train_adapter(
     (or the saved one at `init_adapter`, trainable) and its own weights stay frozen. The run
     is seeded: the same seed and data give the same adapter. Batches group examples of similar
     length (`LengthGroupedBatches`). The schedule spans the real number of optimizer steps,
-    ``ceil(ceil(n / batch_size) / grad_accum * epochs)`` (epochs may be fractional).
+    ``training.steps`` or else ``ceil(ceil(n / batch_size) / grad_accum * epochs)`` (epochs may
+    be fractional; `starlora.train_setup.optimizer_steps`).
 
     Precision: ``training.mixed_precision`` (`resolve_mixed_precision`) autocasts the forward
     pass with `torch.autocast` (fp16 adds a `torch.amp.GradScaler`); parameters, gradients and

@@ -64,7 +64,7 @@ STOPPING = frozenset({"active_learning.stop_when"})
 #: settings added after runs were committed: part of the identity only away from the default
 ADDED_LATER = frozenset({"active_learning.diversity", "active_learning.diversity_pool",
                          "evaluation.samples", "active_learning.stop_set",
-                         "scoring.base_scores", "scoring.per_token"})
+                         "scoring.base_scores", "scoring.per_token", "training.steps"})
 
 
 
