@@ -17,32 +17,18 @@ they are kept for the confirmatory study. Uses this checkout's ``src/``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from launch import run_all  # noqa: E402  (results/launch.py: the runner of every study script)
+
 CONFIG = HERE.parent / "arith-study" / "study.yaml"
 ARMS: dict[str, dict] = yaml.safe_load((HERE / "arms.yaml").read_text())
 SEEDS = [0, 1, 2]
-
-
-def finished(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / "state.json").read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
-
-
-def command(arm: str, seed: int, run_dir: Path) -> list[str]:
-    sets = [f"seed={seed}", *ARMS[arm]["set"]]
-    return [sys.executable, "-m", "starlora.cli", "run", str(CONFIG), "--run-dir", str(run_dir),
-            *[a for s in sets for a in ("--set", s)]]
 
 
 def main() -> int:
@@ -64,33 +50,9 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if any(s >= 10 for s in seeds):
         ap.error("seeds 10 and up are kept for the confirmatory study")
-    todo = [(arm, seed) for seed in seeds for arm in arms
-            if not finished(args.runs_dir / arm / f"seed{seed}")]
-    path = os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
-    failed = 0
-    print(f"{len(todo)} runs to do with {args.workers} workers", flush=True)
-    while todo or running:
-        while todo and len(running) < args.workers:
-            arm, seed = todo.pop(0)
-            run_dir = args.runs_dir / arm / f"seed{seed}"
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir.parent / f"seed{seed}.log", "a")  # noqa: SIM115
-            running.append((arm, seed, subprocess.Popen(command(arm, seed, run_dir), stdout=log,
-                                                        stderr=log, env=env), time.time()))
-            print(f"started {arm} seed {seed}", flush=True)
-        time.sleep(5)
-        for item in list(running):
-            arm, seed, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            status = "finished" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-            failed += proc.returncode != 0
-            print(f"{status}: {arm} seed {seed} in {(time.time() - t0) / 60:.1f} min", flush=True)
-    return 1 if failed else 0
+    runs = [(f"{arm} seed {seed}", args.runs_dir / arm / f"seed{seed}",
+             [f"seed={seed}", *ARMS[arm]["set"]]) for seed in seeds for arm in arms]
+    return run_all(CONFIG, runs, args.workers)
 
 
 if __name__ == "__main__":

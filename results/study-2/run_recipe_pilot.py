@@ -16,14 +16,13 @@ rule that picks the recipe: results/study-2/README.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from launch import run_all  # noqa: E402  (results/launch.py: the runner of every study script)
+
 CONFIG = HERE.parent / "arith-study" / "study.yaml"
 #: the recipes compared (README.md says why each)
 RECIPES: dict[str, list[str]] = {
@@ -32,13 +31,6 @@ RECIPES: dict[str, list[str]] = {
     "warm": ["training.warm_start=true"],       # continue from the previous round's adapter
 }
 SEEDS = [100, 101, 102]
-
-
-def finished(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / "state.json").read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
 
 
 def main() -> int:
@@ -54,36 +46,10 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if any(10 <= s <= 21 for s in seeds):
         ap.error("seeds 10-21 are kept for the confirmatory study")
-    todo = [(r, s) for s in seeds for r in recipes
-            if not finished(args.runs_dir / r / f"seed{s}")]
-    path = os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
-    failed = 0
-    print(f"{len(todo)} runs to do with {args.workers} workers", flush=True)
-    while todo or running:
-        while todo and len(running) < args.workers:
-            recipe, seed = todo.pop(0)
-            run_dir = args.runs_dir / recipe / f"seed{seed}"
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            sets = [f"seed={seed}", "active_learning.strategy=random", *RECIPES[recipe]]
-            cmd = [sys.executable, "-m", "starlora.cli", "run", str(CONFIG), "--run-dir",
-                   str(run_dir), *[a for s in sets for a in ("--set", s)]]
-            log = open(run_dir.parent / f"seed{seed}.log", "a")  # noqa: SIM115
-            running.append((recipe, seed, subprocess.Popen(cmd, stdout=log, stderr=log, env=env),
-                            time.time()))
-            print(f"started {recipe} seed {seed}", flush=True)
-        time.sleep(5)
-        for item in list(running):
-            recipe, seed, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            status = "finished" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-            failed += proc.returncode != 0
-            print(f"{status}: {recipe} seed {seed} in {(time.time() - t0) / 60:.1f} min", flush=True)
-    return 1 if failed else 0
+    runs = [(f"{r} seed {s}", args.runs_dir / r / f"seed{s}",
+             [f"seed={s}", "active_learning.strategy=random", *RECIPES[r]])
+            for s in seeds for r in recipes]
+    return run_all(CONFIG, runs, args.workers)
 
 
 if __name__ == "__main__":
