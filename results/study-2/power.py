@@ -1,84 +1,91 @@
-"""Power of study 2's primary tests (issue 35), from the first study's paired spreads.
+"""Power of the confirmatory study's tests (issue 35), from the first study's paired spread.
 
     python results/study-2/power.py > results/study-2/power.md
 
-Each primary comparison is the study's exact two-sided sign-flip test of the mean paired AULC
-difference over n seeds (`starlora.study.stats.sign_flip_p`), Holm over the family; the
-equivalence verdict against ``pe`` is its TOST (`starlora.study.stats.tost_p`). Paired
-differences are drawn as Normal(delta, sd) with the first study's paired standard deviations
-of AULC (results/arith-study/report/study.md: 0.022-0.040). Reported: the smallest true
-difference on a 0.0025 grid found with 80% power at the Holm family's strictest level
-(alpha / m, what the first rejection needs) and at alpha (the last); and the chance of an
-equivalence verdict (TOST p < alpha) when the true difference is 0, for two margins.
-Simulation: NumPy seed 0, `--draws` studies a point (each power within about +-0.01).
+Not a result: a planning computation for results/study-2/PROTOCOL.md (not yet written; it waits
+on the screen's choice of arms). It reads the committed arith study (results/arith-study/runs,
+seeds 0-9) and simulates, reading no new run.
+
+1. **Spread.** The AULC of every run (`starlora.study.stats.aulc` of its metrics.jsonl), and per
+   pair of arms that the study compared on the model's own answers, the sample standard
+   deviation over seeds of the paired difference.
+2. **Superiority power.** The study-2 design: n = 12 paired seeds (10-21), the exact two-sided
+   sign-flip test (`sign_flip_p`), Holm over a family of m = 4 comparisons (two arms, each
+   against `random` and against `pe`). Holm rejects the smallest p when p < 0.05 / m, so the
+   power of a comparison is at least that of the Bonferroni test at 0.05 / 4 = 0.0125, the
+   bound computed here. Paired differences are drawn Normal(effect, sd), 4,000 replicates per
+   cell (NumPy seed 0); the smallest effect with power >= 0.8 is the detectable effect.
+3. **Equivalence power.** The TOST against `pe` with margin ±0.02 (the issue's example) or
+   ±0.03 AULC (`tost_p`, alpha 0.05, not in the Holm family): the probability of concluding
+   equivalence when the true difference is 0, 0.005 or 0.01.
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
+from pathlib import Path
 
 import numpy as np
 
-from starlora.study.stats import sign_flip_p, tost_p
+from starlora.io import read_jsonl
+from starlora.study.stats import aulc, sign_flip_p, tost_p
 
-GRID = np.round(np.arange(0.0025, 0.1001, 0.0025), 4)
-
-
-def power(delta: float, sd: float, n: int, alpha: float, draws: int) -> float:
-    """Share of `draws` simulated studies whose two-sided sign-flip p is <= alpha."""
-    rng = np.random.default_rng(0)
-    d = rng.normal(delta, sd, size=(draws, n))
-    return float(np.mean([sign_flip_p(row) <= alpha for row in d]))
+RUNS = Path(__file__).resolve().parents[1] / "arith-study" / "runs"
+OWN = ("random", "pe", "me", "pe-dynamic", "me-dynamic", "pe-dynamic-no-constraints")
+SEEDS_NEW, FAMILY, ALPHA, MARGINS = 12, 4, 0.05, (0.02, 0.03)
+EFFECTS = [round(0.005 * i, 3) for i in range(0, 11)]
+REPLICATES = 4000
 
 
-def detectable(sd: float, n: int, alpha: float, draws: int) -> float | None:
-    """The smallest grid difference with power >= 0.8 (bisection: power grows with delta)."""
-    lo, hi = 0, len(GRID) - 1
-    if power(float(GRID[hi]), sd, n, alpha, draws) < 0.8:
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if power(float(GRID[mid]), sd, n, alpha, draws) >= 0.8:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(GRID[lo])
-
-
-def equivalence(margin: float, sd: float, n: int, alpha: float, draws: int) -> float:
-    """Share of simulated studies with a true difference of 0 whose TOST p is < alpha."""
-    rng = np.random.default_rng(0)
-    d = rng.normal(0.0, sd, size=(draws, n))
-    return float(np.mean([tost_p(row, margin) < alpha for row in d]))
+def run_aulc(arm: str, seed: int) -> float:
+    rows = read_jsonl(RUNS / arm / f"seed{seed}" / "metrics.jsonl")
+    return aulc([r["n_labelled"] for r in rows], [r["accuracy"] for r in rows])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=12)
-    ap.add_argument("--family", type=int, default=4, help="comparisons under Holm")
-    ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--draws", type=int, default=2000)
-    args = ap.parse_args()
-    n = args.seeds
-    print(f"# Power of study 2's primary tests (n = {n} paired seeds, Holm over {args.family}, "
-          f"alpha {args.alpha})\n")
-    print(f"Written by `python results/study-2/power.py` ({args.draws} simulated studies a "
-          "point; see its docstring for the model).\n")
-    print("| paired sd of AULC | smallest difference with 80% power at alpha/m (first Holm "
-          "step) | at alpha (last Holm step) |")
-    print("|---|---|---|")
-    for sd in (0.022, 0.030, 0.040):
-        cells = [detectable(sd, n, level, args.draws) for level in
-                 (args.alpha / args.family, args.alpha)]
-        print(f"| {sd:.3f} | " + " | ".join(f"{c:.4f}" if c is not None else "> 0.1"
-                                           for c in cells) + " |")
-    print("\n| paired sd of AULC | equivalence margin | chance of an equivalence verdict when "
-          "the true difference is 0 |")
-    print("|---|---|---|")
-    for sd in (0.022, 0.030, 0.040):
-        for margin in (0.02, 0.03):
-            print(f"| {sd:.3f} | {margin:.2f} | "
-                  f"{equivalence(margin, sd, n, args.alpha, args.draws):.2f} |")
+    seeds = range(10)
+    values = {arm: np.array([run_aulc(arm, s) for s in seeds]) for arm in OWN}
+    print("# Power of study 2's tests (planning; not a result)\n")
+    print("Command: `python results/study-2/power.py > results/study-2/power.md` "
+          "(see its docstring).\n")
+    print("## Paired spread in the first study (AULC, seeds 0-9, the model's own answers)\n")
+    print("| arm | baseline | mean diff | sd of paired diff |\n|---|---|---|---|")
+    sds = []
+    for a, b in itertools.combinations(OWN, 2):
+        d = values[a] - values[b]
+        sds.append(d.std(ddof=1))
+        print(f"| `{a}` | `{b}` | {d.mean():+.4f} | {d.std(ddof=1):.4f} |")
+    print(f"\nsd over these {len(sds)} pairs: min {min(sds):.4f}, median "
+          f"{np.median(sds):.4f}, max {max(sds):.4f}.\n")
+
+    rng = np.random.default_rng(0)
+    level = ALPHA / FAMILY
+    print(f"## Superiority: n = {SEEDS_NEW}, exact sign-flip, Holm over {FAMILY} "
+          f"(bounded by Bonferroni, p < {level:g})\n")
+    grid = [0.022, 0.030, 0.040]
+    print("| effect | " + " | ".join(f"power, sd {s}" for s in grid) + " |")
+    print("|---|" + "---|" * len(grid))
+    detectable = {}
+    noise = rng.standard_normal((REPLICATES, SEEDS_NEW))
+    for effect in EFFECTS:
+        cells = []
+        for s in grid:
+            power = np.mean([sign_flip_p(effect + s * z) < level for z in noise])
+            if power >= 0.8 and s not in detectable:
+                detectable[s] = effect
+            cells.append(f"{power:.2f}")
+        print(f"| {effect:.3f} | " + " | ".join(cells) + " |")
+    print("\nDetectable effect (power >= 0.8): " + "; ".join(
+        f"sd {s}: {detectable.get(s, f'> {EFFECTS[-1]}')}" for s in grid) + " AULC.\n")
+
+    print(f"## Equivalence to `pe`: TOST, alpha {ALPHA}, n = {SEEDS_NEW}\n")
+    print("| margin | true diff | " + " | ".join(f"P(equivalent), sd {s}" for s in grid) + " |")
+    print("|---|---|" + "---|" * len(grid))
+    for margin in MARGINS:
+        for true in (0.0, 0.005, 0.01):
+            cells = [f"{np.mean([tost_p(true + s * z, margin) < ALPHA for z in noise]):.2f}"
+                     for s in grid]
+            print(f"| ±{margin} | {true:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
