@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from launching import ONE, TINY, TWO, run  # noqa: E402
+from launching import ONE, TINY, TWO, made_once, run  # noqa: E402
 
 from starlora.models import Loaded, load_model  # noqa: E402
 
@@ -26,8 +26,9 @@ TINY_ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 #: modules whose tests launch 2-process runs and share the `tiny_runs` session fixture: one
 #: xdist group (`make test` runs 2 workers with ``--dist loadgroup``), so one worker makes the
 #: fixture and no two launches share the cores (or accelerate's default port) at once. (That
-#: worker may still tear fixtures down between the chunks it is sent and make them again:
-#: `tiny_runs` and test_zero3's `zero3_run` were each set up twice in a measured run.)
+#: worker may still tear fixtures down between the chunks it is sent: `tiny_runs` and
+#: test_zero3's `zero3_run` were each set up twice in a measured run, so they make their
+#: runs through `launching.made_once`, which keeps them for the session.)
 MULTIPROCESS = {"test_distributed.py", "test_zero3.py", "test_training.py"}
 
 
@@ -99,9 +100,11 @@ def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """configs/tiny.yaml run by one process and by two."""
-    folder = tmp_path_factory.mktemp("runs")
-    run([*ONE, "run", str(TINY), "--run-dir", str(folder / "one")])
-    proc = run([*TWO, "run", str(TINY), "--run-dir", str(folder / "two")])
-    assert proc.stdout.count("run finished") == 1  # the main process reports, alone
+    """configs/tiny.yaml run by one process and by two (once per session: `made_once`)."""
+    def make(folder: Path) -> None:
+        run([*ONE, "run", str(TINY), "--run-dir", str(folder / "one")])
+        proc = run([*TWO, "run", str(TINY), "--run-dir", str(folder / "two")])
+        assert proc.stdout.count("run finished") == 1  # the main process reports, alone
+
+    folder = made_once(tmp_path_factory, "tiny_runs", make)
     return folder / "one", folder / "two"

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from starlora.io import read_jsonl
 
@@ -36,6 +39,25 @@ ZERO3 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_
 #: lora.dropout 0 they agree to ~1e-5 (float sums in another order). Final training loss:
 #: relative 2e-3 (measured 1.7e-4 and 3.1e-4); accuracy: one test example of 12; ECE: 0.05.
 LOSS_RTOL, ACCURACY_ATOL, ECE_ATOL = 2e-3, 1 / 12, 0.05
+
+
+def made_once(factory: Any, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that ``make(folder)`` fills once per test session, however often the fixture
+    asking for it is set up (an xdist worker may be sent a module's tests in chunks, and pytest
+    then tears the module's fixtures down in between) and whichever worker asks first: under
+    xdist the folder lives beside the workers' base temp dirs (this session's), made under a
+    file lock. For folders the tests only read."""
+    from filelock import FileLock
+
+    base = factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
 
 
 def run(cmd: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from launching import (
     ZERO3,
     files,
     launch_and_kill,
+    made_once,
     outputs,
     run,
     trained,
@@ -103,11 +104,12 @@ def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/tiny.yaml under ZeRO-3, with an empty cache: the base model's scores are
     computed under ZeRO-3, not read."""
-    folder = tmp_path_factory.mktemp("zero3")
-    proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run")],
-                STARLORA_CACHE=str(folder / "cache"))
-    assert proc.stdout.count("run finished") == 1
-    return folder / "run"
+    def make(folder: Path) -> None:
+        proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run")],
+                   STARLORA_CACHE=str(folder / "cache"))
+        assert proc.stdout.count("run finished") == 1
+
+    return made_once(tmp_path_factory, "zero3_run", make) / "run"
 
 
 @pytest.mark.slow  # one accelerate launch with DeepSpeed (~40 s)
