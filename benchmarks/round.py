@@ -27,8 +27,9 @@ The process is stopped once round R+1 starts. Three sides run one after the othe
                         label-free mode the earlier commit did not have), so its score phase
                         does more work
 
-``--sides`` picks some of them (``before``, ``gold``, ``generated``) and ``--mc-passes K`` sets
-``scoring.mc_passes`` on every side (default: the demo's 2).
+``--sides`` picks some of them (``before``, ``gold``, ``generated``), ``--mc-passes K`` sets
+``scoring.mc_passes`` on every side (default: the demo's 2) and ``--set KEY=VALUE`` any other
+setting of the demo config on every side.
 
 Last line: ``after_vs_before=<round time ratio>`` for the like-for-like pair and the ratio of
 each phase, then ``generated_vs_before=<ratio>`` (with the before side), and
@@ -123,12 +124,16 @@ def main() -> int:
                     help="some of before, gold, generated (comma-separated)")
     ap.add_argument("--mc-passes", type=int, default=None,
                     help="scoring.mc_passes on every side (default: the demo config's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another override of the demo config on every side (repeatable), "
+                         "e.g. scoring.base_scores=adapted")
     args = ap.parse_args()
     threads = os.environ.get("OMP_NUM_THREADS", "all")
     print(f"demo round {args.round}, strategy {args.strategy}, before={args.before}, "
           f"after=this checkout, sides={args.sides}, mc_passes={args.mc_passes or 'demo'}, "
-          f"threads={threads}, cpus={os.cpu_count()}")
+          f"set={args.set}, threads={threads}, cpus={os.cpu_count()}")
     passes = [] if args.mc_passes is None else [f"scoring.mc_passes={args.mc_passes}"]
+    passes += args.set
     every = {"before": passes, "after": ["scoring.answers=gold", *passes],
              "after (generated)": ["scoring.answers=generated", *passes]}
     names = {"before": "before", "gold": "after", "generated": "after (generated)"}
