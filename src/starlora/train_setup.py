@@ -154,8 +154,9 @@ def make_accelerator(device: torch.device) -> Any:
 class TrainingSetup:
     """Everything one round's steps use. `wrapped` is the prepared loss module around
     `peft_model`; `loader` yields this process's share of every batch; `local_steps` is the
-    number of optimizer steps (the same in every process, `optimizer_steps`); `precision` is what the forward
-    passes run in, autocast by us when `own_amp` (with `scaler` for fp16)."""
+    number of optimizer steps (the same in every process; `optimizer_steps`), `passes` the
+    epochs over `loader` they take; `precision` is what the forward passes run in, autocast by
+    us when `own_amp` (with `scaler` for fp16)."""
 
     accelerator: Any
     peft_model: Any
@@ -168,7 +169,7 @@ class TrainingSetup:
     own_amp: bool
     scaler: Any
     local_steps: int
-    passes: int  # epochs over `loader` that `local_steps` needs (the last may stop early)
+    passes: int  # the last one may stop early
     trainable: list[torch.nn.Parameter]
     world: int
 
@@ -237,7 +238,7 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
     scaler = torch.amp.GradScaler(device.type) if own_amp and precision == "fp16" else None
     # every process sees every batch (its share of it): as many steps as one process
     local_steps = optimizer_steps(training, len(loader))
-    passes = math.ceil(local_steps / math.ceil(len(loader) / training.grad_accum))
+    passes = math.ceil(local_steps / max(1, math.ceil(len(loader) / training.grad_accum)))
     return TrainingSetup(accelerator, peft_model, wrapped, optimizer, scheduler, loader, device,
                          precision, own_amp, scaler, local_steps, passes,
                          [p for p in wrapped.parameters() if p.requires_grad], world)
