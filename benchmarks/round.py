@@ -31,8 +31,9 @@ The process is stopped once round R+1 starts. Three sides run one after the othe
 ``scoring.mc_passes`` on every side (default: the demo's 2) and ``--set KEY=VALUE`` any other
 setting of the demo config on every side.
 
-Last line: ``after_vs_before=<round time ratio>`` for the like-for-like pair and the ratio of
-each phase, then ``generated_vs_before=<ratio>`` (with the before side), and
+Last line: ``after_vs_before=<round time ratio>`` and the ratio of each phase (like for like
+only when the before revision scores gold answers by default, as fa374a5 does; a later
+``--before`` is label-free by default, so read ``generated_vs_before`` then), then ``generated_vs_before=<ratio>`` (with the before side), and
 ``generated_vs_gold=<ratio>``: the label-free default's round time over the same round on gold
 answers, in one run (the price of not reading labels; issue 37 asks <= 1.15 with one MC pass
 and <= 1.4 with 3). With the before and generated sides, ``same_selection=<n>/<query size>``
