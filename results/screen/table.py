@@ -43,12 +43,54 @@ def run_dir(arm: str, seed: int, spec: dict, runs: Path) -> Path | None:
     return None
 
 
+def seed_2_arms(arms: dict[str, dict], runs: Path) -> int:
+    """The amendment of 2026-12-05 (README.md): once every arm has finished screen runs of
+    seeds 0 and 1 (the study's runs do not count here), rank the arms other than `random` and
+    `pe` by their mean paired AULC difference from `random` over those seeds (ties: the higher
+    mean final accuracy); seed 2 is run for `random`, `pe` and the first three. Prints the
+    ranking and the command; exit 1 while a run is missing."""
+    stats: dict[str, tuple[float, float]] = {}
+    missing = []
+    curves: dict[str, dict[int, list[dict]]] = {}
+    for arm in arms:
+        for seed in (0, 1):
+            d = run_dir(arm, seed, {}, runs)
+            if d is None:
+                missing.append(f"{arm} seed {seed}")
+            else:
+                curves.setdefault(arm, {})[seed] = read_jsonl(d / "metrics.jsonl")
+    if missing:
+        print(f"not yet: {len(missing)} runs unfinished ({', '.join(missing)})", file=sys.stderr)
+        return 1
+
+    def area(rows: list[dict]) -> float:
+        return aulc([m["n_labelled"] for m in rows], [m["accuracy"] for m in rows])
+
+    for arm in arms:
+        if arm in ("random", "pe"):
+            continue
+        diff = np.mean([area(curves[arm][s]) - area(curves["random"][s]) for s in (0, 1)])
+        final = np.mean([curves[arm][s][-1]["accuracy"] for s in (0, 1)])
+        stats[arm] = (float(diff), float(final))
+    ranked = sorted(stats, key=lambda a: (-stats[a][0], -stats[a][1]))
+    for i, arm in enumerate(ranked, 1):
+        print(f"{i}. {arm}: mean AULC difference from random {stats[arm][0]:+.4f}, "
+              f"mean final accuracy {stats[arm][1]:.3f}")
+    print("python results/screen/run_screen.py --seeds 2 --arms "
+          + ",".join(["random", "pe", *ranked[:3]]))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seed-2-arms", action="store_true",
+                    help="print the arms the README's amendment runs seed 2 for, and stop")
     args = ap.parse_args()
     arms: dict[str, dict] = yaml.safe_load((HERE / "arms.yaml").read_text())
+    if args.seed_2_arms:
+        return seed_2_arms(arms, args.runs_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
     cache: dict = {}
     result: dict[str, dict[int, dict]] = {}
