@@ -33,7 +33,8 @@ setting of the demo config on every side.
 
 Last line: ``after_vs_before=<round time ratio>`` and the ratio of each phase (like for like
 only when the before revision scores gold answers by default, as fa374a5 does; a later
-``--before`` is label-free by default, so read ``generated_vs_before`` then), then ``generated_vs_before=<ratio>`` (with the before side), and
+``--before`` is label-free by default, so read ``generated_vs_before`` then), then
+``generated_vs_before=<ratio>`` (with the before side), and
 ``generated_vs_gold=<ratio>``: the label-free default's round time over the same round on gold
 answers, in one run (the price of not reading labels; issue 37 asks <= 1.15 with one MC pass
 and <= 1.4 with 3). With the before and generated sides, ``same_selection=<n>/<query size>``
@@ -133,10 +134,10 @@ def main() -> int:
     print(f"demo round {args.round}, strategy {args.strategy}, before={args.before}, "
           f"after=this checkout, sides={args.sides}, mc_passes={args.mc_passes or 'demo'}, "
           f"set={args.set}, threads={threads}, cpus={os.cpu_count()}")
-    passes = [] if args.mc_passes is None else [f"scoring.mc_passes={args.mc_passes}"]
-    passes += args.set
-    every = {"before": passes, "after": ["scoring.answers=gold", *passes],
-             "after (generated)": ["scoring.answers=generated", *passes]}
+    common = [] if args.mc_passes is None else [f"scoring.mc_passes={args.mc_passes}"]
+    common += args.set  # every side's overrides
+    every = {"before": common, "after": ["scoring.answers=gold", *common],
+             "after (generated)": ["scoring.answers=generated", *common]}
     names = {"before": "before", "gold": "after", "generated": "after (generated)"}
     wanted = [names[x.strip()] for x in args.sides.split(",") if x.strip()]
     sides = {side: extra for side, extra in every.items() if side in wanted}

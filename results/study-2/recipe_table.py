@@ -11,26 +11,24 @@ recipe, older code on another CPU) are a row of their own.
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from starlora.io import read_jsonl
 from starlora.study.stats import aulc
 
 HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+from launch import finished  # noqa: E402  (results/launch.py)
+from run_recipe_pilot import RECIPES  # noqa: E402  (the one list of recipes)
 
 
 def curves(folder: Path) -> list[list[tuple[int, float]]]:
-    out = []
-    for run in sorted(folder.glob("seed*")):
-        state = run / "state.json"
-        if not run.is_dir() or not state.is_file() or not json.loads(state.read_text()).get(
-                "finished"):
-            continue
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-        out.append([(r["n_labelled"], r["accuracy"]) for r in rows])
-    return out
+    """(labelled count, accuracy) per round of each finished run under `folder`."""
+    return [[(r["n_labelled"], r["accuracy"]) for r in read_jsonl(run / "metrics.jsonl")]
+            for run in sorted(folder.glob("seed*")) if run.is_dir() and finished(run)]
 
 
 def row(name: str, runs: list[list[tuple[int, float]]]) -> str:
@@ -51,7 +49,7 @@ def main() -> None:
     first = curves(HERE.parent / "arith-study" / "pilot" / "random")
     if first:
         print(row("first (the first study's pilot: older code, AMD Zen 4)", first))
-    for recipe in ("first", "steps24", "warm"):
+    for recipe in RECIPES:
         runs = curves(HERE / "pilot" / recipe)
         if runs:
             print(row(recipe, runs))
