@@ -30,10 +30,12 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARAL
 ONE = [sys.executable, "-m", "starlora"]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
        "-m", "starlora"]
-#: DeepSpeed ZeRO-3 through the shipped accelerate config, 2 processes on the CPU (gloo), fp32
+#: DeepSpeed ZeRO-3 through the shipped accelerate config, 2 processes on the CPU (gloo), fp32;
+#: port 0: accelerate binds a free port (its default, 29500, can still be held by the launch
+#: that ended a moment before, and a launch that cannot bind it exits at once)
 ZERO3 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
          str(ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"), "--num_processes", "2",
-         "--mixed_precision", "no", "-m", "starlora"]
+         "--mixed_precision", "no", "--main_process_port", "0", "-m", "starlora"]
 #: 2-process run vs 1 process (configs/tiny.yaml): the processes draw other LoRA dropout masks
 #: in training (each for its share of a batch), so the adapters differ a little; with
 #: lora.dropout 0 they agree to ~1e-5 (float sums in another order). Final training loss:
@@ -129,12 +131,14 @@ def launch_and_kill(cmd: list[str], run_dir: Path, point, victim: str, **env: st
     one of its workers (`victim`: "launcher" or "worker")."""
     import psutil
 
-    proc = subprocess.Popen(cmd, env=dict(ENV, **env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = run_dir.with_name(run_dir.name + ".launch.log")  # what it printed, for the message
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=dict(ENV, **env), stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
-            assert proc.poll() is None, "the run ended before the kill point"
+            assert proc.poll() is None, (f"the run ended (exit {proc.returncode}) before the "
+                                         f"kill point:\n{log.read_text(errors='replace')[-3000:]}")
             try:
                 if point(json.loads((run_dir / "state.json").read_text())):
                     break
