@@ -7,7 +7,7 @@
     starlora export RUN_DIR --out FILE [--format F]; starlora import RUN_DIR FILE [--format F]
     starlora annotate RUN_DIR [--host 127.0.0.1] [--port 8765] [--token T]
     starlora score --model M --task T --data FILE --out scores.jsonl
-    starlora report RUN_DIR... --out DIR
+    starlora report RUN_DIR... --out DIR [--comparisons YAML]
     starlora uncertainty RUN_DIR...     # PE/ME of the test answers after the last round
     starlora calibrate RUN_DIR          # one temperature on the labels; ECE/AURC before, after
 
@@ -180,7 +180,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from starlora.report import build_report
 
-    written = build_report(args.run_dirs, args.out)
+    written = build_report(args.run_dirs, args.out, args.comparisons)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "starlora report runs/random-* runs/pe-* --out report/")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several")
     p.add_argument("--out", required=True, help="output folder for PNGs, Markdown and CSV")
+    p.add_argument("--comparisons", metavar="YAML", default=None,
+                   help="the study's declared primary comparisons (arm, baseline, optional "
+                        "equivalence margin; docs/study.md); default: each STAR arm against "
+                        "random and pe/me")
     p.set_defaults(func=_cmd_report)
 
     p = _command(sub, "uncertainty", "score a finished run's test items after its last round "

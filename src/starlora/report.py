@@ -55,6 +55,7 @@ from starlora.io import atomic_write, read_records
 from starlora.report_confidence import confidence_pages, stopping_page
 from starlora.run.store import RunPaths
 from starlora.study.arms import run_labels, study_groups
+from starlora.study.declared import load_declared
 from starlora.study.report import write_studies
 from starlora.study.stats import aulc
 
@@ -346,19 +347,25 @@ def _prefix(task: str, protocol: str) -> str:
     return slug + "_"
 
 
-def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+def build_report(run_dirs: list[str | Path], out_dir: str | Path,
+                 comparisons: str | Path | None = None) -> dict[str, Path]:
     """Write curves, reliability diagrams and summary tables for `run_dirs` into `out_dir`.
 
-    Returns the written paths by file name (``"accuracy.png"``, ``"summary.md"``,
-    ``"study.md"``...; with several (task, protocol) groups the names carry the group prefix).
+    `comparisons`: a file declaring the study's primary comparisons (`starlora.study.declared`);
+    without it, the first study's family. Returns the written paths by file name
+    (``"accuracy.png"``, ``"summary.md"``, ``"study.md"``...; with several (task, protocol)
+    groups the names carry the group prefix). Bad input raises before anything is written.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    declared = None if comparisons is None else load_declared(comparisons)
     records = load_runs(run_dirs)
     # curves and summaries name each line by its study arm label, so that runs that differ
     # in settings (e.g. scoring.answers) are told apart across the per-protocol files
     study = study_groups(records)
     labels = run_labels(study)
+    if declared is not None:
+        declared.check_used(set(labels.values()))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shown = [{**r, "strategy": labels.get(r["run_dir"], r["strategy"])} for r in records]
     groups = aggregate(shown)
     written: dict[str, Path] = {}
@@ -388,5 +395,5 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
         }
         for name, data in files.items():
             written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", data)
-    written.update(write_studies(records, out_dir, study))
+    written.update(write_studies(records, out_dir, study, declared))
     return written

@@ -27,7 +27,11 @@ constraint ablation ``b_decay_mode=none, dropout=0.0, mc_passes=1``) is a varian
 the primary family; it is compared, as a secondary result, with the arm of the same strategy and
 answers that has the group's usual settings (AULC, final accuracy and ECE, uncorrected).
 
-**Paired comparisons.** Each STAR arm (strategy ``*-dynamic`` or ``*-subtract``, not a
+**Declared comparisons.** With a comparisons file (`starlora.study.declared`), the primary
+family is the declared pairs instead of the default below, with a TOST p where a margin is
+declared, and the labels-to-reach table is added.
+
+**Paired comparisons.** By default, each STAR arm (strategy ``*-dynamic`` or ``*-subtract``, not a
 variant) against each baseline arm (not a variant): ``random``, and ``pe``/``me`` with the same
 ``scoring.answers``; the difference is STAR minus baseline over the seeds both arms have (at
 least 2). Primary: AULC, with the exact
@@ -67,8 +71,17 @@ from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import DataError, StarloraError
 from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL, STOPPING, identity
 from starlora.run.store import RunPaths
-from starlora.study.diagnostics import read_rows, run_auroc, run_diagnostics
-from starlora.study.stats import MAX_EXACT, aulc_weights, bootstrap_diff_ci, holm, sign_flip_p
+from starlora.study.declared import Declared, ReachRow, reach_rows
+from starlora.study.diagnostics import run_auroc, run_diagnostics
+from starlora.study.items import ItemCorrectness
+from starlora.study.stats import (
+    MAX_EXACT,
+    aulc_weights,
+    bootstrap_diff_ci,
+    holm,
+    sign_flip_p,
+    tost_p,
+)
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -117,6 +130,8 @@ class Comparison:
     ci_note: str
     p_holm: float | None = None
     primary: bool = True  # AULC of a STAR arm against a baseline; False: a variant's comparison
+    margin: float | None = None  # a declared equivalence margin (AULC), with its TOST p
+    tost_p: float | None = None
 
 
 def _design(key: str) -> bool:
@@ -246,51 +261,7 @@ def run_values(run: StudyRun, rounds: list[int]) -> dict[str, float]:
     return out
 
 
-class _Items:
-    """Per-item correctness of runs' rounds (``predictions.jsonl``), read once."""
-
-    def __init__(self) -> None:
-        self.cache: dict[tuple[Path, int], tuple[list[str], np.ndarray] | str] = {}
-
-    def get(self, run: StudyRun, k: int) -> tuple[list[str], np.ndarray] | str:
-        key = (run.run_dir, k)
-        if key not in self.cache:
-            rows = read_rows(RunPaths(run.run_dir).round_file(k, "predictions.jsonl"))
-            if rows is None:
-                self.cache[key] = "no predictions.jsonl"
-            else:
-                rows = sorted(rows, key=lambda r: str(r["id"]))
-                correct = np.array([float(bool(r.get("correct"))) for r in rows])
-                if not rows or abs(correct.mean() - run.rounds[k]["accuracy"]) > 1e-9:
-                    self.cache[key] = "predictions disagree with metrics.jsonl"
-                else:
-                    self.cache[key] = ([str(r["id"]) for r in rows], correct)
-        return self.cache[key]
-
-    def matrix(self, pairs: list[tuple[StudyRun, StudyRun]], rounds: list[int],
-               quantity: str) -> np.ndarray | str:
-        """[seeds, items]: per item, arm A's weighted correctness minus arm B's (weights: AULC
-        over `rounds`, or the last round for final accuracy); a reason when it cannot."""
-        ids, out = None, []
-        for pair in pairs:
-            diff = 0.0
-            for sign, run in zip((1.0, -1.0), pair):
-                n = [run.rounds[k]["n_labelled"] for k in rounds]
-                w = aulc_weights(n) if quantity == "aulc" else np.eye(len(rounds))[-1]
-                for k, wk in zip(rounds, w):
-                    got = self.get(run, k)
-                    if isinstance(got, str):
-                        return got
-                    if ids is None:
-                        ids = got[0]
-                    elif got[0] != ids:
-                        return "runs were evaluated on different test items"
-                    diff = diff + sign * wk * got[1]
-            out.append(diff)
-        return np.vstack(out)
-
-
-def _compare(star: Arm, base: Arm, seeds: list[int], rounds: list[int], items: _Items,
+def _compare(star: Arm, base: Arm, seeds: list[int], rounds: list[int], items: ItemCorrectness,
              values: dict[tuple[str, int], dict[str, float]]) -> list[Comparison]:
     out = []
     pairs = [(star.runs[s], base.runs[s]) for s in seeds]
@@ -333,10 +304,14 @@ class Study:
     diagnostics: dict[str, dict[int, dict[str, list[float]]]]  # arm -> round -> quantity -> []
     notes: list[str]
     auroc: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # arm -> per run
+    declared: Declared | None = None  # the comparisons file that fixed the primary family
+    reach: list[ReachRow] = field(default_factory=list)  # with `declared` only
 
 
-def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
-    """The study of one group, or None when it has fewer than 2 arms sharing 2 seeds."""
+def compute_study(task: str, design: str, runs: list[StudyRun],
+                  declared: Declared | None = None) -> Study | None:
+    """The study of one group, or None when it has fewer than 2 arms sharing 2 seeds. With
+    `declared` (`starlora.study.declared`) the comparisons are the declared pairs."""
     rounds = sorted(set.intersection(*(set(r.rounds) for r in runs)))
     arms = _arms(runs)
     labels = list(arms)
@@ -344,17 +319,24 @@ def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
                              for i, a in enumerate(labels) for b in labels[i + 1:]):
         return None
     values = {(a.label, s): run_values(r, rounds) for a in arms.values() for s, r in a.runs.items()}
-    items, comparisons, untested = _Items(), [], []
-    for star in (a for a in arms.values() if _is_star(a.strategy)):
-        for base in _baselines(star, arms):
-            seeds = sorted(set(star.runs) & set(base.runs))
-            if len(seeds) < 2:
-                untested.append(f"{star.label} vs {base.label} ({len(seeds)} paired seed(s))")
-                continue
-            found = _compare(star, base, seeds, rounds, items, values)
-            for c in found:
-                c.primary = c.quantity == "aulc" and not star.variant
-            comparisons += found
+    items, comparisons, untested = ItemCorrectness(), [], []
+    if declared is None:
+        pairs = [(star, base, None) for star in arms.values() if _is_star(star.strategy)
+                 for base in _baselines(star, arms)]
+    else:
+        pairs, untested = declared.resolve(arms)
+    for star, base, margin in pairs:
+        seeds = sorted(set(star.runs) & set(base.runs))
+        if len(seeds) < 2:
+            untested.append(f"{star.label} vs {base.label} ({len(seeds)} paired seed(s))")
+            continue
+        found = _compare(star, base, seeds, rounds, items, values)
+        for c in found:
+            c.primary = c.quantity == "aulc" and (declared is not None or not star.variant)
+            if c.primary and margin is not None:
+                c.margin = margin
+                c.tost_p = tost_p(c.diffs, margin) if len(seeds) <= MAX_EXACT else float("nan")
+        comparisons += found
     primary = [c for c in comparisons if c.primary and not np.isnan(c.p)]
     for c, p in zip(primary, holm([c.p for c in primary])):
         c.p_holm = p
@@ -375,5 +357,6 @@ def compute_study(task: str, design: str, runs: list[StudyRun]) -> Study | None:
                           if (found := run_auroc(arm.runs[seed].run_dir, rounds[-1])) is not None]
               for arm in arms.values()}
     all_n = [r.rounds[k]["n_labelled"] for r in runs for k in (rounds[0], rounds[-1])]
+    reach = [] if declared is None else reach_rows(arms, rounds, RESAMPLES, BOOTSTRAP_SEED)
     return Study(task, design, rounds, (min(all_n), max(all_n)), arms, values, comparisons,
-                 untested, diagnostics, sorted(notes), aurocs)
+                 untested, diagnostics, sorted(notes), aurocs, declared, reach)

@@ -24,8 +24,10 @@ from starlora.study.arms import (
     Study,
     StudyRun,
     compute_study,
+    run_labels,
     study_groups,
 )
+from starlora.study.declared import Declared
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -67,28 +69,36 @@ def study_markdown(s: Study) -> str:
     lines += _table(["arm", "n seeds", "seeds", "AULC", "final accuracy", "final ECE¹",
                      *(EXTRA_NAMES[q] for q in extra)], rows)
     lines += [ECE_NOTE + (" " + SIGNAL_NOTE if extra else ""), ""]
+    who = ("STAR arm" if s.declared is None else
+           f"The pairs declared in {s.declared.citation()}: arm")
     lines += ["## Paired comparisons: AULC (primary)", "",
-              "STAR arm minus baseline, paired by seed. p: exact two-sided sign-flip test over "
+              f"{who} minus baseline, paired by seed. p: exact two-sided sign-flip test over "
               "all 2^n sign vectors; Holm p: Holm-Bonferroni over the comparisons in this "
               f"table; 95% CI: percentile bootstrap of the mean difference ({RESAMPLES} "
-              f"resamples, NumPy seed {BOOTSTRAP_SEED}) over the resampling named.", ""]
+              f"resamples, NumPy seed {BOOTSTRAP_SEED}) over the resampling named."
+              + (TOST_NOTE if any(c.margin for c in s.comparisons) else ""), ""]
     head = ["arm", "baseline", "n seeds", "mean diff", "std", "95% CI", "p", "Holm p",
             "CI resamples"]
     primary = [c for c in s.comparisons if c.primary]
-    lines += _table(head, [_cells(c) for c in primary]) if primary else [
-        "No STAR arm and baseline share 2 seeds.", ""]
+    tost = any(c.margin for c in primary)
+    lines += _table(head + ["margin", "TOST p"] * tost,
+                    [_cells(c) + [f"±{c.margin:g}" if c.margin else "", _f(c.tost_p, 5)] * tost
+                     for c in primary]) if primary else [
+        "No STAR arm and baseline share 2 seeds." if s.declared is None else
+        "No declared pair shares 2 seeds.", ""]
     if s.untested:
         lines += ["Not tested: " + "; ".join(s.untested) + ".", ""]
     secondary = [c for c in s.comparisons if not c.primary]
     if secondary:
         lines += ["## Paired comparisons: secondary, uncorrected", "",
-                  "Final accuracy and final ECE of the primary pairs; AULC, final accuracy and "
-                  "ECE of each variant against its usual arm."
+                  ("Final accuracy and final ECE of the primary pairs; AULC, final accuracy "
+                   "and ECE of each variant against its usual arm." if s.declared is None else
+                   "Final accuracy and final ECE of the declared pairs.")
                   + (" Where runs have them, also final AURC and self-consistency AUROC "
                      "(seeds-only intervals)." if _signal_quantities(s) else ""), ""]
         lines += _table(["quantity", *head[:-2], "CI resamples"],
                         [[c.quantity, *_cells(c)[:-2], c.ci_note] for c in secondary])
-    lines += _auroc_markdown(s)
+    lines += _reach_markdown(s) + _auroc_markdown(s)
     lines += ["## Diagnostics per round (exploratory)", "",
               "Mean ± std over the seeds that have the files; (n=...) when fewer than the "
               "arm's seeds. Round k's selection chose the labels round k+1 trains on.", ""]
@@ -124,6 +134,34 @@ SIGNAL_NOTE = ("Final AURC: area under the risk-coverage curve of the sequence p
                "AUROC: of the share of sampled answers equal to the greedy one, for a right "
                "answer (`evaluation.samples`). Secondary endpoints; runs without them show nan.")
 EXTRA_NAMES = {"final_aurc": "final AURC", "final_sc_auroc": "self-consistency AUROC"}
+
+
+TOST_NOTE = (" TOST p (declared margins): equivalence within ±margin, the larger of two exact "
+             "one-sided sign-flip p on the differences shifted by the margin; p < 0.05 says "
+             "the mean difference lies within the margin (uncorrected).")
+
+
+def _n(x: float) -> str:
+    return "not reached" if np.isinf(x) else f"{x:.1f}"
+
+
+def _reach_markdown(s: Study) -> list[str]:
+    """Labels to reach random's final accuracy (declared studies only)."""
+    if s.declared is None:
+        return []
+    lines = ["## Labels to reach random's final accuracy (secondary)", "",
+             "The labelled count at which the arm's mean learning curve over the seeds it "
+             "shares with `random` first reaches `random`'s final mean accuracy (linear "
+             "between rounds); saved: `random`'s final count minus it. 95% CI: percentile "
+             f"bootstrap over seeds ({RESAMPLES} resamples, NumPy seed {BOOTSTRAP_SEED}; the "
+             "same seeds for both arms), with the share of resamples that reach it.", ""]
+    if not s.reach:
+        return lines + ["No arm shares 2 seeds with `random`.", ""]
+    rows = [[r.arm, str(r.seeds), _f(r.target), _n(r.n),
+             "" if np.isinf(r.n) else f"{r.saved:.1f}", f"[{_n(r.ci[0])}, {_n(r.ci[1])}]",
+             _f(r.reached, 3)] for r in s.reach]
+    return lines + _table(["arm", "n seeds", "random's final accuracy", "labelled to reach",
+                           "saved", "95% CI", "share reached"], rows)
 
 
 def _signal_quantities(s: Study) -> list[str]:
@@ -219,6 +257,14 @@ def study_csv(s: Study) -> str:
         row("paired", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
             (_f(c.ci[0], 6), _f(c.ci[1], 6)), _f(c.p, 6), _f(c.p_holm, 6),
             f"{kind}; ci {c.ci_note}")
+    for c in s.comparisons:
+        if c.margin:
+            row("tost", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
+                p=_f(c.tost_p, 6), note=f"equivalence within ±{c.margin:g}")
+    for r in s.reach:
+        row("reach", r.arm, "random", str(s.rounds[-1]), "n_labelled_to_reach", r.seeds,
+            r.n, float("nan"), (_f(r.ci[0], 6), _f(r.ci[1], 6)),
+            note=f"target {_f(r.target, 6)}; saved {_f(r.saved, 6)}; reached {_f(r.reached, 6)}")
     for arm in s.arms.values():
         runs = s.auroc.get(arm.label, [])
         missing = len(arm.runs) - len(runs)
@@ -237,15 +283,18 @@ def study_csv(s: Study) -> str:
 
 
 def write_studies(records: list[dict[str, Any]], out_dir: Path,
-                  groups: dict[tuple[str, str], list[StudyRun]] | None = None
-                  ) -> dict[str, Path]:
+                  groups: dict[tuple[str, str], list[StudyRun]] | None = None,
+                  declared: Declared | None = None) -> dict[str, Path]:
     """Write ``study.md`` and ``study.csv`` for each group that has a study (prefixed by task
     and design when there are several); returns the written paths by file name. `groups`:
-    ``study_groups(records)`` when the caller already has it."""
+    ``study_groups(records)`` when the caller already has it; `declared`: the primary family
+    (`starlora.study.declared`; checked before anything is written)."""
     if groups is None:
         groups = study_groups(records)
+    if declared is not None:
+        declared.check_used(set(run_labels(groups).values()))
     studies = [s for (task, design), runs in groups.items()
-               if (s := compute_study(task, design, runs)) is not None]
+               if (s := compute_study(task, design, runs, declared)) is not None]
     written = {}
     for s in studies:
         prefix = ""

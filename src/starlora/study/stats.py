@@ -61,6 +61,19 @@ def aulc(n_labelled: Sequence[float], accuracy: Sequence[float]) -> float:
     return float(aulc_weights(n_labelled) @ np.asarray(accuracy, dtype=np.float64))
 
 
+def first_reach(n_labelled: Sequence[float], accuracy: Sequence[float], target: float) -> float:
+    """The labelled count at which the curve (`n_labelled` ascending, `accuracy` at each)
+    first reaches `target`, linear between points: `n_labelled[0]` when it starts there,
+    inf when it never does."""
+    n, a = np.asarray(n_labelled, np.float64), np.asarray(accuracy, np.float64)
+    if a[0] >= target:
+        return float(n[0])
+    for k in range(1, len(a)):
+        if a[k] >= target:
+            return float(n[k - 1] + (target - a[k - 1]) / (a[k] - a[k - 1]) * (n[k] - n[k - 1]))
+    return float("inf")
+
+
 def sign_flip_p(diffs: Sequence[float], alternative: str = "two-sided") -> float:
     """Exact p-value of the sign-flip test of mean(diffs) = 0 (see module doc).
 

@@ -1,0 +1,154 @@
+"""Declared comparisons (`starlora report --comparisons`): the primary family a protocol
+fixes, its TOST verdicts and the labels-to-reach endpoint, on synthetic runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import test_study
+from test_study import N_LABELLED, curve, read_csv, write_study_run
+
+from starlora.errors import DataError
+from starlora.report import build_report, load_runs
+from starlora.study.declared import load_declared
+from starlora.study.report import write_studies
+from starlora.study.stats import aulc, first_reach, tost_p
+
+ADAPTED = "pe-dynamic [base_scores=adapted]"
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """random, pe, and a repaired STAR arm (a setting other than the answers: a "variant" to
+    the first study's family), 6 seeds each: STAR beats random on every seed, and equals pe
+    on 3 seeds, beats it by one round's item on the others."""
+    monkeypatch.setitem(test_study.STUDY_ARMS, ADAPTED,
+                        ("pe-dynamic", ["scoring.base_scores=adapted"]))
+    out = []
+    for seed in range(6):
+        out.append(write_study_run(tmp_path / "runs", "random", seed, curve(seed, 0)))
+        out.append(write_study_run(tmp_path / "runs", "pe", seed, curve(seed, 1)))
+        out.append(write_study_run(tmp_path / "runs", ADAPTED, seed, curve(seed, 1 + seed % 2)))
+    return out
+
+
+def declare(tmp_path, text: str):
+    path = tmp_path / "comparisons.yaml"
+    path.write_text(text)
+    return path
+
+
+FAMILY = f"""# the protocol's family
+primary:
+  - {{arm: "{ADAPTED}", baseline: random}}
+  - {{arm: "{ADAPTED}", baseline: pe, margin: 0.05}}
+"""
+
+
+def test_first_reach_interpolates_between_rounds():
+    assert first_reach([4, 8, 12], [0.3, 0.5, 0.7], 0.6) == pytest.approx(10.0)
+    assert first_reach([4, 8, 12], [0.6, 0.5, 0.7], 0.6) == 4.0  # reached at the start
+    assert first_reach([4, 8, 12], [0.3, 0.5, 0.55], 0.6) == float("inf")
+    assert first_reach([4, 8, 12], [0.3, 0.7, 0.9], 0.5) == pytest.approx(6.0)
+
+
+def test_the_declared_pairs_are_the_primary_family_with_tost(runs, tmp_path):
+    without = read_csv(write_studies(load_runs(runs), tmp_path / "a")["study.csv"])
+    # the first study's family: the repaired arm is a variant, only against plain pe-dynamic,
+    # which is not here: nothing primary
+    assert not [r for r in without if r["section"] == "paired" and "primary" in r["note"]]
+    written = build_report(runs, tmp_path / "b", declare(tmp_path, FAMILY))
+    rows = read_csv(written["study.csv"])
+    paired = {(r["baseline"], r["quantity"]): r for r in rows
+              if r["section"] == "paired" and r["arm"] == ADAPTED}
+    assert set(paired) == {(b, q) for b in ("random", "pe")
+                           for q in ("aulc", "final_accuracy", "final_ece")}
+    vs_random, vs_pe = paired[("random", "aulc")], paired[("pe", "aulc")]
+    assert vs_random["p"] == "0.031250" and vs_pe["p"] == "0.250000"  # 6 > 0; 3 > 0, 3 ties
+    assert vs_random["p_holm"] == "0.062500" and vs_pe["p_holm"] == "0.250000"
+    assert vs_random["note"].startswith("primary") and vs_pe["note"].startswith("primary")
+    diffs = [aulc(N_LABELLED, np.mean(curve(s, 1 + s % 2), axis=1))
+             - aulc(N_LABELLED, np.mean(curve(s, 1), axis=1)) for s in range(6)]
+    tost = [r for r in rows if r["section"] == "tost"]
+    assert len(tost) == 1 and tost[0]["baseline"] == "pe"
+    assert float(tost[0]["p"]) == pytest.approx(tost_p(diffs, 0.05), abs=1e-6)
+    assert tost[0]["note"] == "equivalence within ±0.05"
+    md = written["study.md"].read_text()
+    assert "The pairs declared in `comparisons.yaml` (sha256 " in md
+    assert "| margin | TOST p |" in md and "| ±0.05 |" in md
+    # labels to reach random's final accuracy: pe reaches it (0.5) a round early
+    reach = {r["arm"]: r for r in rows if r["section"] == "reach"}
+    assert set(reach) == {"pe", ADAPTED}
+    assert float(reach["pe"]["estimate"]) == pytest.approx(8.0)  # 0.5 at round 1 (n=8)
+    assert "saved 4.000000" in reach["pe"]["note"] and "target 0.500000" in reach["pe"]["note"]
+    assert float(reach[ADAPTED]["estimate"]) < 8.0  # 0.55 at n=8 half the seeds: earlier
+    assert "## Labels to reach random's final accuracy (secondary)" in md
+    # the same runs and file give the same bytes
+    again = build_report(list(reversed(runs)), tmp_path / "c", tmp_path / "comparisons.yaml")
+    for name in ("study.md", "study.csv"):
+        assert again[name].read_bytes() == written[name].read_bytes()
+
+
+def test_without_a_declaration_nothing_changes(runs, tmp_path):
+    """The first study's tables do not move: no tost or reach rows, the old wording."""
+    md = write_studies(load_runs(runs), tmp_path / "a")["study.md"].read_text()
+    assert "declared" not in md and "TOST" not in md and "Labels to reach" not in md
+
+
+def test_a_pair_missing_from_a_group_is_listed_untested(runs, tmp_path, monkeypatch):
+    """A second experiment (another pool size: another design) has random and pe only: the
+    declared pair that needs the repaired arm is not tested there, and said so."""
+    other = []
+    for label, strategy in (("random@40", "random"), ("pe@40", "pe")):
+        monkeypatch.setitem(test_study.STUDY_ARMS, label, (strategy, ["task.pool_size=40"]))
+        other += [write_study_run(tmp_path / "runs", label, seed, curve(seed, strategy == "pe"))
+                  for seed in range(3)]
+    text = FAMILY + '  - {arm: "pe", baseline: random}\n'
+    written = build_report(runs + other, tmp_path / "r", declare(tmp_path, text))
+    studies = sorted(n for n in written if n.endswith("study.csv"))
+    assert len(studies) == 2
+    pairs = [{(r["arm"], r["baseline"]) for r in read_csv(written[n])
+              if r["section"] == "paired"} for n in studies]
+    assert sorted(pairs, key=len) == [{("pe", "random")},
+                                      {(ADAPTED, "random"), (ADAPTED, "pe"), ("pe", "random")}]
+    small = next(written[n.replace(".csv", ".md")].read_text() for n, p in zip(studies, pairs)
+                 if len(p) == 1)
+    assert (f"Not tested: {ADAPTED} vs random (no arm {ADAPTED} here); "
+            f"{ADAPTED} vs pe (no arm {ADAPTED} here)." in small)
+
+
+@pytest.mark.parametrize(("text", "line", "field", "problem"), [
+    ("primary: []\n", 1, "primary", "non-empty list"),
+    ("primary:\n  - {arm: pe}\n", 2, "baseline", "missing"),
+    ("primary:\n  - {arm: pe, baseline: random, margin: -0.1}\n", 2, "margin", "positive"),
+    ("primary:\n  - {arm: pe, baseline: random, margni: 0.1}\n", 2, "margni", "unknown field"),
+    ("primary:\n  - {arm: pe, baseline: pe}\n", 2, "baseline", "itself"),
+    ("primary:\n  - {arm: pe, baseline: random}\n  - {arm: pe, baseline: random}\n", 3, None,
+     "declared twice (also line 2)"),
+    ("primary:\n  - {arm: 3, baseline: random}\n", 2, "arm", "wrong type"),
+    ("pairs: []\n", 1, "pairs", "unknown key"),
+    ("primary: [\n", 2, None, "not YAML"),
+])
+def test_a_bad_comparisons_file_names_its_line_and_field(tmp_path, text, line, field, problem):
+    with pytest.raises(DataError) as e:
+        load_declared(declare(tmp_path, text))
+    assert (e.value.line, e.value.field) == (line, field) and problem in e.value.problem
+    assert e.value.path.endswith("comparisons.yaml")
+
+
+def test_a_declared_arm_no_run_has_fails_before_anything_is_written(runs, tmp_path):
+    path = declare(tmp_path, "primary:\n  - {arm: pe-dynamic, baseline: random}\n")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "study.md").write_text("the last report\n")
+    cmd = [sys.executable, "-m", "starlora", "report", *map(str, runs), "--out", str(out),
+           "--comparisons", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "comparisons.yaml:2: arm: no study arm is labelled 'pe-dynamic'" in proc.stderr
+    assert ADAPTED in proc.stderr  # the arms it does have
+    assert sorted(p.name for p in out.iterdir()) == ["study.md"]
+    assert (out / "study.md").read_text() == "the last report\n"
