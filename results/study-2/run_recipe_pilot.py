@@ -2,6 +2,7 @@
 
     python results/study-2/run_recipe_pilot.py                 # every recipe, seeds 100-102
     python results/study-2/run_recipe_pilot.py --workers 1 --recipes steps24 --seeds 100
+    python results/study-2/run_recipe_pilot.py --model gemma3-270m --recipes first   # Gemma pilot
 
 Each run is ``starlora run results/arith-study/study.yaml --run-dir
 results/study-2/pilot/<recipe>/seed<s> --set seed=<s> --set active_learning.strategy=random
@@ -9,8 +10,9 @@ results/study-2/pilot/<recipe>/seed<s> --set seed=<s> --set active_learning.stra
 selects without scores, so a run costs training and evaluation only, and accuracy falling
 between rounds is the recipe's doing. Seed by seed, every recipe of a seed before the next.
 A finished run is skipped, an unfinished one resumes where it stopped. Seeds 10-21 are
-refused (kept for the confirmatory study). Uses this checkout's ``src/``. The design and the
-rule that picks the recipe: results/study-2/README.md.
+refused (kept for the confirmatory study). ``--model NAME`` adds ``model.name=NAME`` and puts
+the runs in ``pilot-<NAME>/`` (the Gemma pilot). Uses this checkout's ``src/``. The design and
+the rule that picks the recipe: results/study-2/README.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ SEEDS = [100, 101, 102]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs-dir", type=Path, default=HERE / "pilot")
+    ap.add_argument("--runs-dir", type=Path, default=None,
+                    help="default: pilot/, or pilot-<model>/ with --model")
+    ap.add_argument("--model", default=None, help="another model (model.name)")
     ap.add_argument("--workers", type=int, default=1, help="runs at a time (one thread each)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
@@ -46,8 +50,10 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if any(10 <= s <= 21 for s in seeds):
         ap.error("seeds 10-21 are kept for the confirmatory study")
-    runs = [(f"{r} seed {s}", args.runs_dir / r / f"seed{s}",
-             [f"seed={s}", "active_learning.strategy=random", *RECIPES[r]])
+    model = [f"model.name={args.model}"] if args.model else []
+    runs_dir = args.runs_dir or HERE / ("pilot" + (f"-{args.model}" if args.model else ""))
+    runs = [(f"{r} seed {s}", runs_dir / r / f"seed{s}",
+             [f"seed={s}", "active_learning.strategy=random", *model, *RECIPES[r]])
             for s in seeds for r in recipes]
     return run_all(CONFIG, runs, args.workers)
 
