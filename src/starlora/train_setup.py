@@ -215,7 +215,8 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
                         collate_fn=lambda pairs: collate(pairs, tokenizer.pad_token_id))
     optimizer = build_optimizer(peft_model, training)
 
-    total_steps = optimizer_steps(training, math.ceil(len(examples) / training.batch_size))
+    # every process sees every batch (its share of it): as many steps as one process
+    total_steps = optimizer_steps(training, len(batches))
     warmup = math.ceil(training.warmup_ratio * total_steps)
     name = "constant_with_warmup" if training.scheduler == "constant" and warmup else training.scheduler
     scheduler = get_scheduler(
@@ -236,11 +237,9 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
     device = next(peft_model.parameters()).device  # where accelerate placed it
     own_amp = accelerator.mixed_precision == "no" and precision != "no"
     scaler = torch.amp.GradScaler(device.type) if own_amp and precision == "fp16" else None
-    # every process sees every batch (its share of it): as many steps as one process
-    local_steps = optimizer_steps(training, len(loader))
-    passes = math.ceil(local_steps / max(1, math.ceil(len(loader) / training.grad_accum)))
+    passes = math.ceil(total_steps / max(1, math.ceil(len(batches) / training.grad_accum)))
     return TrainingSetup(accelerator, peft_model, wrapped, optimizer, scheduler, loader, device,
-                         precision, own_amp, scaler, local_steps, passes,
+                         precision, own_amp, scaler, total_steps, passes,
                          [p for p in wrapped.parameters() if p.requires_grad], world)
 
 
