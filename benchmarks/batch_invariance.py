@@ -1,0 +1,96 @@
+"""Do a prompt's greedy answer and its batch-mates depend on each other? fp32 against bf16.
+
+    OMP_NUM_THREADS=1 python benchmarks/batch_invariance.py [--limit 64]
+
+Issue 37 leaves label-free generation in fp32 because bf16 answers "depend on the batch". This
+measures that claim. First, on single operations in each dtype: one linear layer of SmolLM2's
+MLP shape on the first M of 64 rows (are rows' outputs the same bits for every M = 1..64?),
+and attention of one query over 30 keys against the same 30 keys padded to 40 and masked (the
+padding a longer batch-mate brings). Then on the model: `starlora.generation.generate`
+(greedy, `--max-new-tokens`) of `--limit` arith pool prompts, alone (batch size 1, the
+reference), in batches of 8, in one batch of `--limit`, and in batches of 8 after a shuffle
+(other batch-mates), counting the prompts whose tokens differ from alone's; with the seconds
+each took. Last line: ``fp32_differ=<n>/<limit> bf16_differ=<n>/<limit>
+bf16_vs_fp32=<fp32 s / bf16 s, batches of 8>``: the most prompts any batched side changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from starlora.generation import generate
+from starlora.models import load_model
+from starlora.tasks import get_task
+
+SHAPE = (1536, 576)  # SmolLM2-135M: intermediate_size x hidden_size
+
+
+def ops(dtype: torch.dtype) -> str:
+    """Which M of 1..64 change a row's linear output, and whether masked padding changes
+    attention."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*SHAPE, generator=g).to(dtype)
+    x = torch.randn(64, SHAPE[1], generator=g).to(dtype)
+    ref = torch.nn.functional.linear(x, w)
+    other = [m for m in range(1, 64) if not torch.equal(torch.nn.functional.linear(x[:m], w),
+                                                         ref[:m])]
+    q, k, v = (torch.randn(1, 9, n, 64, generator=g).to(dtype) for n in (1, 40, 40))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    mask = torch.zeros(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :30] = True
+    same = torch.equal(sdpa(q, k[:, :, :30], v[:, :, :30]), sdpa(q, k, v, attn_mask=mask))
+    return (f"linear: rows differ from M=64's at M in {other or 'none'}; "
+            f"attention over 30 keys == padded to 40 and masked: {same}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    args = ap.parse_args()
+    task = get_task("arith")
+    differ, seconds = {}, {}
+    for name in ("float32", "bfloat16"):
+        dtype = getattr(torch, name)
+        print(f"{name} ops: {ops(dtype)}", flush=True)
+        loaded = load_model(args.model, dtype=name)
+        model, tok = loaded.model.eval(), loaded.tokenizer
+        prompts = [task.prompt_ids(tok, ex) for ex in task.generate("train", args.limit, 0)]
+        order = list(range(len(prompts)))
+        random.Random(0).shuffle(order)
+        sides = {"alone": (prompts, 1, None), "batches of 8": (prompts, 8, None),
+                 f"one batch of {len(prompts)}": (prompts, len(prompts), None),
+                 "batches of 8, shuffled": ([prompts[i] for i in order], 8, order)}
+        got = {}
+        for side, (ps, bs, perm) in sides.items():
+            t = time.perf_counter()
+            tokens = generate(model, tok, ps, max_new_tokens=args.max_new_tokens,
+                              batch_size=bs, progress=False).tokens
+            seconds[(name, side)] = time.perf_counter() - t
+            if perm is not None:  # back to the prompts' order
+                back = [None] * len(ps)
+                for j, i in enumerate(perm):
+                    back[i] = tokens[j]
+                tokens = back
+            got[side] = tokens
+        differ[name] = 0
+        for side in list(sides)[1:]:
+            n = sum(a != b for a, b in zip(got[side], got["alone"]))
+            differ[name] = max(differ[name], n)
+            print(f"{name} {side}: {n}/{len(prompts)} prompts' tokens differ from alone's "
+                  f"({seconds[(name, side)]:.1f} s; alone {seconds[(name, 'alone')]:.1f} s)",
+                  flush=True)
+    speed = seconds[("float32", "batches of 8")] / seconds[("bfloat16", "batches of 8")]
+    print(f"fp32_differ={differ['float32']}/{args.limit} bf16_differ={differ['bfloat16']}/"
+          f"{args.limit} bf16_vs_fp32={speed:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
