@@ -10,8 +10,18 @@ padding a longer batch-mate brings). Then on the model: `starlora.generation.gen
 (greedy, `--max-new-tokens`) of `--limit` arith pool prompts, alone (batch size 1, the
 reference), in batches of 8, in one batch of `--limit`, and in batches of 8 after a shuffle
 (other batch-mates), counting the prompts whose tokens differ from alone's; with the seconds
-each took. Last line: ``fp32_differ=<n>/<limit> bf16_differ=<n>/<limit>
-bf16_vs_fp32=<fp32 s / bf16 s, batches of 8>``: the most prompts any batched side changed.
+each took.
+
+Then bf16 with **fixed shapes**, the candidate fix: every shape a row sees set by the row
+alone. A prompt is left-padded to a bucket of its own length (the next multiple of
+`--bucket` tokens above it, so that every row has padding and takes the masked attention
+path), batched only with prompts of its bucket, every batch is `--rows` rows (short ones
+filled with copies of their first prompt) and finished rows keep decoding (`decode`,
+``compact=False``). Alone (its own batch, the other rows copies of it) against the prompts in
+order and shuffled. Last line: ``fp32_differ=<n>/<limit> bf16_differ=<n>/<limit>
+fixed_bf16_differ=<n>/<limit> bf16_vs_fp32=<fp32 s / bf16 s, batches of 8>
+fixed_bf16_vs_fp32=<fp32 s, batches of 8 / fixed-shape bf16 s, in order>``: the most prompts
+any batched side changed.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import time
 
 import torch
 
-from starlora.generation import generate
+from starlora.generation import decode, generate, stop_tokens
 from starlora.models import load_model
 from starlora.tasks import get_task
 
@@ -48,11 +58,38 @@ def ops(dtype: torch.dtype) -> str:
             f"attention over 30 keys == padded to 40 and masked: {same}")
 
 
+def fixed_shapes(model, tok, prompts: list[list[int]], order: list[int], rows: int,
+                 bucket: int, max_new: int) -> list[list[int]]:
+    """Greedy tokens of each prompt (in the prompts' order), batched by `order` within
+    buckets of own length, `rows` rows a batch, no compaction (module doc)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    stop = stop_tokens(model, tok)
+    length = {i: (len(prompts[i]) // bucket + 1) * bucket for i in order}
+    out: list[list[int]] = [[] for _ in prompts]
+    for size in sorted(set(length.values())):
+        group = [i for i in order if length[i] == size]
+        for start in range(0, len(group), rows):
+            batch = group[start : start + rows]
+            full = batch + [batch[0]] * (rows - len(batch))
+            ids = torch.full((rows, size), pad, dtype=torch.long)
+            mask = torch.zeros((rows, size), dtype=torch.long)
+            for r, i in enumerate(full):
+                ids[r, size - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, size - len(prompts[i]) :] = 1
+            got = decode(model, ids, mask, max_new_tokens=max_new, stop=stop, pad=pad,
+                         compact=False)
+            for r, i in enumerate(batch):
+                out[i] = got.tokens[r]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--rows", type=int, default=8, help="fixed shapes: rows a batch")
+    ap.add_argument("--bucket", type=int, default=16, help="fixed shapes: prompt length step")
     args = ap.parse_args()
     task = get_task("arith")
     differ, seconds = {}, {}
@@ -86,9 +123,31 @@ def main() -> int:
             print(f"{name} {side}: {n}/{len(prompts)} prompts' tokens differ from alone's "
                   f"({seconds[(name, side)]:.1f} s; alone {seconds[(name, 'alone')]:.1f} s)",
                   flush=True)
-    speed = seconds[("float32", "batches of 8")] / seconds[("bfloat16", "batches of 8")]
+    fixed = {}  # the model is bf16 here (the loop's last dtype)
+    with torch.inference_mode():
+        for side, o in (("alone", None), ("in order", order := list(range(len(prompts)))),
+                        ("shuffled", random.Random(1).sample(order, len(order)))):
+            t = time.perf_counter()
+            if o is None:  # each prompt in a batch of its own copies
+                fixed[side] = [fixed_shapes(model, tok, [p], [0], args.rows, args.bucket,
+                                            args.max_new_tokens)[0] for p in prompts]
+            else:
+                fixed[side] = fixed_shapes(model, tok, prompts, o, args.rows, args.bucket,
+                                           args.max_new_tokens)
+            seconds[("fixed", side)] = time.perf_counter() - t
+    differ["fixed"] = 0
+    for side in ("in order", "shuffled"):
+        n = sum(a != b for a, b in zip(fixed[side], fixed["alone"]))
+        differ["fixed"] = max(differ["fixed"], n)
+        print(f"bfloat16, fixed shapes ({args.rows} rows, buckets of {args.bucket} tokens) "
+              f"{side}: {n}/{len(prompts)} prompts' tokens differ from alone's "
+              f"({seconds[('fixed', side)]:.1f} s; alone {seconds[('fixed', 'alone')]:.1f} s)",
+              flush=True)
+    base = seconds[("float32", "batches of 8")]
     print(f"fp32_differ={differ['float32']}/{args.limit} bf16_differ={differ['bfloat16']}/"
-          f"{args.limit} bf16_vs_fp32={speed:.2f}")
+          f"{args.limit} fixed_bf16_differ={differ['fixed']}/{args.limit} "
+          f"bf16_vs_fp32={base / seconds[('bfloat16', 'batches of 8')]:.2f} "
+          f"fixed_bf16_vs_fp32={base / seconds[('fixed', 'in order')]:.2f}")
     return 0
 
 
