@@ -3,6 +3,7 @@ fixes, its TOST verdicts and the labels-to-reach endpoint, on synthetic runs."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -120,7 +121,39 @@ def test_a_pair_missing_from_a_group_is_listed_untested(runs, tmp_path, monkeypa
             f"{ADAPTED} vs pe (no arm {ADAPTED} here)." in small)
 
 
+def with_agreement(run, values: list) -> None:
+    """Add stop-set agreements (one per round) to a run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "stop_agreement": v}) + "\n"
+                            for r, v in zip(recs, values, strict=True)))
+
+
+def test_a_declared_stopping_rule_gives_each_arm_its_stop_point(runs, tmp_path):
+    """`pe` drops below the rule in round 2 and stops after round 1 (8 labelled, accuracy
+    0.5 against 0.6 at the end); the repaired arm's rule first holds in its last round;
+    `random` recorded no stop set and is left out."""
+    for run in runs:
+        if run.name.startswith("pe-") and "dynamic" not in run.name:
+            with_agreement(run, [None, 0.6, 0.2])
+        elif "dynamic" in run.name:
+            with_agreement(run, [None, 0.4, 0.6])
+    path = declare(tmp_path, FAMILY + 'stop_when: "agreement >= 0.5"\n')
+    written = build_report(runs, tmp_path / "r", path)
+    rows = {r["arm"]: r for r in read_csv(written["study.csv"]) if r["section"] == "stop"}
+    assert set(rows) == {"pe", ADAPTED}
+    assert rows["pe"]["estimate"] == "8.000000" and rows["pe"]["n"] == "6"
+    assert rows["pe"]["note"] == ("rule agreement >= 0.5 for 1 rounds; stopped early 6; "
+                                  "accuracy at stop 0.500000; final 0.600000; saved 4.000000")
+    assert rows[ADAPTED]["estimate"] == "12.000000" and "stopped early 0" in rows[ADAPTED]["note"]
+    md = written["study.md"].read_text()
+    assert "## Stopping: `agreement >= 0.5 for 1 rounds` (secondary)" in md
+    assert "| pe | 6 | 6/6 | 8.0 | 0.500 | 0.600 | 4.0 | 0.100 |" in md
+
+
 @pytest.mark.parametrize(("text", "line", "field", "problem"), [
+    ("primary:\n  - {arm: pe, baseline: random}\nstop_when: agreement >= often\n", 3,
+     "stop_when", "not a stopping rule"),
     ("primary: []\n", 1, "primary", "non-empty list"),
     ("primary:\n  - {arm: pe}\n", 2, "baseline", "missing"),
     ("primary:\n  - {arm: pe, baseline: random, margin: -0.1}\n", 2, "margin", "positive"),

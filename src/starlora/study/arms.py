@@ -29,7 +29,8 @@ answers that has the group's usual settings (AULC, final accuracy and ECE, uncor
 
 **Declared comparisons.** With a comparisons file (`starlora.study.declared`), the primary
 family is the declared pairs instead of the default below, with a TOST p where a margin is
-declared, and the labels-to-reach table is added.
+declared, and the labels-to-reach table (and, with a declared ``stop_when``, the stop
+points) are added.
 
 **Paired comparisons.** By default, each STAR arm (strategy ``*-dynamic`` or ``*-subtract``, not a
 variant) against each baseline arm (not a variant): ``random``, and ``pe``/``me`` with the same
@@ -71,7 +72,7 @@ from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import DataError, StarloraError
 from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL, STOPPING, identity
 from starlora.run.store import RunPaths
-from starlora.study.declared import Declared, ReachRow, reach_rows
+from starlora.study.declared import Declared, ReachRow, StopRow, reach_rows, stop_rows
 from starlora.study.diagnostics import run_auroc, run_diagnostics
 from starlora.study.items import ItemCorrectness
 from starlora.study.stats import (
@@ -306,6 +307,7 @@ class Study:
     auroc: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # arm -> per run
     declared: Declared | None = None  # the comparisons file that fixed the primary family
     reach: list[ReachRow] = field(default_factory=list)  # with `declared` only
+    stops: list[StopRow] = field(default_factory=list)  # with a declared stop_when only
 
 
 def compute_study(task: str, design: str, runs: list[StudyRun],
@@ -358,5 +360,7 @@ def compute_study(task: str, design: str, runs: list[StudyRun],
               for arm in arms.values()}
     all_n = [r.rounds[k]["n_labelled"] for r in runs for k in (rounds[0], rounds[-1])]
     reach = [] if declared is None else reach_rows(arms, rounds, RESAMPLES, BOOTSTRAP_SEED)
+    rule = None if declared is None else declared.stop_when
+    stops = [] if rule is None else stop_rows(arms, rounds, rule)
     return Study(task, design, rounds, (min(all_n), max(all_n)), arms, values, comparisons,
-                 untested, diagnostics, sorted(notes), aurocs, declared, reach)
+                 untested, diagnostics, sorted(notes), aurocs, declared, reach, stops)

@@ -9,6 +9,7 @@ arm labelled ``pe-dynamic [base_scores=adapted]``, ``typiclust``...) hands its o
     primary:                                # AULC; exact sign-flip test; Holm over the list
       - {arm: "pe-dynamic [base_scores=adapted]", baseline: random}
       - {arm: "pe-dynamic [base_scores=adapted]", baseline: pe, margin: 0.03}
+    stop_when: "agreement >= 0.5 for 2 rounds"   # optional: the stop point, per arm
 
 Each entry is one comparison, arm minus baseline, paired by seed; both are arm labels as the
 study names them (the ``## Arms`` table of ``study.md``). ``margin`` (optional, AULC units,
@@ -16,7 +17,10 @@ study names them (the ``## Arms`` table of ``study.md``). ``margin`` (optional, 
 one-sided sign-flip tests; p < alpha says the mean difference lies within ±margin),
 uncorrected. With a declaration the study compares exactly the declared pairs (no automatic
 STAR or variant comparisons) and adds, per arm, the labelled count at which its mean curve
-first reaches ``random``'s final mean accuracy (`reach_table`).
+first reaches ``random``'s final mean accuracy (`reach_rows`). ``stop_when`` (optional; the
+grammar of ``active_learning.stop_when``, `starlora.stopping`) adds, per arm, where that rule
+would have stopped each run, read retrospectively from the stop-set signals its
+``metrics.jsonl`` recorded (`stop_rows`).
 
 A declared arm that no group of the report has is an error naming the file and line; a group
 that lacks one of a pair's arms lists the pair under "Not tested".
@@ -33,6 +37,7 @@ import numpy as np
 import yaml
 
 from starlora.errors import DataError
+from starlora.stopping import StopRule, parse_rule, stop_index
 from starlora.study.stats import first_reach
 
 if TYPE_CHECKING:  # arms.py imports this module
@@ -62,6 +67,7 @@ class Declared:
     path: str
     sha256: str
     pairs: tuple[DeclaredPair, ...]
+    stop_when: StopRule | None = None
 
     def citation(self) -> str:
         return f"`{self.name}` (sha256 {self.sha256})"
@@ -114,8 +120,17 @@ def load_declared(path: str | Path) -> Declared:
         raise fail(root, None, "expected a mapping with the key `primary`")
     top = {k.value: v for k, v in root.value}
     for key, _ in root.value:
-        if key.value != "primary":
-            raise fail(key, key.value, "unknown key (the file has one: primary)")
+        if key.value not in ("primary", "stop_when"):
+            raise fail(key, key.value, "unknown key (the file has: primary, stop_when)")
+    rule = None
+    if "stop_when" in top:
+        node = top["stop_when"]
+        try:
+            if not isinstance(node, yaml.ScalarNode):
+                raise ValueError("expected a rule, e.g. 'agreement >= 0.95 for 2 rounds'")
+            rule = parse_rule(node.value)
+        except ValueError as e:
+            raise fail(node, "stop_when", str(e)) from None
     entries = top.get("primary")
     if not isinstance(entries, yaml.SequenceNode) or not entries.value:
         raise fail(entries or root, "primary", "expected a non-empty list of comparisons")
@@ -148,7 +163,7 @@ def load_declared(path: str | Path) -> Declared:
         pairs.append(DeclaredPair(data["arm"], data["baseline"],
                                   None if margin is None else float(margin), seen[key]))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    return Declared(path.name, str(path), digest, tuple(pairs))
+    return Declared(path.name, str(path), digest, tuple(pairs), rule)
 
 
 @dataclass(frozen=True)
@@ -194,4 +209,43 @@ def reach_rows(arms: dict[str, Arm], rounds: list[int], resamples: int,
         lo, hi = np.quantile(boot, [0.025, 0.975], method="inverted_cdf")
         out.append(ReachRow(arm.label, len(common), target, reach, final_n - reach,
                             (float(lo), float(hi)), float(np.isfinite(boot).mean())))
+    return out
+
+
+@dataclass(frozen=True)
+class StopRow:
+    """Where `rule` would have stopped `arm`'s runs (over the `seeds` that recorded its
+    signal): how many stopped before their last round, the mean labelled count and accuracy
+    at the stop (the last round where it never fires), the mean final accuracy, and their
+    differences (labels saved, accuracy lost: final minus at the stop)."""
+
+    arm: str
+    seeds: int
+    stopped: int
+    n: float
+    accuracy: float
+    final_accuracy: float
+    saved: float
+    lost: float
+
+
+def stop_rows(arms: dict[str, Arm], rounds: list[int], rule: StopRule) -> list[StopRow]:
+    """A `StopRow` per arm whose runs recorded `rule`'s signal (``metrics.jsonl``
+    ``stop_agreement`` / ``stop_uncertainty``, runs with ``active_learning.stop_set``), over
+    `rounds`; arms without it are left out."""
+    out = []
+    for arm in arms.values():
+        per = []
+        for seed in sorted(arm.runs):
+            recs = [arm.runs[seed].rounds[k] for k in rounds]
+            if all(r.get(rule.field) is None for r in recs):
+                continue
+            i = stop_index(rule, [r.get(rule.field) for r in recs])
+            at = recs[-1 if i is None else i]
+            per.append((i is not None and i < len(recs) - 1, at["n_labelled"], at["accuracy"],
+                        recs[-1]["n_labelled"], recs[-1]["accuracy"]))
+        if per:
+            a = np.asarray([row[1:] for row in per], np.float64).mean(0)
+            out.append(StopRow(arm.label, len(per), sum(row[0] for row in per), float(a[0]),
+                               float(a[1]), float(a[3]), float(a[2] - a[0]), float(a[3] - a[1])))
     return out

@@ -98,7 +98,7 @@ def study_markdown(s: Study) -> str:
                      "(seeds-only intervals)." if _signal_quantities(s) else ""), ""]
         lines += _table(["quantity", *head[:-2], "CI resamples"],
                         [[c.quantity, *_cells(c)[:-2], c.ci_note] for c in secondary])
-    lines += _reach_markdown(s) + _auroc_markdown(s)
+    lines += _reach_markdown(s) + _stop_markdown(s) + _auroc_markdown(s)
     lines += ["## Diagnostics per round (exploratory)", "",
               "Mean ± std over the seeds that have the files; (n=...) when fewer than the "
               "arm's seeds. Round k's selection chose the labels round k+1 trains on.", ""]
@@ -162,6 +162,25 @@ def _reach_markdown(s: Study) -> list[str]:
              _f(r.reached, 3)] for r in s.reach]
     return lines + _table(["arm", "n seeds", "random's final accuracy", "labelled to reach",
                            "saved", "95% CI", "share reached"], rows)
+
+
+def _stop_markdown(s: Study) -> list[str]:
+    """Where the declared stopping rule would have stopped each arm (declared stop_when only)."""
+    if s.declared is None or s.declared.stop_when is None:
+        return []
+    lines = [f"## Stopping: `{s.declared.stop_when}` (secondary)", "",
+             "Where the declared rule would have stopped each run, read after the fact from the "
+             "stop-set signals in `metrics.jsonl` (the last round where it never fires). Means "
+             "over the seeds that recorded the signal; accuracy lost: final minus at the stop.",
+             ""]
+    if not s.stops:
+        return lines + ["No run recorded the rule's signal (`active_learning.stop_set` was 0).",
+                        ""]
+    rows = [[r.arm, str(r.seeds), f"{r.stopped}/{r.seeds}", f"{r.n:.1f}", _f(r.accuracy, 3),
+             _f(r.final_accuracy, 3), f"{r.saved:.1f}", _f(r.lost, 3)] for r in s.stops]
+    return lines + _table(["arm", "n seeds", "stopped early", "labelled at stop",
+                           "accuracy at stop", "final accuracy", "labels saved",
+                           "accuracy lost"], rows)
 
 
 def _signal_quantities(s: Study) -> list[str]:
@@ -265,6 +284,10 @@ def study_csv(s: Study) -> str:
         row("reach", r.arm, "random", str(s.rounds[-1]), "n_labelled_to_reach", r.seeds,
             r.n, float("nan"), (_f(r.ci[0], 6), _f(r.ci[1], 6)),
             note=f"target {_f(r.target, 6)}; saved {_f(r.saved, 6)}; reached {_f(r.reached, 6)}")
+    for r in s.stops:
+        row("stop", r.arm, "", "", "n_labelled_at_stop", r.seeds, r.n, float("nan"),
+            note=f"rule {s.declared.stop_when}; stopped early {r.stopped}; accuracy at stop "
+                 f"{_f(r.accuracy, 6)}; final {_f(r.final_accuracy, 6)}; saved {_f(r.saved, 6)}")
     for arm in s.arms.values():
         runs = s.auroc.get(arm.label, [])
         missing = len(arm.runs) - len(runs)
