@@ -27,7 +27,7 @@ from starlora.study.arms import (
     run_labels,
     study_groups,
 )
-from starlora.study.declared import Declared
+from starlora.study.declared import REFERENCE, Declared
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -281,7 +281,7 @@ def study_csv(s: Study) -> str:
             row("tost", c.arm, c.baseline, "", c.quantity, len(c.diffs), *_mean_std(c.diffs),
                 p=_f(c.tost_p, 6), note=f"equivalence within ±{c.margin:g}")
     for r in s.reach:
-        row("reach", r.arm, "random", str(s.rounds[-1]), "n_labelled_to_reach", r.seeds,
+        row("reach", r.arm, REFERENCE, str(s.rounds[-1]), "n_labelled_to_reach", r.seeds,
             r.n, float("nan"), (_f(r.ci[0], 6), _f(r.ci[1], 6)),
             note=f"target {_f(r.target, 6)}; saved {_f(r.saved, 6)}; reached {_f(r.reached, 6)}")
     for r in s.stops:
