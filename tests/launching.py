@@ -31,8 +31,8 @@ ONE = [sys.executable, "-m", "starlora"]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
        "-m", "starlora"]
 #: DeepSpeed ZeRO-3 through the shipped accelerate config, 2 processes on the CPU (gloo), fp32;
-#: port 0: accelerate binds a free port (its default, 29500, can still be held by the launch
-#: that ended a moment before, and a launch that cannot bind it exits at once)
+#: port 0: accelerate picks a free port for each launch, where every launch of the suite used
+#: to share its default, 29500 (the likely cause of one CI failure whose output was lost)
 ZERO3 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
          str(ROOT / "configs" / "accelerate" / "deepspeed-zero3.yaml"), "--num_processes", "2",
          "--mixed_precision", "no", "--main_process_port", "0", "-m", "starlora"]

@@ -43,7 +43,8 @@ from starlora.study.stats import first_reach
 if TYPE_CHECKING:  # arms.py imports this module
     from starlora.study.arms import Arm
 
-FIELDS = {"arm": str, "baseline": str, "margin": (int, float)}
+KEYS = ("primary", "stop_when")  # the file's top-level keys
+FIELDS = {"arm": str, "baseline": str, "margin": (int, float)}  # of a `primary` entry
 REFERENCE = "random"  # whose final accuracy `reach_rows` measures the others against
 
 
@@ -60,17 +61,16 @@ class DeclaredPair:
 
 @dataclass(frozen=True)
 class Declared:
-    """The declared family (`pairs`, in file order) of the file `name` (its base name) whose
-    content hashes to `sha256` (the first 12 hex digits): the tables cite both."""
+    """The declared family (`pairs`, in file order) of the file at `path` whose content
+    hashes to `sha256` (the first 12 hex digits): the tables cite its name and hash."""
 
-    name: str
     path: str
     sha256: str
     pairs: tuple[DeclaredPair, ...]
     stop_when: StopRule | None = None
 
     def citation(self) -> str:
-        return f"`{self.name}` (sha256 {self.sha256})"
+        return f"`{Path(self.path).name}` (sha256 {self.sha256})"
 
     def resolve(self, arms: dict[str, Arm]) -> tuple[list[tuple[Arm, Arm, float | None]],
                                                      list[str]]:
@@ -120,8 +120,8 @@ def load_declared(path: str | Path) -> Declared:
         raise fail(root, None, "expected a mapping with the key `primary`")
     top = {k.value: v for k, v in root.value}
     for key, _ in root.value:
-        if key.value not in ("primary", "stop_when"):
-            raise fail(key, key.value, "unknown key (the file has: primary, stop_when)")
+        if key.value not in KEYS:
+            raise fail(key, key.value, f"unknown key (the file has: {', '.join(KEYS)})")
     rule = None
     if "stop_when" in top:
         node = top["stop_when"]
@@ -163,7 +163,7 @@ def load_declared(path: str | Path) -> Declared:
         pairs.append(DeclaredPair(data["arm"], data["baseline"],
                                   None if margin is None else float(margin), seen[key]))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    return Declared(path.name, str(path), digest, tuple(pairs), rule)
+    return Declared(str(path), digest, tuple(pairs), rule)
 
 
 @dataclass(frozen=True)
