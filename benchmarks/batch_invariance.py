@@ -22,6 +22,13 @@ order and shuffled. Last line: ``fp32_differ=<n>/<limit> bf16_differ=<n>/<limit>
 fixed_bf16_differ=<n>/<limit> bf16_vs_fp32=<fp32 s / bf16 s, batches of 8>
 fixed_bf16_vs_fp32=<fp32 s, batches of 8 / fixed-shape bf16 s, in order>``: the most prompts
 any batched side changed.
+
+``--speed``: timings only, at the run layer's own batch size: `--limit` prompts generated
+(greedy, `--max-new-tokens`) in fp32 and in bf16 as `generate` batches them (`--rows` rows,
+stopped rows dropped), and in bf16 with fixed shapes (`--rows` rows a batch, buckets of
+`--bucket` tokens), each once; plus how many prompts' bf16 answers differ from fp32's. Last
+line: ``bf16_vs_fp32=<fp32 s / bf16 s> fixed_bf16_vs_fp32=<fp32 s / fixed-shape bf16 s>
+bf16_answers_differ=<n>/<limit>``.
 """
 
 from __future__ import annotations
@@ -83,6 +90,34 @@ def fixed_shapes(model, tok, prompts: list[list[int]], order: list[int], rows: i
     return out
 
 
+def speed(args: argparse.Namespace, task) -> int:
+    """The ``--speed`` mode (module doc)."""
+    seconds, tokens = {}, {}
+    for name in ("float32", "bfloat16"):
+        loaded = load_model(args.model, dtype=name)
+        model, tok = loaded.model.eval(), loaded.tokenizer
+        prompts = [task.prompt_ids(tok, ex) for ex in task.generate("train", args.limit, 0)]
+        t = time.perf_counter()
+        tokens[name] = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.rows, progress=False).tokens
+        seconds[name] = time.perf_counter() - t
+        print(f"{name}, batches of {args.rows} (stopped rows dropped): {seconds[name]:.1f} s, "
+              f"{sum(map(len, tokens[name])) / len(prompts):.1f} tokens an answer", flush=True)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        fixed_shapes(model, tok, prompts, list(range(len(prompts))), args.rows, args.bucket,
+                     args.max_new_tokens)
+    seconds["fixed"] = time.perf_counter() - t
+    buckets = sorted({(len(p) // args.bucket + 1) * args.bucket for p in prompts})
+    print(f"bfloat16, fixed shapes ({args.rows} rows, buckets {buckets}): "
+          f"{seconds['fixed']:.1f} s", flush=True)
+    differ = sum(a != b for a, b in zip(tokens["float32"], tokens["bfloat16"]))
+    print(f"bf16_vs_fp32={seconds['float32'] / seconds['bfloat16']:.2f} "
+          f"fixed_bf16_vs_fp32={seconds['float32'] / seconds['fixed']:.2f} "
+          f"bf16_answers_differ={differ}/{len(prompts)}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -90,8 +125,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--rows", type=int, default=8, help="fixed shapes: rows a batch")
     ap.add_argument("--bucket", type=int, default=16, help="fixed shapes: prompt length step")
+    ap.add_argument("--speed", action="store_true", help="timings only (module doc)")
     args = ap.parse_args()
     task = get_task("arith")
+    if args.speed:
+        return speed(args, task)
     differ, seconds = {}, {}
     for name in ("float32", "bfloat16"):
         dtype = getattr(torch, name)
