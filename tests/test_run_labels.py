@@ -328,3 +328,13 @@ def test_a_human_run_resumes_from_its_run_dir_with_one_round_number_everywhere(
     assert sorted({(r["round"], r["source"].split(":")[0]) for r in store.labelled()}) == [
         (0, "import"), (1, "import")]
     assert [m["n_labelled"] for m in store.metrics()] == [3, 6]
+
+
+def test_a_paused_run_counts_its_queries_in_words_that_agree() -> None:
+    from starlora.run.oracle import Paused, waiting
+
+    one, three = waiting("runs/r", 1, 0), waiting("runs/r", 3, 2)
+    assert one.startswith("1 query of round 0 waits for answers: starlora annotate runs/r ")
+    assert three.startswith("3 queries of round 2 wait for answers: ")
+    assert one.endswith("then starlora run --run-dir runs/r")
+    assert str(Paused(Path("runs/r"), 3, 2)) == three  # one text for the run and the command

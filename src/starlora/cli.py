@@ -93,7 +93,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from starlora import distributed as dist
     from starlora.config import load_config
     from starlora.run.loop import run_experiment
-    from starlora.run.store import RunPaths, resume_command
+    from starlora.run.oracle import waiting
+    from starlora.run.store import RunPaths
 
     if args.config is None:  # resume from the run's own config.yaml
         if not args.run_dir:
@@ -113,10 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     pending = store.pending()
     if pending:  # a human oracle: the run waits for answers
-        print(f"{len(pending)} queries of round {store.current_round()} wait for answers: "
-              f"starlora annotate {run_dir} (or starlora export {run_dir} --format csv --out "
-              f"queries.csv, then starlora import {run_dir} queries.csv); then "
-              f"{resume_command(run_dir)}")
+        print(waiting(run_dir, len(pending), store.current_round()))
         return 0
     print(f"run finished: {run_dir} (starlora status {run_dir}; starlora report {run_dir})")
     return 0
@@ -124,6 +122,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from starlora.report_confidence import status_lines
+    from starlora.run.oracle import waiting
     from starlora.run.store import RunStore
 
     status = RunStore.open(args.run_dir).status()
@@ -136,9 +135,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"phase: {status['phase']}")
     print(f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})")
     if status["pending"]:
-        print(f"pending:    {status['pending']} queries of round {status['round']} wait for "
-              f"answers (starlora annotate {args.run_dir}, or starlora export {args.run_dir} "
-              "--format csv --out q.csv)")
+        print(f"pending:    {waiting(args.run_dir, status['pending'], status['round'])}")
     last = status.get("last_metrics")
     if last:
         print(f"last round: accuracy {last['accuracy']:.4f}  ece {last['ece']:.4f}  "
@@ -166,7 +163,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     applied, left = import_labels(RunStore.open(args.run_dir), args.file, args.format)
     more = (f"{left} still pending" if left
             else f"nothing pending: {resume_command(args.run_dir)} continues it")
-    print(f"imported {applied} answers into {args.run_dir}; {more}")
+    print(f"imported {applied} answer{'' if applied == 1 else 's'} into {args.run_dir}; {more}")
     return 0
 
 

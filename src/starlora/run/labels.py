@@ -78,7 +78,7 @@ def export_message(n: int, out: str | Path, fmt: str) -> str:
     files = f"{out}" if fmt != "label-studio" else (
         f"{out} and their labelling config to {label_config_path(out)} (paste it into the "
         "Label Studio project's labelling interface)")
-    return f"wrote {n} pending queries to {files}" + (" (nothing is pending)" if n == 0 else "")
+    return f"wrote {n} pending quer{'y' if n == 1 else 'ies'} to {files}" + (" (nothing is pending)" if n == 0 else "")
 
 
 def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:

@@ -25,16 +25,22 @@ from starlora.run.store import label_row, resume_command
 from starlora.tasks import Example
 
 
+def waiting(run_dir: str | Path, pending: int, label_round: int) -> str:
+    """What a paused run says: how many queries of which label round wait, and the commands
+    that answer them and resume the run."""
+    what = "1 query" if pending == 1 else f"{pending} queries"
+    return (f"{what} of round {label_round} wait{'s' if pending == 1 else ''} for answers: "
+            f"starlora annotate {run_dir} (or starlora export {run_dir} --format csv --out "
+            f"queries.csv, then starlora import {run_dir} queries.csv); then "
+            f"{resume_command(run_dir)}")
+
+
 class Paused(Exception):  # noqa: N818 - a state the run stops in, not an error
     """The run waits for people to answer `pending` queries of label round `label_round`."""
 
     def __init__(self, run_dir: Path, pending: int, label_round: int):
         self.run_dir, self.pending, self.label_round = run_dir, pending, label_round
-        super().__init__(
-            f"{pending} queries of round {label_round} wait for answers: starlora annotate "
-            f"{run_dir} (or starlora export {run_dir} --format csv --out queries.csv, then "
-            f"starlora import {run_dir} queries.csv); then {resume_command(run_dir)}"
-        )
+        super().__init__(waiting(run_dir, pending, label_round))
 
     def __reduce__(self) -> tuple:  # picklable: the main process hands it to the others
         return Paused, (self.run_dir, self.pending, self.label_round)
