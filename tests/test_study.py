@@ -507,3 +507,20 @@ def test_confidence_signals_become_secondary_endpoints_and_ece_gets_its_footnote
     assert "secondary; ci seeds only" == aurc["note"]
     assert float(paired[("pe-dynamic", "random", "final_sc_auroc")]["estimate"]) == \
         pytest.approx(0.1)
+
+
+def test_a_run_resumed_on_another_machine_is_named_in_the_notes(study_runs, tmp_path):
+    from starlora.run.identity import check_machine
+    from starlora.run.store import RunStore
+
+    store = RunStore.open(study_runs[0])
+    first = {"device": "cpu", "name": "AMD EPYC 9R14", "flags": ["avx512_bf16"]}
+    here = {"device": "cpu", "name": "Intel Xeon", "flags": ["amx_bf16", "avx512_bf16"]}
+    assert check_machine(store, first, {"round": 0, "phase": "train"}) is None  # recorded
+    assert check_machine(store, here, {"round": 2, "phase": "evaluate"}).startswith("warning")
+    md = write_studies(load_runs(study_runs), tmp_path / "out")["study.md"].read_text()
+    label = study_runs[0].name.rsplit("-", 1)[0].replace("_", " ")
+    seed = int(study_runs[0].name.rsplit("-", 1)[1])
+    assert (f"{label}: seed {seed} resumed on another machine at round 2 (after evaluate) on "
+            "Intel Xeon (identity.json)") in md
+    assert md.count("resumed on another machine") == 1  # the other runs ran on one machine

@@ -35,13 +35,14 @@ import hashlib
 import json
 import platform
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from starlora.config import ExperimentConfig
 from starlora.errors import ConfigError, DataError
 from starlora.io import read_json, write_json
 from starlora.run.protocol import PRECISION_KEYS
-from starlora.run.store import RunStore
+from starlora.run.store import RunPaths, RunStore
 from starlora.tasks import Example
 
 
@@ -169,6 +170,16 @@ def machine(device: str) -> dict[str, Any]:
     if kind == "cuda":
         name = torch.cuda.get_device_name(torch.device(device))
     return {"device": kind, "name": name, "flags": flags}
+
+
+def machine_moves(run_dir: str | Path) -> list[str]:
+    """Each resume of the run at `run_dir` on another machine (``machine_changes`` in its
+    ``identity.json``), in order, as ``"round R (after PHASE) on NAME"``; [] when it ran on
+    one machine, or recorded none."""
+    path = RunPaths(run_dir).identity
+    identity = read_json(path) if path.is_file() else {}
+    return [f"round {c['round']} (after {c['after_phase']}) on {c['machine']['name']}"
+            for c in identity.get("machine_changes", [])]
 
 
 def check_machine(store: RunStore, here: dict[str, Any], state: dict) -> str | None:

@@ -70,6 +70,7 @@ import numpy as np
 
 from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import DataError, StarloraError
+from starlora.run.identity import machine_moves
 from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL, STOPPING, identity
 from starlora.run.store import RunPaths
 from starlora.study.declared import Declared, ReachRow, StopRow, reach_rows, stop_rows
@@ -352,6 +353,9 @@ def compute_study(task: str, design: str, runs: list[StudyRun],
             found, run_notes = run_diagnostics(run.run_dir, run.strategy, run.config, rounds,
                                                pools)
             notes.update(f"{arm.label}: {n}" for n in run_notes)
+            if moves := machine_moves(run.run_dir):  # not the bytes of a one-machine run
+                notes.add(f"{arm.label}: seed {seed} resumed on another machine at "
+                          f"{', '.join(moves)} (identity.json)")
             for k, quantities in found.items():
                 for q, v in quantities.items():
                     per[k][q].append(v)
