@@ -7,8 +7,8 @@ measures that claim. First, on single operations in each dtype: one linear layer
 MLP shape on the first M of 64 rows (are rows' outputs the same bits for every M = 1..64?),
 and attention of one query over 30 keys against the same 30 keys padded to 40 and masked (the
 padding a longer batch-mate brings). Then on the model: `starlora.generation.generate`
-(greedy, `--max-new-tokens`) of `--limit` arith pool prompts, alone (batch size 1, the
-reference), in batches of 8, in one batch of `--limit`, and in batches of 8 after a shuffle
+(greedy, `--max-new-tokens`, length-sorted batches: ``fixed_shapes=False``) of `--limit`
+arith pool prompts, alone (batch size 1, the reference), in batches of 8, in one batch of `--limit`, and in batches of 8 after a shuffle
 (other batch-mates), counting the prompts whose tokens differ from alone's; with the seconds
 each took.
 
@@ -24,9 +24,10 @@ fixed_bf16_vs_fp32=<fp32 s, batches of 8 / fixed-shape bf16 s, in order>``: the 
 any batched side changed.
 
 ``--speed``: timings only, at the run layer's own batch size: `--limit` prompts generated
-(greedy, `--max-new-tokens`) in fp32 and in bf16 as `generate` batches them (`--rows` rows,
-stopped rows dropped), and in bf16 with fixed shapes (`--rows` rows a batch, buckets of
-`--bucket` tokens), each once; plus how many prompts' bf16 answers differ from fp32's. Last
+(greedy, `--max-new-tokens`) in fp32 and in bf16 in length-sorted batches (`--rows` rows,
+stopped rows dropped: ``generate(fixed_shapes=False)``), and in bf16 with the library's fixed
+shapes (``generate(fixed_shapes=True)``: `--rows` rows a batch, buckets of
+`starlora.generation.BUCKET` tokens, the default below fp32), each once; plus how many prompts' bf16 answers differ from fp32's. Last
 line: ``bf16_vs_fp32=<fp32 s / bf16 s> fixed_bf16_vs_fp32=<fp32 s / fixed-shape bf16 s>
 bf16_answers_differ=<n>/<limit>``.
 """
@@ -40,7 +41,7 @@ import time
 
 import torch
 
-from starlora.generation import decode, generate, stop_tokens
+from starlora.generation import BUCKET, decode, generate, stop_tokens
 from starlora.models import load_model
 from starlora.tasks import get_task
 
@@ -99,16 +100,16 @@ def speed(args: argparse.Namespace, task) -> int:
         prompts = [task.prompt_ids(tok, ex) for ex in task.generate("train", args.limit, 0)]
         t = time.perf_counter()
         tokens[name] = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.rows, progress=False).tokens
+                                batch_size=args.rows, progress=False,
+                                fixed_shapes=False).tokens
         seconds[name] = time.perf_counter() - t
         print(f"{name}, batches of {args.rows} (stopped rows dropped): {seconds[name]:.1f} s, "
               f"{sum(map(len, tokens[name])) / len(prompts):.1f} tokens an answer", flush=True)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        fixed_shapes(model, tok, prompts, list(range(len(prompts))), args.rows, args.bucket,
-                     args.max_new_tokens)
+    t = time.perf_counter()  # the library's fixed shapes (buckets of generation.BUCKET tokens)
+    generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.rows,
+             progress=False, fixed_shapes=True)
     seconds["fixed"] = time.perf_counter() - t
-    buckets = sorted({(len(p) // args.bucket + 1) * args.bucket for p in prompts})
+    buckets = sorted({(len(p) // BUCKET + 1) * BUCKET for p in prompts})
     print(f"bfloat16, fixed shapes ({args.rows} rows, buckets {buckets}): "
           f"{seconds['fixed']:.1f} s", flush=True)
     differ = sum(a != b for a, b in zip(tokens["float32"], tokens["bfloat16"]))
@@ -146,7 +147,7 @@ def main() -> int:
         for side, (ps, bs, perm) in sides.items():
             t = time.perf_counter()
             tokens = generate(model, tok, ps, max_new_tokens=args.max_new_tokens,
-                              batch_size=bs, progress=False).tokens
+                              batch_size=bs, progress=False, fixed_shapes=False).tokens
             seconds[(name, side)] = time.perf_counter() - t
             if perm is not None:  # back to the prompts' order
                 back = [None] * len(ps)

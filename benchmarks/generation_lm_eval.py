@@ -61,9 +61,11 @@ def lm_eval_mode(args: argparse.Namespace) -> int:
           f"batch_size={args.batch_size} (both sides) until={until} lm_eval={version} "
           f"same_prompt_ids={same_prompts}/{len(prompts)} loadavg={load()}")
 
+    # length-sorted batches, as lm-eval's: below fp32 the library's default is fixed shapes
+    # (answers independent of their batch-mates, slower: benchmarks/batch_invariance.py)
     def ours() -> Generated:
         return generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, progress=False)
+                        batch_size=args.batch_size, progress=False, fixed_shapes=False)
 
     def theirs() -> list[str]:
         return lm.generate_until(requests, disable_tqdm=True)
@@ -95,7 +97,8 @@ def lm_eval_mode(args: argparse.Namespace) -> int:
     if args.profile:  # one batch: a whole call's events took 21 GB (the OOM killer's count)
         n = args.batch_size
         sides = (("ours", lambda: generate(model, tok, prompts[:n], progress=False,
-                                           max_new_tokens=args.max_new_tokens, batch_size=n)),
+                                           max_new_tokens=args.max_new_tokens, batch_size=n,
+                                           fixed_shapes=False)),
                  ("lm_eval", lambda: lm.generate_until(requests[:n], disable_tqdm=True)))
         for name, fn in sides:
             print(f"torch.profiler, {name} on the first {n} prompts (one batch):\n"

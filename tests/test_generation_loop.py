@@ -171,3 +171,36 @@ def test_decode_repeat_prefills_once_and_samples_as_repeated_rows(tiny):
                  (got.entropy, want.entropy)):
         for u, v in zip(x, y):
             np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_shapes_cut_batches_by_each_prompts_own_width():
+    from starlora.generation import BUCKET, _batches
+
+    lengths = [40, 33, 31, 17, 16, 5]  # rows, longest first (generate's order)
+    got = _batches(list(range(6)), lengths, 2, fixed=True)
+    widths = [(n // BUCKET + 1) * BUCKET for n in lengths]
+    assert [w for _, w in got] == [48, 32, 32, 16]  # 16 tokens: width 32 (padding always)
+    assert [b for b, _ in got] == [[0, 1], [2, 3], [4, 4], [5, 5]]
+    for batch, width in got:
+        assert len(batch) == 2 and {widths[j] for j in batch} == {width}
+    assert sorted({j for b, _ in got for j in b}) == list(range(6))
+    assert _batches(list(range(6)), lengths, 4, fixed=False) == [([0, 1, 2, 3], 40), ([4, 5], 16)]
+
+
+def test_bf16_greedy_answers_do_not_depend_on_their_batch_mates(tiny):
+    """In bf16 a row's numbers change with its batch (the kernels round by the row count, and
+    a longer batch-mate's padding enters attention), which flips near-tie tokens; on this CPU
+    every prompt below gets other bits among the others than alone unless shapes are fixed.
+    Greedy decoding below fp32 fixes them by default: each prompt alone and among the others
+    (another row count, other batch-mates) gives the same tokens, log-probabilities and
+    entropies, bit for bit."""
+    model, tok = tiny.model.to(torch.bfloat16).eval(), tiny.tokenizer
+    ps = [get_task("arith").prompt_ids(tok, ex) for ex in get_task("arith").generate("train", 12, 0)]
+    assert len({(len(p) // 16) for p in ps}) > 1  # more than one width
+    kw = dict(max_new_tokens=12, batch_size=6, progress=False, measure=True)
+    together = generate(model, tok, ps, **kw)
+    for i, p in enumerate(ps):
+        alone = generate(model, tok, [p], **kw)
+        assert alone.tokens[0] == together.tokens[i]
+        for name in ("logprobs", "nll", "entropy"):
+            assert getattr(alone, name)[0].tobytes() == getattr(together, name)[i].tobytes()

@@ -23,7 +23,20 @@ one ``addmm_`` per LoRA layer instead of peft's matmul, scaled copy and add; the
 prefill merges the adapter into a temporary weight, as the deterministic scoring pass does),
 so its logits differ from peft's in the last bits.
 
-Greedy decoding is deterministic. Sampling (``temperature > 0``) generates each prompt's
+Greedy decoding is deterministic, but in bf16 or fp16 a row's tokens can depend on its
+batch-mates: the kernels round a row's numbers differently with the batch's row count and a
+longer batch-mate's padding, and in low precision that flips near-ties (docs/benchmarks.md,
+"bf16 answers and their batch-mates": 21 of 64 prompts in bf16, none in fp32). So greedy
+decoding in less than fp32 uses **fixed shapes** (`fixed_shapes`): every shape a row sees is
+set by the row alone. A prompt is left-padded to a width set by its own length (the next
+multiple of `BUCKET` tokens above it), batched only with prompts of its width, every batch
+has `batch_size` rows (a short one is filled with copies of its first prompt) and no row
+leaves it (``compact=False``); a prompt's tokens and log-probabilities are then the same
+bits whichever prompts share its batch, in whatever order, and with any number of processes.
+The price is the filled rows and the rows that decode on after they stopped (at 64 rows on a
+CPU about 1.5x fp32's speed instead of 2.4x). fp32 keeps length-sorted batches and `compact`.
+
+Sampling (``temperature > 0``) generates each prompt's
 samples as one batch from one prefill of the prompt, with torch's generator seeded by that
 prompt's seed, so a prompt's samples do not depend on the other prompts or the batch size;
 the log-probabilities are then those of the tempered distribution the tokens were drawn from.
@@ -42,6 +55,12 @@ import torch
 
 from starlora import zero3
 from starlora.attention import attention_kernels
+
+#: fixed shapes: a prompt is left-padded to the next multiple of BUCKET tokens above its length
+BUCKET = 16
+#: the dtypes whose greedy decoding keeps length-sorted batches (its tokens do not depend on
+#: the batch: see the module docstring)
+FULL_PRECISION = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -95,6 +114,7 @@ def generate(
     desc: str = "generate",
     measure: bool = False,
     compact: bool = True,
+    fixed_shapes: bool | None = None,
 ) -> Generated:
     """Generate `samples` answers for each prompt (token ids) with `model` in eval mode.
 
@@ -105,7 +125,10 @@ def generate(
     and entropy of the model's raw logits at each generated position (`Generated.nll`,
     `Generated.entropy`), computed from the logits the decoding step made. `compact`: drop
     stopped rows from their batch (`decode`; off under ZeRO-3, whose processes must run the
-    same forward passes).
+    same forward passes). `fixed_shapes` (greedy only; default: when the model's weights are in
+    less than fp32; never under ZeRO-3): batches whose shapes each row sets alone,
+    `batch_size` rows each, no compaction, so that a prompt's answer does not depend on the
+    other prompts (module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -122,6 +145,12 @@ def generate(
     if sampling:
         batch_size = samples
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    if fixed_shapes is None:
+        fixed_shapes = next(model.parameters()).dtype not in FULL_PRECISION
+    # a prompt's samples are a batch of their own already; ZeRO-3's processes must run as many
+    # batches as each other, which length-sorted shares of one size do and buckets need not
+    fixed_shapes = fixed_shapes and not sampling and not zero3.enabled()
+    batches = _batches(order, [len(prompts[r]) for r in rows], batch_size, fixed_shapes)
     tokens: list[list[int]] = [[] for _ in rows]
     logprobs: list[np.ndarray] = [np.zeros(0) for _ in rows]
     nll: list[np.ndarray] = [np.zeros(0) for _ in rows]
@@ -133,10 +162,8 @@ def generate(
         # scoring_mode: peft's LoRA layers run the scorer's fused forward (eval mode, no MC)
         with zero3.inference_mode(), zero3.forward_hooks(model), attention_kernels(device), \
                 scoring_mode(model, fused=not zero3.enabled()):
-            batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress,
-                              dynamic_ncols=True):
-                longest = max(len(prompts[rows[j]]) for j in batch)
+            for batch, longest in tqdm(batches, desc=desc, unit="batch", disable=not progress,
+                                       dynamic_ncols=True):
                 ids = torch.full((len(batch), longest), pad, dtype=torch.long)
                 mask = torch.zeros((len(batch), longest), dtype=torch.long)
                 for r, j in enumerate(batch):
@@ -152,9 +179,9 @@ def generate(
                     out = decode(model, ids[::k].to(device), mask[::k].to(device),
                                  max_new_tokens=max_new_tokens, stop=stop, pad=pad,
                                  temperature=temperature, measure=measure,
-                                 compact=compact and not zero3.enabled(),
+                                 compact=compact and not zero3.enabled() and not fixed_shapes,
                                  synced=zero3.enabled(), repeat=k)  # equal forward counts
-                for r, j in enumerate(batch):
+                for r, j in reversed(list(enumerate(batch))):  # a filled row is a copy
                     tokens[j], logprobs[j] = out.tokens[r], out.logprobs[r]
                     if measure:
                         nll[j], entropy[j] = out.nll[r], out.entropy[r]
@@ -163,6 +190,25 @@ def generate(
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generated(tokens, logprobs, texts, samples, nll if measure else None,
                      entropy if measure else None)
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int,
+             fixed: bool) -> list[tuple[list[int], int]]:
+    """Rows cut into batches, as (row indices, width in tokens): `order` (longest first) in
+    chunks of `batch_size`, each as wide as its longest prompt; or with `fixed` shapes, each
+    row of width ``(length // BUCKET + 1) * BUCKET``, batched with rows of its width only,
+    every batch `batch_size` rows, a short one filled with copies of its first row."""
+    if not fixed:
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        return [(b, max(lengths[j] for j in b)) for b in chunks]
+    width = {j: (lengths[j] // BUCKET + 1) * BUCKET for j in order}
+    out = []
+    for w in sorted(set(width.values()), reverse=True):
+        group = [j for j in order if width[j] == w]
+        for s in range(0, len(group), batch_size):
+            b = group[s : s + batch_size]
+            out.append((b + [b[0]] * (batch_size - len(b)), w))
+    return out
 
 
 @dataclass
