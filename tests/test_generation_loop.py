@@ -204,3 +204,28 @@ def test_bf16_greedy_answers_do_not_depend_on_their_batch_mates(tiny):
         assert alone.tokens[0] == together.tokens[i]
         for name in ("logprobs", "nll", "entropy"):
             assert getattr(alone, name)[0].tobytes() == getattr(together, name)[i].tobytes()
+
+
+def test_base_answers_below_fp32_are_cached_under_their_fixed_shapes(tmp_path, monkeypatch):
+    """A fixed-shape answer's bits depend on the row count and bucket, so the base answers'
+    cache key holds them below fp32 (one file per row count); fp32's key is as before (one file
+    whatever the row count: its tokens do not depend on the batch)."""
+    import importlib
+    import json
+
+    from starlora.models import load_model
+
+    own_answers = importlib.import_module("starlora.scoring.own_answers")  # the module
+    monkeypatch.setattr(own_answers, "default_score_cache_dir", lambda: tmp_path)
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        for rows in (2, 3):
+            got = own_answers.base_answers(model, tok, prompts(tok), fingerprint="tiny",
+                                           dtype=dtype, max_new_tokens=6, batch_size=rows,
+                                           progress=False)
+            assert len(got.tokens) == len(QUESTIONS)
+    keys = [json.loads(p.read_text()) for p in tmp_path.glob("*.key.json")]
+    shapes = sorted(str(k["generation"].get("fixed_shapes")) for k in keys)
+    assert shapes == ["None", "{'bucket': 16, 'rows': 2}", "{'bucket': 16, 'rows': 3}"]

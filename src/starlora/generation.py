@@ -146,11 +146,7 @@ def generate(
     if sampling:
         batch_size = samples
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    if fixed_shapes is None:
-        fixed_shapes = next(model.parameters()).dtype not in FULL_PRECISION
-    # a prompt's samples are a batch of their own already; ZeRO-3's processes must run as many
-    # batches as each other, which length-sorted shares of one size do and buckets need not
-    fixed_shapes = fixed_shapes and not sampling and not zero3.enabled()
+    fixed_shapes = uses_fixed_shapes(next(model.parameters()).dtype, sampling, fixed_shapes)
     batches = _batches(order, [len(prompts[r]) for r in rows], batch_size, fixed_shapes)
     tokens: list[list[int]] = [[] for _ in rows]
     logprobs: list[np.ndarray] = [np.zeros(0) for _ in rows]
@@ -191,6 +187,15 @@ def generate(
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generated(tokens, logprobs, texts, samples, nll if measure else None,
                      entropy if measure else None)
+
+
+def uses_fixed_shapes(dtype: torch.dtype, sampling: bool, asked: bool | None = None) -> bool:
+    """Whether `generate` decodes in fixed shapes (module docstring): as `asked`, by default
+    when the weights' `dtype` is below fp32; never when sampling (a prompt's samples are a
+    batch of their own already) or under ZeRO-3 (its processes must run as many batches as
+    each other, which length-sorted shares of one size do and buckets need not)."""
+    wanted = dtype not in FULL_PRECISION if asked is None else asked
+    return wanted and not sampling and not zero3.enabled()
 
 
 def _batches(order: list[int], lengths: list[int], batch_size: int,

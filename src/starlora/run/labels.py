@@ -78,7 +78,8 @@ def export_message(n: int, out: str | Path, fmt: str) -> str:
     files = f"{out}" if fmt != "label-studio" else (
         f"{out} and their labelling config to {label_config_path(out)} (paste it into the "
         "Label Studio project's labelling interface)")
-    return f"wrote {n} pending quer{'y' if n == 1 else 'ies'} to {files}" + (" (nothing is pending)" if n == 0 else "")
+    what = "1 pending query" if n == 1 else f"{n} pending queries"
+    return f"wrote {what} to {files}" + (" (nothing is pending)" if n == 0 else "")
 
 
 def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:

@@ -208,8 +208,9 @@ def base_answers(
     their generation measured (`BaseAnswers`, [N * samples] rows grouped by prompt). Cached on
     disk like base scores, keyed by the prompt's tokens in a file keyed by the weights, dtype
     and generation settings; sampled answers are seeded by the prompt's key, so they do not
-    depend on the run or the batch."""
-    from starlora.generation import generate
+    depend on the run or the batch. Greedy answers in less than fp32 are generated in fixed
+    shapes (`starlora.generation`), whose bucket and row count the key holds too."""
+    from starlora.generation import BUCKET, generate, uses_fixed_shapes
 
     keys = [sequence_key(p, []) for p in prompts]
 
@@ -230,9 +231,12 @@ def base_answers(
     if not fingerprint:  # weights without a fingerprint: generated every time
         records = make(list(range(len(prompts))))
     else:
+        generation = {"max_new_tokens": max_new_tokens, "samples": samples,
+                      "temperature": temperature}
+        if uses_fixed_shapes(dtype, temperature > 0):  # a row's bits depend on these
+            generation["fixed_shapes"] = {"bucket": BUCKET, "rows": batch_size}
         key = {**base_cache_key(fingerprint, measures=("pe", "me"), dtype=dtype),
-               "generation": {"max_new_tokens": max_new_tokens, "samples": samples,
-                              "temperature": temperature}}
+               "generation": generation}
         records = BaseScoreCache(default_score_cache_dir(), key).records(keys, make)
     return BaseAnswers([a for r in records for a in r["answers"]],
                        np.array([x for r in records for x in r["pe"]], np.float64),
