@@ -1,0 +1,76 @@
+"""Run (or resume) study 2's runs (issue 35): only once its protocol is committed.
+
+    python results/study-2/run_study.py --setting smollm2 --workers 2
+    python results/study-2/run_study.py --setting gemma --arms random,pe --seeds 10,11
+
+Refuses to start unless ``results/study-2/PROTOCOL.md`` and ``arms.yaml`` are committed
+(``git log`` names a commit for each, and neither differs from it): the protocol must exist,
+in git history, before the first confirmatory run. ``arms.yaml`` maps each arm's name to its
+``--set`` overrides of ``results/arith-study/study.yaml``; a setting adds its own (`SETTINGS`:
+the model, the task) and the study-wide ones of the protocol (`STUDY`). Each run is
+``starlora run results/arith-study/study.yaml --run-dir results/study-2/runs/<setting>/<arm>/
+seed<s> --set seed=<s> ...`` in its own process with one thread (`results/launch.py`): seed
+by seed, every arm of a seed before the next, so an interrupted study holds complete pairs; a
+finished run is skipped, an unfinished one resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from launch import run_all  # noqa: E402  (results/launch.py: the runner of every study script)
+
+CONFIG = HERE.parent / "arith-study" / "study.yaml"
+#: the settings (results/study-2/protocol-draft.md): overrides and seeds
+SETTINGS: dict[str, tuple[list[str], list[int]]] = {
+    "smollm2": ([], list(range(10, 22))),                                   # (i)
+    "gemma": (["model.name=gemma3-270m"], list(range(10, 22))),             # (ii)
+    "calendar": (["task.name=calendar", "evaluation.max_new_tokens=64"],    # (iii), exploratory
+                 list(range(10, 15))),
+}
+#: overrides every run of the study takes (the protocol's; none until it is written)
+STUDY: list[str] = []
+
+
+def committed(path: Path) -> bool:
+    """Whether `path` is in git history and unchanged since its last commit."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
+
+    logged = git("log", "-1", "--format=%H", "--", str(path)).stdout.strip()
+    return bool(logged) and git("diff", "--quiet", "HEAD", "--", str(path)).returncode == 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--setting", required=True, choices=sorted(SETTINGS))
+    ap.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--arms", default=None, help="comma-separated (default: every arm)")
+    ap.add_argument("--seeds", default=None, help="comma-separated (default: the setting's)")
+    ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    args = ap.parse_args()
+    missing = [p.name for p in (HERE / "PROTOCOL.md", HERE / "arms.yaml") if not committed(p)]
+    if missing:
+        ap.error(f"{', '.join(missing)}: not committed as they are; study 2 runs only after its "
+                 "protocol is in git history (results/study-2/protocol-draft.md)")
+    arms: dict[str, list[str]] = yaml.safe_load((HERE / "arms.yaml").read_text())
+    chosen = args.arms.split(",") if args.arms else list(arms)
+    if unknown := [a for a in chosen if a not in arms]:
+        ap.error(f"unknown arm(s) {unknown}; arms.yaml has {', '.join(arms)}")
+    overrides, seeds = SETTINGS[args.setting]
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [(f"{args.setting} {a} seed {s}", args.runs_dir / args.setting / a / f"seed{s}",
+             [f"seed={s}", *STUDY, *overrides, *arms[a]]) for s in seeds for a in chosen]
+    return run_all(CONFIG, runs, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
