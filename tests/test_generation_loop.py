@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from starlora.generation import decode, generate, stop_tokens
+from starlora.generation import BUCKET, decode, generate, stop_tokens
 from starlora.tasks import Example, get_task
 
 TASK = get_task("jsonl")
@@ -174,7 +174,7 @@ def test_decode_repeat_prefills_once_and_samples_as_repeated_rows(tiny):
 
 
 def test_fixed_shapes_cut_batches_by_each_prompts_own_width():
-    from starlora.generation import BUCKET, _batches
+    from starlora.generation import _batches
 
     lengths = [40, 33, 31, 17, 16, 5]  # rows, longest first (generate's order)
     got = _batches(list(range(6)), lengths, 2, fixed=True)
@@ -189,14 +189,15 @@ def test_fixed_shapes_cut_batches_by_each_prompts_own_width():
 
 def test_bf16_greedy_answers_do_not_depend_on_their_batch_mates(tiny):
     """In bf16 a row's numbers change with its batch (the kernels round by the row count, and
-    a longer batch-mate's padding enters attention), which flips near-tie tokens; on this CPU
-    every prompt below gets other bits among the others than alone unless shapes are fixed.
+    a longer batch-mate's padding enters attention), which flips near-tie tokens; on the CPU
+    this was written on, every prompt below got other bits among the others than alone with
+    length-sorted batches (``fixed_shapes=False``).
     Greedy decoding below fp32 fixes them by default: each prompt alone and among the others
     (another row count, other batch-mates) gives the same tokens, log-probabilities and
     entropies, bit for bit."""
     model, tok = tiny.model.to(torch.bfloat16).eval(), tiny.tokenizer
     ps = [get_task("arith").prompt_ids(tok, ex) for ex in get_task("arith").generate("train", 12, 0)]
-    assert len({(len(p) // 16) for p in ps}) > 1  # more than one width
+    assert len({len(p) // BUCKET for p in ps}) > 1  # more than one width
     kw = dict(max_new_tokens=12, batch_size=6, progress=False, measure=True)
     together = generate(model, tok, ps, **kw)
     for i, p in enumerate(ps):
