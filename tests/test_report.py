@@ -214,3 +214,12 @@ def test_empty_bins_as_evaluation_writes_them(tmp_path):
     assert [b["count"] for b in pooled if b["count"]] == [2, 2, 2]
     assert pooled[-1]["confidence"] == pytest.approx(0.95)
     assert "reliability.png" in build_report(runs, tmp_path / "report")
+
+
+def test_report_writes_to_report_here_without_out(runs, tmp_path, monkeypatch, capsys):
+    from starlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", *map(str, runs)]) == 0
+    assert (tmp_path / "report" / "summary.md").is_file()
+    assert f"summary.md: {Path('report') / 'summary.md'}" in capsys.readouterr().out
