@@ -29,6 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_data.py)
 
 from starlora.config import EvaluationConfig  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
@@ -36,7 +37,7 @@ from starlora.evaluation import evaluate  # noqa: E402
 from starlora.models import load_model  # noqa: E402
 from starlora.tasks import GSM8K, ArithTask, Example, get_task  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+DATA = SHARED_DATA / "gsm8k"
 
 
 class _FirstAnswer:

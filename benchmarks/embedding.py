@@ -21,13 +21,13 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_data.py)
 
 from starlora.acquisition.diversity import diverse_top, kmeans, typiclust  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
@@ -36,7 +36,7 @@ from starlora.scoring.embeddings import embed_prompts  # noqa: E402
 from starlora.scoring.options import resolve_dtype  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def pool_prompts(task_name: str, n: int, tokenizer) -> list[list[int]]:

@@ -38,13 +38,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_data.py)
 
 from starlora.datafiles import load_examples  # noqa: E402
 from starlora.generation import generate, stop_tokens  # noqa: E402
 from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+DATA = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
 @torch.inference_mode()

@@ -53,13 +53,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_data.py)
 
 from starlora import distributed as dist  # noqa: E402
 from starlora.adapters import attach_lora  # noqa: E402
@@ -67,8 +67,6 @@ from starlora.datafiles import load_examples  # noqa: E402
 from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
 from starlora.scoring import score_examples  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sync(device: torch.device) -> None:
@@ -215,7 +213,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=24)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--task", default="gsm8k")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
+    ap.add_argument("--data", default=str(SHARED_DATA / "gsm8k" / "test.jsonl"))
     ap.add_argument("--mc-passes", type=int, default=3)
     ap.add_argument("--measures", default="pe,me")
     ap.add_argument("--lora-r", type=int, default=64)

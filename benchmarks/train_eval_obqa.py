@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_data.py)
 
 from starlora.adapters import remove_adapter  # noqa: E402
 from starlora.config import EvaluationConfig, LoraConfig, TrainingConfig  # noqa: E402
@@ -31,7 +32,7 @@ from starlora.models import load_model  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 from starlora.training import train_adapter  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "obqa"
+DATA = SHARED_DATA / "obqa"
 
 
 def main() -> None:

@@ -32,12 +32,12 @@ import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_data.py)
 
 from starlora.adapters import attach_lora, remove_adapter  # noqa: E402
 from starlora.config import LoraConfig, TrainingConfig  # noqa: E402
@@ -52,8 +52,6 @@ from starlora.training import (  # noqa: E402
     encode_example,
     train_adapter,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_train(model, tokenizer, task, examples, training: TrainingConfig, lora: LoraConfig,
@@ -123,7 +121,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--task", default="gsm8k")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
+    ap.add_argument("--data", default=str(SHARED_DATA / "gsm8k" / "train.jsonl"))
     ap.add_argument("--limit", type=int, default=200, help="training items")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-length", type=int, default=384,
