@@ -128,6 +128,24 @@ def test_score_gives_the_same_lines_with_one_and_two_processes(
 
 
 @pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite
+def test_bf16_greedy_scores_are_the_same_with_one_and_two_processes(
+    scoring_inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """In bf16 an answer's bits depend on its batch-mates unless its shapes are fixed, and a
+    process's share gives each item other batch-mates than one process does. Greedy decoding
+    below fp32 fixes the shapes (`starlora.generation`), and with one pass the scores are the
+    generation's own measurement: the same bytes with 1 and 2 processes."""
+    data, adapter = scoring_inputs
+    args = ["score", "--model", "tiny-llama", "--adapter", str(adapter), "--task", "arith",
+            "--data", str(data), "--max-new-tokens", "8", "--dtype", "bfloat16",
+            "--device", "cpu"]
+    run([*ONE, *args, "--out", str(tmp_path / "one.jsonl")])
+    run([*TWO, *args, "--out", str(tmp_path / "two.jsonl")])
+    one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
+    assert len(one.splitlines()) == 11 and one == two
+
+
+@pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite
 def test_two_processes_train_on_the_batches_of_one(tmp_path: Path) -> None:
     import torch
 
