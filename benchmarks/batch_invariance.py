@@ -12,13 +12,13 @@ arith pool prompts, alone (batch size 1, the reference), in batches of 8, in one
 (other batch-mates), counting the prompts whose tokens differ from alone's; with the seconds
 each took.
 
-Then bf16 with **fixed shapes**, the candidate fix: every shape a row sees set by the row
-alone. A prompt is left-padded to a bucket of its own length (the next multiple of
-`--bucket` tokens above it, so that every row has padding and takes the masked attention
-path), batched only with prompts of its bucket, every batch is `--rows` rows (short ones
-filled with copies of their first prompt) and finished rows keep decoding (`decode`,
-``compact=False``). Alone (its own batch, the other rows copies of it) against the prompts in
-order and shuffled. Last line: ``fp32_differ=<n>/<limit> bf16_differ=<n>/<limit>
+Then bf16 with **fixed shapes** (``generate(fixed_shapes=True)``, the library's default below
+fp32): every shape a row sees set by the row alone. A prompt is left-padded to a bucket of its
+own length (the next multiple of `starlora.generation.BUCKET` tokens above it, so that every
+row has padding and takes the masked attention path), batched only with prompts of its
+bucket, every batch is `--rows` rows (short ones filled with copies of their first prompt)
+and finished rows keep decoding. Alone (its own batch, the other rows copies of it) against
+the prompts in order and shuffled (other batch-mates where lengths tie). Last line: ``fp32_differ=<n>/<limit> bf16_differ=<n>/<limit>
 fixed_bf16_differ=<n>/<limit> bf16_vs_fp32=<fp32 s / bf16 s, batches of 8>
 fixed_bf16_vs_fp32=<fp32 s, batches of 8 / fixed-shape bf16 s, in order>``: the most prompts
 any batched side changed.
@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from starlora.generation import BUCKET, decode, generate, stop_tokens
+from starlora.generation import BUCKET, generate
 from starlora.models import load_model
 from starlora.tasks import get_task
 
@@ -64,31 +64,6 @@ def ops(dtype: torch.dtype) -> str:
     same = torch.equal(sdpa(q, k[:, :, :30], v[:, :, :30]), sdpa(q, k, v, attn_mask=mask))
     return (f"linear: rows differ from M=64's at M in {other or 'none'}; "
             f"attention over 30 keys == padded to 40 and masked: {same}")
-
-
-def fixed_shapes(model, tok, prompts: list[list[int]], order: list[int], rows: int,
-                 bucket: int, max_new: int) -> list[list[int]]:
-    """Greedy tokens of each prompt (in the prompts' order), batched by `order` within
-    buckets of own length, `rows` rows a batch, no compaction (module doc)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stop = stop_tokens(model, tok)
-    length = {i: (len(prompts[i]) // bucket + 1) * bucket for i in order}
-    out: list[list[int]] = [[] for _ in prompts]
-    for size in sorted(set(length.values())):
-        group = [i for i in order if length[i] == size]
-        for start in range(0, len(group), rows):
-            batch = group[start : start + rows]
-            full = batch + [batch[0]] * (rows - len(batch))
-            ids = torch.full((rows, size), pad, dtype=torch.long)
-            mask = torch.zeros((rows, size), dtype=torch.long)
-            for r, i in enumerate(full):
-                ids[r, size - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[r, size - len(prompts[i]) :] = 1
-            got = decode(model, ids, mask, max_new_tokens=max_new, stop=stop, pad=pad,
-                         compact=False)
-            for r, i in enumerate(batch):
-                out[i] = got.tokens[r]
-    return out
 
 
 def speed(args: argparse.Namespace, task) -> int:
@@ -125,7 +100,6 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--rows", type=int, default=8, help="fixed shapes: rows a batch")
-    ap.add_argument("--bucket", type=int, default=16, help="fixed shapes: prompt length step")
     ap.add_argument("--speed", action="store_true", help="timings only (module doc)")
     args = ap.parse_args()
     task = get_task("arith")
@@ -162,23 +136,30 @@ def main() -> int:
             print(f"{name} {side}: {n}/{len(prompts)} prompts' tokens differ from alone's "
                   f"({seconds[(name, side)]:.1f} s; alone {seconds[(name, 'alone')]:.1f} s)",
                   flush=True)
-    fixed = {}  # the model is bf16 here (the loop's last dtype)
-    with torch.inference_mode():
-        for side, o in (("alone", None), ("in order", order := list(range(len(prompts)))),
-                        ("shuffled", random.Random(1).sample(order, len(order)))):
-            t = time.perf_counter()
-            if o is None:  # each prompt in a batch of its own copies
-                fixed[side] = [fixed_shapes(model, tok, [p], [0], args.rows, args.bucket,
-                                            args.max_new_tokens)[0] for p in prompts]
-            else:
-                fixed[side] = fixed_shapes(model, tok, prompts, o, args.rows, args.bucket,
-                                           args.max_new_tokens)
-            seconds[("fixed", side)] = time.perf_counter() - t
+    fixed = {}  # the model is bf16 here (the loop's last dtype); the library's fixed shapes
+
+    def fixed_tokens(ps: list[list[int]]) -> list[list[int]]:
+        return generate(model, tok, ps, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.rows, progress=False, fixed_shapes=True).tokens
+
+    shuffle = random.Random(1).sample(range(len(prompts)), len(prompts))
+    for side in ("alone", "in order", "shuffled"):
+        t = time.perf_counter()
+        if side == "alone":  # each prompt in a batch of its own copies
+            fixed[side] = [fixed_tokens([p])[0] for p in prompts]
+        elif side == "in order":
+            fixed[side] = fixed_tokens(prompts)
+        else:  # other batch-mates where lengths tie; back to the prompts' order
+            got_shuffled = fixed_tokens([prompts[i] for i in shuffle])
+            fixed[side] = [None] * len(prompts)
+            for j, i in enumerate(shuffle):
+                fixed[side][i] = got_shuffled[j]
+        seconds[("fixed", side)] = time.perf_counter() - t
     differ["fixed"] = 0
     for side in ("in order", "shuffled"):
         n = sum(a != b for a, b in zip(fixed[side], fixed["alone"]))
         differ["fixed"] = max(differ["fixed"], n)
-        print(f"bfloat16, fixed shapes ({args.rows} rows, buckets of {args.bucket} tokens) "
+        print(f"bfloat16, fixed shapes ({args.rows} rows, buckets of {BUCKET} tokens) "
               f"{side}: {n}/{len(prompts)} prompts' tokens differ from alone's "
               f"({seconds[('fixed', side)]:.1f} s; alone {seconds[('fixed', 'alone')]:.1f} s)",
               flush=True)
