@@ -33,6 +33,9 @@ RECIPES: dict[str, list[str]] = {
     "first": [],                                # the first study's: fresh, 3 epochs, lr 1e-3
     "steps24": ["training.steps=24"],           # 24 optimizer steps every round
     "warm": ["training.warm_start=true"],       # continue from the previous round's adapter
+    # Gemma's lr pilot: lr 3e-3; two rounds, 16 labels then one query of 96 (112 labels)
+    "lr3e-3x2": ["training.lr=0.003", "active_learning.rounds=2",
+                 "active_learning.query_size=96"],
 }
 SEEDS = [100, 101, 102]
 #: another task's overrides (calendar: its worked answers take up to 57 tokens, over the 48 of
