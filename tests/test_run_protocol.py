@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from starlora.config import load_config
+from starlora.config import flatten_config, load_config
+from starlora.errors import ConfigError
 from starlora.run.protocol import (
     EXTENDABLE,
     RESULT_NEUTRAL,
     STREAMS,
+    identity,
     phase_seed,
     protocol_id,
     result_changes,
@@ -64,7 +66,7 @@ def test_settings_added_later_keep_the_ids_of_runs_made_before_them() -> None:
 
     run = Path(__file__).resolve().parents[1] / "results/arith-study/runs/pe-dynamic/seed0"
     stored = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["protocol"]
-    assert protocol_id(load_config(run / "config.yaml")) == stored
+    assert protocol_id(load_config(run / "config.yaml", stored=True)) == stored
     base = load_config()
     for override in ["active_learning.stop_when=agreement >= 0.9 for 2 rounds",
                      "evaluation.samples=0", "active_learning.diversity=none", "training.steps=null"]:
@@ -75,3 +77,38 @@ def test_settings_added_later_keep_the_ids_of_runs_made_before_them() -> None:
     ruled = load_config(None, ["active_learning.stop_when=uncertainty < 0.2"])
     assert result_changes(ruled, base) == [] and result_changes(base, ruled) == []
     assert STREAMS["stop_set"] not in {v for k, v in STREAMS.items() if k != "stop_set"}
+
+
+def test_a_stored_config_that_lacks_a_later_setting_means_the_value_runs_had_before_it(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changing a later setting's default must not change what an old run directory did: its
+    config.yaml, written before the setting existed, reads with the old value (the run resumes
+    and reports as it ran), keeps its protocol id, and a user config that takes the new
+    default is refused on resume instead of silently switching the run. Simulated by the
+    converse: runs before `scoring.base_scores` are said to have used ``adapted`` while today's
+    default is ``own``."""
+    from starlora import config as config_module
+    from starlora.config import dump_config
+    from starlora.run.store import RunStore
+
+    monkeypatch.setitem(config_module.ADDED_LATER, "scoring.base_scores", "adapted")
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    old = dump_config(load_config()).replace("  base_scores: own\n", "")
+    assert "base_scores" not in old
+    (run_dir / "config.yaml").write_text(old)
+    assert load_config(run_dir / "config.yaml").scoring.base_scores == "own"  # a user's file
+    stored = load_config(run_dir / "config.yaml", stored=True)
+    assert stored.scoring.base_scores == "adapted"
+    assert RunStore.open(run_dir).config.scoring.base_scores == "adapted"
+    # the old run keeps the id it had, the one of runs made since at the same value ...
+    assert protocol_id(stored) == protocol_id(load_config(None, ["scoring.base_scores=adapted"]))
+    assert protocol_id(stored) != protocol_id(load_config())  # ... not today's default's
+    assert "scoring.base_scores" not in identity(flatten_config(stored))  # left out, as before
+    assert identity(flatten_config(load_config()))["scoring.base_scores"] == "own"
+    with pytest.raises(ConfigError, match="scoring.base_scores"):
+        RunStore.create_or_resume(run_dir, load_config())
+    # named in the file, a value stands as written
+    (run_dir / "config.yaml").write_text(dump_config(load_config()))
+    assert load_config(run_dir / "config.yaml", stored=True).scoring.base_scores == "own"

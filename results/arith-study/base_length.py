@@ -50,7 +50,7 @@ def main() -> int:
     for arm_dir in sorted(p for p in args.runs.iterdir() if p.is_dir()):
         rhos, capped, matched = [], [], []
         for run in sorted(p for p in arm_dir.glob("seed*") if p.is_dir()):
-            config = load_config(run / "config.yaml")  # the limit of a generated answer
+            config = load_config(run / "config.yaml", stored=True)  # the limit of a generated answer
             limit = config.scoring.max_new_tokens or config.evaluation.max_new_tokens
             for scores in sorted(run.glob("rounds/*/scores.jsonl")):
                 rows = [r for r in read_rows(scores) or [] if "pe_base" in r]

@@ -27,7 +27,7 @@ def arm_rows(arm_dir: Path, cache: dict) -> list[tuple[int, str, float, float]]:
     """``[(round, measure, rho(base, steps), rho(full, steps))]`` of every seed of one arm."""
     out = []
     for run in sorted(p for p in arm_dir.glob("seed*") if p.is_dir()):
-        steps = pool_facts(load_config(run / "config.yaml"), cache).values
+        steps = pool_facts(load_config(run / "config.yaml", stored=True), cache).values
         for scores in sorted(run.glob("rounds/*/scores.jsonl"), key=lambda p: int(p.parent.name)):
             rows = read_rows(scores) or []
             for m in ("pe", "me"):

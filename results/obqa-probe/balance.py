@@ -74,7 +74,7 @@ def main() -> int:
             metrics = rounds_of(run)
             if not metrics:
                 continue
-            cfg = load_config(run / "config.yaml")
+            cfg = load_config(run / "config.yaml", stored=True)
             out, _ = run_diagnostics(run, cfg.active_learning.strategy, cfg,
                                      [m["round"] for m in metrics], cache)
             for m in metrics:

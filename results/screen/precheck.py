@@ -75,7 +75,7 @@ def main() -> int:
     if not runs:
         print("no runs found", file=sys.stderr)
         return 1
-    cfg = load_config(runs[0] / "config.yaml")
+    cfg = load_config(runs[0] / "config.yaml", stored=True)
     task = make_task(cfg.task)
     pool = {ex.id: ex for ex in load_data(cfg.task, task).pool}
     steps = {i: ex.meta["steps"] for i, ex in pool.items()}
@@ -152,7 +152,7 @@ def main() -> int:
             stats.setdefault(name, []).append((
                 spearman(u, s), spearman(u, n) if known or not name.startswith("own") else np.nan,
                 float(np.mean(cap[top])) if known or not name.startswith("own") else np.nan))
-        n_queries = max(1, load_config(run / "config.yaml").active_learning.rounds - 1)
+        n_queries = max(1, load_config(run / "config.yaml", stored=True).active_learning.rounds - 1)
         star = make_strategy("pe-dynamic", n_queries=n_queries)
         for name in ("own", "adapted", "adapted /tok"):
             base = terms[name][0]

@@ -101,7 +101,7 @@ def main() -> int:
             if d is None:
                 continue
             metrics = read_jsonl(d / "metrics.jsonl")
-            steps = pool_facts(load_config(d / "config.yaml"), cache).values
+            steps = pool_facts(load_config(d / "config.yaml", stored=True), cache).values
             pool_steps = pool_steps or steps
             picked = {k: [steps[r["id"]] for r in read_jsonl(p)] for k, p in (
                 (int(p.parent.name), p) for p in d.glob("rounds/*/selected.jsonl"))}

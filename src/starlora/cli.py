@@ -100,11 +100,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.run_dir:
             raise StarloraError("starlora run: give a config file, or --run-dir RUN to resume "
                                 "a run from its own config.yaml")
-        stored = RunPaths(args.run_dir).config
-        if not stored.is_file():
+        own = RunPaths(args.run_dir).config
+        if not own.is_file():
             raise StarloraError(f"{args.run_dir}: not a run directory (no config.yaml); "
                                 "give the config file to start a run there")
-        config = load_config(stored, args.set)
+        config = load_config(own, args.set, stored=True)
         run_dir = args.run_dir
     else:
         config = load_config(args.config, args.set)

@@ -252,11 +252,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+#: Settings added after runs were committed, each with the value that every run made before it
+#: existed computed with. A run's stored ``config.yaml`` names every setting there was when it
+#: was written, so one that it lacks means this value, whatever today's default is
+#: (``load_config(..., stored=True)``), and `starlora.run.protocol` leaves a setting at this
+#: value out of the protocol id. So a default may change without changing what an old run
+#: directory says it did, or its id.
+ADDED_LATER: dict[str, Any] = {
+    "active_learning.diversity": "none", "active_learning.diversity_pool": 10.0,
+    "active_learning.stop_set": 0, "evaluation.samples": 0, "scoring.base_scores": "own",
+    "scoring.per_token": False, "training.steps": None,
+}
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None, overrides: list[str] | None = None, *, stored: bool = False
 ) -> ExperimentConfig:
     """Read a YAML experiment config (or the defaults when `path` is None) and apply
-    ``key.sub=value`` overrides. Raises ConfigError naming file, line and key."""
+    ``key.sub=value`` overrides. Raises ConfigError naming file, line and key. `stored`: `path`
+    is a run's own ``config.yaml``, whose missing `ADDED_LATER` settings take the value runs
+    had before the setting existed, not today's default."""
     data: dict[str, Any] = {}
     lines: dict[tuple[str, ...], int] = {}
     where = "<defaults>"
@@ -277,6 +292,11 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: the top level must be a mapping of sections")
         lines = _key_lines(text)
+    if stored:
+        for key, value in ADDED_LATER.items():
+            section, name = key.split(".")
+            if isinstance(data.get(section) or {}, dict):
+                data[section] = {name: value, **(data.get(section) or {})}
     origin: dict[tuple[str, ...], str] = {}
     for item in overrides or []:
         keys, value = parse_override(item)

@@ -18,9 +18,10 @@ Settings fall in three groups:
   ``none``) and is not part of the protocol id.
 * everything else changes results: a run directory refuses a config that differs there.
 
-Settings added after runs were committed (`ADDED_LATER`) are left out of the protocol id, and
-of the study's design, while they hold their default: a run made before a setting existed, and
-one made after with the setting at its default, are the same experiment and keep one id.
+Settings added after runs were committed (`ADDED_LATER`, owned by `starlora.config`) are left
+out of the protocol id, and of the study's design, while they hold the value runs had before
+the setting existed: a run made before a setting existed, and one made after with the setting
+at that value, are the same experiment and keep one id, even after the default changes.
 
 The protocol id (`protocol_id`) names what makes runs comparable: every setting except the
 strategy, the seed and the two groups above. Runs with one protocol id and different
@@ -39,6 +40,9 @@ import json
 import math
 from typing import Any
 
+# settings added after runs were committed, with the value runs had before: defined with the
+# config (what a stored config.yaml that lacks one means); part of the identity only away from it
+from starlora.config import ADDED_LATER as ADDED_LATER
 from starlora.config import ExperimentConfig, flatten_config
 
 # a run's random streams: named and drawn in `starlora.seeds` (the bottom layer, so that
@@ -61,10 +65,6 @@ EXTENDABLE = frozenset({"active_learning.rounds", "active_learning.budget"})
 ARM = frozenset({"active_learning.strategy", "seed"})
 #: how many rounds run, not what a round computes (see the module docstring)
 STOPPING = frozenset({"active_learning.stop_when"})
-#: settings added after runs were committed: part of the identity only away from the default
-ADDED_LATER = frozenset({"active_learning.diversity", "active_learning.diversity_pool",
-                         "evaluation.samples", "active_learning.stop_set",
-                         "scoring.base_scores", "scoring.per_token", "training.steps"})
 
 
 
@@ -104,9 +104,9 @@ def protocol_id(config: ExperimentConfig, precision: dict[str, str] | None = Non
 
 
 def identity(flat: dict[str, Any]) -> dict[str, Any]:
-    """`flat` (`flatten_config`) less the `ADDED_LATER` settings that hold their default."""
-    defaults = flatten_config(ExperimentConfig())
-    return {k: v for k, v in flat.items() if not (k in ADDED_LATER and v == defaults.get(k))}
+    """`flat` (`flatten_config`) less the `ADDED_LATER` settings that hold the value runs
+    had before the setting existed."""
+    return {k: v for k, v in flat.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def result_changes(stored: ExperimentConfig, new: ExperimentConfig) -> list[str]:

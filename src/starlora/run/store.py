@@ -158,7 +158,7 @@ class RunStore:
         paths = RunPaths(root)
         if not paths.config.is_file():
             raise StarloraError(f"{paths.root}: not a run directory (no config.yaml)")
-        return cls(paths.root, load_config(paths.config))
+        return cls(paths.root, load_config(paths.config, stored=True))
 
     @classmethod
     def create_or_resume(cls, root: str | Path, config: ExperimentConfig) -> RunStore:

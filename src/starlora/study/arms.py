@@ -151,7 +151,7 @@ def study_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[St
         config = None
         if RunPaths(run_dir).config.is_file():
             try:
-                config = load_config(RunPaths(run_dir).config)
+                config = load_config(RunPaths(run_dir).config, stored=True)
             except StarloraError:
                 config = None
         run = StudyRun(run_dir, last["task"], last["protocol"], last["strategy"], last["seed"],
