@@ -22,10 +22,12 @@ The process is stopped once round R+1 starts. Three sides run one after the othe
 
     before              the earlier commit, which scored the pool on gold answers
     after               this checkout with ``scoring.answers=gold``: the same work
-    after (generated)   this checkout's default, ``scoring.answers=generated``: the adapter and
-                        the base model each generate an answer per scored item first (the
-                        label-free mode the earlier commit did not have), so its score phase
-                        does more work
+    after (generated)   this checkout with ``scoring.answers=generated`` (the default) and
+                        ``scoring.base_scores=own``: the adapter and the base model each
+                        generate an answer per scored item first (the label-free mode the
+                        earlier commit did not have), so its score phase does more work
+                        (``own`` was the default when the figures in docs/benchmarks.md were
+                        measured; ``--set scoring.base_scores=adapted`` measures today's)
 
 ``--sides`` picks some of them (``before``, ``gold``, ``generated``), ``--mc-passes K`` sets
 ``scoring.mc_passes`` on every side (default: the demo's 2) and ``--set KEY=VALUE`` any other
@@ -136,8 +138,11 @@ def main() -> int:
           f"set={args.set}, threads={threads}, cpus={os.cpu_count()}")
     common = [] if args.mc_passes is None else [f"scoring.mc_passes={args.mc_passes}"]
     common += args.set  # every side's overrides
-    every = {"before": common, "after": ["scoring.answers=gold", *common],
-             "after (generated)": ["scoring.answers=generated", *common]}
+    # the base model scores its own answers (the figures' setting) unless --set says otherwise
+    own = [] if any(o.startswith("scoring.base_scores=") for o in args.set) \
+        else ["scoring.base_scores=own"]
+    every = {"before": common, "after": ["scoring.answers=gold", *own, *common],
+             "after (generated)": ["scoring.answers=generated", *own, *common]}
     names = {"before": "before", "gold": "after", "generated": "after (generated)"}
     wanted = [names[x.strip()] for x in args.sides.split(",") if x.strip()]
     sides = {side: extra for side, extra in every.items() if side in wanted}

@@ -18,21 +18,21 @@ from starlora.study.declared import load_declared
 from starlora.study.report import write_studies
 from starlora.study.stats import aulc, first_reach, tost_p
 
-ADAPTED = "pe-dynamic [base_scores=adapted]"
+RAW_FULL = "pe-dynamic [normalize=raw_full]"
 
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
-    """random, pe, and a repaired STAR arm (a setting other than the answers: a "variant" to
-    the first study's family), 6 seeds each: STAR beats random on every seed, and equals pe
-    on 3 seeds, beats it by one round's item on the others."""
-    monkeypatch.setitem(test_study.STUDY_ARMS, ADAPTED,
-                        ("pe-dynamic", ["scoring.base_scores=adapted"]))
+    """random, pe, and a repaired STAR arm (the authors' mixing, a setting other than the
+    answers: a "variant" to the first study's family), 6 seeds each: STAR beats random on
+    every seed, and equals pe on 3 seeds, beats it by one round's item on the others."""
+    monkeypatch.setitem(test_study.STUDY_ARMS, RAW_FULL,
+                        ("pe-dynamic", ["active_learning.normalize=raw_full"]))
     out = []
     for seed in range(6):
         out.append(write_study_run(tmp_path / "runs", "random", seed, curve(seed, 0)))
         out.append(write_study_run(tmp_path / "runs", "pe", seed, curve(seed, 1)))
-        out.append(write_study_run(tmp_path / "runs", ADAPTED, seed, curve(seed, 1 + seed % 2)))
+        out.append(write_study_run(tmp_path / "runs", RAW_FULL, seed, curve(seed, 1 + seed % 2)))
     return out
 
 
@@ -44,8 +44,8 @@ def declare(tmp_path, text: str):
 
 FAMILY = f"""# the protocol's family
 primary:
-  - {{arm: "{ADAPTED}", baseline: random}}
-  - {{arm: "{ADAPTED}", baseline: pe, margin: 0.05}}
+  - {{arm: "{RAW_FULL}", baseline: random}}
+  - {{arm: "{RAW_FULL}", baseline: pe, margin: 0.05}}
 """
 
 
@@ -64,7 +64,7 @@ def test_the_declared_pairs_are_the_primary_family_with_tost(runs, tmp_path):
     written = build_report(runs, tmp_path / "b", declare(tmp_path, FAMILY))
     rows = read_csv(written["study.csv"])
     paired = {(r["baseline"], r["quantity"]): r for r in rows
-              if r["section"] == "paired" and r["arm"] == ADAPTED}
+              if r["section"] == "paired" and r["arm"] == RAW_FULL}
     assert set(paired) == {(b, q) for b in ("random", "pe")
                            for q in ("aulc", "final_accuracy", "final_ece")}
     vs_random, vs_pe = paired[("random", "aulc")], paired[("pe", "aulc")]
@@ -82,10 +82,10 @@ def test_the_declared_pairs_are_the_primary_family_with_tost(runs, tmp_path):
     assert "| margin | TOST p |" in md and "| ±0.05 |" in md
     # labels to reach random's final accuracy: pe reaches it (0.5) a round early
     reach = {r["arm"]: r for r in rows if r["section"] == "reach"}
-    assert set(reach) == {"pe", ADAPTED}
+    assert set(reach) == {"pe", RAW_FULL}
     assert float(reach["pe"]["estimate"]) == pytest.approx(8.0)  # 0.5 at round 1 (n=8)
     assert "saved 4.000000" in reach["pe"]["note"] and "target 0.500000" in reach["pe"]["note"]
-    assert float(reach[ADAPTED]["estimate"]) < 8.0  # 0.55 at n=8 half the seeds: earlier
+    assert float(reach[RAW_FULL]["estimate"]) < 8.0  # 0.55 at n=8 half the seeds: earlier
     assert "## Labels to reach random's final accuracy (secondary)" in md
     # the same runs and file give the same bytes
     again = build_report(list(reversed(runs)), tmp_path / "c", tmp_path / "comparisons.yaml")
@@ -114,11 +114,11 @@ def test_a_pair_missing_from_a_group_is_listed_untested(runs, tmp_path, monkeypa
     pairs = [{(r["arm"], r["baseline"]) for r in read_csv(written[n])
               if r["section"] == "paired"} for n in studies]
     assert sorted(pairs, key=len) == [{("pe", "random")},
-                                      {(ADAPTED, "random"), (ADAPTED, "pe"), ("pe", "random")}]
+                                      {(RAW_FULL, "random"), (RAW_FULL, "pe"), ("pe", "random")}]
     small = next(written[n.replace(".csv", ".md")].read_text() for n, p in zip(studies, pairs)
                  if len(p) == 1)
-    assert (f"Not tested: {ADAPTED} vs random (no arm {ADAPTED} here); "
-            f"{ADAPTED} vs pe (no arm {ADAPTED} here)." in small)
+    assert (f"Not tested: {RAW_FULL} vs random (no arm {RAW_FULL} here); "
+            f"{RAW_FULL} vs pe (no arm {RAW_FULL} here)." in small)
 
 
 def with_agreement(run, values: list) -> None:
@@ -141,11 +141,11 @@ def test_a_declared_stopping_rule_gives_each_arm_its_stop_point(runs, tmp_path):
     path = declare(tmp_path, FAMILY + 'stop_when: "agreement >= 0.5"\n')
     written = build_report(runs, tmp_path / "r", path)
     rows = {r["arm"]: r for r in read_csv(written["study.csv"]) if r["section"] == "stop"}
-    assert set(rows) == {"pe", ADAPTED}
+    assert set(rows) == {"pe", RAW_FULL}
     assert rows["pe"]["estimate"] == "8.000000" and rows["pe"]["n"] == "6"
     assert rows["pe"]["note"] == ("rule agreement >= 0.5 for 1 rounds; stopped early 6; "
                                   "accuracy at stop 0.500000; final 0.600000; saved 4.000000")
-    assert rows[ADAPTED]["estimate"] == "12.000000" and "stopped early 0" in rows[ADAPTED]["note"]
+    assert rows[RAW_FULL]["estimate"] == "12.000000" and "stopped early 0" in rows[RAW_FULL]["note"]
     md = written["study.md"].read_text()
     assert "## Stopping: `agreement >= 0.5 for 1 rounds` (secondary)" in md
     assert "| pe | 6 | 6/6 | 8.0 | 0.500 | 0.600 | 4.0 | 0.100 |" in md
@@ -182,6 +182,6 @@ def test_a_declared_arm_no_run_has_fails_before_anything_is_written(runs, tmp_pa
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "comparisons.yaml:2: arm: no study arm is labelled 'pe-dynamic'" in proc.stderr
-    assert ADAPTED in proc.stderr  # the arms it does have
+    assert RAW_FULL in proc.stderr  # the arms it does have
     assert sorted(p.name for p in out.iterdir()) == ["study.md"]
     assert (out / "study.md").read_text() == "the last report\n"

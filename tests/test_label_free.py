@@ -141,6 +141,7 @@ def first_selection(tmp_path: Path, overrides: list[str]) -> dict[str, list]:
 LABEL_FREE = {
     "length": ["active_learning.strategy=length"],
     "pe-dynamic, base_scores adapted": ["scoring.base_scores=adapted"],
+    "pe-dynamic, base_scores own": ["scoring.base_scores=own"],  # the first study's
     "pe-dynamic, base_scores adapted, 3 samples": ["scoring.base_scores=adapted",
                                                    "scoring.samples=3"],
     "me-dynamic, per_token": ["active_learning.strategy=me-dynamic", "scoring.per_token=true"],

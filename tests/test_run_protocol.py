@@ -80,35 +80,34 @@ def test_settings_added_later_keep_the_ids_of_runs_made_before_them() -> None:
 
 
 def test_a_stored_config_that_lacks_a_later_setting_means_the_value_runs_had_before_it(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    tmp_path,
 ) -> None:
-    """Changing a later setting's default must not change what an old run directory did: its
-    config.yaml, written before the setting existed, reads with the old value (the run resumes
-    and reports as it ran), keeps its protocol id, and a user config that takes the new
-    default is refused on resume instead of silently switching the run. Simulated by the
-    converse: runs before `scoring.base_scores` are said to have used ``adapted`` while today's
-    default is ``own``."""
-    from starlora import config as config_module
+    """`scoring.base_scores` came after the first study, whose runs scored the base term on
+    the base model's own answers (``own``); its default is now ``adapted``. An old run's
+    config.yaml, which does not name it, still reads as ``own`` (the run resumes and reports
+    as it ran) and keeps its protocol id, and a user config that takes the new default is
+    refused on resume instead of silently switching the run's procedure."""
     from starlora.config import dump_config
     from starlora.run.store import RunStore
 
-    monkeypatch.setitem(config_module.ADDED_LATER, "scoring.base_scores", "adapted")
+    assert load_config().scoring.base_scores == "adapted"  # today's default
     run_dir = tmp_path / "old-run"
     run_dir.mkdir()
-    old = dump_config(load_config()).replace("  base_scores: own\n", "")
+    old = dump_config(load_config(None, ["scoring.base_scores=own"]))
+    old = old.replace("  base_scores: own\n", "")
     assert "base_scores" not in old
     (run_dir / "config.yaml").write_text(old)
-    assert load_config(run_dir / "config.yaml").scoring.base_scores == "own"  # a user's file
+    assert load_config(run_dir / "config.yaml").scoring.base_scores == "adapted"  # a user's file
     stored = load_config(run_dir / "config.yaml", stored=True)
-    assert stored.scoring.base_scores == "adapted"
-    assert RunStore.open(run_dir).config.scoring.base_scores == "adapted"
+    assert stored.scoring.base_scores == "own"
+    assert RunStore.open(run_dir).config.scoring.base_scores == "own"
     # the old run keeps the id it had, the one of runs made since at the same value ...
-    assert protocol_id(stored) == protocol_id(load_config(None, ["scoring.base_scores=adapted"]))
+    assert protocol_id(stored) == protocol_id(load_config(None, ["scoring.base_scores=own"]))
     assert protocol_id(stored) != protocol_id(load_config())  # ... not today's default's
     assert "scoring.base_scores" not in identity(flatten_config(stored))  # left out, as before
-    assert identity(flatten_config(load_config()))["scoring.base_scores"] == "own"
+    assert identity(flatten_config(load_config()))["scoring.base_scores"] == "adapted"
     with pytest.raises(ConfigError, match="scoring.base_scores"):
         RunStore.create_or_resume(run_dir, load_config())
     # named in the file, a value stands as written
     (run_dir / "config.yaml").write_text(dump_config(load_config()))
-    assert load_config(run_dir / "config.yaml", stored=True).scoring.base_scores == "own"
+    assert load_config(run_dir / "config.yaml", stored=True).scoring.base_scores == "adapted"

@@ -122,11 +122,11 @@ class ScoringConfig(_Section):
     # gold answer, as the authors' code does (needs answers in the pool)
     answers: AnswerSource = "generated"
     samples: int = Field(1, gt=0)  # generated answers per item: 1 greedy, N > 1 at temperature 1
-    # the base term with generated answers: own = the base model scores its own greedy answer
-    # (the study's runs); adapted = it scores the adapted model's answer, the tokens the full
-    # term scores (no base generation, one more forward pass). The default stays own until the
-    # screen (results/screen/) decides
-    base_scores: Literal["own", "adapted"] = "own"
+    # the base term with generated answers: adapted (the default) = the base model scores the
+    # adapted model's answer, the tokens the full term scores (no base generation, one more
+    # forward pass); own = it scores its own greedy answer (the first study's runs; runs made
+    # before this setting existed: ADDED_LATER). Why adapted: docs/strategies.md
+    base_scores: Literal["own", "adapted"] = "adapted"
     # PE/ME of both terms as means over the answer's tokens instead of sums (not the paper's)
     per_token: bool = False
     max_new_tokens: int | None = Field(None, gt=0)  # of a generated answer; None: evaluation's

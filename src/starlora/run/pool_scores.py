@@ -12,12 +12,14 @@ mean). ``answer`` is the most likely generated answer, the draft people see.
 
 The base term (``pe_base``, ``me_base``), with ``scoring.answers: generated``:
 
-* ``scoring.base_scores: own`` (the default for now): the base model scores its *own* greedy
-  answers (N samples at temperature 1 with samples), generated and scored once and cached by
-  content (`starlora.scoring.cache`). The two terms then measure different sequences.
-* ``adapted``: the base model (adapter disabled) scores the *adapted* model's answers, the
-  very tokens the full term measures: no base generation, one more forward pass per answer
-  (cached by content too). With gold answers both terms already score the gold answer.
+* ``scoring.base_scores: adapted`` (the default): the base model (adapter disabled) scores the
+  *adapted* model's answers, the very tokens the full term measures: no base generation, one
+  more forward pass per answer (cached by content too).
+* ``own`` (the first study's): the base model scores its *own* greedy answers (N samples at
+  temperature 1 with samples), generated and scored once and cached by content
+  (`starlora.scoring.cache`). The two terms then measure different sequences.
+
+With gold answers both terms already score the gold answer.
 
 ``scoring.per_token: true`` writes PE/ME (both terms) as means over the answer's tokens
 instead of sums (no per-pass values then).

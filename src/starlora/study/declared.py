@@ -2,13 +2,13 @@
 
 By default the study (`starlora.study.arms`) compares each STAR arm with ``random`` and with
 ``pe``/``me``: the first study's family. A protocol that declares other arms (a repaired STAR
-arm labelled ``pe-dynamic [base_scores=adapted]``, ``typiclust``...) hands its own family to
+arm labelled ``pe-dynamic [normalize=raw_full]``, ``typiclust``...) hands its own family to
 ``starlora report --comparisons FILE``, a YAML file::
 
     # results/study-2/comparisons.yaml
     primary:                                # AULC; exact sign-flip test; Holm over the list
-      - {arm: "pe-dynamic [base_scores=adapted]", baseline: random}
-      - {arm: "pe-dynamic [base_scores=adapted]", baseline: pe, margin: 0.03}
+      - {arm: "pe-dynamic [normalize=raw_full]", baseline: random}
+      - {arm: "pe-dynamic [normalize=raw_full]", baseline: pe, margin: 0.03}
     stop_when: "agreement >= 0.5 for 2 rounds"   # optional: the stop point, per arm
 
 Each entry is one comparison, arm minus baseline, paired by seed; both are arm labels as the
