@@ -106,8 +106,9 @@ def test_a_stored_config_that_lacks_a_later_setting_means_the_value_runs_had_bef
     assert protocol_id(stored) != protocol_id(load_config())  # ... not today's default's
     assert "scoring.base_scores" not in identity(flatten_config(stored))  # left out, as before
     assert identity(flatten_config(load_config()))["scoring.base_scores"] == "adapted"
-    with pytest.raises(ConfigError, match="scoring.base_scores"):
+    with pytest.raises(ConfigError, match="scoring.base_scores") as refused:
         RunStore.create_or_resume(run_dir, load_config())
+    assert f"starlora run --run-dir {run_dir}" in str(refused.value)  # the way that resumes
     # named in the file, a value stands as written
     (run_dir / "config.yaml").write_text(dump_config(load_config()))
     assert load_config(run_dir / "config.yaml", stored=True).scoring.base_scores == "adapted"

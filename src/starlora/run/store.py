@@ -175,7 +175,8 @@ class RunStore:
             if changed:
                 raise ConfigError(
                     f"{paths.root}: the run directory holds a run with a different config "
-                    f"({', '.join(changed)}); use another --run-dir or restore those values"
+                    f"({', '.join(changed)}); use another --run-dir, restore those values, or "
+                    f"resume from the run's own config: starlora run --run-dir {paths.root}"
                 )
             if store.config != config:
                 store.config = config
