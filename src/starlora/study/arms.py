@@ -5,7 +5,7 @@ everything except the seed, the method settings (``active_learning.strategy``, `
 ``lora.*``, ``training.*``, the λ schedule, ``active_learning.normalize``,
 ``active_learning.diversity`` and ``diversity_pool``) and the
 result-neutral, extendable and stopping ones (`starlora.run.protocol`; settings added later
-count only away from their defaults, `identity`). So a study spans protocol ids:
+count only away from the value runs had before them, `identity`). So a study spans protocol ids:
 ``scoring.answers=gold`` changes the protocol id but not the experiment it is an arm of. A run
 without a readable ``config.yaml`` forms groups by its protocol id.
 
