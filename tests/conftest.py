@@ -34,11 +34,15 @@ MULTIPROCESS = {"test_distributed.py", "test_zero3.py", "test_training.py"}
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2``) each worker computes on one thread: two workers on 2
-    cores, instead of two 2-thread processes contending for them."""
+    cores, instead of two 2-thread processes contending for them. The processes a test starts
+    (a run killed and resumed in the test's own process, torchrun's workers) inherit the one
+    thread: bf16 on a CPU rounds differently with another thread count, so a run started on two
+    threads and resumed on one would not end byte for byte as a run on one."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -198,3 +198,28 @@ def test_a_resume_on_another_machine_goes_on_with_a_warning_and_records_it(
     assert identity.check_machine(RunStore.open(run_dir), other,
                                   {"round": 1, "phase": "evaluate"}) is None
     assert read_json(run_dir / "identity.json") == recorded
+
+
+def test_a_resume_with_another_thread_count_is_a_machine_change_an_old_record_is_not(
+        tmp_path: Path) -> None:
+    """bf16 on a CPU rounds differently with another number of threads (a run killed on two
+    threads and resumed on one did not end as one run on one thread): the machine record
+    holds the count, and a resume with another one is recorded with a warning. A record from
+    before the count was kept agrees with any count (no warning for every old run)."""
+    import starlora.run.identity as identity
+
+    here = identity.machine("cpu")
+    assert isinstance(here["threads"], int) and here["threads"] >= 1
+    state = {"round": 2, "phase": "train"}
+    old_run = RunStore.create_or_resume(tmp_path / "old", load_config())
+    old = {k: v for k, v in here.items() if k != "threads"}
+    assert identity.check_machine(old_run, old, state) is None  # recorded, as a new run does
+    assert identity.check_machine(old_run, here, state) is None  # the old record agrees
+    assert "machine_changes" not in read_json(old_run.paths.identity)
+    store = RunStore.create_or_resume(tmp_path / "run", load_config())
+    assert identity.check_machine(store, here, state) is None
+    more = {**here, "threads": here["threads"] + 1}
+    warning = identity.check_machine(store, more, state)
+    assert warning and f"{here['threads'] + 1} threads" in warning
+    assert read_json(store.paths.identity)["machine_changes"] == [
+        {"round": 2, "after_phase": "train", "machine": more}]

@@ -392,3 +392,27 @@ def test_a_warm_started_run_without_its_adapters_stops_with_a_clear_error(
     err = capsys.readouterr().err
     assert "training.warm_start continues from round 0's adapter" in err
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing written
+
+
+@pytest.mark.slow
+def test_the_adapted_base_term_is_computed_by_the_run_not_read_from_another_runs_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below fp32 (bf16 here) a sequence's score depends on its batch-mates, so base scores of
+    the adapted model's answers that another run left in the shared cache (other batches, or
+    a concurrent run's last append) would make this run's base term, and its resume, depend on
+    that run. Simulated by a cache whose records another run "computed" differently (shifted
+    by 1 nat): a later run with the same answers scores them itself."""
+    monkeypatch.setenv("STARLORA_CACHE", str(tmp_path / "cache"))
+    small = ["task.pool_size=24", "task.test_size=4"]
+
+    def base_term(name: str) -> list[float]:
+        store = run_experiment(load_config(TINY, small), tmp_path / name, progress=False)
+        assert store.config.scoring.base_scores == "adapted"  # the default
+        return [r["pe_base"] for r in store.read_round(0, "scores.jsonl")]
+
+    first = base_term("first")
+    for cached in (tmp_path / "cache" / "scores").glob("*.jsonl"):
+        rows = [json.loads(line) for line in cached.read_text().splitlines()]
+        cached.write_text("".join(json.dumps({**r, "pe": r["pe"] + 1.0}) + "\n" for r in rows))
+    assert base_term("second") == first

@@ -153,7 +153,8 @@ KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "am
 def machine(device: str) -> dict[str, Any]:
     """What computes a run's numbers here: ``{"device": "cpu" | "cuda" | ..., "name": the CPU
     (``/proc/cpuinfo`` model name, else `platform.processor`) or GPU model, "flags": the CPU's
-    `KERNEL_FLAGS` (sorted; empty where /proc/cpuinfo is not readable)}``."""
+    `KERNEL_FLAGS` (sorted; empty where /proc/cpuinfo is not readable)}``, and on a CPU
+    ``"threads"``: torch's thread count, with which bf16 arithmetic rounds differently."""
     import torch
 
     kind = torch.device(device).type
@@ -169,7 +170,10 @@ def machine(device: str) -> dict[str, Any]:
         pass
     if kind == "cuda":
         name = torch.cuda.get_device_name(torch.device(device))
-    return {"device": kind, "name": name, "flags": flags}
+    here: dict[str, Any] = {"device": kind, "name": name, "flags": flags}
+    if kind == "cpu":
+        here["threads"] = torch.get_num_threads()
+    return here
 
 
 def machine_moves(run_dir: str | Path) -> list[str]:
@@ -191,14 +195,20 @@ def check_machine(store: RunStore, here: dict[str, Any], state: dict) -> str | N
     if then is None:
         write_json(store.paths.identity, {**identity, "machine": here})
         return None
-    if then == here:
+    # a record from before a field existed (e.g. "threads") agrees on that field
+    if all(then.get(k, v) == v for k, v in here.items()):
         return None
     _record_change(store, identity, "machine", here, state)
-    return (f"warning: {store.root} computed on another machine until now ({then['name']}, "
-            f"{then['device']}, {' '.join(then['flags']) or 'no flags'}; here {here['name']}, "
-            f"{here['device']}, {' '.join(here['flags']) or 'no flags'}): the rounds it adds are "
-            "a valid draw of the same procedure, not the bytes one machine would give (recorded "
-            f"in {store.paths.identity.name})")
+    return (f"warning: {store.root} computed on another machine until now ({_described(then)}; "
+            f"here {_described(here)}): the rounds it adds are a valid draw of the same "
+            "procedure, not the bytes one machine would give (recorded in "
+            f"{store.paths.identity.name})")
+
+
+def _described(machine: dict[str, Any]) -> str:
+    threads = f", {machine['threads']} threads" if "threads" in machine else ""
+    return (f"{machine['name']}, {machine['device']}, "
+            f"{' '.join(machine['flags']) or 'no flags'}{threads}")
 
 
 def require_precision(store: RunStore, config: ExperimentConfig, model: Any) -> None:

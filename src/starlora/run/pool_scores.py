@@ -14,7 +14,7 @@ The base term (``pe_base``, ``me_base``), with ``scoring.answers: generated``:
 
 * ``scoring.base_scores: adapted`` (the default): the base model (adapter disabled) scores the
   *adapted* model's answers, the very tokens the full term measures: no base generation, one
-  more forward pass per answer (cached by content too).
+  more forward pass per answer, every round (not cached: see `_base_columns`).
 * ``own`` (the first study's): the base model scores its *own* greedy answers (N samples at
   temperature 1 with samples), generated and scored once and cached by content
   (`starlora.scoring.cache`). The two terms then measure different sequences.
@@ -232,7 +232,11 @@ def _base_columns(run: Run, model: Any, candidates: list[Example], measures: tup
                   **_kwargs(run))
     if adapted is not None:  # the adapted model's tokens, adapter disabled: one forward pass
         n = adapted.samples
-        kwargs["desc"] = "scoring pool (base model on the adapter's answers)"
+        # not cached: below fp32 a sequence's score depends on its batch-mates (their shapes),
+        # so scores shared by content would make a run's base term depend on which run scored
+        # an answer first, or last when two run at once (and a resume read the other's); the
+        # adapted model's answers change every round anyway
+        kwargs.update(cache=None, desc="scoring pool (base model on the adapter's answers)")
         scores = score_base(model, run.tokenizer, run.task,
                             [ex for ex in candidates for _ in range(n)],
                             answer_ids=adapted.tokens, **kwargs)
