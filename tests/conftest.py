@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from launching import ONE, TINY, TWO, made_once, run  # noqa: E402
+from launching import ONE, OWN_BASE, TINY, TWO, made_once, run  # noqa: E402
 
 from starlora.models import Loaded, load_model  # noqa: E402
 
@@ -106,8 +106,8 @@ def scoring_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """configs/tiny.yaml run by one process and by two (once per session: `made_once`)."""
     def make(folder: Path) -> None:
-        run([*ONE, "run", str(TINY), "--run-dir", str(folder / "one")])
-        proc = run([*TWO, "run", str(TINY), "--run-dir", str(folder / "two")])
+        run([*ONE, "run", str(TINY), "--run-dir", str(folder / "one"), *OWN_BASE])
+        proc = run([*TWO, "run", str(TINY), "--run-dir", str(folder / "two"), *OWN_BASE])
         assert proc.stdout.count("run finished") == 1  # the main process reports, alone
 
     folder = made_once(tmp_path_factory, "tiny_runs", make)

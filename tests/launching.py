@@ -41,6 +41,13 @@ ZERO3 = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_
 #: lora.dropout 0 they agree to ~1e-5 (float sums in another order). Final training loss:
 #: relative 2e-3 (measured 1.7e-4 and 3.1e-4); accuracy: one test example of 12; ECE: 0.05.
 LOSS_RTOL, ACCURACY_ATOL, ECE_ATOL = 2e-3, 1 / 12, 0.05
+#: the runs compared across process counts score STAR's base term on the base model's own
+#: answers (``own``, the default until 2026-12-05): at round 0, λ = 0.9 weighs the base term
+#: 9 to 1, and the adapted model's answers, which today's default scores there, follow the
+#: processes' other dropout masks on this random tiny model (measured: one id of 8 swapped
+#: with 2 processes and under ZeRO-3), so the selection would compare that noise, not how
+#: the processes gather their scores
+OWN_BASE = ["--set", "scoring.base_scores=own"]
 
 
 def made_once(factory: Any, name: str, make: Callable[[Path], None]) -> Path:

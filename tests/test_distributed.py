@@ -15,6 +15,7 @@ from launching import (
     ECE_ATOL,
     LOSS_RTOL,
     ONE,
+    OWN_BASE,
     ROOT,
     TINY,
     TWO,
@@ -187,7 +188,7 @@ def test_a_killed_two_process_run_finishes_when_run_again(
     tiny_runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    cmd = [*TWO, "run", str(TINY), "--run-dir", str(run_dir)]
+    cmd = [*TWO, "run", str(TINY), "--run-dir", str(run_dir), *OWN_BASE]  # as tiny_runs'
     launch_and_kill(cmd, run_dir, lambda s: s["phase"] == "train", "launcher")  # evaluating
     launch_and_kill(cmd, run_dir, lambda s: s["round"] == 1, "worker")  # training round 1
     run(cmd)

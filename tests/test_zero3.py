@@ -14,6 +14,7 @@ from launching import (
     ECE_ATOL,
     LOSS_RTOL,
     ONE,
+    OWN_BASE,
     TINY,
     ZERO3,
     files,
@@ -105,7 +106,7 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """configs/tiny.yaml under ZeRO-3, with an empty cache: the base model's scores are
     computed under ZeRO-3, not read."""
     def make(folder: Path) -> None:
-        proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run")],
+        proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run"), *OWN_BASE],
                    STARLORA_CACHE=str(folder / "cache"))
         assert proc.stdout.count("run finished") == 1
 
@@ -145,7 +146,7 @@ def test_a_killed_zero3_run_finishes_when_run_again(zero3_run: Path, tmp_path: P
     """Killed after round 0's training, the rerun loads the saved adapter into the
     partitioned model and ends with the outputs of an uninterrupted ZeRO-3 run."""
     run_dir, cache = tmp_path / "run", str(tmp_path / "cache")  # base scores as zero3_run's
-    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir)]
+    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir), *OWN_BASE]  # as zero3_run's
     launch_and_kill(cmd, run_dir, lambda s: s["phase"] == "train", "launcher",
                      STARLORA_CACHE=cache)
     run(cmd, STARLORA_CACHE=cache)
