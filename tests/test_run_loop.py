@@ -328,3 +328,67 @@ def test_sampled_answers_are_redrawn_identically_after_a_kill_in_the_score_phase
     assert main(args) == 0
     assert outputs(run_dir) == outputs(reference)
     assert set(read_jsonl(run_dir / "rounds/0/scores.jsonl")[0]) == columns
+
+
+#: a child process that dies by SIGKILL when round KILL_ROUND starts scoring (its adapter
+#: trained and saved, its evaluation stored and marked done)
+KILL_AT_SCORE = (
+    "import os, signal, sys\n"
+    "from starlora.run import loop\n"
+    "score = loop.PHASE_FUNCTIONS['score']\n"
+    "def die(run, k):\n"
+    "    if k == int(os.environ['KILL_ROUND']): os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    score(run, k)\n"
+    "loop.PHASE_FUNCTIONS['score'] = die\n"
+    "from starlora.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _killed_at_score(run_dir: Path, overrides: list[str], round_: int) -> list[str]:
+    """Run configs/tiny.yaml with `overrides` in a child killed as round `round_` starts
+    scoring; then delete every adapter, as a run directory committed to git (adapters are
+    ignored) or copied without them arrives on another machine. Returns the run's arguments."""
+    args = ["run", str(TINY), "--run-dir", str(run_dir)] + [f"--set={o}" for o in overrides]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", KILL_ROUND=str(round_))
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_SCORE, *args], env=env,
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert (state["round"], state["phase"]) == (round_, "evaluate")
+    adapters = list((run_dir / "rounds").glob("*/adapter"))
+    assert adapters  # the killed run had saved its adapter
+    for adapter in adapters:
+        shutil.rmtree(adapter)
+    return args
+
+
+@pytest.mark.slow
+def test_a_run_resumed_without_its_adapter_trains_it_again_and_ends_as_the_reference(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Round 0 trained and evaluated, then the run directory lost its adapter (as a git
+    checkout of a committed run does): the resume trains round 0's adapter again from its
+    seed, and scores, selects and ends exactly as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = _killed_at_score(run_dir, [], 0)
+    assert main(args) == 0
+    assert "round 0: its adapter is not in the run directory" in capsys.readouterr().err
+    assert outputs(run_dir) == outputs(reference)
+
+
+@pytest.mark.slow
+def test_a_warm_started_run_without_its_adapters_stops_with_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A warm start continues from the previous round's adapter: without it, the lost adapter
+    cannot be trained again, and the resume says so instead of loading nothing."""
+    run_dir = tmp_path / "run"
+    overrides = ["training.warm_start=true", "output.keep_adapters=all",
+                 "active_learning.rounds=3", "task.pool_size=24", "task.test_size=4"]
+    args = _killed_at_score(run_dir, overrides, 1)
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "training.warm_start continues from round 0's adapter" in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing written

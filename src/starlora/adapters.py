@@ -87,6 +87,11 @@ def remove_adapter(peft_model: Any) -> Any:
     return peft_model.unload().eval()
 
 
+def is_saved_adapter(directory: str | Path) -> bool:
+    """Whether `directory` holds an adapter saved by `save_adapter` (peft's layout)."""
+    return (Path(directory) / "adapter_config.json").is_file()
+
+
 def check_adapter_dir(directory: str | Path) -> None:
-    if not (Path(directory) / "adapter_config.json").is_file():
+    if not is_saved_adapter(directory):
         raise ConfigError(f"adapter {directory}: not a saved adapter (no adapter_config.json)")

@@ -35,6 +35,7 @@ import numpy as np
 from starlora import distributed as dist
 from starlora.acquisition import QueryStrategy, make_strategy
 from starlora.config import ExperimentConfig, flatten_config
+from starlora.errors import StarloraError
 from starlora.run import identity, oracle
 from starlora.run.context import Run
 from starlora.run.context import say as _say
@@ -62,6 +63,10 @@ def _train(run: Run, k: int) -> None:
     run.say(k, f"training on {len(train_set)} labelled examples")
     cfg = run.config
     warm = run.store.adapter_dir(k - 1) if cfg.training.warm_start and k > 0 else None
+    if warm is not None and not run.store.has_adapter(k - 1):
+        raise StarloraError(f"{run.store.root}: training.warm_start continues from round "
+                            f"{k - 1}'s adapter, which is not in {warm}: a warm-started run "
+                            "resumes only with its adapters (output.keep_adapters keeps them)")
     result = train_adapter(run.base_model, run.tokenizer, run.task, train_set, cfg.training,
                            cfg.lora, seed=phase_seed(cfg.seed, k, "train"), init_adapter=warm,
                            progress=run.progress)
@@ -289,6 +294,16 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         return store
 
 
+def _adapter_lost(store: RunStore, k: int) -> bool:
+    """Whether round `k` trained, still has to evaluate or score with its adapter, and the
+    adapter is gone (a run directory committed or copied without its ``adapter/`` folders).
+    Until its score phase is done, ``labelled.jsonl`` holds exactly what round `k` trained on,
+    so training again from the round's seed gives the adapter back, as a resume after a kill
+    during training would; after it, the adapter is not needed."""
+    return (store.done(k, "train") and not store.done(k, "score")
+            and not store.has_adapter(k))
+
+
 def _rounds(run: Run) -> None:
     """Every phase of every round that is not done yet (see `starlora.run.protocol.PHASES`)."""
     from starlora.adapters import remove_adapter
@@ -299,6 +314,10 @@ def _rounds(run: Run) -> None:
         oracle.initial_labels(run)  # every process (drafts); the main process writes
     for k in range(dist.agree(lambda: store.state()["round"]), n_rounds):
         last = k == n_rounds - 1
+        if dist.agree(lambda: _adapter_lost(store, k)):  # noqa: B023 - called at once
+            _say(f"round {k}: its adapter is not in the run directory (copied or committed "
+                 "without adapters?): training it again, from the same seed")
+            _train(run, k)
         for phase in PHASES:
             if last and PHASES.index(phase) > PHASES.index("evaluate"):
                 break  # the last round trains and evaluates; there is nothing left to query

@@ -234,6 +234,12 @@ class RunStore:
     def adapter_dir(self, round_: int) -> Path:
         return self.paths.adapter_dir(round_)
 
+    def has_adapter(self, round_: int) -> bool:
+        """Whether round `round_`'s adapter is saved in the run directory."""
+        from starlora.adapters import is_saved_adapter
+
+        return is_saved_adapter(self.adapter_dir(round_))
+
     # -- labels -------------------------------------------------------------------------------
     def labelled(self) -> list[dict]:
         return self._parsed.rows(self.paths.labelled)
