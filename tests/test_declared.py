@@ -151,10 +151,53 @@ def test_a_declared_stopping_rule_gives_each_arm_its_stop_point(runs, tmp_path):
     assert "| pe | 6 | 6/6 | 8.0 | 0.500 | 0.600 | 4.0 | 0.100 |" in md
 
 
+def with_answers(run, answers: list[str], gold: str = "1") -> None:
+    """Rewrite a run's test answers: in round k every item answers `answers[k]`, with a
+    generated answer's confidence field (`logprob_mean`) and the given gold field."""
+    for k, answer in enumerate(answers):
+        path = run / "rounds" / str(k) / "predictions.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "prediction": answer, "gold": gold,
+                                            "logprob_mean": -0.1 * (k + 1)}) + "\n"
+                                for r in rows))
+
+
+def test_stop_on_test_reads_the_rule_from_the_test_answers_and_no_label(runs, tmp_path):
+    """`stop_on: test`: the agreement of each round's test answers with the previous round's.
+    `pe` answers the same in rounds 0 and 1 (agreement 1 in round 1: it stops there, 8
+    labelled); the repaired arm changes every answer in round 1 and keeps them in round 2 (it
+    fires in its last round); `random` changes every round (never fires). No run set a stop
+    set aside, and the gold answers do not matter."""
+    def stops(gold: str) -> dict:
+        for run in runs:
+            pattern = ({"pe": "aab", "random": "abc"}.get(run.name.rsplit("-", 1)[0], "abb")
+                       if "dynamic" not in run.name else "abb")
+            with_answers(run, list(pattern), gold)
+        path = declare(tmp_path, FAMILY + 'stop_when: "agreement >= 0.5"\nstop_on: test\n')
+        written = build_report(runs, tmp_path / f"r{gold}", path)
+        md = written["study.md"].read_text()
+        assert "computed on the test answers (`stop_on: test`" in md
+        return {r["arm"]: r for r in read_csv(written["study.csv"]) if r["section"] == "stop"}
+
+    rows = stops("1")
+    assert set(rows) == {"pe", "random", RAW_FULL}
+    assert rows["pe"]["estimate"] == "8.000000" and "stopped early 6" in rows["pe"]["note"]
+    assert rows[RAW_FULL]["estimate"] == "12.000000" and "stopped early 0" in rows[RAW_FULL]["note"]
+    assert rows["random"]["estimate"] == "12.000000" and "stopped early 0" in rows["random"]["note"]
+    assert stops("b") == rows  # another gold answer, the same stop points
+    without = declare(tmp_path, FAMILY + 'stop_when: "agreement >= 0.5"\n')  # stop_set
+    assert not [r for r in read_csv(build_report(runs, tmp_path / "s", without)["study.csv"])
+                if r["section"] == "stop"]
+
+
 @pytest.mark.parametrize(("text", "line", "field", "problem"), [
     ("primary:\n  - {arm: pe, baseline: random}\nstop_when: agreement >= often\n", 3,
      "stop_when", "not a stopping rule"),
     ("primary: []\n", 1, "primary", "non-empty list"),
+    ("primary:\n  - {arm: pe, baseline: random}\nstop_on: test\n", 3, "stop_on",
+     "needs a stop_when rule"),
+    ("primary:\n  - {arm: pe, baseline: random}\nstop_when: agreement >= 0.5\nstop_on: pool\n",
+     4, "stop_on", "expected one of stop_set, test"),
     ("primary:\n  - {arm: pe}\n", 2, "baseline", "missing"),
     ("primary:\n  - {arm: pe, baseline: random, margin: -0.1}\n", 2, "margin", "positive"),
     ("primary:\n  - {arm: pe, baseline: random, margni: 0.1}\n", 2, "margni", "unknown field"),

@@ -365,6 +365,7 @@ def compute_study(task: str, design: str, runs: list[StudyRun],
     all_n = [r.rounds[k]["n_labelled"] for r in runs for k in (rounds[0], rounds[-1])]
     reach = [] if declared is None else reach_rows(arms, rounds, RESAMPLES, BOOTSTRAP_SEED)
     rule = None if declared is None else declared.stop_when
-    stops = [] if rule is None else stop_rows(arms, rounds, rule)
+    stops = ([] if declared is None or rule is None
+             else stop_rows(arms, rounds, rule, declared.stop_on))
     return Study(task, design, rounds, (min(all_n), max(all_n)), arms, values, comparisons,
                  untested, diagnostics, sorted(notes), aurocs, declared, reach, stops)

@@ -10,6 +10,7 @@ arm labelled ``pe-dynamic [normalize=raw_full]``, ``typiclust``...) hands its ow
       - {arm: "pe-dynamic [normalize=raw_full]", baseline: random}
       - {arm: "pe-dynamic [normalize=raw_full]", baseline: pe, margin: 0.03}
     stop_when: "agreement >= 0.5 for 2 rounds"   # optional: the stop point, per arm
+    stop_on: test                           # optional: stop_set (default) or test
 
 Each entry is one comparison, arm minus baseline, paired by seed; both are arm labels as the
 study names them (the ``## Arms`` table of ``study.md``). ``margin`` (optional, AULC units,
@@ -20,7 +21,10 @@ STAR or variant comparisons) and adds, per arm, the labelled count at which its 
 first reaches ``random``'s final mean accuracy (`reach_rows`). ``stop_when`` (optional; the
 grammar of ``active_learning.stop_when``, `starlora.stopping`) adds, per arm, where that rule
 would have stopped each run, read retrospectively from the stop-set signals its
-``metrics.jsonl`` recorded (`stop_rows`).
+``metrics.jsonl`` recorded (`stop_rows`), or, with ``stop_on: test``, from the same signals
+computed on its test answers (`test_signals`: each round's ``predictions.jsonl`` against the
+previous round's, the prompts as the unlabelled set; no gold answer is read), which costs a
+study nothing where its runs set no stop set aside.
 
 A declared arm that no group of the report has is an error naming the file and line; a group
 that lacks one of a pair's arms lists the pair under "Not tested".
@@ -37,13 +41,16 @@ import numpy as np
 import yaml
 
 from starlora.errors import DataError
-from starlora.stopping import StopRule, parse_rule, stop_index
+from starlora.run.store import RunPaths
+from starlora.stopping import StopRule, parse_rule, stop_index, stop_signals
+from starlora.study.diagnostics import read_rows
 from starlora.study.stats import first_reach
 
 if TYPE_CHECKING:  # arms.py imports this module
-    from starlora.study.arms import Arm
+    from starlora.study.arms import Arm, StudyRun
 
-KEYS = ("primary", "stop_when")  # the file's top-level keys
+KEYS = ("primary", "stop_when", "stop_on")  # the file's top-level keys
+STOP_ON = ("stop_set", "test")  # where `stop_rows` reads the rule's signal
 FIELDS = {"arm": str, "baseline": str, "margin": (int, float)}  # of a `primary` entry
 REFERENCE = "random"  # whose final accuracy `reach_rows` measures the others against
 
@@ -68,6 +75,7 @@ class Declared:
     sha256: str
     pairs: tuple[DeclaredPair, ...]
     stop_when: StopRule | None = None
+    stop_on: str = "stop_set"  # one of STOP_ON
 
     def citation(self) -> str:
         return f"`{Path(self.path).name}` (sha256 {self.sha256})"
@@ -131,6 +139,14 @@ def load_declared(path: str | Path) -> Declared:
             rule = parse_rule(node.value)
         except ValueError as e:
             raise fail(node, "stop_when", str(e)) from None
+    stop_on = "stop_set"
+    if "stop_on" in top:
+        node = top["stop_on"]
+        if not isinstance(node, yaml.ScalarNode) or node.value not in STOP_ON:
+            raise fail(node, "stop_on", f"expected one of {', '.join(STOP_ON)}")
+        if rule is None:
+            raise fail(node, "stop_on", "needs a stop_when rule")
+        stop_on = node.value
     entries = top.get("primary")
     if not isinstance(entries, yaml.SequenceNode) or not entries.value:
         raise fail(entries or root, "primary", "expected a non-empty list of comparisons")
@@ -163,7 +179,7 @@ def load_declared(path: str | Path) -> Declared:
         pairs.append(DeclaredPair(data["arm"], data["baseline"],
                                   None if margin is None else float(margin), seen[key]))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-    return Declared(str(path), digest, tuple(pairs), rule)
+    return Declared(str(path), digest, tuple(pairs), rule, stop_on)
 
 
 @dataclass(frozen=True)
@@ -229,18 +245,38 @@ class StopRow:
     lost: float
 
 
-def stop_rows(arms: dict[str, Arm], rounds: list[int], rule: StopRule) -> list[StopRow]:
-    """A `StopRow` per arm whose runs recorded `rule`'s signal (``metrics.jsonl``
-    ``stop_agreement`` / ``stop_uncertainty``, runs with ``active_learning.stop_set``), over
-    `rounds`; arms without it are left out."""
+def test_signals(run: StudyRun, rounds: list[int]) -> list[dict[str, float | None]] | None:
+    """Per round of `rounds`, the stop set's signals (`starlora.stopping.stop_signals`) with
+    the run's test prompts as the unlabelled set: each round's answers (``predictions.jsonl``:
+    ``id``, ``prediction`` and the confidence fields, never ``gold`` or ``correct``) against
+    the previous round of `rounds`. None when a round has no predictions."""
+    out, previous = [], None
+    for k in rounds:
+        rows = read_rows(RunPaths(run.run_dir).round_file(k, "predictions.jsonl"))
+        if not rows:
+            return None
+        rows = [{f: r[f] for f in ("id", "prediction", "confidence", "logprob_mean") if f in r}
+                for r in rows]
+        out.append(stop_signals(previous, rows, choice="logprob_mean" not in rows[0]))
+        previous = rows
+    return out
+
+
+def stop_rows(arms: dict[str, Arm], rounds: list[int], rule: StopRule,
+              on: str = "stop_set") -> list[StopRow]:
+    """A `StopRow` per arm whose runs have `rule`'s signal over `rounds`: recorded in
+    ``metrics.jsonl`` (``stop_agreement`` / ``stop_uncertainty``, runs with
+    ``active_learning.stop_set``), or with `on` ``test`` computed from their test answers
+    (`test_signals`); arms without it are left out."""
     out = []
     for arm in arms.values():
         per = []
         for seed in sorted(arm.runs):
             recs = [arm.runs[seed].rounds[k] for k in rounds]
-            if all(r.get(rule.field) is None for r in recs):
+            signals = recs if on == "stop_set" else test_signals(arm.runs[seed], rounds)
+            if signals is None or all(r.get(rule.field) is None for r in signals):
                 continue
-            i = stop_index(rule, [r.get(rule.field) for r in recs])
+            i = stop_index(rule, [r.get(rule.field) for r in signals])
             at = recs[-1 if i is None else i]
             per.append((i is not None and i < len(recs) - 1, at["n_labelled"], at["accuracy"],
                         recs[-1]["n_labelled"], recs[-1]["accuracy"]))

@@ -168,14 +168,17 @@ def _stop_markdown(s: Study) -> list[str]:
     """Where the declared stopping rule would have stopped each arm (declared stop_when only)."""
     if s.declared is None or s.declared.stop_when is None:
         return []
+    source = ("the stop-set signals in `metrics.jsonl`" if s.declared.stop_on == "stop_set"
+              else "the same signals computed on the test answers (`stop_on: test`: each "
+              "round's answers against the previous round's; no gold answer read)")
     lines = [f"## Stopping: `{s.declared.stop_when}` (secondary)", "",
-             "Where the declared rule would have stopped each run, read after the fact from the "
-             "stop-set signals in `metrics.jsonl` (the last round where it never fires). Means "
-             "over the seeds that recorded the signal; accuracy lost: final minus at the stop.",
-             ""]
+             f"Where the declared rule would have stopped each run, read after the fact from "
+             f"{source} (the last round where it never fires). Means over the seeds that have "
+             "the signal; accuracy lost: final minus at the stop.", ""]
     if not s.stops:
-        return lines + ["No run recorded the rule's signal (`active_learning.stop_set` was 0).",
-                        ""]
+        why = ("`active_learning.stop_set` was 0" if s.declared.stop_on == "stop_set"
+               else "no test predictions")
+        return lines + [f"No run has the rule's signal ({why}).", ""]
     rows = [[r.arm, str(r.seeds), f"{r.stopped}/{r.seeds}", f"{r.n:.1f}", _f(r.accuracy, 3),
              _f(r.final_accuracy, 3), f"{r.saved:.1f}", _f(r.lost, 3)] for r in s.stops]
     return lines + _table(["arm", "n seeds", "stopped early", "labelled at stop",
