@@ -41,7 +41,7 @@ Sampling (``temperature > 0``) decodes each prompt's K samples from one prefill 
 prompt and draws them from a generator of their own, seeded by that prompt's seed, so which
 tokens are drawn does not depend on the other prompts or the batch size. In fp32 several
 prompts' samples share a batch (``batch_size // K`` prompts, length-sorted, as greedy fp32
-rows do; 3.3x faster than one prompt a batch on a CPU: docs/benchmarks.md), so their
+rows do; 2.95x faster than one prompt a batch on a CPU thread: docs/benchmarks.md), so their
 logits' last bits may depend on the batch-mates, which changes a draw only where it falls
 within rounding of a boundary of the cumulative distribution; in less than fp32, or under
 ZeRO-3, a batch holds one prompt's samples, whose bits then depend on nothing else. The
