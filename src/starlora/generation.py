@@ -128,9 +128,10 @@ def generate(
     would be copies: asking for them is an error). ``temperature > 0``: each prompt's
     `samples` rows decoded from one prefill of the prompt (`decode`'s `repeat`) and drawn from
     a generator seeded by ``seeds[i]`` (default: i); ``max(1, batch_size // samples)`` prompts
-    a batch in full precision, one below it or under ZeRO-3 (module docstring). `measure`: also the per-token NLL
-    and entropy of the model's raw logits at each generated position (`Generated.nll`,
-    `Generated.entropy`), computed from the logits the decoding step made. `compact`: drop
+    a batch in full precision, one below it or under ZeRO-3 (module docstring). `measure`:
+    also the per-token NLL and entropy of the model's raw logits at each generated position
+    (`Generated.nll`, `Generated.entropy`), computed from the logits the decoding step made.
+    `compact`: drop
     stopped rows from their batch (`decode`; off under ZeRO-3, whose processes must run the
     same forward passes). `fixed_shapes` (greedy only; default: when the model's weights are in
     less than fp32; never under ZeRO-3): batches whose shapes each row sets alone,

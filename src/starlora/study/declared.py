@@ -22,9 +22,9 @@ first reaches ``random``'s final mean accuracy (`reach_rows`). ``stop_when`` (op
 grammar of ``active_learning.stop_when``, `starlora.stopping`) adds, per arm, where that rule
 would have stopped each run, read retrospectively from the stop-set signals its
 ``metrics.jsonl`` recorded (`stop_rows`), or, with ``stop_on: test``, from the same signals
-computed on its test answers (`test_signals`: each round's ``predictions.jsonl`` against the
-previous round's, the prompts as the unlabelled set; no gold answer is read), which costs a
-study nothing where its runs set no stop set aside.
+computed on its test answers (`answer_signals`: each round's ``predictions.jsonl`` against
+the previous round's, the prompts as the unlabelled set; no gold answer is read), which
+costs a study nothing where its runs set no stop set aside.
 
 A declared arm that no group of the report has is an error naming the file and line; a group
 that lacks one of a pair's arms lists the pair under "Not tested".
@@ -245,7 +245,7 @@ class StopRow:
     lost: float
 
 
-def test_signals(run: StudyRun, rounds: list[int]) -> list[dict[str, float | None]] | None:
+def answer_signals(run: StudyRun, rounds: list[int]) -> list[dict[str, float | None]] | None:
     """Per round of `rounds`, the stop set's signals (`starlora.stopping.stop_signals`) with
     the run's test prompts as the unlabelled set: each round's answers (``predictions.jsonl``:
     ``id``, ``prediction`` and the confidence fields, never ``gold`` or ``correct``) against
@@ -267,13 +267,13 @@ def stop_rows(arms: dict[str, Arm], rounds: list[int], rule: StopRule,
     """A `StopRow` per arm whose runs have `rule`'s signal over `rounds`: recorded in
     ``metrics.jsonl`` (``stop_agreement`` / ``stop_uncertainty``, runs with
     ``active_learning.stop_set``), or with `on` ``test`` computed from their test answers
-    (`test_signals`); arms without it are left out."""
+    (`answer_signals`); arms without it are left out."""
     out = []
     for arm in arms.values():
         per = []
         for seed in sorted(arm.runs):
             recs = [arm.runs[seed].rounds[k] for k in rounds]
-            signals = recs if on == "stop_set" else test_signals(arm.runs[seed], rounds)
+            signals = recs if on == "stop_set" else answer_signals(arm.runs[seed], rounds)
             if signals is None or all(r.get(rule.field) is None for r in signals):
                 continue
             i = stop_index(rule, [r.get(rule.field) for r in signals])
