@@ -173,53 +173,6 @@ def test_decode_repeat_prefills_once_and_samples_as_repeated_rows(tiny):
             np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
 
 
-def prefills(monkeypatch) -> list[int]:
-    """A list that collects the prompt rows of every batch `generate` decodes."""
-    import starlora.generation as generation
-
-    rows: list[int] = []
-    real = generation.decode
-
-    def counted(model, ids, *args, **kwargs):
-        rows.append(ids.shape[0])
-        return real(model, ids, *args, **kwargs)
-
-    monkeypatch.setattr(generation, "decode", counted)
-    return rows
-
-
-def test_fp32_samples_of_several_prompts_share_a_batch_and_draw_as_alone(tiny, monkeypatch):
-    """In fp32, `batch_size // K` prompts' samples decode together (fewer, wider forwards),
-    each prompt's K rows drawn from a generator of its own: every prompt gets the tokens it
-    gets alone, which are the draws of that prompt's batch under torch's global generator
-    seeded alike (what `generate` did before prompts shared batches)."""
-    model, tok = tiny.model.eval(), tiny.tokenizer
-    ps, k, seeds = prompts(tok), 3, [101, 7, 55, 3, 20]
-    kw = dict(max_new_tokens=10, samples=k, temperature=1.0, progress=False)
-    rows = prefills(monkeypatch)
-    together = generate(model, tok, ps, batch_size=3 * k, seeds=seeds, **kw)
-    assert rows == [3, 2]  # 5 prompts, 3 a batch (one row each: K rows from one prefill)
-    stop, pad = stop_tokens(model, tok), tok.pad_token_id or 0
-    for i, p in enumerate(ps):
-        alone = generate(model, tok, [p], batch_size=3 * k, seeds=[seeds[i]], **kw)
-        assert alone.tokens == [together.tokens[j] for j in together.of(i)]
-        one = torch.tensor([p])
-        torch.manual_seed(seeds[i])
-        before = decode(model, one, torch.ones_like(one), max_new_tokens=10, stop=stop,
-                        pad=pad, temperature=1.0, repeat=k)
-        assert before.tokens == alone.tokens
-    assert len({tuple(t) for t in together.tokens}) > len(ps)  # samples differ
-
-
-def test_samples_below_fp32_keep_a_batch_to_each_prompt(tiny, monkeypatch):
-    """In bf16 a row's bits depend on its batch-mates, so each prompt's samples decode alone."""
-    model, tok = tiny.model.to(torch.bfloat16).eval(), tiny.tokenizer
-    rows = prefills(monkeypatch)
-    generate(model, tok, prompts(tok), max_new_tokens=4, samples=2, temperature=1.0,
-             batch_size=8, progress=False)
-    assert rows == [1] * len(QUESTIONS)
-
-
 def test_fixed_shapes_cut_batches_by_each_prompts_own_width():
     from starlora.generation import _batches
 

@@ -196,8 +196,8 @@ def _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed,
 
     seeds = example_seeds(seed, unique_keys([ex.id for ex in examples]))
     out = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                   batch_size=cfg.batch_size, samples=cfg.samples, temperature=1.0,
-                   seeds=seeds, progress=progress, desc="sampling (self-consistency)")
+                   samples=cfg.samples, temperature=1.0, seeds=seeds, progress=progress,
+                   desc="sampling (self-consistency)")
     return [[task.extract(out.texts[j]) for j in out.of(i)] for i in range(len(examples))]
 
 

@@ -37,15 +37,10 @@ The price is the filled rows and the rows that decode on after they stopped (on 
 prompts at 64 rows on a CPU, 1.36x fp32's speed instead of bf16's 2.14x in length-sorted
 batches). fp32 keeps length-sorted batches and `compact`.
 
-Sampling (``temperature > 0``) decodes each prompt's K samples from one prefill of the
-prompt and draws them from a generator of their own, seeded by that prompt's seed, so which
-tokens are drawn does not depend on the other prompts or the batch size. In fp32 several
-prompts' samples share a batch (``batch_size // K`` prompts, length-sorted, as greedy fp32
-rows do; 2.95x faster than one prompt a batch on a CPU thread: docs/benchmarks.md), so their
-logits' last bits may depend on the batch-mates, which changes a draw only where it falls
-within rounding of a boundary of the cumulative distribution; in less than fp32, or under
-ZeRO-3, a batch holds one prompt's samples, whose bits then depend on nothing else. The
-log-probabilities are those of the tempered distribution the tokens were drawn from.
+Sampling (``temperature > 0``) generates each prompt's
+samples as one batch from one prefill of the prompt, with torch's generator seeded by that
+prompt's seed, so a prompt's samples do not depend on the other prompts or the batch size;
+the log-probabilities are then those of the tempered distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
@@ -125,13 +120,11 @@ def generate(
     """Generate `samples` answers for each prompt (token ids) with `model` in eval mode.
 
     ``temperature == 0``: greedy, in batches of `batch_size` rows (several greedy samples
-    would be copies: asking for them is an error). ``temperature > 0``: each prompt's
-    `samples` rows decoded from one prefill of the prompt (`decode`'s `repeat`) and drawn from
-    a generator seeded by ``seeds[i]`` (default: i); ``max(1, batch_size // samples)`` prompts
-    a batch in full precision, one below it or under ZeRO-3 (module docstring). `measure`:
-    also the per-token NLL and entropy of the model's raw logits at each generated position
-    (`Generated.nll`, `Generated.entropy`), computed from the logits the decoding step made.
-    `compact`: drop
+    would be copies: asking for them is an error). ``temperature > 0``: one batch of `samples`
+    rows per prompt, seeded by ``seeds[i]`` (default: i), from one prefill of the prompt
+    (`decode`'s `repeat`). `measure`: also the per-token NLL
+    and entropy of the model's raw logits at each generated position (`Generated.nll`,
+    `Generated.entropy`), computed from the logits the decoding step made. `compact`: drop
     stopped rows from their batch (`decode`; off under ZeRO-3, whose processes must run the
     same forward passes). `fixed_shapes` (greedy only; default: when the model's weights are in
     less than fp32; never under ZeRO-3): batches whose shapes each row sets alone,
@@ -150,9 +143,8 @@ def generate(
     sampling = temperature > 0
     rows = [i for i in range(len(prompts)) for _ in range(samples)]
     order = sorted(range(len(rows)), key=lambda j: (-len(prompts[rows[j]]), j))
-    if sampling:  # whole prompts a batch: rows of one prompt are consecutive in `order`
-        low = next(model.parameters()).dtype not in FULL_PRECISION
-        batch_size = samples * (1 if low or zero3.enabled() else max(1, batch_size // samples))
+    if sampling:
+        batch_size = samples
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     fixed_shapes = uses_fixed_shapes(next(model.parameters()).dtype, sampling, fixed_shapes)
     batches = _batches(order, [len(prompts[r]) for r in rows], batch_size, fixed_shapes)
@@ -175,16 +167,17 @@ def generate(
                     p = prompts[rows[j]]
                     ids[r, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
                     mask[r, longest - len(p) :] = 1
-                # sampling: each prompt's K rows prefilled once, drawn from its own generator
-                k = samples if sampling else 1
-                generators = [torch.Generator(device).manual_seed(seeds[rows[j]])
-                              for j in batch[::k]] if sampling else None
-                out = decode(model, ids[::k].to(device), mask[::k].to(device),
-                             max_new_tokens=max_new_tokens, stop=stop, pad=pad,
-                             temperature=temperature, measure=measure,
-                             compact=compact and not zero3.enabled() and not fixed_shapes,
-                             synced=zero3.enabled(), repeat=k,  # equal forward counts
-                             generators=generators)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                           enabled=sampling):
+                    if sampling:
+                        torch.manual_seed(seeds[rows[batch[0]]])
+                    # sampling: the batch is one prompt's samples, prefilled once
+                    k = len(batch) if sampling else 1
+                    out = decode(model, ids[::k].to(device), mask[::k].to(device),
+                                 max_new_tokens=max_new_tokens, stop=stop, pad=pad,
+                                 temperature=temperature, measure=measure,
+                                 compact=compact and not zero3.enabled() and not fixed_shapes,
+                                 synced=zero3.enabled(), repeat=k)  # equal forward counts
                 for r, j in reversed(list(enumerate(batch))):  # a filled row is a copy
                     tokens[j], logprobs[j] = out.tokens[r], out.logprobs[r]
                     if measure:
@@ -267,7 +260,6 @@ def decode(
     compact: bool = True,
     synced: bool = False,
     repeat: int = 1,
-    generators: Sequence[torch.Generator] | None = None,
 ) -> Decoded:
     """Decode one left-padded batch: ids and mask [B, L] (1 = prompt token), greedy
     (``temperature == 0``) or sampled from ``softmax(logits / temperature)`` with torch's
@@ -295,11 +287,6 @@ def decode(
     last position's logits serve all K rows. The rows then decode as K repeated prompt rows
     would (the same random draws; the prefill's matmuls run on fewer rows, which can change
     their last bits, as `compact` can).
-
-    `generators` (sampling; one per prompt row of `ids`): prompt i's K rows are drawn from
-    ``generators[i]`` alone, a [K, V] draw a step, which is the draw torch's global generator
-    seeded alike makes for a batch of that prompt alone; default: the global generator for
-    the whole [B, V].
     """
     from transformers import DynamicCache
 
@@ -310,8 +297,6 @@ def decode(
         raise ValueError(f"{type(lm).__name__}: starlora decodes with a KV cache passed as "
                          "`cache` (transformers 5's argument); this model's forward takes none")
     device, B = ids.device, ids.shape[0] * repeat
-    if generators is not None and len(generators) != ids.shape[0]:
-        raise ValueError(f"decode: {len(generators)} generators for {ids.shape[0]} prompt rows")
     stops = torch.tensor(sorted(stop), device=device)
     kwargs: dict[str, Any] = {"use_cache": True}
     if _accepts(lm, "logits_to_keep"):
@@ -341,12 +326,7 @@ def decode(
             scores = z / temperature if temperature != 1.0 else z
             probs = torch.ones(B, z.shape[-1], device=device)  # stopped rows: uniform
             probs[rows] = torch.softmax(scores, dim=-1)
-            if generators is None:
-                drawn = torch.multinomial(probs, num_samples=1)
-            else:  # each prompt's K rows from its own generator
-                drawn = torch.cat([torch.multinomial(block, 1, generator=g)
-                                   for block, g in zip(probs.split(repeat), generators)])
-            token = drawn[rows, 0]
+            token = torch.multinomial(probs, num_samples=1)[rows, 0]
             tempered = logp if temperature == 1.0 else torch.log_softmax(scores, dim=-1)
         else:
             token = torch.argmax(z, dim=-1)
