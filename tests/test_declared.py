@@ -153,13 +153,16 @@ def test_a_declared_stopping_rule_gives_each_arm_its_stop_point(runs, tmp_path):
 
 def with_answers(run, answers: list[str], gold: str = "1") -> None:
     """Rewrite a run's test answers: in round k every item answers `answers[k]`, with a
-    generated answer's confidence field (`logprob_mean`) and the given gold field."""
+    generated answer's confidence field (`logprob_mean`), the given gold answer and, unless
+    gold is "1", a `correct` that changes from round to round (the labels a label-free signal
+    must not read)."""
     for k, answer in enumerate(answers):
         path = run / "rounds" / str(k) / "predictions.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        path.write_text("".join(json.dumps({**r, "prediction": answer, "gold": gold,
-                                            "logprob_mean": -0.1 * (k + 1)}) + "\n"
-                                for r in rows))
+        path.write_text("".join(json.dumps({
+            **r, "prediction": answer, "gold": gold, "logprob_mean": -0.1 * (k + 1),
+            "correct": r["correct"] if gold == "1" else (i + k) % 2 == 0}) + "\n"
+            for i, r in enumerate(rows)))
 
 
 def test_stop_on_test_reads_the_rule_from_the_test_answers_and_no_label(runs, tmp_path):
@@ -167,7 +170,7 @@ def test_stop_on_test_reads_the_rule_from_the_test_answers_and_no_label(runs, tm
     `pe` answers the same in rounds 0 and 1 (agreement 1 in round 1: it stops there, 8
     labelled); the repaired arm changes every answer in round 1 and keeps them in round 2 (it
     fires in its last round); `random` changes every round (never fires). No run set a stop
-    set aside, and the gold answers do not matter."""
+    set aside, and the labels (gold, correct) do not matter."""
     def stops(gold: str) -> dict:
         for run in runs:
             pattern = ({"pe": "aab", "random": "abc"}.get(run.name.rsplit("-", 1)[0], "abb")
@@ -184,7 +187,7 @@ def test_stop_on_test_reads_the_rule_from_the_test_answers_and_no_label(runs, tm
     assert rows["pe"]["estimate"] == "8.000000" and "stopped early 6" in rows["pe"]["note"]
     assert rows[RAW_FULL]["estimate"] == "12.000000" and "stopped early 0" in rows[RAW_FULL]["note"]
     assert rows["random"]["estimate"] == "12.000000" and "stopped early 0" in rows["random"]["note"]
-    assert stops("b") == rows  # another gold answer, the same stop points
+    assert stops("b") == rows  # other gold answers and correctness, the same stop points
     without = declare(tmp_path, FAMILY + 'stop_when: "agreement >= 0.5"\n')  # stop_set
     assert not [r for r in read_csv(build_report(runs, tmp_path / "s", without)["study.csv"])
                 if r["section"] == "stop"]

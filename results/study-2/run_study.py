@@ -27,12 +27,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from launch import run_all  # noqa: E402  (results/launch.py: the runner of every study script)
 
+sys.path.insert(0, str(HERE))
+from run_recipe_pilot import TASKS  # noqa: E402  (the overrides the task pilots passed with)
+
 CONFIG = HERE.parent / "arith-study" / "study.yaml"
 #: the settings (results/study-2/protocol-draft.md): overrides and seeds
 SETTINGS: dict[str, tuple[list[str], list[int]]] = {
     "smollm2": ([], list(range(10, 22))),                                   # (i)
-    "calendar": (["task.name=calendar", "evaluation.max_new_tokens=64"],    # (ii), which
-                 list(range(10, 22))),                          # replaced Gemma (README.md)
+    "calendar": (TASKS["calendar"], list(range(10, 22))),  # (ii), replacing Gemma (README.md)
 }
 #: overrides every run of the study takes (the protocol's; none until it is written)
 STUDY: list[str] = []
