@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 from launching import (
     ACCURACY_ATOL,
     ECE_ATOL,
+    ENV,
     LOSS_RTOL,
     ONE,
     OWN_BASE,
@@ -95,6 +97,33 @@ def test_teardown_leaves_every_group_and_is_a_no_op_without_one(
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def test_a_launched_process_ends_without_the_interpreters_teardown(tmp_path: Path) -> None:
+    """A process of a launch (``WORLD_SIZE`` > 1) ends through `dist.leave` once its command
+    is done: its exit status and what it printed (piped, so buffered) come through, and
+    nothing registered with ``atexit`` runs, as nothing does in the interpreter's teardown,
+    where DeepSpeed's gloo threads could abort a finished process (SIGABRT). One process
+    ends as any program does."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "atexit.register(lambda: open(os.environ['MARK'], 'w').close())\n")
+    for world in ("1", "2"):
+        mark = tmp_path / f"atexit-{world}"
+        env = dict(ENV, WORLD_SIZE=world, RANK="0", MARK=str(mark),
+                   PYTHONPATH=os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]]))
+        proc = subprocess.run([sys.executable, "-m", "starlora", "version"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("starlora ")
+        assert mark.exists() == (world == "1")
+    bad = subprocess.run([sys.executable, "-m", "starlora", "status", str(tmp_path / "nowhere")],
+                         env=dict(ENV, WORLD_SIZE="2", RANK="0"), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "starlora: error" in bad.stderr
 
 
 def test_each_process_takes_a_share_of_every_batch() -> None:

@@ -43,41 +43,93 @@ def run_dir(arm: str, seed: int, spec: dict, runs: Path) -> Path | None:
     return None
 
 
-def seed_2_arms(arms: dict[str, dict], runs: Path) -> int:
-    """The amendment of 2026-12-05 (README.md): once every arm has finished screen runs of
-    seeds 0 and 1 (the study's runs do not count here), rank the arms other than `random` and
-    `pe` by their mean paired AULC difference from `random` over those seeds (ties: the higher
-    mean final accuracy); seed 2 is run for `random`, `pe` and the first three. Prints the
-    ranking and the command; exit 1 while a run is missing."""
-    stats: dict[str, tuple[float, float]] = {}
-    missing = []
+def _area(rows: list[dict]) -> float:
+    return aulc([m["n_labelled"] for m in rows], [m["accuracy"] for m in rows])
+
+
+def _curves(arms: dict[str, dict], runs: Path, seeds: tuple[int, ...]
+            ) -> tuple[dict[str, dict[int, list[dict]]], list[str]]:
+    """The screen's finished runs' metrics (study runs do not count), arm -> seed -> rows,
+    and the runs of `seeds` not finished ("arm seed s")."""
     curves: dict[str, dict[int, list[dict]]] = {}
+    missing = []
     for arm in arms:
-        for seed in (0, 1):
+        for seed in seeds:
             d = run_dir(arm, seed, {}, runs)
             if d is None:
                 missing.append(f"{arm} seed {seed}")
             else:
                 curves.setdefault(arm, {})[seed] = read_jsonl(d / "metrics.jsonl")
+    return curves, missing
+
+
+def ranked(curves: dict[str, dict[int, list[dict]]], candidates: list[str],
+           seeds: dict[str, list[int]] | None = None) -> list[tuple[str, float, float]]:
+    """`candidates` as (arm, mean paired AULC difference from `random`, mean final accuracy),
+    best first (ties: the higher final accuracy); each arm over `seeds[arm]` (default: every
+    seed it has)."""
+    stats = []
+    for arm in candidates:
+        own = (seeds or {}).get(arm) or sorted(curves[arm])
+        diff = np.mean([_area(curves[arm][s]) - _area(curves["random"][s]) for s in own])
+        final = np.mean([curves[arm][s][-1]["accuracy"] for s in own])
+        stats.append((arm, float(diff), float(final)))
+    return sorted(stats, key=lambda t: (-t[1], -t[2]))
+
+
+def seed_2_arms(arms: dict[str, dict], runs: Path, quiet: bool = False) -> list[str] | None:
+    """The amendment of 2026-12-05 (README.md): once every arm has finished screen runs of
+    seeds 0 and 1 (the study's runs do not count here), rank the arms other than `random` and
+    `pe` by their mean paired AULC difference from `random` over those seeds (ties: the higher
+    mean final accuracy); seed 2 is run for `random`, `pe` and the first three. Prints the
+    ranking and the command (unless `quiet`) and returns those five arms; None while a run is
+    missing."""
+    curves, missing = _curves(arms, runs, (0, 1))
     if missing:
         print(f"not yet: {len(missing)} runs unfinished ({', '.join(missing)})", file=sys.stderr)
+        return None
+    order = ranked(curves, [a for a in arms if a not in ("random", "pe")],
+                   {a: [0, 1] for a in arms})
+    chosen = ["random", "pe", *[a for a, _, _ in order[:3]]]
+    if not quiet:
+        for i, (arm, diff, final) in enumerate(order, 1):
+            print(f"{i}. {arm}: mean AULC difference from random {diff:+.4f}, "
+                  f"mean final accuracy {final:.3f}")
+        print("python results/screen/run_screen.py --seeds 2 --arms " + ",".join(chosen))
+    return chosen
+
+
+#: study 2's arms 3 and 4 (results/study-2/protocol-draft.md, "Arms"): the STAR variants, and
+#: the new label-free arms that are not STAR (`length` is a control, not a candidate)
+STAR_VARIANTS = ("pe-dynamic-adapted", "pe-dynamic-raw_full")
+NEW_ARMS = ("pe-per_token", "answer_entropy", "disagreement", "typiclust", "pe-kmeans")
+
+
+def study_arms(arms: dict[str, dict], runs: Path) -> int:
+    """Study 2's arms by the protocol draft's rules, on the finished screen (every arm's seeds
+    0 and 1, and seed 2 of the amendment's five): arm 3 is the STAR variant with the higher
+    mean paired AULC difference from `random` over the seeds both have; arm 4 the new arm
+    with the highest one over the seeds it has (2 or 3); ties: the higher mean final
+    accuracy. Prints both rankings and the arms; exit 1 until the screen has finished."""
+    chosen = seed_2_arms(arms, runs, quiet=True)
+    if chosen is None:
         return 1
-
-    def area(rows: list[dict]) -> float:
-        return aulc([m["n_labelled"] for m in rows], [m["accuracy"] for m in rows])
-
-    for arm in arms:
-        if arm in ("random", "pe"):
-            continue
-        diff = np.mean([area(curves[arm][s]) - area(curves["random"][s]) for s in (0, 1)])
-        final = np.mean([curves[arm][s][-1]["accuracy"] for s in (0, 1)])
-        stats[arm] = (float(diff), float(final))
-    ranked = sorted(stats, key=lambda a: (-stats[a][0], -stats[a][1]))
-    for i, arm in enumerate(ranked, 1):
-        print(f"{i}. {arm}: mean AULC difference from random {stats[arm][0]:+.4f}, "
-              f"mean final accuracy {stats[arm][1]:.3f}")
-    print("python results/screen/run_screen.py --seeds 2 --arms "
-          + ",".join(["random", "pe", *ranked[:3]]))
+    curves, missing = _curves(chosen, runs, (2,))
+    if missing:
+        print(f"not yet: seed 2 of {', '.join(missing)}", file=sys.stderr)
+        return 1
+    curves, _ = _curves(arms, runs, (0, 1, 2))
+    both = sorted(set(curves[STAR_VARIANTS[0]]) & set(curves[STAR_VARIANTS[1]]))
+    star = ranked(curves, list(STAR_VARIANTS), {a: both for a in STAR_VARIANTS})
+    new = ranked(curves, list(NEW_ARMS))
+    for title, order in (("arm 3 (STAR, seeds " + ",".join(map(str, both)) + ")", star),
+                         ("arm 4 (new label-free arms, each over its seeds)", new)):
+        print(title + ":")
+        for arm, diff, final in order:
+            print(f"  {arm}: mean AULC difference from random {diff:+.4f} "
+                  f"({len(curves[arm]) if 'arm 4' in title else len(both)} seeds), "
+                  f"mean final accuracy {final:.3f}")
+    print(f"arms: random, pe, {star[0][0]}, {new[0][0]}")
     return 0
 
 
@@ -87,10 +139,14 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seed-2-arms", action="store_true",
                     help="print the arms the README's amendment runs seed 2 for, and stop")
+    ap.add_argument("--study-arms", action="store_true",
+                    help="print study 2's arms 3 and 4 by its protocol's rules, and stop")
     args = ap.parse_args()
     arms: dict[str, dict] = yaml.safe_load((HERE / "arms.yaml").read_text())
     if args.seed_2_arms:
-        return seed_2_arms(arms, args.runs_dir)
+        return 0 if seed_2_arms(arms, args.runs_dir) else 1
+    if args.study_arms:
+        return study_arms(arms, args.runs_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
     cache: dict = {}
     result: dict[str, dict[int, dict]] = {}

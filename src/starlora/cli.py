@@ -342,11 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; under ``torchrun``/``accelerate launch`` every process runs it (see
     `starlora.distributed`): the main process prints and writes, the others work on shares.
 
-    Run as a command (`argv` None: ``sys.argv``) it silences `LIBRARY_NOISE`; called with an
-    argument list (tests, scripts) it leaves every warning alone."""
+    Run as a command (`argv` None: ``sys.argv``) it silences `LIBRARY_NOISE`, and a process
+    of a multi-process launch ends through `starlora.distributed.leave` once its command is
+    done; called with an argument list (tests, scripts) it leaves every warning alone and
+    returns."""
     if argv is None:
         with library_noise_silenced():
-            return _main(None)
+            code = _main(None)
+        from starlora import distributed as dist
+
+        if dist.world_size() > 1:  # one process of a launch: end it here (`dist.leave`)
+            dist.leave(code)
+        return code
     return _main(argv)
 
 

@@ -9,7 +9,8 @@ process group:
   ``torch.distributed``); one process when neither says otherwise;
 * `setup`: joins the process group through accelerate's ``PartialState`` (gloo on the CPU,
   NCCL on GPUs, each process on GPU ``LOCAL_RANK``); the collectives below call it lazily;
-* `teardown`: leaves every group when a command is done (`starlora.cli.main` calls it);
+* `teardown`: leaves every group when a command is done (`starlora.cli.main` calls it),
+  and `leave` ends the process then, skipping the interpreter's teardown;
 * `shard` / `plan`: this process's share of N items in length-sorted snake order, so every
   share costs about the same, padded to equal sizes with copies of its own shortest item;
 * `gather` / `map_shards`: the per-item results of every share back in the original order,
@@ -32,7 +33,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import numpy as np
 
@@ -142,6 +143,27 @@ def teardown() -> None:
 
     dist.destroy_process_group()
     _OBJECT_GROUP = None
+
+
+def leave(code: int) -> NoReturn:
+    """End this process of a multi-process launch with exit status `code`, now: stdout and
+    stderr flushed, logging shut down, then ``os._exit``, which skips the interpreter's
+    teardown. `teardown` leaves every process group, but a group lives on while anything
+    refers to it, and DeepSpeed's ZeRO-3 engine and partitioned parameters do (each
+    parameter's ``ds_process_group``): their gloo threads were then destroyed during the
+    interpreter's exit, where one could abort the process ("terminate called without an
+    active exception", SIGABRT) after its work was done and written (2 of 5 ZeRO-3 launches
+    that trained, on 2 CPU processes). Everything starlora writes is written and closed by
+    then (atomic writes, `starlora.io`); nothing of it waits for ``atexit``."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to say
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def launched_with_deepspeed() -> bool:
