@@ -15,6 +15,15 @@ Prints each side's seconds, the prompt and generated token counts, and as its la
 ``shared_vs_repeated=<time ratio, repeated / shared> same_outputs=<fraction of prompts whose
 K samples are identical on both sides>``. The draws are the same; the prefill's matmuls run
 on 1 row instead of K, which can change the logits' last bits and so, rarely, a sampled token.
+
+``--prompts-per-batch P`` compares instead, through `starlora.generation.generate` (seeds
+0..n-1), one prompt's samples a batch (``alone``, `generate`'s default) against P prompts'
+samples a batch (``together``, its ``groups``, as a run's pool scoring forms them with
+``evaluation.batch_size`` = P x K);
+last line ``together_vs_alone=<alone / together> same_outputs=<...>``. ``--task arith`` takes
+the study's generated arith prompts (plain style) instead of GSM8K's::
+
+    python benchmarks/sampling.py --task arith --limit 32 --max-new-tokens 48 --prompts-per-batch 6
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from shared_data import DATA as SHARED_DATA  # noqa: E402  (benchmarks/shared_da
 
 from starlora.attention import attention_kernels  # noqa: E402
 from starlora.datafiles import load_examples  # noqa: E402
-from starlora.generation import decode, stop_tokens  # noqa: E402
+from starlora.generation import decode, generate, stop_tokens  # noqa: E402
 from starlora.models import load_model, tune_cpu_allocator  # noqa: E402
 from starlora.tasks import get_task  # noqa: E402
 
@@ -56,6 +65,21 @@ def side(model, prompts: list[list[int]], k: int, shared: bool, **kw) -> list[li
     return out
 
 
+def batches(model, tokenizer, prompts: list[list[int]], k: int, per_batch: int,
+            max_new_tokens: int) -> list[list[list[int]]]:
+    """Each prompt's K sampled token lists from `generate`, `per_batch` prompts a batch
+    (groups of consecutive prompts, longest first, as `starlora.run.pool_scores` cuts
+    them)."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    groups = [0] * len(prompts)
+    for n, i in enumerate(order):
+        groups[i] = n // per_batch
+    out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, samples=k,
+                   temperature=1.0, seeds=list(range(len(prompts))), progress=False,
+                   groups=groups)
+    return [[out.tokens[j] for j in out.of(i)] for i in range(len(prompts))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -66,24 +90,37 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "auto", "bfloat16"])
+    parser.add_argument("--task", default="gsm8k", choices=["gsm8k", "arith"])
+    parser.add_argument("--prompts-per-batch", type=int, default=None,
+                        help="compare generate's batches of one prompt and of this many")
     args = parser.parse_args()
     tune_cpu_allocator()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    task = get_task("gsm8k", prompt_style="chat")
-    prompts = [task.prompt_ids(tokenizer, ex)
-               for ex in load_examples(args.data, task, limit=args.limit)]
+    if args.task == "arith":
+        task = get_task("arith")
+        examples = task.generate("test", args.limit, 0)
+    else:
+        task = get_task("gsm8k", prompt_style="chat")
+        examples = load_examples(args.data, task, limit=args.limit)
+    prompts = [task.prompt_ids(tokenizer, ex) for ex in examples]
     kw = dict(max_new_tokens=args.max_new_tokens, stop=stop_tokens(model, tokenizer),
               pad=tokenizer.pad_token_id or 0, temperature=1.0)
-    times: dict[str, list[float]] = {"repeated": [], "shared": []}
+    names = ("repeated", "shared") if args.prompts_per_batch is None else ("alone", "together")
+    times: dict[str, list[float]] = {name: [] for name in names}
     outputs: dict[str, list] = {}
     with torch.inference_mode(), attention_kernels(model.device):
         for _ in range(args.repeats):
             for name in times:
                 t0 = time.perf_counter()
-                outputs[name] = side(model, prompts, args.samples, name == "shared", **kw)
+                if args.prompts_per_batch is None:
+                    outputs[name] = side(model, prompts, args.samples, name == "shared", **kw)
+                else:
+                    outputs[name] = batches(model, tokenizer, prompts, args.samples,
+                                            1 if name == "alone" else args.prompts_per_batch,
+                                            args.max_new_tokens)
                 times[name].append(time.perf_counter() - t0)
-    generated = sum(len(t) for rows in outputs["shared"] for t in rows)
+    generated = sum(len(t) for rows in outputs[names[1]] for t in rows)
     print(f"prompts={len(prompts)} samples={args.samples} prompt_tokens="
           f"{sum(map(len, prompts))} generated_tokens={generated} max_new_tokens="
           f"{args.max_new_tokens} torch_threads={torch.get_num_threads()} "
@@ -91,9 +128,9 @@ def main() -> int:
     for name, ts in times.items():
         print(f"{name:>9}: {statistics.median(ts):.2f} s median of {len(ts)} "
               f"({', '.join(f'{t:.2f}' for t in ts)})")
-    same = sum(a == b for a, b in zip(outputs["repeated"], outputs["shared"])) / len(prompts)
-    ratio = statistics.median(times["repeated"]) / statistics.median(times["shared"])
-    print(f"shared_vs_repeated={ratio:.2f} same_outputs={same:.3f}")
+    same = sum(a == b for a, b in zip(outputs[names[0]], outputs[names[1]])) / len(prompts)
+    ratio = statistics.median(times[names[0]]) / statistics.median(times[names[1]])
+    print(f"{names[1]}_vs_{names[0]}={ratio:.2f} same_outputs={same:.3f}")
     return 0
 
 

@@ -173,6 +173,64 @@ def test_decode_repeat_prefills_once_and_samples_as_repeated_rows(tiny):
             np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
 
 
+def prefills(monkeypatch) -> list[int]:
+    """A list that collects the prompt rows of every batch `generate` decodes."""
+    import starlora.generation as generation
+
+    rows: list[int] = []
+    real = generation.decode
+
+    def counted(model, ids, *args, **kwargs):
+        rows.append(ids.shape[0])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode", counted)
+    return rows
+
+
+def test_sampled_prompts_decode_alone_or_by_group_and_draw_as_alone(tiny, monkeypatch):
+    """Without groups each prompt's K samples are a batch (what `generate` always did: the
+    draws of that batch under torch's global generator seeded alike); with `groups` a
+    group's prompts share a batch, each prompt's rows drawn from a generator of its own."""
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    ps, k, seeds = prompts(tok), 3, [101, 7, 55, 3, 20]
+    kw = dict(max_new_tokens=10, samples=k, temperature=1.0, progress=False, seeds=seeds)
+    rows = prefills(monkeypatch)
+    alone = generate(model, tok, ps, **kw)
+    assert rows == [1] * len(ps)  # one prompt row a batch (its K rows from one prefill)
+    rows.clear()
+    together = generate(model, tok, ps, groups=["a", "b", "a", "a", "b"], **kw)
+    assert rows == [3, 2]  # group "a" holds the longest prompt, so it comes first
+    assert together.tokens == alone.tokens  # fp32, tiny model: no draw near a boundary moved
+    stop, pad = stop_tokens(model, tok), tok.pad_token_id or 0
+    for i, p in enumerate(ps):
+        one = torch.tensor([p])
+        torch.manual_seed(seeds[i])
+        before = decode(model, one, torch.ones_like(one), max_new_tokens=10, stop=stop,
+                        pad=pad, temperature=1.0, repeat=k)
+        assert before.tokens == [alone.tokens[j] for j in alone.of(i)]
+    assert len({tuple(t) for t in together.tokens}) > len(ps)  # samples differ
+    with pytest.raises(ValueError, match="4 group labels for 5 prompts"):
+        generate(model, tok, ps, groups=[0, 0, 1, 1], **kw)
+
+
+def test_a_group_of_sampled_prompts_gives_the_same_bits_whatever_else_is_generated(tiny):
+    """A group's prompts decode as one batch whatever other groups there are, in whatever
+    order: its tokens and log-probabilities are the same bits, which is what lets each
+    process take whole groups (`starlora.run.pool_scores`) and match one process."""
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    ps, seeds = prompts(tok), [101, 7, 55, 3, 20]
+    kw = dict(max_new_tokens=10, samples=3, temperature=1.0, progress=False)
+    everything = generate(model, tok, ps, seeds=seeds, groups=[0, 1, 0, 1, 1], **kw)
+    mine = [1, 3, 4]  # group 1 alone, listed in another order
+    share = generate(model, tok, [ps[i] for i in mine[::-1]], seeds=[seeds[i] for i in mine[::-1]],
+                     groups=[7, 7, 7], **kw)
+    for n, i in enumerate(mine[::-1]):
+        for a, b in zip(share.of(n), everything.of(i)):
+            assert share.tokens[a] == everything.tokens[b]
+            assert share.logprobs[a].tobytes() == everything.logprobs[b].tobytes()
+
+
 def test_fixed_shapes_cut_batches_by_each_prompts_own_width():
     from starlora.generation import _batches
 

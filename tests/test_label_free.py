@@ -392,3 +392,45 @@ def test_smollm2_length_and_adapted_base_scores_select_the_same_with_gold_or_mis
     assert len(rows) == 12 and len(selected) == 4
     column = "answer_tokens" if arm == "length" else "pe_base"
     assert len({r[column] for r in rows}) > 1  # the column varies: a real ranking
+
+
+@pytest.mark.parametrize("overrides", [
+    ["active_learning.strategy=answer_entropy", "scoring.samples=4"],
+    ["scoring.base_scores=adapted", "scoring.samples=3"],
+])
+def test_sampled_pool_answers_share_batches_and_give_one_process_bits_in_two(
+    adapted, monkeypatch, overrides
+) -> None:
+    """Sampled answers are generated ``evaluation.batch_size // samples`` (tiny.yaml: 8 // 4
+    or 8 // 3 = 2) prompts a batch, in groups cut before processes take their shares, so two
+    processes give the very bits of one (a row's bits depend on its batch-mates). Two
+    processes are simulated in one: `map_shards` hands each share of `dist.plan` to the
+    function in turn and merges the results as `gather` does."""
+    import starlora.generation as generation
+    from starlora import distributed as dist
+
+    batches: list[int] = []
+    real = generation.decode
+
+    def counted(model, ids, *args, **kwargs):
+        if kwargs.get("temperature", 0) > 0:
+            batches.append(ids.shape[0])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode", counted)
+    one, _ = pool_rows(adapted, overrides)
+    assert batches == [2] * 6  # 12 prompts, 2 a batch
+
+    def two_processes(fn, items, lengths, to="main"):
+        costs = lengths() if callable(lengths) else lengths
+        parts = []
+        for r in range(2):
+            share = dist.plan(costs, 2, r)
+            got = fn([items[i] for i in share.indices])
+            parts.append(list(zip(share.real, got[:share.n_real])))
+        return dist.merge(parts, len(items))
+
+    monkeypatch.setattr(dist, "map_shards", two_processes)
+    two, _ = pool_rows(adapted, overrides)
+    assert [r["id"] for r in two] == [r["id"] for r in one]
+    assert two == one

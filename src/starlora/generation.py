@@ -1,10 +1,9 @@
 """Batched generation of answers: for evaluation and for label-free uncertainty.
 
 `generate` takes prompt token ids and returns, per prompt and sample, the generated token ids
-(up to and including the first stop token) and the log-probability of each. Prompts are sorted
-by length and cut into batches (little padding), left-padded so that every row ends where
-generation starts, and decoded with the model's KV cache; each row stops at its own EOS (or
-any end-of-turn token the model's generation config names).
+(up to and including the first stop token) and the log-probability of each: prompts sorted by
+length, left-padded, decoded with the KV cache, each row until its own EOS (or any end-of-turn
+token of the model's generation config).
 
 The decoding loop (`decode`) is transformers' greedy/multinomial ``generate`` loop for a
 decoder-only model, written out so that each step reduces its logits at once: the chosen
@@ -16,31 +15,30 @@ equal those of its logits within 1e-5 relative, with and without `compact`
 (`tests/test_generation_loop.py`). It applies no logits processor: the tokens are the argmax
 of the raw logits, or drawn from their softmax at `temperature` (what ``generate`` does with
 the settings this module gives it; a model's own generation-config sampling defaults are not
-read). `compact` drops the rows that have stopped from the batch (their cache rows too), so a
-batch no longer runs every row until its longest one ends; see `decode`. A peft LoRA model
+read). `compact` drops stopped rows (and their cache rows) from the batch. A peft LoRA model
 decodes with the scorer's fused LoRA forward (`starlora.scoring.lora_fastpath.scoring_mode`:
-one ``addmm_`` per LoRA layer instead of peft's matmul, scaled copy and add; the prompt's
-prefill merges the adapter into a temporary weight, as the deterministic scoring pass does),
-so its logits differ from peft's in the last bits.
+one ``addmm_`` per LoRA layer; the prefill merges the adapter into a temporary weight), so its
+logits differ from peft's in the last bits.
 
 Greedy decoding is deterministic, but in bf16 or fp16 a row's tokens can depend on its
 batch-mates: the kernels round a row's numbers differently with the batch's row count and a
 longer batch-mate's padding, and in low precision that flips near-ties (docs/benchmarks.md,
 "bf16 answers and their batch-mates": 21 of 64 prompts in bf16, none in fp32). So greedy
-decoding in less than fp32 uses **fixed shapes** (`fixed_shapes`): every shape a row sees is
-set by the row alone. A prompt is left-padded to a width set by its own length (the next
-multiple of `BUCKET` tokens above it), batched only with prompts of its width, every batch
-has `batch_size` rows (a short one is filled with copies of its first prompt) and no row
-leaves it (``compact=False``); a prompt's tokens and log-probabilities are then the same
-bits whichever prompts share its batch, in whatever order, and with any number of processes.
-The price is the filled rows and the rows that decode on after they stopped (on 100 arith
-prompts at 64 rows on a CPU, 1.36x fp32's speed instead of bf16's 2.14x in length-sorted
-batches). fp32 keeps length-sorted batches and `compact`.
+decoding in less than fp32 uses **fixed shapes** (`fixed_shapes`): a prompt is left-padded to
+the next multiple of `BUCKET` tokens above its length, batched only with prompts of that
+width, `batch_size` rows a batch (filled with copies of its first prompt), none leaving it
+(``compact=False``); its tokens and log-probabilities are then the same bits whatever shares
+its batch, in whatever order, with any number of processes. The price: the filled rows and
+those decoding after they stopped (100 arith prompts at 64 rows on a CPU: 1.36x fp32's speed,
+not bf16's 2.14x). fp32 greedy keeps length-sorted batches and `compact`.
 
-Sampling (``temperature > 0``) generates each prompt's
-samples as one batch from one prefill of the prompt, with torch's generator seeded by that
-prompt's seed, so a prompt's samples do not depend on the other prompts or the batch size;
-the log-probabilities are then those of the tempered distribution the tokens were drawn from.
+Sampling (``temperature > 0``): each prompt's K samples decode from one prefill, drawn from a
+generator seeded by the prompt's seed, so the draws do not depend on the other prompts; a
+batch holds one prompt's samples (bits that depend on nothing else), or a caller's group of
+prompts (`groups`; ~3x faster for 6 prompts of 5 samples on a CPU thread: docs/benchmarks.md)
+whose bits depend on the group: a caller wanting the same bits with any process count forms
+groups before dealing them out (`starlora.run.pool_scores`). Log-probabilities are those of
+the tempered distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
@@ -59,8 +57,7 @@ from starlora.attention import attention_kernels
 
 #: fixed shapes: a prompt is left-padded to the next multiple of BUCKET tokens above its length
 BUCKET = 16
-#: the dtypes whose greedy decoding keeps length-sorted batches (its tokens do not depend on
-#: the batch: see the module docstring)
+#: the dtypes whose greedy decoding keeps length-sorted batches (module docstring)
 FULL_PRECISION = (torch.float32, torch.float64)
 
 
@@ -68,13 +65,11 @@ FULL_PRECISION = (torch.float32, torch.float64)
 class Generated:
     """N prompts x S samples, row ``i * S + s`` = sample s of prompt i.
 
-    `tokens` [N*S] lists of generated ids (the stop token included when one was generated);
-    `logprobs` [N*S] float64 arrays of the same lengths (nats); `texts` [N*S] the decoded
-    tokens without special tokens. With ``generate(measure=True)``: `nll` and `entropy` [N*S]
-    float64 arrays of the same lengths (nats), per generated token the -log p of the token and
-    the entropy of the model's own next-token distribution (its raw logits: no temperature
-    or other processing), the teacher-forced PE and ME terms of the first scoring pass.
-    """
+    `tokens` [N*S] lists of generated ids (the stop token included when generated);
+    `logprobs` [N*S] float64 arrays of the same lengths (nats); `texts` [N*S] decoded without
+    special tokens. With ``generate(measure=True)``: `nll`, `entropy` [N*S] float64 arrays
+    (nats): per token its -log p and the entropy of the raw next-token logits (no
+    temperature), the teacher-forced PE and ME terms of the first scoring pass."""
 
     tokens: list[list[int]]
     logprobs: list[np.ndarray]
@@ -116,20 +111,18 @@ def generate(
     measure: bool = False,
     compact: bool = True,
     fixed_shapes: bool | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> Generated:
     """Generate `samples` answers for each prompt (token ids) with `model` in eval mode.
 
     ``temperature == 0``: greedy, in batches of `batch_size` rows (several greedy samples
-    would be copies: asking for them is an error). ``temperature > 0``: one batch of `samples`
-    rows per prompt, seeded by ``seeds[i]`` (default: i), from one prefill of the prompt
-    (`decode`'s `repeat`). `measure`: also the per-token NLL
-    and entropy of the model's raw logits at each generated position (`Generated.nll`,
-    `Generated.entropy`), computed from the logits the decoding step made. `compact`: drop
-    stopped rows from their batch (`decode`; off under ZeRO-3, whose processes must run the
-    same forward passes). `fixed_shapes` (greedy only; default: when the model's weights are in
-    less than fp32; never under ZeRO-3): batches whose shapes each row sets alone,
-    `batch_size` rows each, no compaction, so that a prompt's answer does not depend on the
-    other prompts (module docstring).
+    would be copies: asking for them is an error). ``temperature > 0``: each prompt's
+    `samples` rows decoded from one prefill of the prompt (`decode`'s `repeat`) and drawn from
+    a generator seeded by ``seeds[i]`` (default: i); a batch per prompt, or per group label
+    of `groups` [len(prompts)] (module docstring; not under ZeRO-3). `measure`: also the NLL
+    and entropy of the raw logits per generated token (`Generated.nll`, `.entropy`).
+    `compact`: drop stopped rows from their batch (`decode`; off under ZeRO-3). `fixed_shapes`
+    (greedy; default: below fp32, never under ZeRO-3): shapes each row sets alone.
     """
     from tqdm.auto import tqdm
 
@@ -143,11 +136,20 @@ def generate(
     sampling = temperature > 0
     rows = [i for i in range(len(prompts)) for _ in range(samples)]
     order = sorted(range(len(rows)), key=lambda j: (-len(prompts[rows[j]]), j))
-    if sampling:
-        batch_size = samples
-        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     fixed_shapes = uses_fixed_shapes(next(model.parameters()).dtype, sampling, fixed_shapes)
-    batches = _batches(order, [len(prompts[r]) for r in rows], batch_size, fixed_shapes)
+    if sampling:  # a batch per group (or prompt), its rows in `order`
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+        if groups is not None and zero3.enabled():
+            raise ValueError("generate: groups of sampled prompts are not for ZeRO-3")
+        label = list(range(len(prompts))) if groups is None else list(groups)
+        if len(label) != len(prompts):
+            raise ValueError(f"generate: {len(label)} group labels for {len(prompts)} prompts")
+        members: dict[Any, list[int]] = {}
+        for j in order:  # a prompt's rows stay consecutive: same length, consecutive j
+            members.setdefault(label[rows[j]], []).append(j)
+        batches = [(b, len(prompts[rows[b[0]]])) for b in members.values()]
+    else:
+        batches = _batches(order, [len(prompts[r]) for r in rows], batch_size, fixed_shapes)
     tokens: list[list[int]] = [[] for _ in rows]
     logprobs: list[np.ndarray] = [np.zeros(0) for _ in rows]
     nll: list[np.ndarray] = [np.zeros(0) for _ in rows]
@@ -167,17 +169,16 @@ def generate(
                     p = prompts[rows[j]]
                     ids[r, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
                     mask[r, longest - len(p) :] = 1
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                           enabled=sampling):
-                    if sampling:
-                        torch.manual_seed(seeds[rows[batch[0]]])
-                    # sampling: the batch is one prompt's samples, prefilled once
-                    k = len(batch) if sampling else 1
-                    out = decode(model, ids[::k].to(device), mask[::k].to(device),
-                                 max_new_tokens=max_new_tokens, stop=stop, pad=pad,
-                                 temperature=temperature, measure=measure,
-                                 compact=compact and not zero3.enabled() and not fixed_shapes,
-                                 synced=zero3.enabled(), repeat=k)  # equal forward counts
+                # sampling: each prompt's K rows prefilled once, drawn from its own generator
+                k = samples if sampling else 1
+                generators = [torch.Generator(device).manual_seed(seeds[rows[j]])
+                              for j in batch[::k]] if sampling else None
+                out = decode(model, ids[::k].to(device), mask[::k].to(device),
+                             max_new_tokens=max_new_tokens, stop=stop, pad=pad,
+                             temperature=temperature, measure=measure,
+                             compact=compact and not zero3.enabled() and not fixed_shapes,
+                             synced=zero3.enabled(), repeat=k,  # equal forward counts
+                             generators=generators)
                 for r, j in reversed(list(enumerate(batch))):  # a filled row is a copy
                     tokens[j], logprobs[j] = out.tokens[r], out.logprobs[r]
                     if measure:
@@ -187,6 +188,12 @@ def generate(
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generated(tokens, logprobs, texts, samples, nll if measure else None,
                      entropy if measure else None)
+
+
+def sampled_group_size(samples: int, batch_size: int) -> int:
+    """Prompts a caller's group of sampled prompts holds: ``batch_size // samples``, at least
+    1; 1 without sampling or under ZeRO-3 (its processes must run equal batch counts)."""
+    return 1 if samples < 2 or zero3.enabled() else max(1, batch_size // samples)
 
 
 def uses_fixed_shapes(dtype: torch.dtype, sampling: bool, asked: bool | None = None) -> bool:
@@ -260,6 +267,7 @@ def decode(
     compact: bool = True,
     synced: bool = False,
     repeat: int = 1,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Decoded:
     """Decode one left-padded batch: ids and mask [B, L] (1 = prompt token), greedy
     (``temperature == 0``) or sampled from ``softmax(logits / temperature)`` with torch's
@@ -271,22 +279,19 @@ def decode(
     the entropy of the raw logits (``z - logsumexp(z)``, the entropy by torch's cascade sum,
     as `starlora.scoring.measures` tiles compute them).
 
-    `compact`: a row leaves the batch (and the KV cache) once it has stopped, so the rows still
-    decoding do not pay for the finished ones. Without it a finished row goes on, fed `pad`,
-    as in ``generate``. Every row's logits are computed as before either way, except that the
-    matmuls run on R rows instead of B, which on some kernels changes their last bits (as
-    padding does): see docs/benchmarks.md. Sampling draws from a [B, V] distribution every
-    step whatever R is (the finished rows' uniform), so the draws of the rows still decoding
-    are those of ``generate``. `synced` (ZeRO-3): keep calling the model until every process
-    has finished (`torch.distributed`), as ``generate(synced_gpus=True)`` does; needs
-    ``compact=False``.
+    `compact`: a row leaves the batch (and the KV cache) once it has stopped; without it a
+    finished row goes on, fed `pad`, as in ``generate``. The matmuls then run on R rows, not
+    B, which on some kernels changes the last bits (docs/benchmarks.md); sampling draws from
+    a [B, V] distribution whatever R is (finished rows: uniform), so the draws are
+    ``generate``'s. `synced` (ZeRO-3): call the model until every process has finished, as
+    ``generate(synced_gpus=True)`` does; needs ``compact=False``.
 
-    `repeat` = K: decode K rows for each prompt row (B = K x the prompts' rows, in
-    ``repeat_interleave`` order) from one prefill of each prompt: the prompt's keys and values
-    are copied K times (`DynamicCache.batch_repeat_interleave`), not computed K times, and its
-    last position's logits serve all K rows. The rows then decode as K repeated prompt rows
-    would (the same random draws; the prefill's matmuls run on fewer rows, which can change
-    their last bits, as `compact` can).
+    `repeat` = K: K rows for each prompt row (B = K x the prompts' rows, ``repeat_interleave``
+    order) from one prefill of each prompt, its keys and values copied K times: the rows
+    decode as K repeated prompt rows would (the prefill's matmuls on fewer rows can change
+    their last bits, as `compact` can). `generators` (one per prompt row): prompt i's K rows
+    are drawn from ``generators[i]`` alone, a [K, V] draw a step, as torch's global generator
+    seeded alike draws for that prompt alone; default: the global generator for all rows.
     """
     from transformers import DynamicCache
 
@@ -297,6 +302,8 @@ def decode(
         raise ValueError(f"{type(lm).__name__}: starlora decodes with a KV cache passed as "
                          "`cache` (transformers 5's argument); this model's forward takes none")
     device, B = ids.device, ids.shape[0] * repeat
+    if generators is not None and len(generators) != ids.shape[0]:
+        raise ValueError(f"decode: {len(generators)} generators for {ids.shape[0]} prompt rows")
     stops = torch.tensor(sorted(stop), device=device)
     kwargs: dict[str, Any] = {"use_cache": True}
     if _accepts(lm, "logits_to_keep"):
@@ -326,7 +333,12 @@ def decode(
             scores = z / temperature if temperature != 1.0 else z
             probs = torch.ones(B, z.shape[-1], device=device)  # stopped rows: uniform
             probs[rows] = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, num_samples=1)[rows, 0]
+            if generators is None:
+                drawn = torch.multinomial(probs, num_samples=1)
+            else:  # each prompt's K rows from its own generator
+                drawn = torch.cat([torch.multinomial(block, 1, generator=g)
+                                   for block, g in zip(probs.split(repeat), generators)])
+            token = drawn[rows, 0]
             tempered = logp if temperature == 1.0 else torch.log_softmax(scores, dim=-1)
         else:
             token = torch.argmax(z, dim=-1)

@@ -53,10 +53,12 @@ def own_answers(
     progress: bool = True,
     desc: str = "generating answers",
     measure: bool = True,
+    groups: Sequence[int] | None = None,
 ) -> Any:
     """`model`'s own answers to `examples` (greedy; with `samples` N > 1, N answers at
-    temperature 1, seeded per example from `seed` and its id): a `starlora.generation.Generated`
-    of [len(examples) * samples] rows, grouped by example. Prompts are cut on the left to
+    temperature 1, seeded per example from `seed` and its id, a batch per example or per
+    group of `groups`, as `starlora.generation.generate` takes them): a
+    `starlora.generation.Generated` of [len(examples) * samples] rows, grouped by example. Prompts are cut on the left to
     `max_length` (default: the model's maximum position count). With `measure`, the generation
     measures the first scoring pass too (``Generated.nll``/``entropy``, for
     `score_generated`). The examples' answers are never read."""
@@ -69,7 +71,7 @@ def own_answers(
                     temperature=1.0 if samples > 1 else 0.0,
                     seeds=example_seeds(seed, unique_keys([ex.id for ex in examples]),
                                         salt=-1), progress=progress, desc=desc,
-                    measure=measure)
+                    measure=measure, groups=groups)
 
 
 def _first_pass(
