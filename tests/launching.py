@@ -100,6 +100,9 @@ if dist.is_main():
     torch.save({"lora": lora, "held": held / whole,
                 "steps": result.steps, "lrs": result.lrs, "losses": result.losses,
                 "tokens": result.train_tokens}, sys.argv[1])
+if dist.world_size() > 1:  # as the command line ends a launched process (`dist.leave`)
+    dist.teardown()
+    dist.leave(0)
 """
 
 
