@@ -126,6 +126,42 @@ def test_a_launched_process_ends_without_the_interpreters_teardown(tmp_path: Pat
     assert bad.returncode != 0 and "starlora: error" in bad.stderr
 
 
+def test_map_groups_deals_whole_groups_cut_before_the_shares(monkeypatch) -> None:
+    """Items, longest first, are cut into groups of `size` once; every process (two,
+    simulated: `map_shards` hands each share of `plan` to the function in turn) gets whole
+    groups with their labels, and the results come back in the items' order."""
+    lengths = [3, 9, 4, 4, 8, 1, 6, 2, 5]
+    items = [f"x{i}" for i in range(len(lengths))]
+    seen: list[list[list[str]]] = []
+
+    def fn(share: list[str], labels: list[int]) -> list[str]:
+        groups: dict[int, list[str]] = {}
+        for item, label in zip(share, labels):
+            groups.setdefault(label, []).append(item)
+        seen.append(list(groups.values()))
+        return [item.upper() for item in share]
+
+    whole = [["x1", "x4", "x6"], ["x8", "x2", "x3"], ["x0", "x7", "x5"]]  # 9 8 6 | 5 4 4 | 3 2 1
+    assert dist.map_groups(fn, items, lengths, 3) == [i.upper() for i in items]
+    assert seen == [whole]
+
+    def two_processes(f, xs, costs, to="main"):
+        costs = costs() if callable(costs) else costs
+        parts = []
+        for r in range(2):
+            share = dist.plan(costs, 2, r)
+            got = f([xs[i] for i in share.indices])
+            parts.append(list(zip(share.real, got[:share.n_real])))
+        return dist.merge(parts, len(xs))
+
+    monkeypatch.setattr(dist, "map_shards", two_processes)
+    seen.clear()
+    assert dist.map_groups(fn, items, lengths, 3) == [i.upper() for i in items]
+    dealt = [g for share in seen for g in share]  # 2 groups a process: one a padding copy
+    assert len(seen) == 2 and len(dealt) == 4
+    assert all(g in whole for g in dealt) and all(g in dealt for g in whole)
+
+
 def test_each_process_takes_a_share_of_every_batch() -> None:
     lengths = [3, 9, 4, 4, 8, 1, 6, 2, 5]  # 9 examples, batches of 4: the last holds one
     batches = LengthGroupedBatches(lengths, 4, seed=0)

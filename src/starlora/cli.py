@@ -42,9 +42,11 @@ def _cmd_version(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from starlora import distributed as dist
     from starlora.datafiles import load_examples
+    from starlora.generation import sampled_group_size
     from starlora.io import write_jsonl
     from starlora.models import load_model
     from starlora.scoring import score_base, score_examples, score_own_answers
+    from starlora.scoring.own_answers import GENERATION_BATCH
     from starlora.tasks import get_task
 
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
@@ -63,12 +65,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     kwargs = dict(measures=measures, batch_size=args.batch_size, mc_passes=passes,
                   seed=args.seed, progress=dist.is_main())
 
-    def records(share: list) -> list[dict]:
-        """The output lines of `share` (this process's examples), in its order."""
+    def records(share: list, groups: list[int] | None = None) -> list[dict]:
+        """The output lines of `share` (this process's examples), in its order; `groups`:
+        sampled answers a batch per group (`dist.map_groups`)."""
         if generated:
             scores, out = score_own_answers(model, tokenizer, task, share,
                                             max_new_tokens=args.max_new_tokens,
-                                            samples=args.samples, **kwargs)
+                                            samples=args.samples, groups=groups, **kwargs)
             rows = scores.to_records()
             for i, rec in enumerate(rows):
                 rec["answer"] = out.best_text(i)
@@ -82,7 +85,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
             return [len(task.prompt_ids(tokenizer, ex)) for ex in examples]
         return [sum(map(len, task.encode(tokenizer, ex))) for ex in examples]
 
-    rows = dist.map_shards(records, examples, lengths)  # every process scores its share
+    per_group = sampled_group_size(args.samples, GENERATION_BATCH) if generated else 1
+    if per_group > 1:  # sampled answers several prompts a batch, whatever the process count
+        rows = dist.map_groups(records, examples, lengths(), per_group)
+    else:
+        rows = dist.map_shards(records, examples, lengths)  # every process scores its share
     if dist.is_main():
         write_jsonl(args.out, rows)
         print(f"wrote {len(examples)} scores to {args.out}", file=sys.stderr)

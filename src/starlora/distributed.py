@@ -14,7 +14,7 @@ process group:
 * `shard` / `plan`: this process's share of N items in length-sorted snake order, so every
   share costs about the same, padded to equal sizes with copies of its own shortest item;
 * `gather` / `map_shards`: the per-item results of every share back in the original order,
-  on the main process (or all), padding dropped;
+  on the main process (or all), padding dropped; `map_groups`: shares of whole groups;
 * `agree`, `on_main`, `barrier`: the main process decides, reads or writes; the others
   follow, and an error on the main process is raised on every process.
 
@@ -346,3 +346,31 @@ def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T],
     share = shard(lengths() if callable(lengths) else lengths)
     results = fn([items[i] for i in share.indices])
     return gather(list(results), share, to=to)
+
+
+def map_groups(fn: Callable[[list[T], list[int]], Sequence[Any]], items: Sequence[T],
+               lengths: Sequence[int], size: int) -> list[Any] | None:
+    """``fn(items, labels)`` computed in shares of whole groups, so that a batch made of one
+    group is the same batch with any number of processes: `items`, longest first (`lengths`,
+    ties in their order), are cut into groups of `size` before any process takes a share; a
+    process takes whole groups (`map_shards` over groups) and calls `fn` on their items with
+    each item's group label [len(share)] (a batch of `starlora.generation.generate`'s
+    ``groups``). Results in the order of `items` on the main process, None on the others."""
+    order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
+    groups = [order[s : s + size] for s in range(0, len(order), size)]
+
+    def share_groups(share: list[list[int]]) -> list[list[Any]]:
+        results = list(fn([items[i] for g in share for i in g],
+                          [n for n, g in enumerate(share) for _ in g]))
+        cuts = np.cumsum([0, *map(len, share)])
+        return [results[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+    per_group = map_shards(share_groups, groups,
+                           lambda: [sum(lengths[i] for i in g) for g in groups])
+    if per_group is None:
+        return None
+    out: list[Any] = [None] * len(items)
+    for g, results in zip(groups, per_group):
+        for i, result in zip(g, results):
+            out[i] = result
+    return out

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from starlora.errors import ConfigError
 from starlora.run.context import Run
 from starlora.scoring.results import MEASURES
@@ -124,38 +122,8 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
     per_group = sampled_group_size(sc.samples, run.config.evaluation.batch_size) if own else 1
     if per_group == 1:
         return dist.map_shards(share_rows, candidates, lengths)
-    return _in_groups(share_rows, candidates, lengths(), per_group)
-
-
-def _in_groups(share_rows: Any, candidates: list[Example], lengths: list[int],
-               size: int) -> list[dict] | None:
-    """`share_rows` over `candidates` with their sampled answers generated `size` prompts a
-    batch, in the same batches with any number of processes: the candidates, longest prompt
-    first, are cut into groups of `size` before any process takes a share, and a process
-    takes whole groups (`starlora.distributed.map_shards` over groups), each one batch of
-    `starlora.generation.generate` (``groups``). A row's bits then depend on its group
-    alone, as with one process. Rows in the order of `candidates` (main process; None on the
-    others)."""
-    from starlora import distributed as dist
-
-    order = sorted(range(len(candidates)), key=lambda i: (-lengths[i], i))
-    groups = [order[s:s + size] for s in range(0, len(order), size)]
-
-    def share_groups(share: list[list[int]]) -> list[list[dict]]:
-        rows = share_rows([candidates[i] for g in share for i in g],
-                          [n for n, g in enumerate(share) for _ in g])
-        cuts = np.cumsum([0, *map(len, share)])
-        return [rows[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-
-    per_group = dist.map_shards(share_groups, groups,
-                                lambda: [sum(lengths[i] for i in g) for g in groups])
-    if per_group is None:
-        return None
-    out: list[dict] = [{} for _ in candidates]
-    for g, rows in zip(groups, per_group):
-        for i, row in zip(g, rows):
-            out[i] = row
-    return out
+    # sampled answers `per_group` prompts a batch, the same batches with any process count
+    return dist.map_groups(share_rows, candidates, lengths(), per_group)
 
 
 def _consistency_columns(run: Run, sampled: list[str], greedy: list[str],
@@ -215,7 +183,8 @@ def _own_answers(run: Run, model: Any, candidates: list[Example], seed: int,
                  samples: int | None = None, groups: list[int] | None = None) -> Any:
     """The adapted model's own answers (`starlora.scoring.own_answers`): greedy, or
     `samples` (default ``scoring.samples``) at temperature 1 seeded from the round's "score"
-    stream `seed`, a batch per group of `groups` (`_in_groups`) or per candidate."""
+    stream `seed`, a batch per group of `groups` (`starlora.distributed.map_groups`) or per
+    candidate."""
     from starlora.scoring import own_answers
 
     samples = run.config.scoring.samples if samples is None else samples

@@ -38,6 +38,10 @@ from starlora.scoring.options import ScoringOptions, example_seeds, unique_keys
 from starlora.scoring.results import Scores
 from starlora.tasks import Example, Task
 
+#: generated rows a batch where the caller gives no size (greedy rows; sampled: in groups of
+#: ``GENERATION_BATCH // samples`` prompts where the caller groups them)
+GENERATION_BATCH = 16
+
 
 def own_answers(
     model: nn.Module,
@@ -47,7 +51,7 @@ def own_answers(
     *,
     max_new_tokens: int,
     samples: int = 1,
-    generation_batch_size: int = 16,
+    generation_batch_size: int = GENERATION_BATCH,
     seed: int = 0,
     max_length: int | None = None,
     progress: bool = True,
@@ -154,16 +158,18 @@ def score_own_answers(
     *,
     max_new_tokens: int,
     samples: int = 1,
-    generation_batch_size: int = 16,
+    generation_batch_size: int = GENERATION_BATCH,
     seed: int = 0,
     max_length: int | None = None,
     progress: bool = True,
     while_generating: bool = True,
+    groups: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> tuple[Scores, Any]:
     """Label-free PE/ME: `model` answers each example itself (`own_answers`: greedy, or
     `samples` N > 1 at temperature 1 seeded from `seed`), and `score_generated` measures those
-    tokens (the first pass while generating, MC passes 2..K as `kwargs` ask). Returns
+    tokens (the first pass while generating, MC passes 2..K as `kwargs` ask); `groups` as
+    `own_answers` takes them. Returns
     (scores [N] with each measure the mean over the samples and per-pass values likewise,
     `starlora.generation.Generated` [N * S]). The examples' own answers are never read.
 
@@ -175,7 +181,7 @@ def score_own_answers(
     out = own_answers(model, tokenizer, task, examples, max_new_tokens=max_new_tokens,
                       samples=samples, generation_batch_size=generation_batch_size, seed=seed,
                       max_length=max_length, progress=progress, measure=while_generating,
-                      desc=kwargs.pop("generation_desc", "generating answers"))
+                      desc=kwargs.pop("generation_desc", "generating answers"), groups=groups)
     repeated = [ex for ex in examples for _ in range(samples)]
     score = score_generated if while_generating else score_examples
     given = dict(answer_ids=out.tokens) if not while_generating else dict(out=out)
