@@ -118,6 +118,21 @@ def trained(tmp_path: Path, launcher: list[str]) -> tuple[dict, dict]:
     return one, two
 
 
+def two_processes_in_one(fn, items, lengths, to="main"):
+    """`starlora.distributed.map_shards` as two processes would compute it, in one: each
+    share of `plan` handed to `fn` in turn, the results merged as `gather` merges them (for
+    monkeypatching ``map_shards``)."""
+    from starlora import distributed as dist
+
+    costs = lengths() if callable(lengths) else lengths
+    parts = []
+    for r in range(2):
+        share = dist.plan(costs, 2, r)
+        got = fn([items[i] for i in share.indices])
+        parts.append(list(zip(share.real, got[:share.n_real])))
+    return dist.merge(parts, len(items))
+
+
 def files(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
 

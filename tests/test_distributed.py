@@ -26,6 +26,7 @@ from launching import (
     outputs,
     run,
     trained,
+    two_processes_in_one,
 )
 
 from starlora import distributed as dist
@@ -145,16 +146,7 @@ def test_map_groups_deals_whole_groups_cut_before_the_shares(monkeypatch) -> Non
     assert dist.map_groups(fn, items, lengths, 3) == [i.upper() for i in items]
     assert seen == [whole]
 
-    def two_processes(f, xs, costs, to="main"):
-        costs = costs() if callable(costs) else costs
-        parts = []
-        for r in range(2):
-            share = dist.plan(costs, 2, r)
-            got = f([xs[i] for i in share.indices])
-            parts.append(list(zip(share.real, got[:share.n_real])))
-        return dist.merge(parts, len(xs))
-
-    monkeypatch.setattr(dist, "map_shards", two_processes)
+    monkeypatch.setattr(dist, "map_shards", two_processes_in_one)
     seen.clear()
     assert dist.map_groups(fn, items, lengths, 3) == [i.upper() for i in items]
     dealt = [g for share in seen for g in share]  # 2 groups a process: one a padding copy

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launching import two_processes_in_one
 
 from starlora.cli import main
 from starlora.datafiles import load_examples
@@ -421,16 +422,7 @@ def test_sampled_pool_answers_share_batches_and_give_one_process_bits_in_two(
     one, _ = pool_rows(adapted, overrides)
     assert batches == [2] * 6  # 12 prompts, 2 a batch
 
-    def two_processes(fn, items, lengths, to="main"):
-        costs = lengths() if callable(lengths) else lengths
-        parts = []
-        for r in range(2):
-            share = dist.plan(costs, 2, r)
-            got = fn([items[i] for i in share.indices])
-            parts.append(list(zip(share.real, got[:share.n_real])))
-        return dist.merge(parts, len(items))
-
-    monkeypatch.setattr(dist, "map_shards", two_processes)
+    monkeypatch.setattr(dist, "map_shards", two_processes_in_one)
     two, _ = pool_rows(adapted, overrides)
     assert [r["id"] for r in two] == [r["id"] for r in one]
     assert two == one
