@@ -152,8 +152,8 @@ def leave(code: int) -> NoReturn:
     refers to it, and DeepSpeed's ZeRO-3 engine and partitioned parameters do (each
     parameter's ``ds_process_group``): their gloo threads were then destroyed during the
     interpreter's exit, where one could abort the process ("terminate called without an
-    active exception", SIGABRT) after its work was done and written (2 of 5 ZeRO-3 launches
-    that trained, on 2 CPU processes). Everything starlora writes is written and closed by
+    active exception", SIGABRT) after its work was done and written (3 of 7 ZeRO-3 launches
+    that trained, on 2 CPU processes; none of 8 since). Everything starlora writes is written and closed by
     then (atomic writes, `starlora.io`); nothing of it waits for ``atexit``."""
     import logging
 

@@ -37,7 +37,7 @@ generator seeded by the prompt's seed, so the draws do not depend on the other p
 batch holds one prompt's samples (bits that depend on nothing else), or a caller's group of
 prompts (`groups`; ~3x faster for 6 prompts of 5 samples on a CPU thread: docs/benchmarks.md)
 whose bits depend on the group: a caller wanting the same bits with any process count forms
-groups before dealing them out (`starlora.run.pool_scores`). Log-probabilities are those of
+groups before dealing them out (`starlora.distributed.map_groups`). Log-probabilities are those of
 the tempered distribution the tokens were drawn from.
 """
 
