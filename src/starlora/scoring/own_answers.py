@@ -62,10 +62,11 @@ def own_answers(
     """`model`'s own answers to `examples` (greedy; with `samples` N > 1, N answers at
     temperature 1, seeded per example from `seed` and its id, a batch per example or per
     group of `groups`, as `starlora.generation.generate` takes them): a
-    `starlora.generation.Generated` of [len(examples) * samples] rows, grouped by example. Prompts are cut on the left to
-    `max_length` (default: the model's maximum position count). With `measure`, the generation
-    measures the first scoring pass too (``Generated.nll``/``entropy``, for
-    `score_generated`). The examples' answers are never read."""
+    `starlora.generation.Generated` of [len(examples) * samples] rows, grouped by example.
+    Prompts are cut on the left to `max_length` (default: the model's maximum position
+    count). With `measure`, the generation measures the first scoring pass too
+    (``Generated.nll``/``entropy``, for `score_generated`). The examples' answers are never
+    read."""
     from starlora.generation import generate
 
     limit = max_length or max_positions(model)
