@@ -257,3 +257,40 @@ def test_self_consistency_is_seeded_per_item_whatever_the_order_or_batch():
     assert any(0 < p["consistency"] for p in a.predictions)  # the signal is not constant 0
     assert set(a.signals) == {"answer", "msp", "perplexity", "consistency"}
     assert set(a.signals["consistency"]) >= {"roc-auc", "rcc-auc", "brier", "ece-adaptive"}
+
+
+def test_sampled_answers_share_batches_and_give_one_process_bits_in_two(monkeypatch):
+    """evaluation.samples K >= 2: ``batch_size // K`` prompts' samples a batch (here 4 // 2),
+    in groups cut before the processes take shares, so two processes (simulated in one:
+    `launching.two_processes_in_one`) sample in the batches of one and give its consistency.
+    (The greedy answers' logprobs may differ in their last bits: fp32 greedy batches are cut
+    per share, `starlora.generation`.)"""
+    from launching import two_processes_in_one
+
+    import starlora.generation as generation
+    from starlora import distributed as dist
+
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    task = JSONLTask(answer_regex=r"(\S)")
+    examples = [Example(f"q{i}", f"What is {i} plus {i}?" + " Think." * i, str(2 * i))
+                for i in range(5)]
+    cfg = EvaluationConfig(max_new_tokens=6, batch_size=4, samples=2)
+    batches: list[int] = []
+    real = generation.decode
+
+    def counted(model, ids, *args, **kwargs):
+        if kwargs.get("temperature", 0) > 0:
+            batches.append(ids.shape[0])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode", counted)
+    one = evaluate(loaded.model, loaded.tokenizer, task, examples, cfg, progress=False, seed=3)
+    assert sorted(batches) == [1, 2, 2]  # 5 prompts, 2 a batch
+    monkeypatch.setattr(dist, "map_shards", two_processes_in_one)
+    batches.clear()
+    two = evaluate(loaded.model, loaded.tokenizer, task, examples, cfg, progress=False, seed=3)
+    assert sorted(batches) in ([1, 1, 2, 2], [1, 2, 2, 2])  # the same 3, and a padding copy
+    for a, b in zip(one.predictions, two.predictions, strict=True):
+        assert (a["id"], a["prediction"], a["consistency"]) == \
+            (b["id"], b["prediction"], b["consistency"])
+        assert a["logprob"] == pytest.approx(b["logprob"], rel=1e-6)

@@ -349,13 +349,15 @@ def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T],
 
 
 def map_groups(fn: Callable[[list[T], list[int]], Sequence[Any]], items: Sequence[T],
-               lengths: Sequence[int], size: int) -> list[Any] | None:
+               lengths: Sequence[int], size: int, *,
+               to: Literal["main", "all"] = "main") -> list[Any] | None:
     """``fn(items, labels)`` computed in shares of whole groups, so that a batch made of one
     group is the same batch with any number of processes: `items`, longest first (`lengths`,
     ties in their order), are cut into groups of `size` before any process takes a share; a
     process takes whole groups (`map_shards` over groups) and calls `fn` on their items with
     each item's group label [len(share)] (a batch of `starlora.generation.generate`'s
-    ``groups``). Results in the order of `items` on the main process, None on the others."""
+    ``groups``). Results in the order of `items` on the main process (every process with
+    ``to="all"``), None on the others."""
     order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
     groups = [order[s : s + size] for s in range(0, len(order), size)]
 
@@ -366,7 +368,7 @@ def map_groups(fn: Callable[[list[T], list[int]], Sequence[Any]], items: Sequenc
         return [results[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
     per_group = map_shards(share_groups, groups,
-                           lambda: [sum(lengths[i] for i in g) for g in groups])
+                           lambda: [sum(lengths[i] for i in g) for g in groups], to=to)
     if per_group is None:
         return None
     out: list[Any] = [None] * len(items)

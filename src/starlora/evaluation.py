@@ -101,7 +101,8 @@ def resolve_mode(task: Task, examples: list[Example], mode: str) -> str:
     return mode
 
 
-def _choice(model, tokenizer, task, examples, cfg, max_length, progress, seed) -> list[dict]:
+def _choice(model, tokenizer, task, examples, cfg, max_length, progress, seed,
+            groups=None) -> list[dict]:
     from starlora.scoring import score_examples
 
     answers = [task.choice_answers(ex) for ex in examples]
@@ -158,8 +159,8 @@ def answer_token_indices(
     return indices
 
 
-def _generate(model, tokenizer, task, examples, cfg, max_length, progress, seed
-              ) -> list[dict]:
+def _generate(model, tokenizer, task, examples, cfg, max_length, progress, seed,
+              groups=None) -> list[dict]:
     from starlora.generation import generate
 
     prompts = [task.prompt_ids(tokenizer, ex, max_length) for ex in examples]
@@ -180,24 +181,26 @@ def _generate(model, tokenizer, task, examples, cfg, max_length, progress, seed
             "tokens": len(tokens), "logprob_mean": logprob / len(tokens) if tokens else 0.0,
         })
     if cfg.samples:
-        sampled = _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed, progress)
+        sampled = _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed, progress,
+                                   groups)
         for p, answers in zip(predictions, sampled):
             same = sum(a == p["prediction"] for a in answers) if p["prediction"] is not None else 0
             p["consistency"] = same / len(answers)
     return predictions
 
 
-def _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed,
-                     progress) -> list[list[str | None]]:
+def _sampled_answers(model, tokenizer, task, examples, prompts, cfg, seed, progress,
+                     groups=None) -> list[list[str | None]]:
     """Per example, the extracted answers of ``cfg.samples`` generations at temperature 1,
-    seeded per example from `seed` and its id (the same whatever the batch or shard)."""
+    seeded per example from `seed` and its id (the same draws whatever the batch or shard), a
+    batch per example or per group of `groups` (`starlora.distributed.map_groups`)."""
     from starlora.generation import generate
     from starlora.scoring.options import example_seeds, unique_keys
 
     seeds = example_seeds(seed, unique_keys([ex.id for ex in examples]))
     out = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                    samples=cfg.samples, temperature=1.0, seeds=seeds, progress=progress,
-                   desc="sampling (self-consistency)")
+                   desc="sampling (self-consistency)", groups=groups)
     return [[task.extract(out.texts[j]) for j in out.of(i)] for i in range(len(examples))]
 
 
@@ -223,6 +226,7 @@ def evaluate(
     if not examples:
         raise StarloraError("evaluation: no test examples")
     from starlora import distributed as dist
+    from starlora.generation import sampled_group_size
 
     mode = resolve_mode(task, examples, evaluation.mode)
     model.eval()
@@ -231,11 +235,16 @@ def evaluate(
     def lengths() -> list[int]:
         return [len(task.prompt_ids(tokenizer, ex, max_length)) for ex in examples]
 
-    # under several processes each predicts its share; all get every prediction, in order
-    predictions = dist.map_shards(
-        lambda share: predict(model, tokenizer, task, share, evaluation, max_length,
-                              progress and dist.is_main(), seed),
-        examples, lengths, to="all")
+    def share(items: list[Example], groups: list[int] | None = None) -> list[dict]:
+        return predict(model, tokenizer, task, items, evaluation, max_length,
+                       progress and dist.is_main(), seed, groups)
+
+    # under several processes each predicts its share; all get every prediction, in order;
+    # sampled answers several prompts a batch, in groups cut before the shares (`map_groups`)
+    size = sampled_group_size(evaluation.samples, evaluation.batch_size)
+    predictions = (dist.map_groups(share, examples, lengths(), size, to="all")
+                   if mode == "generate" and size > 1
+                   else dist.map_shards(share, examples, lengths, to="all"))
     correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
     confidence = np.array([p["confidence"] for p in predictions])
     ece, bins = expected_calibration_error(confidence, correct, evaluation.ece_bins)
