@@ -118,6 +118,23 @@ def trained(tmp_path: Path, launcher: list[str]) -> tuple[dict, dict]:
     return one, two
 
 
+def sampled_batches(monkeypatch) -> list[int]:
+    """A list that collects the prompt rows of every sampled batch (temperature > 0) that
+    `starlora.generation.generate` decodes from now on."""
+    import starlora.generation as generation
+
+    rows: list[int] = []
+    real = generation.decode
+
+    def counted(model, ids, *args, **kwargs):
+        if kwargs.get("temperature", 0) > 0:
+            rows.append(ids.shape[0])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode", counted)
+    return rows
+
+
 def two_processes_in_one(fn, items, lengths, to="main"):
     """`starlora.distributed.map_shards` as two processes would compute it, in one: each
     share of `plan` handed to `fn` in turn, the results merged as `gather` merges them (for

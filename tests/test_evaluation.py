@@ -265,9 +265,8 @@ def test_sampled_answers_share_batches_and_give_one_process_bits_in_two(monkeypa
     `launching.two_processes_in_one`) sample in the batches of one and give its consistency.
     (The greedy answers' logprobs may differ in their last bits: fp32 greedy batches are cut
     per share, `starlora.generation`.)"""
-    from launching import two_processes_in_one
+    from launching import sampled_batches, two_processes_in_one
 
-    import starlora.generation as generation
     from starlora import distributed as dist
 
     loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
@@ -275,15 +274,7 @@ def test_sampled_answers_share_batches_and_give_one_process_bits_in_two(monkeypa
     examples = [Example(f"q{i}", f"What is {i} plus {i}?" + " Think." * i, str(2 * i))
                 for i in range(5)]
     cfg = EvaluationConfig(max_new_tokens=6, batch_size=4, samples=2)
-    batches: list[int] = []
-    real = generation.decode
-
-    def counted(model, ids, *args, **kwargs):
-        if kwargs.get("temperature", 0) > 0:
-            batches.append(ids.shape[0])
-        return real(model, ids, *args, **kwargs)
-
-    monkeypatch.setattr(generation, "decode", counted)
+    batches = sampled_batches(monkeypatch)
     one = evaluate(loaded.model, loaded.tokenizer, task, examples, cfg, progress=False, seed=3)
     assert sorted(batches) == [1, 2, 2]  # 5 prompts, 2 a batch
     monkeypatch.setattr(dist, "map_shards", two_processes_in_one)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launching import two_processes_in_one
+from launching import sampled_batches, two_processes_in_one
 
 from starlora.cli import main
 from starlora.datafiles import load_examples
@@ -407,18 +407,9 @@ def test_sampled_pool_answers_share_batches_and_give_one_process_bits_in_two(
     processes give the very bits of one (a row's bits depend on its batch-mates). Two
     processes are simulated in one: `map_shards` hands each share of `dist.plan` to the
     function in turn and merges the results as `gather` does."""
-    import starlora.generation as generation
     from starlora import distributed as dist
 
-    batches: list[int] = []
-    real = generation.decode
-
-    def counted(model, ids, *args, **kwargs):
-        if kwargs.get("temperature", 0) > 0:
-            batches.append(ids.shape[0])
-        return real(model, ids, *args, **kwargs)
-
-    monkeypatch.setattr(generation, "decode", counted)
+    batches = sampled_batches(monkeypatch)
     one, _ = pool_rows(adapted, overrides)
     assert batches == [2] * 6  # 12 prompts, 2 a batch
 
