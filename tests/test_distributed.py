@@ -153,6 +153,14 @@ def test_map_groups_deals_whole_groups_cut_before_the_shares(monkeypatch) -> Non
     assert len(seen) == 2 and len(dealt) == 4
     assert all(g in whole for g in dealt) and all(g in dealt for g in whole)
 
+    # size 1: no groups to keep; each process scores its share as `map_shards` deals it, and
+    # the lengths are asked for only there (never with one process)
+    calls: list[tuple[list[str], object]] = []
+    monkeypatch.undo()
+    assert dist.map_groups(lambda share, labels: calls.append((share, labels)) or share,
+                           items, lambda: pytest.fail("lengths asked for"), 1) == items
+    assert calls == [(items, None)]
+
 
 def test_each_process_takes_a_share_of_every_batch() -> None:
     lengths = [3, 9, 4, 4, 8, 1, 6, 2, 5]  # 9 examples, batches of 4: the last holds one

@@ -85,11 +85,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
             return [len(task.prompt_ids(tokenizer, ex)) for ex in examples]
         return [sum(map(len, task.encode(tokenizer, ex))) for ex in examples]
 
+    # every process scores its share; sampled answers several prompts a batch, in groups cut
+    # before the shares, so the same batches whatever the process count
     per_group = sampled_group_size(args.samples, GENERATION_BATCH) if generated else 1
-    if per_group > 1:  # sampled answers several prompts a batch, whatever the process count
-        rows = dist.map_groups(records, examples, lengths(), per_group)
-    else:
-        rows = dist.map_shards(records, examples, lengths)  # every process scores its share
+    rows = dist.map_groups(records, examples, lengths, per_group)
     if dist.is_main():
         write_jsonl(args.out, rows)
         print(f"wrote {len(examples)} scores to {args.out}", file=sys.stderr)

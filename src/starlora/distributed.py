@@ -348,17 +348,21 @@ def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T],
     return gather(list(results), share, to=to)
 
 
-def map_groups(fn: Callable[[list[T], list[int]], Sequence[Any]], items: Sequence[T],
-               lengths: Sequence[int], size: int, *,
+def map_groups(fn: Callable[[list[T], list[int] | None], Sequence[Any]], items: Sequence[T],
+               lengths: Sequence[int] | Callable[[], Sequence[int]], size: int, *,
                to: Literal["main", "all"] = "main") -> list[Any] | None:
     """``fn(items, labels)`` computed in shares of whole groups, so that a batch made of one
     group is the same batch with any number of processes: `items`, longest first (`lengths`,
-    ties in their order), are cut into groups of `size` before any process takes a share; a
-    process takes whole groups (`map_shards` over groups) and calls `fn` on their items with
-    each item's group label [len(share)] (a batch of `starlora.generation.generate`'s
-    ``groups``). Results in the order of `items` on the main process (every process with
-    ``to="all"``), None on the others."""
-    order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
+    or a function that gives them; ties in their order), are cut into groups of `size` before
+    any process takes a share; a process takes whole groups (`map_shards` over groups) and
+    calls `fn` on their items with each item's group label [len(share)] (a batch of
+    `starlora.generation.generate`'s ``groups``). With `size` 1 there are no groups to keep:
+    `map_shards`, with ``labels=None``. Results in the order of `items` on the main process
+    (every process with ``to="all"``), None on the others."""
+    if size <= 1:
+        return map_shards(lambda share: fn(share, None), items, lengths, to=to)
+    cost = lengths() if callable(lengths) else lengths
+    order = sorted(range(len(items)), key=lambda i: (-cost[i], i))
     groups = [order[s : s + size] for s in range(0, len(order), size)]
 
     def share_groups(share: list[list[int]]) -> list[list[Any]]:
@@ -368,7 +372,7 @@ def map_groups(fn: Callable[[list[T], list[int]], Sequence[Any]], items: Sequenc
         return [results[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
     per_group = map_shards(share_groups, groups,
-                           lambda: [sum(lengths[i] for i in g) for g in groups], to=to)
+                           lambda: [sum(cost[i] for i in g) for g in groups], to=to)
     if per_group is None:
         return None
     out: list[Any] = [None] * len(items)

@@ -242,9 +242,8 @@ def evaluate(
     # under several processes each predicts its share; all get every prediction, in order;
     # sampled answers several prompts a batch, in groups cut before the shares (`map_groups`)
     size = sampled_group_size(evaluation.samples, evaluation.batch_size)
-    predictions = (dist.map_groups(share, examples, lengths(), size, to="all")
-                   if mode == "generate" and size > 1
-                   else dist.map_shards(share, examples, lengths, to="all"))
+    size = size if mode == "generate" else 1
+    predictions = dist.map_groups(share, examples, lengths, size, to="all")
     correct = np.array([p["correct"] for p in predictions], dtype=np.float64)
     confidence = np.array([p["confidence"] for p in predictions])
     ece, bins = expected_calibration_error(confidence, correct, evaluation.ece_bins)

@@ -119,11 +119,9 @@ def score_rows(run: Run, candidates: list[Example], *, seed: int, model: Any) ->
 
     from starlora.generation import sampled_group_size
 
-    per_group = sampled_group_size(sc.samples, run.config.evaluation.batch_size) if own else 1
-    if per_group == 1:
-        return dist.map_shards(share_rows, candidates, lengths)
     # sampled answers `per_group` prompts a batch, the same batches with any process count
-    return dist.map_groups(share_rows, candidates, lengths(), per_group)
+    per_group = sampled_group_size(sc.samples, run.config.evaluation.batch_size) if own else 1
+    return dist.map_groups(share_rows, candidates, lengths, per_group)
 
 
 def _consistency_columns(run: Run, sampled: list[str], greedy: list[str],
