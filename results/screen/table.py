@@ -9,8 +9,11 @@ or, for an arm marked ``study: true`` without a screen run, the committed study'
 accuracy from ``metrics.jsonl`` (`starlora.study.stats.aulc`, the study's definition), the
 paired difference from ``random`` per seed, and the share of 1-, 2- and 3-step problems among
 the items each arm selected (``rounds/<k>/selected.jsonl``, every query; and the first query
-alone), next to the pool's shares. No test, no correction: it ranks arms for the confirmatory
-study, it does not decide between them.
+alone), next to the pool's shares; and, for the arms that rank by one column of
+``scores.jsonl`` (`TIE_COLUMNS`), how much of each query the random tie-break chose: the
+scored items tied with the query's last pick, and the share of the query drawn among them.
+No test, no correction: it ranks arms for the confirmatory study, it does not decide between
+them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,26 @@ def run_dir(arm: str, seed: int, spec: dict, runs: Path) -> Path | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+#: the arms that rank the scored items by one column of scores.jsonl, and that column
+TIE_COLUMNS = {"pe": "pe", "pe-per_token": "pe", "answer_entropy": "answer_entropy",
+               "disagreement": "disagreement", "length": "answer_tokens"}
+
+
+def ties(run: Path, column: str, query: int) -> list[tuple[int, float]]:
+    """Per query of `run` (``rounds/<k>/scores.jsonl``): (scored items whose `column` equals
+    the query's `query`-th highest value, share of the query that the tie-break drew among
+    them). A continuous column ties nowhere: (1, 0.0) or (1, 1/query)."""
+    out = []
+    for path in sorted(run.glob("rounds/*/scores.jsonl"), key=lambda p: int(p.parent.name)):
+        values = np.sort([r[column] for r in read_jsonl(path)])[::-1]
+        if len(values) <= query:
+            continue
+        cut = values[query - 1]
+        tied, above = int(np.sum(values == cut)), int(np.sum(values > cut))
+        out.append((tied, (query - above) / query if tied > query - above else 0.0))
+    return out
 
 
 def _area(rows: list[dict]) -> float:
@@ -165,7 +188,8 @@ def main() -> int:
                 "aulc": aulc([m["n_labelled"] for m in metrics], [m["accuracy"] for m in metrics]),
                 "final": metrics[-1]["accuracy"], "rounds": len(metrics),
                 "all": [s for k in sorted(picked) for s in picked[k]], "first": picked.get(0, []),
-                "dir": d}
+                "dir": d, "ties": ties(d, TIE_COLUMNS[arm], metrics[0]["n_labelled"])
+                if arm in TIE_COLUMNS else []}
     if not result:
         print("no finished runs yet", file=sys.stderr)
         return 1
@@ -197,6 +221,18 @@ def main() -> int:
     for arm, runs in result.items():
         print(f"| {arm} | {shares([s for r in runs.values() for s in r['all']])} | "
               f"{shares([s for r in runs.values() for s in r['first']])} |")
+    print("\nThe random tie-break's part (arms that rank by one column; per query, mean over seeds):"
+          " scored items tied with the query's last pick, and the share of the query drawn "
+          "among them by the tie-break (0: none).\n")
+    print("| arm | column | tied items, queries 1..6 | share drawn, queries 1..6 |")
+    print("|---|---|---|---|")
+    for arm, runs in result.items():
+        per_query = list(zip(*[r["ties"] for r in runs.values() if r["ties"]]))
+        if not per_query:
+            continue
+        tied = ", ".join(f"{np.mean([t for t, _ in q]):.0f}" for q in per_query)
+        drawn = ", ".join(f"{np.mean([d for _, d in q]):.2f}" for q in per_query)
+        print(f"| {arm} | `{TIE_COLUMNS[arm]}` | {tied} | {drawn} |")
     return 0
 
 
