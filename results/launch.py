@@ -29,6 +29,29 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
+def progress(runs: Sequence[tuple[str, Path, list[str]]]) -> str:
+    """A line per run of `runs` (``(label, run_dir, overrides)``, as `run_all` takes them):
+    finished, the rounds it has evaluated so far (``metrics.jsonl``), or not started; then
+    the counts."""
+    lines, done, begun = [], 0, 0
+    for label, run_dir, _ in runs:
+        if finished(run_dir):
+            lines.append(f"{label}: finished")
+            done += 1
+        elif not run_dir.exists():
+            lines.append(f"{label}: not started")
+        else:
+            begun += 1
+            try:
+                rounds = sum(1 for line in (run_dir / "metrics.jsonl").open() if line.strip())
+            except OSError:
+                rounds = 0
+            lines.append(f"{label}: begun, {rounds} rounds evaluated")
+    lines.append(f"{done} of {len(runs)} finished, {begun} begun, "
+                 f"{len(runs) - done - begun} not started")
+    return "\n".join(lines)
+
+
 def run_all(config: Path, runs: Sequence[tuple[str, Path, list[str]]], workers: int) -> int:
     """Run each ``(label, run_dir, overrides)`` of `runs` not yet finished, in order, at most
     `workers` at a time; `overrides` are ``--set`` values for `config`. Prints a line as each

@@ -2,6 +2,7 @@
 
     python results/study-2/run_study.py --setting smollm2 --workers 2
     python results/study-2/run_study.py --setting calendar --arms random,pe --seeds 10,11
+    python results/study-2/run_study.py --setting smollm2 --status
 
 Refuses to start unless ``results/study-2/PROTOCOL.md`` and ``arms.yaml`` are committed
 (``git log`` names a commit for each, and neither differs from it): the protocol must exist,
@@ -25,7 +26,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from launch import run_all  # noqa: E402  (results/launch.py: the runner of every study script)
+from launch import progress, run_all  # noqa: E402  (results/launch.py: the runner of every study script)
 
 sys.path.insert(0, str(HERE))
 from run_recipe_pilot import TASKS  # noqa: E402  (the overrides the task pilots passed with)
@@ -56,6 +57,8 @@ def main() -> int:
     ap.add_argument("--arms", default=None, help="comma-separated (default: every arm)")
     ap.add_argument("--seeds", default=None, help="comma-separated (default: the setting's)")
     ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    ap.add_argument("--status", action="store_true",
+                    help="list each run as finished, begun or not started, and stop")
     args = ap.parse_args()
     missing = [p.name for p in (HERE / "PROTOCOL.md", HERE / "arms.yaml") if not committed(p)]
     if missing:
@@ -70,6 +73,9 @@ def main() -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     runs = [(f"{args.setting} {a} seed {s}", args.runs_dir / args.setting / a / f"seed{s}",
              [f"seed={s}", *STUDY, *overrides, *arms[a]]) for s in seeds for a in chosen]
+    if args.status:
+        print(progress(runs))
+        return 0
     return run_all(CONFIG, runs, args.workers)
 
 
