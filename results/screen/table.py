@@ -54,7 +54,7 @@ TIE_COLUMNS = {"pe": "pe", "pe-per_token": "pe", "answer_entropy": "answer_entro
 def ties(run: Path, column: str, query: int) -> list[tuple[int, float]]:
     """Per query of `run` (``rounds/<k>/scores.jsonl``): (scored items whose `column` equals
     the query's `query`-th highest value, share of the query that the tie-break drew among
-    them). A continuous column ties nowhere: (1, 0.0) or (1, 1/query)."""
+    them). A column without ties at the cut gives (1, 0.0)."""
     out = []
     for path in sorted(run.glob("rounds/*/scores.jsonl"), key=lambda p: int(p.parent.name)):
         values = np.sort([r[column] for r in read_jsonl(path)])[::-1]
@@ -180,7 +180,8 @@ def main() -> int:
             if d is None:
                 continue
             metrics = read_jsonl(d / "metrics.jsonl")
-            steps = pool_facts(load_config(d / "config.yaml", stored=True), cache).values
+            config = load_config(d / "config.yaml", stored=True)
+            steps = pool_facts(config, cache).values
             pool_steps = pool_steps or steps
             picked = {k: [steps[r["id"]] for r in read_jsonl(p)] for k, p in (
                 (int(p.parent.name), p) for p in d.glob("rounds/*/selected.jsonl"))}
@@ -188,7 +189,7 @@ def main() -> int:
                 "aulc": aulc([m["n_labelled"] for m in metrics], [m["accuracy"] for m in metrics]),
                 "final": metrics[-1]["accuracy"], "rounds": len(metrics),
                 "all": [s for k in sorted(picked) for s in picked[k]], "first": picked.get(0, []),
-                "dir": d, "ties": ties(d, TIE_COLUMNS[arm], metrics[0]["n_labelled"])
+                "dir": d, "ties": ties(d, TIE_COLUMNS[arm], config.active_learning.query_size)
                 if arm in TIE_COLUMNS else []}
     if not result:
         print("no finished runs yet", file=sys.stderr)
