@@ -201,6 +201,22 @@ def test_missing_or_malformed_metrics_raise_data_error(tmp_path, runs):
         load_runs([runs[0], twin])
 
 
+def test_a_folder_stands_for_the_runs_below_it(tmp_path):
+    """``starlora report runs/<setting>``: every run directory under the folder, nested
+    (``<arm>/seed<s>``) or not, each once, and the same records as naming them one by one."""
+    runs = [write_run(tmp_path / "runs" / arm, arm, s, [0.1 * s, 0.2, 0.3])
+            for arm in ("random", "pe") for s in (1, 2)]
+    (tmp_path / "runs" / "report").mkdir()  # a folder of outputs, not a run: passed over
+    by_folder = load_runs([tmp_path / "runs"])
+    assert {Path(r["run_dir"]) for r in by_folder} == {r.resolve() for r in runs}
+    assert by_folder == load_runs(sorted(runs))
+    # a run named again beside its folder is read once, not refused as a twin
+    assert len(load_runs([runs[0], tmp_path / "runs"])) == len(by_folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty/metrics.jsonl: no such file"):
+        load_runs([tmp_path / "empty"])
+
+
 def test_empty_bins_as_evaluation_writes_them(tmp_path):
     """Bins straight from `expected_calibration_error`: empty ones carry None."""
     import numpy as np

@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "report", "learning curves, calibration and tables from runs",
                  "starlora report runs/random-* runs/pe-* --out report/")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=RUN_DIR_HELP + "; several")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help=RUN_DIR_HELP + "; several, or a folder: every run below it")
     p.add_argument("--out", default="report",
                    help="output folder for PNGs, Markdown and CSV (default: report/ here)")
     p.add_argument("--comparisons", metavar="YAML", default=None,

@@ -53,7 +53,7 @@ from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, read_records
 from starlora.report_confidence import confidence_pages, stopping_page
-from starlora.run.store import RunPaths
+from starlora.run.store import RunPaths, find_runs
 from starlora.study.arms import run_labels, study_groups
 from starlora.study.declared import load_declared
 from starlora.study.report import write_studies
@@ -82,7 +82,8 @@ class RoundStats:
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """Every round record of every run, each with its ``run_dir`` added.
+    """Every round record of every run, each with its ``run_dir`` added; a folder that is not
+    a run directory stands for the runs below it (`starlora.run.store.find_runs`).
 
     A round logged twice (a resumed run) keeps its last line. Raises DataError naming the file
     and line for a missing file, malformed JSON, or a missing or mistyped field, and when two
@@ -90,7 +91,7 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """
     records: list[dict[str, Any]] = []
     owner: dict[tuple, Path] = {}
-    for run_dir in dict.fromkeys(Path(d).resolve() for d in run_dirs):
+    for run_dir in find_runs(run_dirs):
         path = RunPaths(run_dir).metrics
         if not path.is_file():
             raise DataError(str(path), None, None, "no such file (is this a run directory?)")

@@ -121,6 +121,19 @@ class RunPaths:
         return sorted(int(p.stem) for p in folder.glob("*.jsonl") if p.stem.isdigit())
 
 
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """The run directories `paths` name, in order, each once: a path holding ``metrics.jsonl``
+    is one; a folder without it stands for every run directory below it, in sorted order
+    (``starlora report results/study-2/runs/smollm2``). A path that is neither stays as it
+    is, so that the reader reports its missing ``metrics.jsonl``."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        below = [] if RunPaths(path).metrics.is_file() or not path.is_dir() else sorted(
+            m.parent for m in path.rglob("metrics.jsonl"))
+        found += below or [path]
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
 def resume_command(run_dir: str | Path) -> str:
     """The command that resumes the run in `run_dir` from its own ``config.yaml`` (every
     ``--set`` of the first command is in it)."""
