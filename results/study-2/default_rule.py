@@ -1,0 +1,111 @@
+"""Apply PROTOCOL.md's rule that sets the default strategy, to both settings' reports.
+
+    starlora report results/study-2/runs/smollm2 --comparisons results/study-2/comparisons.yaml \
+        --out results/study-2/report/smollm2          # and the same for calendar, then:
+    python results/study-2/default_rule.py results/study-2/report/smollm2/study.csv \
+        results/study-2/report/calendar/study.csv
+
+The rule ("The rule that sets the default"), applied once all 96 runs are finished:
+
+1. an arm qualifies if, in **every** setting given, it beats `random` (Holm-adjusted p < 0.05
+   and the bootstrap interval above 0) and is not worse than `pe` (its TOST within the
+   declared margin concludes equivalence, p < 0.05, or it beats `pe` as above);
+2. of the qualifying arms, the default is the one with the higher mean AULC over the settings;
+3. if none qualifies, the default is `pe` on the model's own answers.
+
+The candidate arms and their margins are the ones ``comparisons.yaml`` declares (each arm
+compared with `random` and with `pe`); the numbers are the report's ``study.csv`` rows
+(``paired`` and ``tost`` for AULC, ``arms`` for each arm's mean AULC). Prints one line per arm
+and setting, then the verdict; exits 1 if a row the rule needs is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ALPHA = 0.05
+FALLBACK = "pe"
+
+
+def candidates(comparisons: Path) -> list[str]:
+    """The arms ``comparisons.yaml`` compares with `random` and `pe`, in declared order."""
+    primary = yaml.safe_load(comparisons.read_text())["primary"]
+    return list(dict.fromkeys(c["arm"] for c in primary))
+
+
+def row(rows: list[dict[str, str]], section: str, arm: str, baseline: str = "") -> dict:
+    """The AULC row of `section` for `arm` (against `baseline`); KeyError naming it if absent."""
+    for r in rows:
+        if (r["section"], r["arm"], r["baseline"], r["quantity"]) == (section, arm, baseline,
+                                                                       "aulc"):
+            return r
+    raise KeyError(f"no {section} AULC row for {arm!r}" + (f" against {baseline!r}" if baseline
+                                                            else ""))
+
+
+def beats(r: dict[str, str]) -> bool:
+    """A paired AULC row: Holm-adjusted p below ALPHA and the interval above 0."""
+    return float(r["p_holm"]) < ALPHA and float(r["ci_low"]) > 0
+
+
+def judge(rows: list[dict[str, str]], arm: str) -> dict[str, object]:
+    """One setting's verdict for `arm`: beats random, equivalent to pe, beats pe, qualifies,
+    and its mean AULC."""
+    v: dict[str, object] = {
+        "beats_random": beats(row(rows, "paired", arm, "random")),
+        "equivalent_to_pe": float(row(rows, "tost", arm, "pe")["p"]) < ALPHA,
+        "beats_pe": beats(row(rows, "paired", arm, "pe")),
+        "aulc": float(row(rows, "arms", arm)["estimate"]),
+    }
+    v["qualifies"] = v["beats_random"] and (v["equivalent_to_pe"] or v["beats_pe"])
+    return v
+
+
+def default(reports: dict[str, list[dict[str, str]]], arms: list[str]) -> tuple[str, list[str]]:
+    """The default strategy's arm label by the rule, and the lines that show why."""
+    lines, qualified = [], {}
+    for arm in arms:
+        verdicts = {name: judge(rows, arm) for name, rows in reports.items()}
+        for name, v in verdicts.items():
+            lines.append(f"{arm} in {name}: beats random {v['beats_random']}, equivalent to pe "
+                         f"{v['equivalent_to_pe']}, beats pe {v['beats_pe']}, mean AULC "
+                         f"{v['aulc']:.4f} -> {'qualifies' if v['qualifies'] else 'does not'}")
+        if all(v["qualifies"] for v in verdicts.values()):
+            qualified[arm] = sum(v["aulc"] for v in verdicts.values()) / len(verdicts)
+    if not qualified:
+        lines.append(f"no arm qualifies in every setting: the default is {FALLBACK} (rule 3)")
+        return FALLBACK, lines
+    pick = max(qualified, key=qualified.__getitem__)
+    lines.append("qualifying (mean AULC over the settings): " + ", ".join(
+        f"{a} {m:.4f}" for a, m in qualified.items()) + f"; the default is {pick} (rule 2)")
+    return pick, lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("reports", nargs="+", type=Path, help="each setting's report study.csv")
+    ap.add_argument("--comparisons", type=Path, default=HERE / "comparisons.yaml")
+    args = ap.parse_args()
+    reports = {}
+    for path in args.reports:
+        with path.open(newline="") as f:
+            reports[path.parent.name] = list(csv.DictReader(f))
+    try:
+        pick, lines = default(reports, candidates(args.comparisons))
+    except KeyError as e:
+        print(f"error: {e.args[0]} in one of {', '.join(map(str, args.reports))}",
+              file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    print(f"default: {pick}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
