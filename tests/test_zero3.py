@@ -141,6 +141,27 @@ def test_a_zero3_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path],
     assert all(t.abs().sum() > 0 for t in b.values())
 
 
+@pytest.mark.slow  # a one-process run and an accelerate launch with DeepSpeed (~30 s)
+def test_zero3_base_term_scores_the_adapted_answers_as_one_process_does(tmp_path: Path) -> None:
+    """The default base term (``scoring.base_scores: adapted``) under ZeRO-3: the base model,
+    adapter disabled and weights partitioned, scores the adapted model's own answers as one
+    process does. Without LoRA dropout and with one scoring pass both runs' adapters agree to
+    float rounding (`launching.LOSS_RTOL`), so their answers are mostly the same text (37 of
+    40 measured); where they are, the base term is the same number (fp32 scoring: in bf16 it
+    would follow the batch-mates, which the shares change; 162 nats give or take 0.4 here)."""
+    settings = ["--set", "lora.dropout=0", "--set", "scoring.mc_passes=1",
+                "--set", "scoring.dtype=float32"]
+    for launcher, name in ((ONE, "one"), (ZERO3, "zero3")):
+        run([*launcher, "run", str(TINY), "--run-dir", str(tmp_path / name), *settings])
+    one, two = (read_jsonl(tmp_path / d / "rounds/0/scores.jsonl") for d in ("one", "zero3"))
+    assert [r["id"] for r in one] == [r["id"] for r in two] and len(one) == 40  # 48 - 8
+    same = [(a, b) for a, b in zip(one, two) if a["answer"] == b["answer"]]
+    assert len(same) >= 0.8 * len(one)
+    for a, b in same:
+        assert b["pe_base"] == pytest.approx(a["pe_base"], rel=1e-6)  # measured 2e-9
+        assert b["pe"] == pytest.approx(a["pe"], rel=1e-4)  # the adapters: measured 2e-5
+
+
 @pytest.mark.slow  # two accelerate launches with DeepSpeed (~60 s)
 def test_a_killed_zero3_run_finishes_when_run_again(zero3_run: Path, tmp_path: Path) -> None:
     """Killed after round 0's training, the rerun loads the saved adapter into the
