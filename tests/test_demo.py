@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from starlora.config import load_config
-from starlora.demo import DEMO_CONFIG, run_demo
+from starlora.demo import DEFAULT_STRATEGY, DEMO_CONFIG, run_demo
 from starlora.run.store import RunStore
 
 QUICK = ["model.name=tiny-llama", "task.pool_size=24", "task.test_size=6", "lora.r=2",
@@ -22,10 +22,26 @@ def test_demo_config_is_the_embedded_model_offline() -> None:
     assert config.task.train is None  # generated data: no download
 
 
+def test_the_demo_shows_the_default_strategy_against_random() -> None:
+    """The default strategy has one owner, the config: the demo file leaves it unset, and the
+    demo's second run is whatever the default is."""
+    import inspect
+
+    import yaml
+
+    from starlora.config import ExperimentConfig
+
+    assert DEFAULT_STRATEGY == ExperimentConfig().active_learning.strategy != "random"
+    assert load_config(DEMO_CONFIG).active_learning.strategy == DEFAULT_STRATEGY
+    assert "strategy" not in yaml.safe_load(DEMO_CONFIG.read_text())["active_learning"]
+    default = inspect.signature(run_demo).parameters["strategies"].default
+    assert default == ("random", DEFAULT_STRATEGY)
+
+
 @pytest.mark.slow
 def test_demo_runs_both_strategies_and_writes_the_report(tmp_path: Path, capsys) -> None:
     written = run_demo(tmp_path, overrides=QUICK, progress=False)
-    for strategy in ("random", "pe-dynamic"):
+    for strategy in ("random", DEFAULT_STRATEGY):
         assert [m["n_labelled"] for m in RunStore.open(tmp_path / "runs" / strategy).metrics()] == [4, 8]
     assert {"accuracy.png", "ece.png", "reliability.png", "summary.md"} <= set(written)
     for path in written.values():
@@ -36,6 +52,6 @@ def test_demo_runs_both_strategies_and_writes_the_report(tmp_path: Path, capsys)
     record = json.loads((tmp_path / "demo.json").read_text())  # what the README's figures use
     assert record["resumed"] is False and record["minutes"] > 0 and record["cpus"] >= 1
     assert {k: [n for n, _ in v] for k, v in record["accuracy"].items()} == {
-        "random": [4, 8], "pe-dynamic": [4, 8]}
+        "random": [4, 8], DEFAULT_STRATEGY: [4, 8]}
     run_demo(tmp_path, overrides=QUICK, progress=False)  # again: finished runs, resumed
     assert json.loads((tmp_path / "demo.json").read_text())["resumed"] is True
