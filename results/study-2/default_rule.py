@@ -92,10 +92,13 @@ def main() -> int:
     ap.add_argument("reports", nargs="+", type=Path, help="each setting's report study.csv")
     ap.add_argument("--comparisons", type=Path, default=HERE / "comparisons.yaml")
     args = ap.parse_args()
+    names = [p.parent.name for p in args.reports]  # the setting: report/<setting>/study.csv
+    if len(set(names)) < len(names):
+        names = [str(p) for p in args.reports]
     reports = {}
-    for path in args.reports:
+    for name, path in zip(names, args.reports):
         with path.open(newline="") as f:
-            reports[path.parent.name] = list(csv.DictReader(f))
+            reports[name] = list(csv.DictReader(f))
     try:
         pick, lines = default(reports, candidates(args.comparisons))
     except KeyError as e:
