@@ -3,7 +3,8 @@
 It runs the demo config (``demo.yaml`` beside this file: SmolLM2-135M-Instruct on generated
 arithmetic problems) once with `random` and once with the library's default strategy
 (`DEFAULT_STRATEGY`: the default of ``active_learning.strategy``, so the demo shows whatever
-the evidence made the default), then writes the report. Both runs are resumable: run the same command again after an interruption.
+the evidence made the default), then writes the report. Both runs are resumable: run the
+same command again after an interruption.
 
 It also writes ``demo.json`` beside the report: the wall time, whether the runs resumed work
 done before (then the time is not the whole demo's), the machine, and each strategy's accuracy
