@@ -464,17 +464,26 @@ def test_auroc_section_says_when_no_run_has_the_file(study_runs, tmp_path):
     assert not [r for r in read_csv(written["study.csv"]) if r["section"] == "auroc"]
 
 
-STUDY = Path(__file__).resolve().parents[1] / "results" / "arith-study"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+STUDY = RESULTS / "arith-study"
+#: each committed study report: its runs, its folder, its declared comparisons (the commands
+#: in results/README.md and results/study-2/README.md)
+REPORTS = {
+    "arith-study": (sorted(STUDY.glob("runs/*/seed*[0-9]")), STUDY / "report", None),
+    **{f"study-2 {s}": ([RESULTS / "study-2" / "runs" / s], RESULTS / "study-2" / "report" / s,
+                        RESULTS / "study-2" / "comparisons.yaml") for s in ("smollm2", "calendar")},
+}
 
 
 @pytest.mark.slow
-def test_the_committed_study_report_regenerates_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("study", sorted(REPORTS))
+def test_the_committed_study_report_regenerates_byte_for_byte(tmp_path, study):
     """Issue 19's promise: `starlora report` on the committed runs writes the committed tables
     again, exactly (the PNGs are drawings of them and not compared)."""
-    committed = STUDY / "report"
+    runs, committed, comparisons = REPORTS[study]
     if not (committed / "study.md").is_file():
         pytest.skip("the study's report is committed once all its runs are in")
-    written = build_report(sorted(STUDY.glob("runs/*/seed*[0-9]")), tmp_path)
+    written = build_report(runs, tmp_path, comparisons)
     tables = sorted(p.name for p in committed.iterdir() if p.suffix in (".md", ".csv"))
     assert tables and tables == sorted(n for n in written if Path(n).suffix in (".md", ".csv"))
     for name in tables:
