@@ -6,13 +6,17 @@
 1. Embeds `--prompts` pool prompts with the frozen SmolLM2-135M-Instruct
    (`starlora.scoring.embeddings.embed_prompts`, no cache, in ``scoring.dtype: auto``'s
    precision) and prints prompts/s. Side by side in the same process, the first
-   `--reference` prompts are embedded in batches and one at a time (batch size 1, no
-   padding): their time ratio and the largest difference of the two.
+   `--reference` prompts are embedded in batches and one at a time (batch size 1): their
+   time ratio and the largest difference of the two; and all prompts again in length-sorted
+   batches (``fixed_shapes=False``, what the library did before fixed shapes): the price of
+   fixed shapes as ``fixed_vs_sorted`` (the sorted batches' time over the fixed ones', below
+   1 when fixed shapes are slower) and the largest difference.
 2. Clusters 100,000 random points of SmolLM2's width (576) with `starlora.acquisition.diversity.kmeans`
    into 32, 128 and 500 clusters (500: `typiclust`'s cap), and runs one whole `typiclust`
    query (16 of 100,000, 112 labelled: 128 clusters) and one `diverse_top` (m = 10).
 
-The last line is ``prompts_per_s=<embedding rate> kmeans_s=<seconds for 500 clusters>``.
+The last line is ``prompts_per_s=<embedding rate> kmeans_s=<seconds for 500 clusters>
+fixed_vs_sorted=<ratio>``.
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ def main() -> None:
     rate = len(prompts) / seconds
     print(f"embedded {emb.shape[0]} prompts of width {emb.shape[1]} in {seconds:.1f} s: "
           f"{rate:.1f} prompts/s, {tokens / seconds:.0f} tokens/s", flush=True)
+    emb_sorted, sorted_s = timed(lambda: embed_prompts(model, tokenizer, prompts, dtype=dtype,
+                                                       fixed_shapes=False))
+    print(f"length-sorted batches: {sorted_s:.1f} s, fixed_vs_sorted={sorted_s / seconds:.2f}, "
+          f"max |difference| {np.abs(emb - emb_sorted).max():.2e}", flush=True)
 
     x = np.random.default_rng(0).standard_normal((args.points, emb.shape[1])).astype(np.float32)
     kmeans_s = {}
@@ -102,7 +110,8 @@ def main() -> None:
     order = np.random.default_rng(3).permutation(args.points)
     _, t_div = timed(lambda: diverse_top(order, x, 16, 10, np.random.default_rng(4)))
     print(f"diverse_top: 16 of the top 160 of {args.points}: {t_div:.3f} s", flush=True)
-    print(f"prompts_per_s={rate:.1f} kmeans_s={kmeans_s[500]:.2f}")
+    print(f"prompts_per_s={rate:.1f} kmeans_s={kmeans_s[500]:.2f} "
+          f"fixed_vs_sorted={sorted_s / seconds:.2f}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,26 @@ def test_embeddings_are_mean_pooled_final_states_whatever_the_batch(tiny) -> Non
         embed_prompts(tiny.model, tiny.tokenizer, [[]], progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_embedding_is_the_same_bits_whatever_is_embedded_beside_it(tiny, dtype) -> None:
+    """Fixed shapes: a prompt embedded alone, among all, in another order, or among a few of
+    other lengths gives the same bytes, so a cache shared by runs (and chunks, and processes'
+    shares) holds what any of them would compute. Length-sorted batches failed this in bf16."""
+    P = prompts(tiny.tokenizer, 24)
+    assert len({len(p) for p in P}) > 3
+    kw = dict(dtype=dtype, progress=False, max_tokens_per_batch=256)
+    together = embed_prompts(tiny.model, tiny.tokenizer, P, **kw)
+    order = np.random.default_rng(0).permutation(len(P))
+    shuffled = embed_prompts(tiny.model, tiny.tokenizer, [P[i] for i in order], **kw)
+    assert shuffled.tobytes() == together[order].tobytes()
+    for i in (0, 7, 23):
+        alone = embed_prompts(tiny.model, tiny.tokenizer, [P[i]], **kw)
+        assert alone.tobytes() == together[i:i + 1].tobytes()
+    few = [3, 11, 17, 20]
+    assert embed_prompts(tiny.model, tiny.tokenizer, [P[i] for i in few], **kw).tobytes() == \
+        together[few].tobytes()
+
+
 def test_the_adapter_is_disabled_and_the_weights_restored(tiny) -> None:
     from starlora.adapters import attach_lora
 
@@ -69,7 +89,8 @@ def test_the_cache_computes_each_prompt_once_and_resumes_to_the_same_bytes(
     tiny, tmp_path: Path
 ) -> None:
     P = prompts(tiny.tokenizer, 10)
-    key = embedding_cache_key("fp", dtype=torch.float32, max_length=1024)
+    key = embedding_cache_key("fp", dtype=torch.float32, max_length=1024,
+                              shape=("tokens", 4096))
     calls: list[int] = []
 
     def compute(chunk):
@@ -112,6 +133,9 @@ def test_the_cache_key_separates_what_changes_an_embedding(tiny, tmp_path: Path)
     c = cached_embeddings(tiny.model, tiny.tokenizer, P, dtype=torch.float32,
                           **{**kw, "max_length": 512})
     assert len(list(tmp_path.iterdir())) == 3 and np.array_equal(a, c)
+    # another batch shape rounds other bits: another folder
+    cached_embeddings(tiny.model, tiny.tokenizer, P, dtype=torch.float32, batch_size=2, **kw)
+    assert len(list(tmp_path.iterdir())) == 4
     # no fingerprint: computed every time, nothing written
     cached_embeddings(tiny.model, tiny.tokenizer, P, dtype=torch.float32,
                       **{**kw, "fingerprint": "", "directory": tmp_path / "none"})

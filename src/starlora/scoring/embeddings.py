@@ -12,11 +12,21 @@ mean describes the whole question. Mean pooling is the usual sentence embedding 
 needs no extra model: the base model is already loaded for scoring. Distances between these
 vectors are taken as they are (Euclidean, by the strategies in `starlora.acquisition`).
 
+Batches have **fixed shapes** (`batch_shape`, as `starlora.generation` decodes below fp32): a
+prompt is right-padded to the next multiple of `BUCKET` tokens and embedded only with prompts
+of that width, always as many rows a batch (a short batch filled with copies of its first
+prompt). The kernels round a row's numbers by the batch's shape, not by the other rows, so a
+prompt's embedding is the same bits whatever else is embedded with it, in whatever order,
+share or chunk. With length-sorted batches it was not: in bf16, SmolLM2 embedded 8 of 12
+prompts to other bits alone than in a batch of 24 (up to 0.07 apart), so a cached embedding
+depended on which run had computed it, and with what.
+
 `EmbeddingCache` keeps them on disk, shared by every run of one user, the way base scores are
 (`starlora.scoring.cache`): a folder per `embedding_cache_key` (weights' fingerprint, dtype,
-max_length, pooling), in it one safetensors file per computed chunk, each record named by the
-`sequence_key` of the prompt's token ids. Files are written atomically and never changed, so a
-computation killed anywhere resumes from its finished chunks, and processes may share a folder.
+max_length, pooling, batch shape), in it one safetensors file per computed chunk, each record
+named by the `sequence_key` of the prompt's token ids. Files are written atomically and never
+changed, so a computation killed anywhere resumes from its finished chunks to the same bytes,
+and processes may share a folder.
 """
 
 from __future__ import annotations
@@ -48,6 +58,21 @@ CPU_TOKENS_PER_BATCH = 4096
 GPU_TOKENS_PER_BATCH = 32768
 #: prompts per batch under DeepSpeed ZeRO-3: every process must run as many forward passes
 ZERO3_BATCH_SIZE = 8
+#: fixed shapes: a prompt is right-padded to the next multiple of BUCKET tokens
+BUCKET = 16
+
+
+def batch_shape(batch_size: int | str, max_tokens_per_batch: int | None,
+                device: torch.device) -> tuple[str, int]:
+    """How `embed_prompts` sizes its batches: ``("tokens", T)``, as many rows of a width W as
+    fit in T padded tokens (``batch_size="auto"``; T from `max_tokens_per_batch` or the
+    device's default), or ``("rows", B)``. Part of the cache key: the shape rounds the bits."""
+    if batch_size != "auto":
+        return "rows", int(batch_size)
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" \
+            else CPU_TOKENS_PER_BATCH
+    return "tokens", int(max_tokens_per_batch)
 
 
 def embed_prompts(
@@ -61,14 +86,18 @@ def embed_prompts(
     progress: bool = True,
     desc: str = "embedding prompts (base model)",
     bar: Any = None,
+    fixed_shapes: bool | None = None,
 ) -> np.ndarray:
     """[N, d] float32: the mean-pooled last hidden state of each of `prompt_ids` ([N] lists of
     token ids, used as given: cut them to length first) under `model` with its adapter
     disabled (a peft model or a plain causal LM).
 
-    Prompts run longest first in right-padded batches of at most `max_tokens_per_batch`
-    padded tokens (``batch_size="auto"``; halved on a GPU out-of-memory) or of `batch_size`
-    prompts; under ZeRO-3 in batches of `ZERO3_BATCH_SIZE`. `dtype`: the precision of the
+    Prompts run widest first, `batch_shape` rows a batch (``batch_size="auto"``: as many as
+    fit in `max_tokens_per_batch` padded tokens, halved on a GPU out-of-memory, which changes
+    the shapes from there on), in fixed shapes (module docstring); with ``fixed_shapes=False``
+    in length-sorted batches as wide as their longest prompt (faster, bits that follow the
+    batch-mates), as always under ZeRO-3, there `ZERO3_BATCH_SIZE` prompts a batch (its
+    processes must run as many batches as each other). `dtype`: the precision of the
     forward pass (the weights are cast for the call), None = the model's. An empty prompt
     is an error (ValueError): it has no tokens to average. `bar`: a tqdm bar to advance
     instead of a bar of its own (a caller that embeds in several calls shows one bar)."""
@@ -82,14 +111,12 @@ def embed_prompts(
     if n == 0:
         return out
     zero = zero3.enabled()
-    by_tokens = batch_size == "auto" and not zero
-    if max_tokens_per_batch is None:
-        max_tokens_per_batch = CPU_TOKENS_PER_BATCH if device.type == "cpu" \
-            else GPU_TOKENS_PER_BATCH
-    limit = max_tokens_per_batch if by_tokens else \
-        ZERO3_BATCH_SIZE if batch_size == "auto" else int(batch_size)
+    mode, limit = ("rows", ZERO3_BATCH_SIZE) if zero and batch_size == "auto" else \
+        batch_shape(batch_size, max_tokens_per_batch, device)
+    fixed = (fixed_shapes is None or fixed_shapes) and not zero
     lengths = np.array([len(p) for p in prompt_ids], np.int64)
-    order = np.argsort(-lengths, kind="stable")
+    widths = -(-lengths // BUCKET) * BUCKET if fixed else lengths
+    order = np.argsort(-widths, kind="stable")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     from tqdm.auto import tqdm
@@ -109,13 +136,19 @@ def embed_prompts(
         stack.callback(body.train, was_training)
         start = 0
         while start < n:
-            longest = int(lengths[order[start]])
-            size = max(1, limit // longest) if by_tokens else limit
+            width = int(widths[order[start]])
+            size = max(1, limit // width) if mode == "tokens" else limit
             idx = order[start:start + size]
+            if fixed:  # one width a batch, always `size` rows
+                idx = idx[widths[idx] == width]
+                rows = [*idx, *[idx[0]] * (size - len(idx))]
+            else:  # as wide as its longest prompt, the first
+                rows = list(idx)
             try:
-                out[idx] = _embed_batch(body, [prompt_ids[i] for i in idx], pad_id, device)
+                values = _embed_batch(body, [prompt_ids[i] for i in rows], pad_id, device, width)
+                out[idx] = values[:len(idx)]
             except torch.OutOfMemoryError:
-                if len(idx) == 1 or zero or device.type != "cuda":
+                if size == 1 or zero or device.type != "cuda":
                     raise
                 limit = max(1, limit // 2)
                 torch.cuda.empty_cache()
@@ -128,10 +161,9 @@ def embed_prompts(
 
 
 def _embed_batch(body: nn.Module, prompts: list[Sequence[int]], pad_id: int,
-                 device: torch.device) -> np.ndarray:
-    """[B, d] float32 mean-pooled final hidden states of one right-padded batch (causal
-    attention: a real token never sees the padding after it)."""
-    width = max(len(p) for p in prompts)
+                 device: torch.device, width: int) -> np.ndarray:
+    """[B, d] float32 mean-pooled final hidden states of one batch right-padded to `width`
+    tokens (causal attention: a real token never sees the padding after it)."""
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -150,18 +182,20 @@ def default_embedding_cache_dir() -> Path:
     return cache_dir() / "embeddings"
 
 
-def embedding_cache_key(fingerprint: str, *, dtype: torch.dtype,
-                        max_length: int | None = None) -> dict[str, Any]:
+def embedding_cache_key(fingerprint: str, *, dtype: torch.dtype, max_length: int | None = None,
+                        shape: tuple[str, int]) -> dict[str, Any]:
     """The key of one embedding cache folder: what, besides a prompt's token ids (its
     `sequence_key`), changes its embedding. `fingerprint`: `starlora.models.model_fingerprint`
     of the weights (a model without one, "", cannot be cached: ConfigError); `dtype`: the
-    precision of the forward pass; `max_length`: where prompts were cut."""
+    precision of the forward pass; `max_length`: where prompts were cut; `shape`: the
+    `batch_shape` of the fixed-shape batches (with `BUCKET`), which round the last bits.
+    Version 2: fixed shapes (version 1's length-sorted batches made bits follow batch-mates)."""
     if not fingerprint:
         raise ConfigError("embedding cache: the model has no fingerprint of its weights")
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"embedding cache: dtype must be a torch.dtype, got {dtype!r}")
-    return {"version": 1, "pooling": POOLING, "model": fingerprint, "dtype": str(dtype),
-            "max_length": max_length}
+    return {"version": 2, "pooling": POOLING, "model": fingerprint, "dtype": str(dtype),
+            "max_length": max_length, "bucket": BUCKET, "batch": list(shape)}
 
 
 class EmbeddingCache:
@@ -266,7 +300,8 @@ def cached_embeddings(
 ) -> np.ndarray:
     """`embed_prompts` of `prompt_ids` through an `EmbeddingCache` in `directory` (default
     `default_embedding_cache_dir`); a model without a `fingerprint` is embedded every time.
-    `options` go to `embed_prompts` (batch_size, max_tokens_per_batch); one progress bar
+    `options` go to `embed_prompts` (batch_size, max_tokens_per_batch; always fixed shapes:
+    the key names them); one progress bar
     (`progress`, `desc`) counts the prompts computed, not those found on disk."""
     from tqdm.auto import tqdm
 
@@ -280,9 +315,11 @@ def cached_embeddings(
         if not fingerprint:
             bar.total = len(prompt_ids)
             return compute(list(prompt_ids))
+        shape = batch_shape(options.get("batch_size", "auto"),
+                            options.get("max_tokens_per_batch"), next(model.parameters()).device)
         cache = EmbeddingCache(directory or default_embedding_cache_dir(),
                                embedding_cache_key(fingerprint, dtype=dtype,
-                                                   max_length=max_length))
+                                                   max_length=max_length, shape=shape))
         return cache.get_or_compute(prompt_ids, compute, bar=bar)
     finally:
         bar.close()
