@@ -70,8 +70,8 @@ def batch_shape(batch_size: int | str, max_tokens_per_batch: int | None,
     if batch_size != "auto":
         return "rows", int(batch_size)
     if max_tokens_per_batch is None:
-        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" \
-            else CPU_TOKENS_PER_BATCH
+        max_tokens_per_batch = CPU_TOKENS_PER_BATCH if device.type == "cpu" \
+            else GPU_TOKENS_PER_BATCH
     return "tokens", int(max_tokens_per_batch)
 
 
