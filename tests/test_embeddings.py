@@ -65,6 +65,9 @@ def test_an_embedding_is_the_same_bits_whatever_is_embedded_beside_it(tiny, dtyp
     few = [3, 11, 17, 20]
     assert embed_prompts(tiny.model, tiny.tokenizer, [P[i] for i in few], **kw).tobytes() == \
         together[few].tobytes()
+    # the length-sorted batches of before (fixed_shapes=False): the same vectors, other bits
+    sorted_ = embed_prompts(tiny.model, tiny.tokenizer, P, fixed_shapes=False, **kw)
+    np.testing.assert_allclose(sorted_, together, rtol=0.05, atol=0.05)
 
 
 def test_the_adapter_is_disabled_and_the_weights_restored(tiny) -> None:
