@@ -26,17 +26,17 @@ import csv
 import sys
 from pathlib import Path
 
-import yaml
-
 HERE = Path(__file__).resolve().parent
 ALPHA = 0.05
 FALLBACK = "pe"
 
 
 def candidates(comparisons: Path) -> list[str]:
-    """The arms ``comparisons.yaml`` compares with `random` and `pe`, in declared order."""
-    primary = yaml.safe_load(comparisons.read_text())["primary"]
-    return list(dict.fromkeys(c["arm"] for c in primary))
+    """The arms ``comparisons.yaml`` compares with `random` and `pe`, in declared order (read
+    as the report reads it, `starlora.study.declared.load_declared`)."""
+    from starlora.study.declared import load_declared
+
+    return list(dict.fromkeys(p.arm for p in load_declared(comparisons).pairs))
 
 
 def row(rows: list[dict[str, str]], section: str, arm: str, baseline: str = "") -> dict:
