@@ -145,6 +145,52 @@ def test_the_cache_key_separates_what_changes_an_embedding(tiny, tmp_path: Path)
     assert not (tmp_path / "none").exists()
 
 
+def test_out_of_memory_halves_the_shape_into_the_halved_shapes_cache(
+    tiny, tmp_path: Path
+) -> None:
+    """A batch of more than 2 rows runs out of memory: uncached, `embed_prompts` halves its
+    batches (8 -> 4 -> 2 rows); cached, the halved shape's folder gets the values, the bytes
+    that shape computes when it fits, and the first shape's folder gets none."""
+    P = prompts(tiny.tokenizer, 10)
+    rows: list[int] = []
+
+    def limited(module, args, kwargs):
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        if rows[-1] > 2:
+            raise torch.OutOfMemoryError("pretend")
+
+    body = decoder_and_head(tiny.model)[0]
+    fits = embed_prompts(tiny.model, tiny.tokenizer, P, batch_size=2, progress=False)
+    handle = body.register_forward_pre_hook(limited, with_kwargs=True)
+    try:
+        halved = embed_prompts(tiny.model, tiny.tokenizer, P, batch_size=8, progress=False)
+        assert rows[:2] == [8, 4] and set(rows[2:]) == {2}
+        assert halved.tobytes() == fits.tobytes()
+        with pytest.raises(torch.OutOfMemoryError):
+            embed_prompts(tiny.model, tiny.tokenizer, P, batch_size=8, halve_on_oom=False,
+                          progress=False)
+        kw = dict(fingerprint="fp", dtype=torch.float32, max_length=1024, progress=False)
+        cached = cached_embeddings(tiny.model, tiny.tokenizer, P, batch_size=8,
+                                   directory=tmp_path, **kw)
+    finally:
+        handle.remove()
+    assert cached.tobytes() == fits.tobytes()
+    folders = {json.loads((f / "key.json").read_text())["batch"][1]: f
+               for f in tmp_path.iterdir()}
+    assert sorted(folders) == [2, 4, 8]
+    assert not list(folders[8].glob("*.safetensors"))
+    assert not list(folders[4].glob("*.safetensors"))
+    # the halved shape's folder is what a run asking for 2 rows reads: nothing computed
+    rows.clear()
+    handle = body.register_forward_pre_hook(limited, with_kwargs=True)
+    try:
+        again = cached_embeddings(tiny.model, tiny.tokenizer, P, batch_size=2,
+                                  directory=tmp_path, **kw)
+    finally:
+        handle.remove()
+    assert rows == [] and again.tobytes() == fits.tobytes()
+
+
 # -- label-free: strategies on embeddings never read a pool item's answer -------------------
 ARITH = get_task("arith").generate("train", 24, 3)
 

@@ -32,6 +32,7 @@ and processes may share a folder.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -62,6 +63,11 @@ ZERO3_BATCH_SIZE = 8
 BUCKET = 16
 
 
+class BatchTooLarge(torch.OutOfMemoryError):
+    """Out of memory in a batch of more than one row (`embed_prompts` with
+    ``halve_on_oom=False``): a smaller batch shape may fit."""
+
+
 def batch_shape(batch_size: int | str, max_tokens_per_batch: int | None,
                 device: torch.device) -> tuple[str, int]:
     """How `embed_prompts` sizes its batches: ``("tokens", T)``, as many rows of a width W as
@@ -87,14 +93,16 @@ def embed_prompts(
     desc: str = "embedding prompts (base model)",
     bar: Any = None,
     fixed_shapes: bool | None = None,
+    halve_on_oom: bool = True,
 ) -> np.ndarray:
     """[N, d] float32: the mean-pooled last hidden state of each of `prompt_ids` ([N] lists of
     token ids, used as given: cut them to length first) under `model` with its adapter
     disabled (a peft model or a plain causal LM).
 
     Prompts run widest first, `batch_shape` rows a batch (``batch_size="auto"``: as many as
-    fit in `max_tokens_per_batch` padded tokens, halved on a GPU out-of-memory, which changes
-    the shapes from there on), in fixed shapes (module docstring); with ``fixed_shapes=False``
+    fit in `max_tokens_per_batch` padded tokens), halved on an out-of-memory error, which
+    changes the shapes from there on (``halve_on_oom=False``: `BatchTooLarge` is raised
+    instead, for a caller whose cache key names the shape), in fixed shapes (module docstring); with ``fixed_shapes=False``
     in length-sorted batches as wide as their longest prompt (faster, bits that follow the
     batch-mates), as always under ZeRO-3, there `ZERO3_BATCH_SIZE` prompts a batch (its
     processes must run as many batches as each other). `dtype`: the precision of the
@@ -147,17 +155,25 @@ def embed_prompts(
             try:
                 values = _embed_batch(body, [prompt_ids[i] for i in rows], pad_id, device, width)
                 out[idx] = values[:len(idx)]
-            except torch.OutOfMemoryError:
-                if size == 1 or zero or device.type != "cuda":
+            except torch.OutOfMemoryError as e:
+                if size == 1 or zero:
                     raise
+                if not halve_on_oom:
+                    raise BatchTooLarge(str(e)) from e
                 limit = max(1, limit // 2)
-                torch.cuda.empty_cache()
+                _free(device)
                 continue
             bar.update(len(idx))
             start += len(idx)
     if own_bar:
         bar.close()
     return out
+
+
+def _free(device: torch.device) -> None:
+    """Give the allocator's cached blocks back after an out-of-memory error."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _embed_batch(body: nn.Module, prompts: list[Sequence[int]], pad_id: int,
@@ -301,25 +317,42 @@ def cached_embeddings(
     """`embed_prompts` of `prompt_ids` through an `EmbeddingCache` in `directory` (default
     `default_embedding_cache_dir`); a model without a `fingerprint` is embedded every time.
     `options` go to `embed_prompts` (batch_size, max_tokens_per_batch; always fixed shapes:
-    the key names them); one progress bar
-    (`progress`, `desc`) counts the prompts computed, not those found on disk."""
+    the key names them). An out-of-memory error in a batch of several rows (`BatchTooLarge`)
+    halves the batch shape and starts again in the cache folder of the halved shape, so that
+    a folder holds only what its key's shape computes (chunks written before stay in theirs).
+    One progress bar (`progress`, `desc`) counts the prompts computed, not those found on
+    disk."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=not progress,
                dynamic_ncols=True, delay=1)  # shown only if it lasts: all found on disk, none
 
-    def compute(prompts: list[Sequence[int]]) -> np.ndarray:
-        return embed_prompts(model, tokenizer, prompts, dtype=dtype, bar=bar, **options)
-
     try:
         if not fingerprint:
             bar.total = len(prompt_ids)
-            return compute(list(prompt_ids))
-        shape = batch_shape(options.get("batch_size", "auto"),
-                            options.get("max_tokens_per_batch"), next(model.parameters()).device)
-        cache = EmbeddingCache(directory or default_embedding_cache_dir(),
-                               embedding_cache_key(fingerprint, dtype=dtype,
-                                                   max_length=max_length, shape=shape))
-        return cache.get_or_compute(prompt_ids, compute, bar=bar)
+            return embed_prompts(model, tokenizer, list(prompt_ids), dtype=dtype, bar=bar,
+                                 **options)
+        device = next(model.parameters()).device
+        shape = batch_shape(options.pop("batch_size", "auto"),
+                            options.pop("max_tokens_per_batch", None), device)
+
+        def compute(shape: tuple[str, int], prompts: list[Sequence[int]]) -> np.ndarray:
+            mode, limit = shape
+            sized = {"batch_size": limit} if mode == "rows" else \
+                {"batch_size": "auto", "max_tokens_per_batch": limit}
+            return embed_prompts(model, tokenizer, prompts, dtype=dtype, bar=bar,
+                                 halve_on_oom=False, **sized, **options)
+
+        while True:
+            cache = EmbeddingCache(directory or default_embedding_cache_dir(),
+                                   embedding_cache_key(fingerprint, dtype=dtype,
+                                                       max_length=max_length, shape=shape))
+            try:
+                return cache.get_or_compute(prompt_ids, functools.partial(compute, shape),
+                                            bar=bar)
+            except BatchTooLarge:
+                shape = (shape[0], max(1, shape[1] // 2))
+                _free(device)
+                bar.reset()
     finally:
         bar.close()
