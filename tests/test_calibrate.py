@@ -40,3 +40,29 @@ def test_calibrate_a_tiny_run(tmp_path, capsys):
         f.unlink()
     with pytest.raises(StarloraError, match="adapter is gone"):
         calibrate(str(run_dir), progress=False)
+
+
+def test_calibrate_a_choice_run(tmp_path, data_dir):
+    """A choice task: the confidence is the predicted choice's probability, a softmax over
+    the choices' summed log-probabilities; at T = 1 that is the run's own evaluation's."""
+    import numpy as np
+
+    obqa = data_dir / "obqa"
+    cfg = load_config(TINY, ["task.name=obqa", f"task.train={obqa / 'train.jsonl'}",
+                             f"task.test={obqa / 'test.jsonl'}", "task.pool_size=24",
+                             "task.test_size=10", "active_learning.rounds=1",
+                             "evaluation.mode=choice"])
+    run_dir = tmp_path / "run"
+    run_experiment(cfg, run_dir, progress=False)
+    result = calibrate(str(run_dir), progress=False)
+    assert set(result["signals"]) == {"answer"} and result["labelled"] == 8
+    predictions = [json.loads(line) for line in
+                   (run_dir / f"rounds/{result['round']}/predictions.jsonl").open()]
+    conf, correct = [], []
+    for p in predictions:
+        ll = np.array(p["choice_logprobs"], dtype=np.float64)
+        probs = np.exp(ll - ll.max()) / np.exp(ll - ll.max()).sum()
+        conf.append(probs.max())
+        correct.append(float(p["correct"]))
+    brier = float(np.mean((np.array(conf) - np.array(correct)) ** 2))
+    assert result["signals"]["answer"]["before"]["brier"] == pytest.approx(brier, abs=1e-5)

@@ -279,6 +279,28 @@ def test_uncertainty_writes_the_same_file_with_one_and_two_processes(
     assert written[0] == written[1] and len(written[0].splitlines()) == 12
 
 
+@pytest.mark.slow  # two launches (~15 s)
+def test_calibrate_fits_the_same_temperature_with_one_and_two_processes(
+    tiny_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`starlora calibrate` on a finished run: 2 processes each run a share of the forward
+    passes (whole batches, cut before the shares), both get the temperature, and the main
+    one prints and writes the bytes one process writes."""
+    import shutil
+
+    written = []
+    for name, launcher in (("one", ONE), ("two", TWO)):
+        run_dir = tmp_path / name
+        shutil.copytree(tiny_runs[0], run_dir)
+        (run_dir / "rounds/1/calibration.json").unlink(missing_ok=True)
+        proc = run([*launcher, "calibrate", str(run_dir)])
+        assert proc.stdout.count("round 1: temperature") == 1
+        written.append((run_dir / "rounds/1/calibration.json").read_bytes())
+    assert written[0] == written[1]
+    result = json.loads(written[0])
+    assert result["labelled"] == 16 and set(result["signals"]) == {"answer", "msp", "perplexity"}
+
+
 @pytest.mark.parametrize("name", ["multi-gpu.yaml", "deepspeed-zero3.yaml"])
 def test_accelerate_configs_load_and_name_their_launch_command(name: str) -> None:
     from accelerate.commands.config.config_args import load_config_from_file

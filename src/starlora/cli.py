@@ -203,9 +203,12 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from starlora import distributed as dist
     from starlora.run.calibrate import calibrate, summary
 
-    print(summary(calibrate(args.run_dir)))
+    result = calibrate(args.run_dir)  # under N processes each runs a share; the main writes
+    if dist.is_main():
+        print(summary(result))
     return 0
 
 

@@ -20,18 +20,21 @@ On the test set it then reports, before (T = 1) and after (the fitted T), the nu
   log-probabilities at T.
 
 Correctness is the run's own (``predictions.jsonl``); the predictions do not change. Writes
-``rounds/<k>/calibration.json`` (`RunStore`); one process, the run's device.
+``rounds/<k>/calibration.json`` (`RunStore`). Under N processes (``torchrun``/``accelerate
+launch``) each runs a length-balanced share of the forward passes, every process gets the
+fitted temperature, and the main process writes the file.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
+from starlora import distributed as dist
 from starlora.confidence import best_on_grid, signal_metrics, temperature_grid
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl
@@ -40,18 +43,25 @@ from starlora.run.identity import require_precision
 from starlora.run.store import RunStore
 from starlora.tasks import Example
 
+R = TypeVar("R")
+
 #: sequences per forward pass (their logits over the vocabulary are held at once)
 BATCH = 4
 
 
-def _logits(model: Any, pairs: list[tuple[list[int], list[int]]]
+def _logits(model: Any, pairs: list[tuple[list[int], list[int]]],
+            groups: list[int] | None = None,
             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Per (prompt ids, answer ids) pair, in order: (its index, the float32 logits [A, V] that
-    predict its A answer tokens, those tokens [A])."""
+    predict its A answer tokens, those tokens [A]). A batch is `BATCH` consecutive pairs, or,
+    with `groups` [len(pairs)], each run of consecutive pairs with one label."""
     device = next(model.parameters()).device
+    if groups is None:
+        groups = [i // BATCH for i in range(len(pairs))]
+    cuts = [i for i in range(1, len(pairs)) if groups[i] != groups[i - 1]]
     with torch.inference_mode():
-        for start in range(0, len(pairs), BATCH):
-            batch = pairs[start : start + BATCH]
+        for start, end in zip([0, *cuts], [*cuts, len(pairs)]):
+            batch = pairs[start:end]
             longest = max(len(p) + len(a) for p, a in batch)
             ids = torch.zeros((len(batch), longest), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -70,22 +80,47 @@ def _logp(logits: torch.Tensor, targets: torch.Tensor, t: float) -> np.ndarray:
                                                           targets].numpy()
 
 
+def _map_pairs(model: Any, pairs: list[tuple[list[int], list[int]]], fn: Callable[..., R], *,
+               to: Literal["main", "all"] = "main") -> list[R] | None:
+    """``[fn(j, logits [A, V], targets [A]) for each pair j]`` (`_logits`), in the order of
+    `pairs`. The pairs, longest first, are cut into batches of `BATCH` before any process takes
+    a share (`starlora.distributed.map_groups`), so a pair's logits are the same bits with one
+    process or N; the list is on the main process (``to="all"``: on every process; else None
+    on the others)."""
+    def share(items: list[tuple[int, tuple[list[int], list[int]]]],
+              groups: list[int] | None) -> list[R]:
+        return [fn(items[i][0], logits, targets)
+                for i, logits, targets in _logits(model, [pair for _, pair in items], groups)]
+
+    return dist.map_groups(share, list(enumerate(pairs)), [len(p) + len(a) for p, a in pairs],
+                           BATCH, to=to)
+
+
 def fit(model: Any, pairs: list[tuple[list[int], list[int]]]) -> dict[str, float]:
     """``temperature``, ``tokens`` and the mean NLL per answer token at T = 1 and at the fitted
-    T, over the gold answers of `pairs` (module doc)."""
+    T, over the gold answers of `pairs` (module doc); on every process, each of N running a
+    share of the forward passes."""
     grid = temperature_grid()
-    sums, one, count = np.zeros(len(grid)), 0.0, 0
-    for _, logits, targets in _logits(model, pairs):
+
+    def nll(_: int, logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, float]:
+        """The pair's summed NLL at each grid temperature [G], and at T = 1."""
         z = logits.double()
         picked = z[torch.arange(len(targets)), targets]
-        for g, t in enumerate(grid):
-            sums[g] += float((torch.logsumexp(z / t, dim=-1) - picked / t).sum())
-        one += float((torch.logsumexp(z, dim=-1) - picked).sum())
-        count += len(targets)
+        return (np.array([float((torch.logsumexp(z / t, dim=-1) - picked / t).sum())
+                          for t in grid]),
+                float((torch.logsumexp(z, dim=-1) - picked).sum()))
+
+    found = _map_pairs(model, pairs, nll, to="all")
+    sums, one = np.zeros(len(grid)), 0.0
+    for pair_sums, pair_one in found:  # in the order of `pairs`, whatever the processes
+        sums += pair_sums
+        one += pair_one
+    count = sum(len(a) for _, a in pairs)
     if not count:
         raise StarloraError("calibrate: the labelled set has no answer tokens")
     temperature = best_on_grid(grid, sums / count)
-    after = -sum(float(_logp(lg, tg, temperature).sum()) for _, lg, tg in _logits(model, pairs))
+    after = -sum(_map_pairs(model, pairs, lambda _, lg, tg: float(_logp(lg, tg, temperature)
+                                                                   .sum()), to="all"))
     return {"temperature": temperature, "tokens": count, "nll_t1": one / count,
             "nll_fitted": after / count}
 
@@ -102,14 +137,20 @@ def _generated_signals(model, tokenizer, task, test, predictions, cfg, temps):
         span = task.extract_span(text)
         spans.append(answer_token_indices(tokenizer, ids, text, span) if span else [])
         pairs.append((task.prompt_ids(tokenizer, ex), ids))  # as evaluation prompts
-    out = {t: {"answer": [], "msp": [], "perplexity": []} for t in temps}
-    for i, logits, targets in _logits(model, pairs):
+
+    def signals(i: int, logits: torch.Tensor, targets: torch.Tensor) -> dict[float, tuple]:
+        found = {}
         for t in temps:
             lp = _logp(logits, targets, t)
-            out[t]["answer"].append(math.exp(lp[spans[i]].sum()) if spans[i] else 0.0)
-            out[t]["msp"].append(math.exp(lp.sum()))
-            out[t]["perplexity"].append(math.exp(lp.mean()) if len(lp) else 0.0)
-    return out
+            found[t] = (math.exp(lp[spans[i]].sum()) if spans[i] else 0.0, math.exp(lp.sum()),
+                        math.exp(lp.mean()) if len(lp) else 0.0)
+        return found
+
+    rows = _map_pairs(model, pairs, signals)
+    if rows is None:  # another process has them
+        return None
+    return {t: {name: [row[t][n] for row in rows]
+                for n, name in enumerate(("answer", "msp", "perplexity"))} for t in temps}
 
 
 def _choice_signals(model, tokenizer, task, test, predictions, temps):
@@ -118,10 +159,11 @@ def _choice_signals(model, tokenizer, task, test, predictions, temps):
         for text in task.choice_answers(ex):
             pairs.append(task.encode(tokenizer, ex, answer=text))
             owner.append(i)
-    totals = {t: np.zeros(len(pairs)) for t in temps}
-    for j, logits, targets in _logits(model, pairs):
-        for t in temps:
-            totals[t][j] = _logp(logits, targets, t).sum()
+    rows = _map_pairs(model, pairs, lambda _, logits, targets: {
+        t: float(_logp(logits, targets, t).sum()) for t in temps})
+    if rows is None:  # another process has them
+        return None
+    totals = {t: np.array([row[t] for row in rows]) for t in temps}
     out = {}
     for t in temps:
         conf = []
@@ -172,12 +214,16 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
         signals = _generated_signals(model, tok, task, test_examples, predictions, cfg, temps)
     correct = np.array([float(p["correct"]) for p in predictions])
     bins = cfg.evaluation.ece_bins
-    result = {"round": k, "labelled": len(labelled), **fitted, "signals": {
-        name: {when: _clean(signal_metrics(signals[t][name], correct, bins))
-               for when, t in (("before", temps[0]), ("after", temps[1]))}
-        for name in signals[temps[0]]}}
-    store.write_round(k, "calibration.json", result)
-    return result
+
+    def write() -> dict[str, Any]:
+        result = {"round": k, "labelled": len(labelled), **fitted, "signals": {
+            name: {when: _clean(signal_metrics(signals[t][name], correct, bins))
+                   for when, t in (("before", temps[0]), ("after", temps[1]))}
+            for name in signals[temps[0]]}}
+        store.write_round(k, "calibration.json", result)
+        return result
+
+    return dist.on_main(write)
 
 
 def _clean(found: dict[str, float]) -> dict[str, float | None]:
