@@ -103,6 +103,36 @@ def test_the_api_lists_the_open_query_and_saves_through_the_store(client: TestCl
     assert [q["id"] for q in store.pending()] == ["q2", "q0"]  # the store's own order
 
 
+def test_a_save_over_an_answer_saved_meanwhile_gets_409_and_keeps_it(
+        client: TestClient, store: RunStore) -> None:
+    """Two people answer q1, both having seen no answer: the first save stands, the second
+    gets 409 with the first's answer and saves nothing; sent again as a change of that
+    answer, it replaces it. Without ``previous`` a save replaces whatever is saved."""
+    def post(body: dict) -> tuple[int, dict]:
+        response = client.post("/api/labels", headers=AUTH, json=body)
+        return response.status_code, response.json()
+
+    def saved() -> dict[str, str]:
+        return {r["id"]: r["answer"] for r in RunStore.open(store.root).labelled()}
+
+    assert post({"id": "q1", "answer": "2", "previous": None})[0] == 200
+    before = snapshot(store.root)
+    code, body = post({"id": "q1", "answer": "3", "previous": None})
+    assert code == 409 and body["id"] == "q1" and body["current"] == "2"
+    assert "someone saved another answer to 'q1' meanwhile" in body["error"]
+    assert snapshot(store.root) == before and saved()["q1"] == "2"
+    assert post({"id": "q1", "answer": "3", "previous": "2"}) == (
+        200, {"id": "q1", "answer": "3", "answered": 2, "total": 4})
+    # a revision of one's own saved answer, and of an imported one
+    assert post({"id": "q1", "answer": "4", "previous": "3"})[0] == 200
+    assert post({"id": "q3", "answer": "7", "previous": "5"})[1]["current"] == "6"
+    assert post({"id": "q3", "answer": "7", "previous": "6"})[0] == 200
+    assert post({"id": "q1", "answer": "9"})[0] == 200  # no `previous`: not checked
+    assert (saved()["q1"], saved()["q3"]) == ("9", "7")
+    assert post({"id": "q0", "answer": "1", "previous": 5}) == (
+        400, {"error": "previous: not a string or null"})
+
+
 @pytest.mark.parametrize("body,error", [
     ({"id": "zz", "answer": "1"}, "id: 'zz' unknown id"),
     ({"id": "a", "answer": "1"}, "id: 'a' is not pending"),
@@ -289,6 +319,37 @@ def test_markup_in_a_prompt_shows_as_text_and_runs_nothing(browser, served) -> N
     assert page.locator("img").count() == 0 and dialogs == []
     assert store.pending() == [] and store.close_query(1)
     page.close()
+
+
+def test_two_people_answering_one_query_see_the_conflict(browser, served) -> None:
+    """Two pages open on one query: the first saves q0; the second, which had not seen it,
+    is told and keeps its own text in the box (nothing saved); saving again replaces it."""
+    store, url = served
+    first, second = browser.new_page(), browser.new_page()
+    for page in (first, second):
+        page.goto(url)
+        page.get_by_text("0 of 4 answered").wait_for()
+    first.locator("#answer").fill("0")
+    first.keyboard.press("Control+Enter")
+    first.get_by_text("1 of 4 answered").wait_for()
+    second.locator("#answer").fill("5")
+    with second.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+        second.keyboard.press("Control+Enter")
+    assert sent.value.status == 409
+    second.get_by_text("1 of 4 answered").wait_for()
+    status = second.locator("#status").text_content()
+    assert 'someone else saved "0" to q0 meanwhile' in status
+    assert second.locator("#answer").input_value() == "5"
+    assert second.locator("#answer-note").text_content() == "(yours, not saved)"
+    assert second.locator("nav .mark").first.text_content() == "✓"
+    assert {r["id"]: r["answer"] for r in store.labelled()}["q0"] == "0"
+    with second.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+        second.keyboard.press("Control+Enter")
+    assert sent.value.status == 200
+    second.get_by_text("Saved the answer to q0").wait_for()
+    assert {r["id"]: r["answer"] for r in store.labelled()}["q0"] == "5"
+    first.close()
+    second.close()
 
 
 def test_the_browser_without_the_token_is_refused(browser, served) -> None:

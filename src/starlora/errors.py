@@ -103,6 +103,16 @@ class QueryClosedError(StarloraError):
     """An answer came for a query that the run has already closed (it went on without it)."""
 
 
+class LabelConflictError(StarloraError):
+    """An answer was sent as a change of the saved answer `expected` (None: no answer), but
+    another answer, `current`, had been saved to that id meanwhile; nothing was saved."""
+
+    def __init__(self, id_: str, expected: str | None, current: str | None):
+        self.id, self.expected, self.current = id_, expected, current
+        super().__init__(f"someone saved another answer to {id_!r} meanwhile, so yours was not "
+                         "saved: save it again to replace theirs")
+
+
 class ModelNotFoundError(StarloraError):
     """A model name is neither a built-in, a local folder, nor reachable on the Hub."""
 

@@ -3,8 +3,14 @@ open query (see `starlora.annotate` for why Starlette, the security model and th
 
     GET  /                the page (``?token=T``); HTML, CSS and script in one response
     GET  /api/queries     the open query: every row, with any saved answer, and progress
-    POST /api/labels      ``{"id": ..., "answer": ...}`` -> 200 ``{"id", "answer",
-                          "answered", "total"}``, or 400 ``{"error": text}``
+    POST /api/labels      ``{"id": ..., "answer": ..., "previous": ...}`` -> 200 ``{"id",
+                          "answer", "answered", "total"}``, or 400 ``{"error": text}``
+
+``previous`` (optional): the saved answer the sender last saw for the id (null: none). When
+another answer has been saved since, nothing is saved and the reply is 409 ``{"error",
+"id", "current"}`` (``current``: the answer saved now), so one person's answer never silently
+replaces another's; sending it again with ``previous`` = ``current`` replaces it. Without
+``previous`` a save replaces whatever is saved (scripts; ``starlora import`` likewise).
 
 Every request needs the token: the page takes it as ``?token=T`` or a bearer header, the API
 only as ``Authorization: Bearer T`` (so a cross-site request cannot carry it without a CORS
@@ -33,6 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlora.errors import (
     DataError,
     DiskFullError,
+    LabelConflictError,
     LockTimeoutError,
     QueryClosedError,
     StarloraError,
@@ -53,6 +60,10 @@ PAGE_HEADERS = {
 }
 CSP = ("default-src 'none'; script-src 'nonce-{n}'; style-src 'nonce-{n}'; connect-src 'self'; "
        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class UNCHECKED:
+    """`Annotator.save`'s `previous` when the sender gave none: not checked."""
 
 
 class TokenGuard:
@@ -116,10 +127,13 @@ class Annotator:
         return {"run_dir": self.run_dir, "round": r, "queries": out, "answered": answered,
                 "total": len(out), "continue": continue_command(self.run_dir)}
 
-    def save(self, id_: str, answer: str) -> dict[str, Any]:
+    def save(self, id_: str, answer: str, previous: str | None | type[UNCHECKED] = UNCHECKED
+             ) -> dict[str, Any]:
         """Check and store one answer under the run's lock (the checks of ``starlora
         import``, revisions allowed). Raises DataError for a bad answer, QueryClosedError
-        once the run has closed the query the id was asked in."""
+        once the run has closed the query the id was asked in, LabelConflictError when
+        `previous` (the saved answer the sender saw; None: none) is not what is saved now
+        (`UNCHECKED`: not checked)."""
         store = self.store
         with store.lock(timeout=LOCK_TIMEOUT):
             r = store.open_query()
@@ -130,6 +144,11 @@ class Annotator:
                 raise QueryClosedError(
                     f"the run has gone on: query {asked[id_]} is closed, so {id_!r} can no "
                     "longer be answered here (reload the page)")
+            if previous is not UNCHECKED and id_ in asked:
+                current = next((row["answer"] for row in store.labelled()
+                                if row["id"] == id_), None)
+                if current != previous:
+                    raise LabelConflictError(id_, previous, current)
             checked = check_answers(store, [Answer(id_, answer, 1)], "annotate", revise=True)
             store.save_labels(checked, SOURCE)
             progress = self.queries()
@@ -151,8 +170,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_label(body: bytes) -> tuple[str, str]:
-    """``(id, answer)`` from a POST body, or HTTPException 400 naming what is wrong."""
+def parse_label(body: bytes) -> tuple[str, str, str | None | type[UNCHECKED]]:
+    """``(id, answer, previous)`` from a POST body (`UNCHECKED` where it has no
+    ``previous``), or HTTPException 400 naming what is wrong."""
     try:
         data = parse_json(body)
     except ValueError as e:  # bad UTF-8 or JSON, nesting too deep, an integer too long
@@ -162,7 +182,10 @@ def parse_label(body: bytes) -> tuple[str, str]:
     for name in ("id", "answer"):
         if not isinstance(data.get(name), str):
             raise HTTPException(400, f"{name}: missing, or not a string")
-    return data["id"], data["answer"]
+    previous = data.get("previous", UNCHECKED)
+    if previous is not UNCHECKED and previous is not None and not isinstance(previous, str):
+        raise HTTPException(400, "previous: not a string or null")
+    return data["id"], data["answer"], previous
 
 
 def render_page(template: str, nonce: str) -> str:
@@ -192,9 +215,12 @@ def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Sta
         return JSONResponse(await run_in_threadpool(annotator.queries), headers=NO_STORE)
 
     async def post_label(request: Request) -> Response:
-        id_, answer = parse_label(await read_body(request, max_body))
+        id_, answer, previous = parse_label(await read_body(request, max_body))
         try:
-            saved = await run_in_threadpool(annotator.save, id_, answer)
+            saved = await run_in_threadpool(annotator.save, id_, answer, previous)
+        except LabelConflictError as e:
+            return JSONResponse({"error": str(e), "id": e.id, "current": e.current}, 409,
+                                headers=NO_STORE)
         except DataError as e:  # the message without "annotate:1:", which means nothing here
             raise HTTPException(400, f"{e.field}: {e.problem}" if e.field else e.problem) from None
         except LockTimeoutError as e:

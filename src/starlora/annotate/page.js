@@ -20,7 +20,12 @@
     const response = await fetch(path, init);
     let data = {};
     try { data = await response.json(); } catch (e) { data = { error: response.statusText }; }
-    if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));
+    if (!response.ok) {
+      const error = new Error(data.error || ("HTTP " + response.status));
+      error.status = response.status;
+      error.data = data;
+      throw error;
+    }
     return data;
   }
 
@@ -124,7 +129,8 @@
     busy = true;
     say("saving…");
     try {
-      const saved = await api("api/labels", { id: q.id, answer: answer.value });
+      // `previous`: the saved answer this page knows; another one saved meanwhile is a 409
+      const saved = await api("api/labels", { id: q.id, answer: answer.value, previous: q.answer });
       q.answer = saved.answer;
       edits.delete(q.id);
       progress(saved.answered, saved.total);
@@ -133,6 +139,16 @@
       show(all ? queries.indexOf(q) : nextOpen(queries.indexOf(q)));
       say("Saved the answer to " + q.id + (all ? ". Every query is answered." : "."), "ok");
     } catch (e) {
+      if (e.status === 409 && queries[index] === q) {  // keep this text; show theirs
+        edits.set(q.id, answer.value);
+        q.answer = e.data.current;
+        progress(answered(), queries.length);
+        renderList();
+        $("answer-note").textContent = "(yours, not saved)";
+        say("Not saved: someone else saved " + JSON.stringify(q.answer) + " to " + q.id +
+            " meanwhile. Your answer is still in the box: Save again to replace theirs.", "bad");
+        return;
+      }
       say("Not saved: " + e.message, "bad");
       if (e.message.startsWith("the run has gone on")) {
         await load().catch(() => {});
