@@ -298,18 +298,22 @@ def test_fuzzed_config_and_overrides(body: str, sets: list[str]) -> None:
 # -- the annotation page's POST body ----------------------------------------------------------------
 @settings(FUZZ, max_examples=60)
 @given(st.one_of(st.binary(max_size=64), st.builds(lambda v: json.dumps(v).encode(),
-                                                   st.one_of(records, json_values))))
+                                                   st.one_of(records, json_values, st.builds(
+                                                       lambda r, p: {**r, "previous": p},
+                                                       records, json_values)))))
 @example(b"[" * 30000)  # nested too deep for the parser: RecursionError, a 500
 @example(b'{"id": "q0", "answer": 1' + b"0" * 5000 + b"}")
 def test_fuzzed_annotate_bodies(body: bytes) -> None:
-    """A body is a label (two strings) or a 400 saying why not; never a server error."""
+    """A body is a label (two strings, and the previous answer: a string, null or absent) or
+    a 400 saying why not; never a server error."""
     from starlette.exceptions import HTTPException
 
-    from starlora.annotate.app import parse_label
+    from starlora.annotate.app import UNCHECKED, parse_label
 
     try:
-        id_, answer = parse_label(body)
+        id_, answer, previous = parse_label(body)
     except HTTPException as e:
         assert e.status_code == 400 and e.detail
         return
     assert isinstance(id_, str) and isinstance(answer, str)
+    assert previous is UNCHECKED or previous is None or isinstance(previous, str)
