@@ -127,6 +127,7 @@ def test_a_save_over_an_answer_saved_meanwhile_gets_409_and_keeps_it(
     assert post({"id": "q1", "answer": "4", "previous": "3"})[0] == 200
     assert post({"id": "q3", "answer": "7", "previous": "5"})[1]["current"] == "6"
     assert post({"id": "q3", "answer": "7", "previous": "6"})[0] == 200
+    assert post({"id": "q1", "answer": " 4 ", "previous": None})[0] == 200  # the same answer
     assert post({"id": "q1", "answer": "9"})[0] == 200  # no `previous`: not checked
     assert (saved()["q1"], saved()["q3"]) == ("9", "7")
     assert post({"id": "q0", "answer": "1", "previous": 5}) == (

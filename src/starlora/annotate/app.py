@@ -7,10 +7,10 @@ open query (see `starlora.annotate` for why Starlette, the security model and th
                           "answer", "answered", "total"}``, or 400 ``{"error": text}``
 
 ``previous`` (optional): the saved answer the sender last saw for the id (null: none). When
-another answer has been saved since, nothing is saved and the reply is 409 ``{"error",
-"id", "current"}`` (``current``: the answer saved now), so one person's answer never silently
-replaces another's; sending it again with ``previous`` = ``current`` replaces it. Without
-``previous`` a save replaces whatever is saved (scripts; ``starlora import`` likewise).
+another answer (not the one sent) has been saved since, nothing is saved and the reply is
+409 ``{"error", "id", "current"}`` (``current``: the answer saved now), so one person's
+answer never silently replaces another's; sending it again with ``previous`` = ``current``
+replaces it. Without ``previous`` (a script) a save replaces whatever is saved.
 
 Every request needs the token: the page takes it as ``?token=T`` or a bearer header, the API
 only as ``Authorization: Bearer T`` (so a cross-site request cannot carry it without a CORS
@@ -132,8 +132,8 @@ class Annotator:
         """Check and store one answer under the run's lock (the checks of ``starlora
         import``, revisions allowed). Raises DataError for a bad answer, QueryClosedError
         once the run has closed the query the id was asked in, LabelConflictError when
-        `previous` (the saved answer the sender saw; None: none) is not what is saved now
-        (`UNCHECKED`: not checked)."""
+        `previous` (the saved answer the sender saw; None: none) is not what is saved now,
+        nor is `answer` (`UNCHECKED`: not checked)."""
         store = self.store
         with store.lock(timeout=LOCK_TIMEOUT):
             r = store.open_query()
@@ -144,12 +144,12 @@ class Annotator:
                 raise QueryClosedError(
                     f"the run has gone on: query {asked[id_]} is closed, so {id_!r} can no "
                     "longer be answered here (reload the page)")
-            if previous is not UNCHECKED and id_ in asked:
+            checked = check_answers(store, [Answer(id_, answer, 1)], "annotate", revise=True)
+            if previous is not UNCHECKED:  # the same answer twice is no conflict
                 current = next((row["answer"] for row in store.labelled()
                                 if row["id"] == id_), None)
-                if current != previous:
+                if current not in (previous, checked[id_]):
                     raise LabelConflictError(id_, previous, current)
-            checked = check_answers(store, [Answer(id_, answer, 1)], "annotate", revise=True)
             store.save_labels(checked, SOURCE)
             progress = self.queries()
         return {"id": id_, "answer": checked[id_], "answered": progress["answered"],
