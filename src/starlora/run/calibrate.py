@@ -49,15 +49,12 @@ R = TypeVar("R")
 BATCH = 4
 
 
-def _logits(model: Any, pairs: list[tuple[list[int], list[int]]],
-            groups: list[int] | None = None,
+def _logits(model: Any, pairs: list[tuple[list[int], list[int]]], groups: list[int]
             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Per (prompt ids, answer ids) pair, in order: (its index, the float32 logits [A, V] that
-    predict its A answer tokens, those tokens [A]). A batch is `BATCH` consecutive pairs, or,
-    with `groups` [len(pairs)], each run of consecutive pairs with one label."""
+    predict its A answer tokens, those tokens [A]). A batch is each run of consecutive pairs
+    with one label in `groups` [len(pairs)]."""
     device = next(model.parameters()).device
-    if groups is None:
-        groups = [i // BATCH for i in range(len(pairs))]
     cuts = [i for i in range(1, len(pairs)) if groups[i] != groups[i - 1]]
     with torch.inference_mode():
         for start, end in zip([0, *cuts], [*cuts, len(pairs)]):
@@ -88,7 +85,8 @@ def _map_pairs(model: Any, pairs: list[tuple[list[int], list[int]]], fn: Callabl
     process or N; the list is on the main process (``to="all"``: on every process; else None
     on the others)."""
     def share(items: list[tuple[int, tuple[list[int], list[int]]]],
-              groups: list[int] | None) -> list[R]:
+              groups: list[int] | None) -> list[R]:  # groups: None only if BATCH were 1
+        groups = groups if groups is not None else list(range(len(items)))
         return [fn(items[i][0], logits, targets)
                 for i, logits, targets in _logits(model, [pair for _, pair in items], groups)]
 

@@ -94,16 +94,18 @@ def embed_prompts(
     bar: Any = None,
     fixed_shapes: bool | None = None,
     halve_on_oom: bool = True,
+    shape: tuple[str, int] | None = None,
 ) -> np.ndarray:
     """[N, d] float32: the mean-pooled last hidden state of each of `prompt_ids` ([N] lists of
     token ids, used as given: cut them to length first) under `model` with its adapter
     disabled (a peft model or a plain causal LM).
 
     Prompts run widest first, `batch_shape` rows a batch (``batch_size="auto"``: as many as
-    fit in `max_tokens_per_batch` padded tokens), halved on an out-of-memory error, which
-    changes the shapes from there on (``halve_on_oom=False``: `BatchTooLarge` is raised
-    instead, for a caller whose cache key names the shape), in fixed shapes (module docstring); with ``fixed_shapes=False``
-    in length-sorted batches as wide as their longest prompt (faster, bits that follow the
+    fit in `max_tokens_per_batch` padded tokens; `shape`, a `batch_shape`, in place of both),
+    halved on an out-of-memory error, which changes the shapes from there on
+    (``halve_on_oom=False``: `BatchTooLarge` is raised instead, for a caller whose cache key
+    names the shape), in fixed shapes (module docstring); with ``fixed_shapes=False`` in
+    length-sorted batches as wide as their longest prompt (faster, bits that follow the
     batch-mates), as always under ZeRO-3, there `ZERO3_BATCH_SIZE` prompts a batch (its
     processes must run as many batches as each other). `dtype`: the precision of the
     forward pass (the weights are cast for the call), None = the model's. An empty prompt
@@ -119,8 +121,10 @@ def embed_prompts(
     if n == 0:
         return out
     zero = zero3.enabled()
-    mode, limit = ("rows", ZERO3_BATCH_SIZE) if zero and batch_size == "auto" else \
-        batch_shape(batch_size, max_tokens_per_batch, device)
+    if shape is None:
+        shape = ("rows", ZERO3_BATCH_SIZE) if zero and batch_size == "auto" else \
+            batch_shape(batch_size, max_tokens_per_batch, device)
+    mode, limit = shape
     fixed = (fixed_shapes is None or fixed_shapes) and not zero
     lengths = np.array([len(p) for p in prompt_ids], np.int64)
     widths = -(-lengths // BUCKET) * BUCKET if fixed else lengths
@@ -336,20 +340,14 @@ def cached_embeddings(
         shape = batch_shape(options.pop("batch_size", "auto"),
                             options.pop("max_tokens_per_batch", None), device)
 
-        def compute(shape: tuple[str, int], prompts: list[Sequence[int]]) -> np.ndarray:
-            mode, limit = shape
-            sized = {"batch_size": limit} if mode == "rows" else \
-                {"batch_size": "auto", "max_tokens_per_batch": limit}
-            return embed_prompts(model, tokenizer, prompts, dtype=dtype, bar=bar,
-                                 halve_on_oom=False, **sized, **options)
-
         while True:
             cache = EmbeddingCache(directory or default_embedding_cache_dir(),
                                    embedding_cache_key(fingerprint, dtype=dtype,
                                                        max_length=max_length, shape=shape))
+            compute = functools.partial(embed_prompts, model, tokenizer, dtype=dtype, bar=bar,
+                                        halve_on_oom=False, shape=shape, **options)
             try:
-                return cache.get_or_compute(prompt_ids, functools.partial(compute, shape),
-                                            bar=bar)
+                return cache.get_or_compute(prompt_ids, compute, bar=bar)
             except BatchTooLarge:
                 shape = (shape[0], max(1, shape[1] // 2))
                 _free(device)
