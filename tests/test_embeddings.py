@@ -193,6 +193,9 @@ def test_out_of_memory_halves_the_shape_into_the_halved_shapes_cache(
 
 # -- label-free: strategies on embeddings never read a pool item's answer -------------------
 ARITH = get_task("arith").generate("train", 24, 3)
+#: padded tokens a batch for these small pools: the default (4096 on a CPU) fills each width's
+#: one batch with copies of its first prompt, 10 times the work for 40 prompts of 10 widths
+SMALL_BATCH = 512
 
 
 def pool_files(tmp_path: Path) -> dict[str, Path]:
@@ -219,7 +222,8 @@ def selections(model, tokenizer, path: Path, pe: bool) -> list[list[str]]:
     task = get_task("arith")
     examples = load_examples(path, task, require_answer=False)
     E = embed_prompts(model, tokenizer, [task.prompt_ids(tokenizer, ex, 1024)
-                                         for ex in examples], progress=False)
+                                         for ex in examples], progress=False,
+                      max_tokens_per_batch=SMALL_BATCH)
     ids = [ex.id for ex in examples[:20]]
     table = {"embedding": E[:20], "labelled_embedding": E[20:]}
     inner = "random"
@@ -253,7 +257,8 @@ def test_smollm2_embeddings_tell_tasks_apart_and_do_not_read_the_answers(
     mixed = [arith.prompt_ids(smol.tokenizer, ex, 1024) for ex in ARITH[:20]] + \
         [gsm8k.prompt_ids(smol.tokenizer, ex, 1024)
          for ex in load_examples(data_dir / "gsm8k" / "test.jsonl", gsm8k)[:20]]
-    E = embed_prompts(smol.model, smol.tokenizer, mixed, dtype=torch.bfloat16, progress=False)
+    E = embed_prompts(smol.model, smol.tokenizer, mixed, dtype=torch.bfloat16, progress=False,
+                      max_tokens_per_batch=SMALL_BATCH)
     task = np.repeat([0, 1], 20)
     for seed in range(3):
         labels = kmeans(E, 2, np.random.default_rng(seed))
