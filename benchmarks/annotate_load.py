@@ -9,20 +9,22 @@ what the label phase writes), starts the real command ``python -m starlora annot
 its own keep-alive connection, until `--requests` requests are done:
 
 * every pending id is POSTed, with an answer of its own (~200 characters naming the id and
-  the client, so a torn or mixed-up write cannot pass for a whole one): once, or for
-  `--twice` of them twice, by two clients at the same moment (a barrier releases the pair
-  together), each with its own answer;
+  the client, so a torn or mixed-up write cannot pass for a whole one) and, as the page
+  sends it, ``"previous": null`` (the client saw no saved answer): once, or for `--twice` of
+  them twice, by two clients at the same moment (a barrier releases the pair together),
+  each with its own answer;
 * the rest are GETs, mostly ``/api/queries`` (the whole query with saved answers, as the page
   loads it) and every tenth the page itself.
 
 It prints requests/s and p50/p99 latency per kind, then checks the run directory:
 ``labelled.jsonl`` parses line by line, holds every id that got a 200 exactly once (lost: an
 accepted id missing; duplicated: an id twice), each with exactly one of the answers accepted
-for it (torn: anything else). Two saves of one id both get 200, and the one that takes the
-run's lock last stays (last write wins, as revisions do; no conflict is reported). ``starlora status``
-must then say nothing is pending. Last line:
-``requests=<n> errors=<non-2xx or failed> lost=<n> p99_ms=<all requests>`` (and duplicated,
-torn counts before it).
+for it (torn: anything else). Of two saves of one id at once, exactly one must get 200 and
+the other 409 naming the first one's answer as the saved one (the save that takes the run's
+lock second saw no answer, and one is saved by then: a conflict, not a silent replacement;
+both saved or both refused is an error). ``starlora status`` must then say nothing is
+pending. Last line: ``requests=<n> errors=<failed, or non-2xx but a pair's 409> lost=<n>
+p99_ms=<all requests>`` (and duplicated, torn and refused counts before it).
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def main() -> None:
             work = plan_work(ids, args.twice, args.requests, args.clients, args.seed)
             latencies: dict[str, list[float]] = defaultdict(list)
             accepted: dict[str, list[str]] = defaultdict(list)  # id -> answers that got 200
+            refused: dict[str, list[str]] = defaultdict(list)  # id -> "current" of its 409s
             errors: list[str] = []
             lock = threading.Lock()
 
@@ -173,7 +176,8 @@ def main() -> None:
                                 errors.append(f"pair {task[1]}: the other client never came")
                     method = "GET" if task[0] == "get" else "POST"
                     path = task[1] if method == "GET" else "/api/labels"
-                    body = None if method == "GET" else {"id": task[1], "answer": task[-1]}
+                    body = None if method == "GET" else \
+                        {"id": task[1], "answer": task[-1], "previous": None}
                     t0 = time.perf_counter()
                     status, data = client.request(method, path, body)
                     ms = (time.perf_counter() - t0) * 1000
@@ -181,7 +185,9 @@ def main() -> None:
                         "get queries" if method == "GET" else "post"
                     with lock:
                         latencies[kind].append(ms)
-                        if status != 200:
+                        if status == 409 and task[0] == "pair":
+                            refused[task[1]].append(json.loads(data)["current"])
+                        elif status != 200:
                             errors.append(f"{method} {path} {task[1]}: {status} {data[:200]!r}")
                         elif method == "POST":
                             saved = json.loads(data)
@@ -220,10 +226,14 @@ def main() -> None:
         lost = [i for i in accepted if count[i] == 0]
         duplicated = [i for i, c in count.items() if c > 1]
         torn = [i for i in accepted if count[i] and stored[i] not in accepted[i]]
-        both = [i for i, a in accepted.items() if len(a) == 2]
-        print(f"labelled.jsonl: {len(rows)} rows; {len(accepted)} ids accepted; {len(both)} "
-              "ids accepted twice, each now holding one of its two answers whole (the save "
-              "that took the run's lock last: last write wins, no conflict reported)")
+        pairs = {t[1] for tasks in work for t in tasks if t[0] == "pair"}
+        settled = [i for i in pairs if len(accepted[i]) == 1 and refused[i] == accepted[i]
+                   and stored.get(i) == accepted[i][0]]
+        errors += [f"pair {i}: {len(accepted[i])} saved, refused naming {refused[i]!r}"
+                   for i in sorted(pairs - set(settled))]
+        print(f"labelled.jsonl: {len(rows)} rows; {len(accepted)} ids accepted; of the "
+              f"{len(pairs)} ids posted twice at once, {len(settled)} saved once and refused "
+              "once (409 naming the saved answer, which labelled.jsonl holds)")
         status = subprocess.run([sys.executable, "-m", "starlora", "status", str(run_dir),
                                  "--json"], capture_output=True, text=True, check=True,
                                 env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
@@ -232,7 +242,8 @@ def main() -> None:
             errors.append(f"{pending} still pending, {len(accepted)} of {args.pending} accepted")
         for e in errors[:10]:
             print("error:", e)
-        print(f"duplicated={len(duplicated)} torn={len(torn)}")
+        print(f"duplicated={len(duplicated)} torn={len(torn)} "
+              f"refused={sum(map(len, refused.values()))}")
         print(f"requests={n} errors={len(errors)} lost={len(lost)} p99_ms={p99:.0f}")
 
 
