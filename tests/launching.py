@@ -155,6 +155,21 @@ def files(run_dir: Path) -> list[str]:
 
 
 
+def written_by(launchers: list[list[str]], finished: Path, tmp_path: Path, command: str,
+               output: str, said: str) -> list[bytes]:
+    """`command` run by each of `launchers` on a copy of the `finished` run without its
+    `output` file: the bytes each wrote to `output` (the main process alone says `said`)."""
+    written = []
+    for n, launcher in enumerate(launchers):
+        run_dir = tmp_path / f"launcher{n}"
+        shutil.copytree(finished, run_dir)
+        (run_dir / output).unlink(missing_ok=True)
+        proc = run([*launcher, command, str(run_dir)])
+        assert proc.stdout.count(said) == 1
+        written.append((run_dir / output).read_bytes())
+    return written
+
+
 def outputs(run_dir: Path) -> dict:
     """What a resumed run must reproduce exactly (times left out)."""
     out = {name: read_jsonl(run_dir / name) for name in ("labelled.jsonl",)}

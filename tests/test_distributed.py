@@ -27,6 +27,7 @@ from launching import (
     run,
     trained,
     two_processes_in_one,
+    written_by,
 )
 
 from starlora import distributed as dist
@@ -266,26 +267,9 @@ def test_uncertainty_writes_the_same_file_with_one_and_two_processes(
 ) -> None:
     """`starlora uncertainty` on a finished run: 2 processes each score a share of the test
     items (MC masks seeded per example) and the main one writes the bytes of one process."""
-    one, two = written_by_one_and_two(tiny_runs[0], tmp_path, "uncertainty",
-                                      "rounds/1/test_uncertainty.jsonl", "wrote 12 test items")
+    one, two = written_by([ONE, TWO], tiny_runs[0], tmp_path, "uncertainty",
+                          "rounds/1/test_uncertainty.jsonl", "wrote 12 test items")
     assert one == two and len(one.splitlines()) == 12
-
-
-def written_by_one_and_two(finished: Path, tmp_path: Path, command: str, output: str,
-                           said: str) -> list[bytes]:
-    """`command` run on a copy of the `finished` run without its `output` file, by one process
-    and by two: the bytes each wrote to `output` (the main process alone says `said`)."""
-    import shutil
-
-    written = []
-    for name, launcher in (("one", ONE), ("two", TWO)):
-        run_dir = tmp_path / name
-        shutil.copytree(finished, run_dir)
-        (run_dir / output).unlink(missing_ok=True)
-        proc = run([*launcher, command, str(run_dir)])
-        assert proc.stdout.count(said) == 1
-        written.append((run_dir / output).read_bytes())
-    return written
 
 
 @pytest.mark.slow  # two launches (~15 s)
@@ -295,8 +279,8 @@ def test_calibrate_fits_the_same_temperature_with_one_and_two_processes(
     """`starlora calibrate` on a finished run: 2 processes each run a share of the forward
     passes (whole batches, cut before the shares), both get the temperature, and the main
     one prints and writes the bytes one process writes."""
-    one, two = written_by_one_and_two(tiny_runs[0], tmp_path, "calibrate",
-                                      "rounds/1/calibration.json", "round 1: temperature")
+    one, two = written_by([ONE, TWO], tiny_runs[0], tmp_path, "calibrate",
+                          "rounds/1/calibration.json", "round 1: temperature")
     assert one == two
     result = json.loads(one)
     assert result["labelled"] == 16 and set(result["signals"]) == {"answer", "msp", "perplexity"}

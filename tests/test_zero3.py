@@ -23,6 +23,7 @@ from launching import (
     outputs,
     run,
     trained,
+    written_by,
 )
 
 from starlora.io import read_jsonl
@@ -160,6 +161,46 @@ def test_zero3_base_term_scores_the_adapted_answers_as_one_process_does(tmp_path
     for a, b in same:
         assert b["pe_base"] == pytest.approx(a["pe_base"], rel=1e-6)  # measured 2e-9
         assert b["pe"] == pytest.approx(a["pe"], rel=1e-4)  # the adapters: measured 2e-5
+
+
+@pytest.mark.slow  # one process and an accelerate launch with DeepSpeed (~40 s)
+def test_calibrate_under_zero3_fits_what_one_process_fits(zero3_run: Path, tmp_path: Path
+                                                         ) -> None:
+    """`starlora calibrate` under ZeRO-3 on a model loaded from a folder, as a user's model
+    is: `from_pretrained` puts each process's shares where DeepSpeed wants them, and the
+    forward passes gather them (each process runs as many batches). The main process writes
+    what one process writes (the temperature is a grid point; the NLLs and signals agree to
+    float rounding). The run is the ZeRO-3 run, its model saved to a folder with the same
+    weights, and its config says float32 scoring, which ZeRO-3 resolves and one process on a
+    CPU with bf16 does not."""
+    import shutil
+
+    import yaml
+
+    from starlora.models import load_model
+
+    folder = tmp_path / "model"
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    finished = shutil.copytree(zero3_run, tmp_path / "finished")
+    config = yaml.safe_load((finished / "config.yaml").read_text())
+    config["model"]["name"], config["scoring"]["dtype"] = str(folder), "float32"
+    (finished / "config.yaml").write_text(yaml.safe_dump(config))
+    one, zero3 = (json.loads(b) for b in written_by(
+        [ONE, ZERO3], finished, tmp_path, "calibrate", "rounds/1/calibration.json",
+        "round 1: temperature"))
+    assert zero3["labelled"] == one["labelled"] == 16 and zero3["tokens"] == one["tokens"]
+    assert zero3["temperature"] == one["temperature"]
+    for key in ("nll_t1", "nll_fitted"):
+        assert zero3[key] == pytest.approx(one[key], rel=1e-6)
+    assert zero3["signals"].keys() == one["signals"].keys() == {"answer", "msp", "perplexity"}
+    for name, found in one["signals"].items():
+        for when in ("before", "after"):
+            a, b = found[when], zero3["signals"][name][when]
+            assert a.keys() == b.keys()
+            assert all(b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-12) if a[k] is not None
+                       else b[k] is None for k in a)
 
 
 @pytest.mark.slow  # two accelerate launches with DeepSpeed (~60 s)

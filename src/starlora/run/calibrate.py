@@ -21,8 +21,8 @@ On the test set it then reports, before (T = 1) and after (the fitted T), the nu
 
 Correctness is the run's own (``predictions.jsonl``); the predictions do not change. Writes
 ``rounds/<k>/calibration.json`` (`RunStore`). Under N processes (``torchrun``/``accelerate
-launch``) each runs a length-balanced share of the forward passes, every process gets the
-fitted temperature, and the main process writes the file.
+launch``, DeepSpeed ZeRO-3 included) each runs a length-balanced share of the forward passes,
+every process gets the fitted temperature, and the main process writes the file.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from starlora import distributed as dist
+from starlora import zero3
 from starlora.confidence import best_on_grid, signal_metrics, temperature_grid
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl
@@ -56,7 +57,7 @@ def _logits(model: Any, pairs: list[tuple[list[int], list[int]]], groups: list[i
     with one label in `groups` [len(pairs)]."""
     device = next(model.parameters()).device
     cuts = [i for i in range(1, len(pairs)) if groups[i] != groups[i - 1]]
-    with torch.inference_mode():
+    with zero3.inference_mode():
         for start, end in zip([0, *cuts], [*cuts, len(pairs)]):
             batch = pairs[start:end]
             longest = max(len(p) + len(a) for p, a in batch)
@@ -83,12 +84,14 @@ def _map_pairs(model: Any, pairs: list[tuple[list[int], list[int]]], fn: Callabl
     `pairs`. The pairs, longest first, are cut into batches of `BATCH` before any process takes
     a share (`starlora.distributed.map_groups`), so a pair's logits are the same bits with one
     process or N; the list is on the main process (``to="all"``: on every process; else None
-    on the others)."""
+    on the others). Under ZeRO-3 the forward passes gather the partitioned weights
+    (`starlora.zero3.forward_hooks`): every process runs as many batches, padding included."""
     def share(items: list[tuple[int, tuple[list[int], list[int]]]],
               groups: list[int] | None) -> list[R]:  # groups: None only if BATCH were 1
         groups = groups if groups is not None else list(range(len(items)))
-        return [fn(items[i][0], logits, targets)
-                for i, logits, targets in _logits(model, [pair for _, pair in items], groups)]
+        with zero3.forward_hooks(model):
+            return [fn(items[i][0], logits, targets)
+                    for i, logits, targets in _logits(model, [pair for _, pair in items], groups)]
 
     return dist.map_groups(share, list(enumerate(pairs)), [len(p) + len(a) for p, a in pairs],
                            BATCH, to=to)
@@ -204,12 +207,14 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
     model, tok = load_adapter(loaded.model, adapter), loaded.tokenizer
     labelled = [Example(r["id"], by_id[r["id"]].question, r["answer"], by_id[r["id"]].meta)
                 for r in store.labelled() if r["id"] in by_id]
-    fitted = fit(model, [task.encode(tok, ex) for ex in labelled])
-    temps = (1.0, fitted["temperature"])
-    if "choice_logprobs" in predictions[0]:
-        signals = _choice_signals(model, tok, task, test_examples, predictions, temps)
-    else:
-        signals = _generated_signals(model, tok, task, test_examples, predictions, cfg, temps)
+    with zero3.forward_hooks(model):  # once for the three passes over the data (ZeRO-3)
+        fitted = fit(model, [task.encode(tok, ex) for ex in labelled])
+        temps = (1.0, fitted["temperature"])
+        if "choice_logprobs" in predictions[0]:
+            signals = _choice_signals(model, tok, task, test_examples, predictions, temps)
+        else:
+            signals = _generated_signals(model, tok, task, test_examples, predictions, cfg,
+                                         temps)
     correct = np.array([float(p["correct"]) for p in predictions])
     bins = cfg.evaluation.ece_bins
 
