@@ -102,13 +102,26 @@ def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
         assert b["me"] == pytest.approx(a["me"], rel=1e-6)
 
 
+def saved_tiny_llama(folder: Path) -> list[str]:
+    """tiny-llama's weights saved to `folder` as a user's model folder is, and the override
+    that names it: `from_pretrained` loads a folder under ZeRO-3 partitioned as it loads (a
+    built-in tiny model is built whole, and partitioned only by DeepSpeed's engine)."""
+    from starlora.models import load_model
+
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return ["--set", f"model.name={folder}"]
+
+
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """configs/tiny.yaml under ZeRO-3, with an empty cache: the base model's scores are
-    computed under ZeRO-3, not read."""
+    """configs/tiny.yaml under ZeRO-3 on tiny-llama's weights loaded from a folder
+    (`saved_tiny_llama`; ``model/`` beside the run), with an empty cache: the base model's
+    scores are computed under ZeRO-3, not read."""
     def make(folder: Path) -> None:
-        proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run"), *OWN_BASE],
-                   STARLORA_CACHE=str(folder / "cache"))
+        proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run"), *OWN_BASE,
+                    *saved_tiny_llama(folder / "model")], STARLORA_CACHE=str(folder / "cache"))
         assert proc.stdout.count("run finished") == 1
 
     return made_once(tmp_path_factory, "zero3_run", make) / "run"
@@ -117,7 +130,8 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow  # one accelerate launch with DeepSpeed (~40 s)
 def test_a_zero3_run_selects_as_one_process_does(tiny_runs: tuple[Path, Path],
                                                   zero3_run: Path) -> None:
-    """configs/tiny.yaml under ZeRO-3: the files of one process, the same round-0 selection
+    """configs/tiny.yaml under ZeRO-3 (weights from a folder, partitioned as they load): the
+    files of one process on the built-in tiny-llama, the same round-0 selection
     (as a set: scoring takes the plain forward path there, and near-ties may swap places),
     metrics and losses within the DDP tolerances, and adapters saved whole."""
     from safetensors.torch import load_file
@@ -166,26 +180,19 @@ def test_zero3_base_term_scores_the_adapted_answers_as_one_process_does(tmp_path
 @pytest.mark.slow  # one process and an accelerate launch with DeepSpeed (~40 s)
 def test_calibrate_under_zero3_fits_what_one_process_fits(zero3_run: Path, tmp_path: Path
                                                          ) -> None:
-    """`starlora calibrate` under ZeRO-3 on a model loaded from a folder, as a user's model
-    is: `from_pretrained` puts each process's shares where DeepSpeed wants them, and the
-    forward passes gather them (each process runs as many batches). The main process writes
-    what one process writes (the temperature is a grid point; the NLLs and signals agree to
-    float rounding). The run is the ZeRO-3 run, its model saved to a folder with the same
-    weights, and its config says float32 scoring, which ZeRO-3 resolves and one process on a
-    CPU with bf16 does not."""
+    """`starlora calibrate` under ZeRO-3 on the run's model from a folder: `from_pretrained`
+    puts each process's shares where DeepSpeed wants them, and the forward passes gather them
+    (each process runs as many batches). The main process writes what one process writes
+    (the temperature is a grid point; the NLLs and signals agree to float rounding). The
+    run's config says float32 scoring, which ZeRO-3 resolves and one process on a CPU with
+    bf16 does not."""
     import shutil
 
     import yaml
 
-    from starlora.models import load_model
-
-    folder = tmp_path / "model"
-    loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
     finished = shutil.copytree(zero3_run, tmp_path / "finished")
     config = yaml.safe_load((finished / "config.yaml").read_text())
-    config["model"]["name"], config["scoring"]["dtype"] = str(folder), "float32"
+    config["scoring"]["dtype"] = "float32"
     (finished / "config.yaml").write_text(yaml.safe_dump(config))
     one, zero3 = (json.loads(b) for b in written_by(
         [ONE, ZERO3], finished, tmp_path, "calibrate", "rounds/1/calibration.json",
@@ -208,7 +215,8 @@ def test_a_killed_zero3_run_finishes_when_run_again(zero3_run: Path, tmp_path: P
     """Killed after round 0's training, the rerun loads the saved adapter into the
     partitioned model and ends with the outputs of an uninterrupted ZeRO-3 run."""
     run_dir, cache = tmp_path / "run", str(tmp_path / "cache")  # base scores as zero3_run's
-    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir), *OWN_BASE]  # as zero3_run's
+    cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir), *OWN_BASE,  # as zero3_run's
+           "--set", f"model.name={zero3_run.parent / 'model'}"]
     launch_and_kill(cmd, run_dir, lambda s: s["phase"] == "train", "launcher",
                      STARLORA_CACHE=cache)
     run(cmd, STARLORA_CACHE=cache)
