@@ -119,3 +119,19 @@ def test_library_noise_is_silenced_at_the_command_line_only(monkeypatch, recwarn
         assert len(recwarn) == 2 and len(seen) == 2
     finally:
         deepspeed.handlers.clear()
+
+
+def test_output_into_a_closed_pipe_ends_quietly_with_141() -> None:
+    """``starlora status RUN | head -1`` once head has gone: every write fails (EPIPE; Python
+    ignores SIGPIPE), and the command ends with the shell's SIGPIPE code, no traceback."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "starlora", "version"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

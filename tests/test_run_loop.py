@@ -24,7 +24,8 @@ from starlora.run.loop import run_experiment
 from starlora.run.protocol import stream
 from starlora.run.store import RunStore
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def outputs(run_dir: Path) -> dict:
@@ -84,10 +85,42 @@ def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["status", str(reference)]) == 0
     out = capsys.readouterr().out
     assert "phase: finished" in out and "labelled:   16  (pool left: 32)" in out
+    assert f"adapter:    {reference / 'rounds' / '1' / 'adapter'}  (peft)\n" in out
     # running a finished run again does nothing and changes nothing
     before = outputs(reference)
     run_experiment(load_config(TINY), reference, progress=False)
     assert outputs(reference) == before
+
+
+def test_the_docs_recipe_folds_the_runs_adapter_into_a_plain_model(reference: Path,
+                                                                    tmp_path: Path) -> None:
+    """docs/getting-started.md's "Use the model" code, run on the finished tiny run: the
+    saved model loads with plain transformers and gives the logits of the model with the
+    adapter (to float rounding: folding B·A into W sums in another order)."""
+    import re
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from starlora.models import load_model
+
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    code = re.search(r"## Use the model\n.*?```python\n(.*?)```", page, re.S).group(1)
+    adapter, out = reference / "rounds" / "1" / "adapter", tmp_path / "my-model"
+    for old, new in (('"smollm2-135m-instruct"', '"tiny-llama"'),
+                     ('"runs/mine/rounds/2/adapter"', repr(str(adapter))),
+                     ('"my-model"', repr(str(out)))):
+        assert old in code
+        code = code.replace(old, new)
+    exec(compile(code, "getting-started.md", "exec"), {})
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    with_adapter = PeftModel.from_pretrained(load_model("tiny-llama").model, str(adapter)).eval()
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        a, b = with_adapter(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.equal(
+        a, load_model("tiny-llama").model(input_ids=ids).logits)
 
 
 def _wait_for(run_dir: Path, proc: subprocess.Popen, predicate, timeout: float = 300) -> None:

@@ -1,15 +1,13 @@
 """The ``starlora`` command line.
 
     starlora demo                       # a whole small experiment on the embedded model
-    starlora run CONFIG.yaml [--set k=v ...] [--run-dir DIR]
-    starlora run --run-dir DIR          # resume from DIR/config.yaml
+    starlora run [CONFIG.yaml] [--set k=v ...] [--run-dir DIR]   # no CONFIG: resume DIR
     starlora status RUN_DIR [--json]
     starlora export RUN_DIR --out FILE [--format F]; starlora import RUN_DIR FILE [--format F]
     starlora annotate RUN_DIR [--host 127.0.0.1] [--port 8765] [--token T]
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR [--comparisons YAML]
-    starlora uncertainty RUN_DIR...     # PE/ME of the test answers after the last round
-    starlora calibrate RUN_DIR          # one temperature on the labels; ECE/AURC before, after
+    starlora uncertainty RUN_DIR... | calibrate RUN_DIR   # after the last round: PE/ME; T
 
 Errors caused by input (bad data, bad config, unknown model...) print one line and exit 2.
 """
@@ -18,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -146,6 +145,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if last:
         print(f"last round: accuracy {last['accuracy']:.4f}  ece {last['ece']:.4f}  "
               f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
+    if status["adapter"]:  # the last round's (docs/getting-started.md, "Use the model")
+        print(f"adapter:    {status['adapter']}  (peft)")
     if status["resume"]:
         print(f"resume:     {status['resume']}")
     for line in status_lines(status):
@@ -252,9 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "run", "run (or resume) an active-learning experiment",
                  "starlora run configs/tiny.yaml --set seed=1 --run-dir runs/tiny-1\n"
                  "starlora run --run-dir runs/tiny-1     # resume it from its own config.yaml")
-    p.add_argument("config", nargs="?",
-                   help="experiment YAML (see configs/); without it, --run-dir resumes the run "
-                        "from its own config.yaml")
+    p.add_argument("config", nargs="?", help="experiment YAML (see configs/); without it, "
+                   "--run-dir resumes the run from its own config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<config>)")
@@ -352,13 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; under ``torchrun``/``accelerate launch`` every process runs it (see
     `starlora.distributed`): the main process prints and writes, the others work on shares.
 
-    Run as a command (`argv` None: ``sys.argv``) it silences `LIBRARY_NOISE`, and a process
-    of a multi-process launch ends through `starlora.distributed.leave` once its command is
-    done; called with an argument list (tests, scripts) it leaves every warning alone and
-    returns."""
+    Run as a command (`argv` None: ``sys.argv``) it silences `LIBRARY_NOISE`, ends with 141
+    and no traceback when its output pipe closes (``| head``), and a process of a launch ends
+    through `starlora.distributed.leave`; called with an argument list (tests, scripts) it
+    leaves every warning alone and returns."""
     if argv is None:
-        with library_noise_silenced():
-            code = _main(None)
+        try:
+            with library_noise_silenced():
+                code = _main(None)
+        except BrokenPipeError:  # (nor can stdout's flush at exit print)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 141
         from starlora import distributed as dist
 
         if dist.world_size() > 1:  # one process of a launch: end it here (`dist.leave`)

@@ -382,6 +382,10 @@ class RunStore:
             "seed": self.config.seed,
             "task": self.config.task.name,
             "last_metrics": metrics[-1] if metrics else None,
+            # the last evaluated round's adapter (peft's layout), where it is kept
+            "adapter": next((str(self.adapter_dir(m["round"])) for m in metrics[-1:]
+                             if (self.adapter_dir(m["round"]) / "adapter_config.json").is_file()),
+                            None),
             "resume": None if finished else resume_command(self.root),
             # the label-free stopping signals per round (`starlora.stopping`) and the rule
             "stop_when": al.stop_when,
