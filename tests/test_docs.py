@@ -84,3 +84,36 @@ def test_the_readme_demo_paragraph_is_rendered_from_the_committed_demo_record() 
     readme = (ROOT / "README.md").read_text()
     assert demo_figures.block(readme) == demo_figures.render(record)
     assert f"**{record['minutes']:.1f} minutes**" in readme and record["commit"] in readme
+
+
+def test_the_readme_own_data_block_makes_valid_files_and_commands(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """README's "Your own data" block, which it says runs as it is: its files are written by
+    bash, its config loads and its data reads (2 pool prompts without answers, 1 test item),
+    and every `starlora` line parses as a command. (Running it takes a minute of SmolLM2:
+    the human-oracle flow itself is tested on tiny models, tests/test_run_labels.py.)"""
+    import re
+    import shlex
+    import subprocess
+
+    from starlora.cli import build_parser
+    from starlora.config import load_config
+    from starlora.run.data import load_data, make_task
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines()
+                if line.startswith("starlora ")]
+    assert [c.split()[1] for c in commands] == ["run", "annotate", "run"]
+    setup = block[:block.index("starlora ")]
+    subprocess.run(["bash", "-c", setup], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "my.yaml")
+    assert cfg.active_learning.oracle == "human" and cfg.active_learning.rounds == 2
+    data = load_data(cfg.task, make_task(cfg.task))
+    assert len(data.pool) == 2 and len(data.test) == 1
+    assert all(ex.answer is None for ex in data.pool) and data.test[0].answer
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert callable(args.func)
