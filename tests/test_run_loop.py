@@ -121,6 +121,10 @@ def test_the_docs_recipe_folds_the_runs_adapter_into_a_plain_model(reference: Pa
         a, b = with_adapter(input_ids=ids).logits, plain(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5) and not torch.equal(
         a, load_model("tiny-llama").model(input_ids=ids).logits)
+    assert RunStore.open(reference).status()["adapter"] == str(adapter)
+    copy = shutil.copytree(reference, tmp_path / "without", ignore=shutil.ignore_patterns(
+        "adapter"))  # as a run committed to git (no weights): status names no adapter
+    assert RunStore.open(copy).status()["adapter"] is None
 
 
 def _wait_for(run_dir: Path, proc: subprocess.Popen, predicate, timeout: float = 300) -> None:

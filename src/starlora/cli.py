@@ -7,7 +7,7 @@
     starlora annotate RUN_DIR [--host 127.0.0.1] [--port 8765] [--token T]
     starlora score --model M --task T --data FILE --out scores.jsonl
     starlora report RUN_DIR... --out DIR [--comparisons YAML]
-    starlora uncertainty RUN_DIR... | calibrate RUN_DIR   # after the last round: PE/ME; T
+    starlora uncertainty RUN_DIR...; starlora calibrate RUN_DIR   # test PE/ME; temperature
 
 Errors caused by input (bad data, bad config, unknown model...) print one line and exit 2.
 """

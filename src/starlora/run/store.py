@@ -369,6 +369,10 @@ class RunStore:
         phase = "finished" if finished else (state["phase"] or "starting")
         if not pending and not finished and self.open_query() is not None:
             phase = "answered: the run goes on when resumed"
+        # the last evaluated round's adapter (peft's layout), unless it is gone
+        adapter = self.adapter_dir(metrics[-1]["round"]) if metrics else None
+        if adapter and not (adapter / "adapter_config.json").is_file():
+            adapter = None
         return {
             "round": self.current_round(),
             "rounds": al.rounds,
@@ -382,10 +386,7 @@ class RunStore:
             "seed": self.config.seed,
             "task": self.config.task.name,
             "last_metrics": metrics[-1] if metrics else None,
-            # the last evaluated round's adapter (peft's layout), where it is kept
-            "adapter": next((str(self.adapter_dir(m["round"])) for m in metrics[-1:]
-                             if (self.adapter_dir(m["round"]) / "adapter_config.json").is_file()),
-                            None),
+            "adapter": str(adapter) if adapter else None,
             "resume": None if finished else resume_command(self.root),
             # the label-free stopping signals per round (`starlora.stopping`) and the rule
             "stop_when": al.stop_when,
