@@ -140,6 +140,20 @@ def test_chat_prompt_uses_the_chat_template(smol) -> None:
     assert smol.tokenizer.decode(answer_ids) == "2+2=4\n#### 4<|im_end|>"
 
 
+def test_bare_open_prompts_to_a_chat_model_get_a_note(smol) -> None:
+    """The note a run prints as it starts: only for open answers put in as their bare text
+    (plain, ``{question}``) to a model with a chat template."""
+    assert "task.prompt_style: chat" in get_task("jsonl").raw_prompt_note(smol.tokenizer)
+    quiet = [get_task("jsonl", prompt_style="chat"), get_task("jsonl", template="Q: {question}\nA:"),
+             get_task("jsonl", choices=["yes", "no"]), get_task("gsm8k"), get_task("obqa")]
+    assert [task.raw_prompt_note(smol.tokenizer) for task in quiet] == [None] * 5
+
+    class NoChatTemplate:
+        chat_template = None
+
+    assert get_task("jsonl").raw_prompt_note(NoChatTemplate()) is None
+
+
 def test_template_and_unknown_task_errors() -> None:
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         get_task("nope")

@@ -270,6 +270,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                 if state["phase"] or state["open"] is not None else ""))
         loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
                             trust_remote_code=config.model.trust_remote_code)
+        note = task.raw_prompt_note(loaded.tokenizer)
+        if note and not (state["phase"] or state["open"] is not None):  # once, as it starts
+            _say(f"note: {note}")
         precision = identity.resolved_precision(config, loaded.model)
         run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
                   loaded.model, loaded.tokenizer, loaded.fingerprint,

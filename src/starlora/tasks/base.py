@@ -140,6 +140,17 @@ class Task:
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
 
+    def raw_prompt_note(self, tokenizer: Any) -> str | None:
+        """A note for a run whose open-answer prompts go in as their bare text (plain style,
+        the ``{question}`` template) to a model with a chat template, such as an instruct
+        model, which then tends to continue the text rather than answer it; else None."""
+        if (self.choices is None and self.prompt_style == "plain" and self.template ==
+                "{question}" and getattr(tokenizer, "chat_template", None)):
+            return ("the prompts go in as their bare text, and this model has a chat template "
+                    "(an instruct model?): set task.prompt_style: chat for its turn format, "
+                    "or task.template for a plain cue such as 'Q: {question}\\nA:'")
+        return None
+
     def target(self, answer: str) -> str:
         """The text that training supervises after the prompt, for a gold or choice answer."""
         return (self.answer_prefix if self.prompt_style == "plain" else "") + answer.strip()
