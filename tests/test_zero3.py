@@ -87,14 +87,15 @@ def test_zero3_helpers_without_deepspeed(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
                                           tmp_path: Path, passes: int) -> None:
     """Gold answers: under ZeRO-3 (the plain forward path, whole weights gathered layer by
-    layer) the same PE and ME as one process's fast path, to float rounding, MC passes
+    layer; tiny-llama's weights from a folder, partitioned as they load) the same PE and ME
+    as one process's fast path on the built-in tiny-llama, to float rounding, MC passes
     included (each example's masks come from its own stream on either path)."""
     data, adapter = scoring_inputs
-    args = ["score", "--model", "tiny-llama", "--adapter", str(adapter), "--task", "arith",
-            "--data", str(data), "--answers", "gold", "--mc-passes", str(passes),
-            "--device", "cpu"]
-    run([*ONE, *args, "--out", str(tmp_path / "one.jsonl")])
-    run([*ZERO3, *args, "--out", str(tmp_path / "two.jsonl")])
+    args = ["score", "--adapter", str(adapter), "--task", "arith", "--data", str(data),
+            "--answers", "gold", "--mc-passes", str(passes), "--device", "cpu"]
+    run([*ONE, *args, "--model", "tiny-llama", "--out", str(tmp_path / "one.jsonl")])
+    folder = saved_tiny_llama(tmp_path / "model")
+    run([*ZERO3, *args, "--model", str(folder), "--out", str(tmp_path / "two.jsonl")])
     one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
     assert len(one) == 11 and [r["id"] for r in one] == [r["id"] for r in two]
     for a, b in zip(one, two):
@@ -102,16 +103,16 @@ def test_zero3_scores_as_one_process_does(scoring_inputs: tuple[Path, Path],
         assert b["me"] == pytest.approx(a["me"], rel=1e-6)
 
 
-def saved_tiny_llama(folder: Path) -> list[str]:
-    """tiny-llama's weights saved to `folder` as a user's model folder is, and the override
-    that names it: `from_pretrained` loads a folder under ZeRO-3 partitioned as it loads (a
-    built-in tiny model is built whole, and partitioned only by DeepSpeed's engine)."""
+def saved_tiny_llama(folder: Path) -> Path:
+    """`folder`, where tiny-llama's weights are saved as a user's model folder is:
+    `from_pretrained` loads a folder under ZeRO-3 partitioned as it loads (a built-in tiny
+    model is built whole, and partitioned only by DeepSpeed's engine)."""
     from starlora.models import load_model
 
     loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
-    return ["--set", f"model.name={folder}"]
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scores are computed under ZeRO-3, not read."""
     def make(folder: Path) -> None:
         proc = run([*ZERO3, "run", str(TINY), "--run-dir", str(folder / "run"), *OWN_BASE,
-                    *saved_tiny_llama(folder / "model")], STARLORA_CACHE=str(folder / "cache"))
+                    "--set", f"model.name={saved_tiny_llama(folder / 'model')}"],
+                   STARLORA_CACHE=str(folder / "cache"))
         assert proc.stdout.count("run finished") == 1
 
     return made_once(tmp_path_factory, "zero3_run", make) / "run"
@@ -230,11 +232,13 @@ def test_a_human_oracle_run_under_zero3_drafts_on_every_process(tmp_path: Path) 
     hang at the first pause, the main process drafting alone). Round 0 drafts with the base
     model, round 1 (gold scores: no generated answers to reuse) with round 0's adapter. The
     drafting is what is checked: a pool of 24 and 4 test problems (tiny.yaml: 48 and 12)
-    keep the evaluation and scoring before round 1's pause short."""
+    keep the evaluation and scoring before round 1's pause short. The weights come from a
+    folder, partitioned as they load."""
     run_dir = tmp_path / "run"
     cmd = [*ZERO3, "run", str(TINY), "--run-dir", str(run_dir),
            "--set", "active_learning.oracle=human", "--set", "scoring.answers=gold",
-           "--set", "task.pool_size=24", "--set", "task.test_size=4"]
+           "--set", "task.pool_size=24", "--set", "task.test_size=4",
+           "--set", f"model.name={saved_tiny_llama(tmp_path / 'model')}"]
     for label_round in (0, 1):
         proc = run(cmd, timeout=900, STARLORA_CACHE=str(tmp_path / "cache"))
         assert f"8 queries of round {label_round} wait for answers" in proc.stdout + proc.stderr
