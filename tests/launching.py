@@ -154,7 +154,6 @@ def files(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
 
 
-
 def written_by(launchers: list[list[str]], finished: Path, tmp_path: Path, command: str,
                output: str, said: str) -> list[bytes]:
     """`command` run by each of `launchers` on a copy of the `finished` run without its
