@@ -219,10 +219,13 @@ def test_a_human_oracle_run_on_a_pool_without_answers(tmp_path: Path, capsys) ->
            "--set", "active_learning.oracle=human", "--set", "active_learning.rounds=3",
            "--set", "active_learning.initial_size=4", "--set", "active_learning.query_size=4"]
     imported: dict[str, str] = {}
+    notes = []  # the note on bare prompts to a model with a chat template: as the run starts
 
     def pause() -> list[dict]:
         assert main(run) == 0
-        assert "4 queries of round " in capsys.readouterr().out
+        said = capsys.readouterr()
+        assert "4 queries of round " in said.out
+        notes.append(said.err.count("note: the prompts go in as their bare text"))
         pending = RunStore.open(run_dir).pending()
         assert len(pending) == 4 and main(["status", str(run_dir), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["pending"] == 4
@@ -262,6 +265,7 @@ def test_a_human_oracle_run_on_a_pool_without_answers(tmp_path: Path, capsys) ->
     store = RunStore.open(run_dir)
     assert {r["id"]: r["answer"] for r in store.labelled()} == imported
     assert [m["n_labelled"] for m in store.metrics()] == [4, 8, 12]
+    assert notes == [1, 0, 0]
     assert {r["source"] for r in store.labelled()} == {
         "import:a.jsonl", "import:b1.csv", "import:b2.csv", "import:ls-export.json"}
 

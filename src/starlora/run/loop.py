@@ -264,14 +264,14 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
 
         overlap = f" ({data.dropped} pool records that repeat a test record dropped)" \
             if data.dropped else ""
+        resuming = bool(state["phase"] or state["open"] is not None)
         _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
              f"test {len(data.test)}, {n_rounds} rounds"
-             + (f", resuming at round {state['at']}"
-                if state["phase"] or state["open"] is not None else ""))
+             + (f", resuming at round {state['at']}" if resuming else ""))
         loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
                             trust_remote_code=config.model.trust_remote_code)
         note = task.raw_prompt_note(loaded.tokenizer)
-        if note and not (state["phase"] or state["open"] is not None):  # once, as it starts
+        if note and not resuming:  # once, as the run starts
             _say(f"note: {note}")
         precision = identity.resolved_precision(config, loaded.model)
         run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
