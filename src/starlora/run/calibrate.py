@@ -190,7 +190,7 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
         raise StarloraError(f"{run_dir}: no round finished yet")
     k = max(m["round"] for m in metrics)
     adapter = store.adapter_dir(k)
-    if not (adapter / "adapter_config.json").is_file():
+    if not store.has_adapter(k):
         raise StarloraError(f"{adapter}: round {k}'s adapter is gone; it cannot be calibrated")
     predictions = read_jsonl(store.paths.round_file(k, "predictions.jsonl"))
     task = make_task(cfg.task)

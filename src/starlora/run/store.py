@@ -369,10 +369,8 @@ class RunStore:
         phase = "finished" if finished else (state["phase"] or "starting")
         if not pending and not finished and self.open_query() is not None:
             phase = "answered: the run goes on when resumed"
-        # the last evaluated round's adapter (peft's layout), unless it is gone
-        adapter = self.adapter_dir(metrics[-1]["round"]) if metrics else None
-        if adapter and not (adapter / "adapter_config.json").is_file():
-            adapter = None
+        last = metrics[-1]["round"] if metrics else None  # its adapter, unless it is gone
+        adapter = self.adapter_dir(last) if last is not None and self.has_adapter(last) else None
         return {
             "round": self.current_round(),
             "rounds": al.rounds,

@@ -160,7 +160,7 @@ def _check(store: RunStore, task: Any) -> tuple[int, bool, dict[str, bool]]:
     if store.paths.test_uncertainty(k).is_file():
         return k, True, {}
     adapter = store.adapter_dir(k)
-    if not (adapter / "adapter_config.json").is_file():
+    if not store.has_adapter(k):
         raise StarloraError(f"{adapter}: the last round's adapter is gone (deleted, or the run "
                             "kept none); its test uncertainty cannot be computed")
     predictions = read_jsonl(store.paths.round_file(k, "predictions.jsonl"))

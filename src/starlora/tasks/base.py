@@ -144,8 +144,9 @@ class Task:
         """A note for a run whose open-answer prompts go in as their bare text (plain style,
         the ``{question}`` template) to a model with a chat template, such as an instruct
         model, which then tends to continue the text rather than answer it; else None."""
-        if (self.choices is None and self.prompt_style == "plain" and self.template ==
-                "{question}" and getattr(tokenizer, "chat_template", None)):
+        if (self.choices is None and self.prompt_style == "plain"
+                and self.template == Task.default_template  # the bare question
+                and getattr(tokenizer, "chat_template", None)):
             return ("the prompts go in as their bare text, and this model has a chat template "
                     "(an instruct model?): set task.prompt_style: chat for its turn format, "
                     "or task.template for a plain cue such as 'Q: {question}\\nA:'")
