@@ -179,26 +179,31 @@ def test_zero3_base_term_scores_the_adapted_answers_as_one_process_does(tmp_path
         assert b["pe"] == pytest.approx(a["pe"], rel=1e-4)  # the adapters: measured 2e-5
 
 
+def scoring_in_float32(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the `finished` run whose config says float32 scoring, which ZeRO-3 resolves
+    and one process on a CPU with bf16 does not: one process then scores as ZeRO-3 does."""
+    import shutil
+
+    import yaml
+
+    copy = shutil.copytree(finished, tmp_path / "finished")
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["scoring"]["dtype"] = "float32"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
 @pytest.mark.slow  # one process and an accelerate launch with DeepSpeed (~40 s)
 def test_calibrate_under_zero3_fits_what_one_process_fits(zero3_run: Path, tmp_path: Path
                                                          ) -> None:
     """`starlora calibrate` under ZeRO-3 on the run's model from a folder: `from_pretrained`
     puts each process's shares where DeepSpeed wants them, and the forward passes gather them
     (each process runs as many batches). The main process writes what one process writes
-    (the temperature is a grid point; the NLLs and signals agree to float rounding). The
-    run's config says float32 scoring, which ZeRO-3 resolves and one process on a CPU with
-    bf16 does not."""
-    import shutil
-
-    import yaml
-
-    finished = shutil.copytree(zero3_run, tmp_path / "finished")
-    config = yaml.safe_load((finished / "config.yaml").read_text())
-    config["scoring"]["dtype"] = "float32"
-    (finished / "config.yaml").write_text(yaml.safe_dump(config))
+    (the temperature is a grid point; the NLLs and signals agree to float rounding), both
+    scoring in float32 (`scoring_in_float32`)."""
     one, zero3 = (json.loads(b) for b in written_by(
-        [ONE, ZERO3], finished, tmp_path, "calibrate", "rounds/1/calibration.json",
-        "round 1: temperature"))
+        [ONE, ZERO3], scoring_in_float32(zero3_run, tmp_path), tmp_path, "calibrate",
+        "rounds/1/calibration.json", "round 1: temperature"))
     assert zero3["labelled"] == one["labelled"] == 16 and zero3["tokens"] == one["tokens"]
     assert zero3["temperature"] == one["temperature"]
     for key in ("nll_t1", "nll_fitted"):
@@ -210,6 +215,29 @@ def test_calibrate_under_zero3_fits_what_one_process_fits(zero3_run: Path, tmp_p
             assert a.keys() == b.keys()
             assert all(b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-12) if a[k] is not None
                        else b[k] is None for k in a)
+
+
+@pytest.mark.slow  # one process and an accelerate launch with DeepSpeed (~40 s)
+def test_uncertainty_under_zero3_writes_what_one_process_writes(zero3_run: Path,
+                                                                 tmp_path: Path) -> None:
+    """`starlora uncertainty` under ZeRO-3 on the run's model from a folder: the test answers
+    are generated and scored in shares, every process through as many forward passes
+    (generation included: a process done early would leave the other waiting for its
+    shares of the weights), and the main process writes what one process writes, both
+    scoring in float32: the same items and correctness, every measure to float rounding."""
+    one, zero3 = (read_jsonl_bytes(b) for b in written_by(
+        [ONE, ZERO3], scoring_in_float32(zero3_run, tmp_path), tmp_path, "uncertainty",
+        "rounds/1/test_uncertainty.jsonl", "wrote 12 test items"))
+    assert [(r["id"], r["correct"]) for r in zero3] == [(r["id"], r["correct"]) for r in one]
+    assert len(one) == 12
+    for a, b in zip(one, zero3):
+        assert a.keys() == b.keys()
+        for k in a.keys() - {"id", "correct"}:
+            assert a[k] is not None and b[k] == pytest.approx(a[k], rel=1e-5), (a["id"], k)
+
+
+def read_jsonl_bytes(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.decode().splitlines()]
 
 
 @pytest.mark.slow  # two accelerate launches with DeepSpeed (~60 s)
