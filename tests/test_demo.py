@@ -3,11 +3,13 @@ SmolLM2 for 10-30 minutes and is checked by hand (its last figures: docs/demo.js
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 
 from starlora.config import load_config
+from starlora.errors import ConfigError
 from starlora.demo import DEFAULT_STRATEGY, DEMO_CONFIG, run_demo
 from starlora.run.store import RunStore
 
@@ -55,3 +57,13 @@ def test_demo_runs_both_strategies_and_writes_the_report(tmp_path: Path, capsys)
         "random": [4, 8], DEFAULT_STRATEGY: [4, 8]}
     run_demo(tmp_path, overrides=QUICK, progress=False)  # again: finished runs, resumed
     assert json.loads((tmp_path / "demo.json").read_text())["resumed"] is True
+    # another seed (the docs' "more seeds"; it used to be refused: the folder held seed 0):
+    # its runs go beside the first, and the report takes both seeds of each strategy
+    run_demo(tmp_path, overrides=[*QUICK, "seed=1"], progress=False)
+    assert sorted(d.name for d in (tmp_path / "runs").iterdir()) == sorted(
+        [n for s in ("random", DEFAULT_STRATEGY) for n in (s, f"{s}-seed1")])
+    summary = list(csv.DictReader((tmp_path / "report" / "summary.csv").open()))
+    assert sorted((r["strategy"], r["seeds"]) for r in summary) == sorted(
+        [("random", "2"), (DEFAULT_STRATEGY, "2")])
+    with pytest.raises(ConfigError, match=r"other settings \(lora.r\).*--out"):
+        run_demo(tmp_path, overrides=[*QUICK, "lora.r=4"], progress=False)

@@ -89,31 +89,56 @@ def test_the_readme_demo_paragraph_is_rendered_from_the_committed_demo_record() 
 def test_the_readme_own_data_block_makes_valid_files_and_commands(tmp_path: Path,
                                                                   monkeypatch) -> None:
     """README's "Your own data" block, which it says runs as it is: its files are written by
-    bash, its config loads and its data reads (2 pool prompts without answers, 1 test item),
-    and every `starlora` line parses as a command. (Running it takes a minute of SmolLM2:
-    the human-oracle flow itself is tested on tiny models, tests/test_run_labels.py.)"""
+    bash, and `own_data_example_holds` them. (Running it takes a minute of SmolLM2: the
+    human-oracle flow itself is tested on tiny models, tests/test_run_labels.py.)"""
     import re
-    import shlex
     import subprocess
-
-    from starlora.cli import build_parser
-    from starlora.config import load_config
-    from starlora.run.data import load_data, make_task
 
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Your own data"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    commands = [line.split("#")[0].strip() for line in block.splitlines()
+    subprocess.run(["bash", "-c", block[:block.index("starlora ")]], cwd=tmp_path, check=True)
+    own_data_example_holds(block, tmp_path, monkeypatch)
+
+
+def test_the_data_pages_ten_lines_make_valid_files_and_commands(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """docs/your-data.md's "Ten lines": its two JSON blocks are the pool and the test file,
+    its YAML block the config, and `own_data_example_holds` them (its sizes once asked for
+    more prompts than its pool holds, which the run refuses before any work)."""
+    import re
+
+    page = (ROOT / "docs" / "your-data.md").read_text()
+    section = page[page.index("## Ten lines"):page.index("## Sources")]
+    pool, test = re.findall(r"```json\n(.*?)```", section, re.S)
+    (tmp_path / "pool.jsonl").write_text(pool)
+    (tmp_path / "test.jsonl").write_text(test)
+    (tmp_path / "my.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    own_data_example_holds(re.search(r"```bash\n(.*?)```", section, re.S).group(1), tmp_path,
+                           monkeypatch)
+
+
+def own_data_example_holds(commands_block: str, folder: Path, monkeypatch) -> None:
+    """The own-data example in `folder` (pool.jsonl, test.jsonl, my.yaml): its config loads,
+    its data reads (2 pool prompts without answers, 1 test item), the pool serves its plan
+    (`check_plan`, which a run calls before any work), and every `starlora` line of
+    `commands_block` parses as a command: run, annotate, run."""
+    import shlex
+
+    from starlora.cli import build_parser
+    from starlora.config import load_config
+    from starlora.run.data import check_plan, load_data, make_task
+
+    commands = [line.split("#")[0].strip() for line in commands_block.splitlines()
                 if line.startswith("starlora ")]
     assert [c.split()[1] for c in commands] == ["run", "annotate", "run"]
-    setup = block[:block.index("starlora ")]
-    subprocess.run(["bash", "-c", setup], cwd=tmp_path, check=True)
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(tmp_path / "my.yaml")
-    assert cfg.active_learning.oracle == "human" and cfg.active_learning.rounds == 2
+    monkeypatch.chdir(folder)
+    cfg = load_config(folder / "my.yaml")
+    assert cfg.active_learning.oracle == "human" and cfg.task.prompt_style == "chat"
     data = load_data(cfg.task, make_task(cfg.task))
     assert len(data.pool) == 2 and len(data.test) == 1
     assert all(ex.answer is None for ex in data.pool) and data.test[0].answer
+    check_plan(cfg, data.pool, data.labelled)
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert callable(args.func)

@@ -4,7 +4,8 @@ It runs the demo config (``demo.yaml`` beside this file: SmolLM2-135M-Instruct o
 arithmetic problems) once with `random` and once with the library's default strategy
 (`DEFAULT_STRATEGY`: the default of ``active_learning.strategy``, so the demo shows whatever
 the evidence made the default), then writes the report. Both runs are resumable: run the
-same command again after an interruption.
+same command again after an interruption. Another seed (``--set seed=1``) adds its two runs
+beside the first two, and the report covers every seed.
 
 It also writes ``demo.json`` beside the report: the wall time, whether the runs resumed work
 done before (then the time is not the whole demo's), the machine, and each strategy's accuracy
@@ -22,14 +23,17 @@ from pathlib import Path
 
 from starlora import __version__
 from starlora.config import ActiveLearningConfig, load_config
+from starlora.errors import ConfigError
 from starlora.io import write_json
 from starlora.report import build_report
 from starlora.run.loop import run_experiment
-from starlora.run.store import RunStore
+from starlora.run.protocol import result_changes
+from starlora.run.store import RunPaths, RunStore
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 #: the strategy the demo shows against `random`: the config's default, owned by the config
 DEFAULT_STRATEGY: str = ActiveLearningConfig.model_fields["strategy"].default
+_DEMO_SEED: int = load_config(DEMO_CONFIG).seed
 
 
 def run_demo(
@@ -38,18 +42,26 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Run the demo into `out` (runs/<strategy>/ and report/); returns the report's files.
+    """Run the demo into `out` (`run_name`'s folders under runs/, and report/); returns the
+    report's files. The report takes every run under runs/: a demo with another seed adds its
+    runs beside the first demo's, and the report shows their spread.
 
     `overrides` are ``key=value`` config overrides (as ``--set``), e.g. for a quicker check."""
     out = Path(out)
     start = time.perf_counter()
     resumed = (out / "runs").is_dir()  # a run started before: the time is not the whole demo's
-    run_dirs = []
-    for strategy in strategies:
-        config = load_config(DEMO_CONFIG, [*(overrides or []), f"active_learning.strategy={strategy}"])
-        run_dirs.append(out / "runs" / strategy)
-        run_experiment(config, run_dirs[-1], progress=progress)
-    written = build_report(run_dirs, out / "report")
+    configs = {out / "runs" / run_name(strategy, c.seed): c for strategy in strategies
+               for c in [load_config(DEMO_CONFIG, [*(overrides or []),
+                                                   f"active_learning.strategy={strategy}"])]}
+    for run_dir, config in configs.items():  # all refused before any runs
+        if RunPaths(run_dir).config.is_file() and (
+                changed := result_changes(RunStore.open(run_dir).config, config)):
+            raise ConfigError(f"{out} holds a demo with other settings ({', '.join(changed)}) "
+                              f"in {run_dir}; give this one another folder: --out <folder>")
+    for run_dir, config in configs.items():
+        run_experiment(config, run_dir, progress=progress)
+    run_dirs = list(configs)
+    written = build_report([out / "runs"], out / "report")  # every run below it
     minutes = (time.perf_counter() - start) / 60
     print(f"\nstarlora demo finished in {minutes:.1f} min"
           + (" (resumed: earlier work not counted)" if resumed else ""), file=sys.stderr)
@@ -66,6 +78,12 @@ def run_demo(
     for name, path in written.items():
         print(f"  {name}: {path}")
     return written
+
+
+def run_name(strategy: str, seed: int) -> str:
+    """The folder under runs/ of `strategy`'s demo run with `seed`: the strategy's name for the
+    demo file's own seed (the README's figures), ``<strategy>-seed<seed>`` for another."""
+    return strategy if seed == _DEMO_SEED else f"{strategy}-seed{seed}"
 
 
 def _cpus() -> int:
