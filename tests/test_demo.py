@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from starlora.config import load_config
-from starlora.errors import ConfigError
 from starlora.demo import DEFAULT_STRATEGY, DEMO_CONFIG, run_demo
+from starlora.errors import ConfigError
 from starlora.run.store import RunStore
 
 QUICK = ["model.name=tiny-llama", "task.pool_size=24", "task.test_size=6", "lora.r=2",

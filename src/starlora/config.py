@@ -78,7 +78,7 @@ def _known(value: str, names: Any, what: str) -> str:
 
 
 class TaskConfig(_Section):
-    name: str = "obqa"  # gsm8k, boolq, obqa, jsonl (your own files) or arith (generated)
+    name: str = "obqa"  # gsm8k, boolq, obqa, jsonl (your own files), arith or calendar (generated)
     # data sources: .jsonl, .csv, .parquet, or hf:<dataset>[@<config>]:<split>
     train: str | None = None  # the pool; records may lack answers (see active_learning.oracle)
     test: str | None = None  # the evaluation split (answers required)
