@@ -69,6 +69,14 @@ def test_bad_records_name_file_line_and_field(tmp_path: Path) -> None:
     csv.write_text('id,question,answer\na,"2 + 2?","4\n#### 4"\nb,,"#### 1"\n')
     with pytest.raises(DataError, match=r"bad\.csv:4: question: empty"):  # after a quoted newline
         load_examples(csv, task)
+    # a quote left open once swallowed the rest of the file into one question, silently
+    csv.write_text('id,question,answer\na,"2 + 2?,#### 4\nb,1 + 1?,#### 2\n')
+    with pytest.raises(DataError, match=r"bad\.csv:2: not valid CSV \(unexpected end of data; "
+                                        r"a quote opened here is not closed\)"):
+        load_examples(csv, task)
+    csv.write_text('id,question,answer\na,"2 + 2?"x,#### 4\n')  # text after a closing quote
+    with pytest.raises(DataError, match=r"bad\.csv:2: not valid CSV"):
+        load_examples(csv, task)
     with pytest.raises(DataError, match="unknown file type '.txt'"):
         load_examples(tmp_path / "x.txt", task)
     with pytest.raises(DataError, match="cannot load the dataset"):

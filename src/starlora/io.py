@@ -144,22 +144,27 @@ def csv_records(text: str, where: str, required: Sequence[str] = ()) -> Iterator
     the header yields a `DataError` as its value, as does a row the csv module cannot read
     (the last value then: reading stops); a row with fewer cells has None for the missing
     ones. A `required` column missing from the header raises at once (line 1). The line is
-    the row's last physical line."""
-    reader = csv.DictReader(stdio.StringIO(text, newline=""))
+    the row's last physical line; for a row that cannot be read, its first (a quote left open
+    would otherwise take the rest of the file into one cell: the reader is strict)."""
+    reader = csv.DictReader(stdio.StringIO(text, newline=""), strict=True)
+    start = 1
     try:
-        missing = Problems()
+        header, missing = reader.fieldnames or [], Problems()  # reads the header row
         for name in required:
-            if name not in (reader.fieldnames or []):
+            if name not in header:
                 missing.add(DataError(where, 1, name, "missing column"))
         missing.raise_if_any()
+        start = reader.line_num + 1
         for row in reader:
             if None in row:
                 yield reader.line_num, DataError(where, reader.line_num, None,
                                                  "more cells than header columns")
             else:
                 yield reader.line_num, row
+            start = reader.line_num + 1
     except csv.Error as e:
-        yield reader.line_num, DataError(where, reader.line_num, None, f"not valid CSV ({e})")
+        hint = "; a quote opened here is not closed" if "end of data" in str(e) else ""
+        yield start, DataError(where, start, None, f"not valid CSV ({e}{hint})")
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
