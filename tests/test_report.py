@@ -239,3 +239,36 @@ def test_report_writes_to_report_here_without_out(runs, tmp_path, monkeypatch, c
     assert main(["report", *map(str, runs)]) == 0
     assert (tmp_path / "report" / "summary.md").is_file()
     assert f"summary.md: {Path('report') / 'summary.md'}" in capsys.readouterr().out
+
+
+def test_report_names_runs_still_going_and_can_leave_them_out(runs, tmp_path, capsys):
+    """A run still going is drawn up to its last evaluated round, and stderr names it (a study
+    then compares the rounds every run has); --finished-only leaves it out. A run directory
+    with no evaluated round yet, below a folder, is named as left out (it was left out
+    without a word)."""
+    from starlora.cli import main
+    from starlora.config import ExperimentConfig, dump_config
+    from starlora.io import write_json
+    from starlora.run.store import RunPaths
+
+    folder = runs[0].parent
+    going, started = write_run(folder, "random", 2, [0.42, 0.5]), folder / "started"
+    started.mkdir()
+    for run, state in ((going, {"round": 2, "phase": "train"}), (started, None)):
+        RunPaths(run).config.write_text(dump_config(ExperimentConfig()))
+        if state:
+            write_json(RunPaths(run).state, state)
+
+    def random_seeds(out: Path) -> list[str]:
+        rows = csv.DictReader((out / "summary.csv").open())
+        return [r["seeds"] for r in rows if r["strategy"] == "random"]
+
+    assert main(["report", str(folder), "--out", str(tmp_path / "all")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 run(s) not finished, drawn up to their last evaluated round" in err
+    assert f"{going.resolve()} (round 2, phase train)" in err
+    assert f"note: 1 run(s) with no evaluated round yet, left out: {started.resolve()}" in err
+    assert random_seeds(tmp_path / "all") == ["3"]
+    assert main(["report", str(folder), "--out", str(tmp_path / "done"), "--finished-only"]) == 0
+    assert "not finished, left out (--finished-only)" in capsys.readouterr().err
+    assert random_seeds(tmp_path / "done") == ["2"]

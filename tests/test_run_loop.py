@@ -86,6 +86,15 @@ def test_end_to_end(reference: Path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert "phase: finished" in out and "labelled:   16  (pool left: 32)" in out
     assert f"adapter:    {reference / 'rounds' / '1' / 'adapter'}  (peft)\n" in out
+    assert "confidence of the test answers, last round (roc-auc: higher" in out
+    assert f"next:       starlora report {reference}  (learning curves" in out and "resume:" not in out
+    (reference / "state.json").rename(reference / "state.saved")  # damaged: a clear error
+    (reference / "state.json").write_text('{"round": 1,')
+    try:
+        assert main(["status", str(reference)]) == 2
+    finally:
+        (reference / "state.saved").replace(reference / "state.json")
+    assert f"{reference / 'state.json'}: not valid JSON" in capsys.readouterr().err
     # running a finished run again does nothing and changes nothing
     before = outputs(reference)
     run_experiment(load_config(TINY), reference, progress=False)

@@ -127,30 +127,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from starlora.report_confidence import status_lines
-    from starlora.run.oracle import waiting
     from starlora.run.store import RunStore
 
     status = RunStore.open(args.run_dir).status()
-    if args.json:
-        print(json.dumps(status))
-        return 0
-    print(f"run:        {args.run_dir}")
-    print(f"strategy:   {status['strategy']}  seed {status['seed']}  task {status['task']}")
-    print(f"round:      {status['round']} (rounds 0-{status['rounds'] - 1})  "
-          f"phase: {status['phase']}")
-    print(f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})")
-    if status["pending"]:
-        print(f"pending:    {waiting(args.run_dir, status['pending'], status['round'])}")
-    last = status.get("last_metrics")
-    if last:
-        print(f"last round: accuracy {last['accuracy']:.4f}  ece {last['ece']:.4f}  "
-              f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
-    if status["adapter"]:  # the last round's (docs/getting-started.md, "Use the model")
-        print(f"adapter:    {status['adapter']}  (peft)")
-    if status["resume"]:
-        print(f"resume:     {status['resume']}")
-    for line in status_lines(status):
-        print(line)
+    print(json.dumps(status) if args.json else "\n".join(status_lines(args.run_dir, status)))
     return 0
 
 
@@ -183,8 +163,11 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from starlora.report import build_report
+    from starlora.run.finding import chosen_runs
 
-    written = build_report(args.run_dirs, args.out, args.comparisons)
+    run_dirs, notes = chosen_runs(args.run_dirs, finished_only=args.finished_only)
+    print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
+    written = build_report(run_dirs, args.out, args.comparisons)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -332,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study's declared primary comparisons (arm, baseline, optional "
                         "equivalence margin; docs/study.md); default: each STAR arm against "
                         "random and pe/me")
+    p.add_argument("--finished-only", action="store_true", help="leave out runs still going "
+                   "(by default drawn up to their last evaluated round, and said so)")
     p.set_defaults(func=_cmd_report)
 
     p = _command(sub, "uncertainty", "score a finished run's test items after its last round "

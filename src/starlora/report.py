@@ -1,8 +1,7 @@
-"""Reports: learning curves, calibration and a summary table from finished runs.
+"""Reports: learning curves, calibration and a summary table from runs' evaluated rounds.
 
-`build_report` reads each run directory's ``metrics.jsonl`` (one line per finished round),
-groups rounds by (task, protocol) and then by strategy, aggregates seeds per round and writes,
-for each group:
+`build_report` reads each run directory's ``metrics.jsonl`` (a line per evaluated round), groups
+rounds by (task, protocol), then by strategy, aggregates seeds per round and writes, per group:
 
 * ``accuracy.png`` and ``ece.png``: mean over seeds against the labelled count, one line per
   strategy with a band of mean ± std (``random`` always grey);
@@ -53,7 +52,8 @@ from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, read_records
 from starlora.report_confidence import confidence_pages, stopping_page
-from starlora.run.store import RunPaths, find_runs
+from starlora.run.finding import find_runs
+from starlora.run.store import RunPaths
 from starlora.study.arms import run_labels, study_groups
 from starlora.study.declared import load_declared
 from starlora.study.report import write_studies
@@ -83,18 +83,18 @@ class RoundStats:
 
 def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Every round record of every run, each with its ``run_dir`` added; a folder that is not
-    a run directory stands for the runs below it (`starlora.run.store.find_runs`).
+    a run directory stands for the runs below it (`starlora.run.finding.find_runs`).
 
     A round logged twice (a resumed run) keeps its last line. Raises DataError naming the file
     and line for a missing file, malformed JSON, or a missing or mistyped field, and when two
-    run directories hold the same (task, protocol, strategy, seed).
-    """
+    run directories hold the same (task, protocol, strategy, seed)."""
     records: list[dict[str, Any]] = []
     owner: dict[tuple, Path] = {}
     for run_dir in find_runs(run_dirs):
         path = RunPaths(run_dir).metrics
         if not path.is_file():
-            raise DataError(str(path), None, None, "no such file (is this a run directory?)")
+            raise DataError(str(path), None, None, "no such file (not a run directory, or "
+                            "no round evaluated yet)")
         rounds: dict[tuple, dict[str, Any]] = {}
         for lineno, rec in read_records(path):
             for name, types in _FIELDS.items():

@@ -15,10 +15,12 @@ For each (task, protocol) group, from the last round every strategy has:
   mean over seeds of ``stop_agreement`` and ``stop_uncertainty`` (`starlora.stopping`).
 
 Strategies are named by their study arm labels, as in the rest of the report.
+`status_lines` is what ``starlora status`` prints of one run, these signals included.
 """
 
 from __future__ import annotations
 
+import shlex
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from matplotlib.figure import Figure
 from starlora.confidence import adaptive_ece, risk_coverage, signal_metrics
 from starlora.evaluation import prediction_signals
 from starlora.io import read_jsonl
+from starlora.run.oracle import waiting
 from starlora.run.store import RunPaths
 
 RANDOM_COLOR = "#8c8c8c"  # as in the report's other plots
@@ -146,15 +149,33 @@ def stopping_page(task: str, records: list[dict[str, Any]]) -> dict[str, bytes]:
     return {"stopping.md": ("\n".join(lines) + "\n").encode()}
 
 
-def status_lines(status: dict[str, Any]) -> list[str]:
-    """The lines `starlora status` adds for a run's confidence signals (its last round) and its
-    stopping signals (every round), from `starlora.run.store.RunStore.status`."""
-    lines = []
-    for name, found in (status.get("last_metrics") or {}).get("signals", {}).items():
-        auc, aurc, ece = (found.get(k) for k in ("roc-auc", "rcc-auc", "ece-adaptive"))
-        lines.append(f"  {name + ':':<13} roc-auc {'n/a' if auc is None else f'{auc:.3f}'}  "
-                     f"rcc-auc {'n/a' if aurc is None else f'{aurc:.3f}'}  "
-                     f"ece-adaptive {'n/a' if ece is None else f'{ece:.3f}'}")
+def status_lines(run_dir: str | Path, status: dict[str, Any]) -> list[str]:
+    """What `starlora status` prints for the run in `run_dir`, from
+    `starlora.run.store.RunStore.status`: where the run is, its last evaluated round, its
+    adapter, the confidence signals of that round, the stopping signals of every round, and
+    the command that comes next."""
+    lines = [f"run:        {run_dir}",
+             f"strategy:   {status['strategy']}  seed {status['seed']}  task {status['task']}",
+             f"round:      {status['round']} (rounds 0-{status['rounds'] - 1})  "
+             f"phase: {status['phase']}",
+             f"labelled:   {status['n_labelled']}  (pool left: {status['n_unlabelled']})"]
+    if status["pending"]:
+        lines.append(f"pending:    {waiting(run_dir, status['pending'], status['round'])}")
+    last = status.get("last_metrics")
+    if last:
+        lines.append(f"last round: accuracy {last['accuracy']:.4f} on the test set  "
+                     f"({last['n_labelled']} labelled, {last['seconds']:.0f} s)")
+        lines.append(f"adapter:    {status['adapter']}  (peft)" if status["adapter"] else
+                     "adapter:    none kept in the run directory")
+        signals = last.get("signals", {})
+        if signals:
+            lines.append("confidence of the test answers, last round (roc-auc: higher is "
+                         "better; rcc-auc, ece-adaptive: lower):")
+        for name, found in signals.items():
+            auc, aurc, ece = (found.get(k) for k in ("roc-auc", "rcc-auc", "ece-adaptive"))
+            lines.append(f"  {name + ':':<13} roc-auc {'n/a' if auc is None else f'{auc:.3f}'}  "
+                         f"rcc-auc {'n/a' if aurc is None else f'{aurc:.3f}'}  "
+                         f"ece-adaptive {'n/a' if ece is None else f'{ece:.3f}'}")
     stops = [m for m in status.get("stop_signals", []) if m.get("stop_uncertainty") is not None]
     if stops:
         held = status.get("stopped_at")
@@ -165,6 +186,11 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             lines.append(f"  round {m['round']}: agreement "
                          f"{'n/a' if agree is None else f'{agree:.3f}'}  "
                          f"uncertainty {m['stop_uncertainty']:.3f}")
+    if status["resume"]:
+        lines.append(f"resume:     {status['resume']}")
+    elif last:
+        lines.append(f"next:       starlora report {shlex.quote(str(run_dir))}  (learning "
+                     "curves and tables)")
     return lines
 
 

@@ -121,19 +121,6 @@ class RunPaths:
         return sorted(int(p.stem) for p in folder.glob("*.jsonl") if p.stem.isdigit())
 
 
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    """The run directories `paths` name, in order, each once: a path holding ``metrics.jsonl``
-    is one; a folder without it stands for every run directory below it, in sorted order
-    (``starlora report results/study-2/runs/smollm2``). A path that is neither stays as it
-    is, so that the reader reports its missing ``metrics.jsonl``."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        below = [] if RunPaths(path).metrics.is_file() or not path.is_dir() else sorted(
-            m.parent for m in path.rglob("metrics.jsonl"))
-        found += below or [path]
-    return list(dict.fromkeys(p.resolve() for p in found))
-
-
 def resume_command(run_dir: str | Path) -> str:
     """The command that resumes the run in `run_dir` from its own ``config.yaml`` (every
     ``--set`` of the first command is in it)."""
@@ -224,7 +211,10 @@ class RunStore:
     def state(self) -> dict:
         if not self.paths.state.is_file():
             return {"round": 0, "phase": None}
-        return read_json(self.paths.state)
+        try:
+            return read_json(self.paths.state)
+        except ValueError as e:  # edited, or written by something else than starlora
+            raise DataError(str(self.paths.state), None, None, f"not valid JSON ({e})") from e
 
     def set_state(self, round_: int, phase: str | None, **extra: Any) -> None:
         write_json(self.paths.state, {"round": round_, "phase": phase, **extra})
