@@ -135,3 +135,14 @@ def test_output_into_a_closed_pipe_ends_quietly_with_141() -> None:
         os.close(write)
     assert proc.returncode == 141
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+def test_a_run_directory_given_as_the_config_points_to_run_dir(tmp_path: Path, capsys) -> None:
+    """`starlora run RUN` (a run directory where the config goes) says how a run resumes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    assert main(["run", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir}: cannot read config (" in err
+    assert f"; a run directory resumes with --run-dir {run_dir}" in err

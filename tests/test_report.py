@@ -272,3 +272,16 @@ def test_report_names_runs_still_going_and_can_leave_them_out(runs, tmp_path, ca
     assert main(["report", str(folder), "--out", str(tmp_path / "done"), "--finished-only"]) == 0
     assert "not finished, left out (--finished-only)" in capsys.readouterr().err
     assert random_seeds(tmp_path / "done") == ["2"]
+
+
+def test_report_out_on_a_file_is_an_error_naming_it(runs, tmp_path, capsys):
+    """`--out` naming a file (or a folder below one) ends with one line naming it, exit 2 (it
+    was a FileExistsError traceback), and the file is as it was."""
+    from starlora.cli import main
+
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "report"):
+        assert main(["report", *map(str, runs), "--out", str(out)]) == 2
+        assert f"{out}: not a folder (a file of that name is in the way, here or above)" in (
+            capsys.readouterr().err)
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -111,7 +111,9 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
     ("unknown.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "zz", "answer": "1"}\n',
      "unknown.jsonl:2: id: 'zz' unknown id"),
     ("done.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q3", "answer": "1"}\n',
-     "done.jsonl:2: id: 'q3' is not pending"),
+     "done.jsonl:2: id: 'q3' is not pending: answered already (`starlora annotate` can change"),
+    ("earlier.jsonl", '{"id": "a", "answer": "1"}\n',
+     "earlier.jsonl:1: id: 'a' is not pending: labelled in an earlier round"),
     ("dup.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q0", "answer": "1"}\n',
      "dup.jsonl:2: id: duplicate id 'q0' (first on line 1)"),
     ("empty.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1", "answer": "  "}\n',
@@ -342,3 +344,21 @@ def test_a_paused_run_counts_its_queries_in_words_that_agree() -> None:
     assert three.startswith("3 queries of round 2 wait for answers: ")
     assert one.endswith("then starlora run --run-dir runs/r")
     assert str(Paused(Path("runs/r"), 3, 2)) == three  # one text for the run and the command
+
+
+def test_export_takes_its_format_from_the_name_and_refuses_a_folder(
+        store: RunStore, tmp_path: Path, capsys) -> None:
+    """`--out q.csv` writes CSV (the default was JSONL whatever the name, which `starlora
+    import q.csv` then refused); a name that says no format, or a folder, is an error that
+    names it (a folder was a traceback), and nothing is written."""
+    assert main(["export", str(store.root), "--out", str(tmp_path / "q.csv")]) == 0
+    assert (tmp_path / "q.csv").read_text().startswith("id,question,prompt,draft,")
+    (tmp_path / "q.csv").write_text((tmp_path / "q.csv").read_text().replace(",1\n", ",1,5\n"))
+    assert main(["import", str(store.root), str(tmp_path / "q.csv")]) == 0
+    capsys.readouterr()
+    (tmp_path / "folder.csv").mkdir()
+    for out, said in ((tmp_path / "q.txt", "cannot tell the format from the name"),
+                      (tmp_path / "folder.csv", "is a folder; give a file name")):
+        assert main(["export", str(store.root), "--out", str(out)]) == 2
+        assert f"{out}: {said}" in capsys.readouterr().err
+    assert not (tmp_path / "q.txt").exists()

@@ -135,11 +135,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from starlora.run.labels import export_message, export_queries
+    from starlora.run.labels import export_message, export_queries, guess_format
     from starlora.run.store import RunStore
 
-    n = export_queries(RunStore.open(args.run_dir), args.out, args.format)
-    print(export_message(n, args.out, args.format), file=sys.stderr)
+    fmt = guess_format(args.out) if args.format == "auto" else args.format
+    n = export_queries(RunStore.open(args.run_dir), args.out, fmt)
+    print(export_message(n, args.out, fmt), file=sys.stderr)
     return 0
 
 
@@ -252,11 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_status)
 
     p = _command(sub, "export", "write the queries a run waits for, for people to answer",
-                 "starlora export runs/mine --format csv --out queries.csv")
+                 "starlora export runs/mine --out queries.csv     # CSV: from the name")
     p.add_argument("run_dir", help=RUN_DIR_HELP)
-    p.add_argument("--format", choices=FORMATS, default="jsonl",
-                   help="jsonl, csv (with an empty answer column), or label-studio (a tasks "
-                        "JSON, and its labelling config beside it as <name>.label_config.xml)")
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto",
+                   help="auto (default: from the --out name, .jsonl, .csv, .json), jsonl, csv "
+                        "(with an empty answer column), or label-studio (a tasks JSON, and its "
+                        "labelling config beside it as <name>.label_config.xml)")
     p.add_argument("--out", required=True, help="output file (label-studio: a tasks JSON)")
     p.set_defaults(func=_cmd_export)
 
@@ -286,17 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="score with the adapter disabled")
     p.add_argument("--task", required=True, help="a registered task (a wrong name lists them)")
     p.add_argument("--data", required=True,
-                   help="data file (.jsonl, .csv, .parquet or hf:<dataset>:<split>)")
+                   help="data file (.jsonl, .csv, .parquet or hf:<dataset>[@<config>]:<split>)")
     p.add_argument("--answers", choices=get_args(AnswerSource), default="generated",
                    help="score the model's own answers (records need no answer; default) or "
                         "the records' gold answers")
     p.add_argument("--samples", type=int, default=1,
-                   help="generated answers per record: 1 greedy, N > 1 at temperature 1")
+                   help="generated answers per record: 1 greedy (default), N > 1 at "
+                        "temperature 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="of a generated answer")
     p.add_argument("--seed", type=int, default=0, help="of MC-dropout masks and samples")
-    p.add_argument("--prompt-style", choices=get_args(PromptStyle), default="plain")
-    p.add_argument("--measures", default="pe,me", help="comma-separated: pe, me")
-    p.add_argument("--mc-passes", type=int, default=1, help="Monte-Carlo dropout passes")
+    p.add_argument("--prompt-style", choices=get_args(PromptStyle), default="plain",
+                   help="plain: the prompt text as it is (default); chat: in the model's chat "
+                        "template, for an instruct model")
+    p.add_argument("--measures", default="pe,me", help="comma-separated: pe, me (default both)")
+    p.add_argument("--mc-passes", type=int, default=1,
+                   help="Monte-Carlo dropout passes (default 1: no dropout)")
     p.add_argument("--batch-size", default="auto", type=lambda s: s if s == "auto" else int(s),
                    help="examples per batch, or auto (default: by tokens, halved on OOM)")
     p.add_argument("--limit", type=int, help="score only the first N records")

@@ -280,7 +280,9 @@ def load_config(
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{where}: cannot read config ({e})") from None
+            hint = (f"; a run directory resumes with --run-dir {where}"
+                    if (Path(path) / "config.yaml").is_file() else "")
+            raise ConfigError(f"{where}: cannot read config ({e}){hint}") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

@@ -24,7 +24,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from starlora.errors import DataError, DiskFullError, LockTimeoutError, Problems
+from starlora.errors import (
+    DataError,
+    DiskFullError,
+    LockTimeoutError,
+    Problems,
+    StarloraError,
+)
 
 
 def current_umask() -> int:
@@ -37,9 +43,12 @@ def current_umask() -> int:
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write `data` (str as UTF-8) to `path` via a temporary file, fsync and rename.
     Returns `path`. On any error the temporary file is removed and `path` is as it was; a
-    full disk (ENOSPC, EDQUOT) raises `DiskFullError` naming `path`."""
+    full disk (ENOSPC, EDQUOT) raises `DiskFullError` naming `path`; a folder at `path`, or a
+    file where a folder above it should be, a `StarloraError` naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise StarloraError(f"{path}: is a folder; give a file name")
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         try:
@@ -59,6 +68,18 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
                                 "file is as it was: free some space and run the command "
                                 "again") from e
         raise
+
+
+def make_folder(path: str | Path) -> Path:
+    """`path` as a folder, made with its parents where missing; a file in the way is a
+    `StarloraError` naming it (not an OSError's traceback)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StarloraError(f"{path}: not a folder (a file of that name is in the way, here "
+                            "or above); give another") from None
+    return path
 
 
 @contextlib.contextmanager

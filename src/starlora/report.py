@@ -50,7 +50,7 @@ from matplotlib.figure import Figure  # a bare Figure renders with Agg: no displ
 
 from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
-from starlora.io import atomic_write, read_records
+from starlora.io import atomic_write, make_folder, read_records
 from starlora.report_confidence import confidence_pages, stopping_page
 from starlora.run.finding import find_runs
 from starlora.run.store import RunPaths
@@ -365,8 +365,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
     labels = run_labels(study)
     if declared is not None:
         declared.check_used(set(labels.values()))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     shown = [{**r, "strategy": labels.get(r["run_dir"], r["strategy"])} for r in records]
     groups = aggregate(shown)
     written: dict[str, Path] = {}

@@ -293,8 +293,11 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
         if not a.answer.strip():
             found.add(DataError(where, a.line, "answer", f"empty answer for id {a.id!r}"))
         elif a.id not in pending:
-            known = a.id in asked or a.id in labelled
-            problem = "is not pending (already labelled, or not asked)" if known else "unknown id"
+            problem = ("is not pending: answered already (`starlora annotate` can change an "
+                       "answer until the run goes on)" if a.id in asked else
+                       "is not pending: labelled in an earlier round" if a.id in labelled else
+                       "unknown id" + (": no query is open (the run is not waiting for "
+                                       "answers)" if r is None else ""))
             found.add(DataError(where, a.line, "id", f"{a.id!r} {problem}"))
         else:
             out[a.id] = a.answer.strip()
