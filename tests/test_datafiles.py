@@ -133,4 +133,27 @@ def test_a_test_file_without_answers_says_it_is_the_test_set(tmp_path: Path) -> 
     cfg = load_config(None, ["task.name=jsonl", f"task.train={pool}", f"task.test={test}"]).task
     with pytest.raises(DataError) as e:
         load_data(cfg, make_task(cfg))
-    assert str(e.value) == f"{test}:1: answer: missing (the test set, task.test)"
+    assert str(e.value) == (f"{test}:1: answer: missing from every record, the first on this "
+                            "line (their fields: question); set task.answer_field to the one "
+                            "that holds it (the test set, task.test)")
+
+
+def test_a_field_named_otherwise_in_every_record_is_one_problem_naming_the_setting(
+        tmp_path: Path) -> None:
+    """A pool whose questions are under `prompt`: one problem saying which fields the records
+    have and which setting names the field (it was one "question: missing" per record, 20
+    shown and the rest counted); a field missing from some records stays one per record."""
+    task = get_task("jsonl")
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "q"}) + "\n" for i in range(30)))
+    with pytest.raises(DataError) as e:
+        load_examples(pool, task, require_answer=False)
+    assert str(e.value) == (f"{pool}:1: question: missing from every record, the first on this "
+                            "line (their fields: id, prompt); set task.question_field to the "
+                            "one that holds it")
+    assert [ex.question for ex in load_examples(pool, task, question_field="prompt",
+                                                require_answer=False)] == ["q"] * 30
+    pool.write_text('{"question": "a"}\n{"prompt": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(DataError, match=r"2 problems:\n.*:2: question: missing\n.*:3: question: "
+                                        r"missing"):
+        load_examples(pool, task, require_answer=False)

@@ -167,6 +167,8 @@ def load_examples(
     seen_ids: dict[str, int] = {}
     seen_content: set[tuple[str, str | None]] = set()
     problems = Problems(role)
+    fields: dict[str, None] = {}  # every record's field names, in the order first seen
+    first = 0  # the line of the first record
 
     try:
         for line, record in _records(source):
@@ -176,6 +178,8 @@ def load_examples(
             if not isinstance(record, dict):
                 problems.add(DataError(source, line, None, "not a JSON object"))
                 continue
+            first = first or line
+            fields.update(record)
             example = _example(source, line, record, task, problems, question_field,
                                answer_field, id_field, require_answer)
             if example is None:
@@ -198,6 +202,15 @@ def load_examples(
                 break
     except DataError as e:  # the file cannot be read at all
         raise e.in_role(role) from None
+    for name, setting in ((question_field, "question_field"), (answer_field, "answer_field")):
+        if fields and name not in fields and (name == question_field or require_answer):
+            # one problem for the file, not one per record: the field is named otherwise
+            problems.errors = [e for e in problems.errors
+                               if (e.field, e.problem) != (name, "missing")]
+            theirs = ", ".join(map(str, list(fields)[:12]))
+            problems.add(DataError(source, first, name, "missing from every record, the first "
+                                   f"on this line (their fields: {theirs}); set task.{setting} "
+                                   "to the one that holds it"))
     problems.raise_if_any()
     if not examples:
         raise DataError(source, None, None, "no records", role)
