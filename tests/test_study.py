@@ -533,3 +533,19 @@ def test_a_run_resumed_on_another_machine_is_named_in_the_notes(study_runs, tmp_
     assert (f"{label}: seed {seed} resumed on another machine at round 2 (after evaluate) on "
             "Intel Xeon (identity.json)") in md
     assert md.count("resumed on another machine") == 1  # the other runs ran on one machine
+
+
+def test_a_study_without_a_primary_pair_says_why_and_where_to_declare_one(tmp_path):
+    """Only a variant STAR arm shares seeds with `random`: no primary pair, and the study says
+    that variants are compared with their usual arm only, and how to declare pairs (it said
+    "No STAR arm and baseline share 2 seeds" while one visibly did)."""
+    ablation = "pe-dynamic [b_decay_mode=none, dropout=0.0, mc_passes=1]"
+    runs = [write_study_run(tmp_path / "runs", label, seed, curve(seed, bonus))
+            for label, seeds, bonus in (("random", range(4), 0), (ablation, range(4), 1),
+                                         ("pe-dynamic", [9], 1)) for seed in seeds]
+    runs += [write_study_run(tmp_path / "runs", "random", seed, curve(0, 0))
+             for seed in (10, 11)]  # the usual settings are the most common ones
+    text = write_studies(load_runs(runs), tmp_path / "report")["study.md"].read_text()
+    assert ("No STAR arm and baseline share 2 seeds (a STAR arm whose settings differ from the "
+            "study's usual ones is a variant, compared only with its usual arm; `starlora "
+            "report --comparisons FILE` compares the pairs a file declares: docs/study.md).") in text

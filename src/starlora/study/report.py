@@ -84,7 +84,10 @@ def study_markdown(s: Study) -> str:
     lines += _table(head + ["margin", "TOST p"] * tost,
                     [_cells(c) + [f"±{c.margin:g}" if c.margin else "", _f(c.tost_p, 5)] * tost
                      for c in primary]) if primary else [
-        "No STAR arm and baseline share 2 seeds." if s.declared is None else
+        "No STAR arm and baseline share 2 seeds (a STAR arm whose settings differ from the "
+        "study's usual ones is a variant, compared only with its usual arm; `starlora report "
+        "--comparisons FILE` compares the pairs a file declares: docs/study.md)."
+        if s.declared is None else
         "No declared pair shares 2 seeds.", ""]
     if s.untested:
         lines += ["Not tested: " + "; ".join(s.untested) + ".", ""]
