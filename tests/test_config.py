@@ -31,8 +31,25 @@ def test_defaults_are_the_paper_s() -> None:
 
 def test_unknown_key_names_file_line_and_key(tmp_path: Path) -> None:
     path = write(tmp_path, "seed: 1\ntraining:\n  lr: 0.001\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml:4: training\.epoch: unknown key"):
+    with pytest.raises(ConfigError, match=r"c\.yaml:4: training\.epoch: unknown key \(did you "
+                                          r"mean training\.epochs\?\)"):
         load_config(path)
+
+
+def test_every_problem_of_a_config_is_listed_in_file_order(tmp_path: Path) -> None:
+    """Three problems, three lines in the order of the file, then the overrides' (one was
+    shown, the last of them, with "(and 2 more)"); an unknown section set by --set names
+    the --set (it was named as the file) and the section it may mean."""
+    path = write(tmp_path, "training:\n  epoch: 3\n  lr: x\nlora:\n  r: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["traning.lr=3"])
+    lines = str(e.value).splitlines()
+    assert lines[2].startswith(f"{path}:3: training.lr: Input should be a valid number")
+    assert lines[:2] + lines[3:] == [
+        f"{path}: 4 problems:",
+        f"{path}:2: training.epoch: unknown key (did you mean training.epochs?)",
+        f"{path}:5: lora.r: Input should be greater than 0",
+        "--set traning.lr=3: traning: unknown key (did you mean training?)"]
 
 
 def test_wrong_type_names_the_key(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Every default below is the STAR paper's unless its comment says otherwise.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -312,18 +313,33 @@ def load_config(
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc) or "(top level)"
-        prefixes = [loc[:i] for i in range(len(loc), 0, -1)]
-        override = next((origin[p] for p in prefixes if p in origin), None)
-        line = next((lines[p] for p in prefixes if p in lines), None)
-        at = override or (f"{where}:{line}" if line else where)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{at}: {key}: {msg}{more}") from None
+        found = sorted(_problem(err, where, lines, origin) for err in e.errors())
+        if len(found) == 1:
+            raise ConfigError(found[0][1]) from None
+        raise ConfigError(f"{where}: {len(found)} problems:\n"
+                          + "\n".join(text for _, text in found)) from None
+
+
+def _problem(err: Any, where: str, lines: dict[tuple[str, ...], int],
+             origin: dict[tuple[str, ...], str]) -> tuple[tuple[int, str], str]:
+    """(sort key, ``"<file:line or --set ...>: <key>: <reason>"``) of one validation error;
+    an unknown key names the known one it is closest to, if any."""
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    prefixes = [loc[:i] for i in range(len(loc), 0, -1)]
+    override = next((origin[p] for p in prefixes if p in origin), None) or next(
+        (item for keys, item in origin.items() if loc and keys[:len(loc)] == loc), None)
+    line = next((lines[p] for p in prefixes if p in lines), None)
+    at = override or (f"{where}:{line}" if line else where)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        section = ExperimentConfig.model_fields.get(loc[0]) if len(loc) == 2 else None
+        known = (list(section.annotation.model_fields) if section else  # type: ignore[union-attr]
+                 list(ExperimentConfig.model_fields))
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        msg = "unknown key" + (f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)"
+                               if close else "")
+    return ((1, override) if override else (0, f"{line or 0:09d}")), f"{at}: {key}: {msg}"
 
 
 def flatten_config(config: ExperimentConfig) -> dict[str, Any]:

@@ -77,8 +77,9 @@ def _read(cfg: TaskConfig, task: Task, split: str, path: str | None, size: int |
     if path is None:
         what = "the pool: records with a question" if split == "train" else \
             "the test set: records with a question and its answer"
-        raise ConfigError(f"task.{split}: required for task {cfg.name!r} ({what}; a .jsonl, "
-                          ".csv or .parquet file, or hf:<dataset>[@<config>]:<split>)")
+        default = " (task.name's default)" if cfg.name == TaskConfig().name else ""
+        raise ConfigError(f"task.{split}: required for task {cfg.name!r}{default} ({what}; a "
+                          ".jsonl, .csv or .parquet file, or hf:<dataset>[@<config>]:<split>)")
     return load_examples(path, task, question_field=cfg.question_field,
                          answer_field=cfg.answer_field, id_field=cfg.id_field, dedupe=cfg.dedupe,
                          require_answer=split != "train",
