@@ -106,3 +106,49 @@ def test_fingerprints_follow_the_weights(tmp_path, monkeypatch) -> None:
     bare.mkdir()
     (bare / "config.json").write_text("{}")
     assert model_fingerprint(str(bare)) == ""
+
+
+REVISIONS = """
+import os, sys, torch
+from pathlib import Path
+from starlora.errors import ConfigError, ModelNotFoundError
+from starlora.models import load_model
+
+hub = Path(os.environ["HF_HUB_CACHE"]) / "models--org--tiny"  # the Hub cache's own layout
+for sha, seed in (("a" * 40, 0), ("b" * 40, 1)):
+    tiny = load_model("tiny-llama", device="cpu", dtype="float32", seed=seed)
+    tiny.model.save_pretrained(hub / "snapshots" / sha)
+    tiny.tokenizer.save_pretrained(hub / "snapshots" / sha)
+(hub / "refs").mkdir()
+(hub / "refs" / "main").write_text("a" * 40)
+first = lambda m: next(m.model.parameters())
+main, pinned, named = (load_model("org/tiny", device="cpu", revision=r)
+                       for r in (None, "b" * 40, "main"))
+assert torch.equal(first(main), first(named)) and not torch.equal(first(main), first(pinned))
+assert main.fingerprint != pinned.fingerprint
+for name, revision, error in (("org/tiny", "c" * 40, ModelNotFoundError),
+                              ("tiny-llama", "v1", ConfigError)):
+    try:
+        load_model(name, device="cpu", revision=revision)
+    except error as e:
+        print(e)
+"""
+
+
+def test_a_hub_model_loads_at_the_revision_asked_for(tmp_path) -> None:
+    """`model.revision` pins a Hub id's weights: in a Hub cache holding two commits of one
+    repository (offline), None and "main" load the branch's commit, a commit hash its own;
+    a hash not there is not found, and a revision of a built-in model is refused."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", REVISIONS], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"),
+                               "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == [  # (after any library notice)
+        "model 'org/tiny': not a built-in (smollm2-135m-instruct, gemma3-270m, tiny-llama, "
+        "tiny-qwen2, tiny-gpt2), not an existing folder, and not reachable on the Hugging Face "
+        f"Hub at revision {'c' * 40!r} (LocalEntryNotFoundError)",
+        "model.revision: 'v1' applies to a Hugging Face Hub id; 'tiny-llama' is a built-in "
+        "model or a local folder"]

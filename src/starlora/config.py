@@ -38,6 +38,8 @@ class ModelConfig(_Section):
     device: str = "auto"  # auto = first GPU if any, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on GPU
     trust_remote_code: bool = False  # run the model repository's own code (off)
+    # a Hub id's branch, tag or commit hash: pins the weights (None: the default branch)
+    revision: str | None = None
 
 
 class LoraConfig(_Section):
@@ -261,7 +263,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 #: directory says it did, or its id.
 ADDED_LATER: dict[str, Any] = {
     "active_learning.diversity": "none", "active_learning.diversity_pool": 10.0,
-    "active_learning.stop_set": 0, "evaluation.samples": 0, "scoring.base_scores": "own",
+    "active_learning.stop_set": 0, "evaluation.samples": 0, "model.revision": None,
+    "scoring.base_scores": "own",
     "scoring.per_token": False, "training.steps": None,
 }
 

@@ -46,8 +46,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_model(name: str) -> str:
-    """Local folder or Hub id to load `name` from; raises ModelNotFoundError naming all tries."""
+def check_revision(name: str, revision: str | None) -> None:
+    """ConfigError for a `revision` of a built-in model or a local folder: it pins Hub ids."""
+    local = name in BUILTIN_GGUF or name in TINY_CONFIGS or Path(name).expanduser().is_dir()
+    if revision is not None and local:
+        raise ConfigError(f"model.revision: {revision!r} applies to a Hugging Face Hub id; "
+                          f"{name!r} is a built-in model or a local folder")
+
+
+def resolve_model(name: str, revision: str | None = None) -> str:
+    """Local folder or Hub id to load `name` from (a Hub id at `revision`: a branch, tag or
+    commit hash; None: the default branch); raises ModelNotFoundError naming all tries, and
+    ConfigError for a `revision` of a model that is not a Hub id."""
+    check_revision(name, revision)
     if name in BUILTIN_GGUF:
         return str(builtin_folder(name))
     if name in TINY_CONFIGS:
@@ -57,12 +68,14 @@ def resolve_model(name: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(name, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # offline, unknown repo, bad id, network: all mean "not reachable"
         known = ", ".join([*BUILTIN_GGUF, *TINY_CONFIGS])
+        at = f" at revision {revision!r}" if revision is not None else ""
         raise ModelNotFoundError(
             f"model {name!r}: not a built-in ({known}), not an existing folder, and not "
-            f"reachable on the Hugging Face Hub ({type(e).__name__})"
+            f"reachable on the Hugging Face Hub{at} ({type(e).__name__})"
         ) from None
 
 
@@ -134,11 +147,13 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
-    """Tokenizer for `name`, with a pad token set (EOS when the model has none)."""
+def load_tokenizer(name: str, trust_remote_code: bool = False,
+                   revision: str | None = None) -> Any:
+    """Tokenizer for `name` (at `revision`, as `resolve_model`), with a pad token set (EOS
+    when the model has none)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model(SMOLLM2 if name in TINY_CONFIGS else name)
+    source = resolve_model(SMOLLM2 if name in TINY_CONFIGS else name, revision)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -228,15 +243,19 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    revision: str | None = None,
     seed: int = 0,
 ) -> Loaded:
-    """Load model + tokenizer in eval mode on the chosen device and dtype.
+    """Load model + tokenizer in eval mode on the chosen device and dtype; a Hub id at
+    `revision` (`resolve_model`). The keywords are `starlora.config.ModelConfig`'s fields:
+    ``load_model(**config.model.model_dump())``.
 
     Under DeepSpeed ZeRO-3 (`starlora.zero3`) each process loads only its shares of the
     weights, where DeepSpeed puts them, in the dtype of the DeepSpeed config."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(name, trust_remote_code)
+    check_revision(name, revision)
+    tokenizer = load_tokenizer(name, trust_remote_code, revision)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if name in TINY_CONFIGS:
@@ -244,7 +263,7 @@ def load_model(
         model = tiny_model(name, tokenizer, seed=seed)
         fingerprint = model_fingerprint(name, config=model.config, seed=seed)
     else:
-        source = resolve_model(name)  # (converts the built-in model once, whole)
+        source = resolve_model(name, revision)  # (converts a built-in model once, whole)
         zero3.prepare_loading()
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dt, trust_remote_code=trust_remote_code

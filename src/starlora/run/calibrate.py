@@ -201,8 +201,7 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
         raise StarloraError(f"{run_dir}: the test set rebuilt from config.yaml is not the one "
                             f"round {k} was evaluated on")
     test_examples = [test[str(p["id"])] for p in predictions]
-    loaded = load_model(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype,
-                        trust_remote_code=cfg.model.trust_remote_code)
+    loaded = load_model(**cfg.model.model_dump())
     require_precision(store, cfg, loaded.model)
     model, tok = load_adapter(loaded.model, adapter), loaded.tokenizer
     labelled = [Example(r["id"], by_id[r["id"]].question, r["answer"], by_id[r["id"]].meta)

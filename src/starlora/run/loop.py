@@ -268,8 +268,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
              f"test {len(data.test)}, {n_rounds} rounds"
              + (f", resuming at round {state['at']}" if resuming else ""))
-        loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype,
-                            trust_remote_code=config.model.trust_remote_code)
+        loaded = load_model(**config.model.model_dump())
         note = task.raw_prompt_note(loaded.tokenizer)
         if note and not resuming:  # once, as the run starts
             _say(f"note: {note}")

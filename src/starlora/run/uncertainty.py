@@ -182,12 +182,11 @@ def _base_model(cfg: Any, models: dict[tuple, Any] | None) -> Any:
     from starlora.models import load_model
 
     m = cfg.model
-    key = (m.name, m.device, m.dtype, m.trust_remote_code)
+    key = tuple(m.model_dump().values())
     if models is not None and key in models:
         return models[key]
     print(f"[starlora] loading {m.name}", file=sys.stderr, flush=True)
-    loaded = load_model(m.name, device=m.device, dtype=m.dtype,
-                        trust_remote_code=m.trust_remote_code)
+    loaded = load_model(**m.model_dump())
     if models is not None:
         models[key] = loaded
     return loaded
