@@ -146,3 +146,22 @@ def test_a_run_directory_given_as_the_config_points_to_run_dir(tmp_path: Path, c
     err = capsys.readouterr().err
     assert f"{run_dir}: cannot read config (" in err
     assert f"; a run directory resumes with --run-dir {run_dir}" in err
+
+
+def test_run_check_says_what_the_run_will_do_and_writes_nothing(tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    """`starlora run CONFIG --check`: every input check a run makes before its work, the
+    plan in a few lines, no model loaded and no run directory made; a plan the pool cannot
+    serve is the error a run would give, exit 2."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(config), "--check", "--run-dir", "r"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "task:     arith: pool 48 (48 with answers), test 12",
+        "strategy: pe-dynamic, oracle simulated, scoring generated answers",
+        "labels:   8 labels, then 8 a round: 2 rounds, 16 labels",
+        "model:    tiny-llama (not loaded by --check)",
+        "run dir:  r"]
+    assert main(["run", str(config), "--check", "--set", "active_learning.initial_size=60"]) == 2
+    assert "initial_size: 60 is larger than the pool (48 examples)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

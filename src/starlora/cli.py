@@ -114,6 +114,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.set)
         run_dir = args.run_dir or config.output.run_dir or str(Path("runs") / Path(args.config).stem)
+    if args.check:  # every input check of a run, without a model or a run directory
+        from starlora.run.data import describe_plan
+        from starlora.run.loop import checked_inputs
+
+        _, data, n_rounds, _ = checked_inputs(config)
+        print("\n".join([*describe_plan(config, data, n_rounds), f"run dir:  {run_dir}"]))
+        return 0
     store = run_experiment(config, run_dir, allow_precision_change=args.allow_precision_change)
     if not dist.is_main():  # the main process reports
         return 0
@@ -244,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: output.run_dir or runs/<config>)")
     p.add_argument("--allow-precision-change", action="store_true", help="resume although "
                    "`auto` dtypes resolve to another precision now (a CPU run on a GPU, say)")
+    p.add_argument("--check", action="store_true", help="check the config and data files and "
+                   "say what the run will do; no model is loaded and nothing is written")
     p.set_defaults(func=_cmd_run)
 
     p = _command(sub, "status", "show where a run stands: round, phase, labels, pending queries",

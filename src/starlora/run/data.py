@@ -156,3 +156,19 @@ def check_plan(config: ExperimentConfig, pool: Sequence[Example],
             f"active_learning.query_size: the protocol labels {need} examples but the pool has "
             f"{len(pool)}; lower rounds/query_size or set active_learning.on_exhausted: take_rest"
         )
+
+
+def describe_plan(config: ExperimentConfig, data: Data, n_rounds: int) -> list[str]:
+    """What a run of `config` on `data` will do, in a few lines (``starlora run --check``):
+    the examples, the strategy and oracle, the labels round by round, the model."""
+    al, n_labelled = config.active_learning, len(data.labelled)
+    answered = sum(ex.answer is not None for ex in data.pool)
+    start = f"{n_labelled} labels of task.labelled" if n_labelled else f"{al.initial_size} labels"
+    total = (n_labelled or al.initial_size) + al.query_size * (n_rounds - 1)
+    stop = f", a stop set of {len(data.stop)}" if data.stop else ""
+    return [f"task:     {config.task.name}: pool {len(data.pool)} ({answered} with answers"
+            f"{stop}), test {len(data.test)}",
+            f"strategy: {al.strategy}, oracle {al.oracle}, scoring {config.scoring.answers} "
+            "answers",
+            f"labels:   {start}, then {al.query_size} a round: {n_rounds} rounds, {total} labels",
+            f"model:    {config.model.name} (not loaded by --check)"]

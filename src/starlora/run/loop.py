@@ -39,7 +39,7 @@ from starlora.errors import StarloraError
 from starlora.run import identity, oracle
 from starlora.run.context import Run
 from starlora.run.context import say as _say
-from starlora.run.data import check_plan, load_data, make_task, set_aside_stop_set
+from starlora.run.data import Data, check_plan, load_data, make_task, set_aside_stop_set
 from starlora.run.embeddings import (
     EMBEDDING_COLUMNS,
     embedding_columns,
@@ -51,7 +51,7 @@ from starlora.run.pool_scores import check_scoring, score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunStore
 from starlora.stopping import parse_rule, stop_index, stop_signals
-from starlora.tasks import Example
+from starlora.tasks import Example, Task
 
 
 # -- phases: each reads what earlier phases stored and writes its own outputs ----------------
@@ -220,15 +220,11 @@ def config_strategy(config: ExperimentConfig, n_rounds: int) -> QueryStrategy:
                          diversity=al.diversity, diversity_pool=al.diversity_pool)
 
 
-def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True,
-                   allow_precision_change: bool = False) -> RunStore:
-    """Run, or resume, the experiment `config` in `run_dir`. Returns the store; with a human
-    oracle the run may stop early, waiting for answers (``store.pending()`` is then not
-    empty). A resume is refused when its data differ from the run's, or when its precision
-    would (`starlora.run.identity`), unless `allow_precision_change`."""
-    from starlora.models import load_model
-
-    # everything that can be wrong with the input is checked before any work starts
+def checked_inputs(config: ExperimentConfig) -> tuple[Task, Data, int, QueryStrategy]:
+    """(task, data, planned rounds, strategy) of `config`, after every check of the input
+    that needs no model (config, data files, the plan the pool must serve, the scoring the
+    strategy needs, the oracle): what a run checks before any work, and ``starlora run
+    --check`` alone."""
     task = make_task(config.task)
     data = set_aside_stop_set(load_data(config.task, task),
                               config.active_learning.stop_set, config.seed)
@@ -237,6 +233,18 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     strategy = config_strategy(config, n_rounds)
     check_scoring(config, strategy)
     oracle.check_oracle(config, data.pool, str(config.task.train or f"task {task.name}"))
+    return task, data, n_rounds, strategy
+
+
+def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: bool = True,
+                   allow_precision_change: bool = False) -> RunStore:
+    """Run, or resume, the experiment `config` in `run_dir`. Returns the store; with a human
+    oracle the run may stop early, waiting for answers (``store.pending()`` is then not
+    empty). A resume is refused when its data differ from the run's, or when its precision
+    would (`starlora.run.identity`), unless `allow_precision_change`."""
+    from starlora.models import load_model
+
+    task, data, n_rounds, strategy = checked_inputs(config)
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
     contents = identity.data_hashes(config, data.pool, data.test, data.labelled)
 
