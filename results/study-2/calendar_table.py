@@ -1,6 +1,8 @@
 """The calendar pilot's checks (results/study-2/README.md; exploratory):
 
     PYTHONPATH=src python results/study-2/calendar_table.py > results/study-2/calendar-pilot.md
+    PYTHONPATH=src python results/study-2/calendar_table.py --model "Gemma 3 270M" --parsed \
+        --runs results/study-2/pilot-gemma3-270m-calendar/first > results/study-2/gemma-calendar-pilot.md
 
 For each finished run under ``pilot-calendar/first/seed<s>``: accuracy per round
 (``metrics.jsonl``), the gain from round 0 (16 labels) to the last round (check 1), accuracy
@@ -11,6 +13,7 @@ the minutes a run took (check 3: the sum of its rounds' ``seconds``).
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -38,13 +41,25 @@ def run_rows(d: Path) -> tuple[list[dict], dict[int, tuple[int, int]]]:
     return rows, {k: (c, n) for k, (c, n) in sorted(per.items())}
 
 
+def parsed(d: Path) -> float:
+    """The share of round 0's test answers with an extracted date (``prediction`` not null)."""
+    rows = read_jsonl(d / "rounds" / "0" / "predictions.jsonl")
+    return sum(p["prediction"] is not None for p in rows) / len(rows)
+
+
 def main() -> None:
-    runs = sorted(d for d in RUNS.glob("seed*") if d.is_dir()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=Path, default=RUNS, help="default: pilot-calendar/first")
+    ap.add_argument("--model", default="SmolLM2", help="the model's name in the title")
+    ap.add_argument("--parsed", action="store_true",
+                    help="add the share of round 0's answers parsed (the Gemma pilot's check)")
+    args = ap.parse_args()
+    runs = sorted(d for d in args.runs.glob("seed*") if d.is_dir()
                   and json.loads((d / "state.json").read_text()).get("finished"))
-    print("# Calendar pilot (exploratory): `random`, the first study's recipe, SmolLM2\n")
+    print(f"# Calendar pilot (exploratory): `random`, the first study's recipe, {args.model}\n")
     print("| seed | accuracy at 16, 32, ..., 112 labels | gain | 1 / 2 / 3 steps at 112 "
-          "| minutes |")
-    print("|---|---|---|---|---|")
+          "| minutes |" + " parsed at 16 |" * args.parsed)
+    print("|---|---|---|---|---|" + "---|" * args.parsed)
     gains, levels = [], defaultdict(lambda: [0, 0])
     for d in runs:
         rows, per = run_rows(d)
@@ -56,7 +71,7 @@ def main() -> None:
         by_steps = " / ".join(f"{c / n:.2f} ({n})" for c, n in per.values())
         minutes = sum(r["seconds"] for r in rows) / 60
         print(f"| {d.name[4:]} | {', '.join(f'{a:.3f}' for a in acc)} | {gains[-1]:+.3f} "
-              f"| {by_steps} | {minutes:.0f} |")
+              f"| {by_steps} | {minutes:.0f} |" + f" {parsed(d):.2f} |" * args.parsed)
     pooled = " / ".join(f"{c / n:.2f}" for c, n in (levels[k] for k in sorted(levels)))
     print(f"\nMean gain {np.mean(gains):+.3f} over {len(gains)} runs (check 1: at least +0.05). "
           f"Accuracy per steps level at 112 labels, all runs pooled: {pooled} (check 2: "
