@@ -213,6 +213,22 @@ def test_a_registered_strategy_is_known_to_make_strategy_and_to_configs() -> Non
             register_strategy("test-shortest")(lambda name, options: Shortest(1))
         with pytest.raises(ValueError, match="registered twice"):
             register_strategy("pe")(_make)
+
+        def _make(name: str, options: StrategyOptions) -> QueryStrategy:  # a cell run again
+            return Shortest(options.n_queries + 1)
+
+        register_strategy("test-shortest")(_make)
+        assert make_strategy("test-shortest", n_queries=4).n_queries == 5
+        with pytest.raises(TypeError, match="decorates a factory, not the class Shortest"):
+            register_strategy("test-class")(Shortest)
+        # a column no phase computes is refused before any work (it was a KeyError after
+        # the first round's training)
+        from starlora.run.pool_scores import check_scoring
+
+        Shortest.needs = ("pe_variance",)
+        with pytest.raises(ConfigError, match=r"needs pe_variance, which no phase computes; "
+                                              r"known columns: pe, me, answer_entropy"):
+            check_scoring(load_config(None), make_strategy("test-shortest"))
     finally:
         del _FACTORIES["test-shortest"]
     with pytest.raises(ConfigError, match="unknown strategy 'test-shortest'"):

@@ -165,3 +165,16 @@ def test_run_check_says_what_the_run_will_do_and_writes_nothing(tmp_path: Path, 
     assert main(["run", str(config), "--check", "--set", "active_learning.initial_size=60"]) == 2
     assert "initial_size: 60 is larger than the pool (48 examples)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pool_emptied_by_the_test_overlap_says_so(tmp_path: Path, capsys) -> None:
+    """One file as pool and test set: every pool record repeats a test record and is dropped,
+    and the error says that, not only that the pool holds 0 examples."""
+    data, config = tmp_path / "d.jsonl", tmp_path / "c.yaml"
+    data.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(3)))
+    config.write_text(f"task: {{name: jsonl, train: {data}, test: {data}}}\n"
+                      "active_learning: {initial_size: 1, query_size: 1, rounds: 2}\n")
+    assert main(["run", str(config), "--check"]) == 2
+    assert ("initial_size: 1 is larger than the pool (0 examples; 3 records repeated a test "
+            "record and were dropped: task.drop_test_overlap)") in capsys.readouterr().err

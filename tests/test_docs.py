@@ -142,3 +142,24 @@ def own_data_example_holds(commands_block: str, folder: Path, monkeypatch) -> No
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert callable(args.func)
+
+
+def test_the_api_pages_strategy_snippet_runs_as_it_says() -> None:
+    """docs/api.md's strategy of your own: the block runs, registers its name, and selects
+    what its comment says."""
+    import contextlib
+    import io
+    import re
+
+    from starlora.acquisition.registry import _FACTORIES
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S)
+                 if "register_strategy" in b)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, "docs/api.md", "exec"), {"__name__": "api_snippet"})
+    finally:
+        _FACTORIES.pop("short-first", None)
+    assert out.getvalue() == "['b', 'c']\n"

@@ -69,17 +69,29 @@ _DIVERSITY: dict[str, Wrapper] = {}
 
 
 def register_strategy(*names: str) -> Callable[[Factory], Factory]:
-    """Decorator: `names` build their strategy with the decorated factory. A name registered
-    twice is a ValueError (two modules would otherwise silently disagree on it)."""
+    """Decorator: `names` build their strategy with the decorated factory, a function
+    ``(name, options: StrategyOptions) -> QueryStrategy`` (a class is a TypeError saying so).
+    A name registered twice is a ValueError (two modules would otherwise silently disagree on
+    it), unless by a factory of the same module and name: the same code run again, as a
+    notebook cell is, replaces its earlier registration."""
 
     def register(factory: Factory) -> Factory:
+        if isinstance(factory, type):
+            raise TypeError(f"register_strategy decorates a factory, not the class "
+                            f"{factory.__name__}: @register_strategy({names[0]!r}) def "
+                            f"make(name, options): return {factory.__name__}(...)")
         for name in names:
-            if name in _FACTORIES and _FACTORIES[name] is not factory:
+            if name in _FACTORIES and _same_code(_FACTORIES[name]) != _same_code(factory):
                 raise ValueError(f"strategy {name!r} is registered twice")
             _FACTORIES[name] = factory
         return factory
 
     return register
+
+
+def _same_code(factory: Factory) -> tuple[str, str]:
+    """What makes two factories the same code: their module and qualified name."""
+    return (getattr(factory, "__module__", ""), getattr(factory, "__qualname__", repr(factory)))
 
 
 def register_diversity(*names: str) -> Callable[[Wrapper], Wrapper]:

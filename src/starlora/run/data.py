@@ -130,10 +130,14 @@ def _without(pool: list[Example], labelled: list[Example], source: str) -> list[
 
 
 def check_plan(config: ExperimentConfig, pool: Sequence[Example],
-               labelled: Sequence[Example] = ()) -> None:
+               labelled: Sequence[Example] = (), dropped: int = 0) -> None:
     """Refuse, before any work, a protocol that the pool cannot serve, or whose initial
     labelled set is larger than its budget (`labelled`: the user's `task.labelled` examples,
-    which replace the `initial_size` draw)."""
+    which replace the `initial_size` draw; `dropped`: the pool records that repeated a test
+    record, named where the pool is too small)."""
+    size = f"{len(pool)} examples" + (
+        f"; {dropped} records repeated a test record and were dropped: task.drop_test_overlap"
+        if dropped else "")
     al = config.active_learning
     if parse_rule(al.stop_when) is not None and not al.stop_set:
         raise ConfigError(f"active_learning.stop_when: {al.stop_when!r} reads the stop set; "
@@ -146,7 +150,7 @@ def check_plan(config: ExperimentConfig, pool: Sequence[Example],
                           "the first query; raise the budget")
     if not labelled and al.initial_size > len(pool):
         raise ConfigError(f"active_learning.initial_size: {al.initial_size} is larger than the "
-                          f"pool ({len(pool)} examples)")
+                          f"pool ({size})")
     n_rounds = planned_rounds(config, len(labelled) or None)
     need = (0 if labelled else al.initial_size) + al.query_size * (n_rounds - 1)
     if al.budget is not None:
@@ -154,7 +158,7 @@ def check_plan(config: ExperimentConfig, pool: Sequence[Example],
     if need > len(pool) and al.on_exhausted == "error":
         raise ConfigError(
             f"active_learning.query_size: the protocol labels {need} examples but the pool has "
-            f"{len(pool)}; lower rounds/query_size or set active_learning.on_exhausted: take_rest"
+            f"{size}; lower rounds/query_size or set active_learning.on_exhausted: take_rest"
         )
 
 

@@ -228,7 +228,7 @@ def checked_inputs(config: ExperimentConfig) -> tuple[Task, Data, int, QueryStra
     task = make_task(config.task)
     data = set_aside_stop_set(load_data(config.task, task),
                               config.active_learning.stop_set, config.seed)
-    check_plan(config, data.pool, data.labelled)
+    check_plan(config, data.pool, data.labelled, data.dropped)
     n_rounds = planned_rounds(config, len(data.labelled) or None)
     strategy = config_strategy(config, n_rounds)
     check_scoring(config, strategy)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from starlora.acquisition.base import ARRAY_COLUMNS
 from starlora.errors import ConfigError
 from starlora.run.context import Run
 from starlora.scoring.results import MEASURES
@@ -59,9 +60,20 @@ LENGTH = "answer_tokens"
 CONSISTENCY = ("answer_entropy", "disagreement")
 
 
+def columns() -> list[str]:
+    """Every column a strategy may name in its ``needs`` (see the module docstring), and the
+    embedding columns (`starlora.run.embeddings`)."""
+    terms = [*MEASURES, *CONSISTENCY]
+    return [*terms, *(f"{c}_base" for c in terms), LENGTH, *ARRAY_COLUMNS]
+
+
 def check_scoring(config: ExperimentConfig, strategy: QueryStrategy) -> None:
-    """Refuse, before any work, scoring settings the strategy cannot use: self-consistency
-    needs ``scoring.samples`` >= 2."""
+    """Refuse, before any work, a strategy that needs a column no phase computes (a strategy
+    of your own), and scoring settings the strategy cannot use: self-consistency needs
+    ``scoring.samples`` >= 2."""
+    if unknown := [c for c in strategy.needs if c not in columns()]:
+        raise ConfigError(f"active_learning.strategy: {strategy} needs {', '.join(unknown)}, "
+                          f"which no phase computes; known columns: {', '.join(columns())}")
     wanted = [c for c in strategy.needs if c.removesuffix("_base") in CONSISTENCY]
     if wanted and config.scoring.samples < 2:
         raise ConfigError(f"scoring.samples: {strategy} reads {', '.join(wanted)}, the "
