@@ -13,7 +13,7 @@ import starlora.models
 import starlora.train_setup
 from starlora.cli import main
 from starlora.config import load_config
-from starlora.errors import ConfigError, DataError
+from starlora.errors import ConfigError, DataError, StarloraError
 from starlora.io import read_json, read_jsonl, write_jsonl
 from starlora.run.calibrate import calibrate
 from starlora.run.loop import run_experiment
@@ -104,6 +104,9 @@ def test_a_resume_in_another_precision_is_refused_unless_allowed(
     assert read_json(run_dir / "state.json") == json.loads(before["state.json"])
     assert (run_dir / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert not (run_dir / "rounds" / "1").exists()
+    # the refused resume's config (2 rounds, not 1) is not written: `starlora run --run-dir`
+    # resumes what the run was (it wrote config.yaml before the precision was checked)
+    assert (run_dir / "config.yaml").read_bytes() == before["config.yaml"]
     args = ["run", str(TINY), "--run-dir", str(run_dir)]
     args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
     assert main(args) == 2 and "--allow-precision-change" in capsys.readouterr().err
@@ -223,3 +226,64 @@ def test_a_resume_with_another_thread_count_is_a_machine_change_an_old_record_is
     assert warning and f"{here['threads'] + 1} threads" in warning
     assert read_json(store.paths.identity)["machine_changes"] == [
         {"round": 2, "after_phase": "train", "machine": more}]
+
+
+def test_a_resume_on_other_weights_goes_on_with_a_warning_and_records_it(
+        finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The base model's fingerprint is recorded when a run starts; a resume whose weights
+    differ (a Hub id's default branch moved on, a folder retrained in place) says so and
+    records where they changed, as a machine change is (it went on in silence)."""
+    import starlora.models as models
+
+    recorded = read_json(finished / "run" / "identity.json")["weights"]
+    assert recorded.startswith("tiny:")
+    run_dir = copy(finished, tmp_path)
+    monkeypatch.setattr(models, "model_fingerprint", lambda *a, **k: "tiny:" + "e" * 64)
+    set_cpu_bf16(monkeypatch, False)
+    args = ["run", str(TINY), "--run-dir", str(run_dir)]
+    args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr()
+    assert "the base model's weights are not the ones it computed with" in said.out + said.err
+    identity = read_json(run_dir / "identity.json")
+    assert identity["weights"] == recorded
+    assert identity["weights_changes"] == [{"round": 0, "after_phase": "evaluate",
+                                            "weights": "tiny:" + "e" * 64}]
+
+
+def test_the_stop_set_is_part_of_the_data_a_resume_must_keep(tmp_path: Path) -> None:
+    """An edited stop-set question (the stop set is drawn from the pool and leaves it) was
+    accepted on resume, and the stopping signals then compared answers to other prompts.
+    A run recorded before the stop set was hashed takes the hash on its next resume."""
+    from starlora.run.identity import check_data, data_hashes
+    from starlora.tasks import Example
+
+    config = load_config(None, ["active_learning.stop_set=2"])
+    pool, test = [Example(f"p{i}", f"{i} + 1?", str(i + 1)) for i in range(4)], []
+    stop = [Example("s0", "7 + 1?", ""), Example("s1", "8 + 1?", "")]
+    store = RunStore.create_or_resume(tmp_path / "run", config)
+    check_data(store, data_hashes(config, pool, test, [], stop))
+    assert set(read_json(store.paths.identity)["data"]) == {"pool", "test", "stop"}
+    check_data(store, data_hashes(config, pool, test, [], stop))  # the same: accepted
+    edited = [stop[0], Example("s1", "8 + 2?", "")]
+    with pytest.raises(DataError, match="the stop set examples differ"):
+        check_data(store, data_hashes(config, pool, test, [], edited))
+    old = RunStore.create_or_resume(tmp_path / "old", config)
+    check_data(old, data_hashes(config, pool, test, []))  # recorded without it
+    check_data(old, data_hashes(config, pool, test, [], stop))
+    assert read_json(old.paths.identity)["data"]["stop"] == data_hashes(
+        config, pool, test, [], stop)["stop"]
+
+
+def test_a_run_killed_while_writing_its_first_config_starts_again(tmp_path: Path) -> None:
+    """A kill between the temporary file and the rename of the first config.yaml left a
+    folder that every later start refused as "not a run directory"."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".config.yaml.x7k2q9").write_text("seed: 0\n")
+    store = RunStore.create_or_resume(tmp_path / "run", load_config())
+    assert store.paths.config.is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(StarloraError, match="exists and is not a run directory"):
+        RunStore.create_or_resume(tmp_path / "other", load_config())

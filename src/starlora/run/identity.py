@@ -17,6 +17,9 @@ they compute on the run's last adapter.
   pool's answers only with a simulated oracle or gold scoring; people may add answers to a
   human-oracle pool without changing what the run computed). An edited answer, question or
   test record is refused on resume (DataError naming the file).
+* **weights** (`check_weights`): the base model's fingerprint
+  (`starlora.models.model_fingerprint`). Not refused (a folder's fingerprint reads file
+  times): a resume on other weights says so and records it (``weights_changes``).
 * **machine** (`machine`): the device kind, the CPU's or GPU's model name and the CPU
   features that choose bf16/fp32 kernels. Not refused: a run resumed on another machine is a
   valid draw of the same procedure, but not the bytes a one-machine run gives (bf16 training
@@ -77,8 +80,10 @@ def examples_sha1(examples: Sequence[Example], answers: bool = True) -> str:
 
 
 def data_hashes(config: ExperimentConfig, pool: Sequence[Example], test: Sequence[Example],
-                labelled: Sequence[Example]) -> dict[str, dict[str, str]]:
-    """``{split: {"source", "sha1"}}`` of the run's pool, test and task.labelled examples."""
+                labelled: Sequence[Example], stop: Sequence[Example] = ()
+                ) -> dict[str, dict[str, str]]:
+    """``{split: {"source", "sha1"}}`` of the run's pool, test and task.labelled examples,
+    and of its stop set (`active_learning.stop_set`, drawn from the pool; no answers)."""
     t = config.task
     generated = f"task {t.name} (generated)"
     pool_answers = (config.active_learning.oracle == "simulated"
@@ -87,6 +92,8 @@ def data_hashes(config: ExperimentConfig, pool: Sequence[Example], test: Sequenc
            "test": {"source": t.test or generated, "sha1": examples_sha1(test)}}
     if labelled:
         out["labelled"] = {"source": str(t.labelled), "sha1": examples_sha1(labelled)}
+    if stop:
+        out["stop"] = {"source": t.train or generated, "sha1": examples_sha1(stop, False)}
     return out
 
 
@@ -103,13 +110,17 @@ def check_data(store: RunStore, data: dict[str, dict[str, str]]) -> None:
     if recorded is None:
         write_json(store.paths.identity, {**identity, "data": data})
         return
-    for split in ("pool", "test", "labelled"):
+    if "stop" in data and "stop" not in recorded:  # recorded before the stop set was
+        recorded = {**recorded, "stop": data["stop"]}
+        write_json(store.paths.identity, {**identity, "data": recorded})
+    for split in ("pool", "test", "labelled", "stop"):
         then, now = recorded.get(split), data.get(split)
         if then == now:
             continue
         source = (now or then)["source"]
         raise DataError(source, None, None,
-                        f"the {split} examples differ from those {store.root} started with "
+                        f"the {'stop set' if split == 'stop' else split} examples differ "
+                        f"from those {store.root} started with "
                         f"(an id, a question or an answer changed{_was(then, now)}); restore "
                         "the file or start another --run-dir")
 
@@ -205,6 +216,30 @@ def check_machine(store: RunStore, here: dict[str, Any], state: dict) -> str | N
             f"{store.paths.identity.name})")
 
 
+def check_weights(store: RunStore, fingerprint: str, state: dict) -> str | None:
+    """Record `fingerprint` (`starlora.models.model_fingerprint` of the base model's weights
+    as loaded) in a run that has none yet; on a resume with other weights (a Hub id's default
+    branch moved on, a folder retrained or copied anew, a tiny model under other library
+    versions), record the change with the `state` it resumed from (``weights_changes``) and
+    return a warning to print. Never refuses: a folder's fingerprint reads file times, so a
+    copy of the same weights differs too. A model without a fingerprint is not checked."""
+    if not fingerprint:
+        return None
+    identity = _read(store)
+    then = _current(identity, "weights")
+    if then is None:
+        write_json(store.paths.identity, {**identity, "weights": fingerprint})
+        return None
+    if then == fingerprint:
+        return None
+    _record_change(store, identity, "weights", fingerprint, state)
+    return (f"warning: {store.root}: the base model's weights are not the ones it computed "
+            f"with until now ({store.config.model.name}: {then[:24]}... -> "
+            f"{fingerprint[:24]}...; a Hub id's new commit, or a folder written anew): the "
+            "rounds it adds start from these (recorded in "
+            f"{store.paths.identity.name}; model.revision pins a Hub id)")
+
+
 def _described(machine: dict[str, Any]) -> str:
     threads = f", {machine['threads']} threads" if "threads" in machine else ""
     return (f"{machine['name']}, {machine['device']}, "
@@ -228,7 +263,7 @@ def require_precision(store: RunStore, config: ExperimentConfig, model: Any) -> 
 
 
 def _current(identity: dict, key: str) -> Any:
-    """What the run's `key` (``precision`` or ``machine``) is now: the last recorded change's
+    """What the run's `key` (``precision``, ``machine``, ``weights``) is now: the last change's
     (``<key>_changes``), else the first recorded one (None if none)."""
     return identity.get(f"{key}_changes", [{}])[-1].get(key, identity.get(key))
 

@@ -246,14 +246,14 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
 
     task, data, n_rounds, strategy = checked_inputs(config)
     pool_hash = hashlib.sha1("\n".join(ex.id for ex in data.pool).encode()).hexdigest()
-    contents = identity.data_hashes(config, data.pool, data.test, data.labelled)
+    contents = identity.data_hashes(config, data.pool, data.test, data.labelled, data.stop)
 
     dist.setup(cpu=config.model.device == "cpu" or None)
     with contextlib.ExitStack() as held:  # the run-wide lock, on the main process
         dist.on_main(lambda: held.enter_context(hold_run(run_dir)))
 
         def open_store() -> dict:
-            store = RunStore.create_or_resume(run_dir, config)
+            store = RunStore.create_or_resume(run_dir, config, save=False)
             store.check_pool(len(data.pool), pool_hash,
                              str(config.task.train or f"task {task.name}"))
             identity.check_data(store, contents)
@@ -286,10 +286,12 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                   by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
                   precision=dist.on_main(lambda: identity.check_precision(
                       store, precision, state, allow_change=allow_precision_change)))
-        changed = dist.on_main(lambda: identity.check_machine(
-            store, identity.machine(str(loaded.model.device)), state))
-        if changed:
-            _say(changed)
+        dist.on_main(store.save_config)  # its changes, now that the resume is accepted
+        for check in (lambda: identity.check_weights(store, loaded.fingerprint, state),
+                      lambda: identity.check_machine(
+                          store, identity.machine(str(loaded.model.device)), state)):
+            if changed := dist.on_main(check):
+                _say(changed)
         if config.output.report_to and dist.is_main():
             run.tracker = _start_tracker(config, store)
         try:

@@ -4,8 +4,9 @@
       config.yaml             resolved config (every field)
       pool.json               {"size", "sha1"} of the pool the run started with (its ids)
       identity.json           the precision `auto` resolved to and a hash of each split's
-                              examples, checked on resume, and the machine (CPU/GPU model,
-                              kernel flags), changes recorded (`starlora.run.identity`)
+                              examples (the stop set's too), checked on resume; the base
+                              model's fingerprint and the machine (CPU/GPU model, kernel
+                              flags), changes recorded (`starlora.run.identity`)
       state.json              {"round": k, "phase": last phase finished in round k}
       labelled.jsonl          {"id", "round", "answer", "source"} per label, in labelling order
       metrics.jsonl           one line per finished round (see `RunStore.record_metrics`)
@@ -128,8 +129,10 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def refuse_foreign(paths: RunPaths) -> None:
-    """StarloraError if `paths.root` (without a config.yaml) holds files that no run wrote."""
-    if paths.root.exists() and any(p not in (paths.run_lock, paths.run_owner)
+    """StarloraError if `paths.root` (without a config.yaml) holds files that no run wrote
+    (a run killed while writing its first config.yaml left its temporary file only)."""
+    ours = (paths.run_lock, paths.run_owner)
+    if paths.root.exists() and any(p not in ours and not p.name.startswith(".config.yaml.")
                                    for p in paths.root.iterdir()):
         raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
 
@@ -161,12 +164,15 @@ class RunStore:
         return cls(paths.root, load_config(paths.config, stored=True))
 
     @classmethod
-    def create_or_resume(cls, root: str | Path, config: ExperimentConfig) -> RunStore:
+    def create_or_resume(cls, root: str | Path, config: ExperimentConfig, *,
+                         save: bool = True) -> RunStore:
         """Start a run in `root`, or resume it when it holds a run of the same experiment.
 
         Refuses (ConfigError) when the stored config differs in a field that alters results
         (`starlora.run.protocol.result_changes`); result-neutral fields (batch sizes...) and
-        more rounds or budget are updated instead.
+        more rounds or budget are updated instead: at once, or without `save` by
+        `save_config` once the caller's other checks of the resume have passed (a refused
+        resume leaves config.yaml as it was).
         """
         paths = RunPaths(root)
         if paths.config.is_file():
@@ -178,9 +184,9 @@ class RunStore:
                     f"({', '.join(changed)}); use another --run-dir, restore those values, or "
                     f"resume from the run's own config: starlora run --run-dir {paths.root}"
                 )
-            if store.config != config:
-                store.config = config
-                atomic_write(paths.config, dump_config(config))
+            store.config = config
+            if save:
+                store.save_config()
             return store
         refuse_foreign(paths)
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +194,11 @@ class RunStore:
         atomic_write(paths.config, dump_config(config))
         store.set_state(0, None)
         return store
+
+    def save_config(self) -> None:
+        """Write the store's config to config.yaml where it differs from the one there."""
+        if load_config(self.paths.config, stored=True) != self.config:
+            atomic_write(self.paths.config, dump_config(self.config))
 
     def lock(self, timeout: float = 60) -> contextlib.AbstractContextManager[None]:
         """The run's label lock, for every read-modify-write of labels (`starlora.io.
