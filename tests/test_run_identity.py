@@ -287,3 +287,18 @@ def test_a_run_killed_while_writing_its_first_config_starts_again(tmp_path: Path
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(StarloraError, match="exists and is not a run directory"):
         RunStore.create_or_resume(tmp_path / "other", load_config())
+
+
+def test_uncertainty_and_calibrate_refuse_edited_data(finished: Path, tmp_path: Path,
+                                                      edit) -> None:
+    """`starlora uncertainty` and `calibrate` rebuild the run's data from its config: an
+    edited test question (same id and answer) is refused as a resume is, naming the file
+    (they compared ids and gold answers only, and scored the new prompts)."""
+    run_dir = copy(finished, tmp_path)
+    edit("test.jsonl", lambda rows: rows[1].update(question=rows[1]["question"] + " Again?"))
+    for command in (lambda: write_test_uncertainty(run_dir, progress=False),
+                    lambda: calibrate(str(run_dir), progress=False)):
+        with pytest.raises(DataError, match="test.jsonl: the test examples differ"):
+            command()
+    assert not list(run_dir.glob("rounds/*/test_uncertainty.jsonl"))
+    assert not list(run_dir.glob("rounds/*/calibration.json"))

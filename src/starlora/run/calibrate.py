@@ -40,7 +40,7 @@ from starlora.confidence import best_on_grid, signal_metrics, temperature_grid
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl
 from starlora.run.data import load_data, make_task, set_aside_stop_set
-from starlora.run.identity import require_precision
+from starlora.run.identity import data_hashes, require_precision, verify_data
 from starlora.run.store import RunStore
 from starlora.tasks import Example
 
@@ -195,6 +195,8 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
     predictions = read_jsonl(store.paths.round_file(k, "predictions.jsonl"))
     task = make_task(cfg.task)
     data = set_aside_stop_set(load_data(cfg.task, task), cfg.active_learning.stop_set, cfg.seed)
+    verify_data(store, data_hashes(cfg, data.pool, data.test, data.labelled, data.stop),
+                ("pool", "test", "labelled"))  # the examples the run computed on
     by_id = {ex.id: ex for ex in [*data.pool, *data.labelled]}
     test = {ex.id: ex for ex in data.test}
     if sorted(test) != sorted(str(p["id"]) for p in predictions):

@@ -113,7 +113,16 @@ def check_data(store: RunStore, data: dict[str, dict[str, str]]) -> None:
     if "stop" in data and "stop" not in recorded:  # recorded before the stop set was
         recorded = {**recorded, "stop": data["stop"]}
         write_json(store.paths.identity, {**identity, "data": recorded})
-    for split in ("pool", "test", "labelled", "stop"):
+    verify_data(store, data, ("pool", "test", "labelled", "stop"))
+
+
+def verify_data(store: RunStore, data: dict[str, dict[str, str]],
+                splits: Sequence[str]) -> None:
+    """Refuse (DataError naming the file) `data` (`data_hashes`) whose `splits` differ from
+    the run's recorded ones; writes nothing (``starlora calibrate`` and ``uncertainty``
+    rebuild the run's data and check it so). A run that recorded none is not checked."""
+    recorded = _read(store).get("data")
+    for split in splits if recorded is not None else ():
         then, now = recorded.get(split), data.get(split)
         if then == now:
             continue

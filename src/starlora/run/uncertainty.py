@@ -37,7 +37,7 @@ from starlora import distributed as dist
 from starlora.errors import StarloraError
 from starlora.io import read_jsonl, write_jsonl
 from starlora.run.data import load_data, make_task
-from starlora.run.identity import require_precision
+from starlora.run.identity import data_hashes, require_precision, verify_data
 from starlora.run.protocol import phase_seed
 from starlora.run.store import RunStore
 from starlora.tasks import Example
@@ -168,6 +168,7 @@ def _check(store: RunStore, task: Any) -> tuple[int, bool, dict[str, bool]]:
         raise StarloraError(f"{store.paths.round_file(k, 'predictions.jsonl')}: missing or "
                             "empty; the round's evaluation is needed for `correct`")
     test = load_data(store.config.task, task).test
+    verify_data(store, data_hashes(store.config, [], test, []), ("test",))
     correct = {str(p["id"]): bool(p["correct"]) for p in predictions}
     gold = {str(p["id"]): p.get("gold") for p in predictions}
     if sorted(correct) != sorted(ex.id for ex in test) or any(
