@@ -242,3 +242,49 @@ def test_extract_span_points_at_the_answer(name: str, text: str, answer_text: st
     # where the same characters occur twice, the span is the occurrence that extract reads
     last = name in ("gsm8k", "arith")
     assert start == (text.rindex(answer_text) if last else text.index(answer_text))
+
+
+def test_register_task_takes_only_a_whole_task_under_a_free_name() -> None:
+    """A task of your own: registered once its class has a name and both answer readers;
+    a class without them, or a name another class holds (a built-in was replaced without a
+    word), is refused saying why; the same code may register again (a notebook cell)."""
+    from starlora.tasks import TASKS, Task, get_task, register_task
+
+    class Shout(Task):
+        name = "test-shout"
+
+        def gold(self, answer: str) -> str | None:
+            return answer.strip().upper()
+
+        def _answer(self, text: str) -> tuple[str, int, int] | None:
+            return (text.strip().upper(), 0, len(text)) if text.strip() else None
+
+    try:
+        assert register_task(Shout) is Shout and get_task("test-shout").extract("hi") == "HI"
+        assert register_task(Shout) is Shout  # again: the same class
+
+        class Arith(Shout):
+            name = "arith"
+
+        with pytest.raises(ValueError, match="task 'arith' is taken by starlora.tasks.arith"):
+            register_task(Arith)
+
+        class Nameless(Shout):
+            pass
+
+        with pytest.raises(TypeError, match="Nameless has no name of its own"):
+            register_task(Nameless)
+
+        class Half(Task):
+            name = "test-half"
+
+            def gold(self, answer: str) -> str | None:
+                return answer
+
+        with pytest.raises(TypeError, match="Half does not implement _answer"):
+            register_task(Half)
+        with pytest.raises(TypeError, match="is not a Task subclass"):
+            register_task(object)
+    finally:
+        TASKS.pop("test-shout", None)
+    assert TASKS["arith"].__module__ == "starlora.tasks.arith" and "test-half" not in TASKS
