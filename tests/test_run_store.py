@@ -18,6 +18,42 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
 
 
+def test_atomic_folder_swaps_in_whole_and_keeps_the_old_one_on_a_failed_swap(
+        tmp_path: Path, monkeypatch) -> None:
+    """A folder (an adapter) is replaced whole; an error after the old one was moved aside
+    and before the new one arrived puts the old one back (it was deleted: neither was left),
+    and an error in the block leaves the folder as it was."""
+    import os
+
+    import pytest
+
+    from starlora.io import atomic_folder
+
+    target = tmp_path / "adapter"
+    with atomic_folder(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"one")
+    with atomic_folder(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"two")
+    assert (target / "w.bin").read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"half")
+        raise RuntimeError("killed while saving")
+    real = os.replace
+
+    def second_rename_fails(src, dst):
+        if Path(src).name.startswith(".adapter-") and "-old-" not in Path(src).name:
+            raise OSError("the disk went away")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="went away"), atomic_folder(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"three")
+    monkeypatch.setattr(os, "replace", real)
+    assert (target / "w.bin").read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_phases_labels_and_metrics(tmp_path: Path) -> None:
     store = RunStore.create_or_resume(tmp_path / "run", load_config())
     assert not store.done(0, "train")

@@ -84,23 +84,33 @@ def make_folder(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_folder(directory: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder; when the block ends without an error it
-    replaces `directory` (an existing one is swapped out and removed). On an error the
-    temporary folder is removed and `directory` is left as it was."""
+    """Yield an empty temporary sibling folder; when the block ends without an error its
+    files are synced to disk and it replaces `directory` (an existing one is swapped out and
+    removed). On an error the temporary folder is removed and `directory` is left as it was,
+    put back if the error came between the two renames. A process killed between them leaves
+    the old folder as ``.<name>-old-<pid>`` beside it (a run retrains a lost adapter)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(directory.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     old = None
     try:
         yield tmp
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes a 0700 folder
+        for path in [*(f for f in tmp.rglob("*") if f.is_file()), tmp]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if directory.exists():  # a folder cannot be renamed onto a non-empty one: swap it out
             old = directory.with_name(f".{directory.name}-old-{os.getpid()}")
             os.replace(directory, old)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+        if old is not None and not directory.exists():
+            os.replace(old, directory)  # the new one did not arrive: the old one stays
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
 
