@@ -230,6 +230,9 @@ def model_fingerprint(
 
 @dataclass
 class Loaded:
+    """What `load_model` returns: the causal LM (eval mode), its tokenizer (a pad token set),
+    the name it was loaded by, and the weights' fingerprint."""
+
     model: Any
     tokenizer: Any
     name: str

@@ -93,6 +93,7 @@ class RunPaths:
         self.run_owner = self.root / ".run.owner.json"
 
     def round_dir(self, round_: int) -> Path:
+        """``rounds/<round_>/``."""
         return self.root / "rounds" / str(round_)
 
     def round_file(self, round_: int, name: str) -> Path:
@@ -216,10 +217,13 @@ class RunStore:
                             f"the pool differs from the one {self.root} started with")
 
     def pool_size(self) -> int | None:
+        """The number of pool examples the run started with (None before it recorded them)."""
         return read_json(self.paths.pool)["size"] if self.paths.pool.is_file() else None
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict:
+        """``{"round", "phase"}``: the last phase finished in that round (None: none yet),
+        with ``"finished"``/``"stopped"`` once the run ends (state.json)."""
         if not self.paths.state.is_file():
             return {"round": 0, "phase": None}
         try:
@@ -228,6 +232,7 @@ class RunStore:
             raise DataError(str(self.paths.state), None, None, f"not valid JSON ({e})") from e
 
     def set_state(self, round_: int, phase: str | None, **extra: Any) -> None:
+        """Mark `phase` of `round_` done (state.json, atomically; `extra` keys beside)."""
         write_json(self.paths.state, {"round": round_, "phase": phase, **extra})
 
     def current_round(self) -> int:
@@ -247,6 +252,7 @@ class RunStore:
         return self.paths.round_dir(round_)
 
     def adapter_dir(self, round_: int) -> Path:
+        """``rounds/<round_>/adapter/``: the LoRA adapter trained in that round (peft)."""
         return self.paths.adapter_dir(round_)
 
     def has_adapter(self, round_: int) -> bool:
@@ -257,6 +263,7 @@ class RunStore:
 
     # -- labels -------------------------------------------------------------------------------
     def labelled(self) -> list[dict]:
+        """Every label, in labelling order: ``{"id", "round", "answer", "source"}``."""
         return self._parsed.rows(self.paths.labelled)
 
     def add_labels(self, rows: list[dict]) -> None:
@@ -275,6 +282,7 @@ class RunStore:
         write_jsonl(self.paths.queries(label_round), rows)
 
     def queries(self, label_round: int) -> list[dict]:
+        """The queries whose labels `label_round` trains on first (queries/<r>.jsonl)."""
         return self._parsed.rows(self.paths.queries(label_round))
 
     def open_query(self) -> int | None:
@@ -326,6 +334,7 @@ class RunStore:
         write_jsonl(path, obj) if name.endswith(".jsonl") else write_json(path, obj)
 
     def read_round(self, round_: int, name: str) -> Any:
+        """``rounds/<round_>/<name>``: JSON Lines as a list of objects, JSON as its value."""
         path = self.paths.round_file(round_, name)
         return read_jsonl(path) if name.endswith(".jsonl") else json.loads(path.read_text())
 
@@ -335,6 +344,7 @@ class RunStore:
         write_jsonl(self.paths.metrics, sorted(rows + [line], key=lambda r: r["round"]))
 
     def metrics(self) -> list[dict]:
+        """metrics.jsonl: one object per evaluated round (see `record_metrics`)."""
         return read_jsonl(self.paths.metrics)
 
     def write_embeddings(self, ids: list[str], values: np.ndarray) -> None:
@@ -362,34 +372,8 @@ class RunStore:
         for k in range(keep_round):
             shutil.rmtree(self.adapter_dir(k), ignore_errors=True)
 
-    def status(self) -> dict:
-        state, al = self.state(), self.config.active_learning
-        labelled, metrics, pool_size = self.labelled(), self.metrics(), self.pool_size()
-        pending = self.pending()
-        finished = bool(state.get("finished"))
-        phase = "finished" if finished else (state["phase"] or "starting")
-        if not pending and not finished and self.open_query() is not None:
-            phase = "answered: the run goes on when resumed"
-        last = metrics[-1]["round"] if metrics else None  # its adapter, unless it is gone
-        adapter = self.adapter_dir(last) if last is not None and self.has_adapter(last) else None
-        return {
-            "round": self.current_round(),
-            "rounds": al.rounds,
-            "phase": "waiting for labels" if pending else phase,
-            "n_labelled": len(labelled),
-            # labels from task.labelled are not pool records (the pool excludes them)
-            "n_unlabelled": None if pool_size is None else pool_size - sum(
-                not str(r.get("source", "")).startswith("file:") for r in labelled),
-            "pending": len(pending),
-            "strategy": al.strategy,
-            "seed": self.config.seed,
-            "task": self.config.task.name,
-            "last_metrics": metrics[-1] if metrics else None,
-            "adapter": str(adapter) if adapter else None,
-            "resume": None if finished else resume_command(self.root),
-            # the label-free stopping signals per round (`starlora.stopping`) and the rule
-            "stop_when": al.stop_when,
-            "stopped_at": state.get("round") if state.get("stopped") else None,
-            "stop_signals": [{k: m.get(k) for k in ("round", "stop_agreement",
-                                                    "stop_uncertainty")} for m in metrics],
-        }
+    def status(self) -> dict[str, Any]:
+        """Where the run stands, as `starlora.run.status.run_status` describes (its keys)."""
+        from starlora.run.status import run_status
+
+        return run_status(self)

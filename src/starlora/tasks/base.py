@@ -210,4 +210,5 @@ class Task:
         return (found[1], found[2]) if found is not None else None
 
     def is_correct(self, prediction: str | None, gold: str | None) -> bool:
+        """Whether an extracted final answer equals the gold one (both canonical forms)."""
         return prediction is not None and prediction == gold
