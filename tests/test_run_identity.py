@@ -174,6 +174,19 @@ def test_a_run_from_before_the_identity_records_it_on_resume(
                        progress=False)
 
 
+def one_more_round(finished: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                   capsys) -> str:
+    """`starlora run` on `run_dir` (a copy of the finished fixture) for a second round, in
+    fp32 as the fixture ran; what it printed."""
+    set_cpu_bf16(monkeypatch, False)
+    args = ["run", str(TINY), "--run-dir", str(run_dir)]
+    args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr()
+    return said.out + said.err
+
+
 def test_a_resume_on_another_machine_goes_on_with_a_warning_and_records_it(
         finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The study's lesson: a run resumed on another CPU (Zen 4 -> Xeon with AMX) rounds bf16
@@ -186,14 +199,8 @@ def test_a_resume_on_another_machine_goes_on_with_a_warning_and_records_it(
     run_dir = copy(finished, tmp_path)
     other = {"device": "cpu", "name": "AMD EPYC 9B14", "flags": ["avx2", "avx512_bf16"]}
     monkeypatch.setattr(identity, "machine", lambda device: other)
-    set_cpu_bf16(monkeypatch, False)
-    args = ["run", str(TINY), "--run-dir", str(run_dir)]
-    args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
-    capsys.readouterr()
-    assert main(args) == 0
-    said = capsys.readouterr()
-    assert "computed on another machine until now" in said.out + said.err
-    assert "AMD EPYC 9B14" in said.out + said.err
+    said = one_more_round(finished, run_dir, monkeypatch, capsys)
+    assert "computed on another machine until now" in said and "AMD EPYC 9B14" in said
     recorded = read_json(run_dir / "identity.json")
     assert recorded["machine"] == here  # what the run started on
     assert recorded["machine_changes"] == [{"round": 0, "after_phase": "evaluate",
@@ -239,13 +246,8 @@ def test_a_resume_on_other_weights_goes_on_with_a_warning_and_records_it(
     assert recorded.startswith("tiny:")
     run_dir = copy(finished, tmp_path)
     monkeypatch.setattr(models, "model_fingerprint", lambda *a, **k: "tiny:" + "e" * 64)
-    set_cpu_bf16(monkeypatch, False)
-    args = ["run", str(TINY), "--run-dir", str(run_dir)]
-    args += [a for o in overrides(finished, rounds=2) for a in ("--set", o)]
-    capsys.readouterr()
-    assert main(args) == 0
-    said = capsys.readouterr()
-    assert "the base model's weights are not the ones it computed with" in said.out + said.err
+    said = one_more_round(finished, run_dir, monkeypatch, capsys)
+    assert "the base model's weights are not the ones it computed with" in said
     identity = read_json(run_dir / "identity.json")
     assert identity["weights"] == recorded
     assert identity["weights_changes"] == [{"round": 0, "after_phase": "evaluate",
