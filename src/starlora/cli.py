@@ -225,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starlora",
         description="Data-efficient LLM fine-tuning: STAR active learning with constraint LoRA.",
-        epilog="`starlora COMMAND --help` describes a command, with an example.",
-    )
+        epilog="`starlora COMMAND --help` describes a command, with an example.")
     parser.add_argument("--version", action="version", version=f"starlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -375,13 +374,14 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from starlora import distributed as dist
     from starlora.models import tune_cpu_allocator
+    from starlora.plugins import load_plugins
 
     dist.follow_launcher()
     tune_cpu_allocator()
-    # one process prints an error the main process raised; another process's own error is
-    # printed by it, with its rank
+    # an error the main process raised is printed once; another process's, by it with its rank
     who = "" if dist.world_size() == 1 else f" (rank {dist.rank()})"
     try:
+        load_plugins()  # strategies and tasks of your own, before any config is read
         code = args.func(args)
         dist.teardown()
         return code
@@ -391,8 +391,8 @@ def _main(argv: list[str] | None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         if dist.is_main():
-            print("starlora: interrupted (a run resumes where it stopped: run the same "
-                  "command)", file=sys.stderr)
+            print("starlora: interrupted (a run resumes where it stopped: run the same command)",
+                  file=sys.stderr)
         return 130
 
 
