@@ -28,13 +28,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
+def _state(run_dir: str | Path) -> dict | None:
+    """`run_dir`'s state.json, or None for a run copied without its config.yaml or state."""
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file() or not paths.state.is_file():
+        return None
+    return RunStore.open(run_dir).state()
+
+
 def finished(run_dir: str | Path) -> bool:
     """Whether `run_dir`'s run has finished; one without a config.yaml or a state.json (copied
     without them) counts as finished: nothing says otherwise."""
-    paths = RunPaths(run_dir)
-    if not paths.config.is_file() or not paths.state.is_file():
-        return True
-    return bool(RunStore.open(run_dir).state().get("finished"))
+    state = _state(run_dir)
+    return state is None or bool(state.get("finished"))
 
 
 def unfinished(paths: list[str | Path]) -> tuple[list[str], list[Path]]:
@@ -42,8 +48,8 @@ def unfinished(paths: list[str | Path]) -> tuple[list[str], list[Path]]:
     the run directories below a folder of `paths` that have no evaluated round yet)."""
     going = []
     for run_dir in find_runs(paths):
-        if RunPaths(run_dir).metrics.is_file() and not finished(run_dir):
-            state = RunStore.open(run_dir).state()
+        state = _state(run_dir) if RunPaths(run_dir).metrics.is_file() else None
+        if state is not None and not state.get("finished"):
             phase = state["phase"] or "starting"
             going.append(f"{run_dir} (round {state['round']}, phase {phase})")
     empty = [c.parent.resolve() for p in map(Path, paths)
