@@ -111,7 +111,7 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
     ("unknown.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "zz", "answer": "1"}\n',
      "unknown.jsonl:2: id: 'zz' unknown id"),
     ("done.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q3", "answer": "1"}\n',
-     "done.jsonl:2: id: 'q3' is not pending: answered already (`starlora annotate` can change"),
+     "done.jsonl:2: id: 'q3' is not pending: answered already (`starlora import --revise`"),
     ("earlier.jsonl", '{"id": "a", "answer": "1"}\n',
      "earlier.jsonl:1: id: 'a' is not pending: labelled in an earlier round"),
     ("dup.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q0", "answer": "1"}\n',
@@ -197,6 +197,28 @@ def test_saved_answers_may_be_revised_until_the_query_closes(store: RunStore) ->
     assert len(store.labelled()) == 5 and store.close_query(1)
     with pytest.raises(Exception, match="not in the open query"):
         store.save_labels({"q0": "9"}, "annotate")
+
+
+def test_import_revise_replaces_answers_to_the_open_query_only(store: RunStore, tmp_path: Path,
+                                                               capsys) -> None:
+    """A corrected answer file imports again with --revise (it was refused as "answered
+    already", and only the annotate page could change an answer); an answer of an earlier
+    round stays refused, and with it the whole file."""
+    (tmp_path / "fix.csv").write_text("id,answer\nq3,7\nq0,0\n")
+    before = snapshot(store.root)
+    assert main(["import", str(store.root), str(tmp_path / "fix.csv")]) == 2
+    assert "'q3' is not pending: answered already" in capsys.readouterr().err
+    assert snapshot(store.root) == before
+    assert main(["import", str(store.root), str(tmp_path / "fix.csv"), "--revise"]) == 0
+    assert "imported 2 answers" in capsys.readouterr().out
+    labels = {r["id"]: (r["answer"], r["source"]) for r in store.labelled()}
+    assert labels["q3"] == ("7", "import:fix.csv") and labels["q0"] == ("0", "import:fix.csv")
+    assert len(store.labelled()) == 3
+    (tmp_path / "old.csv").write_text("id,answer\nq1,2\na,y\n")
+    before = snapshot(store.root)
+    with pytest.raises(DataError, match="old.csv:3: id: 'a' is not pending: labelled in an earl"):
+        import_labels(store, tmp_path / "old.csv", revise=True)
+    assert snapshot(store.root) == before
 
 
 def _answer(question: str) -> str:

@@ -152,13 +152,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from starlora.run.labels import import_labels
-    from starlora.run.store import RunStore, resume_command
+    from starlora.run.labels import import_labels, import_message
+    from starlora.run.store import RunStore
 
-    applied, left = import_labels(RunStore.open(args.run_dir), args.file, args.format)
-    more = (f"{left} still pending" if left
-            else f"nothing pending: {resume_command(args.run_dir)} continues it")
-    print(f"imported {applied} answer{'' if applied == 1 else 's'} into {args.run_dir}; {more}")
+    applied, left = import_labels(RunStore.open(args.run_dir), args.file, args.format,
+                                  revise=args.revise)
+    print(import_message(args.run_dir, applied, left))
     return 0
 
 
@@ -277,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a Label Studio JSON export")
     p.add_argument("--format", choices=["auto", *FORMATS], default="auto",
                    help="auto: from the file name (.jsonl, .csv, .json)")
+    p.add_argument("--revise", action="store_true", help="replace answers saved to the open query")
     p.set_defaults(func=_cmd_import)
 
     p = _command(sub, "annotate", "serve a local web page where people answer the queries",

@@ -82,6 +82,15 @@ def export_message(n: int, out: str | Path, fmt: str) -> str:
     return f"wrote {what} to {files}" + (" (nothing is pending)" if n == 0 else "")
 
 
+def import_message(run_dir: str | Path, applied: int, left: int) -> str:
+    """What `starlora import` says after applying `applied` answers with `left` pending."""
+    from starlora.run.store import resume_command
+
+    more = (f"{left} still pending" if left
+            else f"nothing pending: {resume_command(run_dir)} continues it")
+    return f"imported {applied} answer{'' if applied == 1 else 's'} into {run_dir}; {more}"
+
+
 def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:
     """Write the pending queries of `store` to `out` in `fmt`; returns how many."""
     rows = [{k: q.get(k) for k in FIELDS} for q in store.pending()]
@@ -293,8 +302,9 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
         if not a.answer.strip():
             found.add(DataError(where, a.line, "answer", f"empty answer for id {a.id!r}"))
         elif a.id not in pending:
-            problem = ("is not pending: answered already (`starlora annotate` can change an "
-                       "answer until the run goes on)" if a.id in asked else
+            problem = ("is not pending: answered already (`starlora import --revise` or "
+                       "`starlora annotate` change an answer until the run goes on)"
+                       if a.id in asked else
                        "is not pending: labelled in an earlier round" if a.id in labelled else
                        "unknown id" + (": no query is open (the run is not waiting for "
                                        "answers)" if r is None else ""))
@@ -306,14 +316,16 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
     return out
 
 
-def import_labels(store: RunStore, path: str | Path, fmt: str = "auto") -> tuple[int, int]:
+def import_labels(store: RunStore, path: str | Path, fmt: str = "auto",
+                  revise: bool = False) -> tuple[int, int]:
     """Check every answer in `path`, then apply them all at once under the run's lock; any
-    problem (every one is reported, up to 20 and a count) applies none.
-    Returns (answers applied, queries still pending)."""
+    problem (every one is reported, up to 20 and a count) applies none. With `revise`, an
+    answer may replace one saved earlier to the open query (until the run goes on), as the
+    annotate page's may. Returns (answers applied, queries still pending)."""
     problems = Problems()
     answers = read_answers(path, fmt, problems)
     with store.lock():
-        checked = check_answers(store, answers, str(path), problems=problems)
+        checked = check_answers(store, answers, str(path), revise=revise, problems=problems)
         problems.raise_if_any()
         if checked:
             store.save_labels(checked, f"import:{Path(path).name}")
