@@ -384,3 +384,21 @@ def test_export_takes_its_format_from_the_name_and_refuses_a_folder(
         assert main(["export", str(store.root), "--out", str(out)]) == 2
         assert f"{out}: {said}" in capsys.readouterr().err
     assert not (tmp_path / "q.txt").exists()
+
+
+def test_status_counts_the_rounds_a_budget_leaves(tmp_path: Path) -> None:
+    """`starlora status` said "rounds 0-6" of a run whose budget of 48 labels ends it after
+    round 2 (16 + 2 x 16); it counts the rounds the run plans, from round 0's labelled set."""
+    from starlora.report_confidence import status_lines
+
+    config = load_config(None, ["active_learning.budget=48", "active_learning.rounds=7",
+                                "active_learning.initial_size=16", "active_learning.query_size=16"])
+    store = RunStore.create_or_resume(tmp_path / "run", config)
+    store.add_labels([{"id": f"p{i}", "round": 0, "answer": "x", "source": "simulated"}
+                      for i in range(16)])
+    status = store.status()
+    assert status["rounds"] == 3
+    assert "(rounds 0-2)" in "\n".join(status_lines(store.root, status))
+    store.add_labels([{"id": f"f{i}", "round": 0, "answer": "x", "source": "file:l.jsonl"}
+                      for i in range(16)])  # 32 labelled at round 0: 32 + 16 = 48
+    assert store.status()["rounds"] == 2

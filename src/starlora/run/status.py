@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlora.run.protocol import planned_rounds
 from starlora.run.store import RunStore, resume_command
 
 
 def run_status(store: RunStore) -> dict[str, Any]:
     """The run in `store`, as a JSON-ready dict (``starlora status --json`` prints it):
 
-    * ``round`` (the current round), ``rounds`` (``active_learning.rounds``), ``phase``
+    * ``round`` (the current round), ``rounds`` (the rounds the run plans: `rounds`, fewer
+      when `budget` is reached first; `starlora.run.protocol.planned_rounds`), ``phase``
       (the last phase done, ``"starting"``, ``"waiting for labels"``, ``"answered: the run
       goes on when resumed"`` or ``"finished"``);
     * ``n_labelled``, ``n_unlabelled`` (pool examples left; None before the pool is
@@ -33,7 +35,7 @@ def run_status(store: RunStore) -> dict[str, Any]:
     adapter = store.adapter_dir(last) if last is not None and store.has_adapter(last) else None
     return {
         "round": store.current_round(),
-        "rounds": al.rounds,
+        "rounds": planned_rounds(store.config, sum(r.get("round") == 0 for r in labelled) or None),
         "phase": "waiting for labels" if pending else phase,
         "n_labelled": len(labelled),
         # labels from task.labelled are not pool records (the pool excludes them)
