@@ -157,3 +157,13 @@ def test_a_field_named_otherwise_in_every_record_is_one_problem_naming_the_setti
     with pytest.raises(DataError, match=r"2 problems:\n.*:2: question: missing\n.*:3: question: "
                                         r"missing"):
         load_examples(pool, task, require_answer=False)
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which made the first column
+    '\\ufeffid' ("id: missing column" under a header that shows `id`)."""
+    sources = write_all(tmp_path, RECORDS)
+    plain = Path(sources["csv"]).read_bytes()
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + plain)
+    task = get_task("gsm8k")
+    assert load_examples(tmp_path / "excel.csv", task) == load_examples(sources["csv"], task)

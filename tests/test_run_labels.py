@@ -366,6 +366,10 @@ def test_a_paused_run_counts_its_queries_in_words_that_agree() -> None:
     assert three.startswith("3 queries of round 2 wait for answers: ")
     assert one.endswith("then starlora run --run-dir runs/r")
     assert str(Paused(Path("runs/r"), 3, 2)) == three  # one text for the run and the command
+    # each round's export gets its own file; a path with a space is quoted in every command
+    spaced = waiting("runs/my run", 2, 1)
+    assert ("starlora annotate 'runs/my run' (or starlora export 'runs/my run' --out "
+            "queries-round1.csv, then starlora import 'runs/my run' queries-round1.csv)") in spaced
 
 
 def test_export_takes_its_format_from_the_name_and_refuses_a_folder(
@@ -402,3 +406,59 @@ def test_status_counts_the_rounds_a_budget_leaves(tmp_path: Path) -> None:
     store.add_labels([{"id": f"f{i}", "round": 0, "answer": "x", "source": "file:l.jsonl"}
                       for i in range(16)])  # 32 labelled at round 0: 32 + 16 = 48
     assert store.status()["rounds"] == 2
+
+
+def test_export_never_replaces_a_file_without_force(store: RunStore, tmp_path: Path,
+                                                    capsys) -> None:
+    """Running the printed export command again replaced a filled-in answer sheet without a
+    word, and `--out RUN/labelled.jsonl` replaced the run's labels (the run then failed with
+    a KeyError). An existing file needs --force; the run directory is refused always."""
+    sheet = tmp_path / "q.csv"
+    assert main(["export", str(store.root), "--out", str(sheet)]) == 0
+    sheet.write_text(sheet.read_text().replace(",1,\n", ",1,MY ANSWER\n", 1))
+    assert main(["export", str(store.root), "--out", str(sheet)]) == 2
+    assert "q.csv: exists (answers typed into it" in capsys.readouterr().err
+    assert "MY ANSWER" in sheet.read_text()
+    assert main(["export", str(store.root), "--out", str(sheet), "--force"]) == 0
+    assert "MY ANSWER" not in sheet.read_text()
+    before = snapshot(store.root)
+    for inside in (store.root / "labelled.jsonl", store.root / "q.jsonl"):
+        assert main(["export", str(store.root), "--out", str(inside), "--force"]) == 2
+        assert "inside the run directory" in capsys.readouterr().err
+    assert snapshot(store.root) == before
+
+
+def test_answers_saved_already_as_they_are_import_again_without_error(store: RunStore,
+                                                                     tmp_path: Path) -> None:
+    """A Label Studio project kept across rounds exports every task each time: answers of an
+    earlier round, or saved already, were each an error and the whole file was refused. The
+    same answer is now left as it is; another answer to one of them is still an error."""
+    kept = tmp_path / "project.jsonl"
+    kept.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"id": "a", "answer": "x"}, {"id": "q3", "answer": " 6"}, {"id": "q0", "answer": "0"})))
+    assert import_labels(store, kept) == (1, 2)
+    assert import_labels(store, kept) == (0, 2)  # the same file again: nothing to do
+    labels = {r["id"]: (r["answer"], r["source"]) for r in store.labelled()}
+    assert labels["a"] == ("x", "simulated") and labels["q3"] == ("6", "import:first.jsonl")
+    kept.write_text(json.dumps({"id": "a", "answer": "y"}) + "\n")
+    with pytest.raises(DataError, match="project.jsonl:1: id: 'a' is not pending: labelled"):
+        import_labels(store, kept)
+
+
+def test_unreadable_answer_and_run_files_are_named_errors(store: RunStore, tmp_path: Path,
+                                                          capsys) -> None:
+    """An answer file saved with a byte-order mark reads as without (it was "id: missing
+    column"); a folder given as the answer file, and a hand-edited labelled.jsonl that is no
+    longer JSON, were tracebacks: each is now one line naming the file (and line)."""
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfid,answer\nq0,0\n")
+    assert import_labels(store, tmp_path / "bom.csv") == (1, 2)
+    (tmp_path / "adir.csv").mkdir()
+    assert main(["import", str(store.root), str(tmp_path / "adir.csv")]) == 2
+    assert "adir.csv: cannot be read (Is a directory)" in capsys.readouterr().err
+    labelled = store.root / "labelled.jsonl"
+    lines = labelled.read_text().splitlines()
+    labelled.write_text(lines[0] + ",\n" + "\n".join(lines[1:]) + "\n")
+    for command in (["status", str(store.root)], ["export", str(store.root), "--out",
+                                                  str(tmp_path / "e.jsonl")]):
+        assert main(command) == 2
+        assert "labelled.jsonl:1: not valid JSON" in capsys.readouterr().err

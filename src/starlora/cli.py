@@ -142,12 +142,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from starlora.run.labels import export_message, export_queries, guess_format
+    from starlora.run.labels import export_message, export_queries
     from starlora.run.store import RunStore
 
-    fmt = guess_format(args.out) if args.format == "auto" else args.format
-    n = export_queries(RunStore.open(args.run_dir), args.out, fmt)
-    print(export_message(n, args.out, fmt), file=sys.stderr)
+    n = export_queries(RunStore.open(args.run_dir), args.out, args.format, replace=args.force)
+    print(export_message(n, args.out, args.format), file=sys.stderr)
     return 0
 
 
@@ -267,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with an empty answer column), or label-studio (a tasks JSON, and its "
                         "labelling config beside it as <name>.label_config.xml)")
     p.add_argument("--out", required=True, help="output file (label-studio: a tasks JSON)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_export)
 
     p = _command(sub, "import", "read answers to a run's pending queries",

@@ -75,7 +75,7 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
         return
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not text
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(source, line, None, f"not valid UTF-8 (byte {e.start})") from None

@@ -200,11 +200,21 @@ def csv_records(text: str, where: str, required: Sequence[str] = ()) -> Iterator
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL file that a person may have
-    edited (a run directory given to the report); DataError names the file and line of a line
-    that is not a JSON object. The caller checks that the file exists."""
-    path = Path(path)
+    edited (a run directory given to the report, a run's labels); DataError names the file
+    and line of a line that is not valid UTF-8 or not a JSON object. The caller checks that
+    the file exists."""
+    return _records(Path(path).read_bytes(), Path(path))
+
+
+def _records(data: bytes, path: Path) -> list[tuple[int, dict]]:
+    """`read_records` of the bytes `data` read from `path`."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), data.count(b"\n", 0, e.start) + 1, None,
+                        f"not valid UTF-8 (byte {e.start})") from None
     out = []
-    for lineno, rec in jsonl_records(path.read_text(encoding="utf-8"), str(path)):
+    for lineno, rec in jsonl_records(text, str(path)):
         if isinstance(rec, DataError):
             raise rec
         if not isinstance(rec, dict):
@@ -259,7 +269,7 @@ class ParsedJsonl:
         cached = self._parsed.get(path)
         if cached is None or cached[0] != digest:
             with gc_paused():
-                rows = [json.loads(line) for _, line in json_lines(data.decode("utf-8"))]
+                rows = [rec for _, rec in _records(data, path)]
             cached = self._parsed[path] = (digest, rows)
         return [dict(r) for r in cached[1]]
 

@@ -73,8 +73,9 @@ def label_config_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".label_config.xml")
 
 
-def export_message(n: int, out: str | Path, fmt: str) -> str:
+def export_message(n: int, out: str | Path, fmt: str = "auto") -> str:
     """What `starlora export` says after writing `n` queries: every file it wrote."""
+    fmt = guess_format(out) if fmt == "auto" else fmt
     files = f"{out}" if fmt != "label-studio" else (
         f"{out} and their labelling config to {label_config_path(out)} (paste it into the "
         "Label Studio project's labelling interface)")
@@ -91,10 +92,20 @@ def import_message(run_dir: str | Path, applied: int, left: int) -> str:
     return f"imported {applied} answer{'' if applied == 1 else 's'} into {run_dir}; {more}"
 
 
-def export_queries(store: RunStore, out: str | Path, fmt: str) -> int:
-    """Write the pending queries of `store` to `out` in `fmt`; returns how many."""
-    rows = [{k: q.get(k) for k in FIELDS} for q in store.pending()]
+def export_queries(store: RunStore, out: str | Path, fmt: str = "auto",
+                   replace: bool = False) -> int:
+    """Write the pending queries of `store` to `out` in `fmt` (``auto``: from the name);
+    returns how many. An existing `out` is refused unless `replace` (answers typed into it
+    would be lost), and a path inside the run directory always is."""
     out = Path(out)
+    fmt = guess_format(out) if fmt == "auto" else fmt
+    if out.resolve().is_relative_to(store.root.resolve()):
+        raise StarloraError(f"--out {out}: inside the run directory {store.root}; write the "
+                            "queries elsewhere")
+    if out.is_file() and not replace:
+        raise StarloraError(f"--out {out}: exists (answers typed into it and not imported "
+                            "would be lost); --force replaces it, or give another name")
+    rows = [{k: q.get(k) for k in FIELDS} for q in store.pending()]
     if fmt == "jsonl":
         atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows))
     elif fmt == "csv":
@@ -135,8 +146,10 @@ def read_answers(path: str | Path, fmt: str = "auto",
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(str(path), None, None, "no such file") from None
+    except OSError as e:  # a folder, no permission
+        raise DataError(str(path), None, None, f"cannot be read ({e.strerror})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not text
     except UnicodeDecodeError as e:
         raise DataError(str(path), raw.count(b"\n", 0, e.start) + 1, None,
                         f"not valid UTF-8 (byte {e.start})") from None
@@ -284,12 +297,15 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
                   revise: bool = False, problems: Problems | None = None) -> dict[str, str]:
     """``{id: answer}`` for the good ones of `answers`. An id must be in the open query and not
     labelled yet (with `revise`, answers saved to the open query may be replaced); one asked
-    or labelled before is "not pending", any other "unknown". Each bad answer is a problem:
-    added to `problems` when given, else all raised together."""
+    or labelled before is "not pending", any other "unknown", unless its answer is the one
+    saved: that answer is left out, as it is (a file imported again, a Label Studio project
+    exported whole each round). Each bad answer is a problem: added to `problems` when given,
+    else all raised together."""
     found = Problems() if problems is None else problems
     r = store.open_query()
     asked = {q["id"] for q in store.queries(r)} if r is not None else set()
-    labelled = {row["id"] for row in store.labelled()}
+    saved = {row["id"]: row["answer"] for row in store.labelled()}
+    labelled = set(saved)
     pending = asked if revise else asked - labelled
     first_line: dict[str, int] = {}
     out: dict[str, str] = {}
@@ -301,6 +317,8 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
         first_line[a.id] = a.line
         if not a.answer.strip():
             found.add(DataError(where, a.line, "answer", f"empty answer for id {a.id!r}"))
+        elif saved.get(a.id) == a.answer.strip() and not (revise and a.id in asked):
+            continue  # saved already as it is (a file, or a Label Studio project, kept whole)
         elif a.id not in pending:
             problem = ("is not pending: answered already (`starlora import --revise` or "
                        "`starlora annotate` change an answer until the run goes on)"

@@ -14,6 +14,7 @@ the labels.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,10 @@ def waiting(run_dir: str | Path, pending: int, label_round: int) -> str:
     """What a paused run says: how many queries of which label round wait, and the commands
     that answer them and resume the run."""
     what = "1 query" if pending == 1 else f"{pending} queries"
+    run, out = shlex.quote(str(run_dir)), f"queries-round{label_round}.csv"
     return (f"{what} of round {label_round} wait{'s' if pending == 1 else ''} for answers: "
-            f"starlora annotate {run_dir} (or starlora export {run_dir} --format csv --out "
-            f"queries.csv, then starlora import {run_dir} queries.csv); then "
-            f"{resume_command(run_dir)}")
+            f"starlora annotate {run} (or starlora export {run} --out {out}, then "
+            f"starlora import {run} {out}); then {resume_command(run_dir)}")
 
 
 class Paused(Exception):  # noqa: N818 - a state the run stops in, not an error
