@@ -266,3 +266,18 @@ def test_smollm2_embeddings_tell_tasks_apart_and_do_not_read_the_answers(
     picks = [selections(smol.model, smol.tokenizer, path, pe=False)
              for path in pool_files(tmp_path).values()]
     assert picks[0] == picks[1] == picks[2]
+
+
+def test_embeddings_take_the_width_the_head_reads() -> None:
+    """OPT-350m projects the decoder's hidden_size down to word_embed_proj_dim before the
+    head: the array was sized from hidden_size (64) for states 32 wide, and typiclust and
+    k-means diversity failed with a broadcast error."""
+    from starlora.models import load_model, tiny_model
+
+    tokenizer = load_model("tiny-llama", device="cpu", dtype="float32").tokenizer
+    opt = tiny_model("tiny-llama", tokenizer, model_type="opt", ffn_dim=128,
+                     word_embed_proj_dim=32).eval()
+    P = prompts(tokenizer, 4)
+    E = embed_prompts(opt, tokenizer, P, progress=False)
+    assert E.shape == (4, 32)
+    np.testing.assert_allclose(E[1], mean_state(opt, P[1]), rtol=1e-4, atol=1e-5)

@@ -152,3 +152,35 @@ def test_a_hub_model_loads_at_the_revision_asked_for(tmp_path) -> None:
         f"Hub at revision {'c' * 40!r} (LocalEntryNotFoundError)",
         "model.revision: 'v1' applies to a Hugging Face Hub id; 'tiny-llama' is a built-in "
         "model or a local folder"]
+
+
+def test_lora_reaches_every_projection_of_phi3_and_names_what_mixtral_keeps() -> None:
+    """Phi-3's projections are fused (qkv_proj, gate_up_proj): the llama names it was given
+    adapted 4 of its 8 linear layers without a word. Mixtral's experts are 3-D weights that
+    module LoRA cannot reach: the run now names them (`unadapted`, `lora_note`)."""
+    import re
+
+    from starlora.adapters import LORA_TARGETS, lora_note, unadapted
+    from starlora.config import ExperimentConfig
+    from starlora.models import tiny_model
+
+    tiny = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+    assert unadapted(tiny.model) == [] and lora_note(tiny.model, ExperimentConfig()) is None
+    phi3 = tiny_model("tiny-llama", tiny.tokenizer, model_type="phi3", num_key_value_heads=4)
+    linear = {n for n, m in phi3.get_decoder().named_modules() if isinstance(m, torch.nn.Linear)}
+    assert unadapted(phi3) == []
+    wrapped = {n.split("model.", 2)[-1] for n, m in attach_lora(phi3, r=4).named_modules()
+               if hasattr(m, "lora_A") and n}
+    assert {n.removeprefix("model.") for n in wrapped} >= linear and len(linear) == 8
+    mixtral = tiny_model("tiny-llama", tiny.tokenizer, model_type="mixtral",
+                         num_local_experts=2, num_experts_per_tok=1)
+    assert unadapted(mixtral) == [f"model.layers.{i}.mlp.experts.{w}"
+                                  for i in (0, 1) for w in ("gate_up_proj", "down_proj")]
+    note = lora_note(mixtral, ExperimentConfig())
+    assert note.startswith("LoRA leaves 4 weights of the decoder without an adapter")
+    assert unadapted(tiny.model, ["q_proj"])[:2] == ["model.layers.0.self_attn.k_proj",
+                                                     "model.layers.0.self_attn.v_proj"]
+    # Gemma 3 4B-27B: the language model's projections, not the vision tower's
+    gemma3 = LORA_TARGETS["gemma3"]
+    assert re.fullmatch(gemma3, "model.language_model.layers.3.mlp.down_proj")
+    assert not re.fullmatch(gemma3, "model.vision_tower.encoder.layers.0.self_attn.q_proj")

@@ -14,13 +14,19 @@ from starlora import zero3
 from starlora.errors import ConfigError
 from starlora.io import atomic_folder
 
-#: LoRA targets per architecture: all attention and MLP projections, as in the STAR paper.
-LORA_TARGETS: dict[str, list[str]] = {
-    **{
-        arch: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
-                     "phi3")
-    },
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+#: LoRA targets per architecture: all attention and MLP projections, as in the STAR paper
+#: (a list: module names; a string: a regex over full module names, as peft takes it).
+#: Mixtral's experts are fused 3-D weights in transformers 5, which module LoRA cannot reach:
+#: its attention is adapted, and the run says what is left (`unadapted`).
+LORA_TARGETS: dict[str, list[str] | str] = {
+    **{arch: _LLAMA_LIKE
+       for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    # Gemma 3 4B-27B (image and text): the language model's projections, not the vision tower
+    "gemma3": r".*language_model.*\.(" + "|".join(_LLAMA_LIKE) + ")",
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
@@ -30,6 +36,50 @@ LORA_TARGETS: dict[str, list[str]] = {
 def lora_targets(model: Any) -> list[str] | str:
     """Module names LoRA attaches to for this architecture (``all-linear`` if unknown)."""
     return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def unadapted(model: Any, target_modules: list[str] | str | None = None) -> list[str]:
+    """Names of the weights in `model`'s text decoder (``get_decoder()``: not a vision tower,
+    not the LM head) that LoRA on `target_modules` (None: the architecture's, `lora_targets`)
+    leaves without an adapter: linear layers no target names (matched as peft matches), and
+    fused weights of 3 or more dimensions (mixture-of-experts experts), which module LoRA
+    cannot reach. [] when every projection of the decoder is adapted."""
+    import re
+
+    import torch
+
+    targets = target_modules or lora_targets(model)
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):  # a model of its own: nothing to say
+        return []
+    if decoder is None:
+        return []
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    prefix = prefix + "." if prefix else ""
+
+    def adapted(name: str) -> bool:
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, prefix + name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    linear = [n for n, m in decoder.named_modules() if (
+        isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and not adapted(n)]
+    fused = [n for n, p in decoder.named_parameters() if p.dim() >= 3]
+    return [prefix + n for n in linear + fused]
+
+
+def lora_note(model: Any, config: Any) -> str | None:
+    """What a run says when LoRA on ``config.lora.target_modules`` leaves weights of `model`'s
+    decoder without an adapter (`unadapted`), or None."""
+    left = unadapted(model, config.lora.target_modules)
+    if not left:
+        return None
+    return (f"LoRA leaves {len(left)} weights of the decoder without an adapter (e.g. "
+            f"{', '.join(left[:2])}; fused mixture-of-experts weights cannot take one); "
+            "lora.target_modules names the modules to adapt")
 
 
 def attach_lora(

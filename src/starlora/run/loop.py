@@ -242,6 +242,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     oracle the run may stop early, waiting for answers (``store.pending()`` is then not
     empty). A resume is refused when its data differ from the run's, or when its precision
     would (`starlora.run.identity`), unless `allow_precision_change`."""
+    from starlora.adapters import lora_note
     from starlora.models import load_model
 
     task, data, n_rounds, strategy = checked_inputs(config)
@@ -277,9 +278,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
              f"test {len(data.test)}, {n_rounds} rounds"
              + (f", resuming at round {state['at']}" if resuming else ""))
         loaded = load_model(**config.model.model_dump())
-        note = task.raw_prompt_note(loaded.tokenizer)
-        if note and not resuming:  # once, as the run starts
-            _say(f"note: {note}")
+        for note in [task.raw_prompt_note(loaded.tokenizer), lora_note(loaded.model, config)]:
+            if note and not resuming:  # once, as the run starts
+                _say(f"note: {note}")
         precision = identity.resolved_precision(config, loaded.model)
         run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
                   loaded.model, loaded.tokenizer, loaded.fingerprint,

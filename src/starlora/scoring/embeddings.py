@@ -114,10 +114,13 @@ def embed_prompts(
     n = len(prompt_ids)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("embed_prompts: an empty prompt has no tokens to average")
-    body, _ = decoder_and_head(model)
+    body, head = decoder_and_head(model)
     weights = next(model.parameters())
     device = weights.device
-    out = np.zeros((n, int(body.config.hidden_size)), np.float32)
+    # the width of the final hidden states: what the head reads (OPT-350m projects the
+    # decoder's hidden_size down to it; a multimodal config keeps hidden_size in text_config)
+    width = getattr(head, "in_features", None) or body.config.get_text_config().hidden_size
+    out = np.zeros((n, int(width)), np.float32)
     if n == 0:
         return out
     zero = zero3.enabled()
