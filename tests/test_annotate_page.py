@@ -1,24 +1,31 @@
-"""``starlora annotate``: tokens that need escaping in the printed URL. The browser tests drive
-Debian's ``chromium`` with Playwright (they skip without it), with the fixtures of
-test_annotate.py.
+"""``starlora annotate``: answers too long to send twice, and tokens that need escaping in
+the printed URL. The browser tests drive Debian's ``chromium`` with Playwright (they skip
+without it), with the fixtures of test_annotate.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 from starlette.testclient import TestClient
-from test_annotate import QUERIES, browser, paused  # noqa: F401
+from test_annotate import AUTH, QUERIES, TOKEN, browser, paused, served  # noqa: F401
 
-from starlora.annotate.app import create_app
+from starlora.annotate.app import MAX_BODY, create_app
 from starlora.annotate.server import make_server
 from starlora.run.store import RunStore
+
+LONG = 40_000  #: characters of an answer over half the body limit
 
 
 def saved(store: RunStore) -> dict[str, str]:
     return {r["id"]: r["answer"] for r in RunStore.open(store.root).labelled()}
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def opened(browser, url: str, answered: str = "0 of 4 answered"):  # noqa: F811
@@ -26,6 +33,62 @@ def opened(browser, url: str, answered: str = "0 of 4 answered"):  # noqa: F811
     page.goto(url)
     page.get_by_text(answered).wait_for()
     return page
+
+
+# -- long answers -----------------------------------------------------------------------------
+def test_an_answer_over_half_the_body_limit_can_be_revised_on_the_page(browser, served) -> None:  # noqa: F811
+    """A 40,000-character answer is saved, then replaced by another one, by the page (which
+    used to send the saved answer along with the new one: 413)."""
+    store, url = served
+    assert MAX_BODY < 2 * LONG
+    page = opened(browser, url)
+    first, second = "1" * LONG, "2" * LONG
+    page.locator("#answer").fill(first)
+    with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+        page.keyboard.press("Control+Enter")
+    assert sent.value.status == 200 and saved(store)["q0"] == first
+    page.locator("nav button").first.click()
+    page.locator("#answer").fill(second)
+    with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+        page.keyboard.press("Control+Enter")
+    assert sent.value.status == 200, sent.value.text()
+    assert saved(store)["q0"] == second
+    page.close()
+
+
+def test_the_api_checks_the_digest_of_the_answer_the_sender_saw(tmp_path: Path) -> None:
+    """The page sends ``previous_sha256``, the digest the API gave for the saved answer it
+    saw (null: none): a 40,000-character answer is revised with a 64-character check, and a
+    digest of another answer than the saved one is a 409 that saves nothing."""
+    store = paused(tmp_path / "run", saved={"q3": "6"})
+    client = TestClient(create_app(store.root, TOKEN))
+
+    def post(body: dict) -> tuple[int, dict]:
+        response = client.post("/api/labels", headers=AUTH, json=body)
+        return response.status_code, response.json()
+
+    rows = {q["id"]: q for q in client.get("/api/queries", headers=AUTH).json()["queries"]}
+    assert rows["q3"]["answer_sha256"] == sha256("6") and rows["q0"]["answer_sha256"] is None
+    first, second = "a" * LONG, "b" * LONG
+    code, body = post({"id": "q0", "answer": first, "previous_sha256": None})
+    assert code == 200 and body["answer_sha256"] == sha256(first)
+    code, body = post({"id": "q0", "answer": second, "previous_sha256": None})  # saw none
+    assert (code, body["current"], body["current_sha256"]) == (409, first, sha256(first))
+    assert saved(store)["q0"] == first
+    assert post({"id": "q0", "answer": second, "previous_sha256": sha256(first)})[0] == 200
+    assert post({"id": "q0", "answer": first, "previous_sha256": sha256("x")})[0] == 409
+    assert saved(store)["q0"] == second
+    # the largest answer human-oracle.md promises: 65,000 ASCII characters, with the digest
+    most = "c" * 65_000
+    assert post({"id": "q0", "answer": most, "previous_sha256": sha256(second)})[0] == 200
+    assert saved(store)["q0"] == most
+    # the text itself (scripts) is still accepted, but not both at once, nor a malformed digest
+    assert post({"id": "q3", "answer": "7", "previous": "6"})[0] == 200
+    assert post({"id": "q3", "answer": "8", "previous": "7", "previous_sha256": sha256("7")}) == (
+        400, {"error": "previous, previous_sha256: send one of them, not both"})
+    assert post({"id": "q3", "answer": "8", "previous_sha256": "7"}) == (
+        400, {"error": "previous_sha256: not the 64 hex digits of a SHA-256 digest, or null"})
+    assert saved(store)["q3"] == "7"
 
 
 # -- tokens -----------------------------------------------------------------------------------

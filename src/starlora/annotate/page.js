@@ -129,9 +129,12 @@
     busy = true;
     say("saving…");
     try {
-      // `previous`: the saved answer this page knows; another one saved meanwhile is a 409
-      const saved = await api("api/labels", { id: q.id, answer: answer.value, previous: q.answer });
+      // `previous_sha256`: the digest (the API's) of the saved answer this page knows, not
+      // the answer itself, which could double the body; another one saved meanwhile is a 409
+      const saved = await api("api/labels",
+        { id: q.id, answer: answer.value, previous_sha256: q.answer_sha256 });
       q.answer = saved.answer;
+      q.answer_sha256 = saved.answer_sha256;
       edits.delete(q.id);
       progress(saved.answered, saved.total);
       const all = saved.answered === saved.total;
@@ -142,6 +145,7 @@
       if (e.status === 409 && queries[index] === q) {  // keep this text; show theirs
         edits.set(q.id, answer.value);
         q.answer = e.data.current;
+        q.answer_sha256 = e.data.current_sha256;
         progress(answered(), queries.length);
         renderList();
         $("answer-note").textContent = "(yours, not saved)";
@@ -149,7 +153,8 @@
             " meanwhile. Your answer is still in the box: Save again to replace theirs.", "bad");
         return;
       }
-      say("Not saved: " + e.message, "bad");
+      say("Not saved: " + (e.status === 413 ? "the answer is too long (" + e.message +
+        "): a save carries at most about 65,000 characters of plain text" : e.message), "bad");
       if (e.message.startsWith("the run has gone on")) {
         await load().catch(() => {});
         say("Not saved: " + e.message, "bad");
