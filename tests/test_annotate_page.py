@@ -1,6 +1,7 @@
-"""``starlora annotate``: answers too long to send twice, and tokens that need escaping in
-the printed URL. The browser tests drive Debian's ``chromium`` with Playwright (they skip
-without it), with the fixtures of test_annotate.py.
+"""``starlora annotate``: what the page keeps while a save waits for the run's lock, answers
+too long to send twice, and tokens that need escaping in the printed URL. The browser tests
+drive Debian's ``chromium`` with Playwright (they skip without it), with the fixtures of
+test_annotate.py.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from starlette.testclient import TestClient
@@ -28,11 +31,123 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+@contextmanager
+def lock_held(store: RunStore) -> Iterator[Callable[[], None]]:
+    """Another process holds the run's lock (as a running ``starlora run`` may) until the
+    function this yields is called: the page's saves wait for it meanwhile."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from filelock import FileLock\n"
+         "with FileLock(sys.argv[1]):\n print('held', flush=True); sys.stdin.readline()",
+         str(store.paths.lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def release() -> None:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(10)
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield release
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def opened(browser, url: str, answered: str = "0 of 4 answered"):  # noqa: F811
     page = browser.new_page()
     page.goto(url)
     page.get_by_text(answered).wait_for()
     return page
+
+
+# -- what is typed while a save waits ---------------------------------------------------------
+def test_text_typed_on_the_query_while_its_save_waits_is_kept(browser, served) -> None:  # noqa: F811
+    """q0's answer "7" is sent while another process holds the lock; the labeller goes on
+    typing ("78"). Once "7" is saved the page stays on q0 with "78" in the box, unsaved, and
+    q0 marked saved; saving again revises it to "78" and moves on."""
+    store, url = served
+    page = opened(browser, url)
+    page.keyboard.press("Control+a")
+    page.keyboard.type("7")
+    with lock_held(store) as release:
+        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+            page.keyboard.press("Control+Enter")
+            page.get_by_text("saving…").wait_for()
+            page.keyboard.type("8")
+            release()
+    assert sent.value.status == 200
+    page.get_by_text("Saved the answer to q0").wait_for()
+    assert saved(store)["q0"] == "7"
+    assert page.locator("#prompt").text_content() == QUERIES[0]["prompt"]  # stayed
+    assert page.locator("#answer").input_value() == "78"
+    assert page.locator("#answer-note").text_content() == "(edited, not saved)"
+    assert page.locator("nav .mark").first.text_content() == "✓"
+    page.get_by_text("1 of 4 answered").wait_for()
+    with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+        page.keyboard.press("Control+Enter")
+    assert sent.value.status == 200  # a revision of "7", which the page knows is saved now
+    page.get_by_text("Saved the answer to q0").wait_for()
+    assert saved(store)["q0"] == "78"
+    assert page.locator("#prompt").text_content() == QUERIES[1]["prompt"]  # moved on
+    page.close()
+
+
+def test_text_typed_on_another_query_while_a_save_waits_is_kept(browser, served) -> None:  # noqa: F811
+    """q0's answer is sent while the lock is held; the labeller opens q2 and types there.
+    Once q0's answer is saved the page stays on q2 with that text (it used to jump to q1, the
+    next open query, and drop it); q0 shows its answer saved."""
+    store, url = served
+    page = opened(browser, url)
+    page.keyboard.press("Control+a")
+    page.keyboard.type("7")
+    with lock_held(store) as release:
+        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+            page.keyboard.press("Control+Enter")
+            page.get_by_text("saving…").wait_for()
+            page.locator("nav button").nth(2).click()
+            assert page.locator("#prompt").text_content() == QUERIES[2]["prompt"]
+            page.keyboard.press("Control+a")
+            page.keyboard.type("44")
+            release()
+    assert sent.value.status == 200
+    page.get_by_text("1 of 4 answered").wait_for()
+    assert saved(store) == {"a": "x", "q0": "7"}
+    assert page.locator("#prompt").text_content() == QUERIES[2]["prompt"]  # stayed on q2
+    assert page.locator("#answer").input_value() == "44"
+    assert page.locator("nav .mark").all_text_contents() == ["✓", "", "", ""]
+    page.locator("nav button").first.click()
+    assert page.locator("#answer").input_value() == "7"
+    assert page.locator("#answer-note").text_content() == "(saved)"
+    page.locator("nav button").nth(2).click()
+    assert page.locator("#answer").input_value() == "44"
+    assert page.locator("#answer-note").text_content() == "(edited, not saved)"
+    page.close()
+
+
+def test_a_save_asked_for_while_another_waits_is_not_silently_dropped(browser, served) -> None:  # noqa: F811
+    """A second Ctrl+Enter while a save waits says so; once the first is saved the second
+    text is still in the box, unsaved, and nothing else was sent."""
+    store, url = served
+    page = opened(browser, url)
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.post_data or "") if r.method == "POST" else None)
+    page.keyboard.press("Control+a")
+    page.keyboard.type("7")
+    with lock_held(store) as release:
+        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+            page.keyboard.press("Control+Enter")
+            page.get_by_text("saving…").wait_for()
+            page.keyboard.type("9")
+            page.keyboard.press("Control+Enter")
+            assert "a save is in progress" in page.locator("#status").text_content()
+            release()
+    assert sent.value.status == 200
+    page.get_by_text("Saved the answer to q0").wait_for()
+    assert len(posts) == 1 and saved(store)["q0"] == "7"
+    assert page.locator("#answer").input_value() == "79"
+    assert page.locator("#answer-note").text_content() == "(edited, not saved)"
+    page.close()
 
 
 # -- long answers -----------------------------------------------------------------------------
