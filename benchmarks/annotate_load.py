@@ -10,7 +10,7 @@ its own keep-alive connection, until `--requests` requests are done:
 
 * every pending id is POSTed, with an answer of its own (~200 characters naming the id and
   the client, so a torn or mixed-up write cannot pass for a whole one) and, as the page
-  sends it, ``"previous": null`` (the client saw no saved answer): once, or for `--twice` of
+  sends it, ``"previous_sha256": null`` (the client saw no saved answer): once, or for `--twice` of
   them twice, by two clients at the same moment (a barrier releases the pair together),
   each with its own answer;
 * the rest are GETs, mostly ``/api/queries`` (the whole query with saved answers, as the page
@@ -177,7 +177,7 @@ def main() -> None:
                     method = "GET" if task[0] == "get" else "POST"
                     path = task[1] if method == "GET" else "/api/labels"
                     body = None if method == "GET" else \
-                        {"id": task[1], "answer": task[-1], "previous": None}
+                        {"id": task[1], "answer": task[-1], "previous_sha256": None}
                     t0 = time.perf_counter()
                     status, data = client.request(method, path, body)
                     ms = (time.perf_counter() - t0) * 1000

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -89,12 +90,13 @@ def test_the_api_lists_the_open_query_and_saves_through_the_store(client: TestCl
     assert (data["answered"], data["total"], data["round"]) == (1, 4, 1)
     assert data["queries"][3] == {**{k: QUERIES[3][k] for k in ("id", "question", "prompt",
                                                                 "draft", "uncertainty")},
-                                  "answer": "6"}
+                                  "answer": "6", "answer_sha256": sha256(b"6").hexdigest()}
     root = store.root
     assert data["continue"] == f"starlora run --run-dir {root}"
     response = client.post("/api/labels", headers=AUTH, json={"id": "q1", "answer": " 2\n"})
     assert response.status_code == 200
-    assert response.json() == {"id": "q1", "answer": "2", "answered": 2, "total": 4}
+    assert response.json() == {"id": "q1", "answer": "2", "answered": 2, "total": 4,
+                               "answer_sha256": sha256(b"2").hexdigest()}
     # a saved answer may be revised, an imported one too; the source says where it came from
     assert client.post("/api/labels", headers=AUTH, json={"id": "q3", "answer": "7"}).json()[
         "answered"] == 2
@@ -122,7 +124,8 @@ def test_a_save_over_an_answer_saved_meanwhile_gets_409_and_keeps_it(
     assert "someone saved another answer to 'q1' meanwhile" in body["error"]
     assert snapshot(store.root) == before and saved()["q1"] == "2"
     assert post({"id": "q1", "answer": "3", "previous": "2"}) == (
-        200, {"id": "q1", "answer": "3", "answered": 2, "total": 4})
+        200, {"id": "q1", "answer": "3", "answer_sha256": sha256(b"3").hexdigest(),
+              "answered": 2, "total": 4})
     # a revision of one's own saved answer, and of an imported one
     assert post({"id": "q1", "answer": "4", "previous": "3"})[0] == 200
     assert post({"id": "q3", "answer": "7", "previous": "5"})[1]["current"] == "6"

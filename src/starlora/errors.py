@@ -104,11 +104,11 @@ class QueryClosedError(StarloraError):
 
 
 class LabelConflictError(StarloraError):
-    """An answer was sent as a change of the saved answer `expected` (None: no answer), but
-    another answer, `current`, had been saved to that id meanwhile; nothing was saved."""
+    """An answer was sent as a change of a saved answer the sender saw (or of none), but
+    another answer, `current` (None: none), is saved to that id now; nothing was saved."""
 
-    def __init__(self, id_: str, expected: str | None, current: str | None):
-        self.id, self.expected, self.current = id_, expected, current
+    def __init__(self, id_: str, current: str | None):
+        self.id, self.current = id_, current
         super().__init__(f"someone saved another answer to {id_!r} meanwhile, so yours was not "
                          "saved: save it again to replace theirs")
 

@@ -34,9 +34,10 @@ the close, and the run trains on it, or comes after it, and is refused with 400 
 has gone on" (the query it answers is closed); a 200 always means the run will see that
 answer. Saves wait up to `starlora.annotate.app.LOCK_TIMEOUT` s for the lock, then get 503.
 
-Nor is one person's answer lost to another's: the page sends, with each answer, the saved
-answer it last saw, and a save over an answer saved meanwhile by someone else is refused
-(409, with that answer), the page keeping the unsaved text for its author to save again.
+Nor is one person's answer lost to another's: the page sends, with each answer, the digest
+of the saved answer it last saw (SHA-256, so a revision's request is no larger than a first
+answer's), and a save over an answer saved meanwhile by someone else is refused (409, with
+that answer), the page keeping the unsaved text for its author to save again.
 """
 
 from __future__ import annotations

@@ -3,14 +3,18 @@ open query (see `starlora.annotate` for why Starlette, the security model and th
 
     GET  /                the page (``?token=T``); HTML, CSS and script in one response
     GET  /api/queries     the open query: every row, with any saved answer, and progress
-    POST /api/labels      ``{"id": ..., "answer": ..., "previous": ...}`` -> 200 ``{"id",
-                          "answer", "answered", "total"}``, or 400 ``{"error": text}``
+    POST /api/labels      ``{"id": ..., "answer": ..., "previous_sha256": ...}`` -> 200 ``{"id",
+                          "answer", "answer_sha256", "answered", "total"}``, or 400
+                          ``{"error": text}``
 
-``previous`` (optional): the saved answer the sender last saw for the id (null: none). When
-another answer (not the one sent) has been saved since, nothing is saved and the reply is
-409 ``{"error", "id", "current"}`` (``current``: the answer saved now), so one person's
-answer never silently replaces another's; sending it again with ``previous`` = ``current``
-replaces it. Without ``previous`` (a script) a save replaces whatever is saved.
+``previous_sha256`` (optional): the SHA-256 hex digest (`sha256_of`, as the API gives it for
+each saved answer) of the saved answer the sender last saw for the id (null: none); a
+script may send that answer itself as ``previous`` instead (not both). The page sends the
+digest, so a revision costs no more body than the answer itself. When another answer (not
+the one sent) has been saved since, nothing is saved and the reply is 409 ``{"error", "id",
+"current", "current_sha256"}`` (the answer saved now), so one person's answer never
+silently replaces another's; sending it again with ``previous_sha256`` = ``current_sha256``
+replaces it. Without either (a script) a save replaces whatever is saved.
 
 Every request needs the token: the page takes it as ``?token=T`` or a bearer header, the API
 only as ``Authorization: Bearer T`` (so a cross-site request cannot carry it without a CORS
@@ -21,6 +25,8 @@ full: 507 (nothing saved).
 
 from __future__ import annotations
 
+import hashlib
+import re
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -48,7 +54,7 @@ from starlora.io import parse_json
 from starlora.run.labels import Answer, check_answers
 from starlora.run.store import RunStore, resume_command
 
-MAX_BODY = 64 * 1024  #: bytes a request body may have (an answer is a few hundred)
+MAX_BODY = 64 * 1024  #: bytes a request body may have (an answer is usually a few hundred)
 LOCK_TIMEOUT = 10.0  #: seconds a save waits for the run's lock before answering 503
 SOURCE = "annotate"  #: the ``source`` of labels saved through the page
 NO_STORE = {"Cache-Control": "no-store"}
@@ -63,7 +69,16 @@ CSP = ("default-src 'none'; script-src 'nonce-{n}'; style-src 'nonce-{n}'; conne
 
 
 class UNCHECKED:
-    """`Annotator.save`'s `previous` when the sender gave none: not checked."""
+    """`Annotator.save`'s `seen` when the sender gave no previous answer: not checked."""
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_of(answer: str | None) -> str | None:
+    """The SHA-256 hex digest of `answer`'s UTF-8 (None for no answer): how the API names a
+    saved answer, so a client can say which one it saw without sending it back."""
+    return None if answer is None else hashlib.sha256(answer.encode("utf-8")).hexdigest()
 
 
 class TokenGuard:
@@ -122,18 +137,19 @@ class Annotator:
                                            -(q.get("uncertainty") or 0.0)))
         out = [{"id": q["id"], "question": q.get("question"), "prompt": q.get("prompt"),
                 "draft": q.get("draft"), "uncertainty": q.get("uncertainty"),
-                "answer": saved.get(q["id"])} for q in rows]
+                "answer": saved.get(q["id"]), "answer_sha256": sha256_of(saved.get(q["id"]))}
+               for q in rows]
         answered = sum(q["answer"] is not None for q in out)
         return {"run_dir": self.run_dir, "round": r, "queries": out, "answered": answered,
                 "total": len(out), "continue": continue_command(self.run_dir)}
 
-    def save(self, id_: str, answer: str, previous: str | None | type[UNCHECKED] = UNCHECKED
+    def save(self, id_: str, answer: str, seen: str | None | type[UNCHECKED] = UNCHECKED
              ) -> dict[str, Any]:
         """Check and store one answer under the run's lock (the checks of ``starlora
         import``, revisions allowed). Raises DataError for a bad answer, QueryClosedError
         once the run has closed the query the id was asked in, LabelConflictError when
-        `previous` (the saved answer the sender saw; None: none) is not what is saved now,
-        nor is `answer` (`UNCHECKED`: not checked)."""
+        `seen` (`sha256_of` the saved answer the sender saw; None: none) is not the digest of
+        what is saved now, nor is `answer` (`UNCHECKED`: not checked)."""
         store = self.store
         with store.lock(timeout=LOCK_TIMEOUT):
             r = store.open_query()
@@ -145,15 +161,15 @@ class Annotator:
                     f"the run has gone on: query {asked[id_]} is closed, so {id_!r} can no "
                     "longer be answered here (reload the page)")
             checked = check_answers(store, [Answer(id_, answer, 1)], "annotate", revise=True)
-            if previous is not UNCHECKED:  # the same answer twice is no conflict
+            if seen is not UNCHECKED:  # the same answer twice is no conflict
                 current = next((row["answer"] for row in store.labelled()
                                 if row["id"] == id_), None)
-                if current not in (previous, checked[id_]):
-                    raise LabelConflictError(id_, previous, current)
+                if current != checked[id_] and sha256_of(current) != seen:
+                    raise LabelConflictError(id_, current)
             store.save_labels(checked, SOURCE)
             progress = self.queries()
-        return {"id": id_, "answer": checked[id_], "answered": progress["answered"],
-                "total": progress["total"]}
+        return {"id": id_, "answer": checked[id_], "answer_sha256": sha256_of(checked[id_]),
+                "answered": progress["answered"], "total": progress["total"]}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -171,8 +187,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_label(body: bytes) -> tuple[str, str, str | None | type[UNCHECKED]]:
-    """``(id, answer, previous)`` from a POST body (`UNCHECKED` where it has no
-    ``previous``), or HTTPException 400 naming what is wrong."""
+    """``(id, answer, seen)`` from a POST body, `seen` being the digest of the answer the
+    sender saw (its ``previous_sha256``, or `sha256_of` its ``previous``; None: it saw none;
+    `UNCHECKED` where it gives neither), or HTTPException 400 naming what is wrong."""
     try:
         data = parse_json(body)
     except ValueError as e:  # bad UTF-8 or JSON, nesting too deep, an integer too long
@@ -182,10 +199,20 @@ def parse_label(body: bytes) -> tuple[str, str, str | None | type[UNCHECKED]]:
     for name in ("id", "answer"):
         if not isinstance(data.get(name), str):
             raise HTTPException(400, f"{name}: missing, or not a string")
+    if "previous" in data and "previous_sha256" in data:
+        raise HTTPException(400, "previous, previous_sha256: send one of them, not both")
+    if "previous_sha256" in data:
+        seen = data["previous_sha256"]
+        if isinstance(seen, str):
+            seen = seen.lower()
+        if seen is not None and not (isinstance(seen, str) and SHA256_HEX.fullmatch(seen)):
+            raise HTTPException(400, "previous_sha256: not the 64 hex digits of a SHA-256 "
+                                "digest, or null")
+        return data["id"], data["answer"], seen
     previous = data.get("previous", UNCHECKED)
     if previous is not UNCHECKED and previous is not None and not isinstance(previous, str):
         raise HTTPException(400, "previous: not a string or null")
-    return data["id"], data["answer"], previous
+    return data["id"], data["answer"], previous if previous is UNCHECKED else sha256_of(previous)
 
 
 def render_page(template: str, nonce: str) -> str:
@@ -219,8 +246,8 @@ def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Sta
         try:
             saved = await run_in_threadpool(annotator.save, id_, answer, previous)
         except LabelConflictError as e:
-            return JSONResponse({"error": str(e), "id": e.id, "current": e.current}, 409,
-                                headers=NO_STORE)
+            return JSONResponse({"error": str(e), "id": e.id, "current": e.current,
+                                 "current_sha256": sha256_of(e.current)}, 409, headers=NO_STORE)
         except DataError as e:  # the message without "annotate:1:", which means nothing here
             raise HTTPException(400, f"{e.field}: {e.problem}" if e.field else e.problem) from None
         except LockTimeoutError as e:

@@ -83,6 +83,11 @@
     if (answer.value !== saved) edits.set(q.id, answer.value); else edits.delete(q.id);
   }
 
+  function note(q) {
+    $("answer-note").textContent = edits.has(q.id) ? "(edited, not saved)"
+      : q.answer !== null ? "(saved)" : "(the model's draft: edit it, then save)";
+  }
+
   function show(i) {
     keepEdit();
     index = i;
@@ -94,10 +99,9 @@
     $("meta").textContent = "id " + q.id + " · uncertainty " +
       (q.uncertainty === null ? "– (drawn at random)" : Number(q.uncertainty).toFixed(4));
     $("prompt").textContent = q.prompt || "";
-    const edited = edits.has(q.id);
-    answer.value = edited ? edits.get(q.id) : (q.answer !== null ? q.answer : (q.draft || ""));
-    $("answer-note").textContent = edited ? "(edited, not saved)"
-      : q.answer !== null ? "(saved)" : "(the model's draft: edit it, then save)";
+    answer.value = edits.has(q.id) ? edits.get(q.id)
+      : (q.answer !== null ? q.answer : (q.draft || ""));
+    note(q);
     answer.focus();
     answer.setSelectionRange(answer.value.length, answer.value.length);
     say("");
@@ -123,33 +127,58 @@
     show(Math.max(i, 0));
   }
 
+  // One save at a time. A save may wait (up to 10 s, for the run's lock) while the labeller
+  // types on or opens another query: what the page shows then is theirs, so it moves on only
+  // if they are still on the saved query with exactly the text sent.
   async function save() {
     const q = queries[index];
-    if (!q || busy) return;
+    if (!q) return;
+    if (busy) {
+      say("Not saved: a save is in progress (it may wait for the run's lock); save this " +
+          "once it is done.", "bad");
+      return;
+    }
     busy = true;
+    const sent = answer.value;
     say("saving…");
     try {
-      // `previous`: the saved answer this page knows; another one saved meanwhile is a 409
-      const saved = await api("api/labels", { id: q.id, answer: answer.value, previous: q.answer });
+      // `previous_sha256`: the digest (the API's) of the saved answer this page knows, not
+      // the answer itself, which could double the body; another one saved meanwhile is a 409
+      const saved = await api("api/labels",
+        { id: q.id, answer: sent, previous_sha256: q.answer_sha256 });
+      const here = queries[index] === q && answer.value === sent;
+      keepEdit();  // the box as it is now, against the saved answer it was shown with
       q.answer = saved.answer;
-      edits.delete(q.id);
+      q.answer_sha256 = saved.answer_sha256;
+      if (here || edits.get(q.id) === sent || edits.get(q.id) === q.answer) edits.delete(q.id);
       progress(saved.answered, saved.total);
       const all = saved.answered === saved.total;
-      index = -1;  // nothing to keep: the text area holds what was saved
-      show(all ? queries.indexOf(q) : nextOpen(queries.indexOf(q)));
-      say("Saved the answer to " + q.id + (all ? ". Every query is answered." : "."), "ok");
+      if (here) {
+        index = -1;  // nothing to keep: the text area holds what was saved
+        show(all ? queries.indexOf(q) : nextOpen(queries.indexOf(q)));
+        say("Saved the answer to " + q.id + (all ? ". Every query is answered." : "."), "ok");
+      } else {  // stay where the labeller is, with what they typed
+        renderList();
+        note(queries[index]);
+        say("Saved the answer to " + q.id + " as sent." + (edits.has(queries[index].id)
+          ? " The text in the box is not saved yet." : ""), "ok");
+      }
     } catch (e) {
-      if (e.status === 409 && queries[index] === q) {  // keep this text; show theirs
-        edits.set(q.id, answer.value);
+      if (e.status === 409) {  // keep the labeller's text; show theirs
+        const here = queries[index] === q;
+        if (here) edits.set(q.id, answer.value); else if (!edits.has(q.id)) edits.set(q.id, sent);
         q.answer = e.data.current;
+        q.answer_sha256 = e.data.current_sha256;
         progress(answered(), queries.length);
         renderList();
-        $("answer-note").textContent = "(yours, not saved)";
+        if (here) $("answer-note").textContent = "(yours, not saved)";
         say("Not saved: someone else saved " + JSON.stringify(q.answer) + " to " + q.id +
-            " meanwhile. Your answer is still in the box: Save again to replace theirs.", "bad");
+            " meanwhile. " + (here ? "Your answer is still in the box" : "Your answer is kept " +
+            "on " + q.id) + ": Save again to replace theirs.", "bad");
         return;
       }
-      say("Not saved: " + e.message, "bad");
+      say("Not saved: " + (e.status === 413 ? "the answer is too long (" + e.message +
+        "): a save carries at most about 65,000 characters of plain text" : e.message), "bad");
       if (e.message.startsWith("the run has gone on")) {
         await load().catch(() => {});
         say("Not saved: " + e.message, "bad");

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from starlora.annotate.app import create_app
 from starlora.errors import StarloraError
@@ -27,12 +28,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def url_of(sock: socket.socket, host: str, token: str) -> str:
-    """The page's URL, token included, for the address `sock` is bound to."""
+    """The page's URL, token included (percent-escaped: ``&``, ``#``, ``+``, ``%`` and spaces
+    mean something else in a URL), for the address `sock` is bound to."""
     port = sock.getsockname()[1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"
-    return f"http://{shown}:{port}/?token={token}"
+    return f"http://{shown}:{port}/?token={quote(token, safe='')}"
 
 
 def is_loopback(host: str) -> bool:
