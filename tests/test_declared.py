@@ -117,8 +117,17 @@ def test_a_pair_missing_from_a_group_is_listed_untested(runs, tmp_path, monkeypa
                                       {(RAW_FULL, "random"), (RAW_FULL, "pe"), ("pe", "random")}]
     small = next(written[n.replace(".csv", ".md")].read_text() for n, p in zip(studies, pairs)
                  if len(p) == 1)
-    assert (f"Not tested: {RAW_FULL} vs random (no arm {RAW_FULL} here); "
+    assert ("Not tested (each counts as p = 1 in Holm's family of the 3 declared pairs): "
+            f"{RAW_FULL} vs random (no arm {RAW_FULL} here); "
             f"{RAW_FULL} vs pe (no arm {RAW_FULL} here)." in small)
+    # Holm over the 3 declared pairs, not over the 1 tested here: pe beats random on all 3
+    # seeds, p = 2/8, Holm p = 3 x 2/8 (the two untested pairs count as p = 1)
+    row = next(r for n, p in zip(studies, pairs) if len(p) == 1 for r in read_csv(written[n])
+               if r["section"] == "paired" and r["quantity"] == "aulc")
+    assert row["p"] == "0.250000" and row["p_holm"] == "0.750000"
+    assert "| 0.25000 | 0.75000 | seeds x items | 0.25000 | 0.75000 |" in small  # min p, Holm
+    assert ("Cannot reach significance with so few seeds (even at its smallest p, the Holm p "
+            "is not below 0.05): pe vs random (3 seeds)." in small)
 
 
 def with_agreement(run, values: list) -> None:

@@ -248,6 +248,11 @@ def curve(seed: int, bonus: int) -> list[list[int]]:
 
 @pytest.fixture
 def study_runs(tmp_path: Path) -> list[Path]:
+    return make_study_runs(tmp_path)
+
+
+def make_study_runs(tmp_path: Path) -> list[Path]:
+    """random and pe-dynamic, seeds 0-5; pe-dynamic [answers=gold], seeds 0-2."""
     runs = []
     for seed in range(6):
         runs.append(write_study_run(tmp_path / "runs", "random", seed, curve(seed, 0),

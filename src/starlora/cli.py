@@ -173,7 +173,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     run_dirs, notes = chosen_runs(args.run_dirs, finished_only=args.finished_only)
     print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
-    written = build_report(run_dirs, args.out, args.comparisons)
+    written = build_report(run_dirs, args.out, args.comparisons, notes)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

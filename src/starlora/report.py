@@ -34,14 +34,13 @@ settings, not by protocol id, so an arm with different scoring settings is still
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +51,21 @@ from starlora.errors import DataError
 from starlora.evaluation import ece_from_bins
 from starlora.io import atomic_write, make_folder, read_records
 from starlora.report_confidence import confidence_pages, stopping_page
+from starlora.report_tables import (
+    RoundStats,
+    seeds_text,
+    summary_csv,
+    summary_markdown,
+    summary_rows,
+)
+from starlora.report_tables import order as _order
 from starlora.run.finding import find_runs
 from starlora.run.store import RunPaths
-from starlora.study.arms import run_labels, study_groups
+from starlora.study.arms import run_labels
 from starlora.study.declared import load_declared
-from starlora.study.report import write_studies
-from starlora.study.stats import aulc
+from starlora.study.groups import study_groups
+from starlora.study.report import study_files
+from starlora.study.stats import aulc  # noqa: F401 (callers import it from here)
 
 RANDOM_COLOR = "#8c8c8c"
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -66,19 +74,6 @@ _FIELDS: dict[str, tuple[type, ...]] = {  # required fields of a metrics.jsonl l
     "round": (int,), "n_labelled": _NUMBER, "accuracy": _NUMBER, "ece": (*_NUMBER, type(None)),
     "strategy": (str,), "seed": (int,), "task": (str,), "protocol": (str,),
 }  # fmt: skip
-
-
-@dataclass
-class RoundStats:
-    """One strategy's round aggregated over seeds; accuracy and ECE are fractions in [0, 1]."""
-
-    round: int
-    n_labelled: float
-    n: int  # seeds
-    accuracy_mean: float
-    accuracy_std: float
-    ece_mean: float
-    ece_std: float
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
@@ -181,10 +176,6 @@ def _colors(strategies: list[str]) -> dict[str, str]:
     }
 
 
-def _order(strategies: list[str]) -> list[str]:
-    return sorted(strategies, key=lambda s: (s != "random", s))
-
-
 def _wrapped(label: str, suffix: str = "") -> str:
     """`label` + `suffix` for a plot, with an arm's settings (``[...]``) on a line of their own."""
     head, sep, rest = label.partition(" [")
@@ -208,11 +199,11 @@ def _curve_plot(
         x = [s.n_labelled for s in stats]
         mean = np.array([getattr(s, f"{metric}_mean") for s in stats])
         std = np.array([getattr(s, f"{metric}_std") for s in stats])
-        seeds = max(s.n for s in stats)
+        seeds = seeds_text(stats)  # "3", or "1-3" where later rounds have fewer
         color = colors[strategy]
         ax.plot(
             x, mean, marker="o", color=color,
-            label=_wrapped(strategy, f" ({seeds} seed{'s' * (seeds > 1)})"),
+            label=_wrapped(strategy, f" ({seeds} seed{'s' * (seeds != '1')})"),
         )
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("labelled examples")
@@ -257,90 +248,6 @@ def _reliability_plot(task: str, panels: dict[str, tuple[int, list[dict[str, flo
     return fig
 
 
-def summary_rows(strategies: dict[str, list[RoundStats]]) -> list[dict[str, Any]]:
-    """Per strategy: seeds, per-round stats, final accuracy/ECE (last round) and AULC."""
-    rows = []
-    for strategy in _order(list(strategies)):
-        stats = strategies[strategy]
-        last = stats[-1]
-        rows.append(
-            {
-                "strategy": strategy,
-                "seeds": max(s.n for s in stats),
-                "rounds": stats,
-                "final_accuracy": last.accuracy_mean,
-                "final_accuracy_std": last.accuracy_std,
-                "final_ece": last.ece_mean,
-                "aulc": aulc([s.n_labelled for s in stats], [s.accuracy_mean for s in stats]),
-            }
-        )
-    return rows
-
-
-def _markdown(task: str, protocol: str, rows: list[dict[str, Any]]) -> str:
-    n_of = {s.round: s.n_labelled for r in rows for s in r["rounds"]}
-    head = [
-        "strategy",
-        "seeds",
-        *(f"r{k} (n={n_of[k]:g})" for k in sorted(n_of)),
-        "final accuracy",
-        "final ECE",
-        "AULC",
-    ]
-    lines = [
-        f"# {task} (protocol {protocol})",
-        "",
-        (
-            "Accuracy is mean ± std over seeds; AULC is the area under the mean learning curve "
-            "divided by the labelled range."
-        ),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for r in rows:
-        by_round = {s.round: f"{s.accuracy_mean:.3f} ± {s.accuracy_std:.3f}" for s in r["rounds"]}
-        cells = [
-            r["strategy"],
-            str(r["seeds"]),
-            *(by_round.get(k, "") for k in sorted(n_of)),
-            f"{r['final_accuracy']:.3f} ± {r['final_accuracy_std']:.3f}",
-            f"{r['final_ece']:.3f}",
-            f"{r['aulc']:.3f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _csv(task: str, protocol: str, rows: list[dict[str, Any]]) -> str:
-    rounds = sorted({s.round for r in rows for s in r["rounds"]})
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(
-        [
-            "task",
-            "protocol",
-            "strategy",
-            "seeds",
-            *(f"r{k}_{c}" for k in rounds for c in ("n_labelled", "accuracy", "accuracy_std")),
-            "final_accuracy",
-            "final_accuracy_std",
-            "final_ece",
-            "aulc",
-        ]
-    )
-    for r in rows:
-        by_round = {s.round: s for s in r["rounds"]}
-        cells: list[Any] = [task, protocol, r["strategy"], r["seeds"]]
-        for k in rounds:
-            s = by_round.get(k)
-            cells += [f"{s.n_labelled:g}", s.accuracy_mean, s.accuracy_std] if s else [""] * 3
-        w.writerow(
-            cells + [r["final_accuracy"], r["final_accuracy_std"], r["final_ece"], r["aulc"]]
-        )
-    return out.getvalue()
-
-
 def _prefix(task: str, protocol: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{task}-{protocol}").strip("-")
     if len(slug) > 48:
@@ -349,13 +256,17 @@ def _prefix(task: str, protocol: str) -> str:
 
 
 def build_report(run_dirs: list[str | Path], out_dir: str | Path,
-                 comparisons: str | Path | None = None) -> dict[str, Path]:
+                 comparisons: str | Path | None = None,
+                 notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write curves, reliability diagrams and summary tables for `run_dirs` into `out_dir`.
 
     `comparisons`: a file declaring the study's primary comparisons (`starlora.study.declared`);
-    without it, the first study's family. Returns the written paths by file name
+    without it, the first study's family. `notes`: what the caller says of the runs it chose
+    (unfinished runs, runs without a round: `starlora.run.finding.chosen_runs`), written into
+    every ``summary.md`` and ``study.md``. Returns the written paths by file name
     (``"accuracy.png"``, ``"summary.md"``, ``"study.md"``...; with several (task, protocol)
-    groups the names carry the group prefix). Bad input raises before anything is written.
+    groups the names carry the group prefix). Every file is made in memory first, so bad input
+    raises before `out_dir` is made or anything is written.
     """
     declared = None if comparisons is None else load_declared(comparisons)
     records = load_runs(run_dirs)
@@ -365,10 +276,9 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
     labels = run_labels(study)
     if declared is not None:
         declared.check_used(set(labels.values()))
-    out_dir = make_folder(out_dir)
     shown = [{**r, "strategy": labels.get(r["run_dir"], r["strategy"])} for r in records]
     groups = aggregate(shown)
-    written: dict[str, Path] = {}
+    files: dict[str, bytes] = {}
     for (task, protocol), strategies in groups.items():
         prefix = _prefix(task, protocol) if len(groups) > 1 else ""
         panels, last_dirs = {}, {}
@@ -383,17 +293,17 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
             panels[strategy] = (last, pooled_bins(dirs, last))
             last_dirs[strategy] = (last, dirs)
         rows = summary_rows(strategies)
-        files = {
+        group = {
             "accuracy.png": _png(_curve_plot(task, protocol, strategies, "accuracy", "accuracy")),
             "ece.png": _png(_curve_plot(task, protocol, strategies, "ece", "ECE")),
             "reliability.png": _png(_reliability_plot(task, panels)),
-            "summary.md": _markdown(task, protocol, rows).encode(),
-            "summary.csv": _csv(task, protocol, rows).encode(),
+            "summary.md": summary_markdown(task, protocol, rows, notes).encode(),
+            "summary.csv": summary_csv(task, protocol, rows).encode(),
             **confidence_pages(task, last_dirs),
             **stopping_page(task, [r for r in shown
                                    if (r["task"], r["protocol"]) == (task, protocol)]),
         }
-        for name, data in files.items():
-            written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", data)
-    written.update(write_studies(records, out_dir, study, declared))
-    return written
+        files.update((prefix + name, data) for name, data in group.items())
+    files.update(study_files(records, study, declared, notes))
+    out_dir = make_folder(out_dir)
+    return {name: atomic_write(out_dir / name, data) for name, data in files.items()}

@@ -196,12 +196,27 @@ def machine(device: str) -> dict[str, Any]:
     return here
 
 
+def started_with(run_dir: str | Path) -> dict[str, dict[str, str] | None]:
+    """What the run at `run_dir` recorded it started with, read only (nothing is written):
+    ``{"precision": {PRECISION_KEYS key: resolved value} or None, "data": {split: sha1} or
+    None}`` (`data_hashes`' splits: pool, test, and labelled and stop where the run has them);
+    None where ``identity.json`` does not record it (runs from before the record)."""
+    identity = _identity_file(run_dir)
+    data = identity.get("data")
+    return {"precision": identity.get("precision"),
+            "data": None if data is None else {k: v["sha1"] for k, v in data.items()}}
+
+
+def _identity_file(run_dir: str | Path) -> dict[str, Any]:
+    path = RunPaths(run_dir).identity
+    return read_json(path) if path.is_file() else {}
+
+
 def machine_moves(run_dir: str | Path) -> list[str]:
     """Each resume of the run at `run_dir` on another machine (``machine_changes`` in its
     ``identity.json``), in order, as ``"round R (after PHASE) on NAME"``; [] when it ran on
     one machine, or recorded none."""
-    path = RunPaths(run_dir).identity
-    identity = read_json(path) if path.is_file() else {}
+    identity = _identity_file(run_dir)
     return [f"round {c['round']} (after {c['after_phase']}) on {c['machine']['name']}"
             for c in identity.get("machine_changes", [])]
 

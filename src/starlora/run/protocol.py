@@ -98,9 +98,14 @@ def protocol_id(config: ExperimentConfig, precision: dict[str, str] | None = Non
             if k not in RESULT_NEUTRAL | EXTENDABLE | ARM | STOPPING}
     digest = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
     al = config.active_learning
-    suffix = "" if precision is None else "-" + "_".join(
-        _SHORT.get(precision[k], precision[k]) for k in PRECISION_KEYS)
+    suffix = "" if precision is None else "-" + precision_name(precision)
     return f"{config.task.name}-{al.initial_size}+{al.query_size}-{digest}{suffix}"
+
+
+def precision_name(precision: dict[str, str]) -> str:
+    """The resolved dtypes of `PRECISION_KEYS` in short, joined by ``_`` (``fp32_bf16_bf16``):
+    the precision suffix of `protocol_id`."""
+    return "_".join(_SHORT.get(precision[k], precision[k]) for k in PRECISION_KEYS)
 
 
 def identity(flat: dict[str, Any]) -> dict[str, Any]:

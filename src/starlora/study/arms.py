@@ -7,7 +7,9 @@ everything except the seed, the method settings (``active_learning.strategy``, `
 result-neutral, extendable and stopping ones (`starlora.run.protocol`; settings added later
 count only away from the value runs had before them, `identity`). So a study spans protocol ids:
 ``scoring.answers=gold`` changes the protocol id but not the experiment it is an arm of. A run
-without a readable ``config.yaml`` forms groups by its protocol id.
+without a readable ``config.yaml`` forms groups by its protocol id. Runs whose
+``identity.json`` recorded another precision or other pool, test or labelled data than the
+rest of their design form a study of their own (`starlora.study.groups`).
 
 **Arms.** Runs with the same strategy and the same values of the config keys that differ
 within the group (seed, result-neutral and extendable keys excluded) form one arm, labelled by
@@ -29,7 +31,8 @@ answers that has the group's usual settings (AULC, final accuracy and ECE, uncor
 
 **Declared comparisons.** With a comparisons file (`starlora.study.declared`), the primary
 family is the declared pairs instead of the default below, with a TOST p where a margin is
-declared, and the labels-to-reach table (and, with a declared ``stop_when``, the stop
+declared; Holm runs over every declared pair (its m is their number), a pair this group could
+not test (an arm missing, fewer than 2 shared seeds, over 30 seeds) counting as p = 1; and the labels-to-reach table (and, with a declared ``stop_when``, the stop
 points) are added.
 
 **Paired comparisons.** By default, each STAR arm (strategy ``*-dynamic`` or ``*-subtract``, not a
@@ -59,7 +62,6 @@ same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -68,48 +70,28 @@ from typing import Any
 
 import numpy as np
 
-from starlora.config import ExperimentConfig, flatten_config, load_config
-from starlora.errors import DataError, StarloraError
+from starlora.config import ExperimentConfig, flatten_config
+from starlora.errors import DataError
 from starlora.run.identity import machine_moves
-from starlora.run.protocol import EXTENDABLE, RESULT_NEUTRAL, STOPPING, identity
 from starlora.run.store import RunPaths
 from starlora.study.declared import Declared, ReachRow, StopRow, reach_rows, stop_rows
 from starlora.study.diagnostics import run_auroc, run_diagnostics
+from starlora.study.groups import NOT_ARM, StudyRun
 from starlora.study.items import ItemCorrectness
 from starlora.study.stats import (
     MAX_EXACT,
     aulc_weights,
     bootstrap_diff_ci,
     holm,
+    min_sign_flip_p,
     sign_flip_p,
     tost_p,
 )
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-NOT_ARM = RESULT_NEUTRAL | EXTENDABLE | STOPPING | {"seed", "active_learning.strategy"}
-METHOD_PREFIXES = ("scoring.", "lora.", "training.")
-METHOD_KEYS = frozenset({"active_learning.strategy", "active_learning.lambda_schedule",
-                         "active_learning.lambda_start", "active_learning.lambda_end",
-                         "active_learning.normalize", "active_learning.diversity",
-                         "active_learning.diversity_pool"})
-
-
-@dataclass
-class StudyRun:
-    """One run directory: its metrics by round and its config (None when unreadable)."""
-
-    run_dir: Path
-    task: str
-    protocol: str
-    strategy: str
-    seed: int
-    config: ExperimentConfig | None
-    rounds: dict[int, dict[str, Any]]
-
-    @property
-    def flat(self) -> dict[str, Any] | None:
-        return None if self.config is None else flatten_config(self.config)
+#: the significance level of the notes on what a comparison can reach
+ALPHA = 0.05
 
 
 @dataclass
@@ -134,36 +116,8 @@ class Comparison:
     primary: bool = True  # AULC of a STAR arm against a baseline; False: a variant's comparison
     margin: float | None = None  # a declared equivalence margin (AULC), with its TOST p
     tost_p: float | None = None
-
-
-def _design(key: str) -> bool:
-    return not (key in NOT_ARM or key in METHOD_KEYS or key.startswith(METHOD_PREFIXES))
-
-
-def study_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[StudyRun]]:
-    """``{(task, design id): runs}`` from `starlora.report.load_runs` records (see module doc)."""
-    by_dir: dict[Path, dict[int, dict]] = defaultdict(dict)
-    for rec in records:
-        by_dir[rec["run_dir"]][rec["round"]] = rec
-    groups: dict[tuple[str, str], list[StudyRun]] = defaultdict(list)
-    for run_dir, rounds in sorted(by_dir.items()):
-        last = rounds[max(rounds)]
-        config = None
-        if RunPaths(run_dir).config.is_file():
-            try:
-                config = load_config(RunPaths(run_dir).config, stored=True)
-            except StarloraError:
-                config = None
-        run = StudyRun(run_dir, last["task"], last["protocol"], last["strategy"], last["seed"],
-                       config, rounds)
-        flat = run.flat
-        if flat is None:
-            design = run.protocol
-        else:
-            kept = {k: v for k, v in identity(flat).items() if _design(k)}
-            design = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
-        groups[(run.task, design)].append(run)
-    return dict(sorted(groups.items()))
+    p_floor: float | None = None  # the smallest p the test can give with len(diffs) seeds
+    p_holm_floor: float | None = None  # Holm's p if every primary p were at its floor
 
 
 def _text(value: Any) -> str:
@@ -341,8 +295,14 @@ def compute_study(task: str, design: str, runs: list[StudyRun],
                 c.tost_p = tost_p(c.diffs, margin) if len(seeds) <= MAX_EXACT else float("nan")
         comparisons += found
     primary = [c for c in comparisons if c.primary and not np.isnan(c.p)]
-    for c, p in zip(primary, holm([c.p for c in primary])):
+    # a declared family is Holm's m: a pair that could not be tested counts as p = 1
+    untestable = 0 if declared is None else len(declared.pairs) - len(primary)
+    for c, p in zip(primary, holm([c.p for c in primary] + [1.0] * untestable)):
         c.p_holm = p
+    for c in primary:
+        c.p_floor = min_sign_flip_p(len(c.diffs))
+    for c, p in zip(primary, holm([c.p_floor for c in primary] + [1.0] * untestable)):
+        c.p_holm_floor = p  # Holm's adjusted p is monotone in every p: its least value
     diagnostics: dict[str, dict[int, dict[str, list[float]]]] = {}
     notes: set[str] = set()
     pools: dict = {}

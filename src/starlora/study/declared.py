@@ -47,7 +47,8 @@ from starlora.study.diagnostics import read_rows
 from starlora.study.stats import first_reach
 
 if TYPE_CHECKING:  # arms.py imports this module
-    from starlora.study.arms import Arm, StudyRun
+    from starlora.study.arms import Arm
+    from starlora.study.groups import StudyRun
 
 KEYS = ("primary", "stop_when", "stop_on")  # the file's top-level keys
 STOP_ON = ("stop_set", "test")  # where `stop_rows` reads the rule's signal

@@ -13,7 +13,7 @@ from starlora.study.diagnostics import read_rows
 from starlora.study.stats import aulc_weights
 
 if TYPE_CHECKING:  # arms.py imports this module
-    from starlora.study.arms import StudyRun
+    from starlora.study.groups import StudyRun
 
 
 class ItemCorrectness:

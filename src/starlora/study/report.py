@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,16 @@ import numpy as np
 from starlora.io import atomic_write
 from starlora.run.uncertainty import COLUMNS
 from starlora.study.arms import (
+    ALPHA,
     BOOTSTRAP_SEED,
     RESAMPLES,
     Comparison,
     Study,
-    StudyRun,
     compute_study,
     run_labels,
-    study_groups,
 )
 from starlora.study.declared import REFERENCE, Declared
+from starlora.study.groups import StudyRun, study_groups
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -49,21 +50,33 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def study_markdown(s: Study) -> str:
-    """``study.md``: arms, primary and secondary paired comparisons, diagnostics per round."""
+def _rounds_text(rounds: list[int]) -> str:
+    """``Rounds 0-3 (the rounds every run has`` for consecutive rounds; else each round and
+    the ones some run lacks (the caller closes the parenthesis)."""
+    if rounds == list(range(rounds[0], rounds[-1] + 1)):
+        return f"Rounds {rounds[0]}-{rounds[-1]} (the rounds every run has"
+    gaps = sorted(set(range(rounds[0], rounds[-1])) - set(rounds))
+    return (f"Rounds {', '.join(map(str, rounds))} (the rounds every run has; round(s) "
+            f"{', '.join(map(str, gaps))} missing from some run")
+
+
+def study_markdown(s: Study, notes: Sequence[str] = ()) -> str:
+    """``study.md``: arms, primary and secondary paired comparisons, diagnostics per round.
+    `notes`: what the caller says of the runs it read (unfinished runs: `starlora.run.finding
+    .chosen_runs`), written under the header."""
     lines = [f"# Study: {s.task} (design {s.design})", "",
-             f"Rounds {s.rounds[0]}-{s.rounds[-1]} (the rounds every run has; labelled "
+             f"{_rounds_text(s.rounds)}; labelled "
              f"{s.n_labelled[0]:g} to {s.n_labelled[1]:g}). Design: a hash of the settings "
              "every run shares (the protocol id for runs without config.yaml). AULC: trapezoid area under accuracy "
              "over the labelled count, divided by the labelled range. Mean ± sample std over "
-             "seeds.", "", "## Arms", ""]
+             "seeds.", "", *(f"Note: {n}" for n in notes), *([""] if notes else []),
+             "## Arms", ""]
     extra = _signal_quantities(s)
     rows = []
     for arm in s.arms.values():
         vals = [s.values[(arm.label, seed)] for seed in sorted(arm.runs)]
-        cells = [f"{_f(m)} ± {_f(sd)}" for m, sd in
-                 (_mean_std([v[q] for v in vals]) for q in ("aulc", "final_accuracy", "final_ece"))]
-        cells += [_mean_std_text([v.get(q, float("nan")) for v in vals]) for q in extra]
+        cells = [_mean_std_text([v.get(q, float("nan")) for v in vals])
+                 for q in ("aulc", "final_accuracy", "final_ece", *extra)]
         seeds = ",".join(str(x) for x in sorted(arm.runs))
         rows.append([arm.label, str(len(arm.runs)), seeds, *cells])
     lines += _table(["arm", "n seeds", "seeds", "AULC", "final accuracy", "final ECE¹",
@@ -74,23 +87,32 @@ def study_markdown(s: Study) -> str:
     lines += ["## Paired comparisons: AULC (primary)", "",
               f"{who} minus baseline, paired by seed. p: exact two-sided sign-flip test over "
               "all 2^n sign vectors; Holm p: Holm-Bonferroni over the comparisons in this "
-              f"table; 95% CI: percentile bootstrap of the mean difference ({RESAMPLES} "
-              f"resamples, NumPy seed {BOOTSTRAP_SEED}) over the resampling named."
+              f"table{HOLM_DECLARED if s.declared else ''}; 95% CI: percentile bootstrap of the "
+              f"mean difference ({RESAMPLES} resamples, NumPy seed {BOOTSTRAP_SEED}) over the "
+              "resampling named." + CI_NOTE + FLOOR_NOTE
               + (TOST_NOTE if any(c.margin for c in s.comparisons) else ""), ""]
     head = ["arm", "baseline", "n seeds", "mean diff", "std", "95% CI", "p", "Holm p",
             "CI resamples"]
     primary = [c for c in s.comparisons if c.primary]
     tost = any(c.margin for c in primary)
-    lines += _table(head + ["margin", "TOST p"] * tost,
-                    [_cells(c) + [f"±{c.margin:g}" if c.margin else "", _f(c.tost_p, 5)] * tost
+    lines += _table(head + ["min p", "min Holm p"] + ["margin", "TOST p"] * tost,
+                    [_cells(c) + [_f(c.p_floor, 5), _f(c.p_holm_floor, 5)]
+                     + [f"±{c.margin:g}" if c.margin else "", _f(c.tost_p, 5)] * tost
                      for c in primary]) if primary else [
         "No STAR arm and baseline share 2 seeds (a STAR arm whose settings differ from the "
         "study's usual ones is a variant, compared only with its usual arm; `starlora report "
         "--comparisons FILE` compares the pairs a file declares: docs/study.md)."
         if s.declared is None else
         "No declared pair shares 2 seeds.", ""]
+    short = [f"{c.arm} vs {c.baseline} ({len(c.diffs)} seeds)" for c in primary
+             if c.p_holm_floor is not None and c.p_holm_floor >= ALPHA]
+    if short:
+        lines += [f"Cannot reach significance with so few seeds (even at its smallest p, the "
+                  f"Holm p is not below {ALPHA:g}): " + "; ".join(short) + ".", ""]
     if s.untested:
-        lines += ["Not tested: " + "; ".join(s.untested) + ".", ""]
+        lines += ["Not tested" + (f" (each counts as p = 1 in Holm's family of the "
+                                  f"{len(s.declared.pairs)} declared pairs)" if s.declared else "")
+                  + ": " + "; ".join(s.untested) + ".", ""]
     secondary = [c for c in s.comparisons if not c.primary]
     if secondary:
         lines += ["## Paired comparisons: secondary, uncorrected", "",
@@ -139,6 +161,13 @@ SIGNAL_NOTE = ("Final AURC: area under the risk-coverage curve of the sequence p
 EXTRA_NAMES = {"final_aurc": "final AURC", "final_sc_auroc": "self-consistency AUROC"}
 
 
+HOLM_DECLARED = (" (its m is the number of declared pairs; a pair not tested counts as "
+                 "p = 1)")
+CI_NOTE = (" With few seeds the interval is too narrow: a 95% percentile bootstrap over seeds "
+           "holds the true mean difference about half the time with 2 seeds, 75% with 3, 87% "
+           "with 6 and 92% with 12 (simulated: docs/study.md).")
+FLOOR_NOTE = (" min p: the smallest p the exact test can give with n seeds (2/2^n); min Holm "
+              "p: its Holm p were every p of the family at its smallest.")
 TOST_NOTE = (" TOST p (declared margins): equivalence within ±margin, the larger of two exact "
              "one-sided sign-flip p on the differences shifted by the margin; p < 0.05 says "
              "the mean difference lies within the margin (uncorrected).")
@@ -311,24 +340,34 @@ def study_csv(s: Study) -> str:
     return out.getvalue()
 
 
-def write_studies(records: list[dict[str, Any]], out_dir: Path,
-                  groups: dict[tuple[str, str], list[StudyRun]] | None = None,
-                  declared: Declared | None = None) -> dict[str, Path]:
-    """Write ``study.md`` and ``study.csv`` for each group that has a study (prefixed by task
-    and design when there are several); returns the written paths by file name. `groups`:
+def study_files(records: list[dict[str, Any]],
+                groups: dict[tuple[str, str], list[StudyRun]] | None = None,
+                declared: Declared | None = None, notes: Sequence[str] = ()) -> dict[str, bytes]:
+    """``study.md`` and ``study.csv`` for each group that has a study (prefixed by task and
+    design when there are several), by file name, computed and checked but not written:
+    bad input (a declared arm no group has, an arm with a seed twice) raises here. `groups`:
     ``study_groups(records)`` when the caller already has it; `declared`: the primary family
-    (`starlora.study.declared`; checked before anything is written)."""
+    (`starlora.study.declared`); `notes`: written under each ``study.md``'s header."""
     if groups is None:
         groups = study_groups(records)
     if declared is not None:
         declared.check_used(set(run_labels(groups).values()))
     studies = [s for (task, design), runs in groups.items()
                if (s := compute_study(task, design, runs, declared)) is not None]
-    written = {}
+    files = {}
     for s in studies:
         prefix = ""
         if len(studies) > 1:
             prefix = re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{s.task}-{s.design}").strip("-") + "_"
-        for name, text in (("study.md", study_markdown(s)), ("study.csv", study_csv(s))):
-            written[prefix + name] = atomic_write(out_dir / f"{prefix}{name}", text.encode())
-    return written
+        files[prefix + "study.md"] = study_markdown(s, notes).encode()
+        files[prefix + "study.csv"] = study_csv(s).encode()
+    return files
+
+
+def write_studies(records: list[dict[str, Any]], out_dir: Path,
+                  groups: dict[tuple[str, str], list[StudyRun]] | None = None,
+                  declared: Declared | None = None) -> dict[str, Path]:
+    """Write `study_files` into `out_dir` (which exists); returns the written paths by file
+    name. Everything is computed and checked before the first file is written."""
+    return {name: atomic_write(out_dir / name, data)
+            for name, data in study_files(records, groups, declared).items()}

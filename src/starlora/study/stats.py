@@ -105,6 +105,14 @@ def sign_flip_p(diffs: Sequence[float], alternative: str = "two-sided") -> float
     return count / 2**n
 
 
+def min_sign_flip_p(n: int) -> float:
+    """The smallest p `sign_flip_p` can give (two-sided) with `n` paired values: 2 / 2^n, when
+    every value has the same sign (1 for a single value)."""
+    if n < 1:
+        raise ValueError("min_sign_flip_p needs at least one value")
+    return min(1.0, 2.0 / 2**n)
+
+
 def tost_p(diffs: Sequence[float], margin: float) -> float:
     """Two one-sided sign-flip tests of equivalence within ±`margin` (same unit as `diffs`):
     p = max(p of mean > -margin, p of mean < +margin), each the exact one-sided test of
