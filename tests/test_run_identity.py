@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import starlora.models
-import starlora.train_setup
 from starlora.cli import main
 from starlora.config import load_config
 from starlora.errors import ConfigError, DataError, StarloraError
@@ -28,7 +27,6 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def set_cpu_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """Make `auto` resolve as on a CPU with (or without) native bf16."""
     monkeypatch.setattr(starlora.models, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(starlora.train_setup, "cpu_has_native_bf16", lambda: native)
 
 
 def overrides(folder: Path, rounds: int = 1) -> list[str]:

@@ -412,12 +412,19 @@ def test_auto_mixed_precision_follows_the_hardware(monkeypatch, tmp_path):
         assert resolve_mixed_precision("auto", cpu) == ("bf16" if native else "no")
         assert resolve_mixed_precision("no", cpu) == "no"
         assert resolve_mixed_precision("bf16", cpu) == "bf16"
-    # CUDA: bf16 only where the GPU has it natively, not emulated (pre-Ampere)
+    # CUDA: bf16 only where the GPU has it natively, not emulated (pre-Ampere), for every
+    # `auto`: the weights loaded in emulated bf16 while training ran without autocast, and
+    # scoring took bf16 on any GPU
+    from starlora.models import pick_dtype
+    from starlora.scoring.options import resolve_dtype
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_mixed_precision("auto", cuda) == "bf16"
+    assert pick_dtype("auto", cuda) == resolve_dtype("auto", cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation)
     assert resolve_mixed_precision("auto", cuda) == "no"
+    assert pick_dtype("auto", cuda) == resolve_dtype("auto", cuda) == torch.float32
     assert resolve_mixed_precision("auto", mps) == "no"
     assert resolve_mixed_precision("fp16", mps) == "fp16"
 

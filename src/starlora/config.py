@@ -36,7 +36,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"  # built-in name, local folder, or Hub id
     device: str = "auto"  # auto = first GPU if any, else cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bf16 on GPUs with native bf16
     trust_remote_code: bool = False  # run the model repository's own code (off)
     # a Hub id's branch, tag or commit hash: pins the weights (None: the default branch)
     revision: str | None = None

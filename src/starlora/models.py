@@ -119,9 +119,18 @@ def pick_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     device = device or pick_device()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and native_bf16(device):
         return torch.bfloat16
     return torch.float32
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU of compute capability 8.0 or more
+    (not one that emulates it, a T4 or V100), a CPU with `cpu_has_native_bf16`. The one rule
+    behind every ``auto`` precision (model weights, scoring, mixed-precision training)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 #: where Linux lists the CPU's feature flags (`cpu_has_native_bf16` reads it)

@@ -18,7 +18,7 @@ from starlora.adapters import attach_lora, check_adapter_dir
 from starlora.answer_loss import IGNORE, AnswerLoss, ModelLoss, default_chunk_rows
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
-from starlora.models import cpu_has_native_bf16
+from starlora.models import native_bf16
 from starlora.scoring.batching import fit
 from starlora.seeds import process_seed
 from starlora.tasks import Example, Task
@@ -120,15 +120,11 @@ def deepspeed_config(accelerator: Any, training: TrainingConfig) -> None:
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
     """``training.mixed_precision`` for a model on `device`: ``auto`` is ``"bf16"`` on CUDA
     GPUs that compute bf16 natively (Ampere and later, not emulated) and on CPUs with native
-    bf16 (`starlora.models.cpu_has_native_bf16`), ``"no"`` (fp32) elsewhere; other settings
+    bf16 (`starlora.models.native_bf16`), ``"no"`` (fp32) elsewhere; other settings
     are returned as they are."""
     if setting != "auto":
         return setting
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "no"
-    return "no"
+    return "bf16" if native_bf16(device) else "no"
 
 
 def make_accelerator(device: torch.device) -> Any:

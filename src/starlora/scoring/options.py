@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device,
                   weights: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype a scorer on `device` computes in: None (the model's own) for None, bf16 for
-    ``"auto"`` on GPUs and on CPUs with native bf16 (`starlora.models.cpu_has_native_bf16`),
+    ``"auto"`` on devices with native bf16 (`starlora.models.native_bf16`),
     float32 for ``"auto"`` elsewhere, else the named one. Under DeepSpeed ZeRO-3 the weights'
     own dtype, `weights` (partitioned weights are not copied to another dtype)."""
     if zero3.enabled():
@@ -29,10 +29,9 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device,
     if name is None or isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        from starlora.models import cpu_has_native_bf16
+        from starlora.models import native_bf16
 
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
         raise ConfigError(f"scoring.dtype: expected auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
