@@ -32,8 +32,8 @@ def encode_example(
     task: Task, tokenizer: Any, ex: Example, max_length: int | None = None,
     answer: str | None = None, add_eos: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """``task.encode`` (answer ends with EOS unless `add_eos` is False), cut to `max_length`
-    tokens from the left.
+    """``task.encode`` (the answer closed by ``task.answer_end_ids`` unless `add_eos` is
+    False), cut to `max_length` tokens from the left.
 
     The answer is kept whole when it fits (it is what training supervises); the prompt loses
     its oldest tokens first (`starlora.scoring.batching.fit`, the cut scoring makes too).
