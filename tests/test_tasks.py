@@ -288,3 +288,90 @@ def test_register_task_takes_only_a_whole_task_under_a_free_name() -> None:
     finally:
         TASKS.pop("test-shout", None)
     assert TASKS["arith"].__module__ == "starlora.tasks.arith" and "test-half" not in TASKS
+
+
+# -- how an answer is closed ------------------------------------------------------------------
+#: Gemma's instruct template (its system-role handling left out): turns end with <end_of_turn>
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def gemma_style_tokenizer():
+    """SmolLM2's tokenizer with Gemma's turn tokens and template: EOS is still ``<|im_end|>``,
+    an assistant turn ends with ``<end_of_turn>``, as in Gemma-it (whose EOS is ``<eos>``)."""
+    from starlora.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA_TEMPLATE
+    return tok
+
+
+def test_chat_answers_end_the_way_the_template_ends_an_assistant_turn() -> None:
+    """Chat style: the answer is closed by the template's end of turn, not by EOS, so that
+    prompt + answer is the template's own rendering of the conversation."""
+    tok = gemma_style_tokenizer()
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end != tok.eos_token_id
+    task = get_task("gsm8k", prompt_style="chat")
+    ex = Example("1", "What is 2+2?", "2+2=4\n#### 4")
+    prompt, answer = task.encode(tok, ex)
+    assert answer[-1] == end and tok.eos_token_id not in answer
+    assert answer == tok("2+2=4\n#### 4", add_special_tokens=False)["input_ids"] + [end]
+    conversation = tok.apply_chat_template(
+        [{"role": "user", "content": task.template.format(question=ex.question)},
+         {"role": "assistant", "content": ex.answer}], tokenize=False)
+    assert conversation == tok.decode(prompt + answer) + "\n"
+    assert task.encode(tok, ex, add_eos=False)[1] == answer[:-1]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "gemma3-270m", "gemma-style"])
+def test_plain_answers_still_end_with_eos(model: str) -> None:
+    """Plain style is unchanged: the answer's ids are ``tokenizer(prefix + answer)`` and EOS,
+    whatever the chat template (SmolLM2's, none, one ending turns with <end_of_turn>)."""
+    from starlora.models import load_tokenizer
+
+    tok = gemma_style_tokenizer() if model == "gemma-style" else load_tokenizer(model)
+    for name in ("gsm8k", "arith"):
+        task = get_task(name)
+        ex = Example("1", "What is 2+2?", "2+2=4\n#### 4" if name == "gsm8k" else "4")
+        prompt, answer = task.encode(tok, ex)
+        assert prompt == tok(task.prompt(ex))["input_ids"]
+        assert answer == tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id]
+
+
+def test_smollm2_chat_answers_end_with_im_end_as_before() -> None:
+    """SmolLM2's (ChatML) template ends an assistant turn with ``<|im_end|>``, which is its EOS:
+    its chat-style answers are the very ids they were when EOS closed every answer."""
+    from starlora.models import load_tokenizer
+    from starlora.tasks.base import turn_end_ids
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    assert tok.eos_token == "<|im_end|>" and turn_end_ids(tok) == [tok.eos_token_id]
+    task = get_task("gsm8k", prompt_style="chat")
+    ex = Example("1", "What is 2+2?", "2+2=4\n#### 4")
+    assert task.encode(tok, ex)[1] == tok("2+2=4\n#### 4", add_special_tokens=False)[
+        "input_ids"] + [tok.eos_token_id]
+
+
+def test_turn_end_falls_back_to_eos_when_the_template_does_not_say() -> None:
+    """A template with no special token after the assistant's content, or one that fails on
+    a user + assistant pair: chat answers end with EOS, as before."""
+    from starlora.models import load_tokenizer
+    from starlora.tasks.base import turn_end_ids
+
+    task = get_task("arith", prompt_style="chat")
+    ex = Example("1", "2+2", "4")
+    for template in ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+                     "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                     "{{ raise_exception('no') }}{% endif %}{{ m['content'] }}{% endfor %}"):
+        tok = load_tokenizer("tiny-llama")
+        tok.chat_template = template
+        assert turn_end_ids(tok) is None
+        assert task.encode(tok, ex)[1] == tok("4", add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id]

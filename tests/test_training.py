@@ -240,7 +240,10 @@ def test_one_process_can_train_with_different_precisions(obqa):
     # the forward really runs in each precision: a base projection's output dtype, every call
     linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     seen: list[torch.dtype] = []
-    linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    # (the training forward passes: the loss check of the first batch runs in eval mode, in
+    # the weights' precision)
+    linear.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype) if module.training else None)
     dtypes = {"bf16": torch.bfloat16, "no": torch.float32}
     losses = []
     for precision in ("bf16", "no", "bf16"):
@@ -394,7 +397,9 @@ def test_training_feeds_length_grouped_batches(monkeypatch, obqa):
                for ex in examples]
     expected = [[lengths[i] for i in b] for epoch in (0, 1)
                 for b in length_grouped_batches(lengths, 2, seed=5, epoch=epoch)]
-    assert seen == expected
+    check, *fed = seen  # first the loss check's batch: the first batch, shortest first
+    assert fed == expected
+    assert check == sorted(expected[0])
 
 
 # -- mixed precision --------------------------------------------------------------------------

@@ -6,17 +6,26 @@ hidden states that predict answer tokens are gathered (P rows), and only they go
 LM head and the model's logit post-processing (Gemma 2 soft-capping, Cohere's scale), in chunks
 of rows whose logits are never all kept for the backward pass. The loss is the mean
 cross-entropy over answer tokens, the value the model's own loss gives.
+
+Self-check: `checked_loss` computes the first batch of a round both ways, `AnswerLoss` and the
+model's own ``forward(labels=...).loss`` (`ModelLoss`), and trains with `ModelLoss` when they
+disagree (a logit post-processing `starlora.models.logit_transform` does not know, such as
+Falcon-H1's ``lm_head_multiplier``), with a `LossFallbackWarning`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from starlora.models import decoder_and_head, logit_transform
+from starlora import distributed as dist
+from starlora.attention import attention_kernels
+from starlora.errors import LossFallbackWarning
+from starlora.models import decoder_and_head, logit_transform, unwrap_model
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 
@@ -183,3 +192,49 @@ def default_chunk_rows(model: nn.Module, device: torch.device) -> int:
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
     return max(1, budget // vocab)
+
+
+def loss_disagreement(model: nn.Module, batch: dict[str, torch.Tensor],
+                      chunk_rows: int | None = None) -> str | None:
+    """`AnswerLoss` and `ModelLoss` of `model` on `batch` (as `collate` makes it: labels are
+    the answer tokens and `IGNORE` elsewhere, so both are the mean over the same answer
+    tokens), deterministically: dropout off, no autocast, no gradients, the random streams
+    left as they were. None when they agree within ``tol * max(1, |own|)``, tol = 1e-4 for
+    float32/float64 weights and 2e-2 for bf16/fp16 ones (as `score_examples`' self-check), else
+    the warning's one line."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.no_grad(), attention_kernels(device):
+            ours = AnswerLoss(model, chunk_rows)(**batch).item()
+            own = ModelLoss(model)(**batch).item()
+    finally:
+        for m, training in modes:
+            m.training = training
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    if abs(ours - own) <= tol * max(1.0, abs(own)):  # NaN disagrees
+        return None
+    return (f"{type(unwrap_model(model)).__name__}: the answer-only loss {ours:.6g} disagrees "
+            f"with the model's own forward(labels=...).loss {own:.6g} on the first batch; "
+            f"training with the model's own forward (full logits)")
+
+
+def checked_loss(model: nn.Module, first: dict[str, torch.Tensor] | None,
+                 chunk_rows: int | None) -> nn.Module:
+    """The training forward pass for `model`: `AnswerLoss` (with `chunk_rows`) when it agrees
+    with the model's own loss on `first` (`loss_disagreement`; None: no batch with answer
+    tokens to check, nothing to learn either), else `ModelLoss` and a `LossFallbackWarning`.
+    Under several processes the main process decides, so that every process trains the same
+    way."""
+    if first is None:
+        return AnswerLoss(model, chunk_rows)
+    problem = dist.agree(lambda: loss_disagreement(model, first, chunk_rows))
+    if problem is None:
+        return AnswerLoss(model, chunk_rows)
+    if dist.is_main():
+        warnings.warn(problem, LossFallbackWarning, stacklevel=2)
+    return ModelLoss(model)

@@ -133,3 +133,10 @@ class ScorerFallbackWarning(RuntimeWarning):
     """The fast scorer disagreed with the model's own ``forward(...).logits`` on a check
     example, so `starlora.scoring.score_examples` computed the call with the plain forward
     path (correct, slower). The message names the model class and both values."""
+
+
+class LossFallbackWarning(RuntimeWarning):
+    """Training's answer-only loss (`starlora.answer_loss.AnswerLoss`) disagreed with the
+    model's own ``forward(labels=...).loss`` on the first batch, so the round trained through
+    the model's own forward (full logits: correct, more memory). The message names the model
+    class and both values."""

@@ -308,8 +308,13 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Post-head logit processing some architectures do in their ``forward`` (Gemma 2/3
     soft-capping, Cohere's scale, Granite's division by ``logits_scaling``); None for Llama,
-    Qwen2, GPT-2 and most others. Others are caught by the self-check of `score_examples`."""
+    Qwen2, GPT-2 and most others. The attributes are read from the text part of the config
+    (``config.get_text_config()``: a composite model such as Gemma 3n or Gemma 4 keeps its cap
+    in ``text_config``). Others (Falcon-H1's ``lm_head_multiplier``, HyperCLOVA X's) are
+    caught by the self-checks of `score_examples` and of training's loss
+    (`starlora.answer_loss.checked_loss`), which then take the model's own forward."""
     config = unwrap_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     divide = None  # other model types' logits_scaling means something else (a multiplier)

@@ -15,7 +15,7 @@ import torch
 from starlora import distributed as dist
 from starlora import zero3
 from starlora.adapters import attach_lora, check_adapter_dir
-from starlora.answer_loss import IGNORE, AnswerLoss, ModelLoss, default_chunk_rows
+from starlora.answer_loss import IGNORE, ModelLoss, checked_loss, default_chunk_rows
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
 from starlora.models import native_bf16
@@ -32,8 +32,8 @@ def encode_example(
     task: Task, tokenizer: Any, ex: Example, max_length: int | None = None,
     answer: str | None = None, add_eos: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """``task.encode`` (answer ends with EOS unless `add_eos` is False), cut to `max_length`
-    tokens from the left.
+    """``task.encode`` (the answer closed by ``task.answer_end_ids`` unless `add_eos` is
+    False), cut to `max_length` tokens from the left.
 
     The answer is kept whole when it fits (it is what training supervises); the prompt loses
     its oldest tokens first (`starlora.scoring.batching.fit`, the cut scoring makes too).
@@ -58,6 +58,22 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         mask[i, :n] = 1
         labels[i, len(p) : n] = torch.tensor(a, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def check_pairs(pairs: list[tuple[list[int], list[int]]],
+                max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """The pairs of a batch that training's loss check (`starlora.answer_loss.checked_loss`)
+    runs on: those with answer tokens, shortest first, each cut to `max_tokens` (`fit`), as
+    many as keep the padded batch within `max_tokens` tokens (at least one, if any), so that the
+    model's own full logits of the check stay within one head chunk's (`default_chunk_rows`)."""
+    cut = sorted((fit(p, a, max(2, max_tokens)) for p, a in pairs if a),
+                 key=lambda pa: len(pa[0]) + len(pa[1]))
+    kept = cut[:1]
+    for pair in cut[1:]:
+        if (len(kept) + 1) * (len(pair[0]) + len(pair[1])) > max_tokens:
+            break
+        kept.append(pair)
+    return kept
 
 
 # -- the adapter and its optimizer ------------------------------------------------------------
@@ -204,6 +220,7 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
         torch.manual_seed(process_seed(seed, rank))
     data = [encode_example(task, tokenizer, ex, training.max_length) for ex in examples]
     batches = LengthGroupedBatches([len(p) + len(a) for p, a in data], training.batch_size, seed)
+    first = [data[i] for i in batches.batches(0)[0]]  # the whole first batch, before sharing
     if world > 1:  # a share of every batch, and stand-ins without answer tokens (see the class)
         batches = ShareOfEachBatch(batches, rank, world, stand_in=len(data))
         data = data + [(p + a, []) for p, a in data]
@@ -223,8 +240,11 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
             raise ConfigError("training.b_decay_mode: l2 reads every lora_B weight outside "
                               "its module, which DeepSpeed ZeRO-3 partitions; use decoupled")
         step_model: torch.nn.Module = ModelLoss(peft_model)
-    else:
-        step_model = AnswerLoss(peft_model, chunk_rows=default_chunk_rows(peft_model, device))
+    else:  # the answer-only loss, unless it disagrees with the model's own on the first batch
+        chunk_rows = default_chunk_rows(peft_model, device)
+        check = check_pairs(first, chunk_rows)
+        step_model = checked_loss(
+            peft_model, collate(check, tokenizer.pad_token_id) if check else None, chunk_rows)
     deepspeed_config(accelerator, training)
     wrapped, optimizer = accelerator.prepare(step_model, optimizer)
     # not accelerator.prepare: it would deal whole batches out to the processes, and its

@@ -133,8 +133,8 @@ def _generated_signals(model, tokenizer, task, test, predictions, cfg, temps):
     for ex, p in zip(test, predictions):
         text = p["generated"]
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(ids) < cfg.evaluation.max_new_tokens and tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
+        if len(ids) < cfg.evaluation.max_new_tokens:  # it stopped: closed as answers are
+            ids += task.answer_end_ids(tokenizer)
         span = task.extract_span(text)
         spans.append(answer_token_indices(tokenizer, ids, text, span) if span else [])
         pairs.append((task.prompt_ids(tokenizer, ex), ids))  # as evaluation prompts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -65,6 +66,49 @@ def _number_answer(number: re.Match[str]) -> tuple[str, int, int] | None:
         return None
     written = number.group(0)
     return value, number.start() + len(written) - len(written.lstrip()), number.end()
+
+
+#: the assistant content `turn_end_ids` renders, to find what the chat template puts after it
+_MARKER = "STARLORA_ANSWER_MARKER"
+#: tokenizer -> (its chat template, `turn_end_ids`), computed once per template
+_TURN_ENDS: weakref.WeakKeyDictionary[Any, tuple[str, list[int] | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (EOS, BOS, the added ones marked special)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(getattr(tokenizer, "all_special_ids", [])) | {
+        i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def turn_end_ids(tokenizer: Any) -> list[int] | None:
+    """The token ids the tokenizer's chat template closes an assistant turn with (SmolLM2's
+    ``<|im_end|>``, Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``): a user turn and an
+    assistant turn are rendered, and the text after the assistant's content is tokenised up to
+    and including its first special token. None when that cannot be determined (no template,
+    a template that fails or drops the content, no special token after it)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    cached = _TURN_ENDS.get(tokenizer)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    found: list[int] | None = None
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARKER}],
+            tokenize=False)
+    except Exception:  # noqa: BLE001 - any template error: fall back to EOS
+        text = ""
+    if isinstance(text, str) and _MARKER in text:
+        after = list(tokenizer(text[text.rindex(_MARKER) + len(_MARKER):],
+                               add_special_tokens=False)["input_ids"])
+        special = _special_ids(tokenizer)
+        end = next((i + 1 for i, t in enumerate(after) if t in special), None)
+        found = after[:end] if end is not None else None
+    _TURN_ENDS[tokenizer] = (template, found)
+    return found
 
 
 class Task:
@@ -173,8 +217,8 @@ class Task:
         """Token ids of (prompt, answer) tokenised separately, answer = gold unless given.
 
         Training supervises exactly ``prompt_ids + answer_ids``; scoring measures the same
-        sequence. The answer ends with EOS (when the tokenizer has one and `add_eos`) so that a
-        trained model learns to stop.
+        sequence. With `add_eos` the answer is closed (`answer_end_ids`) so that a trained
+        model learns to stop.
         """
         answer = ex.answer if answer is None else answer
         if answer is None:
@@ -183,9 +227,17 @@ class Task:
         answer_ids = tokenizer(
             self.target(answer), add_special_tokens=False
         )["input_ids"]
-        if add_eos and tokenizer.eos_token_id is not None:
-            answer_ids = answer_ids + [tokenizer.eos_token_id]
+        if add_eos:
+            answer_ids = list(answer_ids) + self.answer_end_ids(tokenizer)
         return prompt_ids, list(answer_ids)
+
+    def answer_end_ids(self, tokenizer: Any) -> list[int]:
+        """The tokens that close an answer: in chat style those the chat template closes an
+        assistant turn with (`turn_end_ids`: the end-of-turn token an instruct model stops
+        at), else, and in plain style, the tokenizer's EOS ([] when it has none)."""
+        if self.prompt_style == "chat" and (ends := turn_end_ids(tokenizer)) is not None:
+            return ends
+        return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     # -- grading ------------------------------------------------------------------------------
     def gold(self, answer: str) -> str | None:
