@@ -286,6 +286,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                   by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
                   precision=dist.on_main(lambda: identity.check_precision(
                       store, precision, state, allow_change=allow_precision_change)))
+        run.check_room()  # a generation that cannot fit the model: an error before any work
         dist.on_main(store.save_config)  # its changes, now that the resume is accepted
         for check in (lambda: identity.check_weights(store, loaded.fingerprint, state),
                       lambda: identity.check_machine(
