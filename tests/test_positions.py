@@ -11,6 +11,7 @@ for token. Each test here uses a tiny GPT-2 with 64 positions and prompts longer
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,7 @@ def _long_config(tmp_path: Path, folder: Path, *overrides: str):
         f"evaluation.max_new_tokens={NEW}", *overrides])
 
 
-def test_a_run_on_long_prompts_finishes(tmp_path, short_gpt2):
+def test_a_run_on_long_prompts_finishes(tmp_path, short_gpt2, capsys):
     """The reviewer's repro in small: long pool and test questions, the default
     ``training.max_length`` (1024) on a 64-position GPT-2 (the old code: IndexError)."""
     from starlora.run.loop import run_experiment
@@ -213,6 +214,17 @@ def test_a_run_on_long_prompts_finishes(tmp_path, short_gpt2):
     config = _long_config(tmp_path, _folder(tmp_path, short_gpt2))
     store = run_experiment(config, tmp_path / "run", progress=False)
     assert [r["round"] for r in store.metrics()] == [0, 1]
+    said = capsys.readouterr().err
+    why = "training.max_length 1024, capped at the model's 64 positions"
+    room = f"{why}, less evaluation.max_new_tokens {NEW} for the answer"
+    for k in (0, 1):  # one line a phase and round, each naming the count, tokens and setting
+        assert f"round {k}/1: evaluation: 1 of 1 prompts cut on the left to 56 tokens " \
+               f"({room})" in said
+        assert re.search(rf"round {k}/1: training: [1-9] of {2 + 2 * k} prompts cut on the "
+                         rf"left so that prompt \+ answer fit in 64 tokens \({why}\)", said)
+    assert re.search(rf"round 0/1: scoring: [1-4] of 4 prompts cut on the left to 56 tokens "
+                     rf"\({re.escape(room)}\)", said)
+    assert said.count("prompts cut") == 5
 
 
 def test_max_new_tokens_that_leave_no_room_are_an_error_before_any_work(tmp_path, short_gpt2):
@@ -228,3 +240,19 @@ def test_max_new_tokens_that_leave_no_room_are_an_error_before_any_work(tmp_path
     with pytest.raises(ConfigError, match="scoring.max_new_tokens: 65 generated tokens"):
         run_experiment(config, tmp_path / "run2", progress=False)
 
+
+def test_a_phase_whose_prompts_fit_says_nothing(short_gpt2, capsys):
+    """Only a cut is said: ordinary prompts leave the run's output as it was."""
+    from starlora.acquisition import make_strategy
+    from starlora.run.context import Run
+    from starlora.run.cuts import training_cuts
+
+    config = load_config(None, ["task.name=jsonl", "training.max_length=40"])
+    run = Run(config, None, TASK, make_strategy("random", n_queries=1), None, 2, False,
+              short_gpt2.model, short_gpt2.tokenizer)
+    short = Example("s", "What is 2 + 3?", "#### 5")
+    assert training_cuts(run, 0, [short, short]) == 0
+    assert "[starlora]" not in capsys.readouterr().err
+    assert training_cuts(run, 0, [short, example(words=100)]) == 1
+    assert "round 0/1: training: 1 of 2 prompts cut on the left so that prompt + answer fit " \
+           "in 40 tokens (training.max_length 40)\n" in capsys.readouterr().err
