@@ -94,7 +94,6 @@ def _evaluate(run: Run, k: int) -> None:
 
     test, cfg = run.data.test, run.config
     run.say(k, f"evaluating on {len(test)} test examples")
-    evaluation_cuts(run, k, [*test, *run.data.stop])
     t0 = time.perf_counter()
     ev = evaluate(run.adapted(k), run.tokenizer, run.task, test, cfg.evaluation,
                   progress=run.progress, seed=phase_seed(cfg.seed, k, "evaluate"),
@@ -105,6 +104,7 @@ def _evaluate(run: Run, k: int) -> None:
         stop = evaluate(run.adapted(k), run.tokenizer, run.task, run.data.stop,
                         cfg.evaluation.model_copy(update={"samples": 0}), progress=run.progress,
                         max_length=cfg.training.max_length)
+    evaluation_cuts(run, k, [*test, *run.data.stop])
     if not dist.is_main():  # every process has the metrics; one writes them
         return
     seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
