@@ -82,3 +82,10 @@ def test_seeds_are_drawn_only_through_the_seeds_module() -> None:
         assert np.array_equal(seeds.epoch_stream(s, 3).permutation(50),
                               np.random.default_rng([s, 3]).permutation(50))
         assert seeds.process_seed(s, 0) == s and seeds.process_seed(s, 2) == s + 2_000_006
+
+
+def test_the_model_positions_are_read_in_one_place() -> None:
+    """Every length a sequence may have goes through `models.token_limit`, `prompt_room` and
+    `prompt_window`, which read the model's positions (issue: runs past a GPT-2's 1024)."""
+    assert where(r"max_positions\(") == ["models.py"]
+    assert where(r"\bdef token_limit\(|\bdef prompt_room\(") == ["models.py"]

@@ -66,7 +66,11 @@ class TrainingConfig(_Section):
     b_decay: float = Field(0.5, ge=0)
     b_decay_mode: Literal["decoupled", "l2", "none"] = "decoupled"  # see b_decay
     warm_start: bool = False  # continue from the previous round's adapter (paper: fresh)
-    max_length: int = Field(1024, gt=0)  # prompt + answer tokens; longer prompts are cut left
+    # prompt + answer tokens, capped at the model's maximum positions; a longer pair loses its
+    # prompt's oldest tokens (a chat prompt its template's header first), a generation's
+    # prompt keeps room for max_new_tokens in those positions, and the run says how many
+    # prompts each phase cut (docs: your own data, long prompts)
+    max_length: int = Field(1024, gt=0)
     # autocast of the forward pass; auto = bf16 where the hardware has it natively (CUDA GPUs
     # with bf16, CPUs with AVX512-BF16 or AMX), else no (fp32). Not the paper's: it trained fp32
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

@@ -162,8 +162,10 @@ def answer_token_indices(
 def _generate(model, tokenizer, task, examples, cfg, max_length, progress, seed,
               groups=None) -> list[dict]:
     from starlora.generation import generate
+    from starlora.models import prompt_window
 
-    prompts = [task.prompt_ids(tokenizer, ex, max_length) for ex in examples]
+    keep = prompt_window(model, max_length, cfg.max_new_tokens)  # room left for the answer
+    prompts = [task.prompt_ids(tokenizer, ex, keep) for ex in examples]
     out = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                    batch_size=cfg.batch_size, progress=progress, desc="generate")
     predictions = []
@@ -217,8 +219,10 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy, ECE and per-example predictions of `model` on `examples` (see module doc).
 
-    The model is put in eval mode. `max_length` (optional) cuts prompts from the left as in
-    training. `seed` seeds the self-consistency samples (``evaluation.samples``; per example
+    The model is put in eval mode. Prompts are cut from the left as in training, to
+    `max_length` capped at the model's maximum positions (`starlora.models.token_limit`; without
+    `max_length`, to those positions), and generated answers' prompts further, to leave room for
+    ``evaluation.max_new_tokens`` in those positions (`starlora.models.prompt_room`). `seed` seeds the self-consistency samples (``evaluation.samples``; per example
     from it and the example's id). Under several processes (`starlora.distributed`) each predicts a length-balanced
     share of `examples`; every process gets all predictions, in order, and computes the same
     metrics from them.
@@ -227,7 +231,9 @@ def evaluate(
         raise StarloraError("evaluation: no test examples")
     from starlora import distributed as dist
     from starlora.generation import sampled_group_size
+    from starlora.models import token_limit
 
+    max_length = token_limit(model, max_length)
     mode = resolve_mode(task, examples, evaluation.mode)
     model.eval()
     predict = _choice if mode == "choice" else _generate

@@ -54,6 +54,7 @@ import torch
 
 from starlora import zero3
 from starlora.attention import attention_kernels
+from starlora.models import prompt_room, stop_tokens
 
 #: fixed shapes: a prompt is left-padded to the next multiple of BUCKET tokens above its length
 BUCKET = 16
@@ -77,6 +78,9 @@ class Generated:
     samples: int = 1
     nll: list[np.ndarray] | None = None
     entropy: list[np.ndarray] | None = None
+    #: the longest prompt fed to the model (`starlora.models.prompt_room`; longer ones lost
+    #: their oldest tokens), None when the model states no maximum position count
+    prompt_room: int | None = None
 
     def of(self, i: int) -> range:
         """Row indices of prompt i's samples."""
@@ -86,14 +90,6 @@ class Generated:
         """Prompt i's most likely answer among its samples (the highest summed log-probability),
         stripped: the draft shown to people."""
         return self.texts[max(self.of(i), key=lambda j: float(self.logprobs[j].sum()))].strip()
-
-
-def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS and any end-of-turn token the model's generation config names."""
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop = {tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
-    stop.discard(None)
-    return sorted(stop)
 
 
 def generate(
@@ -122,7 +118,8 @@ def generate(
     of `groups` [len(prompts)] (module docstring; not under ZeRO-3). `measure`: also the NLL
     and entropy of the raw logits per generated token (`Generated.nll`, `.entropy`).
     `compact`: drop stopped rows from their batch (`decode`; off under ZeRO-3). `fixed_shapes`
-    (greedy; default: below fp32, never under ZeRO-3): shapes each row sets alone.
+    (greedy; default: below fp32, never under ZeRO-3): shapes each row sets alone. A prompt
+    longer than ``max_positions - max_new_tokens`` keeps its last tokens (`prompt_room`).
     """
     from tqdm.auto import tqdm
 
@@ -130,6 +127,8 @@ def generate(
 
     if samples < 1 or (samples > 1 and temperature <= 0):
         raise ValueError("several samples need a temperature > 0")
+    room = prompt_room(model, max_new_tokens)  # a ConfigError when no prompt fits
+    prompts = [p[-room:] if room is not None and len(p) > room else p for p in prompts]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop = stop_tokens(model, tokenizer)
@@ -187,7 +186,7 @@ def generate(
         model.train(was_training)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return Generated(tokens, logprobs, texts, samples, nll if measure else None,
-                     entropy if measure else None)
+                     entropy if measure else None, room)
 
 
 def sampled_group_size(samples: int, batch_size: int) -> int:

@@ -335,11 +335,65 @@ def logit_transform(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
     return transform
 
 
+#: config fields that state a model's maximum position count, in the order they are read
+POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+
+
 def max_positions(model: torch.nn.Module) -> int | None:
-    """The model's maximum position count, if its config states one."""
+    """The model's maximum position count (tokens in one sequence), if its config states one:
+    read from its text decoder's config (``config.get_text_config(decoder=True)``, where a
+    multimodal model such as Gemma 3 nests it), else from the top-level config."""
     config = unwrap_model(model).config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for source in (text, config):
+        for name in POSITION_FIELDS:
+            value = getattr(source, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
+
+
+def token_limit(model: torch.nn.Module, max_length: int | None) -> int | None:
+    """How many tokens `model` may see in one sequence (prompt + answer): `max_length`
+    (``training.max_length``) capped at the model's maximum positions (`max_positions`);
+    either alone when the other is None, None when neither is known. The one owner of that
+    number: training, scoring and evaluation cut their sequences to it."""
+    positions = max_positions(model)
+    if max_length is None or positions is None:
+        return max_length if positions is None else positions
+    return min(max_length, positions)
+
+
+def prompt_room(model: torch.nn.Module, max_new_tokens: int,
+                setting: str = "max_new_tokens") -> int | None:
+    """The longest prompt (tokens) after which `max_new_tokens` generated tokens still fit in
+    `model`'s maximum positions: ``max_positions - max_new_tokens``; None when the model states
+    no maximum. `starlora.generation.generate` cuts longer prompts on the left to it. A
+    ConfigError naming `setting` when not even a one-token prompt fits."""
+    positions = max_positions(model)
+    if positions is None:
+        return None
+    if max_new_tokens >= positions:
+        raise ConfigError(
+            f"{setting}: {max_new_tokens} generated tokens leave no room for a prompt in the "
+            f"{positions} positions of this model ({type(unwrap_model(model)).__name__}); "
+            f"set it to at most {positions - 1}")
+    return positions - max_new_tokens
+
+
+def prompt_window(model: torch.nn.Module, max_length: int | None,
+                  max_new_tokens: int) -> int | None:
+    """How many prompt tokens a generation of `max_new_tokens` keeps (the last ones): the
+    smaller of `token_limit` (the prompt alone cut as training cuts it) and `prompt_room`;
+    None when neither is known."""
+    found = [n for n in (token_limit(model, max_length), prompt_room(model, max_new_tokens))
+             if n is not None]
+    return min(found) if found else None
+
+
+def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS and any end-of-turn token the model's generation config names."""
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = {tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
+    stop.discard(None)
+    return sorted(stop)

@@ -18,7 +18,7 @@ from starlora.adapters import attach_lora, check_adapter_dir
 from starlora.answer_loss import IGNORE, ModelLoss, checked_loss, default_chunk_rows
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.errors import ConfigError, StarloraError
-from starlora.models import native_bf16
+from starlora.models import native_bf16, token_limit
 from starlora.scoring.batching import fit
 from starlora.seeds import process_seed
 from starlora.tasks import Example, Task
@@ -218,7 +218,8 @@ def setup_training(model: Any, tokenizer: Any, task: Task, examples: list[Exampl
     world, rank = dist.world_size(), dist.rank()  # accelerate says 1 and 0 for DeepSpeed on CPUs
     if rank > 0:  # the same init everywhere, but each process its own dropout masks
         torch.manual_seed(process_seed(seed, rank))
-    data = [encode_example(task, tokenizer, ex, training.max_length) for ex in examples]
+    limit = token_limit(model, training.max_length)  # capped at the model's positions
+    data = [encode_example(task, tokenizer, ex, limit) for ex in examples]
     batches = LengthGroupedBatches([len(p) + len(a) for p, a in data], training.batch_size, seed)
     first = [data[i] for i in batches.batches(0)[0]]  # the whole first batch, before sharing
     if world > 1:  # a share of every batch, and stand-ins without answer tokens (see the class)

@@ -49,8 +49,28 @@ class Run:
         return self.config.scoring.max_new_tokens or self.config.evaluation.max_new_tokens
 
     def prompt_ids(self, ex: Example) -> list[int]:
-        """`ex`'s prompt tokens, cut on the left to ``training.max_length`` as training does."""
-        return self.task.prompt_ids(self.tokenizer, ex, self.config.training.max_length)
+        """`ex`'s prompt tokens, cut on the left as training cuts them: to
+        ``training.max_length`` capped at the model's positions (`starlora.models.token_limit`)."""
+        from starlora.models import token_limit
+
+        limit = token_limit(self.base_model, self.config.training.max_length)
+        return self.task.prompt_ids(self.tokenizer, ex, limit)
+
+    def check_room(self) -> None:
+        """A ConfigError, before any work, when a setting's ``max_new_tokens`` leave no room for
+        a prompt in the model's maximum positions (`starlora.models.prompt_room`):
+        evaluation's when the test answers are generated, the pool's (``scoring.max_new_tokens``,
+        else evaluation's) when pool answers are (own-answer scoring, a human query's drafts)."""
+        from starlora.evaluation import resolve_mode
+        from starlora.models import prompt_room
+
+        cfg = self.config
+        if resolve_mode(self.task, self.data.test, cfg.evaluation.mode) == "generate":
+            prompt_room(self.base_model, cfg.evaluation.max_new_tokens,
+                        "evaluation.max_new_tokens")
+        if cfg.scoring.answers == "generated" or cfg.active_learning.oracle == "human":
+            section = "scoring" if cfg.scoring.max_new_tokens else "evaluation"
+            prompt_room(self.base_model, self.max_new_tokens, f"{section}.max_new_tokens")
 
     def adapted(self, k: int) -> Any:
         """The model with round `k`'s adapter, loaded from the run directory if need be."""

@@ -39,6 +39,7 @@ from starlora.errors import StarloraError
 from starlora.run import identity, oracle
 from starlora.run.context import Run
 from starlora.run.context import say as _say
+from starlora.run.cuts import evaluation_cuts, scoring_cuts, training_cuts
 from starlora.run.data import Data, check_plan, load_data, make_task, set_aside_stop_set
 from starlora.run.embeddings import (
     EMBEDDING_COLUMNS,
@@ -61,6 +62,7 @@ def _train(run: Run, k: int) -> None:
 
     train_set = run.labelled_examples()
     run.say(k, f"training on {len(train_set)} labelled examples")
+    training_cuts(run, k, train_set)
     cfg = run.config
     warm = run.store.adapter_dir(k - 1) if cfg.training.warm_start and k > 0 else None
     if warm is not None and not run.store.has_adapter(k - 1):
@@ -102,6 +104,7 @@ def _evaluate(run: Run, k: int) -> None:
         stop = evaluate(run.adapted(k), run.tokenizer, run.task, run.data.stop,
                         cfg.evaluation.model_copy(update={"samples": 0}), progress=run.progress,
                         max_length=cfg.training.max_length)
+    evaluation_cuts(run, k, [*test, *run.data.stop])
     if not dist.is_main():  # every process has the metrics; one writes them
         return
     seconds = run.store.read_round(k, "train.json")["seconds"] + time.perf_counter() - t0
@@ -166,6 +169,8 @@ def _score(run: Run, k: int) -> None:
     scored = [c for c in run.strategy.needs if c not in EMBEDDING_COLUMNS]
     if scored:
         run.say(k, f"scoring {len(candidates)} unlabelled examples")
+    if scored or wants_embeddings(run.strategy.needs):
+        scoring_cuts(run, k, candidates, scored=bool(scored))
     rows = score_rows(run, candidates, seed=phase_seed(run.config.seed, k, "score"),
                       model=run.adapted(k) if scored else None)
     if dist.is_main():  # the rows of every process's share, gathered
@@ -287,6 +292,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                   by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
                   precision=dist.on_main(lambda: identity.check_precision(
                       store, precision, state, allow_change=allow_precision_change)))
+        run.check_room()  # a generation that cannot fit the model: an error before any work
         dist.on_main(store.save_config)  # its changes, now that the resume is accepted
         for check in (lambda: identity.check_weights(store, loaded.fingerprint, state),
                       lambda: identity.check_machine(

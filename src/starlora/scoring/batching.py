@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from starlora.models import max_positions
+from starlora.models import token_limit
 from starlora.tasks import Example, Task
 
 
@@ -30,9 +30,9 @@ def encode_pairs(
     max_length: int | None, answer_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) each example is scored on: its gold answer as `Task.encode`
-    makes it, or the given `answer_ids` (generated tokens, scored exactly as generated).
-    max_length default: the model's."""
-    max_length = max_length or max_positions(model)
+    makes it, or the given `answer_ids` (generated tokens, scored exactly as generated),
+    cut to `max_length` capped at the model's maximum positions (`token_limit`)."""
+    max_length = token_limit(model, max_length)
     if answer_ids is None:
         return [fit(*task.encode(tokenizer, ex), max_length) for ex in examples]
     if len(answer_ids) != len(examples):

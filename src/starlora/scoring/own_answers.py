@@ -12,7 +12,9 @@ from the generation and runs forward passes only for MC passes 2..K (MC dropout,
 those passes), so with ``mc_passes: 1`` scoring the own answers costs no forward pass beyond
 the generation. The first pass is the deterministic one (no dropout: the model generated in
 eval mode). A pair that does not fit `max_length` is scored as `score_examples` scores it
-(its prompt cut on the left), by a forward pass, since the generation saw the whole prompt.
+(its prompt cut on the left), by a forward pass, since the generation saw the whole prompt; so
+is a pair whose prompt the generation cut to leave room for its answer in the model's
+positions (`starlora.models.prompt_room`), which the scorer sees whole.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from starlora.models import max_positions
+from starlora.models import prompt_room, prompt_window, token_limit
 from starlora.scoring.batching import encode_pairs
 from starlora.scoring.cache import (
     BaseScoreCache,
@@ -63,14 +65,15 @@ def own_answers(
     temperature 1, seeded per example from `seed` and its id, a batch per example or per
     group of `groups`, as `starlora.generation.generate` takes them): a
     `starlora.generation.Generated` of [len(examples) * samples] rows, grouped by example.
-    Prompts are cut on the left to `max_length` (default: the model's maximum position
-    count). With `measure`, the generation measures the first scoring pass too
+    Prompts are cut on the left to `max_length` capped at the model's maximum position count
+    (`starlora.models.token_limit`), and by `generate` to leave room for `max_new_tokens`.
+    With `measure`, the generation measures the first scoring pass too
     (``Generated.nll``/``entropy``, for `score_generated`). The examples' answers are never
     read."""
     from starlora.generation import generate
 
-    limit = max_length or max_positions(model)
-    prompts = [task.prompt_ids(tokenizer, ex, limit) for ex in examples]
+    keep = prompt_window(model, max_length, max_new_tokens)  # room left for the answers
+    prompts = [task.prompt_ids(tokenizer, ex, keep) for ex in examples]
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                     batch_size=generation_batch_size, samples=samples,
                     temperature=1.0 if samples > 1 else 0.0,
@@ -83,19 +86,22 @@ def _first_pass(
     model: nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example],
     tokens: Sequence[Sequence[int]], measured: tuple[np.ndarray, np.ndarray] | None,
     max_length: int | None, forward: Callable[[list[Example], list[list[int]]], Scores],
+    room: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The deterministic first pass over (example, generated `tokens`) pairs: the PE and ME
     sums the generation `measured` ([N] each) where the scorer would see the very tokens the
-    generation saw (prompt + answer shorter than `max_length`: nothing cut); the other pairs,
-    and every pair when the generation measured nothing, by `forward` (examples, answers) ->
+    generation saw (prompt + answer shorter than `max_length`, and the prompt no longer than
+    the generation's `room`, its `Generated.prompt_room`: nothing cut); the other pairs, and
+    every pair when the generation measured nothing, by `forward` (examples, answers) ->
     `Scores`. Returns (pe [N], me [N], answer tokens scored [N]) float64/int64."""
-    limit = max_length or max_positions(model)
+    limit = token_limit(model, max_length)
     seqs = encode_pairs(model, tokenizer, task, examples, limit, tokens)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
     pe = np.full(len(seqs), np.nan)
     me = np.full(len(seqs), np.nan)
     # a cut pair is exactly `limit` tokens long (`batching.fit`): shorter ones are uncut
-    redo = [i for i, (p, a) in enumerate(seqs) if measured is None or len(p) + len(a) >= limit]
+    redo = [i for i, (p, a) in enumerate(seqs) if measured is None or len(p) + len(a) >= limit
+            or (room is not None and len(p) > room)]
     if measured is not None:
         pe[:], me[:] = measured
     if redo:
@@ -133,7 +139,7 @@ def score_generated(
     measured = None if out.nll is None else (np.array([np.sum(x) for x in out.nll]),
                                              np.array([np.sum(x) for x in out.entropy]))
     pe0, me0, n_tok = _first_pass(model, tokenizer, task, examples, out.tokens, measured,
-                                  opts.max_length, forward)
+                                  opts.max_length, forward, out.prompt_room)
     pe, me = pe0[:, None], me0[:, None]
     if K > 1:
         rest = score_examples(model, tokenizer, task, examples, opts, answer_ids=out.tokens,
@@ -193,11 +199,13 @@ def score_own_answers(
 
 class BaseAnswers(NamedTuple):
     """The base model's own answers, [N * S] rows grouped by prompt: `tokens` the generated ids,
-    `pe` and `me` [N * S] float64 the first pass its generation measured (nats, sums)."""
+    `pe` and `me` [N * S] float64 the first pass its generation measured (nats, sums),
+    `prompt_room` the longest prompt the generation saw (`Generated.prompt_room`)."""
 
     tokens: list[list[int]]
     pe: np.ndarray
     me: np.ndarray
+    prompt_room: int | None = None
 
 
 def base_answers(
@@ -249,7 +257,8 @@ def base_answers(
         records = BaseScoreCache(default_score_cache_dir(), key).records(keys, make)
     return BaseAnswers([a for r in records for a in r["answers"]],
                        np.array([x for r in records for x in r["pe"]], np.float64),
-                       np.array([x for r in records for x in r["me"]], np.float64))
+                       np.array([x for r in records for x in r["me"]], np.float64),
+                       prompt_room(model, max_new_tokens))
 
 
 def score_base_answers(
@@ -268,7 +277,8 @@ def score_base_answers(
 
     measures = tuple(kwargs.get("measures", ("pe", "me")))
     pe, me, n_tok = _first_pass(model, tokenizer, task, examples, answers.tokens,
-                                (answers.pe, answers.me), kwargs.get("max_length"), forward)
+                                (answers.pe, answers.me), kwargs.get("max_length"), forward,
+                                answers.prompt_room)
     pe = pe if "pe" in measures else np.full_like(pe, np.nan)
     me = me if "me" in measures else np.full_like(me, np.nan)
     denom = np.maximum(n_tok, 1)
