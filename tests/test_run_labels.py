@@ -328,8 +328,8 @@ def test_a_human_run_resumes_from_its_run_dir_with_one_round_number_everywhere(
         assert main(["status", str(run_dir)]) == 0
         assert f"resume:     {resume}\n" in capsys.readouterr().out
         assert main(["export", str(run_dir), "--format", "jsonl",
-                     "--out", str(tmp_path / "q.jsonl")]) == 0
-        rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+                     "--out", str(tmp_path / f"q{r}.jsonl")]) == 0  # a file per round
+        rows = [json.loads(line) for line in (tmp_path / f"q{r}.jsonl").read_text().splitlines()]
         assert {row["round"] for row in rows} == {r}
         page = TestClient(create_app(run_dir, "t")).get(
             "/api/queries", headers={"Authorization": "Bearer t"}).json()
