@@ -260,6 +260,27 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys, override: str, 
     assert not run_dir.exists()
 
 
+def test_a_start_that_fails_on_its_model_leaves_no_run_behind(tmp_path: Path, capsys) -> None:
+    """A misspelt model name, or a generation that cannot fit the model, fails after the run
+    directory was made: it kept config.yaml, and the corrected command was refused ("holds a
+    run with a different config"). The failed start now removes what it wrote."""
+    run_dir = tmp_path / "run"
+    for override in ("model.name=tiny-lama", "evaluation.max_new_tokens=2000"):
+        assert main(["run", str(TINY), "--run-dir", str(run_dir), "--set", "model.name=tiny-gpt2",
+                     "--set", override, "--set", "active_learning.rounds=1"]) == 2
+        assert "error:" in capsys.readouterr().err
+        assert {p.name for p in run_dir.iterdir()} <= {".run.lock", ".run.owner.json"}
+    assert main(["run", str(TINY), "--run-dir", str(run_dir), "--set", "model.name=tiny-gpt2",
+                 "--set", "active_learning.rounds=1", "--set", "evaluation.max_new_tokens=4",
+                 "--check"]) == 0
+    # a run that exists: its resume that fails the same way removes nothing
+    config = load_config(TINY, ["model.name=tiny-gpt2", "evaluation.max_new_tokens=2000"])
+    RunStore.create_or_resume(tmp_path / "kept", config)
+    with pytest.raises(ConfigError, match="leave no room for a prompt"):
+        run_experiment(config, tmp_path / "kept")
+    assert (tmp_path / "kept" / "config.yaml").is_file()
+
+
 def test_duplicate_ids_in_the_pool_are_refused(tmp_path: Path, capsys) -> None:
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"id": i % 3, "question": f"q{i}", "answer": "a"}) + "\n"

@@ -50,7 +50,7 @@ from starlora.run.embeddings import (
 from starlora.run.lock import hold_run
 from starlora.run.pool_scores import check_scoring, score_rows
 from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
-from starlora.run.store import RunStore
+from starlora.run.store import RunPaths, RunStore
 from starlora.stopping import parse_rule, stop_index, stop_signals
 from starlora.tasks import Example, Task
 
@@ -257,6 +257,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
     dist.setup(cpu=config.model.device == "cpu" or None)
     with contextlib.ExitStack() as held:  # the run-wide lock, on the main process
         dist.on_main(lambda: held.enter_context(hold_run(run_dir)))
+        fresh = dist.on_main(lambda: not RunPaths(run_dir).config.is_file())
 
         def open_store() -> dict:
             store = RunStore.create_or_resume(run_dir, config, save=False)
@@ -282,17 +283,22 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         _say(f"{run_dir}: {strategy}, task {task.name}, pool {len(data.pool)}{overlap}, "
              f"test {len(data.test)}, {n_rounds} rounds"
              + (f", resuming at round {state['at']}" if resuming else ""))
-        loaded = load_model(**config.model.model_dump())
-        for note in [task.raw_prompt_note(loaded.tokenizer), lora_note(loaded.model, config)]:
-            if note and not resuming:  # once, as the run starts
-                _say(f"note: {note}")
-        precision = identity.resolved_precision(config, loaded.model)
-        run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
-                  loaded.model, loaded.tokenizer, loaded.fingerprint,
-                  by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
-                  precision=dist.on_main(lambda: identity.check_precision(
-                      store, precision, state, allow_change=allow_precision_change)))
-        run.check_room()  # a generation that cannot fit the model: an error before any work
+        try:  # a start that fails here, before any work, leaves no run behind
+            loaded = load_model(**config.model.model_dump())
+            for note in [task.raw_prompt_note(loaded.tokenizer), lora_note(loaded.model, config)]:
+                if note and not resuming:  # once, as the run starts
+                    _say(f"note: {note}")
+            precision = identity.resolved_precision(config, loaded.model)
+            run = Run(config, store, task, strategy, data, n_rounds, progress and dist.is_main(),
+                      loaded.model, loaded.tokenizer, loaded.fingerprint,
+                      by_id={ex.id: ex for ex in [*data.pool, *data.labelled]},
+                      precision=dist.on_main(lambda: identity.check_precision(
+                          store, precision, state, allow_change=allow_precision_change)))
+            run.check_room()  # a generation that cannot fit the model: an error before any work
+        except StarloraError:
+            if fresh:
+                dist.on_main(store.undo_start)
+            raise
         dist.on_main(store.save_config)  # its changes, now that the resume is accepted
         for check in (lambda: identity.check_weights(store, loaded.fingerprint, state),
                       lambda: identity.check_machine(

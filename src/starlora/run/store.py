@@ -196,6 +196,14 @@ class RunStore:
         store.set_state(0, None)
         return store
 
+    def undo_start(self) -> None:
+        """Remove what starting a run wrote before its first phase (config.yaml, state.json,
+        pool.json, identity.json), so that a start that failed on its input (a model name
+        misspelt, a generation that cannot fit the model) does not leave a run directory
+        that refuses the corrected config. The caller knows that the run started here."""
+        for path in (self.paths.config, self.paths.state, self.paths.pool, self.paths.identity):
+            path.unlink(missing_ok=True)
+
     def save_config(self) -> None:
         """Write the store's config to config.yaml where it differs from the one there."""
         if load_config(self.paths.config, stored=True) != self.config:
