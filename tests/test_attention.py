@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from starlora import generation, training
+from starlora import answer_loss, generation, training
 from starlora.attention import attention_kernels
 from starlora.config import LoraConfig, TrainingConfig
 from starlora.models import load_model
@@ -85,7 +85,7 @@ def test_generation_training_and_scoring_attend_inside_it(monkeypatch) -> None:
         return attention_kernels("cuda")
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    for module in (generation, training, engine):
+    for module in (generation, training, engine, answer_loss):  # answer_loss: the loss check
         monkeypatch.setattr(module, "attention_kernels", as_if_cuda)
     loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
     task = get_task("arith")
