@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from starlette.testclient import TestClient
 from test_annotate import AUTH, QUERIES, TOKEN, browser, paused, served  # noqa: F401
@@ -61,6 +62,21 @@ def opened(browser, url: str, answered: str = "0 of 4 answered"):  # noqa: F811
     return page
 
 
+def save_seven_while_locked(page, store: RunStore, meanwhile: Callable[[], None]) -> Any:
+    """Type "7" as q0's answer and send it (Ctrl+Enter) while another process holds the run's
+    lock; `meanwhile` runs while the save waits; then the lock is released. Returns the
+    save's response."""
+    page.keyboard.press("Control+a")
+    page.keyboard.type("7")
+    with lock_held(store) as release:
+        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
+            page.keyboard.press("Control+Enter")
+            page.get_by_text("saving…").wait_for()
+            meanwhile()
+            release()
+    return sent.value
+
+
 # -- what is typed while a save waits ---------------------------------------------------------
 def test_text_typed_on_the_query_while_its_save_waits_is_kept(browser, served) -> None:  # noqa: F811
     """q0's answer "7" is sent while another process holds the lock; the labeller goes on
@@ -68,15 +84,7 @@ def test_text_typed_on_the_query_while_its_save_waits_is_kept(browser, served) -
     q0 marked saved; saving again revises it to "78" and moves on."""
     store, url = served
     page = opened(browser, url)
-    page.keyboard.press("Control+a")
-    page.keyboard.type("7")
-    with lock_held(store) as release:
-        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
-            page.keyboard.press("Control+Enter")
-            page.get_by_text("saving…").wait_for()
-            page.keyboard.type("8")
-            release()
-    assert sent.value.status == 200
+    assert save_seven_while_locked(page, store, lambda: page.keyboard.type("8")).status == 200
     page.get_by_text("Saved the answer to q0").wait_for()
     assert saved(store)["q0"] == "7"
     assert page.locator("#prompt").text_content() == QUERIES[0]["prompt"]  # stayed
@@ -99,18 +107,14 @@ def test_text_typed_on_another_query_while_a_save_waits_is_kept(browser, served)
     next open query, and drop it); q0 shows its answer saved."""
     store, url = served
     page = opened(browser, url)
-    page.keyboard.press("Control+a")
-    page.keyboard.type("7")
-    with lock_held(store) as release:
-        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
-            page.keyboard.press("Control+Enter")
-            page.get_by_text("saving…").wait_for()
-            page.locator("nav button").nth(2).click()
-            assert page.locator("#prompt").text_content() == QUERIES[2]["prompt"]
-            page.keyboard.press("Control+a")
-            page.keyboard.type("44")
-            release()
-    assert sent.value.status == 200
+
+    def open_q2_and_type() -> None:
+        page.locator("nav button").nth(2).click()
+        assert page.locator("#prompt").text_content() == QUERIES[2]["prompt"]
+        page.keyboard.press("Control+a")
+        page.keyboard.type("44")
+
+    assert save_seven_while_locked(page, store, open_q2_and_type).status == 200
     page.get_by_text("1 of 4 answered").wait_for()
     assert saved(store) == {"a": "x", "q0": "7"}
     assert page.locator("#prompt").text_content() == QUERIES[2]["prompt"]  # stayed on q2
@@ -132,17 +136,13 @@ def test_a_save_asked_for_while_another_waits_is_not_silently_dropped(browser, s
     page = opened(browser, url)
     posts: list[str] = []
     page.on("request", lambda r: posts.append(r.post_data or "") if r.method == "POST" else None)
-    page.keyboard.press("Control+a")
-    page.keyboard.type("7")
-    with lock_held(store) as release:
-        with page.expect_response(lambda r: r.url.endswith("/api/labels")) as sent:
-            page.keyboard.press("Control+Enter")
-            page.get_by_text("saving…").wait_for()
-            page.keyboard.type("9")
-            page.keyboard.press("Control+Enter")
-            assert "a save is in progress" in page.locator("#status").text_content()
-            release()
-    assert sent.value.status == 200
+
+    def type_and_save_again() -> None:
+        page.keyboard.type("9")
+        page.keyboard.press("Control+Enter")
+        assert "a save is in progress" in page.locator("#status").text_content()
+
+    assert save_seven_while_locked(page, store, type_and_save_again).status == 200
     page.get_by_text("Saved the answer to q0").wait_for()
     assert len(posts) == 1 and saved(store)["q0"] == "7"
     assert page.locator("#answer").input_value() == "79"
