@@ -140,6 +140,7 @@ def test_a_save_over_an_answer_saved_meanwhile_gets_409_and_keeps_it(
 @pytest.mark.parametrize("body,error", [
     ({"id": "zz", "answer": "1"}, "id: 'zz' unknown id"),
     ({"id": "a", "answer": "1"}, "id: 'a' is not pending"),
+    ({"id": "a", "answer": "x"}, "id: 'a' is not pending"),  # as saved in round 0: still 400
     ({"id": "q0", "answer": "  "}, "answer: empty answer for id 'q0'"),
     ({"id": "q0"}, "answer: missing, or not a string"),
     ({"id": 3, "answer": "1"}, "id: missing, or not a string"),

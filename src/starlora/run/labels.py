@@ -294,13 +294,14 @@ def _skip(text: str, pos: int) -> int:
 
 
 def check_answers(store: RunStore, answers: list[Answer], where: str,
-                  revise: bool = False, problems: Problems | None = None) -> dict[str, str]:
+                  revise: bool = False, problems: Problems | None = None,
+                  keep_saved: bool = False) -> dict[str, str]:
     """``{id: answer}`` for the good ones of `answers`. An id must be in the open query and not
     labelled yet (with `revise`, answers saved to the open query may be replaced); one asked
-    or labelled before is "not pending", any other "unknown", unless its answer is the one
-    saved: that answer is left out, as it is (a file imported again, a Label Studio project
-    exported whole each round). Each bad answer is a problem: added to `problems` when given,
-    else all raised together."""
+    or labelled before is "not pending", any other "unknown"; with `keep_saved` (an import),
+    one whose answer is the one saved is left out instead, as it is (a file imported again, a
+    Label Studio project exported whole each round). Each bad answer is a problem: added to
+    `problems` when given, else all raised together."""
     found = Problems() if problems is None else problems
     r = store.open_query()
     asked = {q["id"] for q in store.queries(r)} if r is not None else set()
@@ -317,7 +318,7 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
         first_line[a.id] = a.line
         if not a.answer.strip():
             found.add(DataError(where, a.line, "answer", f"empty answer for id {a.id!r}"))
-        elif saved.get(a.id) == a.answer.strip() and not (revise and a.id in asked):
+        elif keep_saved and saved.get(a.id) == a.answer.strip() and not (revise and a.id in asked):
             continue  # saved already as it is (a file, or a Label Studio project, kept whole)
         elif a.id not in pending:
             problem = ("is not pending: answered already (`starlora import --revise` or "
@@ -343,7 +344,8 @@ def import_labels(store: RunStore, path: str | Path, fmt: str = "auto",
     problems = Problems()
     answers = read_answers(path, fmt, problems)
     with store.lock():
-        checked = check_answers(store, answers, str(path), revise=revise, problems=problems)
+        checked = check_answers(store, answers, str(path), revise=revise, problems=problems,
+                                keep_saved=True)
         problems.raise_if_any()
         if checked:
             store.save_labels(checked, f"import:{Path(path).name}")
