@@ -53,9 +53,9 @@ def unadapted(model: Any, target_modules: list[str] | str | None = None) -> list
         decoder = model.get_decoder()
     except (AttributeError, NotImplementedError):  # a model of its own: nothing to say
         return []
-    if decoder is None:
+    prefix = next((n for n, m in model.named_modules() if m is decoder), None)
+    if decoder is None or prefix is None:  # no decoder inside the model to look at
         return []
-    prefix = next(n for n, m in model.named_modules() if m is decoder)
     prefix = prefix + "." if prefix else ""
 
     def adapted(name: str) -> bool:
