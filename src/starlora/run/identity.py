@@ -98,8 +98,7 @@ def data_hashes(config: ExperimentConfig, pool: Sequence[Example], test: Sequenc
 
 
 def _read(store: RunStore) -> dict:
-    path = store.paths.identity
-    return read_json(path) if path.is_file() else {}
+    return _identity_file(store.root)
 
 
 def check_data(store: RunStore, data: dict[str, dict[str, str]]) -> None:
