@@ -370,12 +370,15 @@ def test_cache_hits_and_resumes(llama, examples, tmp_path):
     with pytest.raises(ConfigError, match="fingerprint"):
         base_cache_key("", dtype=torch.float32)  # an unknown model must not share a key
 
-    # score_base goes through the cache
-    calls.clear()
-    via = score_base(
-        model, llama.tokenizer, TASK, examples, cache=BaseScoreCache(tmp_path, key), progress=False
-    )
-    np.testing.assert_array_equal(via.pe, first.pe)
+    # score_base goes through the cache: its records (computed in fixed shapes, whose key
+    # names the shape) are read back, not computed again
+    via = BaseScoreCache(tmp_path, key)
+    made = score_base(model, llama.tokenizer, TASK, examples, cache=via, progress=False)
+    assert via.computed == len(examples)
+    read = score_base(model, llama.tokenizer, TASK, examples, cache=via, progress=False)
+    assert via.computed == 0
+    np.testing.assert_array_equal(read.pe, made.pe)
+    np.testing.assert_allclose(made.pe, first.pe, rtol=1e-5)
 
 
 def test_cache_is_keyed_by_the_tokens_scored(llama, examples, tmp_path):
@@ -777,3 +780,30 @@ def test_smollm2_scores_match_float64(smol, data_dir):
         at = logp[len(p) - 1 : len(p) + len(a) - 1]
         assert s.pe[i] == pytest.approx(-at[torch.arange(len(a)), torch.tensor(a)].sum().item(), rel=1e-5)
         assert s.me[i] == pytest.approx(-(at.exp() * at).sum().item(), rel=1e-5)
+
+
+def test_cached_base_scores_do_not_follow_batch_mates(smol, tmp_path):
+    """A cached record must not depend on which run met its sequence first: in bf16 on
+    SmolLM2, length-sorted packed batches moved an example's PE by up to 0.5 nats with its
+    batch-mates (asserted below, so that this test can fail); the cache's fixed shapes give
+    the same bits whatever the history of the file."""
+    task = get_task("arith")
+    pool = task.generate("train", 48, 1)
+    kw = dict(progress=False, dtype=torch.bfloat16)
+    packed = [score_examples(smol.model, smol.tokenizer, task, part, **kw).pe
+              for part in (pool, pool[:24])]
+    assert np.abs(packed[0][:24] - packed[1]).max() > 1e-3  # the mates matter, unfixed
+
+    key = base_cache_key(smol.fingerprint, dtype=torch.bfloat16)
+    at_once = score_base(smol.model, smol.tokenizer, task, pool,
+                         cache=BaseScoreCache(tmp_path / "a", key), **kw)
+    grown = BaseScoreCache(tmp_path / "b", key)
+    for part in (pool[::5], pool[1::2], pool[::-1]):  # other subsets first, then the rest
+        later = score_base(smol.model, smol.tokenizer, task, part, cache=grown, **kw)
+    assert grown.computed > 0
+    np.testing.assert_array_equal(later.pe[::-1], at_once.pe)
+    np.testing.assert_array_equal(later.me[::-1], at_once.me)
+    # the shape is in the key: another batch size is another file
+    other = BaseScoreCache(tmp_path / "a", key)
+    score_base(smol.model, smol.tokenizer, task, pool[:3], cache=other, batch_size=4, **kw)
+    assert other.computed == 3

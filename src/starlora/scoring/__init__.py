@@ -19,13 +19,14 @@ disk, keyed by content), `engine` (`score_examples`, `score_base`), `own_answers
 `agreement`: self-consistency of sampled final answers).
 """
 
+from starlora.scoring.base_scores import score_base
 from starlora.scoring.cache import (
     BaseScoreCache,
     base_cache_key,
     default_score_cache_dir,
     sequence_key,
 )
-from starlora.scoring.engine import score_base, score_examples
+from starlora.scoring.engine import score_examples
 from starlora.scoring.options import ScoringOptions
 from starlora.scoring.own_answers import (
     BaseAnswers,

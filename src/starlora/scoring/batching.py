@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from starlora.models import token_limit
@@ -71,34 +72,55 @@ def batch_end(
     return end
 
 
-#: name under which `packed_attention` is registered with transformers' AttentionInterface
+#: fixed shapes: a sequence is right-padded to the next multiple of BUCKET tokens
+BUCKET = 16
 
 
-def sequence_rows(lengths: Sequence[int], packed: bool) -> list[int]:
+class BatchTooLarge(torch.OutOfMemoryError):
+    """Out of memory in a fixed-shape batch of more than one row: a smaller batch shape may
+    fit (the caller's cache key names the shape, so it is the caller who halves it)."""
+
+
+def fixed_batch(widths: np.ndarray, order: np.ndarray, start: int, shape: tuple[str, int],
+                filler: tuple[list[int], list[int]]) -> tuple[np.ndarray, list, int]:
+    """The fixed-shape batch that starts at `start` of `order` (sorted by decreasing `widths`,
+    multiples of `BUCKET`): its examples (indices, all of the first one's width W), and the
+    number of rows it must have: `shape` ``("rows", B)`` or ``("tokens", T)``, T // W rows.
+    The caller fills the rows up with `filler` (a sequence without answer tokens, so it adds
+    no answer positions) and pads every row to W, so the batch's shape depends on W alone:
+    a sequence's bits do not depend on its batch-mates. Returns (indices, the fillers, W)."""
+    width = int(widths[order[start]])
+    rows = max(1, shape[1] // width) if shape[0] == "tokens" else int(shape[1])
+    idx = order[start:start + rows]
+    idx = idx[widths[idx] == width]
+    return idx, [filler] * (rows - len(idx)), width
+
+
+def sequence_rows(lengths: Sequence[int], packed: bool, width: int = 0) -> list[int]:
     """The first row of each sequence in a batch's flattened input ``[rows * T]`` (the layout
-    `batch_inputs` builds): back to back when `packed`, one right-padded row of ``max(lengths)``
-    each otherwise."""
+    `batch_inputs` builds): back to back when `packed`, one right-padded row of
+    ``max(width, *lengths)`` each otherwise."""
     if packed:
         return [int(s) for s in np.concatenate([[0], np.cumsum(lengths)[:-1]])]
-    return [j * int(max(lengths)) for j in range(len(lengths))]
+    return [j * max(width, int(max(lengths))) for j in range(len(lengths))]
 
 
 def batch_inputs(
-    seqs: list[tuple[list[int], list[int]]], pad_id: int, packed: bool
+    seqs: list[tuple[list[int], list[int]]], pad_id: int, packed: bool, width: int = 0
 ) -> tuple[dict[str, np.ndarray | None], np.ndarray, np.ndarray, np.ndarray]:
     """Model inputs of one batch and where its answers are.
 
     Packed: one row ``[1, sum(L)]`` holding the sequences back to back, positions restarting at
-    0 for each, no attention mask. Padded: ``[B, max(L)]`` right-padded with a mask; real tokens
-    sit at positions 0..len-1 in every architecture either way.
+    0 for each, no attention mask. Padded: ``[B, max(width, *L)]`` right-padded with a mask;
+    real tokens sit at positions 0..len-1 in every architecture either way.
 
     Returns (inputs: input_ids, position_ids, attention_mask (None when packed);
     flat [P]: index of each answer position's hidden state in the flattened ``[rows * T]``
     output; targets [P]: the answer token it predicts; owner [P]: its sequence's index in seqs).
     """
     lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
-    starts = sequence_rows(lengths, packed)
-    width = int(lengths.sum()) if packed else int(lengths.max())
+    starts = sequence_rows(lengths, packed, width)
+    width = int(lengths.sum()) if packed else max(width, int(lengths.max()))
     rows = 1 if packed else len(seqs)
     ids = np.full((rows, width), pad_id, np.int64)
     positions = np.zeros((rows, width), np.int64) if packed else np.tile(np.arange(width), (rows, 1))

@@ -46,7 +46,9 @@ def base_cache_key(
     """The key of one base-score cache file: what, besides the tokens of each example (its
     `sequence_key`), changes base scores. `fingerprint`: `starlora.models.model_fingerprint` of
     the weights; `dtype`: the dtype the scores are computed in (not "auto"). A model without a
-    fingerprint ("") cannot be cached (ConfigError): it would share a key with others."""
+    fingerprint ("") cannot be cached (ConfigError): it would share a key with others.
+    `starlora.scoring.score_base` adds the fixed batch shape its records are computed in (files
+    without one, from before, held records computed in length-sorted batches: not read)."""
     if not fingerprint:
         raise ConfigError("base-score cache: the model has no fingerprint of its weights")
     if not isinstance(dtype, torch.dtype):

@@ -48,6 +48,7 @@ from starlora.attention import attention_kernels
 from starlora.errors import ConfigError
 from starlora.io import atomic_write
 from starlora.models import cache_dir, decoder_and_head
+from starlora.scoring.batching import BUCKET, BatchTooLarge
 from starlora.scoring.cache import sequence_key
 from starlora.scoring.engine import weights_cast
 from starlora.scoring.lora_fastpath import adapter_disabled
@@ -59,15 +60,6 @@ CPU_TOKENS_PER_BATCH = 4096
 GPU_TOKENS_PER_BATCH = 32768
 #: prompts per batch under DeepSpeed ZeRO-3: every process must run as many forward passes
 ZERO3_BATCH_SIZE = 8
-#: fixed shapes: a prompt is right-padded to the next multiple of BUCKET tokens
-BUCKET = 16
-
-
-class BatchTooLarge(torch.OutOfMemoryError):
-    """Out of memory in a batch of more than one row (`embed_prompts` with
-    ``halve_on_oom=False``): a smaller batch shape may fit."""
-
-
 def batch_shape(batch_size: int | str, max_tokens_per_batch: int | None,
                 device: torch.device) -> tuple[str, int]:
     """How `embed_prompts` sizes its batches: ``("tokens", T)``, as many rows of a width W as

@@ -42,12 +42,16 @@ from starlora import zero3
 from starlora.attention import attention_kernels
 from starlora.errors import ConfigError, ScorerFallbackWarning
 from starlora.models import decoder_and_head, logit_transform, unwrap_model
-from starlora.scoring.batching import batch_end, batch_inputs, encode_pairs, sequence_rows
-from starlora.scoring.cache import (
-    BaseScoreCache,
-    sequence_key,
+from starlora.scoring.batching import (
+    BUCKET,
+    BatchTooLarge,
+    batch_end,
+    batch_inputs,
+    encode_pairs,
+    fixed_batch,
+    sequence_rows,
 )
-from starlora.scoring.lora_fastpath import MaskSampler, adapter_disabled, scoring_mode
+from starlora.scoring.lora_fastpath import MaskSampler, scoring_mode
 from starlora.scoring.measures import (
     CHUNK_ELEMENTS,
     CPU_VOCAB_TILE,
@@ -86,6 +90,7 @@ def _score_batch(
     sampler: MaskSampler,
     packed: bool,
     mask_seeds: list[list[int]] | None = None,
+    width: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-position NLL and entropy of one batch, for each pass (pass k seeds torch with
     ``seeds[k]`` and `sampler` with ``mask_seeds[k]`` [len(seqs)], one stream per sequence, or
@@ -93,18 +98,22 @@ def _score_batch(
 
     Returns (owner [P] int: index of the example in `seqs` of each answer position,
     nll [K, P] float64, entropy [K, P] float64), P = total answer tokens of the batch,
-    K = len(seeds) or 1 (deterministic).
+    K = len(seeds) or 1 (deterministic). With `width` (fixed shapes), rows are padded to it and
+    the LM head runs on ``len(seqs) * width`` rows, the answer positions and zeros.
     """
-    arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed)
+    arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed, width)
     inputs = {k: None if v is None else torch.from_numpy(v).to(device) for k, v in arrays.items()}
     flat_t = torch.from_numpy(flat).to(device)
     tgt_t = torch.from_numpy(targets).to(device)
     P = len(owner)
     lengths = [len(p) + len(a) for p, a in seqs]
+    fixed_rows = len(seqs) * width
+    if width:
+        tgt_t = torch.cat([tgt_t, tgt_t.new_zeros(fixed_rows - P)])
     cpu = device.type == "cpu"
     vocab_tile, max_elements = (CPU_VOCAB_TILE, CHUNK_ELEMENTS) if cpu else (None, GPU_CHUNK_ELEMENTS)
 
-    starts = sequence_rows(lengths, packed)
+    starts = sequence_rows(lengths, packed, width)
     passes = seeds if seeds is not None else [None]
     nll = np.full((len(passes), P), np.nan)
     ent = np.full((len(passes), P), np.nan)
@@ -117,13 +126,16 @@ def _score_batch(
             out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
         hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
         del out
+        if width:  # fixed shapes: as many head rows as the batch has tokens (their count
+            # rounds the bits), the extra ones zeros
+            hidden = torch.cat([hidden, hidden.new_zeros(fixed_rows - P, hidden.shape[1])])
         nll_k, ent_k = answer_measures(
             hidden, head, tgt_t, transform, want_me, vocab_tile, max_elements
         )
         if want_pe:
-            nll[k] = nll_k.numpy()
+            nll[k] = nll_k[:P].numpy()
         if want_me:
-            ent[k] = ent_k.numpy()
+            ent[k] = ent_k[:P].numpy()
     return owner, nll, ent
 
 
@@ -217,6 +229,7 @@ def score_examples(
                                             opts.packed)
     max_tokens_per_batch, max_padding = opts.max_tokens_per_batch, opts.max_padding
     zero = zero3.enabled()  # partitioned weights: the plain forward, in fixed-size batches
+    fixed = None if zero else opts.fixed_shape
     by_tokens = batch_size == "auto" and not zero
     weights = next(model.parameters())
     dtype = resolve_dtype(opts.dtype, weights.device, weights.dtype)
@@ -236,9 +249,10 @@ def score_examples(
     seqs = encode_pairs(model, tokenizer, task, examples, max_length, answer_ids)
     lengths = np.array([len(p) + len(a) for p, a in seqs], np.int64)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
-    order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows up at once
+    widths = -(-lengths // BUCKET) * BUCKET if fixed else lengths
+    order = np.argsort(-widths, kind="stable")  # longest first: an OOM shows up at once
     longest = int(lengths.max(initial=0))
-    if zero:
+    if zero or fixed:
         packed = False
     elif packed is None:
         packed = device.type == "cpu" and can_pack(model, longest)
@@ -288,23 +302,30 @@ def score_examples(
             stack.enter_context(packed_attention_for(model))
         start = 0
         while start < N:
-            end = min(start + limit, N) if zero else \
-                batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
-            idx = order[start:end]
+            fill, width = [], 0
+            if fixed:  # rows without answers fill the batch up (`fixed_batch`)
+                idx, fill, width = fixed_batch(widths, order, start, fixed, ([pad_id], []))
+                end = start + len(idx)
+            else:
+                end = min(start + limit, N) if zero else \
+                    batch_end(lengths, order, start, limit, by_tokens, max_padding, packed)
+                idx = order[start:end]
             # one seed per (batch start, pass): reproducible given the base seed
             seeds = [seed + 1_000_003 * start + k for k in salts] if stochastic else None
-            batch = [seqs[i] for i in idx]
+            batch = [seqs[i] for i in idx] + fill
             try:
                 mask_seeds = None if per_example is None else \
-                    [[int(s) for s in per_example[k, idx]] for k in range(K)]
+                    [[int(s) for s in per_example[k, idx]] + [0] * len(fill) for k in range(K)]
                 if plain:
                     owner, nll, ent = plain_batch(model, batch, pad_id, device, seeds, sampler,
-                                                  mask_seeds)
+                                                  mask_seeds, width)
                 else:
                     owner, nll, ent = _score_batch(model, body, head, transform, batch, pad_id,
                                                    device, want_pe, want_me, seeds, sampler,
-                                                   packed, mask_seeds)
-            except torch.OutOfMemoryError:
+                                                   packed, mask_seeds, width)
+            except torch.OutOfMemoryError as e:
+                if fixed and len(batch) > 1:  # the caller's cache key names the shape
+                    raise BatchTooLarge(str(e)) from e
                 if end - start == 1 or zero:  # processes must run the same batches
                     raise
                 limit = max(1, limit // 2)
@@ -338,33 +359,3 @@ def score_examples(
         pe_passes=pe if K > 1 or mc_salts is not None else None,
         me_passes=me if K > 1 or mc_salts is not None else None,
     )
-
-
-def score_base(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    *,
-    cache: BaseScoreCache | None = None,
-    **kwargs: Any,
-) -> Scores:
-    """`score_examples` with the LoRA adapter disabled (the frozen base model; works for a
-    plain model too), always deterministic (K = 1). With `cache`, scores already on disk are
-    reused and only the missing sequences are computed: `cache` must have been made for this
-    model's weights and dtype (`base_cache_key`); examples are matched by the tokens scored."""
-    kwargs = {**kwargs, "mc_passes": 1}
-    kwargs.setdefault("desc", "scoring base")
-    answers = kwargs.pop("answer_ids", None)
-    seqs = encode_pairs(model, tokenizer, task, examples, kwargs.get("max_length"), answers)
-    keys = [sequence_key(p, a) for p, a in seqs]
-    answer_of = dict(zip(keys, (a for _, a in seqs)))
-
-    def compute(chunk: list[Example], chunk_keys: list[str]) -> Scores:
-        given = None if answers is None else [answer_of[k] for k in chunk_keys]
-        with adapter_disabled(model):
-            return score_examples(model, tokenizer, task, chunk, answer_ids=given, **kwargs)
-
-    if cache is None:
-        return compute(list(examples), keys)
-    return cache.get_or_compute(examples, keys, compute)

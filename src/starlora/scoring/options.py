@@ -86,6 +86,12 @@ class ScoringOptions:
     packed: put each batch's sequences back to back in one row (no padding; attention stays
         within each sequence). Default: on CPU, for models whose attention is transformers'
         SDPA without a sliding window; padded batches otherwise.
+    fixed_shape: None, or padded batches of fixed shapes (`starlora.scoring.batching.fixed_batch`):
+        ``("rows", B)`` or ``("tokens", T)``; each sequence is padded to the next multiple of
+        `BUCKET` tokens and batched with sequences of that width only, so that its bits do not
+        depend on its batch-mates (how cached base scores are computed; not under ZeRO-3).
+        Replaces `batch_size`, `max_tokens_per_batch`, `max_padding` and `packed`; an
+        out-of-memory error raises `BatchTooLarge`.
     """
 
     measures: Sequence[str] = MEASURES
@@ -98,6 +104,7 @@ class ScoringOptions:
     max_padding: float | None = None
     packed: bool | None = None
     dtype: str | torch.dtype | None = None
+    fixed_shape: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         measures = tuple(self.measures)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from starlora.models import prompt_room, prompt_window, token_limit
+from starlora.scoring.base_scores import score_base
 from starlora.scoring.batching import encode_pairs
 from starlora.scoring.cache import (
     BaseScoreCache,
@@ -34,7 +35,7 @@ from starlora.scoring.cache import (
     default_score_cache_dir,
     sequence_key,
 )
-from starlora.scoring.engine import score_base, score_examples
+from starlora.scoring.engine import score_examples
 from starlora.scoring.lora_fastpath import adapter_disabled
 from starlora.scoring.options import ScoringOptions, example_seeds, unique_keys
 from starlora.scoring.results import Scores

@@ -31,14 +31,16 @@ def plain_batch(
     seeds: list[int] | None,
     sampler: MaskSampler | None = None,
     mask_seeds: list[list[int]] | None = None,
+    width: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The definition of PE and ME, and the path scoring falls back to: right-padded rows
     through the model's own ``forward(...).logits`` (LoRA layers as peft runs them), log-softmax
     in float64 at the answer positions (`CHUNK_ELEMENTS` at a time). Pass k seeds torch's
     dropout with ``seeds[k]``, and `sampler` (which peft's LoRA dropouts draw from on CPU, see
     `scoring_mode`) as `_score_batch` does: with ``mask_seeds[k]``, one stream per sequence.
-    Returns what `_score_batch` returns: owner [P], nll [K, P], entropy [K, P] (nats)."""
-    arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed=False)
+    Rows are at least `width` tokens wide. Returns what `_score_batch` returns: owner [P],
+    nll [K, P], entropy [K, P] (nats)."""
+    arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed=False, width=width)
     lengths = [len(p) + len(a) for p, a in seqs]
     inputs = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}  # ids, positions, mask
     flat_t, tgt_t = (torch.from_numpy(a).to(device) for a in (flat, targets[:, None]))
@@ -49,7 +51,7 @@ def plain_batch(
             torch.manual_seed(seed)
             if sampler is not None:
                 sampler.seed_pass(seed, None if mask_seeds is None else mask_seeds[k],
-                                  sequence_rows(lengths, packed=False), lengths)
+                                  sequence_rows(lengths, False, width), lengths)
         logits = model(**inputs, use_cache=False).logits  # [B, T, V]
         z = logits.reshape(-1, logits.shape[-1])[flat_t]  # [P, V]: answer positions
         if z.device.type == "mps":  # no float64 there
