@@ -161,7 +161,9 @@ def test_a_run_from_before_the_identity_records_it_on_resume(
     (run_dir / "identity.json").unlink()
     set_cpu_bf16(monkeypatch, False)
     run_experiment(load_config(TINY, overrides(finished)), run_dir, progress=False)  # finished
-    assert set(read_json(run_dir / "identity.json")) == {"data"}
+    # its data, and the plan of its stored config (the rounds that size its λ from now on)
+    assert read_json(run_dir / "identity.json").keys() == {"data", "plan"}
+    assert read_json(run_dir / "identity.json")["plan"] == {"rounds": 1}
     store = RunStore.open(run_dir)
     fp32 = read_json(finished / "run" / "identity.json")["precision"]
     assert check_precision(store, fp32, store.state()) is None  # legacy: no suffix
@@ -302,3 +304,15 @@ def test_uncertainty_and_calibrate_refuse_edited_data(finished: Path, tmp_path: 
             command()
     assert not list(run_dir.glob("rounds/*/test_uncertainty.jsonl"))
     assert not list(run_dir.glob("rounds/*/calibration.json"))
+
+
+def test_the_first_plan_is_recorded_once(tmp_path: Path) -> None:
+    """identity.json keeps the rounds a run planned when it started (they size its λ schedule
+    for good); a later, longer plan does not replace it. A run from before the record gets the
+    plan of its stored config."""
+    from starlora.run import identity
+
+    store = RunStore.create_or_resume(tmp_path / "run", load_config(TINY))
+    assert identity.first_plan(store, 3) == 3
+    assert identity.first_plan(store, 7) == 3  # an extension: the first plan stays
+    assert read_json(store.paths.identity)["plan"] == {"rounds": 3}

@@ -222,6 +222,10 @@ def test_a_finished_run_extended_keeps_its_rounds_and_its_protocol(
                            progress=False)
     assert [m["n_labelled"] for m in store.metrics()] == [8, 16, 24]
     assert len({r["id"] for r in store.labelled()}) == 24
+    # λ keeps the first plan's schedule (one query, λ = start): stretched again over the new
+    # plan it was 0.1 here, and after a longer extension it rose again
+    assert [m["lambda"] for m in store.metrics()] == [None, 0.9, 0.9]
+    assert json.loads((run_dir / "identity.json").read_text())["plan"] == {"rounds": 2}
     for path, data in before.items():
         now = run_dir / path
         if path.name in ("state.json", "config.yaml") or "adapter" in path.parts:

@@ -101,6 +101,21 @@ def _read(store: RunStore) -> dict:
     return _identity_file(store.root)
 
 
+def first_plan(store: RunStore, planned: int) -> int:
+    """The training rounds the run planned when it started: they size its λ schedule for good,
+    so that a run extended with more rounds does not stretch λ again (it would rise after the
+    extension); queries past the first plan keep the λ of its last query (``lambda_end``;
+    ``lambda_start`` for a plan of one query). Recorded in identity.json
+    (``"plan"``) the first time, read back after. `planned`: the rounds the run's stored config
+    plans, read before an extension is saved (for a run from before the record, the plan it
+    last ran with)."""
+    identity = _read(store)
+    if "plan" not in identity:
+        write_json(store.paths.identity, {**identity, "plan": {"rounds": int(planned)}})
+        return int(planned)
+    return int(identity["plan"]["rounds"])
+
+
 def check_data(store: RunStore, data: dict[str, dict[str, str]]) -> None:
     """Record `data` (`data_hashes`) in a run that has none yet, or refuse (DataError naming
     the file) a resume whose pool, test or labelled examples differ from the recorded ones."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from starlora import distributed as dist
 from starlora.acquisition import QueryStrategy, make_strategy
-from starlora.config import ExperimentConfig, flatten_config
+from starlora.config import ExperimentConfig, flatten_config, load_config
 from starlora.errors import StarloraError
 from starlora.run import identity, oracle
 from starlora.run.context import Run
@@ -260,14 +260,20 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         fresh = dist.on_main(lambda: not RunPaths(run_dir).config.is_file())
 
         def open_store() -> dict:
+            paths = RunPaths(run_dir)
+            stored = load_config(paths.config, stored=True) if paths.config.is_file() else config
             store = RunStore.create_or_resume(run_dir, config, save=False)
             store.check_pool(len(data.pool), pool_hash,
                              str(config.task.train or f"task {task.name}"))
             identity.check_data(store, contents)
-            return {**store.state(), "at": store.current_round(), "open": store.open_query()}
+            plan = identity.first_plan(store, planned_rounds(stored, len(data.labelled) or None))
+            return {**store.state(), "at": store.current_round(), "open": store.open_query(),
+                    "plan": plan}
 
         state = dist.on_main(open_store)  # only the main process writes the run directory
         store = RunStore(run_dir, config)
+        if state["plan"] != n_rounds:  # an extended run keeps the λ schedule it started with
+            strategy = config_strategy(config, state["plan"])
         if state.get("finished") and state["round"] >= n_rounds - 1:
             _say(f"{run_dir}: already finished ({n_rounds} rounds)")
             return store

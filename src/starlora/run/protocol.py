@@ -11,8 +11,9 @@ Settings fall in three groups:
   `scoring.max_tokens_per_batch` decide which mask each example gets.
 * **extendable** (`EXTENDABLE`): `active_learning.rounds` and `budget`. Raising them on a
   finished run adds rounds and leaves the rounds already done byte-identical (they are never
-  recomputed). They size the λ schedule of the queries still to come, so each round records
-  the λ it was selected with (``metrics.jsonl``, ``selected.jsonl``).
+  recomputed). The λ schedule keeps the plan the run started with (`starlora.run.identity.
+  first_plan`): the queries an extension adds keep the λ of its last query, and each round
+  records the λ it was selected with (``metrics.jsonl``, ``selected.jsonl``).
 * **stopping** (`STOPPING`): ``active_learning.stop_when`` decides how many rounds run, never
   what a round computes; it may change on resume (a run the rule ended goes on under
   ``none``) and is not part of the protocol id.
