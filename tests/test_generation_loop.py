@@ -288,3 +288,30 @@ def test_base_answers_below_fp32_are_cached_under_their_fixed_shapes(tmp_path, m
     keys = [json.loads(p.read_text()) for p in tmp_path.glob("*.key.json")]
     shapes = sorted(str(k["generation"].get("fixed_shapes")) for k in keys)
     assert shapes == ["None", "{'bucket': 16, 'rows': 2}", "{'bucket': 16, 'rows': 3}"]
+
+
+def test_generation_stops_at_the_chat_templates_turn_end() -> None:
+    """A model whose EOS and generation config name another token (as a config converted from
+    a GGUF file may leave out Gemma's ``<end_of_turn>``) still stops at the token its chat
+    template closes an assistant turn with: here the head always picks that token, and each
+    answer is that one token, not `max_new_tokens` of them."""
+    import copy
+
+    from starlora.models import load_model
+    from starlora.tasks.base import turn_end_ids
+
+    loaded = load_model("tiny-llama", device="cpu", dtype="float32")
+    model, tok = loaded.model, copy.deepcopy(loaded.tokenizer)
+    turn = turn_end_ids(tok)[-1]  # <|im_end|>
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert tok.eos_token_id != turn and turn in stop_tokens(model, tok)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[turn] = 1e3
+    model.set_output_embeddings(biased)
+    out = generate(model, tok, prompts(tok), max_new_tokens=6, progress=False)
+    assert out.tokens == [[turn]] * len(QUESTIONS)

@@ -33,15 +33,11 @@ from starlora.builtin_models import (  # noqa: F401 - cache_dir and SMOLLM2 are 
 from starlora.errors import ConfigError, ModelNotFoundError
 
 #: Tiny random configs of real architectures; the vocabulary comes from the SmolLM2 tokenizer.
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny-llama": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    ),
-    "tiny-qwen2": dict(
-        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    ),
+    "tiny-llama": dict(model_type="llama", **_DECODER),
+    "tiny-qwen2": dict(model_type="qwen2", **_DECODER),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
 }
 
@@ -392,8 +388,13 @@ def prompt_window(model: torch.nn.Module, max_length: int | None,
 
 
 def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS and any end-of-turn token the model's generation config names."""
+    """The tokenizer's EOS, the end-of-turn tokens the model's generation config names, and
+    the one its chat template closes a turn with (a GGUF's config may omit Gemma's)."""
+    from starlora.tasks.base import turn_end_ids
+
     model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop = {tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])}
+    turn = turn_end_ids(tokenizer) or [None]
+    stop = {tokenizer.eos_token_id, turn[-1],
+            *(model_eos if isinstance(model_eos, list) else [model_eos])}
     stop.discard(None)
     return sorted(stop)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from starlora.models import prompt_room, prompt_window, token_limit
+from starlora.models import prompt_room, prompt_window, stop_tokens, token_limit
 from starlora.scoring.base_scores import score_base
 from starlora.scoring.batching import encode_pairs
 from starlora.scoring.cache import (
@@ -225,7 +225,7 @@ def base_answers(
     """The frozen base model's own answers to `prompts` ([N] token-id lists), with the PE/ME
     their generation measured (`BaseAnswers`, [N * samples] rows grouped by prompt). Cached on
     disk like base scores, keyed by the prompt's tokens in a file keyed by the weights, dtype
-    and generation settings; sampled answers are seeded by the prompt's key, so they do not
+    and generation settings (the stop tokens among them); sampled answers are seeded by the prompt's key, so they do not
     depend on the run or the batch. Greedy answers in less than fp32 are generated in fixed
     shapes (`starlora.generation`), whose bucket and row count the key holds too."""
     from starlora.generation import BUCKET, generate, uses_fixed_shapes
@@ -250,7 +250,7 @@ def base_answers(
         records = make(list(range(len(prompts))))
     else:
         generation = {"max_new_tokens": max_new_tokens, "samples": samples,
-                      "temperature": temperature}
+                      "temperature": temperature, "stop": stop_tokens(model, tokenizer)}
         if uses_fixed_shapes(dtype, temperature > 0):  # a row's bits depend on these
             generation["fixed_shapes"] = {"bucket": BUCKET, "rows": batch_size}
         key = {**base_cache_key(fingerprint, measures=("pe", "me"), dtype=dtype),
