@@ -18,6 +18,7 @@ finished run is skipped, an unfinished one resumes exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,10 @@ def main() -> int:
     runs = [(f"{args.setting} {a} seed {s}", args.runs_dir / args.setting / a / f"seed{s}",
              [f"seed={s}", *STUDY, *overrides, *arms[a]]) for s in seeds for a in chosen]
     if args.status:
-        print(progress(runs))
+        try:
+            print(progress(runs), flush=True)
+        except BrokenPipeError:  # ``--status | head``: the reader has gone; stay quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return run_all(CONFIG, runs, args.workers)
 
