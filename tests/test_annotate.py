@@ -28,6 +28,7 @@ from starlora.annotate.app import MAX_BODY, create_app
 from starlora.annotate.server import make_server
 from starlora.cli import main
 from starlora.config import load_config
+from starlora.errors import StarloraError
 from starlora.run.store import RunStore
 
 TOKEN = "test-token"
@@ -402,3 +403,12 @@ def test_answers_saved_through_the_api_are_what_the_run_trains_on(tmp_path: Path
     assert {r["source"] for r in store.labelled()} == {"annotate"}
     response = client.post("/api/labels", headers=AUTH, json={"id": rows[0]["id"], "answer": "1"})
     assert response.status_code == 400 and "the run has gone on" in response.json()["error"]
+
+
+@pytest.mark.parametrize("token", ["pässwort", "tok€n", " padded", "tab\there"])
+def test_a_token_the_page_cannot_send_is_refused(store: RunStore, token: str) -> None:
+    """The page sends the token in an Authorization header: a browser refuses one with
+    characters beyond Latin-1 (the page then failed on every save), and a bearer token loses
+    spaces at its ends. Refused before serving, with the reason."""
+    with pytest.raises(StarloraError, match="--token: use printable ASCII"):
+        create_app(store.root, token)

@@ -226,9 +226,14 @@ def render_page(template: str, nonce: str) -> str:
 
 def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Starlette:
     """The Starlette app serving `run_dir`'s open query to holders of `token`. Raises
-    StarloraError when `run_dir` is not a run directory or the token is empty."""
+    StarloraError when `run_dir` is not a run directory, or the token is empty, holds other
+    than printable ASCII characters (the page sends it in a header, where a browser refuses
+    characters beyond Latin-1) or starts or ends with a space (a bearer token loses them)."""
     if not token:
         raise StarloraError("--token: must not be empty")
+    if not all(" " <= c <= "~" for c in token) or token != token.strip():
+        raise StarloraError("--token: use printable ASCII characters only (letters, digits, "
+                            "punctuation, inner spaces; no accents)")
     annotator = Annotator(run_dir)
     template = resources.files("starlora.annotate").joinpath("page.html").read_text(
         encoding="utf-8")
