@@ -66,3 +66,29 @@ def test_calibrate_a_choice_run(tmp_path, data_dir):
         correct.append(float(p["correct"]))
     brier = float(np.mean((np.array(conf) - np.array(correct)) ** 2))
     assert result["signals"]["answer"]["before"]["brier"] == pytest.approx(brier, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_calibrate_cuts_as_the_run_cut(tmp_path, monkeypatch):
+    """The labelled pairs are cut to ``training.max_length`` as training cut them, and each
+    test prompt as evaluation cut it before generating (the signals are then those of the
+    answer the model gave to that prompt); calibration used to score them whole."""
+    import starlora.run.calibrate as calibrate_module
+    from starlora.models import load_model
+    from starlora.run.data import load_data, make_task
+
+    run_dir = tmp_path / "run"
+    config = load_config(TINY, ["training.max_length=12", "active_learning.rounds=1"])
+    run_experiment(config, run_dir, progress=False)
+    seen = []
+    real = calibrate_module._map_pairs
+    monkeypatch.setattr(calibrate_module, "_map_pairs", lambda model, pairs, fn, **kw:
+                        seen.append(pairs) or real(model, pairs, fn, **kw))
+    calibrate(str(run_dir), progress=False)
+    labelled, _, generated = seen  # the fit's two passes, then the test set's signals
+    assert all(len(p) + len(a) <= 12 for p, a in labelled)
+    tok, task = load_model("tiny-llama").tokenizer, make_task(config.task)
+    test = load_data(config.task, task).test
+    cut = sorted(task.prompt_ids(tok, ex, 12) for ex in test)
+    assert max(len(task.prompt_ids(tok, ex)) for ex in test) > 12  # there was a cut to make
+    assert sorted(p for p, _ in generated) == cut

@@ -19,7 +19,10 @@ On the test set it then reports, before (T = 1) and after (the fitted T), the nu
 * choice tasks: the probability of the predicted choice, a softmax over the choices' summed
   log-probabilities at T.
 
-Correctness is the run's own (``predictions.jsonl``); the predictions do not change. Writes
+Sequences are cut as the run cut them: labelled pairs as training did (to
+``training.max_length`` capped at the model's positions), a test prompt as evaluation did
+before generating, a choice pair as evaluation scored it. Correctness is the run's own
+(``predictions.jsonl``); the predictions do not change. Writes
 ``rounds/<k>/calibration.json`` (`RunStore`). Under N processes (``torchrun``/``accelerate
 launch``, DeepSpeed ZeRO-3 included) each runs a length-balanced share of the forward passes,
 every process gets the fitted temperature, and the main process writes the file.
@@ -42,6 +45,7 @@ from starlora.io import read_jsonl
 from starlora.run.data import load_data, make_task, set_aside_stop_set
 from starlora.run.identity import data_hashes, require_precision, verify_data
 from starlora.run.store import RunStore
+from starlora.scoring.batching import fit as fit_pair
 from starlora.tasks import Example
 
 R = TypeVar("R")
@@ -126,7 +130,7 @@ def fit(model: Any, pairs: list[tuple[list[int], list[int]]]) -> dict[str, float
             "nll_fitted": after / count}
 
 
-def _generated_signals(model, tokenizer, task, test, predictions, cfg, temps):
+def _generated_signals(model, tokenizer, task, test, predictions, cfg, temps, keep):
     from starlora.evaluation import answer_token_indices
 
     pairs, spans = [], []
@@ -137,7 +141,7 @@ def _generated_signals(model, tokenizer, task, test, predictions, cfg, temps):
             ids += task.answer_end_ids(tokenizer)
         span = task.extract_span(text)
         spans.append(answer_token_indices(tokenizer, ids, text, span) if span else [])
-        pairs.append((task.prompt_ids(tokenizer, ex), ids))  # as evaluation prompts
+        pairs.append((task.prompt_ids(tokenizer, ex, keep), ids))  # cut as evaluation cut it
 
     def signals(i: int, logits: torch.Tensor, targets: torch.Tensor) -> dict[float, tuple]:
         found = {}
@@ -154,11 +158,11 @@ def _generated_signals(model, tokenizer, task, test, predictions, cfg, temps):
                 for n, name in enumerate(("answer", "msp", "perplexity"))} for t in temps}
 
 
-def _choice_signals(model, tokenizer, task, test, predictions, temps):
+def _choice_signals(model, tokenizer, task, test, predictions, temps, limit):
     pairs, owner = [], []
     for i, ex in enumerate(test):
-        for text in task.choice_answers(ex):
-            pairs.append(task.encode(tokenizer, ex, answer=text))
+        for text in task.choice_answers(ex):  # cut as evaluation's scoring cut them
+            pairs.append(fit_pair(*task.encode(tokenizer, ex, answer=text), limit))
             owner.append(i)
     rows = _map_pairs(model, pairs, lambda _, logits, targets: {
         t: float(_logp(logits, targets, t).sum()) for t in temps})
@@ -181,7 +185,8 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
     """Fit the temperature of the run's last adapter and measure the test set before and
     after (module doc); writes and returns ``rounds/<k>/calibration.json``'s content."""
     from starlora.adapters import load_adapter
-    from starlora.models import load_model
+    from starlora.models import load_model, prompt_window, token_limit
+    from starlora.train_setup import encode_example
 
     store = RunStore.open(run_dir)
     cfg = store.config
@@ -208,14 +213,17 @@ def calibrate(run_dir: str, *, progress: bool = True) -> dict[str, Any]:
     model, tok = load_adapter(loaded.model, adapter), loaded.tokenizer
     labelled = [Example(r["id"], by_id[r["id"]].question, r["answer"], by_id[r["id"]].meta)
                 for r in store.labelled() if r["id"] in by_id]
+    limit = token_limit(model, cfg.training.max_length)  # as training and evaluation cut
     with zero3.forward_hooks(model):  # once for the three passes over the data (ZeRO-3)
-        fitted = fit(model, [task.encode(tok, ex) for ex in labelled])
+        fitted = fit(model, [encode_example(task, tok, ex, limit) for ex in labelled])
         temps = (1.0, fitted["temperature"])
         if "choice_logprobs" in predictions[0]:
-            signals = _choice_signals(model, tok, task, test_examples, predictions, temps)
+            signals = _choice_signals(model, tok, task, test_examples, predictions, temps,
+                                      limit)
         else:
             signals = _generated_signals(model, tok, task, test_examples, predictions, cfg,
-                                         temps)
+                                         temps, prompt_window(model, limit,
+                                                              cfg.evaluation.max_new_tokens))
     correct = np.array([float(p["correct"]) for p in predictions])
     bins = cfg.evaluation.ece_bins
 
