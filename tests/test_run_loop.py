@@ -273,7 +273,7 @@ def test_a_start_that_fails_on_its_model_leaves_no_run_behind(tmp_path: Path, ca
         assert main(["run", str(TINY), "--run-dir", str(run_dir), "--set", "model.name=tiny-gpt2",
                      "--set", override, "--set", "active_learning.rounds=1"]) == 2
         assert "error:" in capsys.readouterr().err
-        assert {p.name for p in run_dir.iterdir()} <= {".run.lock", ".run.owner.json"}
+        assert not run_dir.exists()  # not even its lock file (it was left, empty, before)
     assert main(["run", str(TINY), "--run-dir", str(run_dir), "--set", "model.name=tiny-gpt2",
                  "--set", "active_learning.rounds=1", "--set", "evaluation.max_new_tokens=4",
                  "--check"]) == 0

@@ -26,12 +26,17 @@ def hold_run(root: str | Path) -> Iterator[None]:
     """Hold the run-wide lock of `root` (``.run.lock``) while the block runs, so that a
     second `starlora run` on the same directory fails at once (RunInUseError naming the
     holder's pid and host, from ``.run.owner.json``) instead of computing the same
-    rounds and failing late. Not reentrant: a second hold, even in this process, fails."""
+    rounds and failing late. Not reentrant: a second hold, even in this process, fails.
+    A hold that ends with no run in `root` (a start that failed and undid itself,
+    `RunStore.undo_start`) removes the lock file, and `root` too if it made it and it is
+    empty: a failed command leaves no directory behind. (The file is unlinked while held: a
+    second start never waits on it, it fails at once.)"""
     from filelock import FileLock, Timeout
 
     paths = RunPaths(root)
     if not paths.config.is_file():
         refuse_foreign(paths)
+    made = not paths.root.exists()
     paths.root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(paths.run_lock, thread_local=False)
     try:
@@ -51,4 +56,10 @@ def hold_run(root: str | Path) -> Iterator[None]:
         yield
     finally:
         paths.run_owner.unlink(missing_ok=True)
+        no_run = not paths.config.is_file()
+        if no_run:
+            paths.run_lock.unlink(missing_ok=True)
         lock.release()
+        if no_run and made:
+            with contextlib.suppress(OSError):  # not empty: someone else's files stay
+                paths.root.rmdir()
