@@ -13,7 +13,8 @@ e.g. the model's own generation (`score_own_answers`).
 Modules, bottom to top: `results` (the schema), `batching`, `measures` (the tiled LM-head
 kernel), `packing` and `lora_fastpath` (speed: packed rows, a fused peft forward, MC masks),
 `reference` (the plain definition the fast path is checked against), `cache` (base results on
-disk, keyed by content), `engine` (`score_examples`, `score_base`), `own_answers`
+disk, keyed by content), `engine` (`score_examples`), `base_scores` (`score_base`: the frozen
+base model, cached records computed in fixed shapes), `own_answers`
 (`own_answers`, `score_generated`, `score_own_answers`, `base_answers`,
 `score_base_answers`: label-free, the first pass measured while generating), `consistency` (`answer_entropy`,
 `agreement`: self-consistency of sampled final answers).
