@@ -102,6 +102,19 @@ def test_labels_the_user_has_leave_the_pool_and_form_the_initial_set(tmp_path: P
     with pytest.raises(DataError, match=r"mine\.jsonl:1: id: 'p1' names another question"):
         load_data(cfg, make_task(cfg))
 
+    # the same item under another id (ids numbered by line in two files cut from one source)
+    # leaves the pool too, case and spaces folded as for the test set
+    labelled.write_text(json.dumps({"id": "7", "question": "5  +  5?", "answer": "#### 10"}) + "\n")
+    assert [ex.id for ex in load_data(cfg, make_task(cfg)).pool] == ["p1", "p2"]
+    # a labelled record that repeats a test record is refused: it would be trained on, then
+    # graded on (unless the user turns the overlap check off)
+    labelled.write_text(json.dumps({"id": "a", "question": "1 + 1?", "answer": "#### 2"}) + "\n"
+                        + json.dumps({"id": "b", "question": "9 + 9?", "answer": "#### 18"}) + "\n")
+    with pytest.raises(DataError, match=r"mine\.jsonl:2: question: repeats test record 'L000001-"):
+        load_data(cfg, make_task(cfg))
+    off = cfg.model_copy(update={"drop_test_overlap": False})
+    assert [ex.id for ex in load_data(off, make_task(off)).labelled] == ["a", "b"]
+
 
 def test_every_bad_record_is_reported_with_the_file_role(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"

@@ -102,7 +102,9 @@ def load_data(cfg: TaskConfig, task: Task) -> Data:
         labelled = load_examples(cfg.labelled, task, question_field=cfg.question_field,
                                  answer_field=cfg.answer_field, id_field=cfg.id_field,
                                  role="labelled")
-        pool = _without(pool, labelled, cfg.labelled)
+        if cfg.drop_test_overlap:
+            _refuse_test_items(labelled, test, task, cfg.labelled)
+        pool = _without(pool, labelled, cfg.labelled, task)
     return Data(_subset(pool, cfg.pool_size, cfg.subset_seed, "pool"), test, dropped, labelled)
 
 
@@ -115,18 +117,41 @@ def drop_test_overlap(pool: list[Example], test: list[Example],
     return kept, len(pool) - len(kept)
 
 
-def _without(pool: list[Example], labelled: list[Example], source: str) -> list[Example]:
-    """The pool less the records the user labelled already (same id, same question); an id
-    shared by two different questions is an error."""
+def _line(ex: Example) -> int:
+    """The line of its file a loaded record came from (``meta["source"]``: ``path:line``)."""
+    return int(ex.meta["source"].rsplit(":", 1)[1])
+
+
+def _refuse_test_items(labelled: list[Example], test: list[Example], task: Task,
+                       source: str) -> None:
+    """A DataError for each labelled record that repeats a test record (`Task.content_key`):
+    training on it would grade the model on what it was taught. Checked, like the pool's
+    overlap, unless ``task.drop_test_overlap`` is off."""
+    test_ids = {task.content_key(ex): ex.id for ex in test}
+    problems = Problems("labelled")
+    for ex in labelled:
+        if (twin := test_ids.get(task.content_key(ex))) is not None:
+            problems.add(DataError(source, _line(ex), "question",
+                                   f"repeats test record {twin!r}: remove it from this file "
+                                   "(or set task.drop_test_overlap: false)"))
+    problems.raise_if_any()
+
+
+def _without(pool: list[Example], labelled: list[Example], source: str,
+             task: Task) -> list[Example]:
+    """The pool less the records the user labelled already: the same id, or the same item
+    under another id (`Task.content_key`; e.g. ids numbered by line in two files cut from one
+    source); an id shared by two different questions is an error."""
     by_id = {ex.id: ex for ex in pool}
     problems = Problems("labelled")
     for ex in labelled:
         if ex.id in by_id and by_id[ex.id].question != ex.question:
-            problems.add(DataError(source, int(ex.meta["source"].rsplit(":", 1)[1]), "id",
+            problems.add(DataError(source, _line(ex), "id",
                                    f"{ex.id!r} names another question in the pool"))
     problems.raise_if_any()
     ids = {ex.id for ex in labelled}
-    return [ex for ex in pool if ex.id not in ids]
+    keys = {task.content_key(ex) for ex in labelled}
+    return [ex for ex in pool if ex.id not in ids and task.content_key(ex) not in keys]
 
 
 def check_plan(config: ExperimentConfig, pool: Sequence[Example],
