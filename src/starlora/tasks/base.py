@@ -32,7 +32,13 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
+#: a minus sign: right before the number, and not after a number (``10-5``, ``10 - 5``, where
+#: it is an operator; ``5 miles - 2``, a minus followed by a space, is never a sign)
+_SIGN = r"(?:(?<!\d)(?<!\d[ \t])-)?"
+#: a number as a generation writes it: ``-3``, ``$1,000.50``, ``.5``; commas only as thousands
+#: separators, in groups of three (``12,5`` and ``3,4`` are two numbers each)
+_NUMBER = re.compile(_SIGN + r"\$?(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?"
+                     r"|" + _SIGN + r"\$?\.\d+")
 
 
 def _fold(text: str) -> str:
