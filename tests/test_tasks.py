@@ -124,6 +124,75 @@ def test_obqa_reads_the_stated_letter(text: str, expected: str | None) -> None:
     assert get_task("obqa").extract(text) == expected
 
 
+def test_gold_answers_are_read_strictly() -> None:
+    """A gold answer is one final answer, or none: "#### 3/4" read 3, "not false" false, and
+    "yes, no doubt" false (its last verdict word) while extract read the same text true."""
+    gsm8k, boolq = get_task("gsm8k"), get_task("boolq")
+    assert [gsm8k.gold(a) for a in ("so 3.\n#### 3/4", "#### 3\n#### 4", "#### 3 apples",
+                                    "#### 3\nso 3")] == [None] * 4
+    assert [gsm8k.gold(a) for a in ("so.\n#### 1,000", "#### -3", "####  $2.50 ")] == [
+        "1000", "-3", "2.5"]
+    assert [boolq.gold(a) for a in ("the correct answer is not false", "yes, no doubt",
+                                    "true/false", "maybe")] == [None] * 4
+    assert [boolq.gold(a) for a in ("the correct answer is true", "False", "Yes.", "no")] == [
+        "true", "false", "true", "false"]
+
+
+@pytest.mark.parametrize("name,answer,problem", [
+    ("gsm8k", "She needs 3/4 of a cup.\n#### 3/4", "what follows '####' is not one number"),
+    ("gsm8k", "#### 3\n#### 4", "2 '####' lines, not one"),
+    ("boolq", "the correct answer is not false", "not one verdict"),
+    ("boolq", "yes, no doubt", "not one verdict"),
+])
+def test_a_malformed_gold_answer_is_a_data_error(tmp_path: Path, name: str, answer: str,
+                                                problem: str) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "q?", "answer": "#### 1" if name == "gsm8k" else "no"})
+                    + "\n" + json.dumps({"question": "r?", "answer": answer}) + "\n")
+    with pytest.raises(DataError, match=rf"g\.jsonl:2: answer: cannot extract a final answer: "
+                                        rf"{re.escape(problem)}"):
+        load_examples(path, get_task(name))
+
+
+OPTIONS = "Fog is likely around:\nAnswerA: a marsh\nAnswerB: a tundra\nAnswerC: the plains\n"
+
+
+@pytest.mark.parametrize("question,answer,problem", [
+    (OPTIONS + "The correct answer is ", "D",
+     "options must be lines AnswerA to AnswerD, each once; found AnswerA, AnswerB, AnswerC"),
+    ("Fog is likely around:\n(A) a marsh\n(B) a tundra\n(C) the plains\n(D) a desert", "A",
+     "options must be lines AnswerA to AnswerD, each once; found none"),
+    (OPTIONS + "AnswerD: a desert\nAnswerE: a lake\n", "A", "found AnswerA, AnswerB, AnswerC, "
+     "AnswerD, AnswerE"),
+    (OPTIONS + "AnswerC: a desert\n", "A", "found AnswerA, AnswerB, AnswerC, AnswerC"),
+    # an empty option once took the next line as its text: "AnswerB: AnswerC: the plains"
+    ("Fog?\nAnswerA a marsh\nAnswerB\nAnswerC the plains\nAnswerD a desert\n", "A",
+     "empty option AnswerB"),
+    (OPTIONS.replace("a tundra", "") + "AnswerD: a desert\n", "A", "empty option AnswerB"),
+])
+def test_obqa_records_need_options_a_to_d(tmp_path: Path, question: str, answer: str,
+                                          problem: str) -> None:
+    path = tmp_path / "o.jsonl"
+    good = {"question": OPTIONS + "AnswerD: a desert\nThe correct answer is ", "answer": "A"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"question": question, "answer": answer})
+                    + "\n")
+    with pytest.raises(DataError, match=rf"o\.jsonl:2: question: .*{re.escape(problem)}"):
+        load_examples(path, get_task("obqa"))
+    # an unlabelled pool is checked as well
+    path.write_text(json.dumps({"question": question}) + "\n")
+    with pytest.raises(DataError, match=rf"o\.jsonl:1: question: .*{re.escape(problem)}"):
+        load_examples(path, get_task("obqa"), require_answer=False)
+
+
+def test_obqa_option_forms_normalise_to_the_test_form() -> None:
+    """"AnswerA : x" became "AnswerA: : x"; the test form is left as it is."""
+    task = get_task("obqa")
+    assert task.normalize_question("Q?\nAnswerA : x\nAnswerB\ty\nAnswerC  z\nAnswerD: w") == (
+        "Q?\nAnswerA: x\nAnswerB: y\nAnswerC: z\nAnswerD: w")
+    assert task.normalize_question("Q?\nAnswerA:  x\nAnswerB:y") == "Q?\nAnswerA:  x\nAnswerB:y"
+    assert task.normalize_question("Q?\nAnswerA\nAnswerB x") == "Q?\nAnswerA: \nAnswerB: x"
+
+
 def test_obqa_train_options_normalised_to_test_form(data_dir: Path) -> None:
     task = get_task("obqa")
     train = load_examples(data_dir / "obqa" / "train.jsonl", task, limit=50)

@@ -170,6 +170,11 @@ class Task:
         """Problem with a gold answer text (used while loading), or None if it is fine."""
         return None if self.gold(answer) is not None else "cannot extract a final answer"
 
+    def check_question(self, question: str) -> str | None:
+        """Problem with a question text as `normalize_question` leaves it (used while loading),
+        or None if it is fine. Choice tasks whose options sit in the question check them."""
+        return None
+
     def generate(self, split: str, n: int, seed: int) -> list[Example] | None:
         """Synthetic tasks make their own data (``split`` is ``"train"`` or ``"test"``);
         file-backed tasks return None and are read with `load_examples`."""

@@ -44,11 +44,19 @@ class GSM8K(Task):
     _stated = re.compile(r"\banswer(?:\s+is\b|\s*:)[:\s]*(.+)", re.IGNORECASE)
 
     def gold(self, answer: str) -> str | None:
-        found = self._final.findall(answer)
-        if not found:
+        # strict: one "####", and all that follows it one number
+        if answer.count("####") != 1:
             return None
-        numbers = _NUMBER.findall(found[-1])
-        return parse_number(numbers[0]) if numbers else None
+        final = answer.split("####", 1)[1].strip()
+        return parse_number(final) if _NUMBER.fullmatch(final) else None
+
+    def check_answer(self, answer: str) -> str | None:
+        if self.gold(answer) is not None:
+            return None
+        count = answer.count("####")
+        return "cannot extract a final answer: " + (
+            "no '#### N' line" if count == 0 else f"{count} '####' lines, not one" if count > 1
+            else "what follows '####' is not one number")
 
     def _answer(self, text: str) -> tuple[str, int, int] | None:
         # within what answers this question (up to a run-on "Question:"): the first number
@@ -89,10 +97,18 @@ class BoolQ(Task):
                          re.IGNORECASE)
     #: what may stand before a "no" that is a verdict: nothing, or the end of a sentence
     _opening = re.compile(r"(?:^|[.!?;:\n])[\s*_\"'(\[]*\Z")
+    #: a gold answer: one verdict, bare or as "the correct answer is ..."
+    _gold = re.compile(r"\s*(?:(?:the\s+)?(?:correct\s+)?answer(?:\s+is|\s*:)\s*)?"
+                       r"(true|false|yes|no)\s*\.?\s*", re.IGNORECASE)
 
     def gold(self, answer: str) -> str | None:
-        found = self._word.findall(answer)
-        return _VERDICT[found[-1].lower()] if found else None
+        found = self._gold.fullmatch(answer)
+        return _VERDICT[found.group(1).lower()] if found else None
+
+    def check_answer(self, answer: str) -> str | None:
+        return None if self.gold(answer) is not None else (
+            "cannot extract a final answer: not one verdict (true, false, yes or no, bare or "
+            "as 'the correct answer is true')")
 
     def _answer(self, text: str) -> tuple[str, int, int] | None:
         # the last stated answer ("the answer is true"), else the first verdict: the first a
@@ -120,13 +136,17 @@ class OBQA(Task):
     """OpenBookQA, four options; gold answers are one letter.
 
     The train split writes options as ``AnswerA text`` and the test split as ``AnswerA: text``;
-    questions are normalised to the test form so that train and test prompts agree.
+    questions are normalised to the test form so that train and test prompts agree. A record
+    must have options AnswerA to AnswerD, each once and none empty.
     """
 
     name = "obqa"
     choices = ("A", "B", "C", "D")
-    _option = re.compile(r"^Answer([A-D])(?!:)\s*", re.MULTILINE)
-    _options = re.compile(r"^Answer[A-D]:\s*(.*)$", re.MULTILINE)
+    _option = re.compile(r"^Answer([A-D])(?!:)[ \t]*:?[ \t]*", re.MULTILINE)
+    _options = re.compile(r"^Answer[A-D]:[ \t]*(.*)$", re.MULTILINE)
+    _lettered = re.compile(r"^Answer([A-D]):[ \t]*(.*)$", re.MULTILINE)
+    #: every option label of a question, whatever its letter
+    _labels = re.compile(r"^Answer([A-Z])(?![A-Za-z0-9])", re.MULTILINE)
     #: a letter stated as the answer: "the answer is C", "answer: (c)", "answer is: AnswerC"
     _stated = re.compile(r"\b[Aa]nswer(?:\s+is\b|\s*:)[\s:*\"'(\[]*(?:Answer)?([A-Da-d])\b")
     #: a letter the text opens with: "B", "(b)", "**C**", "AnswerD: ...", "Option B"
@@ -138,6 +158,15 @@ class OBQA(Task):
 
     def normalize_question(self, question: str) -> str:
         return self._option.sub(r"Answer\1: ", question)
+
+    def check_question(self, question: str) -> str | None:
+        labels = self._labels.findall(question)
+        options = self._lettered.findall(question)
+        if sorted(labels) != list(self.choices) or len(options) != len(labels):
+            return ("options must be lines AnswerA to AnswerD, each once; found "
+                    + (", ".join(f"Answer{x}" for x in labels) or "none"))
+        empty = [f"Answer{x}" for x, text in options if not text.strip()]
+        return f"empty option {', '.join(empty)}" if empty else None
 
     def content_key(self, ex: Example) -> str:
         """The stem plus the set of option texts: the same question with its options shuffled
