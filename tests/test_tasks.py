@@ -62,6 +62,137 @@ def test_boolq_and_obqa_extract() -> None:
     assert obqa.extract("none of them") is None
 
 
+#: a question the model goes on to ask itself after answering, in the prompt's form
+RUN_ON = "\n\nQuestion: Tom has 3 apples and 4 pears. How many fruits?\nAnswer: 3+4=7\n#### 7"
+
+
+@pytest.mark.parametrize("text,expected", [
+    # a stated answer, then working with other numbers (the last number was read: 2)
+    ("The answer is 18. She sold 9 eggs at $2 each.", "18"),
+    ("Answer: 5\nExplanation: 2+3=5, checked with 10-3-2", "5"),
+    # the answer to this question, not to the one the model runs on into (7, then 4)
+    ("#### 18" + RUN_ON, "18"),
+    ("The answer is 18 dollars." + RUN_ON.split("\nAnswer")[0], "18"),
+    # a minus after a number, or before a space, is no sign (-5, -2)
+    ("So 10 apples less 5: 10-5", "5"),
+    ("He ran 5 miles - 2 in the morning.", "2"),
+    # commas only as thousands separators (34, 125)
+    ("The answers are 3,4.", "4"),
+    ("The answer is 12,5 dollars", "12"),
+    # unchanged: a sign, thousands, an expression stated as the answer, "final answer is"
+    ("The answer is -3.", "-3"),
+    ("The answer is 1,000,000", "1000000"),
+    ("Answer: 10 - 3 = 7", "7"),
+    ("it is 12 then 7. The final answer is $18.", "18"),
+])
+def test_gsm8k_reads_the_answer_to_this_question(text: str, expected: str) -> None:
+    assert get_task("gsm8k").extract(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    # the stated answer, not a "no" inside a sentence (read: false)
+    ("There is no single language in both countries; the correct answer is true", "true"),
+    ("There is no such law, so yes.", "true"),
+    # the answer format echoed is no verdict (read: true)
+    ("Answer format: true/false\nfalse", "false"),
+    ("True or false: false", "false"),
+    # unchanged: the last stated answer, else the verdict the text opens with
+    ("The answer is false. Yes, some people think so.", "false"),
+    ("No. It is true that they differ.", "false"),
+    ("yes, no doubt", "true"),
+])
+def test_boolq_reads_the_stated_verdict(text: str, expected: str) -> None:
+    assert get_task("boolq").extract(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    # the stated answer, not the article "A" (read: A)
+    ("A plant needs sun, so the answer is C.", "C"),
+    ("A marsh is wet. C", "C"),
+    # lower case (read: none)
+    ("answer: c", "C"),
+    ("b)", "B"),
+    # a listing of the options answers nothing (read: A), unless an answer is stated
+    ("A: make more phone calls\nB: quit eating lunch out\nC: buy less\nD: have lunch", None),
+    ("A: make more phone calls\nB: quit eating lunch out\nThe answer is B", "B"),
+    # unchanged: a letter the text opens with, a letter alone
+    ("D, because a marsh is wet (not A).", "D"),
+    ("I think C is right, not A.", "C"),
+    ("A: lions", "A"),
+])
+def test_obqa_reads_the_stated_letter(text: str, expected: str | None) -> None:
+    assert get_task("obqa").extract(text) == expected
+
+
+def test_gold_answers_are_read_strictly() -> None:
+    """A gold answer is one final answer, or none: "#### 3/4" read 3, "not false" false, and
+    "yes, no doubt" false (its last verdict word) while extract read the same text true."""
+    gsm8k, boolq = get_task("gsm8k"), get_task("boolq")
+    assert [gsm8k.gold(a) for a in ("so 3.\n#### 3/4", "#### 3\n#### 4", "#### 3 apples",
+                                    "#### 3\nso 3")] == [None] * 4
+    assert [gsm8k.gold(a) for a in ("so.\n#### 1,000", "#### -3", "####  $2.50 ")] == [
+        "1000", "-3", "2.5"]
+    assert [boolq.gold(a) for a in ("the correct answer is not false", "yes, no doubt",
+                                    "true/false", "maybe")] == [None] * 4
+    assert [boolq.gold(a) for a in ("the correct answer is true", "False", "Yes.", "no")] == [
+        "true", "false", "true", "false"]
+
+
+@pytest.mark.parametrize("name,answer,problem", [
+    ("gsm8k", "She needs 3/4 of a cup.\n#### 3/4", "what follows '####' is not one number"),
+    ("gsm8k", "#### 3\n#### 4", "2 '####' lines, not one"),
+    ("boolq", "the correct answer is not false", "not one verdict"),
+    ("boolq", "yes, no doubt", "not one verdict"),
+])
+def test_a_malformed_gold_answer_is_a_data_error(tmp_path: Path, name: str, answer: str,
+                                                problem: str) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "q?", "answer": "#### 1" if name == "gsm8k" else "no"})
+                    + "\n" + json.dumps({"question": "r?", "answer": answer}) + "\n")
+    with pytest.raises(DataError, match=rf"g\.jsonl:2: answer: cannot extract a final answer: "
+                                        rf"{re.escape(problem)}"):
+        load_examples(path, get_task(name))
+
+
+OPTIONS = "Fog is likely around:\nAnswerA: a marsh\nAnswerB: a tundra\nAnswerC: the plains\n"
+
+
+@pytest.mark.parametrize("question,answer,problem", [
+    (OPTIONS + "The correct answer is ", "D",
+     "options must be lines AnswerA to AnswerD, each once; found AnswerA, AnswerB, AnswerC"),
+    ("Fog is likely around:\n(A) a marsh\n(B) a tundra\n(C) the plains\n(D) a desert", "A",
+     "options must be lines AnswerA to AnswerD, each once; found none"),
+    (OPTIONS + "AnswerD: a desert\nAnswerE: a lake\n", "A", "found AnswerA, AnswerB, AnswerC, "
+     "AnswerD, AnswerE"),
+    (OPTIONS + "AnswerC: a desert\n", "A", "found AnswerA, AnswerB, AnswerC, AnswerC"),
+    # an empty option once took the next line as its text: "AnswerB: AnswerC: the plains"
+    ("Fog?\nAnswerA a marsh\nAnswerB\nAnswerC the plains\nAnswerD a desert\n", "A",
+     "empty option AnswerB"),
+    (OPTIONS.replace("a tundra", "") + "AnswerD: a desert\n", "A", "empty option AnswerB"),
+])
+def test_obqa_records_need_options_a_to_d(tmp_path: Path, question: str, answer: str,
+                                          problem: str) -> None:
+    path = tmp_path / "o.jsonl"
+    good = {"question": OPTIONS + "AnswerD: a desert\nThe correct answer is ", "answer": "A"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"question": question, "answer": answer})
+                    + "\n")
+    with pytest.raises(DataError, match=rf"o\.jsonl:2: question: .*{re.escape(problem)}"):
+        load_examples(path, get_task("obqa"))
+    # an unlabelled pool is checked as well
+    path.write_text(json.dumps({"question": question}) + "\n")
+    with pytest.raises(DataError, match=rf"o\.jsonl:1: question: .*{re.escape(problem)}"):
+        load_examples(path, get_task("obqa"), require_answer=False)
+
+
+def test_obqa_option_forms_normalise_to_the_test_form() -> None:
+    """"AnswerA : x" became "AnswerA: : x"; the test form is left as it is."""
+    task = get_task("obqa")
+    assert task.normalize_question("Q?\nAnswerA : x\nAnswerB\ty\nAnswerC  z\nAnswerD: w") == (
+        "Q?\nAnswerA: x\nAnswerB: y\nAnswerC: z\nAnswerD: w")
+    assert task.normalize_question("Q?\nAnswerA:  x\nAnswerB:y") == "Q?\nAnswerA:  x\nAnswerB:y"
+    assert task.normalize_question("Q?\nAnswerA\nAnswerB x") == "Q?\nAnswerA: \nAnswerB: x"
+
+
 def test_obqa_train_options_normalised_to_test_form(data_dir: Path) -> None:
     task = get_task("obqa")
     train = load_examples(data_dir / "obqa" / "train.jsonl", task, limit=50)
@@ -196,7 +327,7 @@ _VERDICT = {"true": "true", "yes": "true", "false": "false", "no": "false"}
 #: independently of the tasks' own code
 _CANONICAL = {
     "gsm8k": parse_number, "arith": parse_number, "boolq": lambda s: _VERDICT[s.lower()],
-    "obqa": lambda s: s, "jsonl": lambda s: re.sub(r"[\s.,;:!?\"']+", " ", s).strip().casefold(),
+    "obqa": str.upper, "jsonl": lambda s: re.sub(r"[\s.,;:!?\"']+", " ", s).strip().casefold(),
 }
 _TEXTS = [
     "so she pays $1,000 in total.\n#### 1,000", "The final answer is -3.50", "#### .5",
@@ -204,7 +335,8 @@ _TEXTS = [
     "no number here", "#### none\nbut 7 here", "12 + 5 = 17. 17 - 3 = 14.\n#### 14\n#### 15",
     " the correct answer is false, because yes", "Yes.", "maybe", "NO way, true",
     "AnswerC: the plains", " B", "none of them", "(D) is right", "A.", "\n\n  Paris.  \nLondon", "answer: Blue sky",
-    "  the answer: green\n", "my answer: 42.", "\u2028 x y.\t\nz",
+    "  the answer: green\n", "my answer: 42.", "\u2028 x y.\t\nz", "answer: c", "b)",
+    "#### 18" + RUN_ON, "There is no such law, so yes.", "Answer: 10 - 3 = 7",
 ]
 
 

@@ -92,3 +92,17 @@ def test_train_and_test_share_no_expression() -> None:
     pool = task.generate("train", 1000, 0)
     test = task.generate("test", 300, 0)
     assert not {ex.meta["expression"] for ex in pool} & {ex.meta["expression"] for ex in test}
+
+
+@pytest.mark.parametrize("text,expected", [
+    (" 19 - 1. 19 - 1. 19 - 1", "-1"),  # gsm8k now: 1 (a minus after a number is no sign)
+    ("The answer is 18. She sold 9 eggs at $2 each.", "2"),  # gsm8k now: 18 (stated answer)
+    ("#### 18\n\nQuestion: Tom has 3 apples.\nAnswer: 3+4=7\n#### 7", "7"),  # gsm8k: 18
+    ("The answers are 3,4.", "34"),  # gsm8k now: 4 (commas only as thousands separators)
+])
+def test_arith_reads_generations_as_the_study_2_runs_were_graded(task, text, expected):
+    """The study-2 runs (issue 35, confirmatory) were graded with gsm8k's extraction as it was
+    before its fixes; arith keeps it until the study's analysis is done (the fixed extraction
+    reads 299 of their 336,000 committed generations otherwise)."""
+    assert task.extract(text) == expected
+    assert get_task("gsm8k").extract(text) != expected

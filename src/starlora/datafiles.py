@@ -126,6 +126,11 @@ def _example(source: str, line: int, record: dict, task: Task, problems: Problem
             return None
 
     question, answer = text(question_field, True), text(answer_field, require_answer)
+    if question is not None:
+        question = task.normalize_question(question)
+        problem = task.check_question(question)
+        if problem:
+            problems.add(DataError(source, line, question_field, problem))
     if answer is not None:
         problem = task.check_answer(answer)
         if problem:
@@ -136,7 +141,6 @@ def _example(source: str, line: int, record: dict, task: Task, problems: Problem
         problems.add(DataError(source, line, id_field, "must be a non-empty string or int"))
     if problems.count > bad or question is None:
         return None
-    question = task.normalize_question(question)
     rid = str(rid) if rid is not None else derive_id(line, question, answer)
     return Example(rid, question, answer, {"source": f"{source}:{line}"})
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 from starlora.errors import ConfigError
-from starlora.tasks.base import Example
+from starlora.tasks.base import Example, _number_answer
 from starlora.tasks.builtin import GSM8K
 from starlora.tasks.registry import register_task
+
+#: gsm8k's number pattern and answer cues as they were before its extraction fixes (a minus
+#: after a number read as a sign, any commas inside a number, no stated-answer or run-on rule)
+_STUDY2_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
+_STUDY2_CUES = (re.compile(r"####\s*(.+)"),
+                re.compile(r"final answer is[:\s]*(.+)", re.IGNORECASE))
 
 
 @register_task
@@ -17,9 +24,10 @@ class ArithTask(GSM8K):
     from a seed so that the demo needs no data files.
 
     Worked answers are deliberately regular, e.g. ``"12 + 5 = 17. 17 - 3 = 14.\\n#### 14"``,
-    so that a small model can learn the format quickly while 3-step items stay hard. Grading
-    is gsm8k's. ``meta["expression"]`` holds the problem as a Python expression and
-    ``meta["steps"]`` its number of operations.
+    so that a small model can learn the format quickly while 3-step items stay hard. Gold
+    answers are read as gsm8k's, generations as gsm8k's were before its fixes (`_answer`).
+    ``meta["expression"]`` holds the problem as a Python expression and ``meta["steps"]`` its
+    number of operations.
 
     A problem belongs to the test split iff a hash of its *expression* falls in the first fifth
     of the hash range, so train and test never share a calculation (not only a wording)
@@ -95,3 +103,19 @@ class ArithTask(GSM8K):
         if len(examples) < n:
             raise ConfigError(f"task: cannot generate {n} distinct arith problems")
         return examples
+
+    def _answer(self, text: str) -> tuple[str, int, int] | None:
+        """gsm8k's extraction as it was before its fixes, kept on purpose: the study-2 runs
+        (issue 35, confirmatory) were graded with it, and 299 of their 336,000 committed arith
+        generations read otherwise under the fixed one (a truncated ``... 19 - 1`` reads -1
+        here, 1 there). To be revisited after the study's analysis; until then arith grades
+        exactly as it did. The first number after the last "####", else after the last
+        "final answer is", else the last number in the text."""
+        for pattern in _STUDY2_CUES:
+            found = list(pattern.finditer(text))
+            if found:
+                number = _STUDY2_NUMBER.search(text, found[-1].start(1), found[-1].end(1))
+                if number:
+                    return _number_answer(number)
+        numbers = list(_STUDY2_NUMBER.finditer(text))
+        return _number_answer(numbers[-1]) if numbers else None

@@ -32,7 +32,13 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
+#: a minus sign: right before the number, and not after a number (``10-5``, ``10 - 5``, where
+#: it is an operator; ``5 miles - 2``, a minus followed by a space, is never a sign)
+_SIGN = r"(?:(?<!\d)(?<!\d[ \t])-)?"
+#: a number as a generation writes it: ``-3``, ``$1,000.50``, ``.5``; commas only as thousands
+#: separators, in groups of three (``12,5`` and ``3,4`` are two numbers each)
+_NUMBER = re.compile(_SIGN + r"\$?(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?"
+                     r"|" + _SIGN + r"\$?\.\d+")
 
 
 def _fold(text: str) -> str:
@@ -163,6 +169,11 @@ class Task:
     def check_answer(self, answer: str) -> str | None:
         """Problem with a gold answer text (used while loading), or None if it is fine."""
         return None if self.gold(answer) is not None else "cannot extract a final answer"
+
+    def check_question(self, question: str) -> str | None:
+        """Problem with a question text as `normalize_question` leaves it (used while loading),
+        or None if it is fine. Choice tasks whose options sit in the question check them."""
+        return None
 
     def generate(self, split: str, n: int, seed: int) -> list[Example] | None:
         """Synthetic tasks make their own data (``split`` is ``"train"`` or ``"test"``);

@@ -16,6 +16,23 @@ from starlora.tasks.base import (
     parse_number,
 )
 
+#: where a generation runs on into a question of its own, in the prompt's form: what follows
+#: answers that question, not this one
+_RUN_ON = re.compile(r"\n[ \t]*Question:")
+#: a number that starts an expression (``10 - 3 = 7``): the answer is its result, after "="
+_OPERATOR = re.compile(r"[ \t]*[-+*/x\u00d7\u00f7][ \t]*\$?\.?\d")
+
+
+def _first_number(text: str, start: int, end: int) -> re.Match[str] | None:
+    """The first number in ``text[start:end]``; when it starts an expression, the first
+    number after the "=" that follows (``Answer: 10 - 3 = 7`` is 7), if there is one."""
+    number = _NUMBER.search(text, start, end)
+    if number is not None and _OPERATOR.match(text, number.end(), end):
+        equals = text.find("=", number.end(), end)
+        result = _NUMBER.search(text, equals + 1, end) if equals >= 0 else None
+        number = result or number
+    return number
+
 
 class GSM8K(Task):
     """Grade-school maths; gold answers end with ``#### N``."""
@@ -23,22 +40,35 @@ class GSM8K(Task):
     name = "gsm8k"
     default_template = "Question: {question}\nAnswer:"
     _final = re.compile(r"####\s*(.+)")
-    _stated = re.compile(r"final answer is[:\s]*(.+)", re.IGNORECASE)
+    #: a stated answer: "The answer is 18", "Answer: 18", "The final answer is: $18"
+    _stated = re.compile(r"\banswer(?:\s+is\b|\s*:)[:\s]*(.+)", re.IGNORECASE)
 
     def gold(self, answer: str) -> str | None:
-        found = self._final.findall(answer)
-        if not found:
+        # strict: one "####", and all that follows it one number
+        if answer.count("####") != 1:
             return None
-        numbers = _NUMBER.findall(found[-1])
-        return parse_number(numbers[0]) if numbers else None
+        final = answer.split("####", 1)[1].strip()
+        return parse_number(final) if _NUMBER.fullmatch(final) else None
+
+    def check_answer(self, answer: str) -> str | None:
+        if self.gold(answer) is not None:
+            return None
+        count = answer.count("####")
+        return "cannot extract a final answer: " + (
+            "no '#### N' line" if count == 0 else f"{count} '####' lines, not one" if count > 1
+            else "what follows '####' is not one number")
 
     def _answer(self, text: str) -> tuple[str, int, int] | None:
-        # the first number after the last "####", else after the last "final answer is",
-        # else the last number in the text
+        # within what answers this question (up to a run-on "Question:"): the first number
+        # after the last "####", else after the last stated answer ("the answer is"), else
+        # the last number; a first number that starts an expression gives its result
+        run_on = _RUN_ON.search(text)
+        if run_on is not None:
+            text = text[: run_on.start()]  # a prefix: offsets into it are offsets into text
         for pattern in (self._final, self._stated):
             found = list(pattern.finditer(text))
             if found:
-                number = _NUMBER.search(text, found[-1].start(1), found[-1].end(1))
+                number = _first_number(text, found[-1].start(1), found[-1].end(1))
                 if number:
                     return _number_answer(number)
         numbers = list(_NUMBER.finditer(text))
@@ -50,26 +80,53 @@ class GSM8K(Task):
         return prediction == gold or abs(float(prediction) - float(gold)) < 1e-6
 
 
+_VERDICT = {"true": "true", "yes": "true", "false": "false", "no": "false"}
+
+
 class BoolQ(Task):
     """Closed-book yes/no questions; gold answers read ``the correct answer is true``."""
 
     name = "boolq"
     choices = ("true", "false")
     _word = re.compile(r"\b(true|false|yes|no)\b", re.IGNORECASE)
+    #: the answer format echoed, not a verdict: "true/false", "True or false", "yes/no"
+    _echo = re.compile(r"\b(?:true|false|yes|no)\s*(?:/|\bor\b)\s*(?:true|false|yes|no)\b",
+                       re.IGNORECASE)
+    #: a verdict stated as the answer: "the correct answer is true", "Answer: no"
+    _stated = re.compile(r"\banswer(?:\s+is\b|\s*:)[\s:*\"'(]*(true|false|yes|no)\b",
+                         re.IGNORECASE)
+    #: what may stand before a "no" that is a verdict: nothing, or the end of a sentence
+    _opening = re.compile(r"(?:^|[.!?;:\n])[\s*_\"'(\[]*\Z")
+    #: a gold answer: one verdict, bare or as "the correct answer is ..."
+    _gold = re.compile(r"\s*(?:(?:the\s+)?(?:correct\s+)?answer(?:\s+is|\s*:)\s*)?"
+                       r"(true|false|yes|no)\s*\.?\s*", re.IGNORECASE)
 
     def gold(self, answer: str) -> str | None:
-        found = self._word.findall(answer)
-        if not found:
-            return None
-        return {"true": "true", "yes": "true", "false": "false", "no": "false"}[found[-1].lower()]
+        found = self._gold.fullmatch(answer)
+        return _VERDICT[found.group(1).lower()] if found else None
+
+    def check_answer(self, answer: str) -> str | None:
+        return None if self.gold(answer) is not None else (
+            "cannot extract a final answer: not one verdict (true, false, yes or no, bare or "
+            "as 'the correct answer is true')")
 
     def _answer(self, text: str) -> tuple[str, int, int] | None:
-        # the first verdict a generation states is its answer; later words are often rambling
-        found = self._word.search(text)
-        if not found:
+        # the last stated answer ("the answer is true"), else the first verdict: the first a
+        # generation states is its answer, later words are often rambling. An echoed answer
+        # format ("true/false") is no verdict, nor a "no" inside a sentence ("there is no").
+        echoes = [m.span() for m in self._echo.finditer(text)]
+
+        def usable(m: re.Match[str]) -> bool:
+            return not any(a <= m.start(1) < b for a, b in echoes)
+
+        stated = [m for m in self._stated.finditer(text) if usable(m)]
+        found = stated[-1] if stated else next(
+            (m for m in self._word.finditer(text) if usable(m) and (
+                m.group(1).lower() != "no" or self._opening.search(text, 0, m.start(1)))),
+            None)
+        if found is None:
             return None
-        verdict = {"true": "true", "yes": "true", "false": "false", "no": "false"}
-        return verdict[found.group(1).lower()], found.start(1), found.end(1)
+        return _VERDICT[found.group(1).lower()], found.start(1), found.end(1)
 
     def choice_answers(self, ex: Example) -> list[str]:
         return [f"the correct answer is {c}" for c in self.choices]
@@ -79,18 +136,37 @@ class OBQA(Task):
     """OpenBookQA, four options; gold answers are one letter.
 
     The train split writes options as ``AnswerA text`` and the test split as ``AnswerA: text``;
-    questions are normalised to the test form so that train and test prompts agree.
+    questions are normalised to the test form so that train and test prompts agree. A record
+    must have options AnswerA to AnswerD, each once and none empty.
     """
 
     name = "obqa"
     choices = ("A", "B", "C", "D")
-    _option = re.compile(r"^Answer([A-D])(?!:)\s*", re.MULTILINE)
-    _letter = re.compile(r"(?:\bAnswer|\b)([A-D])\b")
-
-    _options = re.compile(r"^Answer[A-D]:\s*(.*)$", re.MULTILINE)
+    _option = re.compile(r"^Answer([A-D])(?!:)[ \t]*:?[ \t]*", re.MULTILINE)
+    _options = re.compile(r"^Answer[A-D]:[ \t]*(.*)$", re.MULTILINE)
+    _lettered = re.compile(r"^Answer([A-D]):[ \t]*(.*)$", re.MULTILINE)
+    #: every option label of a question, whatever its letter
+    _labels = re.compile(r"^Answer([A-Z])(?![A-Za-z0-9])", re.MULTILINE)
+    #: a letter stated as the answer: "the answer is C", "answer: (c)", "answer is: AnswerC"
+    _stated = re.compile(r"\b[Aa]nswer(?:\s+is\b|\s*:)[\s:*\"'(\[]*(?:Answer)?([A-Da-d])\b")
+    #: a letter the text opens with: "B", "(b)", "**C**", "AnswerD: ...", "Option B"
+    _opening = re.compile(r"[\s*_\"'(\[]*(?:(?:Answer|Option)[ \t]*)?([A-Da-d])\b")
+    _letter = re.compile(r"(?:\bAnswer|\bOption[ \t]*|\b)([A-D])\b")
+    _word = re.compile(r"[ \t]+[a-z]")  #: a lower-case word next
+    #: a line that lists an option ("A: lions", "AnswerB) ...", "C. bunnies")
+    _listed = re.compile(r"^[ \t]*(?:Answer)?([A-D])[ \t]*[:.)]", re.MULTILINE)
 
     def normalize_question(self, question: str) -> str:
         return self._option.sub(r"Answer\1: ", question)
+
+    def check_question(self, question: str) -> str | None:
+        labels = self._labels.findall(question)
+        options = self._lettered.findall(question)
+        if sorted(labels) != list(self.choices) or len(options) != len(labels):
+            return ("options must be lines AnswerA to AnswerD, each once; found "
+                    + (", ".join(f"Answer{x}" for x in labels) or "none"))
+        empty = [f"Answer{x}" for x, text in options if not text.strip()]
+        return f"empty option {', '.join(empty)}" if empty else None
 
     def content_key(self, ex: Example) -> str:
         """The stem plus the set of option texts: the same question with its options shuffled
@@ -105,9 +181,32 @@ class OBQA(Task):
         answer = answer.strip()
         return answer if answer in self.choices else None
 
+    def _article(self, text: str, letter: re.Match[str]) -> bool:
+        """Whether a letter "A" is the article: followed by a lower-case word ("A plant")."""
+        return letter.group(1) in "Aa" and self._word.match(text, letter.end(1)) is not None
+
     def _answer(self, text: str) -> tuple[str, int, int] | None:
-        found = self._letter.search(text)
-        return (found.group(1), found.start(1), found.end(1)) if found else None
+        # the last stated answer ("the answer is C"), else a letter the text opens with, else
+        # the first capital A-D standing alone; never the article "A", nor a letter on a line
+        # of a listing of the options (a text that lists them all answers nothing)
+        lines = {m.start(): m.group(1) for m in self._listed.finditer(text)}  # at line starts
+        listing = len(set(lines.values())) > 1
+
+        def listed(m: re.Match[str]) -> bool:
+            return listing and text.rfind("\n", 0, m.start(1)) + 1 in lines
+
+        stated = [m for m in self._stated.finditer(text) if not self._article(text, m)]
+        opening = self._opening.match(text)
+        if stated:
+            found = stated[-1]
+        elif opening and not self._article(text, opening) and not listed(opening):
+            found = opening
+        else:
+            found = next((m for m in self._letter.finditer(text)
+                          if not self._article(text, m) and not listed(m)), None)
+        if found is None:
+            return None
+        return found.group(1).upper(), found.start(1), found.end(1)
 
     def choice_answers(self, ex: Example) -> list[str]:
         return list(self.choices)
