@@ -84,6 +84,11 @@ RUN_ON = "\n\nQuestion: Tom has 3 apples and 4 pears. How many fruits?\nAnswer: 
     ("The answer is 1,000,000", "1000000"),
     ("Answer: 10 - 3 = 7", "7"),
     ("it is 12 then 7. The final answer is $18.", "18"),
+    # an "Answer:" followed by working states no answer; an expression stated gives its last
+    # result (read: 16, 16, 8)
+    ("Answer: Janet's ducks lay 16 eggs. She sells 16 - 7 = 9 at $2: 9 * 2 = $18.", "18"),
+    ("Answer: Janet has 16 eggs.\nShe keeps 16 - 3 - 4 = 9.\nSo 9 * 2 = 18 dollars.", "18"),
+    ("The answer is 5 + 3 = 8, doubled: 8 * 2 = 16", "16"),
 ])
 def test_gsm8k_reads_the_answer_to_this_question(text: str, expected: str) -> None:
     assert get_task("gsm8k").extract(text) == expected
@@ -100,6 +105,7 @@ def test_gsm8k_reads_the_answer_to_this_question(text: str, expected: str) -> No
     ("The answer is false. Yes, some people think so.", "false"),
     ("No. It is true that they differ.", "false"),
     ("yes, no doubt", "true"),
+    ("Well, no.", "false"),
 ])
 def test_boolq_reads_the_stated_verdict(text: str, expected: str) -> None:
     assert get_task("boolq").extract(text) == expected
@@ -119,6 +125,12 @@ def test_boolq_reads_the_stated_verdict(text: str, expected: str) -> None:
     ("D, because a marsh is wet (not A).", "D"),
     ("I think C is right, not A.", "C"),
     ("A: lions", "A"),
+    # a capital A stated, labelled or followed by a verb is the letter (read: none)
+    ("The answer is A because lions hunt.", "A"),
+    ("A is the correct answer.", "A"),
+    ("AnswerA the mountains seem very close", "A"),
+    ("Option A is correct", "A"),
+    ("the answer is a plant", None),
 ])
 def test_obqa_reads_the_stated_letter(text: str, expected: str | None) -> None:
     assert get_task("obqa").extract(text) == expected

@@ -24,11 +24,12 @@ _OPERATOR = re.compile(r"[ \t]*[-+*/x\u00d7\u00f7][ \t]*\$?\.?\d")
 
 
 def _first_number(text: str, start: int, end: int) -> re.Match[str] | None:
-    """The first number in ``text[start:end]``; when it starts an expression, the first
-    number after the "=" that follows (``Answer: 10 - 3 = 7`` is 7), if there is one."""
+    """The first number in ``text[start:end]``; when it starts an expression, the number
+    after its last "=" (``Answer: 10 - 3 = 7`` is 7; ``5 + 3 = 8, doubled: 8 * 2 = 16`` is
+    16), if there is one."""
     number = _NUMBER.search(text, start, end)
     if number is not None and _OPERATOR.match(text, number.end(), end):
-        equals = text.find("=", number.end(), end)
+        equals = text.rfind("=", number.end(), end)
         result = _NUMBER.search(text, equals + 1, end) if equals >= 0 else None
         number = result or number
     return number
@@ -40,8 +41,10 @@ class GSM8K(Task):
     name = "gsm8k"
     default_template = "Question: {question}\nAnswer:"
     _final = re.compile(r"####\s*(.+)")
-    #: a stated answer: "The answer is 18", "Answer: 18", "The final answer is: $18"
-    _stated = re.compile(r"\banswer(?:\s+is\b|\s*:)[:\s]*(.+)", re.IGNORECASE)
+    #: a stated answer: "The answer is 18", "Answer: 18", "The final answer is: $18"; a
+    #: number must come first ("Answer: Janet's ducks lay 16 eggs ..." states none)
+    _stated = re.compile(r"\banswer(?:\s+is\b|\s*:)[:\s*]*(?=\$?-?\$?\.?\d)(.+)",
+                         re.IGNORECASE)
 
     def gold(self, answer: str) -> str | None:
         # strict: one "####", and all that follows it one number
@@ -95,8 +98,9 @@ class BoolQ(Task):
     #: a verdict stated as the answer: "the correct answer is true", "Answer: no"
     _stated = re.compile(r"\banswer(?:\s+is\b|\s*:)[\s:*\"'(]*(true|false|yes|no)\b",
                          re.IGNORECASE)
-    #: what may stand before a "no" that is a verdict: nothing, or the end of a sentence
-    _opening = re.compile(r"(?:^|[.!?;:\n])[\s*_\"'(\[]*\Z")
+    #: what may stand before a "no" that is a verdict: nothing, the end of a sentence or a
+    #: comma ("Well, no.")
+    _opening = re.compile(r"(?:^|[.!?;:,\n])[\s*_\"'(\[]*\Z")
     #: a gold answer: one verdict, bare or as "the correct answer is ..."
     _gold = re.compile(r"\s*(?:(?:the\s+)?(?:correct\s+)?answer(?:\s+is|\s*:)\s*)?"
                        r"(true|false|yes|no)\s*\.?\s*", re.IGNORECASE)
@@ -152,7 +156,10 @@ class OBQA(Task):
     #: a letter the text opens with: "B", "(b)", "**C**", "AnswerD: ...", "Option B"
     _opening = re.compile(r"[\s*_\"'(\[]*(?:(?:Answer|Option)[ \t]*)?([A-Da-d])\b")
     _letter = re.compile(r"(?:\bAnswer|\bOption[ \t]*|\b)([A-D])\b")
-    _word = re.compile(r"[ \t]+[a-z]")  #: a lower-case word next
+    _word = re.compile(r"[ \t]+([a-z]+)")  #: a lower-case word next
+    #: words after a capital "A" that make it a letter, not the article ("A is correct")
+    _verbs = frozenset("is was would seems should must fits matches because since as".split())
+    _label = re.compile(r"(?:Answer|Option)[ \t]*\Z")  #: "AnswerA", "Option A"
     #: a line that lists an option ("A: lions", "AnswerB) ...", "C. bunnies")
     _listed = re.compile(r"^[ \t]*(?:Answer)?([A-D])[ \t]*[:.)]", re.MULTILINE)
 
@@ -181,9 +188,18 @@ class OBQA(Task):
         answer = answer.strip()
         return answer if answer in self.choices else None
 
-    def _article(self, text: str, letter: re.Match[str]) -> bool:
-        """Whether a letter "A" is the article: followed by a lower-case word ("A plant")."""
-        return letter.group(1) in "Aa" and self._word.match(text, letter.end(1)) is not None
+    def _article(self, text: str, letter: re.Match[str], stated: bool = False) -> bool:
+        """Whether a letter "a"/"A" is the article, not an answer: followed by a lower-case
+        word ("A plant", "the answer is a plant"), unless it is a capital "A" stated as the
+        answer, labelled ("AnswerA the ...", "Option A") or followed by a verb or conjunction
+        ("A is correct", "A because ...")."""
+        word = self._word.match(text, letter.end(1))
+        if letter.group(1) not in "Aa" or word is None:
+            return False
+        if letter.group(1) == "a":
+            return True
+        labelled = self._label.search(text, letter.start(), letter.start(1)) is not None
+        return not (stated or labelled or word.group(1) in self._verbs)
 
     def _answer(self, text: str) -> tuple[str, int, int] | None:
         # the last stated answer ("the answer is C"), else a letter the text opens with, else
@@ -195,7 +211,7 @@ class OBQA(Task):
         def listed(m: re.Match[str]) -> bool:
             return listing and text.rfind("\n", 0, m.start(1)) + 1 in lines
 
-        stated = [m for m in self._stated.finditer(text) if not self._article(text, m)]
+        stated = [m for m in self._stated.finditer(text) if not self._article(text, m, True)]
         opening = self._opening.match(text)
         if stated:
             found = stated[-1]
