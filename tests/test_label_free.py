@@ -112,8 +112,9 @@ def pool_files(tmp_path: Path) -> tuple[dict[str, Path], list[str]]:
                                 for i, q in enumerate(questions)))
         pools[name] = path
     labelled, test = tmp_path / "labelled.jsonl", tmp_path / "test.jsonl"
-    labelled.write_text("".join(json.dumps({"id": f"l{i}", "question": f"What is {i} + 1?",
-                                            "answer": str(i + 1)}) + "\n" for i in range(4)))
+    # (not "1 + 1": the same item as the pool's p1, which would leave the pool)
+    labelled.write_text("".join(json.dumps({"id": f"l{i}", "question": f"What is {i} + 7?",
+                                            "answer": str(i + 7)}) + "\n" for i in range(4)))
     test.write_text("".join(json.dumps({"id": f"t{i}", "question": f"What is {i} + 2?",
                                         "answer": str(i + 2)}) + "\n" for i in range(30, 34)))
     settings = ["task.name=jsonl", f"task.test={test}", f"task.labelled={labelled}",

@@ -38,11 +38,16 @@ def score_base(
     `batch_size` and `max_tokens_per_batch`), which the file's key then names too: a record
     must not depend on which run met the sequence first, nor with which batch-mates (in bf16
     that moved PE by up to 0.5 nats on SmolLM2). An out-of-memory error halves the shape and
-    goes on in the file of the halved shape."""
+    goes on in the file of the halved shape. Under DeepSpeed ZeRO-3, whose processes must run
+    as many batches as each other, records are computed in plain batches and do follow their
+    batch-mates (a file of their own, keyed ``"batch": "zero3"``)."""
     kwargs = {**kwargs, "mc_passes": 1}
     kwargs.setdefault("desc", "scoring base")
     answers = kwargs.pop("answer_ids", None)
-    seqs = encode_pairs(model, tokenizer, task, examples, kwargs.get("max_length"), answers)
+    names = {f.name for f in dataclasses.fields(ScoringOptions)}
+    opts = ScoringOptions.build(kwargs.get("options"),
+                                **{k: v for k, v in kwargs.items() if k in names})
+    seqs = encode_pairs(model, tokenizer, task, examples, opts.max_length, answers)
     keys = [sequence_key(p, a) for p, a in seqs]
     answer_of = dict(zip(keys, (a for _, a in seqs)))
 
@@ -54,24 +59,27 @@ def score_base(
 
     if cache is None:
         return compute(list(examples), keys)
-    names = {f.name for f in dataclasses.fields(ScoringOptions)}
-    opts = ScoringOptions.build(kwargs.get("options"),
-                                **{k: v for k, v in kwargs.items() if k in names})
     shape = None if zero3.enabled() else fixed_shape(model, opts.batch_size,
                                                       opts.max_tokens_per_batch)
+    # widest first, so that each chunk the cache computes holds few widths (a width's last
+    # batch is filled up to the shape); records are keyed by content, so order is free
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     while True:
-        keyed = BaseScoreCache(cache.directory, {**cache.key, "batch": shape, "bucket": BUCKET},
-                               cache.chunk_size)
+        shaped = {"batch": shape, "bucket": BUCKET} if shape else {"batch": "zero3"}
+        keyed = BaseScoreCache(cache.directory, {**cache.key, **shaped}, cache.chunk_size)
         try:
-            out = keyed.get_or_compute(examples, keys, functools.partial(
-                compute, fixed_shape=shape))
+            found = keyed.get_or_compute([examples[i] for i in order], [keys[i] for i in order],
+                                         functools.partial(compute, fixed_shape=shape))
         except BatchTooLarge:
             shape = (shape[0], max(1, shape[1] // 2))
             if next(model.parameters()).device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
         cache.computed = keyed.computed
-        return out
+        records = [{}] * len(order)
+        for j, record in zip(order, found.to_records()):
+            records[j] = record
+        return Scores.from_records(records)
 
 
 def fixed_shape(model: nn.Module, batch_size: int | str,

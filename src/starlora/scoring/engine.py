@@ -1,6 +1,6 @@
-"""The scoring engine: `score_examples` (teacher-forced PE/ME, MC dropout), `score_base`
-(the frozen base model, cached), `score_own_answers` and `base_answers` (label-free: the model
-scores its own generated answers).
+"""The scoring engine: `score_examples` (teacher-forced PE/ME, MC dropout), which
+`starlora.scoring.base_scores` (the frozen base model, cached, in fixed shapes) and
+`starlora.scoring.own_answers` (label-free: the model scores its own generated answers) run.
 
 How it is fast: examples are sorted by length and grouped into batches of about
 `max_tokens_per_batch` tokens. On CPU a batch is one row of sequences packed back to back
@@ -57,6 +57,7 @@ from starlora.scoring.measures import (
     CPU_VOCAB_TILE,
     GPU_CHUNK_ELEMENTS,
     answer_measures,
+    head_rows,
 )
 from starlora.scoring.options import ScoringOptions, example_seeds, resolve_dtype, unique_keys
 from starlora.scoring.packing import can_pack, packed_attention_for, packed_lengths
@@ -99,7 +100,8 @@ def _score_batch(
     Returns (owner [P] int: index of the example in `seqs` of each answer position,
     nll [K, P] float64, entropy [K, P] float64), P = total answer tokens of the batch,
     K = len(seeds) or 1 (deterministic). With `width` (fixed shapes), rows are padded to it and
-    the LM head runs on ``len(seqs) * width`` rows, the answer positions and zeros.
+    the LM head runs on ``len(seqs) * width`` rows (the answer positions, then zeros) rounded
+    up to whole chunks of `head_rows`, so that a row's bits do not follow the batch-mates.
     """
     arrays, flat, targets, owner = batch_inputs(seqs, pad_id, packed, width)
     inputs = {k: None if v is None else torch.from_numpy(v).to(device) for k, v in arrays.items()}
@@ -107,11 +109,12 @@ def _score_batch(
     tgt_t = torch.from_numpy(targets).to(device)
     P = len(owner)
     lengths = [len(p) + len(a) for p, a in seqs]
-    fixed_rows = len(seqs) * width
-    if width:
-        tgt_t = torch.cat([tgt_t, tgt_t.new_zeros(fixed_rows - P)])
     cpu = device.type == "cpu"
     vocab_tile, max_elements = (CPU_VOCAB_TILE, CHUNK_ELEMENTS) if cpu else (None, GPU_CHUNK_ELEMENTS)
+    chunk = head_rows(head, vocab_tile, max_elements)
+    fixed_rows = -(-len(seqs) * width // chunk) * chunk  # whole head chunks of fixed rows
+    if width:
+        tgt_t = torch.cat([tgt_t, tgt_t.new_zeros(fixed_rows - P)])
 
     starts = sequence_rows(lengths, packed, width)
     passes = seeds if seeds is not None else [None]
@@ -126,8 +129,8 @@ def _score_batch(
             out = body(**inputs, use_cache=False)[0]  # [rows, T, H]
         hidden = out.reshape(-1, out.shape[-1])[flat_t]  # [P, H], only answer positions
         del out
-        if width:  # fixed shapes: as many head rows as the batch has tokens (their count
-            # rounds the bits), the extra ones zeros
+        if width:  # fixed shapes: as many head rows as the batch has tokens, in whole
+            # chunks of `head_rows` (their count rounds the bits), the extra ones zeros
             hidden = torch.cat([hidden, hidden.new_zeros(fixed_rows - P, hidden.shape[1])])
         nll_k, ent_k = answer_measures(
             hidden, head, tgt_t, transform, want_me, vocab_tile, max_elements

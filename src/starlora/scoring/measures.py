@@ -24,6 +24,25 @@ GPU_CHUNK_ELEMENTS = 1 << 26
 CPU_VOCAB_TILE = 2048
 
 
+def _tiles(head: nn.Module, vocab_tile: int | None) -> tuple[list[tuple[int, int] | None], int]:
+    """The vocabulary tiles `answer_measures` runs the head in ([None]: the whole vocabulary
+    at once), and their width (columns)."""
+    V = getattr(head, "out_features", None)
+    weight = getattr(head, "weight", None)
+    if V is None and isinstance(weight, torch.Tensor):
+        V = weight.shape[0]
+    if vocab_tile is None or type(head) is not nn.Linear or V is None or vocab_tile >= V:
+        return [None], V or 1 << 16
+    return [(v0, min(V, v0 + vocab_tile)) for v0 in range(0, V, vocab_tile)], vocab_tile
+
+
+def head_rows(head: nn.Module, vocab_tile: int | None, max_elements: int = CHUNK_ELEMENTS) -> int:
+    """Answer positions `answer_measures` sends through the head at once (the rows of one
+    logits tile). The bits of a row can follow the number of rows it is computed with, so a
+    caller that needs them fixed gives it a multiple of this many rows."""
+    return max(1, max_elements // _tiles(head, vocab_tile)[1])
+
+
 def answer_measures(
     hidden: torch.Tensor,
     head: nn.Module,
@@ -59,13 +78,8 @@ def answer_measures(
             f"scoring: token id {int(targets.max())} is outside the LM head's {V} outputs "
             "(does the tokenizer belong to this model?)"
         )
-    if vocab_tile is None or type(head) is not nn.Linear or V is None or vocab_tile >= V:
-        tiles: list[tuple[int, int] | None] = [None]
-        width = V or 1 << 16
-    else:
-        tiles = [(v0, min(V, v0 + vocab_tile)) for v0 in range(0, V, vocab_tile)]
-        width = vocab_tile
-    rows = max(1, max_elements // width)
+    tiles, width = _tiles(head, vocab_tile)
+    rows = head_rows(head, vocab_tile, max_elements)
     n, dev = len(tiles), hidden.device
     m = torch.empty(P, n, device=dev)
     S = torch.empty(P, n, device=dev)
