@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from starlora.config import load_config
-from starlora.errors import ConfigError, StarloraError
+from starlora.errors import ConfigError, DataError, StarloraError
 from starlora.io import atomic_write, read_jsonl
 from starlora.run.store import RunStore
 
@@ -89,6 +89,19 @@ def test_resume_accepts_harmless_changes_only(tmp_path: Path) -> None:
     assert store.config.evaluation.batch_size == 4
     with pytest.raises(ConfigError, match=r"seed, lora\.r"):
         RunStore.create_or_resume(tmp_path / "run", load_config(None, ["seed=3", "lora.r=8"]))
+
+
+def test_a_resume_on_another_pool_is_refused_and_names_the_labelled_file(tmp_path: Path) -> None:
+    store = RunStore.create_or_resume(tmp_path / "run", load_config())
+    store.check_pool(3, "aaa", "pool.jsonl")
+    store.check_pool(3, "aaa", "pool.jsonl")  # the same pool: resumes
+    with pytest.raises(DataError, match="pool differs") as plain:
+        store.check_pool(2, "bbb", "pool.jsonl")
+    assert "mine.jsonl" not in str(plain.value)
+    # a run from before a labelled record's twin left the pool: the message says why
+    with pytest.raises(DataError, match=r"repeats a record of mine\.jsonl under another id"):
+        store.check_pool(2, "bbb", "pool.jsonl", "mine.jsonl")
+    assert store.pool_size() == 3  # the record is untouched
 
 
 def test_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:

@@ -55,9 +55,8 @@ import torch
 from starlora import zero3
 from starlora.attention import attention_kernels
 from starlora.models import prompt_room, stop_tokens
+from starlora.scoring.batching import BUCKET  # a prompt: left-padded to the multiple above it
 
-#: fixed shapes: a prompt is left-padded to the next multiple of BUCKET tokens above its length
-BUCKET = 16
 #: the dtypes whose greedy decoding keeps length-sorted batches (module docstring)
 FULL_PRECISION = (torch.float32, torch.float64)
 

@@ -29,8 +29,10 @@ def hold_run(root: str | Path) -> Iterator[None]:
     rounds and failing late. Not reentrant: a second hold, even in this process, fails.
     A hold that ends with no run in `root` (a start that failed and undid itself,
     `RunStore.undo_start`) removes the lock file, and `root` too if it made it and it is
-    empty: a failed command leaves no directory behind. (The file is unlinked while held: a
-    second start never waits on it, it fails at once.)"""
+    empty: a failed command leaves no directory behind. (The file is unlinked while held:
+    a second start never waits on it, it fails at once; and filelock from 4.3.2, the floor in
+    pyproject.toml, does not count a lock taken on a file that was unlinked meanwhile, so two
+    starts cannot both hold one.)"""
     from filelock import FileLock, Timeout
 
     paths = RunPaths(root)

@@ -264,7 +264,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
             stored = load_config(paths.config, stored=True) if paths.config.is_file() else config
             store = RunStore.create_or_resume(run_dir, config, save=False)
             store.check_pool(len(data.pool), pool_hash,
-                             str(config.task.train or f"task {task.name}"))
+                             str(config.task.train or f"task {task.name}"), config.task.labelled)
             identity.check_data(store, contents)
             plan = identity.first_plan(store, planned_rounds(stored, len(data.labelled) or None))
             return {**store.state(), "at": store.current_round(), "open": store.open_query(),

@@ -215,14 +215,20 @@ class RunStore:
         annotate server's saves, queue in turn)."""
         return file_lock(self.paths.lock, timeout, "the run's lock")
 
-    def check_pool(self, size: int, sha1: str, source: str) -> None:
+    def check_pool(self, size: int, sha1: str, source: str,
+                   labelled: str | None = None) -> None:
         """Record the pool a run starts with (``pool.json``: size and a hash of its ids), or
-        refuse (DataError naming `source`) a resumed run whose pool is another one."""
+        refuse (DataError naming `source`) a resumed run whose pool is another one; with a
+        `labelled` file (``task.labelled``) the message says how that file can change it."""
         if not self.paths.pool.is_file():
             write_json(self.paths.pool, {"size": size, "sha1": sha1})
         elif read_json(self.paths.pool)["sha1"] != sha1:
+            hint = (f"; if neither it nor {labelled} changed: a pool record that repeats a "
+                    f"record of {labelled} under another id now leaves the pool (runs started "
+                    "before starlora did so kept it); finish this run with the starlora that "
+                    "started it, or start another --run-dir") if labelled else ""
             raise DataError(source, None, None,
-                            f"the pool differs from the one {self.root} started with")
+                            f"the pool differs from the one {self.root} started with{hint}")
 
     def pool_size(self) -> int | None:
         """The number of pool examples the run started with (None before it recorded them)."""

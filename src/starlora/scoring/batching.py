@@ -72,7 +72,8 @@ def batch_end(
     return end
 
 
-#: fixed shapes: a sequence is right-padded to the next multiple of BUCKET tokens
+#: the token granule of every fixed shape: a scored or embedded sequence is right-padded to
+#: the next multiple of BUCKET tokens, a generated prompt left-padded to the multiple above it
 BUCKET = 16
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from starlora.models import prompt_room, prompt_window, stop_tokens, token_limit
 from starlora.scoring.base_scores import score_base
-from starlora.scoring.batching import encode_pairs
+from starlora.scoring.batching import BUCKET, encode_pairs
 from starlora.scoring.cache import (
     BaseScoreCache,
     base_cache_key,
@@ -228,7 +228,7 @@ def base_answers(
     and generation settings (the stop tokens among them); sampled answers are seeded by the prompt's key, so they do not
     depend on the run or the batch. Greedy answers in less than fp32 are generated in fixed
     shapes (`starlora.generation`), whose bucket and row count the key holds too."""
-    from starlora.generation import BUCKET, generate, uses_fixed_shapes
+    from starlora.generation import generate, uses_fixed_shapes
 
     keys = [sequence_key(p, []) for p in prompts]
 
