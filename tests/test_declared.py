@@ -87,6 +87,8 @@ def test_the_declared_pairs_are_the_primary_family_with_tost(runs, tmp_path):
     assert "saved 4.000000" in reach["pe"]["note"] and "target 0.500000" in reach["pe"]["note"]
     assert float(reach[RAW_FULL]["estimate"]) < 8.0  # 0.55 at n=8 half the seeds: earlier
     assert "## Labels to reach random's final accuracy (secondary)" in md
+    # the interval sits beside the count it is of, not beside the saving
+    assert "| labelled to reach | its 95% CI | saved |" in md
     # the same runs and file give the same bytes
     again = build_report(list(reversed(runs)), tmp_path / "c", tmp_path / "comparisons.yaml")
     for name in ("study.md", "study.csv"):

@@ -7,7 +7,7 @@
 
 The rule ("The rule that sets the default"), applied once all 96 runs are finished:
 
-1. an arm qualifies if, in **every** setting given, it beats `random` (Holm-adjusted p < 0.05
+1. an arm qualifies if, in **both** settings, it beats `random` (Holm-adjusted p < 0.05
    and the bootstrap interval above 0) and is not worse than `pe` (its TOST within the
    declared margin concludes equivalence, p < 0.05, or it beats `pe` as above);
 2. of the qualifying arms, the default is the one with the higher mean AULC over the settings;
@@ -16,7 +16,8 @@ The rule ("The rule that sets the default"), applied once all 96 runs are finish
 The candidate arms and their margins are the ones ``comparisons.yaml`` declares (each arm
 compared with `random` and with `pe`); the numbers are the report's ``study.csv`` rows
 (``paired`` and ``tost`` for AULC, ``arms`` for each arm's mean AULC). Prints one line per arm
-and setting, then the verdict; exits 1 if a row the rule needs is missing.
+and setting, then the verdict; exits 1 if a row the rule needs is missing, or if the reports
+are not the whole study (`incomplete`: both tasks, 12 seeds, every round).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ALPHA = 0.05
 FALLBACK = "pe"
+#: what PROTOCOL.md fixes and the rule needs whole: the two settings' tasks, 12 paired seeds,
+#: and rounds 0-6 (16-112 labels) in every run
+TASKS = ("arith", "calendar")
+SEEDS = 12
+LAST_ROUND = 6
 
 
 def candidates(comparisons: Path) -> list[str]:
@@ -67,6 +73,36 @@ def judge(rows: list[dict[str, str]], arm: str) -> dict[str, object]:
     return v
 
 
+def incomplete(reports: dict[str, list[dict[str, str]]], arms: list[str]) -> list[str]:
+    """What makes `reports` other than the protocol's analysis (empty when none): not the two
+    settings' tasks (`TASKS`), a row the rule reads on fewer than `SEEDS` seeds, an interval
+    that did not resample test items, or an analysis cut short of round `LAST_ROUND` (the
+    report's AULC covers the rounds every run has). The report computes what the runs allow;
+    the rule is applied only to the whole study."""
+    problems = []
+    tasks = sorted({r["task"] for rows in reports.values() for r in rows})
+    if len(reports) != len(TASKS) or tasks != sorted(TASKS):
+        problems.append(f"the rule needs one report of each task {', '.join(TASKS)}; got "
+                        f"{len(reports)} report(s) of {', '.join(tasks) or 'no task'}")
+    for name, rows in reports.items():
+        for r in rows:
+            used = r["arm"] in arms and r["quantity"] == "aulc" and (
+                r["section"] == "arms" or r["baseline"] in ("random", "pe")
+                and r["section"] in ("paired", "tost"))
+            if used and r["n"] != str(SEEDS):
+                problems.append(f"{name}: {r['section']} AULC of {r['arm']}"
+                                f"{' against ' + r['baseline'] if r['baseline'] else ''} "
+                                f"on {r['n']} seeds, not {SEEDS}")
+            if used and r["section"] == "paired" and "seeds x items" not in r["note"]:
+                problems.append(f"{name}: the interval of {r['arm']} against {r['baseline']} "
+                                f"did not resample test items ({r['note']})")
+        last = {r["round"] for r in rows if r["section"] == "reach"}
+        if last != {str(LAST_ROUND)}:
+            problems.append(f"{name}: the analysis ends at round {', '.join(sorted(last)) or '?'}"
+                            f", not {LAST_ROUND} (a run without every round?)")
+    return problems
+
+
 def default(reports: dict[str, list[dict[str, str]]], arms: list[str]) -> tuple[str, list[str]]:
     """The default strategy's arm label by the rule, and the lines that show why."""
     lines, qualified = [], {}
@@ -99,8 +135,14 @@ def main() -> int:
     for name, path in zip(names, args.reports):
         with path.open(newline="") as f:
             reports[name] = list(csv.DictReader(f))
+    arms = candidates(args.comparisons)
+    problems = incomplete(reports, arms)
+    if problems:
+        print("error: not the protocol's analysis:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 1
     try:
-        pick, lines = default(reports, candidates(args.comparisons))
+        pick, lines = default(reports, arms)
     except KeyError as e:
         print(f"error: {e.args[0]} in one of {', '.join(map(str, args.reports))}",
               file=sys.stderr)

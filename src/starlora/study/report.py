@@ -184,16 +184,16 @@ def _reach_markdown(s: Study) -> list[str]:
     lines = ["## Labels to reach random's final accuracy (secondary)", "",
              "The labelled count at which the arm's mean learning curve over the seeds it "
              "shares with `random` first reaches `random`'s final mean accuracy (linear "
-             "between rounds); saved: `random`'s final count minus it. 95% CI: percentile "
+             "between rounds); saved: `random`'s final count minus it. 95% CI of the count to "
+             "reach: percentile "
              f"bootstrap over seeds ({RESAMPLES} resamples, NumPy seed {BOOTSTRAP_SEED}; the "
              "same seeds for both arms), with the share of resamples that reach it.", ""]
     if not s.reach:
         return lines + ["No arm shares 2 seeds with `random`.", ""]
-    rows = [[r.arm, str(r.seeds), _f(r.target), _n(r.n),
-             "" if np.isinf(r.n) else f"{r.saved:.1f}", f"[{_n(r.ci[0])}, {_n(r.ci[1])}]",
-             _f(r.reached, 3)] for r in s.reach]
+    rows = [[r.arm, str(r.seeds), _f(r.target), _n(r.n), f"[{_n(r.ci[0])}, {_n(r.ci[1])}]",
+             "" if np.isinf(r.n) else f"{r.saved:.1f}", _f(r.reached, 3)] for r in s.reach]
     return lines + _table(["arm", "n seeds", "random's final accuracy", "labelled to reach",
-                           "saved", "95% CI", "share reached"], rows)
+                           "its 95% CI", "saved", "share reached"], rows)
 
 
 def _stop_markdown(s: Study) -> list[str]:
