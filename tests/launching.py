@@ -106,6 +106,45 @@ if dist.world_size() > 1:  # as the command line ends a launched process (`dist.
 """
 
 
+#: every process of a lockstep launch (`starlora.zero3.lockstep`, forced here on gloo) must
+#: run as many passes: a cache that holds rank 0's share only, and a pair cut to max_length on
+#: rank 1 only; writes, per rank, the positions each `make`/`forward` call computed
+LOCKSTEP = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from starlora import distributed as dist, zero3
+zero3.enabled = lambda: True  # what is checked is each process's count of passes
+from starlora.models import load_model
+from starlora.scoring.cache import BaseScoreCache
+from starlora.scoring.own_answers import _first_pass
+from starlora.tasks import get_task
+dist.setup(cpu=True)
+rank, folder = dist.rank(), Path(sys.argv[1])
+cache = BaseScoreCache(folder / "cache", {"test": 1}, chunk_size=2)
+made = []
+def make(positions):
+    made.append(list(positions))
+    return [{"by": rank} for _ in positions]
+share = [["a", "b", "c"], ["d", "e", "e"]][rank]  # rank 1's last item: padding, a repeat
+found = cache.records(share, make)
+loaded = load_model("tiny-llama", device="cpu", dtype="float32", seed=0)
+task = get_task("arith")
+examples = task.generate("train", 2, rank)
+answers = [[5, 6], [5] * (300 if rank else 2)]  # rank 1's second pair is cut to 64 tokens
+passes = []
+def forward(chunk, given):
+    passes.append(len(chunk))
+    return type("S", (), {"pe": np.zeros(len(chunk)), "me": np.zeros(len(chunk))})()
+_first_pass(loaded.model, loaded.tokenizer, task, examples, answers,
+            (np.ones(2), np.ones(2)), 64, forward)
+(folder / f"rank{rank}.json").write_text(json.dumps(
+    {"made": made, "found": [r["by"] for r in found], "passes": passes}))
+dist.teardown()
+dist.leave(0)
+"""
+
+
 def trained(tmp_path: Path, launcher: list[str]) -> tuple[dict, dict]:
     """What `TRAIN` saved when run by one process and by `launcher` (2 processes)."""
     import torch

@@ -15,6 +15,7 @@ from launching import (
     ACCURACY_ATOL,
     ECE_ATOL,
     ENV,
+    LOCKSTEP,
     LOSS_RTOL,
     ONE,
     OWN_BASE,
@@ -210,6 +211,29 @@ def test_bf16_greedy_scores_are_the_same_with_one_and_two_processes(
     run([*TWO, *args, "--out", str(tmp_path / "two.jsonl")])
     one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
     assert len(one.splitlines()) == 11 and one == two
+
+
+@pytest.mark.slow  # one torchrun launch (~10 s)
+def test_processes_in_lockstep_run_as_many_passes_as_each_other(tmp_path: Path) -> None:
+    """Under ZeRO-3 a process that skips a forward pass the others run leaves them waiting
+    for ever. Base-model records one process has on disk and another has not, and a pair cut
+    to max_length on one process only, make every process compute its whole share, in the
+    same chunks; the records on disk are kept, and each new one is appended once."""
+    script = tmp_path / "lockstep.py"
+    script.write_text(LOCKSTEP)
+    cache = tmp_path / "cache"
+    from starlora.scoring.cache import BaseScoreCache
+
+    BaseScoreCache(cache, {"test": 1}).records(["a", "b", "c"], lambda ps: [{"by": "disk"}
+                                                                           for _ in ps])
+    run([*TWO[:-2], str(script), str(tmp_path)], timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["made"] == ranks[1]["made"] == [[0, 1], [2]]
+    assert ranks[0]["found"] == ["disk"] * 3 and ranks[1]["found"] == [1, 1, 1]
+    assert ranks[0]["passes"] == ranks[1]["passes"] == [2]
+    on_disk = [json.loads(line)["key"] for line in
+               BaseScoreCache(cache, {"test": 1}).path.read_text().splitlines()]
+    assert sorted(on_disk) == ["a", "b", "c", "d", "e"]
 
 
 @pytest.mark.slow  # two torchrun launches (~10 s); CI runs the full suite

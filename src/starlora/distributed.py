@@ -204,6 +204,18 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process; every process calls it (one process: `flag`)."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([int(flag)])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_group())
+    return bool(box.item())
+
+
 def agree(fn: Callable[[], T]) -> T:
     """``fn()`` computed on the main process only, its value on every process: for decisions
     read from files the main process writes (every process then takes the same branch)."""

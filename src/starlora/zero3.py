@@ -57,6 +57,13 @@ def enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
+def lockstep() -> bool:
+    """Whether every process must run as many forward passes as the others, each in its
+    turn: weights partitioned (`enabled`) over several processes. A process that skips a
+    pass the others run (a cached record, a pair that needs no pass) leaves them waiting."""
+    return enabled() and dist.world_size() > 1
+
+
 def prepare_loading() -> None:
     """Under a ZeRO-3 launch, join the process group and set up accelerate's DeepSpeed state
     (once), so that models loaded from now on are partitioned as they load. No-op

@@ -40,7 +40,8 @@ def score_base(
     that moved PE by up to 0.5 nats on SmolLM2). An out-of-memory error halves the shape and
     goes on in the file of the halved shape. Under DeepSpeed ZeRO-3, whose processes must run
     as many batches as each other, records are computed in plain batches and do follow their
-    batch-mates (a file of their own, keyed ``"batch": "zero3"``)."""
+    batch-mates (a file of their own, keyed ``"batch": "zero3"``), and a record missing on
+    any process has every process compute its whole share (`BaseScoreCache.records`)."""
     kwargs = {**kwargs, "mc_passes": 1}
     kwargs.setdefault("desc", "scoring base")
     answers = kwargs.pop("answer_ids", None)

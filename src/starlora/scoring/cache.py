@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from starlora import distributed as dist
+from starlora import zero3
 from starlora.errors import ConfigError
 from starlora.io import atomic_write
 from starlora.models import cache_dir
@@ -121,16 +123,16 @@ class BaseScoreCache:
         Before each chunk the file is read again, so records another process wrote meanwhile
         are not made twice."""
         have = self.load()
+        self.computed = 0
+        if zero3.lockstep():
+            return self._records_in_lockstep(keys, make, have)
         todo: dict[str, int] = {}  # the first position of each key not on disk
         for i, k in enumerate(keys):
             if k not in have:
                 todo.setdefault(k, i)
         missing = list(todo.items())
-        self.computed = 0
         if missing:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if not self.key_path.is_file():
-                atomic_write(self.key_path, json.dumps(self.key, indent=2, default=str).encode())
+            self._start_file()
         for s in range(0, len(missing), self.chunk_size):
             if s:
                 have.update(self.load())
@@ -143,6 +145,39 @@ class BaseScoreCache:
             self.computed += len(chunk)
             have.update((r["key"], r) for r in records)
         return [have[k] for k in keys]
+
+    def _records_in_lockstep(
+        self, keys: Sequence[str], make: Callable[[list[int]], list[dict[str, Any]]],
+        have: dict[str, dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """`records` where every process must run as many forward passes as the others
+        (`zero3.lockstep`; `keys`: each process's share, all of one length, as
+        `starlora.distributed` deals them): if a record is missing on any process, every
+        process makes its whole share, each position (repeats and padding too), in the same
+        chunks, and appends the records not on disk yet; else every record is read."""
+        if not dist.any_process(any(k not in have for k in keys)):
+            return [have[k] for k in keys]
+        self._start_file()
+        for s in range(0, len(keys), self.chunk_size):
+            positions = list(range(s, min(s + self.chunk_size, len(keys))))
+            made = make(positions)
+            have.update(self.load())  # another process's records of the same keys stay
+            new: dict[str, dict[str, Any]] = {}
+            for i, r in zip(positions, made, strict=True):
+                if keys[i] not in have:
+                    new.setdefault(keys[i], {**r, "key": keys[i]})
+            if new:
+                self._append(list(new.values()))
+                self.computed += len(new)
+                have.update(new)
+        return [have[k] for k in keys]
+
+    def _start_file(self) -> None:
+        """Make the cache's directory and write its key file (for humans), before the first
+        records are appended."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.key_path.is_file():
+            atomic_write(self.key_path, json.dumps(self.key, indent=2, default=str).encode())
 
     def get_or_compute(
         self,

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from starlora import distributed as dist
+from starlora import zero3
 from starlora.models import prompt_room, prompt_window, stop_tokens, token_limit
 from starlora.scoring.base_scores import score_base
 from starlora.scoring.batching import BUCKET, encode_pairs
@@ -94,7 +96,8 @@ def _first_pass(
     generation saw (prompt + answer shorter than `max_length`, and the prompt no longer than
     the generation's `room`, its `Generated.prompt_room`: nothing cut); the other pairs, and
     every pair when the generation measured nothing, by `forward` (examples, answers) ->
-    `Scores`. Returns (pe [N], me [N], answer tokens scored [N]) float64/int64."""
+    `Scores`; under ZeRO-3 (`zero3.lockstep`), every pair of every process when one process
+    has a pair to redo. Returns (pe [N], me [N], answer tokens scored [N]) float64/int64."""
     limit = token_limit(model, max_length)
     seqs = encode_pairs(model, tokenizer, task, examples, limit, tokens)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
@@ -103,6 +106,8 @@ def _first_pass(
     # a cut pair is exactly `limit` tokens long (`batching.fit`): shorter ones are uncut
     redo = [i for i, (p, a) in enumerate(seqs) if measured is None or len(p) + len(a) >= limit
             or (room is not None and len(p) > room)]
+    if zero3.lockstep() and dist.any_process(bool(redo)):
+        redo = list(range(len(seqs)))  # every process runs as many passes (equal shares)
     if measured is not None:
         pe[:], me[:] = measured
     if redo:
