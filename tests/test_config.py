@@ -72,6 +72,18 @@ def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
         load_config(path, ["training.lr"])
 
 
+def test_yes_and_no_are_words_and_booleans_still_read_them(tmp_path: Path) -> None:
+    """A yes/no task's choices, in a file or with the docs' --set, stay words (YAML 1.1 made
+    them booleans, which a list of strings refused); a boolean setting still takes them."""
+    path = write(tmp_path, "task:\n  choices: [yes, no]\nscoring:\n  per_token: yes\n")
+    cfg = load_config(path)
+    assert cfg.task.choices == ["yes", "no"] and cfg.scoring.per_token is True
+    cfg = load_config(None, ["task.choices=[yes, no]", "scoring.per_token=off"])
+    assert cfg.task.choices == ["yes", "no"] and cfg.scoring.per_token is False
+    assert load_config(write(tmp_path, dump_config(cfg))) == cfg
+    assert load_config(None, ["scoring.per_token=True"]).scoring.per_token is True
+
+
 def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"c\.yaml:2: not valid YAML"):
         load_config(write(tmp_path, "seed: 1\ntraining: lr: 3\n"))

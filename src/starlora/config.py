@@ -11,6 +11,7 @@ Every default below is the STAR paper's unless its comment says otherwise.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,13 +246,32 @@ def _short(error: Exception) -> str:
     return str(error).split(":")[0]
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as configs mean it: only ``true``/``false`` (in any of YAML's cases) are booleans,
+    as in YAML 1.2; ``yes``/``no``/``on``/``off`` stay words (a choice task's ``[yes, no]``),
+    which a boolean setting still reads as true or false (pydantic)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """`text` read as YAML by a safe loader with YAML 1.2's booleans (`_Loader`): the one
+    reader of configs and ``--set`` values."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"training.lr=1e-4"`` -> (["training", "lr"], 1e-4); the value is read as YAML."""
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item}: value is not valid YAML ({e})") from None
     except (ValueError, RecursionError) as e:  # an integer too long to convert, deep nesting
@@ -292,7 +312,7 @@ def load_config(
                     if (Path(path) / "config.yaml").is_file() else "")
             raise ConfigError(f"{where}: cannot read config ({e}){hint}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = read_yaml(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f"{where}:{mark.line + 1}" if mark else where
