@@ -285,6 +285,36 @@ def test_a_start_that_fails_on_its_model_leaves_no_run_behind(tmp_path: Path, ca
     assert (tmp_path / "kept" / "config.yaml").is_file()
 
 
+def test_ctrl_c_before_any_work_leaves_no_run_behind(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C while the model loads, or in round 0 before its first phase is done (to follow
+    the run's own prompt-style note, say), removes what the start wrote, as a failed start
+    does: the corrected command then starts. After a phase, or with anything else in the
+    directory, the run stays to be resumed."""
+    import starlora.models as models
+    import starlora.run.loop as loop
+
+    config = load_config(TINY, ["model.name=tiny-gpt2", "active_learning.rounds=1"])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for module, where in ((models, "load_model"), (loop, "_rounds")):
+        with monkeypatch.context() as m:
+            m.setattr(module, where, interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                run_experiment(config, tmp_path / where)
+        assert not (tmp_path / where).exists()
+
+    def after_a_phase(run):
+        run.store.set_state(0, "train")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_rounds", after_a_phase)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "kept")
+    assert (tmp_path / "kept" / "config.yaml").is_file()
+
+
 def test_duplicate_ids_in_the_pool_are_refused(tmp_path: Path, capsys) -> None:
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"id": i % 3, "question": f"q{i}", "answer": "a"}) + "\n"

@@ -301,8 +301,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                       precision=dist.on_main(lambda: identity.check_precision(
                           store, precision, state, allow_change=allow_precision_change)))
             run.check_room()  # a generation that cannot fit the model: an error before any work
-        except StarloraError:
-            if fresh:
+        except BaseException as e:  # an error or Ctrl-C before any work: no run is left
+            if fresh and (isinstance(e, StarloraError) or dist.world_size() == 1):
                 dist.on_main(store.undo_start)
             raise
         dist.on_main(store.save_config)  # its changes, now that the resume is accepted
@@ -318,6 +318,10 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         except oracle.Paused as paused:
             _say(f"{run_dir}: paused: {paused}")
             return store
+        except KeyboardInterrupt:  # before its first phase: as a start that failed
+            if fresh and dist.world_size() == 1:
+                store.undo_start()
+            raise
         finally:
             if run.tracker is not None:
                 run.tracker.end_training()

@@ -199,10 +199,14 @@ class RunStore:
     def undo_start(self) -> None:
         """Remove what starting a run wrote before its first phase (config.yaml, state.json,
         pool.json, identity.json), so that a start that failed on its input (a model name
-        misspelt, a generation that cannot fit the model) does not leave a run directory
-        that refuses the corrected config. The caller knows that the run started here."""
-        for path in (self.paths.config, self.paths.state, self.paths.pool, self.paths.identity):
-            path.unlink(missing_ok=True)
+        misspelt, a generation that cannot fit the model) or was interrupted before any work
+        does not leave a run directory that refuses the corrected config. The caller knows
+        that the run started here; a directory holding anything else is left as it is."""
+        started = (self.paths.config, self.paths.state, self.paths.pool, self.paths.identity)
+        ours = {*started, self.paths.lock, self.paths.run_lock, self.paths.run_owner}
+        if self.state().get("phase") is None and all(p in ours for p in self.root.iterdir()):
+            for path in started:
+                path.unlink(missing_ok=True)
 
     def save_config(self) -> None:
         """Write the store's config to config.yaml where it differs from the one there."""
