@@ -186,6 +186,26 @@ def test_fixed_steps_train_as_many_steps_whatever_the_labelled_count(obqa):
     assert one.steps == 1 and len(one.losses) == 1  # less than one pass
 
 
+SAVE_ADAPTER = """
+import sys
+from starlora.adapters import attach_lora, save_adapter
+from starlora.models import load_model
+save_adapter(attach_lora(load_model("tiny-llama", device="cpu", seed=0).model, r=4), sys.argv[1])
+"""
+
+
+def test_an_adapter_saves_the_same_config_bytes_in_every_process(tmp_path):
+    """peft writes ``target_modules`` from a set, whose order follows the process's string
+    hashes: two runs of one experiment saved adapter_config.json in other orders."""
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_ADAPTER)
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, str(script), str(tmp_path / seed)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"})
+    one, two = ((tmp_path / s / "adapter_config.json").read_bytes() for s in ("1", "2"))
+    assert one == two and b'"target_modules": [\n    "down_proj",' in one
+
+
 def test_saved_adapter_reloads_with_plain_peft(tmp_path, obqa):
     task, examples = obqa
     loaded = load_model("tiny-gpt2", device="cpu")

@@ -7,6 +7,7 @@ every process before one of them writes it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,16 @@ def save_adapter(peft_model: Any, directory: str | Path, *, write: bool = True) 
         if write:
             with atomic_folder(directory) as tmp:
                 peft_model.save_pretrained(tmp, safe_serialization=True)
+                _sort_target_modules(Path(tmp) / "adapter_config.json")
+
+
+def _sort_target_modules(config: Path) -> None:
+    """peft writes an adapter's ``target_modules`` from a set, in an order that follows the
+    process's string hashes: sorted, the same adapter saves the same bytes in every run."""
+    data = json.loads(config.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(model: Any, directory: str | Path) -> Any:
