@@ -34,7 +34,8 @@ def derive_id(line: int, question: str, answer: str | None) -> str:
 
     The position keeps genuinely duplicated records apart; the hash makes a changed file
     show up as changed ids rather than silently relabelling other records. A record without
-    an answer hashes its question alone, so adding answers later does not change its id.
+    an answer hashes its question alone; adding an answer to it gives it another id (a file
+    that may be edited during a run needs ids of its own).
     """
     content = question if answer is None else f"{question}\x1f{answer}"
     return f"L{line:06d}-{hashlib.sha1(content.encode()).hexdigest()[:8]}"

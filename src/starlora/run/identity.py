@@ -15,7 +15,8 @@ they compute on the run's last adapter.
 * **data** (`data_hashes`): a SHA-1 of the examples each split holds after loading (pool,
   test, task.labelled): their ids, questions and, where the run reads them, answers (the
   pool's answers only with a simulated oracle or gold scoring; people may add answers to a
-  human-oracle pool without changing what the run computed). An edited answer, question or
+  human-oracle pool without changing what the run computed, if its records have ids: a
+  derived id hashes the answer, `starlora.datafiles.derive_id`). An edited answer, question or
   test record is refused on resume (DataError naming the file).
 * **weights** (`check_weights`): the base model's fingerprint
   (`starlora.models.model_fingerprint`). Not refused (a folder's fingerprint reads file

@@ -232,7 +232,9 @@ class RunStore:
                     "before starlora did so kept it); finish this run with the starlora that "
                     "started it, or start another --run-dir") if labelled else ""
             raise DataError(source, None, None,
-                            f"the pool differs from the one {self.root} started with{hint}")
+                            f"the pool differs from the one {self.root} started with (a "
+                            "record without an id takes one from its question and answer)"
+                            f"{hint}")
 
     def pool_size(self) -> int | None:
         """The number of pool examples the run started with (None before it recorded them)."""
