@@ -116,7 +116,7 @@ def test_labels_the_user_has_leave_the_pool_and_form_the_initial_set(tmp_path: P
     assert [ex.id for ex in load_data(off, make_task(off)).labelled] == ["a", "b"]
 
 
-def test_every_bad_record_is_reported_with_the_file_role(tmp_path: Path) -> None:
+def test_every_bad_record_is_reported_with_the_file_role(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text('{"id": "a", "question": "2 + 2?", "answer": "4"}\n'
                     '{"id": "b", "question": "3 + 4?"}\n'
@@ -134,6 +134,10 @@ def test_every_bad_record_is_reported_with_the_file_role(tmp_path: Path) -> None
     ]
     with pytest.raises(DataError, match=r"no such file \(the pool, task.train\)"):
         load_examples(tmp_path / "none.jsonl", get_task("jsonl"), role="pool")
+    # a relative path names the directory it was looked for in (a run resumed elsewhere)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"none.jsonl: no such file in {tmp_path} \(the pool"):
+        load_examples("none.jsonl", get_task("jsonl"), role="pool")
 
 
 def test_a_test_file_without_answers_says_it_is_the_test_set(tmp_path: Path) -> None:

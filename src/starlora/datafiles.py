@@ -63,8 +63,9 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
         yield from _hf_records(source)
         return
     path = Path(source)
-    if not path.is_file():
-        raise DataError(source, None, None, "no such file")
+    if not path.is_file():  # a relative path: to where starlora runs, which a resume may not
+        raise DataError(source, None, None, "no such file" if path.is_absolute()
+                        else f"no such file in {Path.cwd()}")
     if fmt == "parquet":
         from datasets import Dataset
 

@@ -183,7 +183,8 @@ class RunStore:
                 raise ConfigError(
                     f"{paths.root}: the run directory holds a run with a different config "
                     f"({', '.join(changed)}); use another --run-dir, restore those values, or "
-                    f"resume from the run's own config: starlora run --run-dir {paths.root}"
+                    "resume from the run's own config (its data paths are relative to where "
+                    f"it started): starlora run --run-dir {paths.root}"
                 )
             store.config = config
             if save:
