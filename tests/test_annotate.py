@@ -138,6 +138,24 @@ def test_a_save_over_an_answer_saved_meanwhile_gets_409_and_keeps_it(
         400, {"error": "previous: not a string or null"})
 
 
+def test_saving_an_answer_again_as_it_is_changes_no_byte(client: TestClient,
+                                                         store: RunStore) -> None:
+    """Review 15, 1: Ctrl+Enter again on a saved query rewrote labelled.jsonl with its row
+    moved to the end (training follows that order). The same answer is now left as it is;
+    a revision replaces the row where it stands."""
+    def post(body: dict) -> int:
+        return client.post("/api/labels", headers=AUTH, json=body).status_code
+
+    assert post({"id": "q1", "answer": "2"}) == 200
+    before = snapshot(store.root)
+    assert post({"id": "q3", "answer": " 6", "previous_sha256": sha256(b"6").hexdigest()}) == 200
+    assert post({"id": "q3", "answer": "6"}) == 200
+    assert snapshot(store.root) == before
+    assert post({"id": "q3", "answer": "7"}) == 200
+    assert [(r["id"], r["answer"], r["round"]) for r in store.labelled()] == [
+        ("a", "x", 0), ("q3", "7", 1), ("q1", "2", 1)]
+
+
 @pytest.mark.parametrize("body,error", [
     ({"id": "zz", "answer": "1"}, "id: 'zz' unknown id"),
     ({"id": "a", "answer": "1"}, "id: 'a' is not pending"),

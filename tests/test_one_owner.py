@@ -32,7 +32,7 @@ def test_one_jsonl_reader_and_one_csv_reader() -> None:
 
 
 def test_the_label_row_is_written_in_one_place() -> None:
-    assert where(r'\{"id": [^}\n]*"round": [^}\n]*"answer"') == ["run/store.py"]
+    assert where(r'\{"id": [^}\n]*"round": [^}\n]*"answer"') == ["run/label_rows.py"]
 
 
 def test_lambda_defaults_are_written_once() -> None:

@@ -221,6 +221,32 @@ def test_import_revise_replaces_answers_to_the_open_query_only(store: RunStore, 
     assert snapshot(store.root) == before
 
 
+def test_an_answer_saved_again_as_it_is_changes_nothing_and_a_revision_keeps_its_place(
+        store: RunStore, tmp_path: Path, capsys) -> None:
+    """Review 15, 1: `import --revise` of an answer identical to the saved one was counted as
+    imported and moved its row to the end of labelled.jsonl (training takes the rows in that
+    order: another adapter, another next selection). It is now left as it is, not counted;
+    a revised answer replaces its row where it stands, with the query's round."""
+    (tmp_path / "first.csv").write_text("id,answer\nq0,0\nq1,2\n")
+    assert import_labels(store, tmp_path / "first.csv") == (2, 1)
+    order = [r["id"] for r in store.labelled()]
+    assert order == ["a", "q3", "q0", "q1"]
+    (tmp_path / "same.csv").write_text("id,answer\nq3, 6\nq0,0\n")
+    before = snapshot(store.root)
+    assert main(["import", str(store.root), str(tmp_path / "same.csv"), "--revise"]) == 0
+    assert "imported 0 answers" in capsys.readouterr().out
+    assert snapshot(store.root) == before
+    (tmp_path / "fix.csv").write_text("id,answer\nq3,7\nq0,0\n")  # q3 revised, q0 as it is
+    assert import_labels(store, tmp_path / "fix.csv", revise=True) == (1, 1)
+    rows = store.labelled()
+    assert [r["id"] for r in rows] == order
+    assert rows[1] == {"id": "q3", "round": 1, "answer": "7", "source": "import:fix.csv"}
+    assert rows[2]["source"] == "import:first.csv"
+    assert store.save_labels({"q0": "0", "q2": "4"}, "annotate") == 1  # q2 new, at the end
+    assert [r["id"] for r in store.labelled()] == [*order, "q2"]
+    assert store.labelled()[2]["source"] == "import:first.csv"
+
+
 def _answer(question: str) -> str:
     a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
     return str(int(a) + int(b))

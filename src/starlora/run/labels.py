@@ -298,10 +298,10 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
                   keep_saved: bool = False) -> dict[str, str]:
     """``{id: answer}`` for the good ones of `answers`. An id must be in the open query and not
     labelled yet (with `revise`, answers saved to the open query may be replaced); one asked
-    or labelled before is "not pending", any other "unknown"; with `keep_saved` (an import),
-    one whose answer is the one saved is left out instead, as it is (a file imported again, a
-    Label Studio project exported whole each round). Each bad answer is a problem: added to
-    `problems` when given, else all raised together."""
+    or labelled before is "not pending", any other "unknown"; with `keep_saved` (an import,
+    with `revise` or not), one whose answer is the one saved is left out instead, as it is and
+    not counted (a file imported again, a Label Studio project exported whole each round).
+    Each bad answer is a problem: added to `problems` when given, else all raised together."""
     found = Problems() if problems is None else problems
     r = store.open_query()
     asked = {q["id"] for q in store.queries(r)} if r is not None else set()
@@ -318,8 +318,9 @@ def check_answers(store: RunStore, answers: list[Answer], where: str,
         first_line[a.id] = a.line
         if not a.answer.strip():
             found.add(DataError(where, a.line, "answer", f"empty answer for id {a.id!r}"))
-        elif keep_saved and saved.get(a.id) == a.answer.strip() and not (revise and a.id in asked):
-            continue  # saved already as it is (a file, or a Label Studio project, kept whole)
+        elif keep_saved and saved.get(a.id) == a.answer.strip():
+            continue  # saved already as it is (a file, or a Label Studio project, kept whole;
+            # with --revise too): left as it is, not counted
         elif a.id not in pending:
             problem = ("is not pending: answered already (`starlora import --revise` or "
                        "`starlora annotate` change an answer until the run goes on)"
@@ -347,6 +348,5 @@ def import_labels(store: RunStore, path: str | Path, fmt: str = "auto",
         checked = check_answers(store, answers, str(path), revise=revise, problems=problems,
                                 keep_saved=True)
         problems.raise_if_any()
-        if checked:
-            store.save_labels(checked, f"import:{Path(path).name}")
-    return len(checked), len(store.pending())
+        applied = store.save_labels(checked, f"import:{Path(path).name}") if checked else 0
+    return applied, len(store.pending())

@@ -68,6 +68,7 @@ from starlora.io import (
     write_json,
     write_jsonl,
 )
+from starlora.run.label_rows import label_row
 from starlora.run.protocol import PHASES, result_changes
 
 #: the files of ``rounds/<k>/`` (see the module docstring); `RunPaths.round_file` refuses others
@@ -136,13 +137,6 @@ def refuse_foreign(paths: RunPaths) -> None:
     if paths.root.exists() and any(p not in ours and not p.name.startswith(".config.yaml.")
                                    for p in paths.root.iterdir()):
         raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
-
-
-def label_row(id_: str, round_: int | None, answer: str, source: str) -> dict:
-    """One line of ``labelled.jsonl``: the labelled `id_`, the label round that first trains
-    on it, its `answer`, and where it came from (``simulated``, ``file:<name>``,
-    ``import:<name>``, ``annotate``...)."""
-    return {"id": id_, "round": round_, "answer": answer, "source": source}
 
 
 class RunStore:
@@ -325,16 +319,25 @@ class RunStore:
     def save_labels(self, answers: dict[str, str], source: str) -> int:
         """Store answers to the open query, replacing earlier answers to it (they may be
         revised until the run goes on). Ids must be in the open query; the caller checks them
-        first (`starlora.run.labels`), this re-checks under the lock. Returns how many."""
+        first (`starlora.run.labels`), this re-checks under the lock. A revision replaces its
+        row where it stands (training takes the rows in file order), the saved answer again
+        changes nothing, a new one is appended. Returns how many rows it added or changed."""
         with self.lock():
             r = self.open_query()
             asked = {q["id"] for q in self.queries(r)} if r is not None else set()
             outside = sorted(set(answers) - asked)
             if outside:
                 raise StarloraError(f"{self.root}: not in the open query: {outside[:5]}")
-            kept = [row for row in self.labelled() if row["id"] not in answers]
-            new = [label_row(i, r, a, source) for i, a in answers.items()]
-            write_jsonl(self.paths.labelled, kept + new)
+            rows = self.labelled()
+            at = {row["id"]: k for k, row in enumerate(rows)}
+            new = {i: a for i, a in answers.items() if i not in at or rows[at[i]]["answer"] != a}
+            for i, a in new.items():
+                if i not in at:
+                    at[i] = len(rows)
+                    rows.append({})
+                rows[at[i]] = label_row(i, r, a, source)
+            if new:
+                write_jsonl(self.paths.labelled, rows)
             return len(new)
 
     def close_query(self, label_round: int) -> bool:
