@@ -156,6 +156,21 @@ def test_saving_an_answer_again_as_it_is_changes_no_byte(client: TestClient,
         ("a", "x", 0), ("q3", "7", 1), ("q1", "2", 1)]
 
 
+def test_a_labelled_file_broken_while_serving_is_named_not_a_traceback(
+        client: TestClient, store: RunStore) -> None:
+    """Review 15, 5: a labelled.jsonl row without an id made GET /api/queries a 500 from a
+    KeyError, and a save said "id: missing" as if the request lacked it. Both now name the
+    file and line, and nothing is saved."""
+    with open(store.root / "labelled.jsonl", "a") as f:
+        f.write('{"round": 1, "answer": "x"}\n')
+    before = snapshot(store.root)
+    for response in (client.get("/api/queries", headers=AUTH),
+                     client.post("/api/labels", headers=AUTH, json={"id": "q1", "answer": "2"})):
+        assert response.status_code == 500
+        assert response.json()["error"].endswith("labelled.jsonl:3: id: missing")
+    assert snapshot(store.root) == before
+
+
 @pytest.mark.parametrize("body,error", [
     ({"id": "zz", "answer": "1"}, "id: 'zz' unknown id"),
     ({"id": "a", "answer": "1"}, "id: 'a' is not pending"),

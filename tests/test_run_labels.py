@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,47 @@ def test_unreadable_answer_and_run_files_are_named_errors(store: RunStore, tmp_p
                                                   str(tmp_path / "e.jsonl")]):
         assert main(command) == 2
         assert "labelled.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row,said", [
+    ({"round": 1, "answer": "x", "source": "me"}, "labelled.jsonl:3: id: missing"),
+    ({"id": 7, "round": 1, "answer": "x"}, "labelled.jsonl:3: id: must be a string, got int"),
+    ({"id": "q0", "round": 1}, "labelled.jsonl:3: answer: missing"),
+    ({"id": "q3", "round": 1, "answer": "5"},
+     "labelled.jsonl:3: id: 'q3' labelled twice (first on line 2)"),
+])
+def test_a_hand_broken_labelled_file_is_a_named_error_in_every_command(
+        store: RunStore, tmp_path: Path, capsys, row: dict, said: str) -> None:
+    """Review 15, 5: a labelled.jsonl row without an id (or with a number for one) made
+    status, export, import and annotate end in a KeyError traceback. Each now says which
+    file, line and field, exits 2, and changes nothing."""
+    from starlora.annotate.app import create_app
+
+    with open(store.root / "labelled.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    (tmp_path / "a.csv").write_text("id,answer\nq1,2\n")
+    before = snapshot(store.root)
+    for command in (["status", str(store.root)], ["import", str(store.root), str(tmp_path / "a.csv")],
+                    ["export", str(store.root), "--out", str(tmp_path / "e.jsonl")]):
+        assert main(command) == 2, command
+        assert said in capsys.readouterr().err
+    with pytest.raises(DataError, match=re.escape(said)):
+        create_app(store.root, "t")  # `starlora annotate` refuses before serving
+    assert snapshot(store.root) == before and not (tmp_path / "e.jsonl").exists()
+
+
+def test_a_labelled_id_in_no_data_file_is_a_named_error_before_training(store: RunStore) -> None:
+    """Review 15, 5: an id that is not in the pool (a hand-added row) was a KeyError in
+    `starlora run`; it is a DataError naming labelled.jsonl, the line and the id."""
+    from starlora.run.context import Run
+    from starlora.tasks import Example
+
+    by_id = {i: Example(i, f"question {i}", None) for i in ("a", "q0", "q1", "q2")}
+    run = Run(store.config, store, None, None, None, 1, False, by_id=by_id)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"labelled.jsonl:2: id: 'q3' is not in the pool nor in "
+                                        r"task.labelled$"):
+        run.check_labels()
+    by_id["q3"] = Example("q3", "question q3", None)
+    assert [(ex.id, ex.question, ex.answer) for ex in run.labelled_examples()] == [
+        ("a", "question a", "x"), ("q3", "question q3", "6")]
+

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,9 +257,11 @@ class ParsedJsonl:
     def __init__(self) -> None:
         self._parsed: dict[Path, tuple[bytes, list[dict]]] = {}
 
-    def rows(self, path: str | Path) -> list[dict]:
+    def rows(self, path: str | Path,
+             check: Callable[[Path, list[tuple[int, dict]]], None] | None = None) -> list[dict]:
         """The objects of JSONL file `path` ([] when absent), as `read_jsonl` gives them;
-        the caller gets its own copies."""
+        the caller gets its own copies. `check(path, [(line, object), ...])`, when given, runs
+        on each new content before it is kept (its error is raised on every call)."""
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -269,8 +271,10 @@ class ParsedJsonl:
         cached = self._parsed.get(path)
         if cached is None or cached[0] != digest:
             with gc_paused():
-                rows = [rec for _, rec in _records(data, path)]
-            cached = self._parsed[path] = (digest, rows)
+                records = _records(data, path)
+            if check is not None:
+                check(path, records)
+            cached = self._parsed[path] = (digest, [rec for _, rec in records])
         return [dict(r) for r in cached[1]]
 
 

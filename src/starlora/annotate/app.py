@@ -20,7 +20,8 @@ Every request needs the token: the page takes it as ``?token=T`` or a bearer hea
 only as ``Authorization: Bearer T`` (so a cross-site request cannot carry it without a CORS
 preflight, which this app never grants). Missing or wrong: 401. Request bodies over
 `MAX_BODY` bytes: 413. The store's lock is busy for over `LOCK_TIMEOUT` s: 503. The disk is
-full: 507 (nothing saved).
+full: 507 (nothing saved). A run file broken by hand (a labelled.jsonl row without an id...):
+500 ``{"error": text}`` naming the file, line and field.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from starlora.run.store import RunStore, resume_command
 MAX_BODY = 64 * 1024  #: bytes a request body may have (an answer is usually a few hundred)
 LOCK_TIMEOUT = 10.0  #: seconds a save waits for the run's lock before answering 503
 SOURCE = "annotate"  #: the ``source`` of labels saved through the page
+WHERE = "annotate"  #: where a posted answer's DataError says it was read
 NO_STORE = {"Cache-Control": "no-store"}
 PAGE_HEADERS = {
     **NO_STORE,
@@ -125,6 +127,7 @@ class Annotator:
     def __init__(self, run_dir: str | Path):
         self.run_dir = str(run_dir)
         self.store = RunStore.open(run_dir)
+        self.store.labelled()  # a hand-broken labelled.jsonl: a DataError before serving
 
     def queries(self) -> dict[str, Any]:
         """The open query's rows (answered ones too, so they can be revised), highest
@@ -160,7 +163,7 @@ class Annotator:
                 raise QueryClosedError(
                     f"the run has gone on: query {asked[id_]} is closed, so {id_!r} can no "
                     "longer be answered here (reload the page)")
-            checked = check_answers(store, [Answer(id_, answer, 1)], "annotate", revise=True)
+            checked = check_answers(store, [Answer(id_, answer, 1)], WHERE, revise=True)
             if seen is not UNCHECKED:  # the same answer twice is no conflict
                 current = next((row["answer"] for row in store.labelled()
                                 if row["id"] == id_), None)
@@ -244,7 +247,10 @@ def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Sta
                             headers={**PAGE_HEADERS, "Content-Security-Policy": CSP.format(n=nonce)})
 
     async def get_queries(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(annotator.queries), headers=NO_STORE)
+        try:
+            return JSONResponse(await run_in_threadpool(annotator.queries), headers=NO_STORE)
+        except StarloraError as e:  # a run file broken by hand while serving: say which
+            return JSONResponse({"error": str(e)}, 500, headers=NO_STORE)
 
     async def post_label(request: Request) -> Response:
         id_, answer, previous = parse_label(await read_body(request, max_body))
@@ -254,6 +260,8 @@ def create_app(run_dir: str | Path, token: str, max_body: int = MAX_BODY) -> Sta
             return JSONResponse({"error": str(e), "id": e.id, "current": e.current,
                                  "current_sha256": sha256_of(e.current)}, 409, headers=NO_STORE)
         except DataError as e:  # the message without "annotate:1:", which means nothing here
+            if e.path != WHERE:  # a run file broken by hand (labelled.jsonl): name it
+                raise HTTPException(500, str(e)) from None
             raise HTTPException(400, f"{e.field}: {e.problem}" if e.field else e.problem) from None
         except LockTimeoutError as e:
             raise HTTPException(503, str(e)) from None

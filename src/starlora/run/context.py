@@ -12,6 +12,8 @@ from typing import Any
 from starlora import distributed as dist
 from starlora.acquisition import QueryStrategy
 from starlora.config import ExperimentConfig
+from starlora.errors import DataError
+from starlora.io import read_records
 from starlora.run.data import Data
 from starlora.run.store import RunStore
 from starlora.tasks import Example, Task
@@ -81,8 +83,22 @@ class Run:
         return self.model
 
     def labelled_examples(self) -> list[Example]:
-        return [Example(r["id"], self.by_id[r["id"]].question, r["answer"])
-                for r in self.store.labelled()]
+        """The labels as training takes them, in labelled.jsonl's order: the question of
+        each id's pool (or task.labelled) example with its label's answer. An id that is in
+        neither (a hand-edited file) is a DataError naming labelled.jsonl and its line."""
+        rows = self.store.labelled()
+        unknown = [r["id"] for r in rows if r["id"] not in self.by_id]
+        if unknown:
+            path = self.store.paths.labelled
+            line = next(n for n, r in read_records(path) if r.get("id") == unknown[0])
+            more = f" ({len(unknown) - 1} more ids are not either)" if len(unknown) > 1 else ""
+            raise DataError(str(path), line, "id", f"{unknown[0]!r} is not in the pool nor in "
+                            f"task.labelled{more}")
+        return [Example(r["id"], self.by_id[r["id"]].question, r["answer"]) for r in rows]
+
+    def check_labels(self) -> None:
+        """`labelled_examples`' checks, before any work (a hand-edited labelled.jsonl)."""
+        self.labelled_examples()
 
     def say(self, k: int, message: str) -> None:
         say(f"round {k}/{self.n_rounds - 1}: {message}")

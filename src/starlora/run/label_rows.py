@@ -1,6 +1,11 @@
-"""The rows of a run's ``labelled.jsonl``: how one is written (`label_row`)."""
+"""The rows of a run's ``labelled.jsonl``: how one is written (`label_row`) and the checks a
+row read back must pass (`check_label_rows`): a person may have edited the file."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from starlora.errors import DataError, Problems
 
 
 def label_row(id_: str, round_: int | None, answer: str, source: str) -> dict:
@@ -8,3 +13,23 @@ def label_row(id_: str, round_: int | None, answer: str, source: str) -> dict:
     on it, its `answer`, and where it came from (``simulated``, ``file:<name>``,
     ``import:<name>``, ``annotate``...)."""
     return {"id": id_, "round": round_, "answer": answer, "source": source}
+
+
+def check_label_rows(path: str | Path, records: list[tuple[int, dict]]) -> None:
+    """DataError naming `path`, the line and the field of every row of `records` ((1-based
+    line, object) as `starlora.io.read_records` reads them) whose ``id`` or ``answer`` is
+    missing or not a string, or whose id is labelled on an earlier line too; all at once."""
+    problems, first = Problems(), {}
+    for line, row in records:
+        for name in ("id", "answer"):
+            value = row.get(name)
+            if not isinstance(value, str):
+                problems.add(DataError(str(path), line, name, "missing" if value is None else
+                                       f"must be a string, got {type(value).__name__}"))
+        id_ = row.get("id")
+        if isinstance(id_, str) and id_ in first:
+            problems.add(DataError(str(path), line, "id",
+                                   f"{id_!r} labelled twice (first on line {first[id_]})"))
+        elif isinstance(id_, str):
+            first[id_] = line
+    problems.raise_if_any()

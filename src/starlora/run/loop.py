@@ -301,6 +301,7 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
                       precision=dist.on_main(lambda: identity.check_precision(
                           store, precision, state, allow_change=allow_precision_change)))
             run.check_room()  # a generation that cannot fit the model: an error before any work
+            dist.on_main(run.check_labels)  # so is a labelled.jsonl with an id not in the data
         except BaseException as e:  # an error or Ctrl-C before any work: no run is left
             if fresh and (isinstance(e, StarloraError) or dist.world_size() == 1):
                 dist.on_main(store.undo_start)

@@ -68,7 +68,7 @@ from starlora.io import (
     write_json,
     write_jsonl,
 )
-from starlora.run.label_rows import label_row
+from starlora.run.label_rows import check_label_rows, label_row
 from starlora.run.protocol import PHASES, result_changes
 
 #: the files of ``rounds/<k>/`` (see the module docstring); `RunPaths.round_file` refuses others
@@ -278,8 +278,9 @@ class RunStore:
 
     # -- labels -------------------------------------------------------------------------------
     def labelled(self) -> list[dict]:
-        """Every label, in labelling order: ``{"id", "round", "answer", "source"}``."""
-        return self._parsed.rows(self.paths.labelled)
+        """Every label, in labelling order: ``{"id", "round", "answer", "source"}``; a row a
+        person broke is a DataError naming the file, line and field (`check_label_rows`)."""
+        return self._parsed.rows(self.paths.labelled, check_label_rows)
 
     def add_labels(self, rows: list[dict]) -> None:
         """Append labelled rows (`label_row`); an id already labelled is an error."""
