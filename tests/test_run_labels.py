@@ -135,6 +135,12 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
      "lsann2.json:2: annotations: must be a list of objects"),
     ("lsres.json", '[\n {"data": {"id": "q0"}, "annotations": [{"result": [3]}]}\n]\n',
      "lsres.json:2: annotations.result: must be a list of objects"),
+    # review 15, 3: what followed the closing "]" was ignored (a second export's answers lost)
+    ("lstwo.json", '[{"data": {"id": "q0"}}]\n[{"data": {"id": "q1"}, "annotations": [\n'
+     '{"result": [{"from_name": "answer", "value": {"text": ["2"]}}]}]}]\n',
+     "lstwo.json:2: not valid JSON (extra data after the list of tasks)"),
+    ("lsjunk.json", '[\n {"data": {"id": "q0"}}\n]\n\n  this is not JSON {\n',
+     "lsjunk.json:5: not valid JSON (extra data after the list of tasks)"),
 ])
 def test_a_malformed_import_changes_nothing(store: RunStore, tmp_path: Path, capsys,
                                             name: str, text: str, where: str) -> None:

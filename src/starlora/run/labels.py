@@ -243,6 +243,10 @@ def _label_studio(where: str, text: str, problems: Problems) -> list[Answer]:
             problems.add(DataError(where, text.count("\n", 0, pos) + 1, None,
                                    "expected ',' or ']'"))
             return out
+    end = _skip(text, pos + 1)
+    if end < len(text):  # a second list pasted after the first: its answers would be lost
+        problems.add(DataError(where, text.count("\n", 0, end) + 1, None,
+                               "not valid JSON (extra data after the list of tasks)"))
     return out
 
 
