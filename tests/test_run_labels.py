@@ -254,6 +254,26 @@ def test_an_answer_saved_again_as_it_is_changes_nothing_and_a_revision_keeps_its
     assert store.labelled()[2]["source"] == "import:first.csv"
 
 
+def test_import_says_what_the_run_does_next(store: RunStore, tmp_path: Path, capsys) -> None:
+    """Review 15, 8: with no query open, `starlora import` said "nothing pending: starlora
+    run --run-dir RUN continues it" even of a finished run. It now says what is true."""
+    answers = tmp_path / "a.csv"
+    answers.write_text("id,answer\nq0,0\nq1,2\nq2,4\n")
+    resume = f"starlora run --run-dir {store.root}"
+
+    def said() -> str:
+        assert main(["import", str(store.root), str(answers)]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert said() == f"imported 3 answers into {store.root}; nothing pending: {resume} continues it"
+    assert store.close_query(1)  # the run went on: it trains on them
+    assert said() == (f"imported 0 answers into {store.root}; no query is open: the run is not "
+                      f"waiting for answers (when no starlora run works in it, {resume} "
+                      "continues it)")
+    store.set_state(1, "evaluate", finished=True)
+    assert said() == f"imported 0 answers into {store.root}; no query is open: the run is finished"
+
+
 def _answer(question: str) -> str:
     a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
     return str(int(a) + int(b))

@@ -154,9 +154,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from starlora.run.labels import import_labels, import_message
     from starlora.run.store import RunStore
 
-    applied, left = import_labels(RunStore.open(args.run_dir), args.file, args.format,
-                                  revise=args.revise)
-    print(import_message(args.run_dir, applied, left))
+    store = RunStore.open(args.run_dir)
+    applied, left = import_labels(store, args.file, args.format, revise=args.revise)
+    print(import_message(store, args.run_dir, applied, left))
     return 0
 
 

@@ -83,12 +83,18 @@ def export_message(n: int, out: str | Path, fmt: str = "auto") -> str:
     return f"wrote {what} to {files}" + (" (nothing is pending)" if n == 0 else "")
 
 
-def import_message(run_dir: str | Path, applied: int, left: int) -> str:
-    """What `starlora import` says after applying `applied` answers with `left` pending."""
+def import_message(store: RunStore, run_dir: str | Path, applied: int, left: int) -> str:
+    """What `starlora import` says after applying `applied` answers to `store` (the run in
+    `run_dir`, as the user named it) with `left` pending: what the run does next (waits for
+    them, goes on when resumed, is finished, or works between queries)."""
     from starlora.run.store import resume_command
 
+    resume = resume_command(run_dir)
     more = (f"{left} still pending" if left
-            else f"nothing pending: {resume_command(run_dir)} continues it")
+            else f"nothing pending: {resume} continues it" if store.open_query() is not None
+            else "no query is open: the run is finished" if store.state().get("finished")
+            else "no query is open: the run is not waiting for answers (when no starlora run "
+                 f"works in it, {resume} continues it)")
     return f"imported {applied} answer{'' if applied == 1 else 's'} into {run_dir}; {more}"
 
 
