@@ -270,6 +270,15 @@ def test_the_command_refuses_a_folder_that_is_not_a_run_and_a_busy_port(store: R
         port = str(taken.getsockname()[1])
         assert main(["annotate", str(store.root), "--port", port]) == 2
     assert f"--port {port}: cannot listen there" in capsys.readouterr().err
+    # review 15, 9a: a port past 65535 was an OverflowError traceback, and a host that does
+    # not resolve "cannot listen there (Unknown error -2)"
+    for args, said in ((["--port", "99999"], "--port 99999: not a port number (0 to 65535"),
+                       (["--port", "-1"], "--port -1: not a port number"),
+                       (["--host", "nosuch.invalid", "--port", "0"],
+                        "--host nosuch.invalid: cannot resolve it (")):
+        assert main(["annotate", str(store.root), *args]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Unknown error" not in err and "Traceback" not in err
 
 
 # -- the page in a real browser ---------------------------------------------------------------

@@ -4,7 +4,6 @@ error, and port 0 picks a free one)."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import socket
 import sys
@@ -17,14 +16,20 @@ from starlora.errors import StarloraError
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (`host`, `port`); StarloraError when that is not possible."""
+    """A listening TCP socket on (`host`, `port`); StarloraError naming the option when that is
+    not possible (a port outside 0-65535, a host that does not resolve, a port taken...)."""
+    if not 0 <= port <= 65535:
+        raise StarloraError(f"--port {port}: not a port number (0 to 65535; 0: any free one)")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError as e:  # socket.gaierror: its errno is no OS error number
+        raise StarloraError(f"--host {host}: cannot resolve it ({e.strerror or e}); give an "
+                            "address of this machine, such as 127.0.0.1") from None
+    try:
         return socket.create_server((host, port), family=family, backlog=64)
     except OSError as e:
-        why = os.strerror(e.errno) if e.errno else str(e)
-        raise StarloraError(f"--host {host} --port {port}: cannot listen there ({why}); "
-                            "pass another --port") from None
+        raise StarloraError(f"--host {host} --port {port}: cannot listen there "
+                            f"({e.strerror or e}); pass another --port or --host") from None
 
 
 def url_of(sock: socket.socket, host: str, token: str) -> str:
