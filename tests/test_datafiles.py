@@ -176,6 +176,18 @@ def test_a_field_named_otherwise_in_every_record_is_one_problem_naming_the_setti
         load_examples(pool, task, require_answer=False)
 
 
+def test_a_csv_saved_with_semicolons_is_told_to_be_saved_comma_separated(tmp_path: Path) -> None:
+    """Review 15, 9b: a spreadsheet in a semicolon locale writes 'id;question'; the pool
+    loader said to set task.question_field, which cannot help."""
+    pool = tmp_path / "semi.csv"
+    pool.write_text("id;question\np1;What is 1?\n")
+    with pytest.raises(DataError) as e:
+        load_examples(pool, get_task("jsonl"), require_answer=False)
+    assert str(e.value) == (f"{pool}:2: question: missing from every record, the first on this "
+                            "line (their fields: id;question); it looks separated by "
+                            "semicolons: save the file comma-separated")
+
+
 def test_a_csv_saved_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
     """Excel's "CSV UTF-8" starts with a byte-order mark, which made the first column
     '\\ufeffid' ("id: missing column" under a header that shows `id`)."""

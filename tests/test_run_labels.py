@@ -122,7 +122,11 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
     ("broken.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1", "answer": \n',
      "broken.jsonl:2: not valid JSON"),
     ("field.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1"}\n', "field.jsonl:2: answer: missing"),
-    ("nocol.csv", "id,text\nq0,0\n", "nocol.csv:1: answer: missing column"),
+    ("nocol.csv", "id,text\nq0,0\n", "nocol.csv:1: answer: missing column (the header has: "
+     "'id', 'text')"),
+    # review 15, 9b: a CSV saved with semicolons got only "id: missing column"
+    ("semi.csv", "id;answer\nq0;0\n", "semi.csv:1: id: missing column (the header has: "
+     "'id;answer'; it looks separated by semicolons: save the file comma-separated)"),
     ("cells.csv", "id,answer\nq0,0\nq1,2,3\n", "cells.csv:3: more cells than header columns"),
     ("csvdup.csv", "id,answer\nq0,0\nq1,2\nq0,5\n", "csvdup.csv:4: id: duplicate id 'q0'"),
     ("ls.json", '[\n {"data": {"id": "q0"}, "annotations": []},\n {"nodata": 1}\n]\n',

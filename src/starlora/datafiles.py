@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from starlora.errors import DataError, Problems
-from starlora.io import csv_records, jsonl_records
+from starlora.io import csv_records, jsonl_records, separator_hint
 from starlora.tasks import Example, Task
 
 FORMATS = ("jsonl", "csv", "parquet", "hf")
@@ -214,9 +214,9 @@ def load_examples(
             problems.errors = [e for e in problems.errors
                                if (e.field, e.problem) != (name, "missing")]
             theirs = ", ".join(map(str, list(fields)[:12]))
+            fix = separator_hint(list(fields)) or f"set task.{setting} to the one that holds it"
             problems.add(DataError(source, first, name, "missing from every record, the first "
-                                   f"on this line (their fields: {theirs}); set task.{setting} "
-                                   "to the one that holds it"))
+                                   f"on this line (their fields: {theirs}); {fix}"))
     problems.raise_if_any()
     if not examples:
         raise DataError(source, None, None, "no records", role)

@@ -174,16 +174,19 @@ def csv_records(text: str, where: str, required: Sequence[str] = ()) -> Iterator
     from `where`: the one CSV reader (data files, answer files). A row with more cells than
     the header yields a `DataError` as its value, as does a row the csv module cannot read
     (the last value then: reading stops); a row with fewer cells has None for the missing
-    ones. A `required` column missing from the header raises at once (line 1). The line is
+    ones. A `required` column missing from the header raises at once (line 1), naming the
+    columns the header has (`separator_hint`: a file separated otherwise). The line is
     the row's last physical line; for a row that cannot be read, its first (a quote left open
     would otherwise take the rest of the file into one cell: the reader is strict)."""
     reader = csv.DictReader(stdio.StringIO(text, newline=""), strict=True)
     start = 1
     try:
         header, missing = reader.fieldnames or [], Problems()  # reads the header row
+        has = (f"the header has: {', '.join(map(repr, header))}" if header
+               else "no header row") + (f"; {hint}" if (hint := separator_hint(header)) else "")
         for name in required:
             if name not in header:
-                missing.add(DataError(where, 1, name, "missing column"))
+                missing.add(DataError(where, 1, name, f"missing column ({has})"))
         missing.raise_if_any()
         start = reader.line_num + 1
         for row in reader:
@@ -196,6 +199,16 @@ def csv_records(text: str, where: str, required: Sequence[str] = ()) -> Iterator
     except csv.Error as e:
         hint = "; a quote opened here is not closed" if "end of data" in str(e) else ""
         yield start, DataError(where, start, None, f"not valid CSV ({e}{hint})")
+
+
+def separator_hint(columns: Sequence[str]) -> str:
+    """What to do about a CSV header read as one column that holds semicolons or tabs (a
+    spreadsheet saved it with its locale's list separator), or "" for any other header."""
+    if len(columns) == 1:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+            if sep in columns[0]:
+                return f"it looks separated by {name}: save the file comma-separated"
+    return ""
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
