@@ -108,6 +108,26 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
     assert snapshot(store.root) == before
 
 
+def test_a_partly_filled_jsonl_export_imports_and_the_unanswered_lines_stay_pending(
+        store: RunStore, tmp_path: Path) -> None:
+    """Review 15, 9c: the exported JSONL with one answer filled in failed whole ("answer:
+    missing" for the others, "empty answer" for ""), where a CSV's empty cell stays pending.
+    A line without an answer, or with null or "", now stays pending too; one made only of
+    whitespace is still an error, as in a CSV."""
+    export_queries(store, tmp_path / "q.jsonl", "jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    rows[1]["answer"], rows[2]["answer"] = "2", ""
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert import_labels(store, tmp_path / "q.jsonl") == (1, 2)
+    assert [q["id"] for q in store.pending()] == ["q0", "q2"]
+    (tmp_path / "blank.jsonl").write_text('{"id": "q0", "answer": null}\n'
+                                          '{"id": "q2", "answer": "  "}\n')
+    before = snapshot(store.root)
+    with pytest.raises(DataError, match="blank.jsonl:2: answer: empty answer for id 'q2'"):
+        import_labels(store, tmp_path / "blank.jsonl")
+    assert snapshot(store.root) == before
+
+
 @pytest.mark.parametrize("name,text,where", [
     ("unknown.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "zz", "answer": "1"}\n',
      "unknown.jsonl:2: id: 'zz' unknown id"),
@@ -121,7 +141,8 @@ def test_a_partly_filled_csv_export_imports_and_the_empty_rows_stay_pending(
      "empty.jsonl:2: answer: empty answer for id 'q1'"),
     ("broken.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1", "answer": \n',
      "broken.jsonl:2: not valid JSON"),
-    ("field.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1"}\n', "field.jsonl:2: answer: missing"),
+    ("field.jsonl", '{"id": "q0", "answer": "0"}\n{"id": "q1", "answer": [1]}\n',
+     "field.jsonl:2: answer: must be a string, got list"),
     ("nocol.csv", "id,text\nq0,0\n", "nocol.csv:1: answer: missing column (the header has: "
      "'id', 'text')"),
     # review 15, 9b: a CSV saved with semicolons got only "id: missing column"
@@ -176,7 +197,7 @@ def test_an_import_with_three_faulty_lines_reports_all_three(store: RunStore, tm
     path.write_text('{"id": "q0", "answer": "0"}\n'      # fine
                     '{"id": "zz", "answer": "1"}\n'      # unknown id
                     '{"id": "q1", "answer": \n'          # not JSON
-                    '{"id": "q2"}\n')                    # no answer
+                    '{"answer": "4"}\n')                 # no id
     before = snapshot(store.root)
     assert main(["import", str(store.root), str(path)]) == 2
     err = capsys.readouterr().err
@@ -184,7 +205,7 @@ def test_an_import_with_three_faulty_lines_reports_all_three(store: RunStore, tm
         f"starlora: error: {path}: 3 problems:",
         f"{path}:2: id: 'zz' unknown id",
         f"{path}:3: not valid JSON (Expecting value)",
-        f"{path}:4: answer: missing",
+        f"{path}:4: id: missing",
     ]
     assert snapshot(store.root) == before  # nothing applied, not even the good line
 

@@ -12,9 +12,10 @@ with the fields ``id, question, prompt, draft, uncertainty, round``:
 
 Import (`import_labels`) reads answers:
 
-* ``jsonl``: ``{"id": ..., "answer": ...}`` per line;
+* ``jsonl``: ``{"id": ..., "answer": ...}`` per line; a line without an answer (no
+  ``answer``, null or ``""``, as the export writes it) is not answered yet and stays pending;
 * ``csv``: ``id`` and ``answer`` columns; a row whose ``answer`` cell is empty is not
-  answered yet and stays pending (so a partly filled export imports);
+  answered yet and stays pending (so a partly filled export, in either format, imports);
 * ``label-studio``: a Label Studio JSON export; a task's answer is the text area of its last
   annotation that was not cancelled; tasks without one stay pending.
 
@@ -141,7 +142,8 @@ def export_queries(store: RunStore, out: str | Path, fmt: str = "auto",
 def read_answers(path: str | Path, fmt: str = "auto",
                  problems: Problems | None = None) -> list[Answer]:
     """Parse an answers file (see the module docstring). Records without an answer yet (Label
-    Studio tasks not annotated, empty CSV cells) are left out. Every malformed record is a
+    Studio tasks not annotated, empty CSV cells, JSONL lines with no or an empty answer) are
+    left out. Every malformed record is a
     problem: added to `problems` when given, else raised together (`Problems.raise_if_any`)."""
     path = Path(path)
     if fmt == "auto":
@@ -198,6 +200,8 @@ def _jsonl(where: str, text: str, problems: Problems) -> list[Answer]:
             continue
         if not isinstance(record, dict):
             problems.add(DataError(where, line, None, "not a JSON object"))
+            continue
+        if record.get("answer") in (None, ""):  # not answered yet (as exported): pending
             continue
         answer = _answer(where, line, record, problems)
         if answer is not None:
