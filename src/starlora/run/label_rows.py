@@ -1,5 +1,6 @@
-"""The rows of a run's ``labelled.jsonl``: how one is written (`label_row`) and the checks a
-row read back must pass (`check_label_rows`): a person may have edited the file."""
+"""The rows of a run's ``labelled.jsonl``: how one is written (`label_row`), how answers go
+into them (`merge_labels`), and the checks a row read back must pass (`check_label_rows`): a
+person may have edited the file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,25 @@ def label_row(id_: str, round_: int | None, answer: str, source: str) -> dict:
     on it, its `answer`, and where it came from (``simulated``, ``file:<name>``,
     ``import:<name>``, ``annotate``...)."""
     return {"id": id_, "round": round_, "answer": answer, "source": source}
+
+
+def merge_labels(rows: list[dict], answers: dict[str, str], round_: int | None,
+                 source: str) -> int:
+    """Put `answers` ({id: answer}) of label round `round_` into `rows` (labelled.jsonl's, in
+    file order), in place: a revised answer replaces its id's row where it stands (training
+    takes the rows in file order), one equal to the saved answer leaves its row as it is
+    (its source too), a new id's row is appended. Returns how many rows it added or changed."""
+    at = {row["id"]: k for k, row in enumerate(rows)}
+    changed = 0
+    for id_, answer in answers.items():
+        if id_ not in at:
+            rows.append(label_row(id_, round_, answer, source))
+        elif rows[at[id_]]["answer"] != answer:
+            rows[at[id_]] = label_row(id_, round_, answer, source)
+        else:
+            continue
+        changed += 1
+    return changed
 
 
 def check_label_rows(path: str | Path, records: list[tuple[int, dict]]) -> None:

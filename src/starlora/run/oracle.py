@@ -22,7 +22,8 @@ from typing import Any
 from starlora import distributed as dist
 from starlora.errors import ConfigError
 from starlora.run.context import Run
-from starlora.run.store import label_row, resume_command
+from starlora.run.label_rows import label_row
+from starlora.run.store import resume_command
 from starlora.tasks import Example
 
 

@@ -68,7 +68,7 @@ from starlora.io import (
     write_json,
     write_jsonl,
 )
-from starlora.run.label_rows import check_label_rows, label_row
+from starlora.run.label_rows import check_label_rows, merge_labels
 from starlora.run.protocol import PHASES, result_changes
 
 #: the files of ``rounds/<k>/`` (see the module docstring); `RunPaths.round_file` refuses others
@@ -320,9 +320,9 @@ class RunStore:
     def save_labels(self, answers: dict[str, str], source: str) -> int:
         """Store answers to the open query, replacing earlier answers to it (they may be
         revised until the run goes on). Ids must be in the open query; the caller checks them
-        first (`starlora.run.labels`), this re-checks under the lock. A revision replaces its
-        row where it stands (training takes the rows in file order), the saved answer again
-        changes nothing, a new one is appended. Returns how many rows it added or changed."""
+        first (`starlora.run.labels`), this re-checks under the lock. A revision keeps its
+        row's place, the saved answer again changes nothing (`merge_labels`). Returns how
+        many rows it added or changed."""
         with self.lock():
             r = self.open_query()
             asked = {q["id"] for q in self.queries(r)} if r is not None else set()
@@ -330,16 +330,10 @@ class RunStore:
             if outside:
                 raise StarloraError(f"{self.root}: not in the open query: {outside[:5]}")
             rows = self.labelled()
-            at = {row["id"]: k for k, row in enumerate(rows)}
-            new = {i: a for i, a in answers.items() if i not in at or rows[at[i]]["answer"] != a}
-            for i, a in new.items():
-                if i not in at:
-                    at[i] = len(rows)
-                    rows.append({})
-                rows[at[i]] = label_row(i, r, a, source)
-            if new:
+            changed = merge_labels(rows, answers, r, source)
+            if changed:
                 write_jsonl(self.paths.labelled, rows)
-            return len(new)
+            return changed
 
     def close_query(self, label_round: int) -> bool:
         """Close `label_round`'s query if every one of its ids is labelled (under the lock, so
