@@ -348,6 +348,32 @@ def test_take_rest_and_budget(tmp_path: Path) -> None:
         [m["accuracy"] for m in store.metrics()])
 
 
+def test_rounds_that_outlast_the_pool_end_the_run_when_take_rest_used_it_up(tmp_path: Path,
+                                                                            capsys) -> None:
+    """take_rest with more rounds than the pool serves: the round that trained on the whole
+    pool ends the run, finished (it scored an empty pool and failed on every resume, never
+    finished); --check says so beforehand. A subsample smaller than a query is refused before
+    any work (it failed after round 0, advising take_rest)."""
+    from starlora.run.data import describe_plan
+    from starlora.run.loop import USED_UP, checked_inputs
+
+    small = ["model.name=tiny-gpt2", "task.test_size=4", "active_learning.strategy=random",
+             "task.pool_size=10", "active_learning.initial_size=4", "active_learning.query_size=4",
+             "active_learning.rounds=5", "active_learning.on_exhausted=take_rest"]
+    cfg = load_config(TINY, small)
+    _, data, n_rounds, _ = checked_inputs(cfg)
+    assert "3 rounds, 10 labels" in describe_plan(cfg, data, n_rounds)[2]
+    store = run_experiment(cfg, tmp_path / "a", progress=False)
+    assert [m["n_labelled"] for m in store.metrics()] == [4, 8, 10]
+    assert store.state() == {"round": 2, "phase": "evaluate", "finished": True, "stopped": USED_UP}
+    capsys.readouterr()
+    run_experiment(cfg, tmp_path / "a", progress=False)
+    assert "already finished (the pool was used up in round 2)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="pool_subsample: 3 is smaller than active_learning."
+                                          "query_size 4"):
+        checked_inputs(load_config(TINY, [*small, "active_learning.pool_subsample=3"]))
+
+
 @pytest.mark.slow
 def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
     """The authors' baselines score with one deterministic pass; ours with MC dropout. (A pool

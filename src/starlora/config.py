@@ -155,7 +155,8 @@ class ActiveLearningConfig(_Section):
     # the raw difference; raw_full: u_base is min-max normalised and u_full left raw in both,
     # as the authors' released code does
     normalize: Literal["minmax", "raw_full"] = "minmax"
-    pool_subsample: int | None = Field(None, gt=0)  # score a seeded random subset each round
+    # score a seeded random subset of this many each round (at least query_size)
+    pool_subsample: int | None = Field(None, gt=0)
     # kmeans: the query is one item per k-means cluster (prompt embeddings) of the strategy's
     # top diversity_pool x query_size, each its cluster's highest utility (not the paper's)
     diversity: Literal["none", "kmeans"] = "none"
@@ -163,7 +164,8 @@ class ActiveLearningConfig(_Section):
     # simulated: the pool's gold answers label the queries; human: the run stops after each
     # selection until the answers are imported (starlora export / import / annotate)
     oracle: Literal["simulated", "human"] = "simulated"
-    # a query larger than the pool left: stop with an error, or take what is left
+    # a query larger than the pool left: stop with an error, or take what is left (the run
+    # then ends after the round that trains on the whole pool)
     on_exhausted: Literal["error", "take_rest"] = "error"
     # label-free stopping (starlora.stopping; not the paper's): N pool items set aside, never
     # selected, answered after every round; stop_when e.g. "agreement >= 0.95 for 2 rounds"

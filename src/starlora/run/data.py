@@ -4,6 +4,7 @@ fast."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -176,6 +177,10 @@ def check_plan(config: ExperimentConfig, pool: Sequence[Example],
     if not labelled and al.initial_size > len(pool):
         raise ConfigError(f"active_learning.initial_size: {al.initial_size} is larger than the "
                           f"pool ({size})")
+    if al.pool_subsample is not None and al.pool_subsample < al.query_size:
+        raise ConfigError(f"active_learning.pool_subsample: {al.pool_subsample} is smaller than "
+                          f"active_learning.query_size {al.query_size}: a query picks among the "
+                          "scored subsample; raise it, or lower query_size")
     n_rounds = planned_rounds(config, len(labelled) or None)
     need = (0 if labelled else al.initial_size) + al.query_size * (n_rounds - 1)
     if al.budget is not None:
@@ -194,6 +199,13 @@ def describe_plan(config: ExperimentConfig, data: Data, n_rounds: int) -> list[s
     answered = sum(ex.answer is not None for ex in data.pool)
     start = f"{n_labelled} labels of task.labelled" if n_labelled else f"{al.initial_size} labels"
     total = (n_labelled or al.initial_size) + al.query_size * (n_rounds - 1)
+    if al.budget is not None:
+        total = min(total, al.budget)  # the last query is cut to fit the budget
+    if total > n_labelled + len(data.pool):  # take_rest (check_plan refuses it otherwise)
+        total = n_labelled + len(data.pool)
+        n_rounds = min(n_rounds, 1 + math.ceil((len(data.pool) - (0 if n_labelled else
+                                                                  al.initial_size))
+                                               / al.query_size))
     stop = f", a stop set of {len(data.stop)}" if data.stop else ""
     return [f"task:     {config.task.name}: pool {len(data.pool)} ({answered} with answers"
             f"{stop}), test {len(data.test)}",

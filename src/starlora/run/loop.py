@@ -150,6 +150,17 @@ def stopped_at(config: ExperimentConfig, metrics: list[dict]) -> int | None:
     return None if found is None else rows[found]["round"]
 
 
+#: state.json's ``stopped`` of a run whose rounds outlast its pool (``take_rest``): it ends
+#: after the round that trained on the whole pool
+USED_UP = "pool used up"
+
+
+def _used_up(run: Run) -> bool:
+    """Whether every pool example is labelled (nothing is left to score or query)."""
+    labelled = {r["id"] for r in run.store.labelled()}
+    return all(ex.id in labelled for ex in run.data.pool)
+
+
 def _candidates(run: Run, k: int) -> list[Example]:
     """The unlabelled pool, or its seeded subsample of `pool_subsample` examples."""
     labelled = {r["id"] for r in run.store.labelled()}
@@ -277,6 +288,9 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, progress: b
         if state.get("finished") and state["round"] >= n_rounds - 1:
             _say(f"{run_dir}: already finished ({n_rounds} rounds)")
             return store
+        if state.get("finished") and state.get("stopped") == USED_UP:
+            _say(f"{run_dir}: already finished (the pool was used up in round {state['round']})")
+            return store
         if state.get("finished") and dist.agree(lambda: stopped_at(config, store.metrics())
                                                 is not None):
             _say(f"{run_dir}: already finished "
@@ -366,6 +380,12 @@ def _rounds(run: Run) -> None:
                     store.set_state(k + 1, None)
                 elif dist.is_main():
                     store.set_state(k, phase, finished=last and phase == "evaluate")
+            if phase == "evaluate" and not last and dist.agree(lambda: _used_up(run)):
+                dist.on_main(lambda: store.set_state(k, "evaluate", finished=True,  # noqa: B023
+                                                     stopped=USED_UP))
+                _say(f"round {k}: the pool is used up (active_learning.on_exhausted: "
+                     "take_rest): the run ends here")
+                return
             if phase == "evaluate" and not last and dist.agree(
                     lambda: stopped_at(config, store.metrics()) is not None):
                 dist.on_main(lambda: store.set_state(k, "evaluate", finished=True,  # noqa: B023
