@@ -337,6 +337,25 @@ def test_without_predictions_the_interval_resamples_seeds_only(study_runs, tmp_p
     assert "seeds only (no predictions.jsonl)" in written["study.md"].read_text()
 
 
+def test_rounds_of_other_labelled_counts_are_said_not_averaged_silently(study_runs, tmp_path):
+    """A budget is no design setting (it can be raised to extend a run), so a budget that cut
+    one run's last query shares its group: the study and the summary say the counts differ
+    (the summary's column said one count, the last strategy's)."""
+    victim = next(r for r in study_runs if r.name == "pe-dynamic-1")
+    lines = [json.loads(line) for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    lines[-1]["n_labelled"] = N_LABELLED[-1] - 2
+    (victim / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    written = build_report(study_runs, tmp_path / "report")
+    last = f"{N_LABELLED[-1] - 2}, {N_LABELLED[-1]}"
+    assert f"round 2: the runs labelled {last} examples" in written["study.md"].read_text()
+    summary = next(written[n].read_text() for n in written if n.endswith("_summary.md")
+                   and "| random | 6 |" in written[n].read_text())
+    mean = (6 * N_LABELLED[-1] - 2) / 6
+    assert f"r2 (n={mean:g}-{N_LABELLED[-1]:g})" in summary
+    clean = build_report(make_study_runs(tmp_path / "clean"), tmp_path / "r2")
+    assert "the runs labelled" not in clean["study.md"].read_text()
+
+
 def test_no_study_without_two_arms_sharing_two_seeds(study_runs, tmp_path):
     alone = [r for r in study_runs if r.name.endswith("-0")]  # every arm with seed 0 only
     assert write_studies(load_runs(alone), tmp_path / "r") == {}

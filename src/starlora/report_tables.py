@@ -69,11 +69,15 @@ def summary_markdown(task: str, protocol: str, rows: list[dict[str, Any]],
                      notes: Sequence[str] = ()) -> str:
     """``summary.md``: a row per strategy; `notes` (what the caller says of the runs it read)
     under the table, after the note on varying seed counts where there is one."""
-    n_of = {s.round: s.n_labelled for r in rows for s in r["rounds"]}
+    n_of: dict[int, set[float]] = {}  # each strategy's mean labelled count, by round
+    for r in rows:
+        for s in r["rounds"]:
+            n_of.setdefault(s.round, set()).add(s.n_labelled)
     head = [
         "strategy",
         "seeds",
-        *(f"r{k} (n={n_of[k]:g})" for k in sorted(n_of)),
+        *(f"r{k} (n={min(n_of[k]):g}" + (f"-{max(n_of[k]):g})" if len(n_of[k]) > 1 else ")")
+          for k in sorted(n_of)),
         "final accuracy",
         "final ECE",
         "AULC",

@@ -305,6 +305,11 @@ def compute_study(task: str, design: str, runs: list[StudyRun],
         c.p_holm_floor = p  # Holm's adjusted p is monotone in every p: its least value
     diagnostics: dict[str, dict[int, dict[str, list[float]]]] = {}
     notes: set[str] = set()
+    for k in rounds:  # a budget (extendable, so no design setting) can cut some runs' rounds
+        counts = sorted({int(r.rounds[k]["n_labelled"]) for r in runs})
+        if len(counts) > 1:
+            notes.add(f"round {k}: the runs labelled {', '.join(map(str, counts))} examples "
+                      "(active_learning.budget?); curves, AULCs and pairs mix these counts")
     pools: dict = {}
     for arm in arms.values():
         per = diagnostics.setdefault(arm.label, defaultdict(lambda: defaultdict(list)))
