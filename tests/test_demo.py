@@ -40,6 +40,13 @@ def test_the_demo_shows_the_default_strategy_against_random() -> None:
     assert default == ("random", DEFAULT_STRATEGY)
 
 
+def test_the_demo_refuses_a_strategy_it_would_ignore(tmp_path: Path) -> None:
+    """--set active_learning.strategy was taken and silently replaced by the demo's own."""
+    with pytest.raises(ConfigError, match="--set active_learning.strategy: the demo runs"):
+        run_demo(tmp_path / "d", overrides=["active_learning.strategy=pe"])
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.slow
 def test_demo_runs_both_strategies_and_writes_the_report(tmp_path: Path, capsys) -> None:
     written = run_demo(tmp_path, overrides=QUICK, progress=False)

@@ -374,6 +374,25 @@ def test_rounds_that_outlast_the_pool_end_the_run_when_take_rest_used_it_up(tmp_
         checked_inputs(load_config(TINY, [*small, "active_learning.pool_subsample=3"]))
 
 
+def test_a_pool_without_some_answers_names_the_first_for_a_simulated_oracle(tmp_path) -> None:
+    """A simulated oracle, or gold scoring, needs every pool answer: the refusal names the
+    first record without one (it gave a count only)."""
+    from starlora.run.loop import checked_inputs
+
+    pool, test = tmp_path / "pool.jsonl", tmp_path / "test.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}", "question": f"{i} + 1?"}
+                                       | ({} if i in (2, 5) else {"answer": str(i + 1)})) + "\n"
+                            for i in range(30)))
+    test.write_text(json.dumps({"id": "t", "question": "99 + 9?", "answer": "108"}) + "\n")
+    base = [f"task.train={pool}", f"task.test={test}", "task.name=jsonl"]
+    with pytest.raises(ConfigError, match=rf"2 of 30 pool records in {pool} \(the first: "
+                                          rf"{pool}:3\) have no answer"):
+        checked_inputs(load_config(TINY, base))
+    with pytest.raises(ConfigError, match=r"pool.jsonl:3\) have none; set scoring.answers"):
+        checked_inputs(load_config(TINY, [*base, "active_learning.oracle=human",
+                                          "scoring.answers=gold"]))
+
+
 @pytest.mark.slow
 def test_single_pass_baselines_score_once(tmp_path: Path) -> None:
     """The authors' baselines score with one deterministic pass; ours with MC dropout. (A pool

@@ -47,6 +47,10 @@ def run_demo(
     runs beside the first demo's, and the report shows their spread.
 
     `overrides` are ``key=value`` config overrides (as ``--set``), e.g. for a quicker check."""
+    if any(o.split("=", 1)[0].strip() == "active_learning.strategy" for o in overrides or []):
+        raise ConfigError("--set active_learning.strategy: the demo runs its strategies "
+                          f"({', '.join(strategies)}) side by side; run another with starlora "
+                          f"run {DEMO_CONFIG} --set active_learning.strategy=...")
     out = Path(out)
     start = time.perf_counter()
     resumed = (out / "runs").is_dir()  # a run started before: the time is not the whole demo's

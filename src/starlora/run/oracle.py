@@ -60,9 +60,11 @@ class SimulatedOracle:
 
 def check_oracle(config: Any, pool: Sequence[Example], source: str) -> None:
     """Refuse, before any work, a simulated oracle or gold scoring on a pool without answers."""
-    missing = sum(ex.answer is None for ex in pool)
-    if not missing:
+    lacking = [ex for ex in pool if ex.answer is None]
+    if not lacking:
         return
+    missing = len(lacking)
+    source = f"{source} (the first: {lacking[0].meta.get('source', repr(lacking[0].id))})"
     if config.active_learning.oracle == "simulated":
         raise ConfigError(
             f"active_learning.oracle: {missing} of {len(pool)} pool records in {source} have "
