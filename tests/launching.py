@@ -136,10 +136,10 @@ passes = []
 def forward(chunk, given):
     passes.append(len(chunk))
     return type("S", (), {"pe": np.zeros(len(chunk)), "me": np.zeros(len(chunk))})()
-_first_pass(loaded.model, loaded.tokenizer, task, examples, answers,
-            (np.ones(2), np.ones(2)), 64, forward)
+pe, _, _ = _first_pass(loaded.model, loaded.tokenizer, task, examples, answers,
+                       (np.ones(2), np.ones(2)), 64, forward)
 (folder / f"rank{rank}.json").write_text(json.dumps(
-    {"made": made, "found": [r["by"] for r in found], "passes": passes}))
+    {"made": made, "found": [r["by"] for r in found], "passes": passes, "pe": pe.tolist()}))
 dist.teardown()
 dist.leave(0)
 """

@@ -231,6 +231,8 @@ def test_processes_in_lockstep_run_as_many_passes_as_each_other(tmp_path: Path) 
     assert ranks[0]["made"] == ranks[1]["made"] == [[0, 1], [2]]
     assert ranks[0]["found"] == ["disk"] * 3 and ranks[1]["found"] == [1, 1, 1]
     assert ranks[0]["passes"] == ranks[1]["passes"] == [2]
+    # only a cut pair takes the pass's value (0 here): the others keep the generation's (1)
+    assert ranks[0]["pe"] == [1.0, 1.0] and ranks[1]["pe"] == [1.0, 0.0]
     on_disk = [json.loads(line)["key"] for line in
                BaseScoreCache(cache, {"test": 1}).path.read_text().splitlines()]
     assert sorted(on_disk) == ["a", "b", "c", "d", "e"]

@@ -354,8 +354,11 @@ def test_rounds_that_outlast_the_pool_end_the_run_when_take_rest_used_it_up(tmp_
     pool ends the run, finished (it scored an empty pool and failed on every resume, never
     finished); --check says so beforehand. A subsample smaller than a query is refused before
     any work (it failed after round 0, advising take_rest)."""
+    from starlora.report_confidence import status_lines
     from starlora.run.data import describe_plan
-    from starlora.run.loop import USED_UP, checked_inputs
+    from starlora.run.loop import checked_inputs
+    from starlora.run.protocol import USED_UP
+    from starlora.run.status import run_status
 
     small = ["model.name=tiny-gpt2", "task.test_size=4", "active_learning.strategy=random",
              "task.pool_size=10", "active_learning.initial_size=4", "active_learning.query_size=4",
@@ -366,12 +369,18 @@ def test_rounds_that_outlast_the_pool_end_the_run_when_take_rest_used_it_up(tmp_
     store = run_experiment(cfg, tmp_path / "a", progress=False)
     assert [m["n_labelled"] for m in store.metrics()] == [4, 8, 10]
     assert store.state() == {"round": 2, "phase": "evaluate", "finished": True, "stopped": USED_UP}
+    status = run_status(store)  # no stopping rule held: the pool ended it
+    assert status["stopped_at"] is None and status["pool_used_up"] and status["resume"] is None
+    assert "ended:      the pool was used up in round 2" in "\n".join(status_lines("a", status))
     capsys.readouterr()
     run_experiment(cfg, tmp_path / "a", progress=False)
     assert "already finished (the pool was used up in round 2)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="pool_subsample: 3 is smaller than active_learning."
                                           "query_size 4"):
-        checked_inputs(load_config(TINY, [*small, "active_learning.pool_subsample=3"]))
+        checked_inputs(load_config(TINY, [*small, "active_learning.pool_subsample=3",
+                                          "active_learning.on_exhausted=error"]))
+    # with take_rest each query takes the whole subsample, as runs made before did
+    checked_inputs(load_config(TINY, [*small, "active_learning.pool_subsample=3"]))
 
 
 def test_a_pool_without_some_answers_names_the_first_for_a_simulated_oracle(tmp_path) -> None:

@@ -186,6 +186,9 @@ def status_lines(run_dir: str | Path, status: dict[str, Any]) -> list[str]:
             lines.append(f"  round {m['round']}: agreement "
                          f"{'n/a' if agree is None else f'{agree:.3f}'}  "
                          f"uncertainty {m['stop_uncertainty']:.3f}")
+    if status.get("pool_used_up"):
+        lines.append(f"ended:      the pool was used up in round {status['round']} "
+                     "(active_learning.on_exhausted: take_rest)")
     if status["resume"]:
         lines.append(f"resume:     {status['resume']}")
     elif last:

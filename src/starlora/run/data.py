@@ -177,7 +177,8 @@ def check_plan(config: ExperimentConfig, pool: Sequence[Example],
     if not labelled and al.initial_size > len(pool):
         raise ConfigError(f"active_learning.initial_size: {al.initial_size} is larger than the "
                           f"pool ({size})")
-    if al.pool_subsample is not None and al.pool_subsample < al.query_size:
+    if al.pool_subsample is not None and al.pool_subsample < al.query_size \
+            and al.on_exhausted == "error":  # take_rest: each query takes the whole subsample
         raise ConfigError(f"active_learning.pool_subsample: {al.pool_subsample} is smaller than "
                           f"active_learning.query_size {al.query_size}: a query picks among the "
                           "scored subsample; raise it, or lower query_size")

@@ -31,8 +31,9 @@ def hold_run(root: str | Path) -> Iterator[None]:
     `RunStore.undo_start`) removes the lock file, and `root` too if it made it and it is
     empty: a failed command leaves no directory behind. (The file is unlinked while held:
     a second start never waits on it, it fails at once; and filelock from 4.3.2, the floor in
-    pyproject.toml, does not count a lock taken on a file that was unlinked meanwhile, so two
-    starts cannot both hold one.)"""
+    pyproject.toml from Python 3.11, does not count a lock taken on a file that was unlinked
+    meanwhile, so two starts cannot both hold one. On Python 3.10 an older filelock may: that
+    needs three starts on one new directory within microseconds of a failed one.)"""
     from filelock import FileLock, Timeout
 
     paths = RunPaths(root)

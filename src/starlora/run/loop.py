@@ -49,7 +49,7 @@ from starlora.run.embeddings import (
 )
 from starlora.run.lock import hold_run
 from starlora.run.pool_scores import check_scoring, score_rows
-from starlora.run.protocol import PHASES, phase_seed, planned_rounds, protocol_id, stream
+from starlora.run.protocol import PHASES, USED_UP, phase_seed, planned_rounds, protocol_id, stream
 from starlora.run.store import RunPaths, RunStore
 from starlora.stopping import parse_rule, stop_index, stop_signals
 from starlora.tasks import Example, Task
@@ -148,11 +148,6 @@ def stopped_at(config: ExperimentConfig, metrics: list[dict]) -> int | None:
     rows = sorted(metrics, key=lambda r: r["round"])
     found = stop_index(rule, [r.get(rule.field) for r in rows])
     return None if found is None else rows[found]["round"]
-
-
-#: state.json's ``stopped`` of a run whose rounds outlast its pool (``take_rest``): it ends
-#: after the round that trained on the whole pool
-USED_UP = "pool used up"
 
 
 def _used_up(run: Run) -> bool:

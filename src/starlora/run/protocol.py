@@ -54,6 +54,9 @@ from starlora.seeds import stream as stream
 
 #: phases of one round, in order; state.json records the last one finished
 PHASES = ("train", "evaluate", "score", "select", "label")
+#: state.json's ``stopped`` of a run whose rounds outlast its pool (``take_rest``): it ends
+#: after the round that trained on the whole pool (any other ``stopped``: its stop_when)
+USED_UP = "pool used up"
 
 #: settings that change how the work is done, not its results (see the module docstring)
 RESULT_NEUTRAL = frozenset({

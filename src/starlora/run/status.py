@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlora.run.protocol import planned_rounds
+from starlora.run.protocol import USED_UP, planned_rounds
 from starlora.run.store import RunStore, resume_command
 
 
@@ -22,7 +22,8 @@ def run_status(store: RunStore) -> dict[str, Any]:
       ``adapter``: that round's adapter folder, None when it is gone;
     * ``resume``: the command that resumes the run (None once finished);
     * ``stop_when`` (the rule), ``stopped_at`` (the round the rule held after, or None),
-      ``stop_signals``: per round ``{"round", "stop_agreement", "stop_uncertainty"}``.
+      ``stop_signals``: per round ``{"round", "stop_agreement", "stop_uncertainty"}``;
+      ``pool_used_up``: the run ended when its pool was used up (`USED_UP`).
     """
     state, al = store.state(), store.config.active_learning
     labelled, metrics, pool_size = store.labelled(), store.metrics(), store.pool_size()
@@ -50,7 +51,9 @@ def run_status(store: RunStore) -> dict[str, Any]:
         "resume": None if finished else resume_command(store.root),
         # the label-free stopping signals per round (`starlora.stopping`) and the rule
         "stop_when": al.stop_when,
-        "stopped_at": state.get("round") if state.get("stopped") else None,
+        "stopped_at": state.get("round") if state.get("stopped") not in (None, USED_UP)
+        else None,
+        "pool_used_up": state.get("stopped") == USED_UP,
         "stop_signals": [{k: m.get(k) for k in ("round", "stop_agreement",
                                                 "stop_uncertainty")} for m in metrics],
     }

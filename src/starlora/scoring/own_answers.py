@@ -96,8 +96,8 @@ def _first_pass(
     generation saw (prompt + answer shorter than `max_length`, and the prompt no longer than
     the generation's `room`, its `Generated.prompt_room`: nothing cut); the other pairs, and
     every pair when the generation measured nothing, by `forward` (examples, answers) ->
-    `Scores`; under ZeRO-3 (`zero3.lockstep`), every pair of every process when one process
-    has a pair to redo. Returns (pe [N], me [N], answer tokens scored [N]) float64/int64."""
+    `Scores`; under ZeRO-3 (`zero3.lockstep`) every pair of every process is passed when one
+    process has a pair to redo, and only the pairs to redo take the pass's values. Returns (pe [N], me [N], answer tokens scored [N]) float64/int64."""
     limit = token_limit(model, max_length)
     seqs = encode_pairs(model, tokenizer, task, examples, limit, tokens)
     n_tok = np.array([len(a) for _, a in seqs], np.int64)
@@ -106,13 +106,15 @@ def _first_pass(
     # a cut pair is exactly `limit` tokens long (`batching.fit`): shorter ones are uncut
     redo = [i for i, (p, a) in enumerate(seqs) if measured is None or len(p) + len(a) >= limit
             or (room is not None and len(p) > room)]
-    if zero3.lockstep() and dist.any_process(bool(redo)):
-        redo = list(range(len(seqs)))  # every process runs as many passes (equal shares)
     if measured is not None:
         pe[:], me[:] = measured
-    if redo:
-        again = forward([examples[i] for i in redo], [list(tokens[i]) for i in redo])
-        pe[redo], me[redo] = again.pe, again.me
+    passes = redo
+    if zero3.lockstep() and dist.any_process(bool(redo)):
+        passes = list(range(len(seqs)))  # every process runs as many passes (equal shares)
+    if passes:
+        again = forward([examples[i] for i in passes], [list(tokens[i]) for i in passes])
+        at = {j: n for n, j in enumerate(passes)}  # only the pairs to redo take its values
+        pe[redo], me[redo] = again.pe[[at[i] for i in redo]], again.me[[at[i] for i in redo]]
     return pe, me, n_tok
 
 
