@@ -557,6 +557,10 @@ def test_a_run_resumed_on_another_machine_is_named_in_the_notes(study_runs, tmp_
     assert (f"{label}: seed {seed} resumed on another machine at round 2 (after evaluate) on "
             "Intel Xeon (identity.json)") in md
     assert md.count("resumed on another machine") == 1  # the other runs ran on one machine
+    other = {"device": "cpu", "name": "AMD EPYC 7B13", "flags": ["avx2"]}
+    check_machine(store, other, {"round": 3, "phase": None})  # none of round 3 done yet
+    md = write_studies(load_runs(study_runs), tmp_path / "again")["study.md"].read_text()
+    assert "round 3 (before its first phase) on AMD EPYC 7B13" in md  # it said "(after None)"
 
 
 def test_a_study_without_a_primary_pair_says_why_and_where_to_declare_one(tmp_path):

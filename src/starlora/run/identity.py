@@ -229,11 +229,13 @@ def _identity_file(run_dir: str | Path) -> dict[str, Any]:
 
 def machine_moves(run_dir: str | Path) -> list[str]:
     """Each resume of the run at `run_dir` on another machine (``machine_changes`` in its
-    ``identity.json``), in order, as ``"round R (after PHASE) on NAME"``; [] when it ran on
-    one machine, or recorded none."""
+    ``identity.json``), in order, as ``"round R (after PHASE) on NAME"`` (``before its first
+    phase`` where it resumed with none of round R done); [] when it ran on one machine, or
+    recorded none."""
     identity = _identity_file(run_dir)
-    return [f"round {c['round']} (after {c['after_phase']}) on {c['machine']['name']}"
-            for c in identity.get("machine_changes", [])]
+    return [f"round {c['round']} ("
+            + (f"after {c['after_phase']}" if c["after_phase"] else "before its first phase")
+            + f") on {c['machine']['name']}" for c in identity.get("machine_changes", [])]
 
 
 def check_machine(store: RunStore, here: dict[str, Any], state: dict) -> str | None:
