@@ -106,6 +106,18 @@ def test_aulc_weights_are_the_trapezoid():
     assert aulc([7, 7], [0.2, 0.4]) == pytest.approx(0.3)
 
 
+def test_aulc_is_the_correctly_rounded_sum_so_tables_match_on_every_cpu():
+    """A BLAS dot product rounds by its kernel: the committed summary tables' AULC differed in
+    the last digit between an AVX-512 and an AVX2 machine. The exact sum does not."""
+    import math
+
+    rng = np.random.default_rng(0)
+    n = [16, 32, 48, 64, 80, 96, 112]
+    for _ in range(200):
+        acc = (rng.integers(0, 301, size=7) / 300).tolist()
+        assert aulc(n, acc) == math.fsum((aulc_weights(n) * np.asarray(acc)).tolist())
+
+
 def test_bootstrap_is_deterministic_and_resamples_items():
     rng = np.random.default_rng(3)
     seed_level = np.array([0.05, 0.02, 0.04, 0.03, 0.06, 0.01])

@@ -80,7 +80,7 @@ from starlora.study.groups import NOT_ARM, StudyRun
 from starlora.study.items import ItemCorrectness
 from starlora.study.stats import (
     MAX_EXACT,
-    aulc_weights,
+    aulc,
     bootstrap_diff_ci,
     holm,
     min_sign_flip_p,
@@ -206,7 +206,7 @@ def run_values(run: StudyRun, rounds: list[int]) -> dict[str, float]:
     n = [run.rounds[k]["n_labelled"] for k in rounds]
     acc = [run.rounds[k]["accuracy"] for k in rounds]
     last = run.rounds[rounds[-1]]
-    out = {"aulc": float(aulc_weights(n) @ np.asarray(acc, float)),
+    out = {"aulc": aulc(n, acc),
            "final_accuracy": float(last["accuracy"]), "final_ece": float(last["ece"])}
     signals = last.get("signals") or {}
     for quantity, names, number in SIGNAL_ENDPOINTS:

@@ -6,7 +6,9 @@ it run directories.
 * `aulc`: the area under a learning curve (trapezoid rule over the labelled count) divided by
   the labelled range, so that accuracies in [0, 1] give an AULC in [0, 1]. It is the weighted
   sum ``aulc_weights(n) @ accuracy``: the one definition the report, the study tables and the
-  bootstrap share.
+  bootstrap share. `aulc` sums it exactly (``math.fsum``), so a committed table holds the same
+  bytes on every CPU; a BLAS dot product rounds as its kernel does (AVX2 and AVX-512 machines
+  gave other last digits).
 * `sign_flip_p`: the exact two-sided sign-flip (paired permutation) test of a mean of paired
   differences: all 2^n sign vectors are enumerated and p is the fraction whose |mean| is at
   least the observed |mean| less a tolerance (|sum| >= observed |sum| - 1e-9 * max(1, sum |d|)),
@@ -24,6 +26,7 @@ it run directories.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,8 +60,10 @@ def aulc_weights(n_labelled: Sequence[float]) -> np.ndarray:
 
 def aulc(n_labelled: Sequence[float], accuracy: Sequence[float]) -> float:
     """Area under the learning curve (trapezoid rule) divided by the labelled range, in [0, 1]
-    for accuracies in [0, 1]; a single point gives its own accuracy. Order-free."""
-    return float(aulc_weights(n_labelled) @ np.asarray(accuracy, dtype=np.float64))
+    for accuracies in [0, 1]; a single point gives its own accuracy. Order-free. The correctly
+    rounded sum of the weighted accuracies, the same on every machine (module doc)."""
+    weighted = aulc_weights(n_labelled) * np.asarray(accuracy, dtype=np.float64)
+    return math.fsum(weighted.tolist())
 
 
 def first_reach(n_labelled: Sequence[float], accuracy: Sequence[float], target: float) -> float:
