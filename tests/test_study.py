@@ -589,3 +589,18 @@ def test_a_study_without_a_primary_pair_says_why_and_where_to_declare_one(tmp_pa
     assert ("No STAR arm and baseline share 2 seeds (a STAR arm whose settings differ from the "
             "study's usual ones is a variant, compared only with its usual arm; `starlora "
             "report --comparisons FILE` compares the pairs a file declares: docs/study.md).") in text
+
+
+def test_the_notes_say_when_pairs_leave_seeds_out_or_rounds_are_cut(study_runs, tmp_path):
+    """A pair over fewer seeds than its arms have runs, and a run with rounds the others
+    lack, are named in the notes: the tables read only the shared seeds and rounds."""
+    md = write_studies(load_runs(study_runs), tmp_path / "a")["study.md"].read_text()
+    assert ("pe-dynamic [answers=gold] vs random: paired on the 3 seeds both have "
+            "(pe-dynamic [answers=gold] has 3, random 6)") in md
+    assert "pe-dynamic vs random: paired" not in md and "left out here" not in md
+    metrics = study_runs[0] / "metrics.jsonl"  # random seed 0 goes on one round further
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text(metrics.read_text() + json.dumps(
+        {**rows[-1], "round": len(rows), "n_labelled": rows[-1]["n_labelled"] + 10}) + "\n")
+    md = write_studies(load_runs(study_runs), tmp_path / "b")["study.md"].read_text()
+    assert f"1 run(s) have rounds after round {len(rows) - 1}, left out here" in md

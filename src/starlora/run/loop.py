@@ -150,16 +150,15 @@ def stopped_at(config: ExperimentConfig, metrics: list[dict]) -> int | None:
     return None if found is None else rows[found]["round"]
 
 
-def _used_up(run: Run) -> bool:
-    """Whether every pool example is labelled (nothing is left to score or query)."""
+def _unlabelled(run: Run) -> list[Example]:
+    """The pool examples not yet labelled, in pool order: empty when the pool is used up."""
     labelled = {r["id"] for r in run.store.labelled()}
-    return all(ex.id in labelled for ex in run.data.pool)
+    return [ex for ex in run.data.pool if ex.id not in labelled]
 
 
 def _candidates(run: Run, k: int) -> list[Example]:
     """The unlabelled pool, or its seeded subsample of `pool_subsample` examples."""
-    labelled = {r["id"] for r in run.store.labelled()}
-    candidates = [ex for ex in run.data.pool if ex.id not in labelled]
+    candidates = _unlabelled(run)
     size = run.config.active_learning.pool_subsample
     if size and size < len(candidates):
         keep = np.sort(stream(run.config.seed, k, "subsample").choice(len(candidates), size,
@@ -375,7 +374,7 @@ def _rounds(run: Run) -> None:
                     store.set_state(k + 1, None)
                 elif dist.is_main():
                     store.set_state(k, phase, finished=last and phase == "evaluate")
-            if phase == "evaluate" and not last and dist.agree(lambda: _used_up(run)):
+            if phase == "evaluate" and not last and dist.agree(lambda: not _unlabelled(run)):
                 dist.on_main(lambda: store.set_state(k, "evaluate", finished=True,  # noqa: B023
                                                      stopped=USED_UP))
                 _say(f"round {k}: the pool is used up (active_learning.on_exhausted: "

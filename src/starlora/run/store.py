@@ -92,6 +92,10 @@ class RunPaths:
         self.lock = self.root / ".lock"
         self.run_lock = self.root / ".run.lock"
         self.run_owner = self.root / ".run.owner.json"
+        #: the lock and owner files any process opening the run leaves (never a result)
+        self.bookkeeping = (self.lock, self.run_lock, self.run_owner)
+        #: what starting a run writes before its first phase (`RunStore.undo_start`)
+        self.start_files = (self.config, self.state, self.pool, self.identity)
 
     def round_dir(self, round_: int) -> Path:
         """``rounds/<round_>/``."""
@@ -133,9 +137,8 @@ def resume_command(run_dir: str | Path) -> str:
 def refuse_foreign(paths: RunPaths) -> None:
     """StarloraError if `paths.root` (without a config.yaml) holds files that no run wrote
     (a run killed while writing its first config.yaml left its temporary file only)."""
-    ours = (paths.run_lock, paths.run_owner)
-    if paths.root.exists() and any(p not in ours and not p.name.startswith(".config.yaml.")
-                                   for p in paths.root.iterdir()):
+    if paths.root.exists() and any(p not in paths.bookkeeping and not p.name.startswith(
+            ".config.yaml.") for p in paths.root.iterdir()):
         raise StarloraError(f"{paths.root}: exists and is not a run directory; choose another")
 
 
@@ -197,10 +200,9 @@ class RunStore:
         misspelt, a generation that cannot fit the model) or was interrupted before any work
         does not leave a run directory that refuses the corrected config. The caller knows
         that the run started here; a directory holding anything else is left as it is."""
-        started = (self.paths.config, self.paths.state, self.paths.pool, self.paths.identity)
-        ours = {*started, self.paths.lock, self.paths.run_lock, self.paths.run_owner}
+        ours = {*self.paths.start_files, *self.paths.bookkeeping}
         if self.state().get("phase") is None and all(p in ours for p in self.root.iterdir()):
-            for path in started:
+            for path in self.paths.start_files:
                 path.unlink(missing_ok=True)
 
     def save_config(self) -> None:

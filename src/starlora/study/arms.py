@@ -305,6 +305,15 @@ def compute_study(task: str, design: str, runs: list[StudyRun],
         c.p_holm_floor = p  # Holm's adjusted p is monotone in every p: its least value
     diagnostics: dict[str, dict[int, dict[str, list[float]]]] = {}
     notes: set[str] = set()
+    if longer := [r for r in runs if max(r.rounds) > rounds[-1]]:
+        notes.add(f"{len(longer)} run(s) have rounds after round {rounds[-1]}, left out here "
+                  "(every number reads the rounds every run has)")
+    for star, base, _ in pairs:
+        seeds = set(star.runs) & set(base.runs)
+        if len(seeds) >= 2 and seeds != set(star.runs) | set(base.runs):
+            notes.add(f"{star.label} vs {base.label}: paired on the {len(seeds)} seeds both "
+                      f"have ({star.label} has {len(star.runs)}, {base.label} "
+                      f"{len(base.runs)})")
     for k in rounds:  # a budget (extendable, so no design setting) can cut some runs' rounds
         counts = sorted({int(r.rounds[k]["n_labelled"]) for r in runs})
         if len(counts) > 1:
