@@ -6,7 +6,9 @@
 
 Refuses to start unless ``results/study-2/PROTOCOL.md``, ``arms.yaml`` and
 ``comparisons.yaml`` are committed (``git log`` names a commit for each, and none differs
-from it): the protocol must exist, in git history, before the first confirmatory run. ``arms.yaml`` maps each arm's name to its
+from it): the protocol must exist, in git history, before the first confirmatory run. Refuses
+to run, too, on a CPU without native bf16, where the runs' ``auto`` precision would resolve
+to fp32 (PROTOCOL.md, Machine). ``arms.yaml`` maps each arm's name to its
 ``--set`` overrides of ``results/arith-study/study.yaml``; a setting adds its own (`SETTINGS`:
 the model, the task) and the study-wide ones of the protocol (`STUDY`). Each run is
 ``starlora run results/arith-study/study.yaml --run-dir results/study-2/runs/<setting>/<arm>/
@@ -18,6 +20,7 @@ finished run is skipped, an unfinished one resumes exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +54,15 @@ def committed(path: Path) -> bool:
     return bool(logged) and git("diff", "--quiet", "HEAD", "--", str(path)).returncode == 0
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, as the runs' own `auto` precision decides it
+    (`starlora.models.cpu_has_native_bf16` of this checkout's ``src/``)."""
+    sys.path.insert(0, str(HERE.parents[1] / "src"))
+    from starlora.models import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setting", required=True, choices=sorted(SETTINGS))
@@ -70,13 +82,21 @@ def main() -> int:
     chosen = args.arms.split(",") if args.arms else list(arms)
     if unknown := [a for a in chosen if a not in arms]:
         ap.error(f"unknown arm(s) {unknown}; arms.yaml has {', '.join(arms)}")
+    if not args.status and not native_bf16():
+        ap.error("this CPU does not compute bf16 natively (no avx512_bf16 or amx_bf16 among its "
+                 "/proc/cpuinfo flags), so `auto` would resolve to fp32: a fresh run would join "
+                 "another comparison and a begun one is refused (PROTOCOL.md, Machine: a CPU "
+                 "with avx512_bf16). Run the study on such a machine.")
     overrides, seeds = SETTINGS[args.setting]
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",")]
     runs = [(f"{args.setting} {a} seed {s}", args.runs_dir / args.setting / a / f"seed{s}",
              [f"seed={s}", *STUDY, *overrides, *arms[a]]) for s in seeds for a in chosen]
     if args.status:
-        print(progress(runs))
+        try:
+            print(progress(runs), flush=True)
+        except BrokenPipeError:  # ``--status | head``: the reader has gone; stay quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return run_all(CONFIG, runs, args.workers)
 
