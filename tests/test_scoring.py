@@ -785,12 +785,12 @@ def test_smollm2_scores_match_float64(smol, data_dir):
 def test_cached_base_scores_do_not_follow_batch_mates(smol, tmp_path):
     """A cached record must not depend on which run met its sequence first: in bf16 on
     SmolLM2, length-sorted packed batches moved an example's PE by up to 0.5 nats with its
-    batch-mates on an Intel Xeon (checked below, so that this test can fail); the cache's fixed
-    shapes give the same bits whatever the history of the file. Whether the mates matter is the
-    CPU's bf16 kernels' doing: on an AMD EPYC with avx512_bf16 they changed no bit, and there the
-    test runs the cache's checks and then skips, since it cannot show the fix. On a CPU without
-    native bf16, torch emulates it: on an AVX2 AMD EPYC the mates changed no bit either, and the
-    test ran past 8 minutes, so it skips at once."""
+    batch-mates on an Intel Xeon with AMX (checked below, so that this test can fail); the
+    cache's fixed shapes give the same bits whatever the history of the file. Whether the mates
+    matter is the CPU's bf16 kernels' doing: on an AMD EPYC with avx512_bf16 they changed no
+    bit, and there the test runs the cache's checks and then skips, since it cannot show the
+    fix. On a CPU without native bf16, torch emulates it: on an AVX2 AMD EPYC the mates changed
+    no bit either, and the test ran past 8 minutes, so it skips at once."""
     if not cpu_has_native_bf16():
         pytest.skip("bf16 is emulated on this CPU: batch-mates change no bit, and it is slow")
     task = get_task("arith")
