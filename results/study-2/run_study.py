@@ -29,7 +29,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from launch import SRC, progress, run_all  # noqa: E402  (results/launch.py: the runner of every study script)
+from launch import progress, run_all  # noqa: E402  (results/launch.py: the runner of every study script)
 
 sys.path.insert(0, str(HERE))
 from run_recipe_pilot import TASKS  # noqa: E402  (the overrides the task pilots passed with)
@@ -56,8 +56,8 @@ def committed(path: Path) -> bool:
 
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively, as the runs' own `auto` precision decides it
-    (`starlora.models.cpu_has_native_bf16` of this checkout's ``src/``, `launch.SRC`)."""
-    sys.path.insert(0, str(SRC))
+    (`starlora.models.cpu_has_native_bf16` of this checkout's ``src/``)."""
+    sys.path.insert(0, str(HERE.parents[1] / "src"))
     from starlora.models import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
