@@ -2,6 +2,7 @@
 gold answers change?
 
     python results/arith-study/baselines.py results/arith-study/runs
+    python results/arith-study/baselines.py results/study-2/runs/calendar --pair pe:random
 
 The protocol tests only STAR arms against their baselines. A user also asks whether plain PE or
 ME beats random, and what scoring gold answers instead of the model's own changes. This prints,
@@ -9,7 +10,8 @@ for each pair below, the per-seed AULC difference (arm minus baseline, paired by
 `starlora report` computes it: trapezoid over the labelled count, divided by its range), its
 mean and sample std, a 95% percentile bootstrap interval over seeds (2,000 resamples, NumPy
 seed 0) and the exact two-sided sign-flip p, **uncorrected**. Only runs that reached the last
-round of every other run of the pair are used.
+round of every other run of the pair are used. ``--pair ARM:BASELINE`` (repeatable) compares
+those run directory names instead of the first study's pairs (study 2's exploratory pairs).
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ def seed_aulcs(arm_dir: Path) -> dict[int, tuple[int, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", type=Path, help="the study's runs/ directory (runs/<arm>/seed<s>)")
+    ap.add_argument("--pair", action="append", metavar="ARM:BASELINE",
+                    help="compare these arms (run directory names) instead of PAIRS")
     args = ap.parse_args()
+    pairs = [tuple(p.split(":", 1)) for p in args.pair] if args.pair else PAIRS
     values = {p.name: seed_aulcs(p) for p in args.runs.iterdir() if p.is_dir()}
     print("| arm | baseline | n seeds | mean diff | std | 95% CI (seeds) | p (uncorrected) |")
     print("|---|---|---|---|---|---|---|")
-    for arm, base in PAIRS:
+    for arm, base in pairs:
         a, b = values.get(arm, {}), values.get(base, {})
         last = max([r for r, _ in (*a.values(), *b.values())], default=0)
         seeds = sorted(s for s in set(a) & set(b) if a[s][0] == b[s][0] == last)

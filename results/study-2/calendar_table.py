@@ -3,6 +3,8 @@
     PYTHONPATH=src python results/study-2/calendar_table.py > results/study-2/calendar-pilot.md
     PYTHONPATH=src python results/study-2/calendar_table.py --model "Gemma 3 270M" --parsed \
         --runs results/study-2/pilot-gemma3-270m-calendar/first > results/study-2/gemma-calendar-pilot.md
+    PYTHONPATH=src python results/study-2/calendar_table.py --runs results/study-2/runs/calendar/pe \
+        --title "Study 2, calendar, pe (exploratory)"   # study 2's arms: exploratory/calendar-steps.md
 
 For each finished run under ``pilot-calendar/first/seed<s>``: accuracy per round
 (``metrics.jsonl``), the gain from round 0 (16 labels) to the last round (check 1), accuracy
@@ -51,12 +53,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=Path, default=RUNS, help="default: pilot-calendar/first")
     ap.add_argument("--model", default="SmolLM2", help="the model's name in the title")
+    ap.add_argument("--title", help="the title instead of the pilot's (another arm's runs)")
     ap.add_argument("--parsed", action="store_true",
                     help="add the share of round 0's answers parsed (the Gemma pilot's check)")
     args = ap.parse_args()
     runs = sorted(d for d in args.runs.glob("seed*") if d.is_dir()
                   and json.loads((d / "state.json").read_text()).get("finished"))
-    print(f"# Calendar pilot (exploratory): `random`, the first study's recipe, {args.model}\n")
+    pilot = f"Calendar pilot (exploratory): `random`, the first study's recipe, {args.model}"
+    print(f"# {args.title or pilot}\n")
     print("| seed | accuracy at 16, 32, ..., 112 labels | gain | 1 / 2 / 3 steps at 112 "
           "| minutes |" + " parsed at 16 |" * args.parsed)
     print("|---|---|---|---|---|" + "---|" * args.parsed)
