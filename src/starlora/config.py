@@ -141,7 +141,7 @@ class ScoringConfig(_Section):
 
 
 class ActiveLearningConfig(_Section):
-    strategy: str = "pe-dynamic"  # how queries are chosen (docs: strategies)
+    strategy: str = "pe"  # how queries are chosen (docs: strategies; why pe: results/README.md)
     initial_size: int = Field(500, gt=0)  # labels before round 0 (random picks)
     query_size: int = Field(500, gt=0)  # labels added per query
     rounds: int = Field(10, gt=0)  # training rounds; a query happens between two rounds
