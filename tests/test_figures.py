@@ -261,6 +261,14 @@ def test_study_2s_exploratory_pairs_regenerate_from_its_committed_runs(
     assert " ".join(f"--pair {p}" for p in pairs) in " ".join(readme.replace("\\\n", " ").split())
 
 
+def test_a_pair_without_its_colon_is_a_usage_error(monkeypatch, capsys):
+    runs = ROOT / "results" / "study-2" / "runs" / "calendar"
+    monkeypatch.setattr("sys.argv", ["baselines.py", str(runs), "--pair", "pe-random"])
+    with pytest.raises(SystemExit) as exit_:
+        _baselines().main()
+    assert exit_.value.code == 2 and "'pe-random': expected ARM:BASELINE" in capsys.readouterr().err
+
+
 def test_the_study_has_the_arms_seeds_and_probe_runs_the_docs_count():
     """docs/strategies.md: "8 arms × 10 paired seeds" (the study report's arms table) and the
     OpenBookQA probe's "9 runs" (its committed runs)."""

@@ -45,13 +45,21 @@ def seed_aulcs(arm_dir: Path) -> dict[int, tuple[int, float]]:
     return out
 
 
+def pair(text: str) -> tuple[str, str]:
+    """``ARM:BASELINE`` (run directory names) as ``(arm, baseline)``."""
+    arm, sep, base = text.partition(":")
+    if not (arm and sep and base):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ARM:BASELINE, e.g. pe:random")
+    return arm, base
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", type=Path, help="the study's runs/ directory (runs/<arm>/seed<s>)")
-    ap.add_argument("--pair", action="append", metavar="ARM:BASELINE",
+    ap.add_argument("--pair", action="append", type=pair, metavar="ARM:BASELINE",
                     help="compare these arms (run directory names) instead of PAIRS")
     args = ap.parse_args()
-    pairs = [tuple(p.split(":", 1)) for p in args.pair] if args.pair else PAIRS
+    pairs = args.pair or PAIRS
     values = {p.name: seed_aulcs(p) for p in args.runs.iterdir() if p.is_dir()}
     print("| arm | baseline | n seeds | mean diff | std | 95% CI (seeds) | p (uncorrected) |")
     print("|---|---|---|---|---|---|---|")
